@@ -1,0 +1,31 @@
+# kvtier: `make serve` runs kvtier on its embedded default, `make test` runs the test suite.
+# Both install what is missing first (scripts/install.sh; a second run does nothing slow).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+KVTIER := $(VENV)/bin/kvtier
+
+.PHONY: install serve test lint typecheck bench clean
+
+install:
+	@bash scripts/install.sh
+
+serve: install
+	$(KVTIER) serve
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+bench: install
+	$(KVTIER) bench store --tier memory
+	$(KVTIER) bench store --tier disk
+	$(KVTIER) bench store --tier redis
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Set up everything kvtier needs, idempotently: a .venv in the repo with kvtier and its
+# Python dependencies (torch 2.13.0 CPU build on machines without CUDA; an existing CUDA
+# torch is kept), and redis-server from apt-get when it is missing.
+# A second run with nothing changed returns in about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.kvtier-installed"
+say() { printf '\033[1mkvtier install:\033[0m %s\n' "$*" >&2; }
+
+# --- system packages ------------------------------------------------------------------------
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        say "missing ${need_apt[*]} and no apt-get here: install them with your package manager"
+        exit 1
+    fi
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    say "installing ${need_apt[*]} with apt-get"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# --- python environment ---------------------------------------------------------------------
+# The stamp records the inputs of the last successful install; same inputs, nothing to do.
+want="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import kvtier" 2>/dev/null; then
+    exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    # Reuse a CUDA torch that the base interpreter already has, instead of a 2 GB download.
+    if "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+        say "creating $VENV (sharing the base interpreter's CUDA torch)"
+        "$PY" -m venv --system-site-packages "$VENV"
+    else
+        say "creating $VENV"
+        "$PY" -m venv "$VENV"
+    fi
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        say "installing torch 2.13.0 (CUDA build: this machine has an NVIDIA GPU)"
+    else
+        say "installing torch 2.13.0 (CPU build)"
+    fi
+    # Pinned exactly: a range admitting newer versions pulls gigabytes of CUDA packages.
+    "${PIP[@]}" install "torch==2.13.0"
+fi
+
+say "installing kvtier and its dependencies into $VENV"
+"${PIP[@]}" install -e ".[dev]"
+echo "$want" > "$STAMP"
+say "done"

@@ -1,0 +1,253 @@
+"""Chunk codec: self-describing, checksummed bytes for one chunk of KV.
+
+Layout (little-endian, fixed 96-byte header, then the payload)::
+
+    0  magic "KVTC"        4   version u16          6  compression u8     7  dtype u8
+    8  key (16 bytes)      24  namespace id (8)      32 created_at f64 (unix seconds)
+    40 tokens u32          44  ndim u8 + 3 zero      48 shape: 6 x u32 (unused dims 0)
+    72 stored length u64   80  raw length u64        88 checksum u64 (xxh3-64)
+    96 payload (stored length bytes; compressed when compression != 0)
+
+The checksum covers header bytes 0..88 *and* the stored payload, so a flipped bit anywhere,
+a truncated file or a chunk stored under the wrong key all fail :func:`decode`, which raises
+:class:`CorruptChunk` and never returns data.
+
+The payload is engine-independent: one contiguous array of shape
+``(layers, 2, tokens, kv_heads, head_dim)``, K before V in each layer (an MLA model stores its
+latent as ``(layers, 1, tokens, 1, latent_dim)``). Any engine or device with the same model
+reads what another one wrote.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+
+import lz4.frame
+import numpy as np
+import xxhash
+import zstandard
+
+from kvtier.errors import CorruptChunk
+from kvtier.keys import KEY_BYTES, ChunkKey
+
+MAGIC = b"KVTC"
+FORMAT_VERSION = 1
+HEADER_BYTES = 96
+MAX_NDIM = 6
+_PREFIX = struct.Struct("<4sHBB16s8sdIB3x6IQQ")  # everything the checksum covers
+_CHECKSUM = struct.Struct("<Q")
+assert _PREFIX.size + _CHECKSUM.size == HEADER_BYTES
+
+
+class Compression(IntEnum):
+    NONE = 0
+    ZSTD = 1
+    LZ4 = 2
+
+    @classmethod
+    def named(cls, name: str) -> Compression:
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            allowed = ", ".join(c.name.lower() for c in cls)
+            raise ValueError(f"unknown compression {name!r}; allowed: {allowed}") from None
+
+
+# name -> (code, itemsize, numpy storage dtype). bfloat16 and fp8 have no numpy dtype, so
+# their bytes are viewed as unsigned integers of the same width.
+DTYPES: dict[str, tuple[int, int, str]] = {
+    "float32": (1, 4, "<f4"),
+    "float16": (2, 2, "<f2"),
+    "bfloat16": (3, 2, "<u2"),
+    "float8_e4m3fn": (4, 1, "u1"),
+    "float8_e5m2": (5, 1, "u1"),
+    "uint8": (6, 1, "u1"),
+    "int8": (7, 1, "i1"),
+}
+_DTYPE_BY_CODE = {code: name for name, (code, _, _) in DTYPES.items()}
+_NUMPY_TO_NAME = {"float32": "float32", "float16": "float16", "uint8": "uint8", "int8": "int8"}
+
+
+@dataclass(frozen=True)
+class KVChunk:
+    """The KV of one chunk: ``data`` holds ``shape`` elements of ``dtype``, contiguous.
+
+    ``shape`` is ``(layers, 2, tokens, kv_heads, head_dim)``. ``data`` may be a read-only view
+    into a tier's buffer (reads avoid copies), so treat it as immutable.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown KV dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if len(self.shape) != 5 or any(d <= 0 for d in self.shape):
+            raise ValueError(
+                f"KV chunk shape must be (layers, 2, tokens, kv_heads, head_dim) with positive"
+                f" sizes, got {self.shape}"
+            )
+        want = int(np.prod(self.shape)) * DTYPES[self.dtype][1]
+        if memoryview(self.data).nbytes != want:
+            raise ValueError(
+                f"KV chunk data is {memoryview(self.data).nbytes} bytes, shape {self.shape} of"
+                f" {self.dtype} needs {want}"
+            )
+
+    @property
+    def tokens(self) -> int:
+        return self.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return memoryview(self.data).nbytes
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, dtype: str | None = None) -> KVChunk:
+        """Wrap a numpy array (copied only if it is not C-contiguous).
+
+        ``dtype`` names the KV dtype when the array holds raw bits of a type numpy lacks
+        (bfloat16 as uint16, fp8 as uint8); otherwise it is taken from the array.
+        """
+        name = dtype or _NUMPY_TO_NAME.get(array.dtype.name)
+        if name is None:
+            raise ValueError(f"cannot tell the KV dtype of a {array.dtype} array; pass dtype=")
+        if array.dtype.itemsize != DTYPES.get(name, (0, 0, ""))[1]:
+            raise ValueError(f"array of {array.dtype} cannot hold {name} values")
+        flat = np.ascontiguousarray(array)
+        return cls(name, tuple(int(d) for d in flat.shape), memoryview(flat).cast("B"))
+
+    def numpy(self) -> np.ndarray:
+        """A read-only numpy view (bfloat16/fp8 appear as unsigned integers of their width)."""
+        arr = np.frombuffer(self.data, dtype=DTYPES[self.dtype][2])
+        return arr.reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """What the first 96 bytes of a stored chunk say (not verified until :func:`decode`)."""
+
+    key: ChunkKey
+    namespace_id: str
+    created_at: float
+    dtype: str
+    shape: tuple[int, ...]
+    tokens: int
+    compression: Compression
+    stored_bytes: int
+    raw_bytes: int
+    checksum: int
+
+
+@dataclass(frozen=True)
+class DecodedChunk:
+    header: ChunkHeader
+    chunk: KVChunk
+
+
+def encode(
+    key: ChunkKey,
+    chunk: KVChunk,
+    namespace_id: str = "",
+    compression: Compression = Compression.NONE,
+    created_at: float | None = None,
+) -> bytes:
+    """Serialize ``chunk`` under ``key``; the result is what every tier stores."""
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"a chunk key is {KEY_BYTES} bytes, got {len(key)}")
+    raw = memoryview(chunk.data).cast("B")
+    payload: bytes | memoryview
+    if compression == Compression.ZSTD:
+        payload = zstandard.ZstdCompressor(level=1).compress(raw)
+    elif compression == Compression.LZ4:
+        payload = lz4.frame.compress(raw)
+    else:
+        payload = raw
+    ns = bytes.fromhex(namespace_id) if namespace_id else b""
+    shape = list(chunk.shape) + [0] * (MAX_NDIM - len(chunk.shape))
+    prefix = _PREFIX.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        int(compression),
+        DTYPES[chunk.dtype][0],
+        key,
+        ns.ljust(8, b"\0")[:8],
+        time.time() if created_at is None else created_at,
+        chunk.tokens,
+        len(chunk.shape),
+        *shape,
+        len(payload),
+        raw.nbytes,
+    )
+    digest = xxhash.xxh3_64(prefix)
+    digest.update(payload)
+    return b"".join((prefix, _CHECKSUM.pack(digest.intdigest()), payload))
+
+
+def read_header(blob: bytes | memoryview) -> ChunkHeader:
+    """Parse the header without verifying the payload; raises CorruptChunk if malformed."""
+    view = memoryview(blob)
+    if view.nbytes < HEADER_BYTES:
+        raise CorruptChunk(f"chunk is {view.nbytes} bytes, shorter than its header")
+    fields = _PREFIX.unpack_from(view)
+    magic, version, comp, dcode, key, ns, created, tokens, ndim = fields[:9]
+    dims, stored, raw = fields[9:15], fields[15], fields[16]
+    if magic != MAGIC:
+        raise CorruptChunk(f"bad magic {magic!r}")
+    if version != FORMAT_VERSION:
+        raise CorruptChunk(f"format version {version} (this kvtier reads {FORMAT_VERSION})")
+    if dcode not in _DTYPE_BY_CODE or comp not in Compression._value2member_map_:
+        raise CorruptChunk(f"unknown dtype code {dcode} or compression code {comp}")
+    if not 1 <= ndim <= MAX_NDIM:
+        raise CorruptChunk(f"bad ndim {ndim}")
+    (checksum,) = _CHECKSUM.unpack_from(view, _PREFIX.size)
+    return ChunkHeader(
+        key=ChunkKey(bytes(key)),
+        namespace_id=bytes(ns).hex(),
+        created_at=created,
+        dtype=_DTYPE_BY_CODE[dcode],
+        shape=tuple(dims[:ndim]),
+        tokens=tokens,
+        compression=Compression(comp),
+        stored_bytes=stored,
+        raw_bytes=raw,
+        checksum=checksum,
+    )
+
+
+def decode(blob: bytes | memoryview, expected_key: bytes | None = None) -> DecodedChunk:
+    """Verify and parse a stored chunk. Uncompressed payloads are returned without a copy.
+
+    Raises CorruptChunk when anything is off: size, magic, version, checksum, key.
+    """
+    view = memoryview(blob).cast("B")
+    header = read_header(view)
+    if view.nbytes != HEADER_BYTES + header.stored_bytes:
+        raise CorruptChunk(
+            f"chunk is {view.nbytes} bytes, header says {HEADER_BYTES + header.stored_bytes}"
+        )
+    payload = view[HEADER_BYTES:]
+    digest = xxhash.xxh3_64(view[: _PREFIX.size])
+    digest.update(payload)
+    if digest.intdigest() != header.checksum:
+        raise CorruptChunk(f"checksum mismatch for chunk {header.key.hex()}")
+    if expected_key is not None and header.key != expected_key:
+        raise CorruptChunk(f"chunk {header.key.hex()} stored under key {expected_key.hex()}")
+    data: bytes | memoryview = payload
+    try:
+        if header.compression == Compression.ZSTD:
+            data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=header.raw_bytes)
+        elif header.compression == Compression.LZ4:
+            data = lz4.frame.decompress(payload)
+    except Exception as exc:  # a verified payload that fails to inflate is still corrupt
+        raise CorruptChunk(f"cannot decompress chunk {header.key.hex()}: {exc}") from exc
+    try:
+        chunk = KVChunk(header.dtype, header.shape, data)
+    except ValueError as exc:
+        raise CorruptChunk(f"chunk {header.key.hex()}: {exc}") from exc
+    return DecodedChunk(header, chunk)
+

@@ -1,0 +1,311 @@
+"""Configuration: frozen dataclasses, loaded at one edge from YAML and ``KVTIER_*`` variables.
+
+YAML::
+
+    chunk_tokens: 256
+    write_queue: 64
+    tiers:
+      - {kind: memory, capacity: 2GiB}
+      - {kind: disk, path: ~/.cache/kvtier/chunks, capacity: 20GiB}
+      - {kind: redis, url: "redis://127.0.0.1:6379/0", ttl_s: 86400}
+
+Environment (applied over the file): ``KVTIER_CONFIG`` names the file; ``KVTIER_CHUNK_TOKENS``,
+``KVTIER_WRITE_QUEUE``, ``KVTIER_RETRY_AFTER_S`` set store fields; ``KVTIER_<TIER>_<FIELD>``
+sets a field of the tier named TIER (``KVTIER_DISK_CAPACITY=50GiB``), adding a tier of that
+kind when none has that name (``KVTIER_REDIS_URL=redis://...`` adds a Redis tier).
+
+Unknown keys and bad values raise ConfigError naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvtier.errors import ConfigError
+
+COMPRESSIONS = ("none", "zstd", "lz4")
+EVICTIONS = ("lru",)
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+SIZE = {"size": True}
+
+
+def parse_size(value: object, key: str = "size") -> int:
+    """Bytes from ``2GiB``, ``512MiB``, ``1.5GB``, ``4096`` (B/KB/MB/GB/TB are powers of 1000)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like 512MiB or 2GiB, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _SIZE_UNITS:
+            raise ConfigError(
+                f"{key}: expected a size like 512MiB, 2GiB or 1.5GB (units: B, KB, MB, GB, TB,"
+                f" KiB, MiB, GiB, TiB), got {value!r}"
+            )
+        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if n <= 0:
+        raise ConfigError(f"{key}: must be a positive size, got {value!r}")
+    return n
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class MemoryTierConfig:
+    kind: str = "memory"
+    name: str = "memory"
+    capacity: int = field(default=2 * 2**30, metadata=SIZE)
+    compression: str = "none"
+    eviction: str = "lru"
+
+    def __post_init__(self) -> None:
+        _choice("compression", self.compression, COMPRESSIONS)
+        _choice("eviction", self.eviction, EVICTIONS)
+        if self.capacity <= 0:
+            raise ConfigError(f"capacity: must be positive, got {self.capacity}")
+
+
+@dataclass(frozen=True)
+class DiskTierConfig:
+    kind: str = "disk"
+    name: str = "disk"
+    path: str = "~/.cache/kvtier/chunks"
+    capacity: int = field(default=20 * 2**30, metadata=SIZE)
+    compression: str = "none"
+    eviction: str = "lru"
+    fsync: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("compression", self.compression, COMPRESSIONS)
+        _choice("eviction", self.eviction, EVICTIONS)
+        if self.capacity <= 0:
+            raise ConfigError(f"capacity: must be positive, got {self.capacity}")
+        if not self.path:
+            raise ConfigError("path: a disk tier needs a directory")
+
+
+@dataclass(frozen=True)
+class RedisTierConfig:
+    kind: str = "redis"
+    name: str = "redis"
+    url: str = ""
+    prefix: str = "kvtier"
+    ttl_s: int | None = None
+    cluster: bool = False
+    timeout_s: float = 2.0
+    compression: str = "none"
+
+    def __post_init__(self) -> None:
+        _choice("compression", self.compression, COMPRESSIONS)
+        if not re.match(r"^(redis|rediss|valkey|valkeys|unix)://", self.url):
+            raise ConfigError(
+                f"url: expected redis://host:port[/db] (or rediss://, unix://), got {self.url!r}"
+            )
+        if self.ttl_s is not None and self.ttl_s <= 0:
+            raise ConfigError(f"ttl_s: must be a positive number of seconds, got {self.ttl_s}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"timeout_s: must be positive, got {self.timeout_s}")
+
+
+TierConfig = MemoryTierConfig | DiskTierConfig | RedisTierConfig
+TIER_KINDS: dict[str, type[Any]] = {
+    "memory": MemoryTierConfig, "disk": DiskTierConfig, "redis": RedisTierConfig,
+}  # fmt: skip
+
+
+def _default_tiers() -> tuple[TierConfig, ...]:
+    return (MemoryTierConfig(), DiskTierConfig())
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    chunk_tokens: int = 256
+    write_queue: int = 64
+    retry_after_s: float = 1.0
+    tiers: tuple[TierConfig, ...] = field(default_factory=_default_tiers)
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.chunk_tokens <= 65536:
+            raise ConfigError(f"chunk_tokens: must be in [16, 65536], got {self.chunk_tokens}")
+        if self.write_queue <= 0:
+            raise ConfigError(f"write_queue: must be positive, got {self.write_queue}")
+        if self.retry_after_s <= 0:
+            raise ConfigError(f"retry_after_s: must be positive, got {self.retry_after_s}")
+        if not self.tiers:
+            raise ConfigError("tiers: at least one tier is needed")
+        names = [t.name for t in self.tiers]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"tiers: two tiers are named {name!r}; give them distinct names")
+
+
+def _coerce(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
+    """Turn a YAML or environment value into the field's type, or raise naming ``key``."""
+    if meta.get("size"):
+        return parse_size(value, key)
+    optional = type(None) in typing.get_args(hint)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("", "none"))):
+        return None
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except ValueError:
+        pass
+    raise ConfigError(f"{key}: expected {getattr(base, '__name__', base)}, got {value!r}")
+
+
+def _build(cls: type[Any], values: Mapping[str, Any], where: str, env: bool = False) -> Any:
+    """``cls(**values)`` with coercion; errors say ``where`` + the key (upper-cased for env)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "tiers"}
+
+    def name(key: str) -> str:
+        return where + (key.upper() if env else key)
+
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            allowed = ", ".join(name(f) if env else f for f in sorted(fields))
+            raise ConfigError(f"{name(key)}: unknown key; allowed: {allowed}")
+        kwargs[key] = _coerce(name(key), value, hints[key], fields[key].metadata)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        key, _, problem = str(exc).partition(": ")
+        raise ConfigError(f"{name(key)}: {problem}") from None
+
+
+def _tier_from(values: Any, where: str, env: bool = False) -> TierConfig:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where[:-1]}: expected a mapping with a 'kind', got {values!r}")
+    kind = values.get("kind")
+    if kind not in TIER_KINDS:
+        raise ConfigError(f"{where}kind: {kind!r} is not allowed; allowed: {', '.join(TIER_KINDS)}")
+    values = {"name": kind, **values}
+    tier: TierConfig = _build(TIER_KINDS[kind], values, where, env)
+    return tier
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "config") -> StoreConfig:
+    """A StoreConfig from a parsed YAML mapping; errors name ``source`` and the key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    top = {k: v for k, v in data.items() if k != "tiers"}
+    tiers: tuple[TierConfig, ...] = _default_tiers()
+    if "tiers" in data:
+        raw = data["tiers"]
+        if not isinstance(raw, list):
+            raise ConfigError(f"{source}: tiers: expected a list of tiers, got {raw!r}")
+        tiers = tuple(_tier_from(t, f"{source}: tiers[{i}].") for i, t in enumerate(raw))
+    base: StoreConfig = _build(StoreConfig, top, f"{source}: ")
+    try:
+        return dataclasses.replace(base, tiers=tiers)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _apply_env(config: StoreConfig, env: Mapping[str, str]) -> StoreConfig:
+    store_fields = {"CHUNK_TOKENS", "WRITE_QUEUE", "RETRY_AFTER_S"}
+    top: dict[str, Any] = {}
+    tiers = list(config.tiers)
+    # Longest names first, so a tier named "disk_fast" wins over the kind "disk".
+    targets = sorted({t.name.upper() for t in tiers} | {k.upper() for k in TIER_KINDS},
+                     key=len, reverse=True)
+    per_tier: dict[str, dict[str, str]] = {}
+    for var in sorted(env):
+        if not var.startswith("KVTIER_") or var == "KVTIER_CONFIG":
+            continue
+        rest = var[len("KVTIER_") :]
+        if rest in store_fields:
+            top[rest.lower()] = env[var]
+            continue
+        target = next((t for t in targets if rest.startswith(t + "_")), None)
+        if target is None:
+            raise ConfigError(
+                f"{var}: unknown variable; use KVTIER_CONFIG, KVTIER_CHUNK_TOKENS,"
+                f" KVTIER_WRITE_QUEUE, KVTIER_RETRY_AFTER_S or KVTIER_<TIER>_<FIELD> with a tier"
+                f" name ({', '.join(t.name for t in tiers)}) or kind ({', '.join(TIER_KINDS)})"
+            )
+        per_tier.setdefault(target, {})[rest[len(target) + 1 :].lower()] = env[var]
+    for target, values in per_tier.items():
+        where = f"KVTIER_{target}_"
+        index = next((i for i, t in enumerate(tiers) if t.name.upper() == target), None)
+        if index is None:  # a kind with no tier of that name yet: add one
+            tiers.append(_tier_from({"kind": target.lower(), **values}, where, env=True))
+        else:
+            current = {**dataclasses.asdict(tiers[index]), **values}
+            tiers[index] = _tier_from(current, where, env=True)
+    merged = {k: v for k, v in dataclasses.asdict(config).items() if k != "tiers"}
+    merged.update(top)
+    base: StoreConfig = _build(StoreConfig, merged, "KVTIER_", env=True)
+    try:
+        return dataclasses.replace(base, tiers=tuple(tiers))
+    except ConfigError as exc:
+        raise ConfigError(f"environment: {exc}") from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> StoreConfig:
+    """Defaults, then the YAML file (``path`` or $KVTIER_CONFIG), then ``KVTIER_*`` variables."""
+    env = os.environ if env is None else env
+    path = path or env.get("KVTIER_CONFIG") or None
+    config = StoreConfig()
+    if path is not None:
+        file = Path(path).expanduser()
+        try:
+            text = file.read_text()
+        except OSError as exc:
+            raise ConfigError(f"config file {file}: {exc.strerror or exc}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {file}: not valid YAML: {exc}") from None
+        config = config_from_dict(data or {}, str(file))
+    return _apply_env(config, env)

@@ -1,0 +1,422 @@
+"""TieredStore: the ordered hierarchy of tiers behind one lookup / get / put API.
+
+Data path::
+
+    put ──encode──▶ tier 0 (inline) ──write-behind queues──▶ tier 1, tier 2 ...
+    get ◀─verify── first tier holding each chunk ──promote (async)──▶ the tiers above it
+
+Invariants:
+- A chunk is returned only after its checksum and key verified; a chunk that fails is deleted
+  from the tier that held it, counted, reported as a "removed" event, and treated as a miss.
+- Tier failures never reach the caller of lookup/get/prefetch/put: they become misses or
+  skipped writes (see :mod:`kvtier.health`), and the store keeps using the healthy tiers.
+- Keys being read are pinned in every tier for the duration, so they are not evicted
+  mid-read; callers that look up now and load later hold their own pins (:meth:`pinned`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kvtier import codec
+from kvtier.codec import Compression, KVChunk
+from kvtier.config import StoreConfig
+from kvtier.errors import CorruptChunk
+from kvtier.health import TierHealth
+from kvtier.keys import ChunkKey, Namespace, chunk_keys
+from kvtier.stats import ChunkEvent, Recorder, StoreStats
+from kvtier.tiers.base import Tier
+from kvtier.writeback import WriteBatch, WriteBehind
+
+log = logging.getLogger("kvtier")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """How much of a prompt is cached: ``hit_chunks`` leading chunks, found in ``tiers``."""
+
+    keys: list[ChunkKey]  # every full chunk of the prompt
+    tiers: list[str]  # tier holding each hit chunk (len == hit_chunks)
+    chunk_tokens: int
+
+    @property
+    def hit_chunks(self) -> int:
+        return len(self.tiers)
+
+    @property
+    def hit_tokens(self) -> int:
+        return len(self.tiers) * self.chunk_tokens
+
+
+@dataclass(frozen=True)
+class GetResult:
+    """Consecutive chunks from the requested start; may be shorter than a prior lookup said
+    (a chunk evicted or found corrupt meanwhile): the caller recomputes the rest."""
+
+    chunks: list[KVChunk]
+    tiers: list[str]
+    chunk_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.chunks) * self.chunk_tokens
+
+
+@dataclass(frozen=True)
+class PutReport:
+    new_chunks: int  # chunks the top tier did not hold before
+    queued: int  # copies handed to lower tiers
+    dropped: int  # copies dropped because a write-behind queue was full
+
+
+@dataclass
+class _Slot:
+    tier: Tier
+    compression: Compression
+    health: TierHealth
+    writer: WriteBehind | None = None
+
+
+class TieredStore:
+    """Tiers in order, fastest first. The store owns them and closes them on :meth:`close`."""
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        chunk_tokens: int = 256,
+        compression: Sequence[Compression] | None = None,
+        write_queue: int = 64,
+        retry_after_s: float = 1.0,
+    ):
+        if not tiers:
+            raise ValueError("a TieredStore needs at least one tier")
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        if chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        comps = list(compression) if compression is not None else [Compression.NONE] * len(tiers)
+        if len(comps) != len(tiers):
+            raise ValueError("give one compression per tier")
+        self.chunk_tokens = chunk_tokens
+        self._recorder = Recorder(names)
+        self._slots = [
+            _Slot(t, c, TierHealth(t.name, retry_after_s)) for t, c in zip(tiers, comps, strict=True)
+        ]
+        for slot in self._slots[1:]:
+            slot.writer = WriteBehind(slot.tier.name, self._writer_for(slot), write_queue)
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvtier-prefetch")
+
+    @property
+    def tiers(self) -> list[Tier]:
+        return [s.tier for s in self._slots]
+
+    # -- failure containment ---------------------------------------------------------------
+
+    def _guard(self, slot: _Slot, call: Callable[[], T], default: T) -> T:
+        if not slot.health.available():
+            return default
+        try:
+            result = call()
+        except Exception as exc:
+            self._recorder.add(slot.tier.name, errors=1)
+            slot.health.failed(exc)
+            return default
+        slot.health.succeeded()
+        return result
+
+    # -- read path -------------------------------------------------------------------------
+
+    def keys(self, tokens: Sequence[int] | Any, namespace: Namespace) -> list[ChunkKey]:
+        return chunk_keys(tokens, namespace, self.chunk_tokens)
+
+    def _locate(self, keys: Sequence[ChunkKey]) -> list[int]:
+        """Index of the first tier holding each leading key, up to the first key none holds."""
+        where: list[int | None] = [None] * len(keys)
+        for t, slot in enumerate(self._slots):
+            todo = [i for i, w in enumerate(where) if w is None]
+            if not todo:
+                break
+            present = self._guard(
+                slot, lambda: slot.tier.contains_many([keys[i] for i in todo]), [False] * len(todo)
+            )
+            missing = 0
+            for i, p in zip(todo, present, strict=True):
+                if p:
+                    where[i] = t
+                else:
+                    missing += 1
+            self._recorder.add(slot.tier.name, misses=missing)
+        prefix: list[int] = []
+        for w in where:
+            if w is None:
+                break
+            prefix.append(w)
+        return prefix
+
+    def lookup(self, tokens: Sequence[int] | Any, namespace: Namespace) -> LookupResult:
+        """How many leading tokens are cached, and where. Never raises for a tier failure."""
+        keys = self.keys(tokens, namespace)
+        where = self._locate(keys)
+        self._recorder.lookup(len(tokens), len(where) * self.chunk_tokens)
+        return LookupResult(keys, [self._slots[t].tier.name for t in where], self.chunk_tokens)
+
+    def get(
+        self,
+        tokens: Sequence[int] | Any,
+        namespace: Namespace,
+        start_chunk: int = 0,
+        max_chunks: int | None = None,
+    ) -> GetResult:
+        """Verified chunks from ``start_chunk`` on, as many consecutive ones as are available.
+
+        Chunks found below the top tier are promoted to the tiers above in the background.
+        """
+        keys = self.keys(tokens, namespace)[start_chunk:]
+        if max_chunks is not None:
+            keys = keys[:max_chunks]
+        with self.pinned(keys):
+            found = self._fetch(keys)
+        self._promote(found)
+        chunks = [f[1] for f in found]
+        names = [self._slots[f[2]].tier.name for f in found]
+        return GetResult(chunks, names, self.chunk_tokens)
+
+    def _fetch(self, keys: Sequence[ChunkKey]) -> list[tuple[ChunkKey, KVChunk, int, bytes]]:
+        """(key, chunk, tier index, stored bytes) for the longest verified leading run."""
+        where = self._locate(keys)
+        got: dict[int, tuple[KVChunk, int, bytes]] = {}
+        pending = dict(enumerate(where))  # chunk index -> tier index to read it from
+        while pending:
+            by_tier: dict[int, list[int]] = {}
+            for i, t in pending.items():
+                by_tier.setdefault(t, []).append(i)
+            pending = {}
+            for t, idx in by_tier.items():
+                slot = self._slots[t]
+                blobs = self._guard(
+                    slot, lambda: slot.tier.get_many([keys[i] for i in idx]), [None] * len(idx)
+                )
+                for i, blob in zip(idx, blobs, strict=True):
+                    chunk = self._verify(slot, keys[i], blob)
+                    if chunk is not None:
+                        got[i] = (chunk, t, bytes(blob) if isinstance(blob, memoryview) else blob)
+                        continue
+                    lower = self._find_below(keys[i], t)  # e.g. a corrupt DRAM copy, good on disk
+                    if lower is not None:
+                        pending[i] = lower
+        out = []
+        for i, key in enumerate(keys[: len(where)]):
+            if i not in got:
+                break
+            chunk, t, blob = got[i]
+            out.append((key, chunk, t, blob))
+        return out
+
+    def _verify(self, slot: _Slot, key: ChunkKey, blob: Any) -> KVChunk | None:
+        if blob is None:
+            self._recorder.add(slot.tier.name, misses=1)
+            return None
+        try:
+            chunk = codec.decode(blob, expected_key=key).chunk
+        except CorruptChunk as exc:
+            log.warning("kvtier: corrupt chunk %s in tier %r removed: %s", key.hex(),
+                        slot.tier.name, exc)
+            self._recorder.add(slot.tier.name, corruptions=1)
+            self._guard(slot, lambda: slot.tier.delete(key), False)
+            self._recorder.emit("removed", slot.tier.name, [key])
+            return None
+        self._recorder.add(slot.tier.name, hits=1, bytes_read=len(blob))
+        return chunk
+
+    def _find_below(self, key: ChunkKey, tier_index: int) -> int | None:
+        for t in range(tier_index + 1, len(self._slots)):
+            slot = self._slots[t]
+            if self._guard(slot, lambda: slot.tier.contains_many([key]), [False])[0]:
+                return t
+        return None
+
+    def _promote(self, found: Sequence[tuple[ChunkKey, KVChunk, int, bytes]]) -> None:
+        """Copy chunks read from tier t into tiers 0..t-1 (tier 0 inline, others queued)."""
+        for upper in range(len(self._slots)):
+            items = [(k, blob) for k, _, t, blob in found if t > upper]
+            if not items:
+                continue
+            if upper == 0:
+                self._write_to(self._slots[0], items)
+            else:
+                self._enqueue(self._slots[upper], items)
+
+    def prefetch(self, tokens: Sequence[int] | Any, namespace: Namespace) -> Future[int]:
+        """Promote the cached prefix of ``tokens`` toward the top tier in the background.
+
+        The future gives the number of leading tokens the prefetch found; it never raises for
+        a tier failure.
+        """
+        keys = self.keys(tokens, namespace)
+
+        def run() -> int:
+            with self.pinned(keys):
+                where = self._locate(keys)
+                below = [keys[i] for i, t in enumerate(where) if t > 0]
+                if below:
+                    self._promote(self._fetch(below))
+            return len(where) * self.chunk_tokens
+
+        return self._prefetcher.submit(run)
+
+    # -- write path ------------------------------------------------------------------------
+
+    def put(
+        self,
+        tokens: Sequence[int] | Any,
+        namespace: Namespace,
+        chunks: Sequence[KVChunk],
+        start_chunk: int = 0,
+    ) -> PutReport:
+        """Store ``chunks[j]`` as chunk ``start_chunk + j`` of ``tokens``.
+
+        Writes the top tier inline, queues copies for lower tiers, and returns without waiting
+        for them. Never raises for a tier failure; raises ValueError for bad arguments.
+        """
+        keys = self.keys(tokens, namespace)[start_chunk : start_chunk + len(chunks)]
+        if len(keys) < len(chunks):
+            raise ValueError(
+                f"{len(chunks)} chunks from chunk {start_chunk} need"
+                f" {(start_chunk + len(chunks)) * self.chunk_tokens} tokens, got {len(tokens)}"
+            )
+        for j, chunk in enumerate(chunks):
+            if chunk.tokens != self.chunk_tokens:
+                raise ValueError(
+                    f"chunk {start_chunk + j} holds {chunk.tokens} tokens, the store's chunks"
+                    f" are {self.chunk_tokens}"
+                )
+        top = self._slots[0]
+        held = self._guard(top, lambda: top.tier.contains_many(keys), [False] * len(keys))
+        ns_id = namespace.id(self.chunk_tokens)
+        items = [
+            (key, codec.encode(key, chunk, ns_id, top.compression))
+            for key, chunk, h in zip(keys, chunks, held, strict=True)
+            if not h
+        ]
+        self._write_to(top, items)
+        dropped = sum(self._enqueue(slot, items) for slot in self._slots[1:])
+        queued = len(items) * (len(self._slots) - 1) - dropped
+        return PutReport(len(items), queued, dropped)
+
+    def _enqueue(self, slot: _Slot, items: WriteBatch) -> int:
+        assert slot.writer is not None
+        dropped = slot.writer.submit(items)
+        if dropped:
+            self._recorder.add(slot.tier.name, writes_dropped=dropped)
+        return dropped
+
+    def _writer_for(self, slot: _Slot) -> Callable[[WriteBatch], None]:
+        return lambda batch: self._write_to(slot, batch, skip_held=True)
+
+    def _write_to(self, slot: _Slot, items: WriteBatch, skip_held: bool = False) -> None:
+        if not items:
+            return
+        name = slot.tier.name
+        if not slot.health.available():
+            self._recorder.add(name, writes_dropped=len(items))
+            return
+        if skip_held:  # write-behind: don't rewrite what the tier has (saves SSD writes)
+            held = self._guard(slot, lambda: slot.tier.contains_many([k for k, _ in items]), None)
+            if held is None:
+                self._recorder.add(name, writes_dropped=len(items))
+                return
+            items = [item for item, h in zip(items, held, strict=True) if not h]
+        items = [(k, self._recode(blob, slot.compression)) for k, blob in items]
+        result = self._guard(slot, lambda: slot.tier.put_many(items), None)
+        if result is None:
+            self._recorder.add(name, writes_dropped=len(items))
+            return
+        written = [(k, b) for (k, b), ok in zip(items, result.stored, strict=True) if ok]
+        self._recorder.add(
+            name,
+            chunks_written=len(written),
+            bytes_written=sum(len(b) for _, b in written),
+            writes_rejected=len(items) - len(written),
+            evictions=len(result.evicted),
+        )
+        self._recorder.emit("stored", name, [k for k, _ in written])
+        self._recorder.emit("evicted", name, result.evicted)
+
+    @staticmethod
+    def _recode(blob: bytes, compression: Compression) -> bytes:
+        header = codec.read_header(blob)
+        if header.compression == compression:
+            return blob
+        decoded = codec.decode(blob)
+        return codec.encode(
+            header.key, decoded.chunk, header.namespace_id, compression, header.created_at
+        )
+
+    # -- pins, stats, lifecycle ------------------------------------------------------------
+
+    @contextmanager
+    def pinned(self, keys: Sequence[ChunkKey]) -> Iterator[None]:
+        """Keep ``keys`` from being evicted by this process while the block runs."""
+        for slot in self._slots:
+            slot.tier.pin(keys)
+        try:
+            yield
+        finally:
+            for slot in self._slots:
+                slot.tier.unpin(keys)
+
+    def subscribe(self, listener: Callable[[ChunkEvent], None]) -> None:
+        """Call ``listener`` for every stored / evicted / removed event (from any thread)."""
+        self._recorder.subscribe(listener)
+
+    def stats(self) -> StoreStats:
+        return self._recorder.snapshot()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued lower-tier writes are done. False if ``timeout`` ran out."""
+        return all(s.writer.flush(timeout) for s in self._slots[1:] if s.writer is not None)
+
+    def close(self) -> None:
+        """Finish queued writes (bounded wait), stop workers, close tiers."""
+        self._prefetcher.shutdown(wait=True)
+        for slot in self._slots:
+            if slot.writer is not None:
+                slot.writer.close()
+            try:
+                slot.tier.close()
+            except Exception as exc:  # closing a dead connection is not worth a crash
+                log.warning("kvtier: closing tier %r failed: %s", slot.tier.name, exc)
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_store(config: StoreConfig) -> TieredStore:
+    """Build the tiers ``config`` lists and a store over them."""
+    from kvtier.tiers import make_tier
+
+    tiers: list[Tier] = []
+    try:
+        for tier_config in config.tiers:
+            tiers.append(make_tier(tier_config))
+    except Exception:
+        for tier in tiers:
+            tier.close()
+        raise
+    return TieredStore(
+        tiers,
+        chunk_tokens=config.chunk_tokens,
+        compression=[Compression.named(t.compression) for t in config.tiers],
+        write_queue=config.write_queue,
+        retry_after_s=config.retry_after_s,
+    )

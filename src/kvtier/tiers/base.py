@@ -1,0 +1,80 @@
+"""The storage-tier contract. Every tier passes tests/test_tier_contract.py.
+
+A tier is a bounded or unbounded map from :data:`ChunkKey` to the encoded bytes of a chunk
+(see :mod:`kvtier.codec`). Tiers move bytes; they do not decode or verify them — the store
+does, and deletes what fails. Tiers are thread-safe.
+
+Failures: a tier raises (TierUnavailable, OSError, a client's connection error...) when the
+medium cannot do the job. It must never return wrong bytes for a key, and a failed write must
+never leave a partial value visible under the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvtier.keys import ChunkKey
+
+Blob = bytes | memoryview
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    chunks: int
+    bytes: int
+    capacity: int | None  # None: the tier does not bound itself (e.g. Redis uses maxmemory)
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """``stored[i]`` tells whether item i is now held; ``evicted`` lists what made room."""
+
+    stored: list[bool]
+    evicted: list[ChunkKey] = field(default_factory=list)
+
+
+class Tier(Protocol):
+    """One level of the hierarchy (DRAM, local disk, Redis...)."""
+
+    name: str
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether each key is held. May be stale by the time it returns (other writers)."""
+        ...
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[Blob | None]:
+        """The stored bytes of each key, or None where absent. Counts as a use for eviction."""
+        ...
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, Blob]]) -> PutResult:
+        """Store each (key, bytes), replacing an existing value atomically.
+
+        A bounded tier evicts unpinned entries to make room and rejects (stored=False) what
+        cannot fit; it never evicts a pinned key. The caller must not mutate the bytes after.
+        """
+        ...
+
+    def delete(self, key: ChunkKey) -> bool:
+        """Remove ``key``; True if it was held. Pins do not prevent an explicit delete."""
+        ...
+
+    def pin(self, keys: Sequence[ChunkKey]) -> None:
+        """Protect keys from eviction (counted; unknown keys allowed). No-op for tiers that
+        cannot evict on their own terms."""
+        ...
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        """Release one pin of each key."""
+        ...
+
+    def scan(self) -> Iterator[ChunkKey]:
+        """Every key held (a snapshot; keys may vanish before they are read)."""
+        ...
+
+    def usage(self) -> TierUsage: ...
+
+    def close(self) -> None:
+        """Release connections and files. Data of persistent tiers stays."""
+        ...

@@ -1,0 +1,95 @@
+"""Host-DRAM tier: a bounded dict of immutable bytes with a pluggable eviction policy."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+from kvtier.keys import ChunkKey
+from kvtier.policy.eviction import LRUPolicy
+from kvtier.tiers.base import Blob, PutResult, TierUsage
+
+
+class MemoryTier:
+    """Chunks in this process's memory.
+
+    Values are stored as ``bytes`` (copied once on put if given another buffer type) and
+    returned as-is: ``bytes`` are immutable, so a reader keeps a valid view even if the entry
+    is evicted meanwhile, and reads copy nothing.
+    """
+
+    def __init__(self, capacity: int, name: str = "memory", policy: LRUPolicy | None = None):
+        if capacity <= 0:
+            raise ValueError(f"memory tier capacity must be positive, got {capacity}")
+        self.name = name
+        self.capacity = capacity
+        self._data: dict[ChunkKey, bytes] = {}
+        self._policy = policy or LRUPolicy()
+        self._lock = threading.Lock()
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        data = self._data
+        return [k in data for k in keys]
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[Blob | None]:
+        out: list[Blob | None] = []
+        with self._lock:
+            for key in keys:
+                blob = self._data.get(key)
+                if blob is not None:
+                    self._policy.touch(key)
+                out.append(blob)
+        return out
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, Blob]]) -> PutResult:
+        stored: list[bool] = []
+        evicted: list[ChunkKey] = []
+        for key, blob in items:
+            value = blob if isinstance(blob, bytes) else bytes(blob)
+            with self._lock:
+                self._policy.remove(key)  # a replaced value frees its old size first
+                old = self._data.pop(key, None)
+                victims = self._policy.victims(len(value), self.capacity)
+                if victims is None:
+                    if old is not None:  # keep the old value rather than lose the key
+                        self._data[key] = old
+                        self._policy.insert(key, len(old))
+                    stored.append(False)
+                    continue
+                for victim in victims:
+                    del self._data[victim]  # type: ignore[arg-type]
+                    self._policy.remove(victim)
+                    evicted.append(victim)  # type: ignore[arg-type]
+                self._data[key] = value
+                self._policy.insert(key, len(value))
+            stored.append(True)
+        return PutResult(stored, evicted)
+
+    def delete(self, key: ChunkKey) -> bool:
+        with self._lock:
+            self._policy.remove(key)
+            return self._data.pop(key, None) is not None
+
+    def pin(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for key in keys:
+                self._policy.pin(key)
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for key in keys:
+                self._policy.unpin(key)
+
+    def scan(self) -> Iterator[ChunkKey]:
+        with self._lock:
+            keys = list(self._data)
+        return iter(keys)
+
+    def usage(self) -> TierUsage:
+        with self._lock:
+            return TierUsage(len(self._data), self._policy.used_bytes, self.capacity)
+
+    def close(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._policy = LRUPolicy()

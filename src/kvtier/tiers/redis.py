@@ -1,0 +1,121 @@
+"""Redis-protocol tier: Redis, Valkey, Kvrocks (flash-backed), or a Redis Cluster.
+
+One value per chunk under ``<prefix>:v1:<32 hex digits>``. Batches go through pipelines (one
+round trip per batch, no MULTI), which is what makes a remote tier beat recomputation.
+SET replaces a value atomically, so readers never see a partial chunk. Capacity and eviction
+belong to the server (``maxmemory`` + ``maxmemory-policy``), so :meth:`usage` reports no
+capacity and pins are no-ops. An optional TTL bounds how long a chunk lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis
+import redis.cluster
+
+from kvtier.keys import KEY_BYTES, ChunkKey
+from kvtier.tiers.base import Blob, PutResult, TierUsage
+
+_GET_BATCH = 16  # chunks per pipeline round trip on reads (bounds client memory per batch)
+_PUT_BATCH_BYTES = 64 << 20
+
+
+class RedisTier:
+    def __init__(
+        self,
+        url: str,
+        name: str = "redis",
+        prefix: str = "kvtier",
+        ttl_s: int | None = None,
+        cluster: bool = False,
+        timeout_s: float = 2.0,
+    ):
+        self.name = name
+        self.url = url
+        self.ttl_s = ttl_s
+        self._prefix = f"{prefix}:v1:".encode()
+        options: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": min(timeout_s, 1.0),
+        }
+        self._client: redis.Redis | redis.cluster.RedisCluster
+        if cluster:
+            self._client = redis.cluster.RedisCluster.from_url(url, **options)
+        else:
+            self._client = redis.Redis.from_url(url, **options)
+
+    def redis_key(self, key: ChunkKey) -> bytes:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"a chunk key is {KEY_BYTES} bytes, got {len(key)}")
+        return self._prefix + key.hex().encode()
+
+    def _pipeline(self) -> Any:
+        return self._client.pipeline(transaction=False)
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        if not keys:
+            return []
+        pipe = self._pipeline()
+        for key in keys:
+            pipe.exists(self.redis_key(key))
+        return [bool(n) for n in pipe.execute()]
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[Blob | None]:
+        out: list[Blob | None] = []
+        for start in range(0, len(keys), _GET_BATCH):
+            pipe = self._pipeline()
+            for key in keys[start : start + _GET_BATCH]:
+                pipe.get(self.redis_key(key))
+            out.extend(pipe.execute())
+        return out
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, Blob]]) -> PutResult:
+        pipe, pending = self._pipeline(), 0
+        for key, blob in items:
+            pipe.set(self.redis_key(key), bytes(blob) if isinstance(blob, memoryview) else blob,
+                     ex=self.ttl_s)
+            pending += memoryview(blob).nbytes
+            if pending >= _PUT_BATCH_BYTES:
+                pipe.execute()
+                pipe, pending = self._pipeline(), 0
+        if pending:
+            pipe.execute()
+        return PutResult([True] * len(items))
+
+    def delete(self, key: ChunkKey) -> bool:
+        return bool(self._client.delete(self.redis_key(key)))
+
+    def pin(self, keys: Sequence[ChunkKey]) -> None:
+        """No-op: the server evicts on its own terms; a chunk gone before it is read is a miss."""
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        """No-op, see :meth:`pin`."""
+
+    def scan(self) -> Iterator[ChunkKey]:
+        plen = len(self._prefix)
+        for name in self._client.scan_iter(match=self._prefix + b"*", count=1000):
+            hex_key = name[plen:]
+            if len(hex_key) == 2 * KEY_BYTES:
+                try:
+                    yield ChunkKey(bytes.fromhex(hex_key.decode()))
+                except ValueError:
+                    continue
+
+    def header_of(self, key: ChunkKey, nbytes: int) -> bytes | None:
+        """The first ``nbytes`` of a stored chunk (GETRANGE), for inspection without a full read."""
+        value: bytes = self._client.getrange(self.redis_key(key), 0, nbytes - 1)
+        return value or None
+
+    def usage(self) -> TierUsage:
+        """Walks the keyspace (SCAN + STRLEN): meant for inspection, not the hot path."""
+        keys = list(self.scan())
+        pipe = self._pipeline()
+        for key in keys:
+            pipe.strlen(self.redis_key(key))
+        sizes = pipe.execute() if keys else []
+        return TierUsage(len(keys), int(sum(sizes)), None)
+
+    def close(self) -> None:
+        self._client.close()
