@@ -69,6 +69,19 @@ class GetResult:
 
 
 @dataclass(frozen=True)
+class LoadResult:
+    """``chunks`` leading chunks were loaded into the caller's buffers, from ``tiers``."""
+
+    chunks: int
+    tiers: list[str]
+    chunk_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.chunks * self.chunk_tokens
+
+
+@dataclass(frozen=True)
 class PutReport:
     new_chunks: int  # chunks the top tier did not hold before
     queued: int  # copies handed to lower tiers
@@ -226,14 +239,127 @@ class TieredStore:
         try:
             chunk = codec.decode(blob, expected_key=key).chunk
         except CorruptChunk as exc:
-            log.warning("kvtier: corrupt chunk %s in tier %r removed: %s", key.hex(),
-                        slot.tier.name, exc)
-            self._recorder.add(slot.tier.name, corruptions=1)
-            self._guard(slot, lambda: slot.tier.delete(key), False)
-            self._recorder.emit("removed", slot.tier.name, [key])
+            self._corrupt(slot, key, exc)
             return None
         self._recorder.add(slot.tier.name, hits=1, bytes_read=len(blob))
         return chunk
+
+    def _corrupt(self, slot: _Slot, key: ChunkKey, exc: CorruptChunk) -> None:
+        log.warning("kvtier: corrupt chunk %s in tier %r removed: %s", key.hex(),
+                    slot.tier.name, exc)
+        self._recorder.add(slot.tier.name, corruptions=1)
+        self._guard(slot, lambda: slot.tier.delete(key), False)
+        self._recorder.emit("removed", slot.tier.name, [key])
+
+    def get_into(
+        self,
+        tokens: Sequence[int] | Any,
+        namespace: Namespace,
+        dests: Sequence[Any],
+        start_chunk: int = 0,
+    ) -> LoadResult:
+        """Load chunks ``start_chunk``, ``start_chunk + 1``... straight into ``dests``.
+
+        ``dests[j]`` is a writable, C-contiguous buffer (bytearray, numpy array, a pinned host
+        tensor's numpy view) of exactly the chunk's payload size. Disk reads land there with
+        no intermediate copy. Returns how many leading chunks were loaded and verified; the
+        contents of later buffers are unspecified. Never raises for a tier failure.
+        """
+        views = [memoryview(d).cast("B") for d in dests]
+        if any(v.readonly for v in views):
+            raise ValueError("get_into needs writable destination buffers")
+        keys = self.keys(tokens, namespace)[start_chunk : start_chunk + len(views)]
+        headers = [bytearray(codec.HEADER_BYTES) for _ in keys]
+        loaded: dict[int, int] = {}
+        with self.pinned(keys):
+            pending = dict(enumerate(self._locate(keys)))
+            while pending:
+                by_tier: dict[int, list[int]] = {}
+                for i, t in pending.items():
+                    by_tier.setdefault(t, []).append(i)
+                pending = {}
+                for t, idx in by_tier.items():
+                    slot = self._slots[t]
+                    for i, ok in zip(idx, self._load(slot, keys, idx, headers, views), strict=True):
+                        if ok:
+                            loaded[i] = t
+                        elif (lower := self._find_below(keys[i], t)) is not None:
+                            pending[i] = lower
+        n = 0
+        while n in loaded:
+            n += 1
+        self._promote(
+            [(keys[i], None, loaded[i], _as_blob(headers[i], views[i])) for i in range(n)
+             if loaded[i] > 0]
+        )
+        names = [self._slots[loaded[i]].tier.name for i in range(n)]
+        return LoadResult(n, names, self.chunk_tokens)
+
+    def _load(
+        self,
+        slot: _Slot,
+        keys: Sequence[ChunkKey],
+        idx: Sequence[int],
+        headers: Sequence[bytearray],
+        views: Sequence[memoryview],
+    ) -> list[bool]:
+        """Load chunks ``idx`` from one tier into their buffers; whether each one verified."""
+        if slot.tier.zero_copy_reads:
+            blobs = self._guard(
+                slot, lambda: slot.tier.get_many([keys[i] for i in idx]), [None] * len(idx)
+            )
+            return [
+                self._copy_verified(slot, keys[i], blob, headers[i], views[i])
+                for i, blob in zip(idx, blobs, strict=True)
+            ]
+        items = [(keys[i], [memoryview(headers[i]), views[i]]) for i in idx]
+        sizes = self._guard(slot, lambda: slot.tier.read_into_many(items), [None] * len(idx))
+        return [
+            self._check_loaded(slot, keys[i], headers[i], views[i], size)
+            for i, size in zip(idx, sizes, strict=True)
+        ]
+
+    def _copy_verified(
+        self, slot: _Slot, key: ChunkKey, blob: Any, header: bytearray, dest: memoryview
+    ) -> bool:
+        if blob is None:
+            self._recorder.add(slot.tier.name, misses=1)
+            return False
+        try:
+            codec.decode_into(blob, dest, expected_key=key)
+        except CorruptChunk as exc:
+            self._corrupt(slot, key, exc)
+            return False
+        except ValueError as exc:
+            log.warning(
+                "kvtier: chunk %s in tier %r does not fit the buffer (%s): is the namespace"
+                " missing something that changes the KV shape?", key.hex(), slot.tier.name, exc,
+            )
+            self._recorder.add(slot.tier.name, misses=1)
+            return False
+        header[:] = memoryview(blob).cast("B")[: codec.HEADER_BYTES]
+        self._recorder.add(slot.tier.name, hits=1, bytes_read=memoryview(blob).nbytes)
+        return True
+
+    def _check_loaded(
+        self, slot: _Slot, key: ChunkKey, header: bytearray, dest: memoryview, size: int | None
+    ) -> bool:
+        """Verify a chunk that read_into_many put in (header, dest); fall back to a full read
+        when the stored form did not fit the buffer (compressed, or another shape)."""
+        if size is None:
+            self._recorder.add(slot.tier.name, misses=1)
+            return False
+        if size == codec.HEADER_BYTES + dest.nbytes:
+            try:
+                h = codec.verify(header, dest, expected_key=key)
+            except CorruptChunk as exc:
+                self._corrupt(slot, key, exc)
+                return False
+            if h.compression == Compression.NONE:
+                self._recorder.add(slot.tier.name, hits=1, bytes_read=size)
+                return True
+        blob = self._guard(slot, lambda: slot.tier.get_many([key])[0], None)
+        return self._copy_verified(slot, key, blob, header, dest)
 
     def _find_below(self, key: ChunkKey, tier_index: int) -> int | None:
         for t in range(tier_index + 1, len(self._slots)):
@@ -242,7 +368,7 @@ class TieredStore:
                 return t
         return None
 
-    def _promote(self, found: Sequence[tuple[ChunkKey, KVChunk, int, bytes]]) -> None:
+    def _promote(self, found: Sequence[tuple[ChunkKey, KVChunk | None, int, bytes]]) -> None:
         """Copy chunks read from tier t into tiers 0..t-1 (tier 0 inline, others queued)."""
         for upper in range(len(self._slots)):
             items = [(k, blob) for k, _, t, blob in found if t > upper]
@@ -399,6 +525,15 @@ class TieredStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _as_blob(header: bytearray, payload: memoryview) -> bytes:
+    """Stored form of a chunk loaded into (header, payload), for promotion to upper tiers."""
+    h = codec.read_header(header)
+    if h.compression == Compression.NONE:
+        return bytes(header) + bytes(payload)
+    chunk = KVChunk(h.dtype, h.shape, payload)
+    return codec.encode(h.key, chunk, h.namespace_id, Compression.NONE, h.created_at)
 
 
 def open_store(config: StoreConfig) -> TieredStore:

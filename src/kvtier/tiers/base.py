@@ -20,6 +20,17 @@ from kvtier.keys import ChunkKey
 Blob = bytes | memoryview
 
 
+def scatter(value: Blob, buffers: Sequence[memoryview]) -> int:
+    """Copy ``value`` into ``buffers`` in order when the sizes match; return its size."""
+    view = memoryview(value).cast("B")
+    if view.nbytes == sum(b.nbytes for b in buffers):
+        offset = 0
+        for buf in buffers:
+            buf[:] = view[offset : offset + buf.nbytes]
+            offset += buf.nbytes
+    return view.nbytes
+
+
 @dataclass(frozen=True)
 class TierUsage:
     chunks: int
@@ -39,6 +50,9 @@ class Tier(Protocol):
     """One level of the hierarchy (DRAM, local disk, Redis...)."""
 
     name: str
+    zero_copy_reads: bool
+    """True when get_many returns views of memory this process already holds (no I/O):
+    readers then copy straight out of those views instead of calling read_into_many."""
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         """Whether each key is held. May be stale by the time it returns (other writers)."""
@@ -46,6 +60,17 @@ class Tier(Protocol):
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[Blob | None]:
         """The stored bytes of each key, or None where absent. Counts as a use for eviction."""
+        ...
+
+    def read_into_many(
+        self, items: Sequence[tuple[ChunkKey, Sequence[memoryview]]]
+    ) -> list[int | None]:
+        """Scatter each stored value into its buffers, in order (like ``preadv``).
+
+        Returns each value's size, or None where absent. The buffers are filled only when the
+        size equals their total; otherwise their contents are unspecified and the caller falls
+        back to :meth:`get_many`. Lets a reader load a chunk straight into its destination.
+        """
         ...
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Blob]]) -> PutResult:

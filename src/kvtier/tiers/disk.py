@@ -63,20 +63,28 @@ class DiskTier:
         name: str = "disk",
         fsync: bool = True,
         policy: EvictionPolicy | None = None,
+        read_only: bool = False,
     ):
         if capacity <= 0:
             raise ValueError(f"disk tier capacity must be positive, got {capacity}")
         self.name = name
+        self.zero_copy_reads = False
         self.root = Path(path).expanduser()
         self.capacity = capacity
         self.fsync = fsync
+        self.read_only = read_only  # inspection: never create, delete or touch anything
         self._tmp = self.root / ".tmp"
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        if read_only:
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"no such directory: {self.root}")
+        else:
+            self._tmp.mkdir(parents=True, exist_ok=True)
         self._policy: EvictionPolicy = policy or LRUPolicy()
         self._lock = threading.Lock()
         self._seq = count()
         self._host = socket.gethostname().replace(".", "_")
-        self._remove_stale_temp_files()
+        if not read_only:
+            self._remove_stale_temp_files()
         self._rebuild_index()
 
     # -- paths and index -------------------------------------------------------------------
@@ -172,18 +180,64 @@ class DiskTier:
                     parts.append(more)
                     got += len(more)
                 data = b"".join(parts)
-            with suppress(OSError):  # recency survives a restart; a read-only mount is fine
-                os.utime(fd)
+            self._touch(fd, key, size)
         finally:
             os.close(fd)
+        return data
+
+    def read_into_many(
+        self, items: Sequence[tuple[ChunkKey, Sequence[memoryview]]]
+    ) -> list[int | None]:
+        return [self._read_into(key, buffers) for key, buffers in items]
+
+    def _read_into(self, key: ChunkKey, buffers: Sequence[memoryview]) -> int | None:
+        try:
+            fd = os.open(self.path_of(key), os.O_RDONLY)
+        except FileNotFoundError:
+            with self._lock:
+                self._policy.remove(key)
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size == sum(b.nbytes for b in buffers):
+                # One preadv straight into the caller's buffers: no intermediate copy.
+                todo, offset = list(buffers), 0
+                while todo:
+                    n = os.preadv(fd, todo, offset)
+                    if n == 0:
+                        raise OSError(f"{self.path_of(key)} shrank while being read")
+                    offset += n
+                    while todo and n >= todo[0].nbytes:
+                        n -= todo[0].nbytes
+                        todo.pop(0)
+                    if todo and n:
+                        todo[0] = todo[0][n:]
+            self._touch(fd, key, size)
+        finally:
+            os.close(fd)
+        return size
+
+    def _touch(self, fd: int, key: ChunkKey, size: int) -> None:
+        if not self.read_only:
+            with suppress(OSError):  # recency survives a restart; a read-only mount is fine
+                os.utime(fd)
         with self._lock:
             if key in self._policy:
                 self._policy.touch(key)
             else:
                 self._policy.insert(key, size)
-        return data
+
+    def header_of(self, key: ChunkKey, nbytes: int) -> bytes | None:
+        """The first ``nbytes`` of a stored chunk, for inspection without a full read."""
+        try:
+            with open(self.path_of(key), "rb") as f:
+                return f.read(nbytes)
+        except FileNotFoundError:
+            return None
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Blob]]) -> PutResult:
+        if self.read_only:
+            raise PermissionError(f"disk tier {self.name!r} at {self.root} is read-only")
         stored: list[bool] = []
         evicted: list[ChunkKey] = []
         for key, blob in items:
@@ -250,6 +304,8 @@ class DiskTier:
         return True
 
     def delete(self, key: ChunkKey) -> bool:
+        if self.read_only:
+            raise PermissionError(f"disk tier {self.name!r} at {self.root} is read-only")
         with self._lock:
             self._policy.remove(key)
         return self._unlink(key)

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 
 from kvtier.keys import ChunkKey
 from kvtier.policy.eviction import LRUPolicy
-from kvtier.tiers.base import Blob, PutResult, TierUsage
+from kvtier.tiers.base import Blob, PutResult, TierUsage, scatter
 
 
 class MemoryTier:
@@ -22,6 +22,7 @@ class MemoryTier:
         if capacity <= 0:
             raise ValueError(f"memory tier capacity must be positive, got {capacity}")
         self.name = name
+        self.zero_copy_reads = True
         self.capacity = capacity
         self._data: dict[ChunkKey, bytes] = {}
         self._policy = policy or LRUPolicy()
@@ -40,6 +41,15 @@ class MemoryTier:
                     self._policy.touch(key)
                 out.append(blob)
         return out
+
+    def read_into_many(
+        self, items: Sequence[tuple[ChunkKey, Sequence[memoryview]]]
+    ) -> list[int | None]:
+        blobs = self.get_many([key for key, _ in items])
+        return [
+            None if blob is None else scatter(blob, buffers)
+            for blob, (_, buffers) in zip(blobs, items, strict=True)
+        ]
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Blob]]) -> PutResult:
         stored: list[bool] = []

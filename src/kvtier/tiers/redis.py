@@ -16,10 +16,28 @@ import redis
 import redis.cluster
 
 from kvtier.keys import KEY_BYTES, ChunkKey
-from kvtier.tiers.base import Blob, PutResult, TierUsage
+from kvtier.tiers.base import Blob, PutResult, TierUsage, scatter
+from kvtier.tiers.resp import BulkReader
 
 _GET_BATCH = 16  # chunks per pipeline round trip on reads (bounds client memory per batch)
 _PUT_BATCH_BYTES = 64 << 20
+_PIPELINE_BYTES = 1 << 20
+
+
+def _batches(
+    items: Sequence[tuple[ChunkKey, Sequence[memoryview]]],
+) -> Iterator[Sequence[tuple[ChunkKey, Sequence[memoryview]]]]:
+    """Pipeline reads only up to ~1 MiB in flight: measured here, pipelining 6 MB values
+    makes the server slower (1.5 GB/s for 16 in flight vs 3.9 GB/s one at a time), while
+    small values gain from it."""
+    start, size = 0, 0
+    for i, (_, bufs) in enumerate(items):
+        if i > start and size + sum(b.nbytes for b in bufs) > _PIPELINE_BYTES:
+            yield items[start:i]
+            start, size = i, 0
+        size += sum(b.nbytes for b in bufs)
+    if start < len(items):
+        yield items[start:]
 
 
 class RedisTier:
@@ -33,6 +51,7 @@ class RedisTier:
         timeout_s: float = 2.0,
     ):
         self.name = name
+        self.zero_copy_reads = False
         self.url = url
         self.ttl_s = ttl_s
         self._prefix = f"{prefix}:v1:".encode()
@@ -41,10 +60,16 @@ class RedisTier:
             "socket_connect_timeout": min(timeout_s, 1.0),
         }
         self._client: redis.Redis | redis.cluster.RedisCluster
+        # Values are received straight into callers' buffers over a plain TCP connection;
+        # Cluster, TLS and unix sockets use redis-py for that too (slower, same results).
+        self._reader: BulkReader | None = None
         if cluster:
             self._client = redis.cluster.RedisCluster.from_url(url, **options)
         else:
             self._client = redis.Redis.from_url(url, **options)
+            kwargs = self._client.connection_pool.connection_kwargs
+            if self._client.connection_pool.connection_class is redis.Connection:
+                self._reader = BulkReader.from_connection_kwargs(kwargs, timeout_s)
 
     def redis_key(self, key: ChunkKey) -> bytes:
         if len(key) != KEY_BYTES:
@@ -69,6 +94,20 @@ class RedisTier:
             for key in keys[start : start + _GET_BATCH]:
                 pipe.get(self.redis_key(key))
             out.extend(pipe.execute())
+        return out
+
+    def read_into_many(
+        self, items: Sequence[tuple[ChunkKey, Sequence[memoryview]]]
+    ) -> list[int | None]:
+        out: list[int | None] = []
+        for batch in _batches(items):
+            if self._reader is not None:
+                names = [self.redis_key(key) for key, _ in batch]
+                out.extend(self._reader.get_into(names, [bufs for _, bufs in batch]))
+                continue
+            values = self.get_many([key for key, _ in batch])
+            for value, (_, buffers) in zip(values, batch, strict=True):
+                out.append(None if value is None else scatter(value, buffers))
         return out
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Blob]]) -> PutResult:
@@ -118,4 +157,6 @@ class RedisTier:
         return TierUsage(len(keys), int(sum(sizes)), None)
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self._client.close()

@@ -1,0 +1,308 @@
+"""``kvtier bench store``: the store's put/get throughput next to the raw medium, in one run.
+
+For each tier the same chunks go through kvtier and through the plainest use of the medium.
+kvtier's put is ``store.put`` (encode + checksum + write); its get is ``store.get_into``
+(lookup + read into preallocated destination buffers + verify), the path a connector uses.
+
+- memory: numpy memcpy of the same bytes into the same kind of preallocated buffers;
+- disk:   one sequential file holding the same bytes (write + fsync, then readinto buffers);
+- redis:  plain redis-py SET / GET of the same byte strings, one call per chunk.
+
+Repeats are interleaved (ours, raw, ours, raw...) and the best of each is reported, so noise
+on this shared machine hits both sides alike. Ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from tqdm import tqdm
+
+from kvtier.codec import KVChunk
+from kvtier.keys import Namespace
+from kvtier.redis_process import RedisServer
+from kvtier.store import TieredStore
+from kvtier.tiers import DiskTier, MemoryTier, RedisTier
+
+SMOLLM2 = (30, 2, 256, 3, 64)  # 256 tokens of SmolLM2-135M: 5,898,240 bytes in bf16
+TARGETS = {"memory": 0.7, "disk": 0.7, "redis": 0.8}
+RAW = {
+    "memory": "numpy memcpy into preallocated buffers",
+    "disk": "one sequential file: write + fsync, then readinto buffers",
+    "redis": "plain redis-py SET/GET, one call per chunk",
+}
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("bench", help="benchmarks (store throughput)")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    s = bsub.add_parser(
+        "store",
+        help="put/get throughput of one tier vs the raw medium",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--tier", choices=sorted(TARGETS), required=True, help="tier to measure")
+    s.add_argument("--chunk-mb", type=float, default=5.9,
+                   help="chunk size in MB (default 5.9: 256 tokens of SmolLM2-135M in bf16;"
+                        " 32 is 256 tokens of Llama-3-8B)")
+    s.add_argument("--total-mb", type=float, default=1024, help="bytes moved per round (MB)")
+    s.add_argument("--repeat", type=int, default=3, help="rounds; the best of each is kept")
+    s.add_argument("--dir", help="disk: directory to write in (default: a temporary directory"
+                                 " under ~/.cache/kvtier, removed afterwards)")
+    s.add_argument("--cold", action="store_true",
+                   help="disk: drop the files from the page cache before every read")
+    s.add_argument("--no-fsync", action="store_true", help="disk: skip fsync on both sides")
+    s.add_argument("--redis", metavar="URL",
+                   help="redis: server to use (default: a private redis-server on loopback)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(run=run)
+
+
+@dataclass
+class BenchResult:
+    tier: str
+    chunk_bytes: int
+    chunks: int
+    total_bytes: int
+    repeat: int
+    put_gbps: float
+    get_gbps: float
+    raw_put_gbps: float
+    raw_get_gbps: float
+    put_ratio: float
+    get_ratio: float
+    get_target: float
+    raw: str
+    get_view_gbps: float | None = None  # memory: store.get, zero-copy views of the tier
+    cold: bool = False
+
+
+def _shape_for(chunk_mb: float) -> tuple[int, ...]:
+    layers, kv, tokens, _, dim = SMOLLM2
+    per_head = layers * kv * tokens * dim * 2
+    heads = max(1, round(chunk_mb * 1e6 / per_head))
+    return (layers, kv, tokens, heads, dim)
+
+
+def _workload(chunk_mb: float, total_mb: float) -> tuple[np.ndarray, list[KVChunk], int]:
+    shape = _shape_for(chunk_mb)
+    chunk_bytes = int(np.prod(shape)) * 2
+    n = max(1, round(total_mb * 1e6 / chunk_bytes))
+    rng = np.random.default_rng(0)
+    chunks = [
+        KVChunk.from_array(rng.integers(0, 2**16, size=shape, dtype=np.uint16), "bfloat16")
+        for _ in range(n)
+    ]
+    tokens = rng.integers(0, 49152, size=n * shape[2], dtype=np.uint32)
+    return tokens, chunks, chunk_bytes
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _drop_cache(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def _redis_url(url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeat < 1 or args.chunk_mb <= 0 or args.total_mb <= 0:
+        raise SystemExit("kvtier bench store: --repeat, --chunk-mb and --total-mb must be > 0")
+    tokens, chunks, chunk_bytes = _workload(args.chunk_mb, args.total_mb)
+    total = chunk_bytes * len(chunks)
+    ns = Namespace("bench/smollm2-shaped", kv_dtype="bfloat16")
+    progress = tqdm(total=args.repeat, desc=f"bench {args.tier}", unit="round",
+                    file=sys.stderr, disable=None)
+    runner = {"memory": _bench_memory, "disk": _bench_disk, "redis": _bench_redis}[args.tier]
+    best = runner(args, tokens, chunks, ns, progress)
+    progress.close()
+    gb = total / 1e9
+    result = BenchResult(
+        tier=args.tier,
+        chunk_bytes=chunk_bytes,
+        chunks=len(chunks),
+        total_bytes=total,
+        repeat=args.repeat,
+        put_gbps=gb / best["put"],
+        get_gbps=gb / best["get"],
+        raw_put_gbps=gb / best["raw_put"],
+        raw_get_gbps=gb / best["raw_get"],
+        put_ratio=best["raw_put"] / best["put"],
+        get_ratio=best["raw_get"] / best["get"],
+        get_target=TARGETS[args.tier],
+        raw=RAW[args.tier],
+        get_view_gbps=gb / best["get_view"] if "get_view" in best else None,
+        cold=bool(args.cold and args.tier == "disk"),
+    )
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        _print_table(result)
+    return 0
+
+
+def _print_table(r: BenchResult) -> None:
+    print(f"kvtier bench store: tier {r.tier}, {r.chunks} chunks of {r.chunk_bytes / 1e6:.1f} MB"
+          f" ({r.total_bytes / 1e9:.2f} GB), best of {r.repeat}{' (cold reads)' if r.cold else ''}")
+    print(f"  {'':<12}{'put GB/s':>10}{'get GB/s':>10}")
+    print(f"  {'kvtier':<12}{r.put_gbps:>10.2f}{r.get_gbps:>10.2f}")
+    print(f"  {'raw medium':<12}{r.raw_put_gbps:>10.2f}{r.raw_get_gbps:>10.2f}   ({r.raw})")
+    ok = "ok" if r.get_ratio >= r.get_target else "BELOW TARGET"
+    print(f"  {'ratio':<12}{r.put_ratio:>10.2f}{r.get_ratio:>10.2f}   (get target >="
+          f" {r.get_target}: {ok})")
+    if r.get_view_gbps is not None:
+        print(f"  store.get (zero-copy views of the DRAM tier, verified): {r.get_view_gbps:.2f}"
+              " GB/s")
+
+
+Timings = dict[str, float]
+
+
+def _get_into(
+    store: TieredStore, tokens: np.ndarray, ns: Namespace, dests: list[np.ndarray]
+) -> Callable[[], None]:
+    def get() -> None:
+        loaded = store.get_into(tokens, ns, dests)
+        assert loaded.chunks == len(dests), f"the store lost chunks ({loaded.chunks} loaded)"
+
+    return get
+
+
+def _keep_best(best: Timings, name: str, seconds: float) -> None:
+    best[name] = min(best.get(name, float("inf")), seconds)
+
+
+def _bench_memory(args: argparse.Namespace, tokens: np.ndarray, chunks: list[KVChunk],
+                  ns: Namespace, progress: tqdm) -> Timings:
+    best: Timings = {}
+    sources = [c.numpy() for c in chunks]
+    dests = [np.empty_like(s) for s in sources]
+    capacity = sum(c.nbytes for c in chunks) * 2
+    for _ in range(args.repeat):
+        with TieredStore([MemoryTier(capacity)], chunk_tokens=chunks[0].tokens) as store:
+            _keep_best(best, "put", _timed(lambda s=store: s.put(tokens, ns, chunks)))
+            _keep_best(best, "raw_put", _timed(lambda: [np.copyto(d, s) for d, s in
+                                                        zip(dests, sources, strict=True)]))
+
+            def get_view(s: TieredStore = store) -> None:
+                got = s.get(tokens, ns)
+                assert len(got.chunks) == len(chunks), "memory tier lost chunks in the benchmark"
+
+            _keep_best(best, "get", _timed(_get_into(store, tokens, ns, dests)))
+            _keep_best(best, "raw_get", _timed(lambda: [np.copyto(d, s) for d, s in
+                                                        zip(dests, sources, strict=True)]))
+            _keep_best(best, "get_view", _timed(get_view))
+        progress.update()
+    return best
+
+
+def _bench_disk(args: argparse.Namespace, tokens: np.ndarray, chunks: list[KVChunk],
+                ns: Namespace, progress: tqdm) -> Timings:
+    best: Timings = {}
+    dests = [np.empty(c.nbytes, dtype=np.uint8) for c in chunks]
+    parent = Path(args.dir).expanduser() if args.dir else Path("~/.cache/kvtier").expanduser()
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=parent))
+    fsync = not args.no_fsync
+    capacity = sum(c.nbytes for c in chunks) * 2
+    chunk_tokens = chunks[0].tokens
+    try:
+        for r in range(args.repeat):
+            store_dir, raw_file = work / f"store{r}", work / f"raw{r}.bin"
+
+            def put(d: Path = store_dir) -> None:
+                with TieredStore([DiskTier(d, capacity, fsync=fsync)], chunk_tokens) as s:
+                    s.put(tokens, ns, chunks)
+
+            def raw_put(f: Path = raw_file) -> None:
+                with open(f, "wb", buffering=0) as out:
+                    for c in chunks:
+                        out.write(c.data)
+                    if fsync:
+                        os.fsync(out.fileno())
+
+            _keep_best(best, "put", _timed(put))
+            _keep_best(best, "raw_put", _timed(raw_put))
+            store = TieredStore([DiskTier(store_dir, capacity, fsync=fsync)], chunk_tokens)
+            if args.cold:
+                _drop_cache([p for p in store_dir.rglob("*.kvc")] + [raw_file])
+
+            def raw_get(f: Path = raw_file) -> None:
+                with open(f, "rb", buffering=0) as src:
+                    for d in dests:
+                        src.readinto(d)
+
+            _keep_best(best, "get", _timed(_get_into(store, tokens, ns, dests)))
+            _keep_best(best, "raw_get", _timed(raw_get))
+            store.close()
+            shutil.rmtree(store_dir)
+            raw_file.unlink()
+            progress.update()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return best
+
+
+def _bench_redis(args: argparse.Namespace, tokens: np.ndarray, chunks: list[KVChunk],
+                 ns: Namespace, progress: tqdm) -> Timings:
+    best: Timings = {}
+    payloads = [bytes(c.data) for c in chunks]
+    dests = [np.empty(c.nbytes, dtype=np.uint8) for c in chunks]
+    with _redis_url(args.redis) as url:
+        client = redis.Redis.from_url(url)
+        prefix = f"kvtier-bench-{os.getpid()}"
+        try:
+            for _ in range(args.repeat):
+                tier = RedisTier(url, prefix=prefix)
+                with TieredStore([tier], chunk_tokens=chunks[0].tokens) as store:
+                    _keep_best(best, "put", _timed(lambda s=store: s.put(tokens, ns, chunks)))
+
+                    def raw_put() -> None:
+                        for i, p in enumerate(payloads):
+                            client.set(f"{prefix}-raw:{i}", p)
+
+                    def raw_get() -> None:
+                        for i in range(len(payloads)):
+                            client.get(f"{prefix}-raw:{i}")
+
+                    _keep_best(best, "raw_put", _timed(raw_put))
+                    _keep_best(best, "get", _timed(_get_into(store, tokens, ns, dests)))
+                    _keep_best(best, "raw_get", _timed(raw_get))
+                    for key in list(tier.scan()):
+                        tier.delete(key)
+                    client.delete(*[f"{prefix}-raw:{i}" for i in range(len(payloads))])
+                progress.update()
+        finally:
+            client.close()
+    return best

@@ -1,0 +1,59 @@
+"""``kvtier``: the command-line entry point. Each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kvtier import __version__
+from kvtier.errors import KvtierError
+
+_DESCRIPTION = """\
+kvtier keeps LLM KV caches in a hierarchy of tiers (host DRAM, local SSD, Redis/Valkey)
+so that a prompt's cached prefix is loaded instead of recomputed.
+
+examples:
+  kvtier bench store --tier disk            # store throughput vs the raw disk, side by side
+  kvtier bench store --tier redis --json    # starts a private redis-server on loopback
+  kvtier inspect --disk ~/.cache/kvtier/chunks --verify
+  kvtier config                             # the effective configuration (YAML + KVTIER_*)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kvtier.cli import bench, config_cmd, inspect_cmd, serve
+
+    parser = argparse.ArgumentParser(
+        prog="kvtier",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (bench, inspect_cmd, config_cmd, serve):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.run(args)
+    except KvtierError as exc:
+        print(f"kvtier: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvtier: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

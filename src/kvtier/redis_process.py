@@ -1,0 +1,172 @@
+"""A private ``redis-server`` (or a small Redis Cluster) on free loopback ports.
+
+Used by the tests and by ``kvtier bench store --tier redis`` when no ``--redis URL`` is
+given. Nothing is persisted: no RDB snapshots, no AOF, a temporary working directory.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+from kvtier.errors import KvtierError
+
+_MISSING = (
+    "redis-server is not on PATH: run `make install` (it installs redis-server with apt-get),"
+    " or pass the URL of a running server"
+)
+
+
+def free_port() -> int:
+    """A free loopback port below 55536 (a cluster node also uses port + 10000)."""
+    for _ in range(200):
+        port = random.randint(20000, 55000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if _port_free(port + 10000):
+            return port
+    raise KvtierError("no free loopback port found for redis-server")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class RedisServer:
+    """One redis-server process bound to 127.0.0.1. Restartable on the same port."""
+
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()):
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise KvtierError(_MISSING)
+        self.port = port or free_port()
+        self.extra_args = extra_args
+        self._dir = tempfile.mkdtemp(prefix="kvtier-redis-")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        assert self.binary is not None
+        args = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", self._dir,
+            "--logfile", str(Path(self._dir) / "redis.log"), *self.extra_args,
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                if self._proc.poll() is not None:
+                    err = self._proc.stderr.read().decode() if self._proc.stderr else ""
+                    raise KvtierError(f"redis-server exited at start: {err or self.log_tail()}")
+                try:
+                    if client.ping():
+                        return self
+                except redis.exceptions.ConnectionError:
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise KvtierError(f"redis-server did not answer on port {self.port}")
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def log_tail(self) -> str:
+        log = Path(self._dir) / "redis.log"
+        return log.read_text()[-2000:] if log.exists() else ""
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc.stderr:
+            self._proc.stderr.close()
+        self._proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start() if not self.running else self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class RedisClusterProcess:
+    """``nodes`` cluster-enabled redis-servers (no replicas), joined with redis-cli."""
+
+    def __init__(self, nodes: int = 3):
+        if shutil.which("redis-cli") is None:
+            raise KvtierError(_MISSING)
+        self.servers = [
+            RedisServer(extra_args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"))
+            for _ in range(nodes)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    def start(self, timeout_s: float = 20.0) -> RedisClusterProcess:
+        for server in self.servers:
+            server.start()
+        addrs = [f"127.0.0.1:{s.port}" for s in self.servers]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0",
+             "--cluster-yes"],
+            check=True, capture_output=True, timeout=timeout_s,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        for server in self.servers:
+            client = redis.Redis(port=server.port)
+            try:
+                while client.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                    if time.monotonic() > deadline:
+                        raise KvtierError("the Redis cluster did not reach cluster_state:ok")
+                    time.sleep(0.05)
+            finally:
+                client.close()
+        return self
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def __enter__(self) -> RedisClusterProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
