@@ -1,0 +1,102 @@
+"""The chunk codec: self-describing bytes; anything damaged is detected, never returned."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kvhelpers import chunk, same
+
+from kvtier import codec
+from kvtier.codec import HEADER_BYTES, Compression, KVChunk
+from kvtier.errors import CorruptChunk
+
+KEY = bytes(range(16))
+
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_round_trip(compression: Compression) -> None:
+    original = chunk(1)
+    blob = codec.encode(KEY, original, "0123456789abcdef", compression, created_at=1234.5)
+    decoded = codec.decode(blob, expected_key=KEY)
+    assert same(decoded.chunk, original)
+    h = decoded.header
+    assert (h.key, h.namespace_id, h.created_at) == (KEY, "0123456789abcdef", 1234.5)
+    assert (h.dtype, h.shape, h.tokens, h.compression) == ("float16", original.shape, 16,
+                                                           compression)
+
+
+def test_uncompressed_decode_does_not_copy() -> None:
+    blob = codec.encode(KEY, chunk(1))
+    data = codec.decode(blob).chunk.data
+    assert isinstance(data, memoryview) and data.obj is blob
+
+
+@pytest.mark.parametrize("dtype,np_dtype", [("bfloat16", np.uint16), ("float32", np.float32),
+                                            ("float8_e4m3fn", np.uint8)])
+def test_dtypes_without_numpy_support_round_trip_as_raw_bits(dtype: str, np_dtype: type) -> None:
+    arr = np.arange(2 * 2 * 16 * 2 * 8).astype(np_dtype).reshape(2, 2, 16, 2, 8)
+    c = KVChunk.from_array(arr, dtype)
+    back = codec.decode(codec.encode(KEY, c)).chunk
+    assert back.dtype == dtype and np.array_equal(back.numpy(), arr)
+
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_every_flipped_byte_is_detected(compression: Compression) -> None:
+    blob = codec.encode(KEY, chunk(2), "00" * 8, compression)
+    positions = list(range(HEADER_BYTES)) + list(range(HEADER_BYTES, len(blob), 97))
+    for pos in positions:
+        damaged = bytearray(blob)
+        damaged[pos] ^= 0x40
+        with pytest.raises(CorruptChunk):
+            codec.decode(bytes(damaged), expected_key=KEY)
+
+
+def test_truncated_extended_and_misplaced_chunks_are_detected() -> None:
+    blob = codec.encode(KEY, chunk(3))
+    for bad in (blob[:50], blob[:-1], blob + b"\0", b"", b"KVTC" + blob[4:60]):
+        with pytest.raises(CorruptChunk):
+            codec.decode(bad, expected_key=KEY)
+    with pytest.raises(CorruptChunk, match="stored under"):
+        codec.decode(blob, expected_key=bytes(16))
+
+
+def test_future_format_version_is_refused() -> None:
+    blob = bytearray(codec.encode(KEY, chunk(3)))
+    blob[4] = 99
+    with pytest.raises(CorruptChunk, match="version"):
+        codec.read_header(bytes(blob))
+
+
+@pytest.mark.parametrize("compression", list(Compression))
+def test_decode_into_copies_and_verifies(compression: Compression) -> None:
+    original = chunk(4)
+    blob = codec.encode(KEY, original, compression=compression)
+    dest = np.empty(original.nbytes, dtype=np.uint8)
+    codec.decode_into(blob, memoryview(dest), expected_key=KEY)
+    assert dest.tobytes() == bytes(original.data)
+    damaged = bytearray(blob)
+    damaged[-3] ^= 1
+    with pytest.raises(CorruptChunk):
+        codec.decode_into(bytes(damaged), memoryview(dest), expected_key=KEY)
+    with pytest.raises(ValueError, match="buffer"):
+        codec.decode_into(blob, memoryview(bytearray(10)), expected_key=KEY)
+
+
+def test_verify_checks_a_chunk_held_in_two_pieces() -> None:
+    blob = codec.encode(KEY, chunk(5))
+    header, payload = blob[:HEADER_BYTES], bytearray(blob[HEADER_BYTES:])
+    assert codec.verify(header, payload, KEY).key == KEY
+    payload[0] ^= 1
+    with pytest.raises(CorruptChunk):
+        codec.verify(header, payload, KEY)
+
+
+def test_bad_chunks_are_rejected_at_construction() -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        KVChunk("float128", (1, 2, 1, 1, 1), b"\0" * 32)
+    with pytest.raises(ValueError, match="shape"):
+        KVChunk("float16", (2, 16), b"\0" * 64)
+    with pytest.raises(ValueError, match="bytes"):
+        KVChunk("float16", (1, 2, 1, 1, 4), b"\0" * 15)
+    with pytest.raises(ValueError, match="dtype="):
+        KVChunk.from_array(np.zeros((1, 2, 1, 1, 1), dtype=np.uint16))

@@ -1,0 +1,243 @@
+"""TieredStore: lookup, get, get_into, put with write-behind, promotion, prefetch, pins,
+stats and events, over real tiers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kvhelpers import CHUNK_TOKENS, NS, SHAPE, chunk, chunks_for, prompt, same
+
+from kvtier import Namespace, TieredStore
+from kvtier.codec import Compression
+from kvtier.redis_process import RedisServer
+from kvtier.stats import ChunkEvent
+from kvtier.tiers import DiskTier, MemoryTier, RedisTier
+
+CHUNK_BYTES = chunk(0).nbytes
+
+
+def two_tier(tmp_path: Path, mem_chunks: int = 100, **kw: object) -> TieredStore:
+    mem = MemoryTier(mem_chunks * (CHUNK_BYTES + 96))
+    disk = DiskTier(tmp_path / "disk", 1 << 30, fsync=False)
+    return TieredStore([mem, disk], chunk_tokens=CHUNK_TOKENS, **kw)  # type: ignore[arg-type]
+
+
+def test_put_then_lookup_and_get_return_the_same_kv(tmp_path: Path) -> None:
+    with two_tier(tmp_path) as store:
+        tokens = prompt(1, 4, extra=5)
+        report = store.put(tokens, NS, chunks_for(1, 4))
+        assert (report.new_chunks, report.queued, report.dropped) == (4, 4, 0)
+        hit = store.lookup(tokens, NS)
+        assert hit.hit_tokens == 4 * CHUNK_TOKENS and hit.tiers == ["memory"] * 4
+        got = store.get(tokens, NS)
+        assert got.tiers == ["memory"] * 4
+        assert all(same(a, b) for a, b in zip(got.chunks, chunks_for(1, 4), strict=True))
+        # A longer prompt sharing the prefix hits the prefix only.
+        longer = tokens[: 4 * CHUNK_TOKENS] + prompt(2, 3)
+        assert store.lookup(longer, NS).hit_chunks == 4
+        # Another namespace (tenant salt) shares nothing.
+        salted = Namespace(NS.model, NS.model_revision, NS.kv_dtype, tenant_salt="tenant-b")
+        assert store.lookup(tokens, salted).hit_chunks == 0
+
+
+def test_put_again_writes_nothing_new(tmp_path: Path) -> None:
+    with two_tier(tmp_path) as store:
+        tokens = prompt(1, 3)
+        store.put(tokens, NS, chunks_for(1, 3))
+        assert store.put(tokens, NS, chunks_for(1, 3)).new_chunks == 0
+        store.put(tokens, NS, chunks_for(1, 3)[1:], start_chunk=1)
+        store.flush()
+        assert store.stats().tiers["disk"].chunks_written == 3
+
+
+def test_write_behind_reaches_lower_tiers_and_get_promotes(tmp_path: Path) -> None:
+    with two_tier(tmp_path) as store:
+        tokens = prompt(3, 3)
+        store.put(tokens, NS, chunks_for(3, 3))
+        assert store.flush(timeout=10)
+        disk = store.tiers[1]
+        assert disk.contains_many(store.keys(tokens, NS)) == [True] * 3
+    # A new process: DRAM is empty, the disk still has everything.
+    with two_tier(tmp_path) as store:
+        assert store.lookup(tokens, NS).tiers == ["disk"] * 3
+        got = store.get(tokens, NS)
+        assert got.tiers == ["disk"] * 3
+        assert all(same(a, b) for a, b in zip(got.chunks, chunks_for(3, 3), strict=True))
+        assert store.lookup(tokens, NS).tiers == ["memory"] * 3  # promoted
+
+
+def test_get_into_loads_straight_into_buffers_from_any_tier(tmp_path: Path) -> None:
+    tokens = prompt(4, 3)
+    with two_tier(tmp_path) as store:
+        store.put(tokens, NS, chunks_for(4, 3))
+        store.flush()
+        dests = [np.zeros(SHAPE, dtype=np.float16) for _ in range(3)]
+        loaded = store.get_into(tokens, NS, dests)
+        assert loaded.chunks == 3 and loaded.tiers == ["memory"] * 3
+        assert all(np.array_equal(d, c.numpy()) for d, c in zip(dests, chunks_for(4, 3),
+                                                                 strict=True))
+    with two_tier(tmp_path) as store:
+        dests = [np.zeros(SHAPE, dtype=np.float16) for _ in range(2)]
+        loaded = store.get_into(tokens, NS, dests, start_chunk=1)
+        assert loaded.tiers == ["disk", "disk"]
+        assert np.array_equal(dests[1], chunk(4002).numpy())
+        assert store.lookup(tokens, NS).tiers[1:] == ["memory", "memory"]
+        with pytest.raises(ValueError, match="writable"):
+            store.get_into(tokens, NS, [bytes(CHUNK_BYTES)])
+
+
+def test_compressed_lower_tier_round_trips(tmp_path: Path) -> None:
+    mem = MemoryTier(1 << 20)
+    disk = DiskTier(tmp_path / "z", 1 << 30, fsync=False)
+    tokens = prompt(5, 2)
+    comps = [Compression.NONE, Compression.ZSTD]
+    with TieredStore([mem, disk], CHUNK_TOKENS, compression=comps) as store:
+        store.put(tokens, NS, chunks_for(5, 2))
+        store.flush()
+    disk2 = DiskTier(tmp_path / "z", 1 << 30)
+    with TieredStore([MemoryTier(1 << 20), disk2], CHUNK_TOKENS, compression=comps) as store:
+        dests = [np.zeros(SHAPE, dtype=np.float16) for _ in range(2)]
+        assert store.get_into(tokens, NS, dests).chunks == 2
+        assert np.array_equal(dests[0], chunk(5000).numpy())
+        assert same(store.get(tokens, NS).chunks[1], chunk(5001))
+
+
+def test_corrupt_copy_in_dram_falls_back_to_the_good_copy_on_disk(tmp_path: Path) -> None:
+    with two_tier(tmp_path) as store:
+        tokens = prompt(6, 2)
+        store.put(tokens, NS, chunks_for(6, 2))
+        store.flush()
+        mem: MemoryTier = store.tiers[0]  # type: ignore[assignment]
+        key = store.keys(tokens, NS)[0]
+        damaged = bytearray(mem._data[key])
+        damaged[200] ^= 0xFF
+        mem._data[key] = bytes(damaged)  # a bit flip in DRAM
+        events: list[ChunkEvent] = []
+        store.subscribe(events.append)
+        got = store.get(tokens, NS)
+        assert got.tiers == ["disk", "memory"]
+        assert same(got.chunks[0], chunk(6000))
+        stats = store.stats().tiers["memory"]
+        assert stats.corruptions == 1
+        assert ChunkEvent("removed", "memory", (key,)) in events
+
+
+def test_full_write_queue_drops_and_counts_instead_of_blocking(tmp_path: Path) -> None:
+    with two_tier(tmp_path, write_queue=1) as store:
+        tokens = prompt(7, 10)
+        report = store.put(tokens, NS, chunks_for(7, 10))
+        assert report.dropped == 9 and report.queued == 1
+        store.flush()
+        assert store.stats().tiers["disk"].writes_dropped == 9
+        assert store.lookup(tokens, NS).hit_chunks == 10  # still in DRAM
+
+
+def test_prefetch_promotes_ahead_of_need(tmp_path: Path) -> None:
+    tokens = prompt(8, 4, extra=3)
+    with two_tier(tmp_path) as store:
+        store.put(tokens, NS, chunks_for(8, 4))
+    with two_tier(tmp_path) as store:
+        assert store.lookup(tokens, NS).tiers == ["disk"] * 4
+        assert store.prefetch(tokens, NS).result(timeout=10) == 4 * CHUNK_TOKENS
+        assert store.lookup(tokens, NS).tiers == ["memory"] * 4
+
+
+def test_pinned_chunks_survive_pressure_and_evictions_are_reported(tmp_path: Path) -> None:
+    with two_tier(tmp_path, mem_chunks=2) as store:
+        events: list[ChunkEvent] = []
+        store.subscribe(events.append)
+        a, b = prompt(9, 2), prompt(10, 2)
+        store.put(a, NS, chunks_for(9, 2))
+        keys_a = store.keys(a, NS)
+        with store.pinned(keys_a):
+            store.put(b, NS, chunks_for(10, 2))
+            assert store.tiers[0].contains_many(keys_a) == [True, True]
+            assert store.stats().tiers["memory"].writes_rejected == 2
+        store.put(b, NS, chunks_for(10, 2))  # now A's chunks may go, oldest first
+        evicted = [k for e in events if e.kind == "evicted" and e.tier == "memory" for k in e.keys]
+        assert evicted == keys_a
+        assert store.stats().tiers["memory"].evictions == 2
+        stored = [e for e in events if e.kind == "stored" and e.tier == "memory"]
+        assert stored[0].keys == tuple(keys_a)
+
+
+def test_stats_count_hits_misses_and_bytes(tmp_path: Path) -> None:
+    with two_tier(tmp_path) as store:
+        tokens = prompt(11, 2)
+        store.lookup(tokens, NS)
+        store.put(tokens, NS, chunks_for(11, 2))
+        store.get(tokens, NS)
+        s = store.stats()
+        assert s.lookups == 1 and s.lookup_tokens == 32 and s.hit_tokens == 0
+        mem = s.tiers["memory"]
+        assert mem.hits == 2 and mem.misses == 2 and mem.chunks_written == 2
+        assert mem.bytes_read == mem.bytes_written == 2 * (CHUNK_BYTES + 96)
+        assert s.as_dict()["tiers"]["memory"]["hits"] == 2  # type: ignore[index]
+
+
+def test_bad_put_arguments_are_rejected(tmp_path: Path) -> None:
+    with two_tier(tmp_path) as store:
+        with pytest.raises(ValueError, match="tokens"):
+            store.put(prompt(1, 1), NS, chunks_for(1, 2))
+        with pytest.raises(ValueError, match="holds 32 tokens"):
+            store.put(prompt(1, 2), NS, [chunk(1, (2, 2, 32, 2, 8))])
+    with pytest.raises(ValueError, match="unique"):
+        TieredStore([MemoryTier(100), MemoryTier(100)])
+
+
+def test_unwritable_disk_degrades_to_skipped_writes_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with two_tier(tmp_path, retry_after_s=0.05) as store:
+        disk: DiskTier = store.tiers[1]  # type: ignore[assignment]
+        moved = tmp_path / "moved"
+        disk.root.rename(moved)
+        disk.root.write_text("not a directory any more")  # every write fails: ENOTDIR
+        caplog.set_level(logging.WARNING, logger="kvtier")
+        tokens = prompt(12, 2)
+        store.put(tokens, NS, chunks_for(12, 2))
+        store.flush()
+        assert store.lookup(tokens, NS).hit_chunks == 2  # served from DRAM
+        assert store.get(tokens, NS).tiers == ["memory", "memory"]
+        assert store.stats().tiers["disk"].errors >= 1
+        warnings = [r for r in caplog.records if "disk" in r.getMessage()]
+        assert len([r for r in warnings if "failed" in r.getMessage()]) == 1
+        # The directory comes back: after the retry interval the disk is used again.
+        disk.root.unlink()
+        moved.rename(disk.root)
+        import time
+
+        time.sleep(0.1)
+        more = prompt(13, 2)
+        store.put(more, NS, chunks_for(13, 2))
+        store.flush()
+        assert disk.contains_many(store.keys(more, NS)) == [True, True]
+        assert any("recovered" in r.getMessage() for r in caplog.records)
+
+
+def test_redis_below_dram(redis_server: RedisServer, prefix: str) -> None:
+    tokens = prompt(14, 3)
+    redis_tier = RedisTier(redis_server.url, prefix=prefix)
+    with TieredStore([MemoryTier(1 << 20), redis_tier], CHUNK_TOKENS) as store:
+        store.put(tokens, NS, chunks_for(14, 3))
+        store.flush()
+    fresh = RedisTier(redis_server.url, prefix=prefix)
+    with TieredStore([MemoryTier(1 << 20), fresh], CHUNK_TOKENS) as store:
+        assert store.lookup(tokens, NS).tiers == ["redis"] * 3
+        dests = [np.zeros(SHAPE, dtype=np.float16) for _ in range(3)]
+        assert store.get_into(tokens, NS, dests).tiers == ["redis"] * 3
+        assert np.array_equal(dests[2], chunk(14002).numpy())
+        assert store.lookup(tokens, NS).tiers == ["memory"] * 3
+
+
+def test_redis_ttl_is_applied(redis_server: RedisServer, prefix: str) -> None:
+    import redis
+
+    tier = RedisTier(redis_server.url, prefix=prefix, ttl_s=60)
+    tier.put_many([(NS.root(16), b"x" * 10)])
+    ttl = redis.Redis.from_url(redis_server.url).ttl(tier.redis_key(NS.root(16)))
+    assert 0 < ttl <= 60
+    tier.close()

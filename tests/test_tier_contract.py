@@ -1,0 +1,189 @@
+"""The Tier contract, run against every tier: memory, disk, Redis and a 3-node Redis Cluster.
+
+Each case gets a factory ``make(capacity)`` for a fresh, empty tier and ``reopen(tier)`` for
+a new instance over the same storage (persistent tiers only).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kvtier.keys import ChunkKey
+from kvtier.tiers import DiskTier, MemoryTier, RedisTier, Tier
+
+
+@dataclass
+class TierKind:
+    name: str
+    make: Callable[[int | None], Tier]
+    reopen: Callable[[Tier], Tier] | None  # None: not persistent
+    bounded: bool  # enforces its own capacity
+
+
+@pytest.fixture(params=["memory", "disk", "redis", "redis_cluster"])
+def kind(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> Iterator[TierKind]:
+    opened: list[Tier] = []
+
+    def track(tier: Tier) -> Tier:
+        opened.append(tier)
+        return tier
+
+    if request.param == "memory":
+        yield TierKind("memory", lambda cap: track(MemoryTier(cap or 1 << 30)), None, True)
+    elif request.param == "disk":
+        caps: dict[str, int] = {}
+
+        def make_disk(cap: int | None) -> Tier:
+            caps["cap"] = cap or 1 << 30
+            return track(DiskTier(tmp_path / "disk", caps["cap"], fsync=False))
+
+        def reopen_disk(tier: Tier) -> Tier:
+            return track(DiskTier(tmp_path / "disk", caps["cap"], fsync=False))
+
+        yield TierKind("disk", make_disk, reopen_disk, True)
+    else:
+        fixture = "redis_server" if request.param == "redis" else "redis_cluster"
+        server = request.getfixturevalue(fixture)
+        cluster = request.param == "redis_cluster"
+
+        def make_redis(cap: int | None) -> Tier:
+            return track(RedisTier(server.url, prefix=prefix, cluster=cluster))
+
+        def reopen_redis(tier: Tier) -> Tier:
+            return make_redis(None)
+
+        yield TierKind(request.param, make_redis, reopen_redis, False)
+    for tier in opened:
+        tier.close()
+
+
+def k(i: int) -> ChunkKey:
+    return ChunkKey(i.to_bytes(16, "big"))
+
+
+def blob(i: int, size: int = 1000) -> bytes:
+    return bytes([i % 251]) * size
+
+
+def test_put_get_contains_delete(kind: TierKind) -> None:
+    tier = kind.make(None)
+    assert tier.contains_many([k(1), k(2)]) == [False, False]
+    assert tier.get_many([k(1)]) == [None]
+    result = tier.put_many([(k(1), blob(1)), (k(2), blob(2))])
+    assert result.stored == [True, True] and result.evicted == []
+    assert tier.contains_many([k(1), k(2), k(3)]) == [True, True, False]
+    assert [bytes(b) if b is not None else None for b in tier.get_many([k(2), k(3), k(1)])] == [
+        blob(2), None, blob(1)]
+    assert tier.delete(k(1)) is True
+    assert tier.delete(k(1)) is False
+    assert tier.contains_many([k(1)]) == [False]
+    assert sorted(tier.scan()) == [k(2)]
+    usage = tier.usage()
+    assert usage.chunks == 1 and usage.bytes == 1000
+
+
+def test_put_replaces_an_existing_value(kind: TierKind) -> None:
+    tier = kind.make(None)
+    tier.put_many([(k(1), blob(1))])
+    tier.put_many([(k(1), blob(9, 500))])
+    assert bytes(tier.get_many([k(1)])[0] or b"") == blob(9, 500)
+    assert tier.usage().bytes == 500
+
+
+def test_read_into_fills_buffers_only_when_the_size_fits(kind: TierKind) -> None:
+    tier = kind.make(None)
+    value = bytes(range(256)) * 4
+    tier.put_many([(k(1), value)])
+    head, rest = bytearray(24), bytearray(1000)
+    sizes = tier.read_into_many([(k(1), [memoryview(head), memoryview(rest)]),
+                                 (k(2), [memoryview(bytearray(8))])])
+    assert sizes == [1024, None]
+    assert bytes(head) + bytes(rest) == value
+    assert tier.read_into_many([(k(1), [memoryview(bytearray(10))])]) == [1024]
+
+
+def test_eviction_is_lru_and_reported(kind: TierKind) -> None:
+    if not kind.bounded:
+        pytest.skip(f"{kind.name} leaves capacity to the server (maxmemory)")
+    tier = kind.make(3000)
+    tier.put_many([(k(i), blob(i)) for i in (1, 2, 3)])
+    tier.get_many([k(1)])  # 1 is now more recent than 2
+    result = tier.put_many([(k(4), blob(4))])
+    assert result.stored == [True] and result.evicted == [k(2)]
+    assert tier.contains_many([k(1), k(2), k(3), k(4)]) == [True, False, True, True]
+    assert tier.usage().bytes <= 3000
+
+
+def test_pinned_chunks_are_not_evicted_and_oversized_puts_are_rejected(kind: TierKind) -> None:
+    if not kind.bounded:
+        pytest.skip(f"{kind.name} leaves capacity to the server (maxmemory)")
+    tier = kind.make(3000)
+    tier.put_many([(k(i), blob(i)) for i in (1, 2, 3)])
+    tier.pin([k(1), k(2), k(3)])
+    result = tier.put_many([(k(4), blob(4))])
+    assert result.stored == [False] and result.evicted == []
+    assert tier.contains_many([k(1), k(2), k(3), k(4)]) == [True, True, True, False]
+    tier.unpin([k(1)])
+    assert tier.put_many([(k(4), blob(4))]).evicted == [k(1)]
+    assert tier.put_many([(k(5), blob(5, 5000))]).stored == [False]
+    tier.unpin([k(2), k(3)])
+
+
+def test_contents_survive_a_restart(kind: TierKind) -> None:
+    if kind.reopen is None:
+        pytest.skip(f"{kind.name} is not persistent")
+    tier = kind.make(None)
+    tier.put_many([(k(i), blob(i)) for i in range(10)])
+    tier.close()
+    again = kind.reopen(tier)
+    assert again.contains_many([k(i) for i in range(10)]) == [True] * 10
+    assert bytes(again.get_many([k(7)])[0] or b"") == blob(7)
+    assert again.usage().chunks == 10
+
+
+def test_disk_restart_keeps_recency_and_capacity(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 3000, fsync=False)
+    tier.put_many([(k(i), blob(i)) for i in (1, 2, 3)])
+    time.sleep(0.02)
+    tier.get_many([k(1)])  # refreshes 1's mtime: recency survives the restart
+    again = DiskTier(tmp_path, 3000, fsync=False)
+    assert again.usage().bytes == 3000
+    assert again.put_many([(k(4), blob(4))]).evicted == [k(2)]
+
+
+def test_disk_names_come_from_keys_only(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path / "d", 1 << 20)
+    with pytest.raises(ValueError):
+        tier.path_of(ChunkKey(b"../../../etc/passwd"))
+    sneaky = tier.path_of(ChunkKey(b"../../etc/passwd"))  # 16 bytes: a valid key
+    assert sneaky.parent.parent == tier.root and sneaky.name == b"../../etc/passwd".hex() + ".kvc"
+    (tmp_path / "d" / "ab").mkdir()
+    (tmp_path / "d" / "ab" / "notes.txt").write_text("keep me")
+    (tmp_path / "d" / "README").write_text("keep me too")
+    again = DiskTier(tmp_path / "d", 1 << 20)
+    assert list(again.scan()) == []
+    assert (tmp_path / "d" / "ab" / "notes.txt").exists() and (tmp_path / "d" / "README").exists()
+
+
+def test_disk_index_of_100k_chunks_rebuilds_in_under_2s(tmp_path: Path) -> None:
+    import os
+
+    root = tmp_path / "big"
+    DiskTier(root, 1 << 40)  # creates the layout
+    for i in range(100_000):
+        hex_key = (i * 2654435761 % 2**128).to_bytes(16, "big").hex()
+        sub = root / hex_key[:2]
+        if i < 256:
+            sub.mkdir(exist_ok=True)
+        fd = os.open(sub / f"{hex_key}.kvc", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+    start = time.perf_counter()
+    tier = DiskTier(root, 1 << 40)
+    elapsed = time.perf_counter() - start
+    assert tier.usage().chunks == 100_000
+    assert elapsed < 2.0, f"rebuilding the index of 100K chunks took {elapsed:.2f}s"
