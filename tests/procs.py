@@ -1,0 +1,102 @@
+"""Worker processes for the multi-process tests, run as ``python procs.py MODE ...``.
+
+- ``write DIR FIRST COUNT``: put prompts FIRST..FIRST+COUNT-1 (4 chunks each, 256 KiB chunks)
+  into a disk tier at DIR, forever if COUNT is 0; prints "ready" first.
+- ``read DIR FIRST COUNT SECONDS``: for SECONDS, read those prompts back from DIR, checking
+  every chunk it gets; also rewrites them; prints a JSON summary.
+- ``fullput DIR LIMIT``: a store with DRAM + disk under RLIMIT_FSIZE=LIMIT bytes (the disk
+  "fills up"); puts a prompt and reports what happened as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kvhelpers import NS, prompt  # noqa: E402
+
+from kvtier import KVChunk, TieredStore  # noqa: E402
+from kvtier.tiers import DiskTier, MemoryTier  # noqa: E402
+
+BIG_SHAPE = (4, 2, 16, 8, 128)  # 256 KiB of float16 per chunk
+N_CHUNKS = 4
+
+
+def big_chunk(seed: int, j: int) -> KVChunk:
+    rng = np.random.default_rng(seed * 100 + j)
+    return KVChunk.from_array(rng.standard_normal(BIG_SHAPE).astype(np.float16))
+
+
+def open_store(root: str) -> TieredStore:
+    return TieredStore([DiskTier(root, 1 << 34, fsync=True)], chunk_tokens=16)
+
+
+def write(root: str, first: int, count: int) -> None:
+    store = open_store(root)
+    print("ready", flush=True)
+    seed = first
+    while count == 0 or seed < first + count:
+        store.put(prompt(seed, N_CHUNKS), NS, [big_chunk(seed, j) for j in range(N_CHUNKS)])
+        seed += 1
+    store.close()
+    print(json.dumps({"written": seed - first}))
+
+
+def read(root: str, first: int, count: int, seconds: float) -> None:
+    store = open_store(root)
+    checked = mismatched = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for seed in range(first, first + count):
+            tokens = prompt(seed, N_CHUNKS)
+            got = store.get(tokens, NS)
+            for j, c in enumerate(got.chunks):
+                checked += 1
+                mismatched += bytes(c.data) != bytes(big_chunk(seed, j).data)
+            # Rewrite the same chunks through another file name: rename-over while read.
+            store.tiers[0].put_many([
+                (key, blob) for key, blob in zip(
+                    store.keys(tokens, NS), store.tiers[0].get_many(store.keys(tokens, NS)),
+                    strict=True) if blob is not None
+            ])
+    stats = store.stats().tiers["disk"]
+    print(json.dumps({"checked": checked, "mismatched": mismatched,
+                      "corruptions": stats.corruptions, "errors": stats.errors}))
+    store.close()
+
+
+def fullput(root: str, limit: int) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    mem, disk = MemoryTier(1 << 26), DiskTier(root, 1 << 30)
+    store = TieredStore([mem, disk], chunk_tokens=16, retry_after_s=60)
+    tokens = prompt(1, N_CHUNKS)
+    store.put(tokens, NS, [big_chunk(1, j) for j in range(N_CHUNKS)])
+    store.flush()
+    hit = store.lookup(tokens, NS)
+    stats = store.stats().tiers
+    print(json.dumps({"hit_chunks": hit.hit_chunks, "tiers": hit.tiers,
+                      "disk_errors": stats["disk"].errors,
+                      "disk_dropped": stats["disk"].writes_dropped,
+                      "disk_written": stats["disk"].chunks_written,
+                      "temp_files": len(list(Path(root, ".tmp").iterdir()))}))
+    store.close()
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "write":
+        write(args[0], int(args[1]), int(args[2]))
+    elif mode == "read":
+        read(args[0], int(args[1]), int(args[2]), float(args[3]))
+    elif mode == "fullput":
+        fullput(args[0], int(args[1]))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
