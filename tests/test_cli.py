@@ -1,0 +1,123 @@
+"""The command line, run as a user runs it: the installed `kvtier` script in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kvhelpers import CHUNK_TOKENS, NS, chunks_for, prompt
+
+from kvtier import TieredStore
+from kvtier.redis_process import RedisServer
+from kvtier.tiers import DiskTier, RedisTier
+
+KVTIER = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
+
+
+def kvtier(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([KVTIER, *args], capture_output=True, text=True, timeout=300,
+                          check=check)
+
+
+def test_help_teaches() -> None:
+    out = kvtier("--help").stdout
+    for word in ("bench", "inspect", "config", "serve", "examples"):
+        assert word in out
+    assert "--chunk-mb" in kvtier("bench", "store", "--help").stdout
+
+
+@pytest.mark.parametrize("tier", ["memory", "disk", "redis"])
+def test_bench_store_prints_its_figures(tier: str, tmp_path: Path) -> None:
+    extra = ["--dir", str(tmp_path)] if tier == "disk" else []
+    result = kvtier("bench", "store", "--tier", tier, "--total-mb", "24", "--repeat", "1",
+                    "--json", *extra)
+    figures = json.loads(result.stdout)
+    assert figures["tier"] == tier and figures["chunks"] == 4
+    assert figures["chunk_bytes"] == 5_898_240  # 256 tokens of SmolLM2-135M in bf16
+    for key in ("put_gbps", "get_gbps", "raw_put_gbps", "raw_get_gbps", "get_ratio"):
+        assert figures[key] > 0
+    assert figures["get_ratio"] == pytest.approx(figures["get_gbps"] / figures["raw_get_gbps"])
+    if tier == "disk":
+        assert list(tmp_path.iterdir()) == []  # cleaned up after itself
+    table = kvtier("bench", "store", "--tier", tier, "--total-mb", "12", "--repeat", "1",
+                   *extra).stdout
+    assert "raw medium" in table and "ratio" in table
+
+
+def _disk_with_chunks(root: Path) -> list[Path]:
+    with TieredStore([DiskTier(root, 1 << 30)], CHUNK_TOKENS) as store:
+        store.put(prompt(1, 3), NS, chunks_for(1, 3))
+        return [store.tiers[0].path_of(k)  # type: ignore[attr-defined]
+                for k in store.keys(prompt(1, 3), NS)]
+
+
+def test_inspect_disk_reports_and_verifies_without_modifying(tmp_path: Path) -> None:
+    root = tmp_path / "chunks"
+    paths = _disk_with_chunks(root)
+    report = json.loads(kvtier("inspect", "--disk", str(root), "--json").stdout)
+    assert report["chunks"] == 3 and report["namespaces"] == {NS.id(CHUNK_TOKENS): 3}
+    assert report["bytes"] == sum(p.stat().st_size for p in paths)
+    assert report["oldest"] <= report["newest"]
+    # Damage one payload: only --verify sees it; nothing is changed without --repair.
+    raw = bytearray(paths[2].read_bytes())
+    raw[-1] ^= 0xFF
+    paths[2].write_bytes(bytes(raw))
+    shutil.rmtree(root / ".tmp")
+    before = {p: p.stat().st_mtime_ns for p in paths}
+    assert kvtier("inspect", "--disk", str(root)).returncode == 0
+    bad = kvtier("inspect", "--disk", str(root), "--verify", "--json", check=False)
+    assert bad.returncode == 1
+    listed = json.loads(bad.stdout)["bad"]
+    assert [b["key"] for b in listed] == [paths[2].stem] and "checksum" in listed[0]["problem"]
+    assert {p: p.stat().st_mtime_ns for p in paths} == before
+    assert not (root / ".tmp").exists()
+    text = kvtier("inspect", "--disk", str(root), "--verify", check=False).stdout
+    assert paths[2].stem in text and "1 bad" in text
+    fixed = kvtier("inspect", "--disk", str(root), "--verify", "--repair")
+    assert fixed.returncode == 0 and not paths[2].exists() and paths[0].exists()
+    assert kvtier("inspect", "--disk", str(root), "--verify").returncode == 0
+
+
+def test_inspect_redis(redis_server: RedisServer) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    prefix = "inspectcli"
+    tier = RedisTier(redis_server.url, prefix=prefix)
+    with TieredStore([tier], CHUNK_TOKENS) as store:
+        store.put(prompt(2, 2), NS, chunks_for(2, 2))
+        name = tier.redis_key(store.keys(prompt(2, 2), NS)[1])
+    args = ["inspect", "--redis", redis_server.url, "--prefix", prefix]
+    assert json.loads(kvtier(*args, "--json").stdout)["chunks"] == 2
+    client.setrange(name, 120, b"\xff\xfe")
+    assert kvtier(*args, "--verify", check=False).returncode == 1
+    assert client.exists(name) == 1  # inspection alone changes nothing
+    assert kvtier(*args, "--verify", "--repair").returncode == 0
+    assert client.exists(name) == 0
+    client.close()
+
+
+def test_inspect_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    result = kvtier("inspect", "--disk", str(tmp_path / "nope"), check=False)
+    assert result.returncode == 2 and "no such directory" in result.stderr
+    assert not (tmp_path / "nope").exists()
+
+
+def test_config_command_shows_the_effective_configuration(tmp_path: Path) -> None:
+    env = {**os.environ, "KVTIER_DISK_PATH": str(tmp_path), "KVTIER_MEMORY_CAPACITY": "1GiB"}
+    out = subprocess.run([KVTIER, "config"], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    assert f"path: {tmp_path}" in out and f"capacity: {2**30}" in out
+    env["KVTIER_DISK_CAPACITY"] = "huge"
+    bad = subprocess.run([KVTIER, "config"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "KVTIER_DISK_CAPACITY" in bad.stderr
+
+
+def test_serve_says_honestly_that_it_is_not_there_yet() -> None:
+    result = kvtier("serve", check=False)
+    assert result.returncode == 1 and "not available yet" in result.stderr
