@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kvhelpers import NS, prompt  # noqa: E402
+from kvtier import KVChunk, TieredStore
+from kvtier.tiers import DiskTier, MemoryTier
 
-from kvtier import KVChunk, TieredStore  # noqa: E402
-from kvtier.tiers import DiskTier, MemoryTier  # noqa: E402
+from kvhelpers import NS, prompt
 
 BIG_SHAPE = (4, 2, 16, 8, 128)  # 256 KiB of float16 per chunk
 N_CHUNKS = 4
@@ -61,14 +61,28 @@ def read(root: str, first: int, count: int, seconds: float) -> None:
                 checked += 1
                 mismatched += bytes(c.data) != bytes(big_chunk(seed, j).data)
             # Rewrite the same chunks through another file name: rename-over while read.
-            store.tiers[0].put_many([
-                (key, blob) for key, blob in zip(
-                    store.keys(tokens, NS), store.tiers[0].get_many(store.keys(tokens, NS)),
-                    strict=True) if blob is not None
-            ])
+            store.tiers[0].put_many(
+                [
+                    (key, blob)
+                    for key, blob in zip(
+                        store.keys(tokens, NS),
+                        store.tiers[0].get_many(store.keys(tokens, NS)),
+                        strict=True,
+                    )
+                    if blob is not None
+                ]
+            )
     stats = store.stats().tiers["disk"]
-    print(json.dumps({"checked": checked, "mismatched": mismatched,
-                      "corruptions": stats.corruptions, "errors": stats.errors}))
+    print(
+        json.dumps(
+            {
+                "checked": checked,
+                "mismatched": mismatched,
+                "corruptions": stats.corruptions,
+                "errors": stats.errors,
+            }
+        )
+    )
     store.close()
 
 
@@ -82,11 +96,18 @@ def fullput(root: str, limit: int) -> None:
     store.flush()
     hit = store.lookup(tokens, NS)
     stats = store.stats().tiers
-    print(json.dumps({"hit_chunks": hit.hit_chunks, "tiers": hit.tiers,
-                      "disk_errors": stats["disk"].errors,
-                      "disk_dropped": stats["disk"].writes_dropped,
-                      "disk_written": stats["disk"].chunks_written,
-                      "temp_files": len(list(Path(root, ".tmp").iterdir()))}))
+    print(
+        json.dumps(
+            {
+                "hit_chunks": hit.hit_chunks,
+                "tiers": hit.tiers,
+                "disk_errors": stats["disk"].errors,
+                "disk_dropped": stats["disk"].writes_dropped,
+                "disk_written": stats["disk"].chunks_written,
+                "temp_files": len(list(Path(root, ".tmp").iterdir())),
+            }
+        )
+    )
     store.close()
 
 

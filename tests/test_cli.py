@@ -10,18 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from kvhelpers import CHUNK_TOKENS, NS, chunks_for, prompt
 
 from kvtier import TieredStore
 from kvtier.redis_process import RedisServer
 from kvtier.tiers import DiskTier, RedisTier
 
+from kvhelpers import CHUNK_TOKENS, NS, chunks_for, prompt
+
 KVTIER = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
 
 
 def kvtier(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([KVTIER, *args], capture_output=True, text=True, timeout=300,
-                          check=check)
+    return subprocess.run([KVTIER, *args], capture_output=True, text=True, timeout=300, check=check)
 
 
 def test_help_teaches() -> None:
@@ -34,8 +34,9 @@ def test_help_teaches() -> None:
 @pytest.mark.parametrize("tier", ["memory", "disk", "redis"])
 def test_bench_store_prints_its_figures(tier: str, tmp_path: Path) -> None:
     extra = ["--dir", str(tmp_path)] if tier == "disk" else []
-    result = kvtier("bench", "store", "--tier", tier, "--total-mb", "24", "--repeat", "1",
-                    "--json", *extra)
+    result = kvtier(
+        "bench", "store", "--tier", tier, "--total-mb", "24", "--repeat", "1", "--json", *extra
+    )
     figures = json.loads(result.stdout)
     assert figures["tier"] == tier and figures["chunks"] == 4
     assert figures["chunk_bytes"] == 5_898_240  # 256 tokens of SmolLM2-135M in bf16
@@ -44,16 +45,19 @@ def test_bench_store_prints_its_figures(tier: str, tmp_path: Path) -> None:
     assert figures["get_ratio"] == pytest.approx(figures["get_gbps"] / figures["raw_get_gbps"])
     if tier == "disk":
         assert list(tmp_path.iterdir()) == []  # cleaned up after itself
-    table = kvtier("bench", "store", "--tier", tier, "--total-mb", "12", "--repeat", "1",
-                   *extra).stdout
+    table = kvtier(
+        "bench", "store", "--tier", tier, "--total-mb", "12", "--repeat", "1", *extra
+    ).stdout
     assert "raw medium" in table and "ratio" in table
 
 
 def _disk_with_chunks(root: Path) -> list[Path]:
     with TieredStore([DiskTier(root, 1 << 30)], CHUNK_TOKENS) as store:
         store.put(prompt(1, 3), NS, chunks_for(1, 3))
-        return [store.tiers[0].path_of(k)  # type: ignore[attr-defined]
-                for k in store.keys(prompt(1, 3), NS)]
+        return [
+            store.tiers[0].path_of(k)  # type: ignore[attr-defined]
+            for k in store.keys(prompt(1, 3), NS)
+        ]
 
 
 def test_inspect_disk_reports_and_verifies_without_modifying(tmp_path: Path) -> None:
@@ -110,8 +114,9 @@ def test_inspect_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_config_command_shows_the_effective_configuration(tmp_path: Path) -> None:
     env = {**os.environ, "KVTIER_DISK_PATH": str(tmp_path), "KVTIER_MEMORY_CAPACITY": "1GiB"}
-    out = subprocess.run([KVTIER, "config"], capture_output=True, text=True, env=env,
-                         check=True).stdout
+    out = subprocess.run(
+        [KVTIER, "config"], capture_output=True, text=True, env=env, check=True
+    ).stdout
     assert f"path: {tmp_path}" in out and f"capacity: {2**30}" in out
     env["KVTIER_DISK_CAPACITY"] = "huge"
     bad = subprocess.run([KVTIER, "config"], capture_output=True, text=True, env=env)

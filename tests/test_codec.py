@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kvhelpers import chunk, same
 
 from kvtier import codec
 from kvtier.codec import HEADER_BYTES, Compression, KVChunk
 from kvtier.errors import CorruptChunk
+
+from kvhelpers import chunk, same
 
 KEY = bytes(range(16))
 
@@ -21,8 +22,12 @@ def test_round_trip(compression: Compression) -> None:
     assert same(decoded.chunk, original)
     h = decoded.header
     assert (h.key, h.namespace_id, h.created_at) == (KEY, "0123456789abcdef", 1234.5)
-    assert (h.dtype, h.shape, h.tokens, h.compression) == ("float16", original.shape, 16,
-                                                           compression)
+    assert (h.dtype, h.shape, h.tokens, h.compression) == (
+        "float16",
+        original.shape,
+        16,
+        compression,
+    )
 
 
 def test_uncompressed_decode_does_not_copy() -> None:
@@ -31,8 +36,10 @@ def test_uncompressed_decode_does_not_copy() -> None:
     assert isinstance(data, memoryview) and data.obj is blob
 
 
-@pytest.mark.parametrize("dtype,np_dtype", [("bfloat16", np.uint16), ("float32", np.float32),
-                                            ("float8_e4m3fn", np.uint8)])
+@pytest.mark.parametrize(
+    "dtype,np_dtype",
+    [("bfloat16", np.uint16), ("float32", np.float32), ("float8_e4m3fn", np.uint8)],
+)
 def test_dtypes_without_numpy_support_round_trip_as_raw_bits(dtype: str, np_dtype: type) -> None:
     arr = np.arange(2 * 2 * 16 * 2 * 8).astype(np_dtype).reshape(2, 2, 16, 2, 8)
     c = KVChunk.from_array(arr, dtype)

@@ -17,10 +17,18 @@ from kvtier.config import (
 )
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("4096", 4096),
-    (8192, 8192), ("64 kib", 65536), ("3TB", 3 * 10**12),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("2GiB", 2 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("1.5GB", 1_500_000_000),
+        ("4096", 4096),
+        (8192, 8192),
+        ("64 kib", 65536),
+        ("3TB", 3 * 10**12),
+    ],
+)
 def test_sizes(text: object, expected: int) -> None:
     assert parse_size(text) == expected
 
@@ -75,37 +83,51 @@ def test_environment_overrides_and_adds_tiers(tmp_path: Path) -> None:
     assert isinstance(red, RedisTierConfig) and red.url.endswith("/2") and red.ttl_s == 60
 
 
-@pytest.mark.parametrize("data,needle", [
-    ({"chunk_size": 256}, "cfg: chunk_size: unknown key; allowed: chunk_tokens"),
-    ({"chunk_tokens": "many"}, "cfg: chunk_tokens: expected int"),
-    ({"chunk_tokens": 3}, "cfg: chunk_tokens: must be in [16, 65536]"),
-    ({"tiers": [{"kind": "tape"}]}, "cfg: tiers[0].kind: 'tape' is not allowed; allowed:"
-                                    " memory, disk, redis"),
-    ({"tiers": [{"kind": "memory"}, {"kind": "disk", "capacity": "lots"}]},
-     "cfg: tiers[1].capacity: expected a size"),
-    ({"tiers": [{"kind": "disk", "compresion": "zstd"}]},
-     "cfg: tiers[0].compresion: unknown key; allowed:"),
-    ({"tiers": [{"kind": "disk", "compression": "gzip"}]},
-     "cfg: tiers[0].compression: 'gzip' is not allowed; allowed: none, zstd, lz4"),
-    ({"tiers": [{"kind": "redis", "url": "http://x"}]}, "cfg: tiers[0].url: expected redis://"),
-    ({"tiers": [{"kind": "memory"}, {"kind": "memory"}]}, "two tiers are named 'memory'"),
-    ({"tiers": []}, "tiers: at least one tier"),
-    ({"tiers": "memory"}, "tiers: expected a list"),
-    ({"tiers": [{"kind": "disk", "fsync": "maybe"}]}, "cfg: tiers[0].fsync: expected bool"),
-])
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"chunk_size": 256}, "cfg: chunk_size: unknown key; allowed: chunk_tokens"),
+        ({"chunk_tokens": "many"}, "cfg: chunk_tokens: expected int"),
+        ({"chunk_tokens": 3}, "cfg: chunk_tokens: must be in [16, 65536]"),
+        (
+            {"tiers": [{"kind": "tape"}]},
+            "cfg: tiers[0].kind: 'tape' is not allowed; allowed: memory, disk, redis",
+        ),
+        (
+            {"tiers": [{"kind": "memory"}, {"kind": "disk", "capacity": "lots"}]},
+            "cfg: tiers[1].capacity: expected a size",
+        ),
+        (
+            {"tiers": [{"kind": "disk", "compresion": "zstd"}]},
+            "cfg: tiers[0].compresion: unknown key; allowed:",
+        ),
+        (
+            {"tiers": [{"kind": "disk", "compression": "gzip"}]},
+            "cfg: tiers[0].compression: 'gzip' is not allowed; allowed: none, zstd, lz4",
+        ),
+        ({"tiers": [{"kind": "redis", "url": "http://x"}]}, "cfg: tiers[0].url: expected redis://"),
+        ({"tiers": [{"kind": "memory"}, {"kind": "memory"}]}, "two tiers are named 'memory'"),
+        ({"tiers": []}, "tiers: at least one tier"),
+        ({"tiers": "memory"}, "tiers: expected a list"),
+        ({"tiers": [{"kind": "disk", "fsync": "maybe"}]}, "cfg: tiers[0].fsync: expected bool"),
+    ],
+)
 def test_bad_configuration_names_the_key(data: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         config_from_dict(data, "cfg")
     assert needle in str(err.value)
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"KVTIER_DISK_CAPACITY": "abc"}, "KVTIER_DISK_CAPACITY: expected a size"),
-    ({"KVTIER_FOO": "1"}, "KVTIER_FOO: unknown variable"),
-    ({"KVTIER_DISK_SIZE": "1GiB"}, "KVTIER_DISK_SIZE: unknown key; allowed:"),
-    ({"KVTIER_REDIS_TTL_S": "60"}, "KVTIER_REDIS_URL: expected redis://"),
-    ({"KVTIER_WRITE_QUEUE": "0"}, "KVTIER_WRITE_QUEUE: must be positive"),
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"KVTIER_DISK_CAPACITY": "abc"}, "KVTIER_DISK_CAPACITY: expected a size"),
+        ({"KVTIER_FOO": "1"}, "KVTIER_FOO: unknown variable"),
+        ({"KVTIER_DISK_SIZE": "1GiB"}, "KVTIER_DISK_SIZE: unknown key; allowed:"),
+        ({"KVTIER_REDIS_TTL_S": "60"}, "KVTIER_REDIS_URL: expected redis://"),
+        ({"KVTIER_WRITE_QUEUE": "0"}, "KVTIER_WRITE_QUEUE: must be positive"),
+    ],
+)
 def test_bad_environment_names_the_variable(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(env=env)
@@ -113,7 +135,7 @@ def test_bad_environment_names_the_variable(env: dict[str, str], needle: str) ->
 
 
 def test_missing_or_broken_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nope.yaml"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
         load_config(tmp_path / "nope.yaml", env={})
     bad = tmp_path / "bad.yaml"
     bad.write_text("tiers: [unclosed\n")
@@ -122,8 +144,10 @@ def test_missing_or_broken_file(tmp_path: Path) -> None:
 
 
 def test_configs_are_frozen_and_build_a_working_store(tmp_path: Path) -> None:
-    config = StoreConfig(chunk_tokens=16, tiers=(
-        MemoryTierConfig(capacity=2**20), DiskTierConfig(path=str(tmp_path), fsync=False)))
+    config = StoreConfig(
+        chunk_tokens=16,
+        tiers=(MemoryTierConfig(capacity=2**20), DiskTierConfig(path=str(tmp_path), fsync=False)),
+    )
     with pytest.raises(AttributeError):
         config.chunk_tokens = 32  # type: ignore[misc]
     with open_store(config) as store:

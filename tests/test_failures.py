@@ -18,18 +18,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from kvhelpers import CHUNK_TOKENS, NS, SHAPE, chunk, chunks_for, prompt, same
 
 from kvtier import TieredStore
 from kvtier.redis_process import RedisServer
 from kvtier.tiers import DiskTier, MemoryTier, RedisTier
 
+from kvhelpers import CHUNK_TOKENS, NS, SHAPE, chunk, chunks_for, prompt, same
+
 PROCS = str(Path(__file__).parent / "procs.py")
 
 
 def run_proc(*args: str, timeout: float = 60) -> dict[str, object]:
-    out = subprocess.run([sys.executable, PROCS, *args], capture_output=True, text=True,
-                         timeout=timeout, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, PROCS, *args], capture_output=True, text=True, timeout=timeout, check=True
+    ).stdout
     result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -42,8 +44,11 @@ def test_sigkilled_writer_never_leaves_a_servable_partial_chunk(tmp_path: Path) 
     rng = random.Random(1234)
     first, interrupted_writes = 0, 0
     for round_ in range(50):
-        writer = subprocess.Popen([sys.executable, PROCS, "write", str(root), str(first), "0"],
-                                  stdout=subprocess.PIPE, text=True)
+        writer = subprocess.Popen(
+            [sys.executable, PROCS, "write", str(root), str(first), "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.0, 0.25))
         writer.send_signal(signal.SIGKILL)
@@ -147,8 +152,9 @@ def test_full_disk_skips_the_write_and_keeps_serving_from_dram(tmp_path: Path) -
 def test_two_processes_share_one_directory_without_torn_reads(tmp_path: Path) -> None:
     root = str(tmp_path / "shared")
     DiskTier(root, 1 << 34)
-    reader = subprocess.Popen([sys.executable, PROCS, "read", root, "0", "6", "4"],
-                              stdout=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, PROCS, "read", root, "0", "6", "4"], stdout=subprocess.PIPE, text=True
+    )
     run_proc("write", root, "0", "6")
     run_proc("write", root, "0", "6")  # rewrite the same chunks while they are being read
     out, _ = reader.communicate(timeout=60)
@@ -164,19 +170,20 @@ def test_two_processes_share_one_directory_without_torn_reads(tmp_path: Path) ->
         for seed in range(6):
             got = store.get(prompt(seed, 4), NS)
             assert [bytes(c.data) for c in got.chunks] == [
-                bytes(big_chunk(seed, j).data) for j in range(4)]
+                bytes(big_chunk(seed, j).data) for j in range(4)
+            ]
 
 
 def test_permission_denied_is_a_skipped_write(tmp_path: Path) -> None:
     root = tmp_path / "ro"
-    with TieredStore([MemoryTier(1 << 20), DiskTier(root, 1 << 30)], CHUNK_TOKENS) as store:
-        with _unwritable(root / ".tmp"):
-            tokens = prompt(6, 1)
-            store.put(tokens, NS, chunks_for(6, 1))
-            store.flush()
-            assert store.stats().tiers["disk"].errors == 1
-            assert store.stats().tiers["disk"].chunks_written == 0
-            assert store.lookup(tokens, NS).hit_chunks == 1
+    tiers = [MemoryTier(1 << 20), DiskTier(root, 1 << 30)]
+    with TieredStore(tiers, CHUNK_TOKENS) as store, _unwritable(root / ".tmp"):
+        tokens = prompt(6, 1)
+        store.put(tokens, NS, chunks_for(6, 1))
+        store.flush()
+        assert store.stats().tiers["disk"].errors == 1
+        assert store.stats().tiers["disk"].chunks_written == 0
+        assert store.lookup(tokens, NS).hit_chunks == 1
 
 
 @contextmanager
@@ -190,8 +197,10 @@ def _unwritable(path: Path) -> Iterator[None]:
         finally:
             path.chmod(0o700)
         return
-    if shutil.which("chattr") is None or subprocess.run(
-            ["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+    if (
+        shutil.which("chattr") is None
+        or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0
+    ):
         pytest.skip("running as root on a filesystem without chattr +i: cannot deny writes")
     try:
         yield

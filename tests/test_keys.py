@@ -34,8 +34,9 @@ def test_keys_are_identical_in_processes_with_different_hash_seeds() -> None:
     outputs = set()
     for seed in ("0", "1", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        ).stdout
         outputs.add(out)
     assert len(outputs) == 1
     assert len(json.loads(outputs.pop())) == 4
@@ -86,9 +87,7 @@ def test_chunk_size_is_part_of_the_key() -> None:
     assert chunk_keys(list(range(512)), ns, 256)[1] != chunk_keys(list(range(512)), ns, 512)[0]
 
 
-@pytest.mark.parametrize(
-    "tokens", [[-1] * 256, [2**32] * 256, [[1, 2], [3, 4]], [0.5] * 256]
-)
+@pytest.mark.parametrize("tokens", [[-1] * 256, [2**32] * 256, [[1, 2], [3, 4]], [0.5] * 256])
 def test_bad_token_ids_are_rejected(tokens: object) -> None:
     with pytest.raises(ValueError, match="token"):
         chunk_keys(tokens, Namespace("m"), 256)

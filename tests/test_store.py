@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kvhelpers import CHUNK_TOKENS, NS, SHAPE, chunk, chunks_for, prompt, same
 
 from kvtier import Namespace, TieredStore
 from kvtier.codec import Compression
 from kvtier.redis_process import RedisServer
 from kvtier.stats import ChunkEvent
 from kvtier.tiers import DiskTier, MemoryTier, RedisTier
+
+from kvhelpers import CHUNK_TOKENS, NS, SHAPE, chunk, chunks_for, prompt, same
 
 CHUNK_BYTES = chunk(0).nbytes
 
@@ -77,8 +78,9 @@ def test_get_into_loads_straight_into_buffers_from_any_tier(tmp_path: Path) -> N
         dests = [np.zeros(SHAPE, dtype=np.float16) for _ in range(3)]
         loaded = store.get_into(tokens, NS, dests)
         assert loaded.chunks == 3 and loaded.tiers == ["memory"] * 3
-        assert all(np.array_equal(d, c.numpy()) for d, c in zip(dests, chunks_for(4, 3),
-                                                                 strict=True))
+        assert all(
+            np.array_equal(d, c.numpy()) for d, c in zip(dests, chunks_for(4, 3), strict=True)
+        )
     with two_tier(tmp_path) as store:
         dests = [np.zeros(SHAPE, dtype=np.float16) for _ in range(2)]
         loaded = store.get_into(tokens, NS, dests, start_chunk=1)

@@ -78,7 +78,10 @@ def test_put_get_contains_delete(kind: TierKind) -> None:
     assert result.stored == [True, True] and result.evicted == []
     assert tier.contains_many([k(1), k(2), k(3)]) == [True, True, False]
     assert [bytes(b) if b is not None else None for b in tier.get_many([k(2), k(3), k(1)])] == [
-        blob(2), None, blob(1)]
+        blob(2),
+        None,
+        blob(1),
+    ]
     assert tier.delete(k(1)) is True
     assert tier.delete(k(1)) is False
     assert tier.contains_many([k(1)]) == [False]
@@ -100,8 +103,9 @@ def test_read_into_fills_buffers_only_when_the_size_fits(kind: TierKind) -> None
     value = bytes(range(256)) * 4
     tier.put_many([(k(1), value)])
     head, rest = bytearray(24), bytearray(1000)
-    sizes = tier.read_into_many([(k(1), [memoryview(head), memoryview(rest)]),
-                                 (k(2), [memoryview(bytearray(8))])])
+    sizes = tier.read_into_many(
+        [(k(1), [memoryview(head), memoryview(rest)]), (k(2), [memoryview(bytearray(8))])]
+    )
     assert sizes == [1024, None]
     assert bytes(head) + bytes(rest) == value
     assert tier.read_into_many([(k(1), [memoryview(bytearray(10))])]) == [1024]

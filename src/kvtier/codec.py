@@ -119,7 +119,7 @@ class KVChunk:
         if array.dtype.itemsize != DTYPES.get(name, (0, 0, ""))[1]:
             raise ValueError(f"array of {array.dtype} cannot hold {name} values")
         flat = np.ascontiguousarray(array)
-        return cls(name, tuple(int(d) for d in flat.shape), memoryview(flat).cast("B"))
+        return cls(name, tuple(int(d) for d in flat.shape), flat.data.cast("B"))
 
     def numpy(self) -> np.ndarray:
         """A read-only numpy view (bfloat16/fp8 appear as unsigned integers of their width)."""
@@ -188,7 +188,7 @@ def encode(
     return b"".join((prefix, _CHECKSUM.pack(digest.intdigest()), payload))
 
 
-def read_header(blob: bytes | memoryview) -> ChunkHeader:
+def read_header(blob: bytes | bytearray | memoryview) -> ChunkHeader:
     """Parse the header without verifying the payload; raises CorruptChunk if malformed."""
     view = memoryview(blob)
     if view.nbytes < HEADER_BYTES:
@@ -229,9 +229,7 @@ def verify(
     header = read_header(header_bytes)
     stored = memoryview(payload).nbytes
     if stored != header.stored_bytes:
-        raise CorruptChunk(
-            f"chunk payload is {stored} bytes, header says {header.stored_bytes}"
-        )
+        raise CorruptChunk(f"chunk payload is {stored} bytes, header says {header.stored_bytes}")
     digest = xxhash.xxh3_64(memoryview(header_bytes)[: _PREFIX.size])
     digest.update(payload)
     if digest.intdigest() != header.checksum:
@@ -293,7 +291,9 @@ def decode(blob: bytes | memoryview, expected_key: bytes | None = None) -> Decod
     data: bytes | memoryview = payload
     try:
         if header.compression == Compression.ZSTD:
-            data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=header.raw_bytes)
+            data = zstandard.ZstdDecompressor().decompress(
+                payload, max_output_size=header.raw_bytes
+            )
         elif header.compression == Compression.LZ4:
             data = lz4.frame.decompress(payload)
     except Exception as exc:  # a verified payload that fails to inflate is still corrupt
@@ -303,4 +303,3 @@ def decode(blob: bytes | memoryview, expected_key: bytes | None = None) -> Decod
     except ValueError as exc:
         raise CorruptChunk(f"chunk {header.key.hex()}: {exc}") from exc
     return DecodedChunk(header, chunk)
-

@@ -235,7 +235,9 @@ def _tier_from(values: Any, where: str, env: bool = False) -> TierConfig:
 def config_from_dict(data: Mapping[str, Any], source: str = "config") -> StoreConfig:
     """A StoreConfig from a parsed YAML mapping; errors name ``source`` and the key."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
     top = {k: v for k, v in data.items() if k != "tiers"}
     tiers: tuple[TierConfig, ...] = _default_tiers()
     if "tiers" in data:
@@ -255,8 +257,9 @@ def _apply_env(config: StoreConfig, env: Mapping[str, str]) -> StoreConfig:
     top: dict[str, Any] = {}
     tiers = list(config.tiers)
     # Longest names first, so a tier named "disk_fast" wins over the kind "disk".
-    targets = sorted({t.name.upper() for t in tiers} | {k.upper() for k in TIER_KINDS},
-                     key=len, reverse=True)
+    targets = sorted(
+        {t.name.upper() for t in tiers} | {k.upper() for k in TIER_KINDS}, key=len, reverse=True
+    )
     per_tier: dict[str, dict[str, str]] = {}
     for var in sorted(env):
         if not var.startswith("KVTIER_") or var == "KVTIER_CONFIG":

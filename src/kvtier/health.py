@@ -45,7 +45,10 @@ class TierHealth:
             if self._down_until is None:
                 log.warning(
                     "kvtier tier %r failed (%s: %s); treating it as a miss and retrying in %.1fs",
-                    self.name, type(exc).__name__, exc, self._wait,
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                    self._wait,
                 )
             else:
                 self._wait = min(self._wait * 2, self._max_retry)

@@ -86,10 +86,12 @@ class RedisServer:
                 try:
                     if client.ping():
                         return self
-                except redis.exceptions.ConnectionError:
+                except redis.exceptions.ConnectionError as exc:
                     if time.monotonic() > deadline:
                         self.stop()
-                        raise KvtierError(f"redis-server did not answer on port {self.port}")
+                        raise KvtierError(
+                            f"redis-server did not answer on port {self.port}"
+                        ) from exc
                     time.sleep(0.02)
         finally:
             client.close()
@@ -153,13 +155,18 @@ class RedisClusterProcess:
         for server in self.servers:
             client = redis.Redis(port=server.port)
             try:
-                while client.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                while self._cluster_state(client) != "ok":
                     if time.monotonic() > deadline:
                         raise KvtierError("the Redis cluster did not reach cluster_state:ok")
                     time.sleep(0.05)
             finally:
                 client.close()
         return self
+
+    @staticmethod
+    def _cluster_state(client: redis.Redis) -> str:
+        info = client.execute_command("CLUSTER INFO")  # type: ignore[no-untyped-call]
+        return str(info.get("cluster_state"))
 
     def close(self) -> None:
         for server in self.servers:

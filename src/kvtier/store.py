@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from kvtier import codec
 from kvtier.codec import Compression, KVChunk
@@ -120,7 +120,8 @@ class TieredStore:
         self.chunk_tokens = chunk_tokens
         self._recorder = Recorder(names)
         self._slots = [
-            _Slot(t, c, TierHealth(t.name, retry_after_s)) for t, c in zip(tiers, comps, strict=True)
+            _Slot(t, c, TierHealth(t.name, retry_after_s))
+            for t, c in zip(tiers, comps, strict=True)
         ]
         for slot in self._slots[1:]:
             slot.writer = WriteBehind(slot.tier.name, self._writer_for(slot), write_queue)
@@ -132,15 +133,16 @@ class TieredStore:
 
     # -- failure containment ---------------------------------------------------------------
 
-    def _guard(self, slot: _Slot, call: Callable[[], T], default: T) -> T:
+    def _guard(self, slot: _Slot, default: Any, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)``, or ``default`` if the tier is marked down or the call fails."""
         if not slot.health.available():
-            return default
+            return cast(T, default)
         try:
-            result = call()
+            result = call(*args)
         except Exception as exc:
             self._recorder.add(slot.tier.name, errors=1)
             slot.health.failed(exc)
-            return default
+            return cast(T, default)
         slot.health.succeeded()
         return result
 
@@ -157,7 +159,7 @@ class TieredStore:
             if not todo:
                 break
             present = self._guard(
-                slot, lambda: slot.tier.contains_many([keys[i] for i in todo]), [False] * len(todo)
+                slot, [False] * len(todo), slot.tier.contains_many, [keys[i] for i in todo]
             )
             missing = 0
             for i, p in zip(todo, present, strict=True):
@@ -214,11 +216,11 @@ class TieredStore:
             for t, idx in by_tier.items():
                 slot = self._slots[t]
                 blobs = self._guard(
-                    slot, lambda: slot.tier.get_many([keys[i] for i in idx]), [None] * len(idx)
+                    slot, [None] * len(idx), slot.tier.get_many, [keys[i] for i in idx]
                 )
                 for i, blob in zip(idx, blobs, strict=True):
                     chunk = self._verify(slot, keys[i], blob)
-                    if chunk is not None:
+                    if chunk is not None and blob is not None:
                         got[i] = (chunk, t, bytes(blob) if isinstance(blob, memoryview) else blob)
                         continue
                     lower = self._find_below(keys[i], t)  # e.g. a corrupt DRAM copy, good on disk
@@ -245,10 +247,11 @@ class TieredStore:
         return chunk
 
     def _corrupt(self, slot: _Slot, key: ChunkKey, exc: CorruptChunk) -> None:
-        log.warning("kvtier: corrupt chunk %s in tier %r removed: %s", key.hex(),
-                    slot.tier.name, exc)
+        log.warning(
+            "kvtier: corrupt chunk %s in tier %r removed: %s", key.hex(), slot.tier.name, exc
+        )
         self._recorder.add(slot.tier.name, corruptions=1)
-        self._guard(slot, lambda: slot.tier.delete(key), False)
+        self._guard(slot, False, slot.tier.delete, key)
         self._recorder.emit("removed", slot.tier.name, [key])
 
     def get_into(
@@ -289,8 +292,11 @@ class TieredStore:
         while n in loaded:
             n += 1
         self._promote(
-            [(keys[i], None, loaded[i], _as_blob(headers[i], views[i])) for i in range(n)
-             if loaded[i] > 0]
+            [
+                (keys[i], None, loaded[i], _as_blob(headers[i], views[i]))
+                for i in range(n)
+                if loaded[i] > 0
+            ]
         )
         names = [self._slots[loaded[i]].tier.name for i in range(n)]
         return LoadResult(n, names, self.chunk_tokens)
@@ -305,15 +311,13 @@ class TieredStore:
     ) -> list[bool]:
         """Load chunks ``idx`` from one tier into their buffers; whether each one verified."""
         if slot.tier.zero_copy_reads:
-            blobs = self._guard(
-                slot, lambda: slot.tier.get_many([keys[i] for i in idx]), [None] * len(idx)
-            )
+            blobs = self._guard(slot, [None] * len(idx), slot.tier.get_many, [keys[i] for i in idx])
             return [
                 self._copy_verified(slot, keys[i], blob, headers[i], views[i])
                 for i, blob in zip(idx, blobs, strict=True)
             ]
         items = [(keys[i], [memoryview(headers[i]), views[i]]) for i in idx]
-        sizes = self._guard(slot, lambda: slot.tier.read_into_many(items), [None] * len(idx))
+        sizes = self._guard(slot, [None] * len(idx), slot.tier.read_into_many, items)
         return [
             self._check_loaded(slot, keys[i], headers[i], views[i], size)
             for i, size in zip(idx, sizes, strict=True)
@@ -333,7 +337,10 @@ class TieredStore:
         except ValueError as exc:
             log.warning(
                 "kvtier: chunk %s in tier %r does not fit the buffer (%s): is the namespace"
-                " missing something that changes the KV shape?", key.hex(), slot.tier.name, exc,
+                " missing something that changes the KV shape?",
+                key.hex(),
+                slot.tier.name,
+                exc,
             )
             self._recorder.add(slot.tier.name, misses=1)
             return False
@@ -358,13 +365,13 @@ class TieredStore:
             if h.compression == Compression.NONE:
                 self._recorder.add(slot.tier.name, hits=1, bytes_read=size)
                 return True
-        blob = self._guard(slot, lambda: slot.tier.get_many([key])[0], None)
+        blob = self._guard(slot, [None], slot.tier.get_many, [key])[0]
         return self._copy_verified(slot, key, blob, header, dest)
 
     def _find_below(self, key: ChunkKey, tier_index: int) -> int | None:
         for t in range(tier_index + 1, len(self._slots)):
             slot = self._slots[t]
-            if self._guard(slot, lambda: slot.tier.contains_many([key]), [False])[0]:
+            if self._guard(slot, [False], slot.tier.contains_many, [key])[0]:
                 return t
         return None
 
@@ -424,7 +431,7 @@ class TieredStore:
                     f" are {self.chunk_tokens}"
                 )
         top = self._slots[0]
-        held = self._guard(top, lambda: top.tier.contains_many(keys), [False] * len(keys))
+        held = self._guard(top, [False] * len(keys), top.tier.contains_many, keys)
         ns_id = namespace.id(self.chunk_tokens)
         items = [
             (key, codec.encode(key, chunk, ns_id, top.compression))
@@ -454,13 +461,13 @@ class TieredStore:
             self._recorder.add(name, writes_dropped=len(items))
             return
         if skip_held:  # write-behind: don't rewrite what the tier has (saves SSD writes)
-            held = self._guard(slot, lambda: slot.tier.contains_many([k for k, _ in items]), None)
+            held = self._guard(slot, None, slot.tier.contains_many, [k for k, _ in items])
             if held is None:
                 self._recorder.add(name, writes_dropped=len(items))
                 return
             items = [item for item, h in zip(items, held, strict=True) if not h]
         items = [(k, self._recode(blob, slot.compression)) for k, blob in items]
-        result = self._guard(slot, lambda: slot.tier.put_many(items), None)
+        result = self._guard(slot, None, slot.tier.put_many, items)
         if result is None:
             self._recorder.add(name, writes_dropped=len(items))
             return

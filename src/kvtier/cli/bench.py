@@ -56,18 +56,31 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("--tier", choices=sorted(TARGETS), required=True, help="tier to measure")
-    s.add_argument("--chunk-mb", type=float, default=5.9,
-                   help="chunk size in MB (default 5.9: 256 tokens of SmolLM2-135M in bf16;"
-                        " 32 is 256 tokens of Llama-3-8B)")
+    s.add_argument(
+        "--chunk-mb",
+        type=float,
+        default=5.9,
+        help="chunk size in MB (default 5.9: 256 tokens of SmolLM2-135M in bf16;"
+        " 32 is 256 tokens of Llama-3-8B)",
+    )
     s.add_argument("--total-mb", type=float, default=1024, help="bytes moved per round (MB)")
     s.add_argument("--repeat", type=int, default=3, help="rounds; the best of each is kept")
-    s.add_argument("--dir", help="disk: directory to write in (default: a temporary directory"
-                                 " under ~/.cache/kvtier, removed afterwards)")
-    s.add_argument("--cold", action="store_true",
-                   help="disk: drop the files from the page cache before every read")
+    s.add_argument(
+        "--dir",
+        help="disk: directory to write in (default: a temporary directory"
+        " under ~/.cache/kvtier, removed afterwards)",
+    )
+    s.add_argument(
+        "--cold",
+        action="store_true",
+        help="disk: drop the files from the page cache before every read",
+    )
     s.add_argument("--no-fsync", action="store_true", help="disk: skip fsync on both sides")
-    s.add_argument("--redis", metavar="URL",
-                   help="redis: server to use (default: a private redis-server on loopback)")
+    s.add_argument(
+        "--redis",
+        metavar="URL",
+        help="redis: server to use (default: a private redis-server on loopback)",
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(run=run)
 
@@ -111,9 +124,9 @@ def _workload(chunk_mb: float, total_mb: float) -> tuple[np.ndarray, list[KVChun
     return tokens, chunks, chunk_bytes
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[..., object], *args: Any) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -142,8 +155,9 @@ def run(args: argparse.Namespace) -> int:
     tokens, chunks, chunk_bytes = _workload(args.chunk_mb, args.total_mb)
     total = chunk_bytes * len(chunks)
     ns = Namespace("bench/smollm2-shaped", kv_dtype="bfloat16")
-    progress = tqdm(total=args.repeat, desc=f"bench {args.tier}", unit="round",
-                    file=sys.stderr, disable=None)
+    progress = tqdm(
+        total=args.repeat, desc=f"bench {args.tier}", unit="round", file=sys.stderr, disable=None
+    )
     runner = {"memory": _bench_memory, "disk": _bench_disk, "redis": _bench_redis}[args.tier]
     best = runner(args, tokens, chunks, ns, progress)
     progress.close()
@@ -173,17 +187,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_table(r: BenchResult) -> None:
-    print(f"kvtier bench store: tier {r.tier}, {r.chunks} chunks of {r.chunk_bytes / 1e6:.1f} MB"
-          f" ({r.total_bytes / 1e9:.2f} GB), best of {r.repeat}{' (cold reads)' if r.cold else ''}")
+    print(
+        f"kvtier bench store: tier {r.tier}, {r.chunks} chunks of {r.chunk_bytes / 1e6:.1f} MB"
+        f" ({r.total_bytes / 1e9:.2f} GB), best of {r.repeat}{' (cold reads)' if r.cold else ''}"
+    )
     print(f"  {'':<12}{'put GB/s':>10}{'get GB/s':>10}")
     print(f"  {'kvtier':<12}{r.put_gbps:>10.2f}{r.get_gbps:>10.2f}")
     print(f"  {'raw medium':<12}{r.raw_put_gbps:>10.2f}{r.raw_get_gbps:>10.2f}   ({r.raw})")
     ok = "ok" if r.get_ratio >= r.get_target else "BELOW TARGET"
-    print(f"  {'ratio':<12}{r.put_ratio:>10.2f}{r.get_ratio:>10.2f}   (get target >="
-          f" {r.get_target}: {ok})")
+    print(
+        f"  {'ratio':<12}{r.put_ratio:>10.2f}{r.get_ratio:>10.2f}   (get target >="
+        f" {r.get_target}: {ok})"
+    )
     if r.get_view_gbps is not None:
-        print(f"  store.get (zero-copy views of the DRAM tier, verified): {r.get_view_gbps:.2f}"
-              " GB/s")
+        print(
+            f"  store.get (zero-copy views of the DRAM tier, verified): {r.get_view_gbps:.2f} GB/s"
+        )
 
 
 Timings = dict[str, float]
@@ -203,32 +222,45 @@ def _keep_best(best: Timings, name: str, seconds: float) -> None:
     best[name] = min(best.get(name, float("inf")), seconds)
 
 
-def _bench_memory(args: argparse.Namespace, tokens: np.ndarray, chunks: list[KVChunk],
-                  ns: Namespace, progress: tqdm) -> Timings:
+def _bench_memory(
+    args: argparse.Namespace,
+    tokens: np.ndarray,
+    chunks: list[KVChunk],
+    ns: Namespace,
+    progress: tqdm,
+) -> Timings:
     best: Timings = {}
     sources = [c.numpy() for c in chunks]
     dests = [np.empty_like(s) for s in sources]
     capacity = sum(c.nbytes for c in chunks) * 2
+
+    def memcpy() -> None:
+        for dest, source in zip(dests, sources, strict=True):
+            np.copyto(dest, source)
+
     for _ in range(args.repeat):
         with TieredStore([MemoryTier(capacity)], chunk_tokens=chunks[0].tokens) as store:
-            _keep_best(best, "put", _timed(lambda s=store: s.put(tokens, ns, chunks)))
-            _keep_best(best, "raw_put", _timed(lambda: [np.copyto(d, s) for d, s in
-                                                        zip(dests, sources, strict=True)]))
+            _keep_best(best, "put", _timed(store.put, tokens, ns, chunks))
+            _keep_best(best, "raw_put", _timed(memcpy))
 
             def get_view(s: TieredStore = store) -> None:
                 got = s.get(tokens, ns)
                 assert len(got.chunks) == len(chunks), "memory tier lost chunks in the benchmark"
 
             _keep_best(best, "get", _timed(_get_into(store, tokens, ns, dests)))
-            _keep_best(best, "raw_get", _timed(lambda: [np.copyto(d, s) for d, s in
-                                                        zip(dests, sources, strict=True)]))
+            _keep_best(best, "raw_get", _timed(memcpy))
             _keep_best(best, "get_view", _timed(get_view))
         progress.update()
     return best
 
 
-def _bench_disk(args: argparse.Namespace, tokens: np.ndarray, chunks: list[KVChunk],
-                ns: Namespace, progress: tqdm) -> Timings:
+def _bench_disk(
+    args: argparse.Namespace,
+    tokens: np.ndarray,
+    chunks: list[KVChunk],
+    ns: Namespace,
+    progress: tqdm,
+) -> Timings:
     best: Timings = {}
     dests = [np.empty(c.nbytes, dtype=np.uint8) for c in chunks]
     parent = Path(args.dir).expanduser() if args.dir else Path("~/.cache/kvtier").expanduser()
@@ -261,7 +293,7 @@ def _bench_disk(args: argparse.Namespace, tokens: np.ndarray, chunks: list[KVChu
             def raw_get(f: Path = raw_file) -> None:
                 with open(f, "rb", buffering=0) as src:
                     for d in dests:
-                        src.readinto(d)
+                        src.readinto(d.data)
 
             _keep_best(best, "get", _timed(_get_into(store, tokens, ns, dests)))
             _keep_best(best, "raw_get", _timed(raw_get))
@@ -274,8 +306,13 @@ def _bench_disk(args: argparse.Namespace, tokens: np.ndarray, chunks: list[KVChu
     return best
 
 
-def _bench_redis(args: argparse.Namespace, tokens: np.ndarray, chunks: list[KVChunk],
-                 ns: Namespace, progress: tqdm) -> Timings:
+def _bench_redis(
+    args: argparse.Namespace,
+    tokens: np.ndarray,
+    chunks: list[KVChunk],
+    ns: Namespace,
+    progress: tqdm,
+) -> Timings:
     best: Timings = {}
     payloads = [bytes(c.data) for c in chunks]
     dests = [np.empty(c.nbytes, dtype=np.uint8) for c in chunks]
@@ -286,7 +323,7 @@ def _bench_redis(args: argparse.Namespace, tokens: np.ndarray, chunks: list[KVCh
             for _ in range(args.repeat):
                 tier = RedisTier(url, prefix=prefix)
                 with TieredStore([tier], chunk_tokens=chunks[0].tokens) as store:
-                    _keep_best(best, "put", _timed(lambda s=store: s.put(tokens, ns, chunks)))
+                    _keep_best(best, "put", _timed(store.put, tokens, ns, chunks))
 
                     def raw_put() -> None:
                         for i, p in enumerate(payloads):

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from kvtier import codec
 from kvtier.config import format_size
 from kvtier.errors import CorruptChunk
+from kvtier.keys import ChunkKey
 from kvtier.tiers import DiskTier, RedisTier
 
 
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _check(
     tier: DiskTier | RedisTier,
-    key: codec.ChunkKey,
+    key: ChunkKey,
     verify: bool,
     namespaces: Counter[str],
     times: list[float],

@@ -121,4 +121,6 @@ def make_eviction_policy(name: str) -> LRUPolicy:
     try:
         return _POLICIES[name]()
     except KeyError:
-        raise ValueError(f"unknown eviction policy {name!r}; allowed: {', '.join(_POLICIES)}")
+        raise ValueError(
+            f"unknown eviction policy {name!r}; allowed: {', '.join(_POLICIES)}"
+        ) from None

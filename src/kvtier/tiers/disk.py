@@ -131,9 +131,7 @@ class DiskTier:
                 parts = entry.name.split(".")
                 try:
                     dead = (
-                        len(parts) == 5
-                        and parts[1] == self._host
-                        and not _pid_alive(int(parts[2]))
+                        len(parts) == 5 and parts[1] == self._host and not _pid_alive(int(parts[2]))
                     )
                     if dead or now - entry.stat().st_mtime > _STALE_TMP_S:
                         os.unlink(entry.path)
@@ -332,4 +330,3 @@ class DiskTier:
 
     def close(self) -> None:
         """Nothing to release: every operation opens and closes its own file."""
-

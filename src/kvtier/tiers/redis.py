@@ -113,8 +113,11 @@ class RedisTier:
     def put_many(self, items: Sequence[tuple[ChunkKey, Blob]]) -> PutResult:
         pipe, pending = self._pipeline(), 0
         for key, blob in items:
-            pipe.set(self.redis_key(key), bytes(blob) if isinstance(blob, memoryview) else blob,
-                     ex=self.ttl_s)
+            pipe.set(
+                self.redis_key(key),
+                bytes(blob) if isinstance(blob, memoryview) else blob,
+                ex=self.ttl_s,
+            )
             pending += memoryview(blob).nbytes
             if pending >= _PUT_BATCH_BYTES:
                 pipe.execute()
@@ -135,7 +138,8 @@ class RedisTier:
     def scan(self) -> Iterator[ChunkKey]:
         plen = len(self._prefix)
         for name in self._client.scan_iter(match=self._prefix + b"*", count=1000):
-            hex_key = name[plen:]
+            raw = name.encode() if isinstance(name, str) else name
+            hex_key = raw[plen:]
             if len(hex_key) == 2 * KEY_BYTES:
                 try:
                     yield ChunkKey(bytes.fromhex(hex_key.decode()))
@@ -144,7 +148,9 @@ class RedisTier:
 
     def header_of(self, key: ChunkKey, nbytes: int) -> bytes | None:
         """The first ``nbytes`` of a stored chunk (GETRANGE), for inspection without a full read."""
-        value: bytes = self._client.getrange(self.redis_key(key), 0, nbytes - 1)
+        value = self._client.getrange(self.redis_key(key), 0, nbytes - 1)
+        if isinstance(value, str):  # only with decode_responses=True, which kvtier never sets
+            value = value.encode()
         return value or None
 
     def usage(self) -> TierUsage:

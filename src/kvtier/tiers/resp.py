@@ -27,8 +27,15 @@ def _command(*parts: bytes) -> bytes:
 class BulkReader:
     """One TCP connection, used under a lock; reconnects after any error."""
 
-    def __init__(self, host: str, port: int, db: int = 0, username: str | None = None,
-                 password: str | None = None, timeout_s: float = 2.0):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        timeout_s: float = 2.0,
+    ):
         self._addr = (host, port)
         self._db = db
         self._auth = (username, password)
@@ -38,9 +45,14 @@ class BulkReader:
 
     @classmethod
     def from_connection_kwargs(cls, kwargs: dict[str, Any], timeout_s: float) -> BulkReader:
-        return cls(kwargs.get("host", "localhost"), int(kwargs.get("port", 6379)),
-                   int(kwargs.get("db", 0) or 0), kwargs.get("username"), kwargs.get("password"),
-                   timeout_s)
+        return cls(
+            kwargs.get("host", "localhost"),
+            int(kwargs.get("port", 6379)),
+            int(kwargs.get("db", 0) or 0),
+            kwargs.get("username"),
+            kwargs.get("password"),
+            timeout_s,
+        )
 
     def _connect(self) -> socket.socket:
         sock = socket.create_connection(self._addr, timeout=min(self._timeout, 1.0))
@@ -80,8 +92,9 @@ class BulkReader:
                 raise ConnectionError("redis closed the connection mid-value")
             view = view[n:]
 
-    def get_into(self, keys: Sequence[bytes], buffers: Sequence[Sequence[memoryview]]
-                 ) -> list[int | None]:
+    def get_into(
+        self, keys: Sequence[bytes], buffers: Sequence[Sequence[memoryview]]
+    ) -> list[int | None]:
         """GET each key (one pipelined round trip) into its buffers; sizes as in
         :meth:`kvtier.tiers.base.Tier.read_into_many`."""
         with self._lock:
@@ -91,8 +104,9 @@ class BulkReader:
                 self.close_locked()  # the stream's position is unknown: start afresh
                 raise
 
-    def _get_into(self, keys: Sequence[bytes], buffers: Sequence[Sequence[memoryview]]
-                  ) -> list[int | None]:
+    def _get_into(
+        self, keys: Sequence[bytes], buffers: Sequence[Sequence[memoryview]]
+    ) -> list[int | None]:
         sock = self._sock or self._connect()
         sock.sendall(b"".join(_command(b"GET", key) for key in keys))
         sizes: list[int | None] = []
