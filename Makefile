@@ -13,6 +13,8 @@ serve: install
 	$(KVTIER) serve
 
 test: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 lint: install
