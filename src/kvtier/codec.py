@@ -232,11 +232,15 @@ def verify(
         raise CorruptChunk(f"chunk payload is {stored} bytes, header says {header.stored_bytes}")
     digest = xxhash.xxh3_64(memoryview(header_bytes)[: _PREFIX.size])
     digest.update(payload)
+    _check(digest, header, expected_key)
+    return header
+
+
+def _check(digest: xxhash.xxh3_64, header: ChunkHeader, expected_key: bytes | None) -> None:
     if digest.intdigest() != header.checksum:
         raise CorruptChunk(f"checksum mismatch for chunk {header.key.hex()}")
     if expected_key is not None and header.key != expected_key:
         raise CorruptChunk(f"chunk {header.key.hex()} stored under key {expected_key.hex()}")
-    return header
 
 
 _BLOCK = 256 * 1024  # copy+hash block: stays in L2 between the copy and the hash
@@ -271,10 +275,7 @@ def decode_into(
         block = dest[start : start + _BLOCK]
         block[:] = view[HEADER_BYTES + start : HEADER_BYTES + start + _BLOCK]
         digest.update(block)
-    if digest.intdigest() != header.checksum:
-        raise CorruptChunk(f"checksum mismatch for chunk {header.key.hex()}")
-    if expected_key is not None and header.key != expected_key:
-        raise CorruptChunk(f"chunk {header.key.hex()} stored under key {expected_key.hex()}")
+    _check(digest, header, expected_key)
     return header
 
 

@@ -203,36 +203,47 @@ class TieredStore:
         names = [self._slots[f[2]].tier.name for f in found]
         return GetResult(chunks, names, self.chunk_tokens)
 
-    def _fetch(self, keys: Sequence[ChunkKey]) -> list[tuple[ChunkKey, KVChunk, int, bytes]]:
-        """(key, chunk, tier index, stored bytes) for the longest verified leading run."""
-        where = self._locate(keys)
-        got: dict[int, tuple[KVChunk, int, bytes]] = {}
-        pending = dict(enumerate(where))  # chunk index -> tier index to read it from
+    def _walk(
+        self, keys: Sequence[ChunkKey], read_from: Callable[[_Slot, list[int]], list[bool]]
+    ) -> list[int]:
+        """Read the leading run of ``keys``, each from the first tier holding it.
+
+        ``read_from(slot, idx)`` reads chunks ``idx`` from one tier and says which verified; a
+        chunk that did not (a corrupt DRAM copy, say) is tried again from a lower tier holding
+        it. Returns the tier index of each chunk of the longest verified leading run.
+        """
+        loaded: dict[int, int] = {}
+        pending = dict(enumerate(self._locate(keys)))  # chunk index -> tier to read it from
         while pending:
             by_tier: dict[int, list[int]] = {}
             for i, t in pending.items():
                 by_tier.setdefault(t, []).append(i)
             pending = {}
             for t, idx in by_tier.items():
-                slot = self._slots[t]
-                blobs = self._guard(
-                    slot, [None] * len(idx), slot.tier.get_many, [keys[i] for i in idx]
-                )
-                for i, blob in zip(idx, blobs, strict=True):
-                    chunk = self._verify(slot, keys[i], blob)
-                    if chunk is not None and blob is not None:
-                        got[i] = (chunk, t, bytes(blob) if isinstance(blob, memoryview) else blob)
-                        continue
-                    lower = self._find_below(keys[i], t)  # e.g. a corrupt DRAM copy, good on disk
-                    if lower is not None:
+                for i, ok in zip(idx, read_from(self._slots[t], idx), strict=True):
+                    if ok:
+                        loaded[i] = t
+                    elif (lower := self._find_below(keys[i], t)) is not None:
                         pending[i] = lower
-        out = []
-        for i, key in enumerate(keys[: len(where)]):
-            if i not in got:
-                break
-            chunk, t, blob = got[i]
-            out.append((key, chunk, t, blob))
-        return out
+        run: list[int] = []
+        while len(run) in loaded:
+            run.append(loaded[len(run)])
+        return run
+
+    def _fetch(self, keys: Sequence[ChunkKey]) -> list[tuple[ChunkKey, KVChunk, int, bytes]]:
+        """(key, chunk, tier index, stored bytes) for the longest verified leading run."""
+        got: dict[int, tuple[KVChunk, bytes]] = {}
+
+        def read_from(slot: _Slot, idx: list[int]) -> list[bool]:
+            blobs = self._guard(slot, [None] * len(idx), slot.tier.get_many, [keys[i] for i in idx])
+            for i, blob in zip(idx, blobs, strict=True):
+                chunk = self._verify(slot, keys[i], blob)
+                if chunk is not None and blob is not None:
+                    got[i] = (chunk, bytes(blob))  # bytes(bytes) is the same object: no copy
+            return [i in got for i in idx]
+
+        run = self._walk(keys, read_from)
+        return [(keys[i], got[i][0], t, got[i][1]) for i, t in enumerate(run)]
 
     def _verify(self, slot: _Slot, key: ChunkKey, blob: Any) -> KVChunk | None:
         if blob is None:
@@ -273,33 +284,12 @@ class TieredStore:
             raise ValueError("get_into needs writable destination buffers")
         keys = self.keys(tokens, namespace)[start_chunk : start_chunk + len(views)]
         headers = [bytearray(codec.HEADER_BYTES) for _ in keys]
-        loaded: dict[int, int] = {}
         with self.pinned(keys):
-            pending = dict(enumerate(self._locate(keys)))
-            while pending:
-                by_tier: dict[int, list[int]] = {}
-                for i, t in pending.items():
-                    by_tier.setdefault(t, []).append(i)
-                pending = {}
-                for t, idx in by_tier.items():
-                    slot = self._slots[t]
-                    for i, ok in zip(idx, self._load(slot, keys, idx, headers, views), strict=True):
-                        if ok:
-                            loaded[i] = t
-                        elif (lower := self._find_below(keys[i], t)) is not None:
-                            pending[i] = lower
-        n = 0
-        while n in loaded:
-            n += 1
+            run = self._walk(keys, lambda slot, idx: self._load(slot, keys, idx, headers, views))
         self._promote(
-            [
-                (keys[i], None, loaded[i], _as_blob(headers[i], views[i]))
-                for i in range(n)
-                if loaded[i] > 0
-            ]
+            [(keys[i], None, t, _as_blob(headers[i], views[i])) for i, t in enumerate(run) if t]
         )
-        names = [self._slots[loaded[i]].tier.name for i in range(n)]
-        return LoadResult(n, names, self.chunk_tokens)
+        return LoadResult(len(run), [self._slots[t].tier.name for t in run], self.chunk_tokens)
 
     def _load(
         self,

@@ -160,13 +160,17 @@ class DiskTier:
     def get_many(self, keys: Sequence[ChunkKey]) -> list[Blob | None]:
         return [self._get(key) for key in keys]
 
-    def _get(self, key: ChunkKey) -> bytes | None:
-        path = self.path_of(key)
+    def _open(self, key: ChunkKey) -> int | None:
+        """A read-only fd of the chunk's file, or None (and forget the key) if it is gone."""
         try:
-            fd = os.open(path, os.O_RDONLY)
+            return os.open(self.path_of(key), os.O_RDONLY)
         except FileNotFoundError:
             with self._lock:
                 self._policy.remove(key)
+            return None
+
+    def _get(self, key: ChunkKey) -> bytes | None:
+        if (fd := self._open(key)) is None:
             return None
         try:
             size = os.fstat(fd).st_size
@@ -189,11 +193,7 @@ class DiskTier:
         return [self._read_into(key, buffers) for key, buffers in items]
 
     def _read_into(self, key: ChunkKey, buffers: Sequence[memoryview]) -> int | None:
-        try:
-            fd = os.open(self.path_of(key), os.O_RDONLY)
-        except FileNotFoundError:
-            with self._lock:
-                self._policy.remove(key)
+        if (fd := self._open(key)) is None:
             return None
         try:
             size = os.fstat(fd).st_size
