@@ -30,7 +30,7 @@ from kvtier.errors import CorruptChunk
 from kvtier.health import TierHealth
 from kvtier.keys import ChunkKey, Namespace, chunk_keys
 from kvtier.stats import ChunkEvent, Recorder, StoreStats
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import Blob, Tier
 from kvtier.writeback import WriteBatch, WriteBehind
 
 log = logging.getLogger("kvtier")
@@ -230,16 +230,16 @@ class TieredStore:
             run.append(loaded[len(run)])
         return run
 
-    def _fetch(self, keys: Sequence[ChunkKey]) -> list[tuple[ChunkKey, KVChunk, int, bytes]]:
+    def _fetch(self, keys: Sequence[ChunkKey]) -> list[tuple[ChunkKey, KVChunk, int, Blob]]:
         """(key, chunk, tier index, stored bytes) for the longest verified leading run."""
-        got: dict[int, tuple[KVChunk, bytes]] = {}
+        got: dict[int, tuple[KVChunk, Blob]] = {}
 
         def read_from(slot: _Slot, idx: list[int]) -> list[bool]:
             blobs = self._guard(slot, [None] * len(idx), slot.tier.get_many, [keys[i] for i in idx])
             for i, blob in zip(idx, blobs, strict=True):
                 chunk = self._verify(slot, keys[i], blob)
                 if chunk is not None and blob is not None:
-                    got[i] = (chunk, bytes(blob))  # bytes(bytes) is the same object: no copy
+                    got[i] = (chunk, blob)
             return [i in got for i in idx]
 
         run = self._walk(keys, read_from)
@@ -365,7 +365,7 @@ class TieredStore:
                 return t
         return None
 
-    def _promote(self, found: Sequence[tuple[ChunkKey, KVChunk | None, int, bytes]]) -> None:
+    def _promote(self, found: Sequence[tuple[ChunkKey, KVChunk | None, int, Blob]]) -> None:
         """Copy chunks read from tier t into tiers 0..t-1 (tier 0 inline, others queued)."""
         for upper in range(len(self._slots)):
             items = [(k, blob) for k, _, t, blob in found if t > upper]
@@ -423,7 +423,7 @@ class TieredStore:
         top = self._slots[0]
         held = self._guard(top, [False] * len(keys), top.tier.contains_many, keys)
         ns_id = namespace.id(self.chunk_tokens)
-        items = [
+        items: WriteBatch = [
             (key, codec.encode(key, chunk, ns_id, top.compression))
             for key, chunk, h in zip(keys, chunks, held, strict=True)
             if not h
@@ -465,7 +465,7 @@ class TieredStore:
         self._recorder.add(
             name,
             chunks_written=len(written),
-            bytes_written=sum(len(b) for _, b in written),
+            bytes_written=sum(memoryview(b).nbytes for _, b in written),
             writes_rejected=len(items) - len(written),
             evictions=len(result.evicted),
         )
@@ -473,7 +473,7 @@ class TieredStore:
         self._recorder.emit("evicted", name, result.evicted)
 
     @staticmethod
-    def _recode(blob: bytes, compression: Compression) -> bytes:
+    def _recode(blob: Blob, compression: Compression) -> Blob:
         header = codec.read_header(blob)
         if header.compression == compression:
             return blob
@@ -524,7 +524,7 @@ class TieredStore:
         self.close()
 
 
-def _as_blob(header: bytearray, payload: memoryview) -> bytes:
+def _as_blob(header: bytearray, payload: memoryview) -> Blob:
     """Stored form of a chunk loaded into (header, payload), for promotion to upper tiers."""
     h = codec.read_header(header)
     if h.compression == Compression.NONE:

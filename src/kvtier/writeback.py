@@ -13,10 +13,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from kvtier.keys import ChunkKey
+from kvtier.tiers.base import Blob
 
 log = logging.getLogger("kvtier")
 
-WriteBatch = list[tuple[ChunkKey, bytes]]
+WriteBatch = list[tuple[ChunkKey, Blob]]
 _BATCH_CHUNKS = 32
 _BATCH_BYTES = 64 << 20
 
@@ -28,14 +29,14 @@ class WriteBehind:
         self.name = name
         self._write = write
         self._max = max_queued
-        self._queue: deque[tuple[ChunkKey, bytes]] = deque()
+        self._queue: deque[tuple[ChunkKey, Blob]] = deque()
         self._busy = 0  # jobs taken by the worker and not finished
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"kvtier-write-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, items: Sequence[tuple[ChunkKey, bytes]]) -> int:
+    def submit(self, items: Sequence[tuple[ChunkKey, Blob]]) -> int:
         """Queue what fits; return how many were dropped because the queue was full."""
         with self._cond:
             if self._closed:
@@ -71,7 +72,7 @@ class WriteBehind:
             while self._queue and len(batch) < _BATCH_CHUNKS and size < _BATCH_BYTES:
                 item = self._queue.popleft()
                 batch.append(item)
-                size += len(item[1])
+                size += memoryview(item[1]).nbytes
             self._busy = len(batch)
             return batch
 

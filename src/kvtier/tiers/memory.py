@@ -13,9 +13,9 @@ from kvtier.tiers.base import Blob, PutResult, TierUsage, scatter
 class MemoryTier:
     """Chunks in this process's memory.
 
-    Values are stored as ``bytes`` (copied once on put if given another buffer type) and
-    returned as-is: ``bytes`` are immutable, so a reader keeps a valid view even if the entry
-    is evicted meanwhile, and reads copy nothing.
+    Values are kept as given when immutable (``bytes``, read-only views such as the codec's
+    huge-page buffers) and copied once otherwise, then returned as-is: a reader keeps a valid
+    view even if the entry is evicted meanwhile, and reads copy nothing.
     """
 
     def __init__(self, capacity: int, name: str = "memory", policy: LRUPolicy | None = None):
@@ -24,7 +24,7 @@ class MemoryTier:
         self.name = name
         self.zero_copy_reads = True
         self.capacity = capacity
-        self._data: dict[ChunkKey, bytes] = {}
+        self._data: dict[ChunkKey, Blob] = {}
         self._policy = policy or LRUPolicy()
         self._lock = threading.Lock()
 
@@ -55,15 +55,17 @@ class MemoryTier:
         stored: list[bool] = []
         evicted: list[ChunkKey] = []
         for key, blob in items:
-            value = blob if isinstance(blob, bytes) else bytes(blob)
+            # Immutable values are kept as they are (no copy); a writable buffer is copied.
+            value = blob if isinstance(blob, bytes) or blob.readonly else bytes(blob)
+            size = memoryview(value).nbytes
             with self._lock:
                 self._policy.remove(key)  # a replaced value frees its old size first
                 old = self._data.pop(key, None)
-                victims = self._policy.victims(len(value), self.capacity)
+                victims = self._policy.victims(size, self.capacity)
                 if victims is None:
                     if old is not None:  # keep the old value rather than lose the key
                         self._data[key] = old
-                        self._policy.insert(key, len(old))
+                        self._policy.insert(key, memoryview(old).nbytes)
                     stored.append(False)
                     continue
                 for victim in victims:
@@ -71,7 +73,7 @@ class MemoryTier:
                     self._policy.remove(victim)
                     evicted.append(victim)  # type: ignore[arg-type]
                 self._data[key] = value
-                self._policy.insert(key, len(value))
+                self._policy.insert(key, size)
             stored.append(True)
         return PutResult(stored, evicted)
 

@@ -115,7 +115,7 @@ class RedisTier:
         for key, blob in items:
             pipe.set(
                 self.redis_key(key),
-                bytes(blob) if isinstance(blob, memoryview) else blob,
+                blob,  # redis-py sends memoryviews without joining them into one bytes
                 ex=self.ttl_s,
             )
             pending += memoryview(blob).nbytes
