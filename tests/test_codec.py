@@ -107,4 +107,3 @@ def test_bad_chunks_are_rejected_at_construction() -> None:
         KVChunk("float16", (1, 2, 1, 1, 4), b"\0" * 15)
     with pytest.raises(ValueError, match="dtype="):
         KVChunk.from_array(np.zeros((1, 2, 1, 1, 1), dtype=np.uint16))
-

@@ -153,3 +153,41 @@ def test_configs_are_frozen_and_build_a_working_store(tmp_path: Path) -> None:
     with open_store(config) as store:
         assert [t.name for t in store.tiers] == ["memory", "disk"]
         assert store.chunk_tokens == 16
+
+
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"retry_after_s": float("nan")}, "retry_after_s: expected a finite number"),
+        (
+            {"tiers": [{"kind": "redis", "url": "redis://h", "timeout_s": float("inf")}]},
+            "tiers[0].timeout_s: expected a finite number",
+        ),
+        (
+            {"tiers": [{"kind": "redis", "url": "valkey://h:6379"}]},
+            "tiers[0].url: expected redis://",
+        ),
+        ({"tiers": [{"kind": "memory", "capacity": 2.5}]}, "whole number of bytes"),
+        ({"tiers": [{"kind": ["disk"]}]}, "tiers[0].kind: ['disk'] is not allowed"),
+        ({1: 2}, "keys must be names"),
+        ({"tiers": [{"kind": "memory", "name": ""}]}, "must start with a letter"),
+        (
+            {"tiers": [{"kind": "memory", "name": "fast"}, {"kind": "disk", "name": "FAST"}]},
+            "names ignore case",
+        ),
+    ],
+)
+def test_edge_values_are_refused(data: dict[object, object], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data, "cfg")  # type: ignore[arg-type]
+    assert needle in str(err.value)
+
+
+def test_environment_never_adds_a_second_tier_of_a_kind_by_accident(tmp_path: Path) -> None:
+    path = tmp_path / "k.yaml"
+    path.write_text("tiers: [{kind: memory, name: dram}, {kind: disk, name: ssd, path: /x}]\n")
+    with pytest.raises(ConfigError, match="named 'dram'; use KVTIER_DRAM_CAPACITY"):
+        load_config(path, env={"KVTIER_MEMORY_CAPACITY": "1GiB"})
+    with pytest.raises(ConfigError, match="KVTIER_SSD_KIND: a tier's kind cannot be set"):
+        load_config(path, env={"KVTIER_SSD_KIND": "memory"})
+    assert load_config(path, env={"KVTIER_DRAM_CAPACITY": "1GiB"}).tiers[0].capacity == 2**30

@@ -206,3 +206,60 @@ def _unwritable(path: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_disk_failing_part_way_reports_what_it_did(tmp_path: Path) -> None:
+    from kvtier.stats import ChunkEvent
+
+    size = chunk(0).nbytes + 96
+    disk = DiskTier(tmp_path / "d", 2 * size, fsync=False)
+    with TieredStore([MemoryTier(1 << 20), disk], CHUNK_TOKENS, retry_after_s=60) as store:
+        events: list[ChunkEvent] = []
+        store.subscribe(events.append)
+        tokens = prompt(7, 4)
+        keys = store.keys(tokens, NS)
+        store.put(tokens, NS, chunks_for(7, 2))
+        store.flush()
+        # The fan-out directory of chunk 3 refuses writes. Chunk 2 lands, evicting chunk 0;
+        # chunk 3 evicts chunk 1 to make room, then fails: both evictions are reported.
+        blocked = disk.path_of(keys[3]).parent
+        assert blocked != disk.path_of(keys[2]).parent, "pick another seed"
+        blocked.mkdir(exist_ok=True)
+        with _unwritable(blocked):
+            store.put(tokens, NS, chunks_for(7, 4)[2:], start_chunk=2)
+            store.flush()
+        stats = store.stats().tiers["disk"]
+        assert (stats.chunks_written, stats.evictions, stats.errors) == (3, 2, 1)
+        assert stats.writes_dropped == 1
+        disk_events = [(e.kind, e.keys) for e in events if e.tier == "disk"]
+        assert ("evicted", (keys[0], keys[1])) in disk_events
+        assert ("stored", (keys[2],)) in disk_events
+        assert disk.contains_many(keys) == [False, False, True, False]
+        assert disk.usage().chunks == 1 and disk.usage().bytes == size
+
+
+def test_redis_connection_dropped_while_idle_is_not_an_outage(prefix: str) -> None:
+    with RedisServer() as server:
+        tier = RedisTier(server.url, prefix=prefix)
+        with TieredStore([tier], CHUNK_TOKENS) as store:
+            tokens = prompt(8, 2)
+            store.put(tokens, NS, chunks_for(8, 2))
+            dests = [np.zeros(SHAPE, dtype=np.float16) for _ in range(2)]
+            assert store.get_into(tokens, NS, dests).chunks == 2
+            client = redis.Redis.from_url(server.url)
+            client.config_set("timeout", 1)  # the server drops idle clients after 1 s
+            client.close()
+            time.sleep(2.2)
+            assert store.get_into(tokens, NS, dests).chunks == 2
+            assert store.stats().tiers["redis"].errors == 0
+
+
+def test_a_listener_that_flushes_does_not_deadlock(tmp_path: Path) -> None:
+    with TieredStore([MemoryTier(1 << 20), DiskTier(tmp_path, 1 << 30)], CHUNK_TOKENS) as store:
+        results: list[bool] = []
+        store.subscribe(
+            lambda e: results.append(store.flush(timeout=5)) if e.tier == "disk" else None
+        )
+        store.put(prompt(9, 1), NS, chunks_for(9, 1))
+        assert store.flush(timeout=10)
+        assert results == [False]  # the worker cannot wait for itself; it said so at once

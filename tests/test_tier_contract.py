@@ -191,3 +191,72 @@ def test_disk_index_of_100k_chunks_rebuilds_in_under_2s(tmp_path: Path) -> None:
     elapsed = time.perf_counter() - start
     assert tier.usage().chunks == 100_000
     assert elapsed < 2.0, f"rebuilding the index of 100K chunks took {elapsed:.2f}s"
+
+
+def test_memory_tier_owns_a_copy_of_mutable_buffers() -> None:
+    tier = MemoryTier(1 << 20)
+    buf = bytearray(b"hello")
+    tier.put_many([(k(1), buf), (k(2), memoryview(buf).toreadonly())])
+    buf[:] = b"HELLO"
+    assert [bytes(b or b"") for b in tier.get_many([k(1), k(2)])] == [b"hello", b"hello"]
+
+
+def test_disk_capacity_holds_while_another_thread_probes(tmp_path: Path) -> None:
+    import threading
+
+    tier = DiskTier(tmp_path, 50_000, fsync=True)
+    keys = [k(i) for i in range(600)]
+    current = [keys[0]]
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            tier.contains_many([current[0]])
+            tier.get_many([current[0]])
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        for key in keys:
+            current[0] = key
+            tier.put_many([(key, b"y" * 1000)])
+    finally:
+        done.set()
+        prober.join()
+    on_disk = sum(1 for _ in tier.scan())
+    assert tier.usage().bytes <= 50_000
+    assert on_disk * 1000 <= 50_000, f"{on_disk} files on disk for a 50-file capacity"
+    assert on_disk == tier.usage().chunks
+
+
+def test_disk_replacement_that_does_not_fit_keeps_the_old_file_indexed(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 3000, fsync=False)
+    tier.put_many([(k(1), blob(1)), (k(2), blob(2))])
+    tier.pin([k(2)])
+    assert tier.put_many([(k(1), blob(1, 2500))]).stored == [False]
+    assert tier.usage().chunks == 2 and tier.usage().bytes == 2000
+    assert bytes(tier.get_many([k(1)])[0] or b"") == blob(1)
+
+
+def test_disk_open_keeps_a_live_writers_temp_file_and_removes_a_dead_ones(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    DiskTier(tmp_path, 1 << 20)
+    temp = tmp_path / ".tmp" / "0123.otherhost.1.0.tmp"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT);"
+         " fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+         str(temp)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        DiskTier(tmp_path, 1 << 20)
+        assert temp.exists()  # its writer (another process, any host name or pid) is alive
+    finally:
+        holder.kill()
+        holder.wait()
+    DiskTier(tmp_path, 1 << 20)
+    assert not temp.exists()

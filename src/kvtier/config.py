@@ -20,6 +20,7 @@ Unknown keys and bad values raise ConfigError naming the key and what is allowed
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -49,6 +50,12 @@ def parse_size(value: object, key: str = "size") -> int:
         raise ConfigError(f"{key}: expected a size like 512MiB or 2GiB, got {value!r}")
     if isinstance(value, int):
         n = value
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(
+                f"{key}: a size without a unit is a whole number of bytes, got {value!r}"
+            )
+        n = int(value)
     else:
         m = _SIZE_RE.match(str(value))
         unit = m.group(2).lower() if m else ""
@@ -123,7 +130,7 @@ class RedisTierConfig:
 
     def __post_init__(self) -> None:
         _choice("compression", self.compression, COMPRESSIONS)
-        if not re.match(r"^(redis|rediss|valkey|valkeys|unix)://", self.url):
+        if not re.match(r"^(redis|rediss|unix)://", self.url):
             raise ConfigError(
                 f"url: expected redis://host:port[/db] (or rediss://, unix://), got {self.url!r}"
             )
@@ -159,10 +166,18 @@ class StoreConfig:
             raise ConfigError(f"retry_after_s: must be positive, got {self.retry_after_s}")
         if not self.tiers:
             raise ConfigError("tiers: at least one tier is needed")
-        names = [t.name for t in self.tiers]
-        for name in names:
-            if names.count(name) > 1:
-                raise ConfigError(f"tiers: two tiers are named {name!r}; give them distinct names")
+        names = [t.name.lower() for t in self.tiers]
+        for tier in self.tiers:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", tier.name):
+                raise ConfigError(
+                    f"tiers: tier name {tier.name!r} must start with a letter and hold only"
+                    " letters, digits and _ (it is also the KVTIER_<NAME>_* prefix)"
+                )
+            if names.count(tier.name.lower()) > 1:
+                raise ConfigError(
+                    f"tiers: two tiers are named {tier.name!r} (names ignore case);"
+                    " give them distinct names"
+                )
 
 
 def _coerce(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
@@ -190,11 +205,16 @@ def _coerce(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
         if base is str:
             if not isinstance(value, str | int | float) or isinstance(value, bool):
                 raise ValueError
             return str(value)
+    except ConfigError:
+        raise
     except ValueError:
         pass
     raise ConfigError(f"{key}: expected {getattr(base, '__name__', base)}, got {value!r}")
@@ -210,6 +230,8 @@ def _build(cls: type[Any], values: Mapping[str, Any], where: str, env: bool = Fa
 
     kwargs = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}{key!r}: keys must be names (strings), got {key!r}")
         if key not in fields:
             allowed = ", ".join(name(f) if env else f for f in sorted(fields))
             raise ConfigError(f"{name(key)}: unknown key; allowed: {allowed}")
@@ -225,7 +247,7 @@ def _tier_from(values: Any, where: str, env: bool = False) -> TierConfig:
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where[:-1]}: expected a mapping with a 'kind', got {values!r}")
     kind = values.get("kind")
-    if kind not in TIER_KINDS:
+    if not isinstance(kind, str) or kind not in TIER_KINDS:
         raise ConfigError(f"{where}kind: {kind!r} is not allowed; allowed: {', '.join(TIER_KINDS)}")
     values = {"name": kind, **values}
     tier: TierConfig = _build(TIER_KINDS[kind], values, where, env)
@@ -278,7 +300,16 @@ def _apply_env(config: StoreConfig, env: Mapping[str, str]) -> StoreConfig:
         per_tier.setdefault(target, {})[rest[len(target) + 1 :].lower()] = env[var]
     for target, values in per_tier.items():
         where = f"KVTIER_{target}_"
+        if "kind" in values:
+            raise ConfigError(f"{where}KIND: a tier's kind cannot be set from the environment")
         index = next((i for i, t in enumerate(tiers) if t.name.upper() == target), None)
+        same_kind = [t.name for t in tiers if t.kind.upper() == target]
+        if index is None and same_kind:
+            first = next(iter(values))
+            raise ConfigError(
+                f"{where}{first.upper()}: the {target.lower()} tier here is named"
+                f" {same_kind[0]!r}; use KVTIER_{same_kind[0].upper()}_{first.upper()}"
+            )
         if index is None:  # a kind with no tier of that name yet: add one
             tiers.append(_tier_from({"kind": target.lower(), **values}, where, env=True))
         else:

@@ -42,6 +42,7 @@ class TierHealth:
 
     def failed(self, exc: BaseException) -> None:
         with self._lock:
+            now = self._clock()
             if self._down_until is None:
                 log.warning(
                     "kvtier tier %r failed (%s: %s); treating it as a miss and retrying in %.1fs",
@@ -50,9 +51,11 @@ class TierHealth:
                     exc,
                     self._wait,
                 )
-            else:
+            elif now >= self._down_until:  # a retry failed: wait longer next time
                 self._wait = min(self._wait * 2, self._max_retry)
-            self._down_until = self._clock() + self._wait
+            else:  # a call that started before the tier was marked down: same outage
+                return
+            self._down_until = now + self._wait
 
     def succeeded(self) -> None:
         if self._down_until is None:

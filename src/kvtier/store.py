@@ -462,11 +462,16 @@ class TieredStore:
             self._recorder.add(name, writes_dropped=len(items))
             return
         written = [(k, b) for (k, b), ok in zip(items, result.stored, strict=True) if ok]
+        unwritten = len(items) - len(written)
+        if result.error is not None:  # failed part-way: what it did still counts
+            self._recorder.add(name, errors=1)
+            slot.health.failed(result.error)
         self._recorder.add(
             name,
             chunks_written=len(written),
             bytes_written=sum(memoryview(b).nbytes for _, b in written),
-            writes_rejected=len(items) - len(written),
+            writes_rejected=0 if result.error else unwritten,
+            writes_dropped=unwritten if result.error else 0,
             evictions=len(result.evicted),
         )
         self._recorder.emit("stored", name, [k for k, _ in written])
@@ -496,7 +501,11 @@ class TieredStore:
                 slot.tier.unpin(keys)
 
     def subscribe(self, listener: Callable[[ChunkEvent], None]) -> None:
-        """Call ``listener`` for every stored / evicted / removed event (from any thread)."""
+        """Call ``listener`` for every stored / evicted / removed event.
+
+        Listeners run on whichever thread caused the event (a caller's, a write-behind
+        worker, the prefetcher) and must return quickly; they must not wait on the store.
+        """
         self._recorder.subscribe(listener)
 
     def stats(self) -> StoreStats:

@@ -49,7 +49,13 @@ class WriteBehind:
         return len(items) - len(taken)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything queued so far is written (or dropped). False on timeout."""
+        """Wait until everything queued so far is written (or dropped). False on timeout.
+
+        Called from the worker itself (an event listener runs there) it cannot wait for its
+        own batch, and returns False at once instead of deadlocking.
+        """
+        if threading.current_thread() is self._thread:
+            return False
         with self._cond:
             return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
 

@@ -31,6 +31,9 @@ class EvictionPolicy(Protocol):
     def insert(self, key: Hashable, size: int) -> None:
         """Track ``key`` with ``size`` bytes as just used (replaces an earlier size)."""
 
+    def size_of(self, key: Hashable) -> int | None:
+        """The tracked size of ``key``, or None if it is not tracked."""
+
     def touch(self, key: Hashable) -> None:
         """Record a use of ``key``; unknown keys are ignored."""
 
@@ -75,6 +78,9 @@ class LRUPolicy:
             self._used -= old
         self._order[key] = size
         self._used += size
+
+    def size_of(self, key: Hashable) -> int | None:
+        return self._order.get(key)
 
     def touch(self, key: Hashable) -> None:
         if key in self._order:

@@ -40,10 +40,15 @@ class TierUsage:
 
 @dataclass(frozen=True)
 class PutResult:
-    """``stored[i]`` tells whether item i is now held; ``evicted`` lists what made room."""
+    """``stored[i]`` tells whether item i is now held; ``evicted`` lists what made room.
+
+    ``error`` is set when the medium failed part-way through the batch: the item that failed
+    and all after it are not stored, and what was stored or evicted before is still reported.
+    """
 
     stored: list[bool]
     evicted: list[ChunkKey] = field(default_factory=list)
+    error: Exception | None = None
 
 
 class Tier(Protocol):

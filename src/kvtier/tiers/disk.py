@@ -2,7 +2,9 @@
 
 Layout: ``<root>/<first two hex digits>/<32 hex digits>.kvc``, temp files in ``<root>/.tmp``.
 File names come from the key's hex digits only, so no input can reach outside ``root``, and
-the tier only ever deletes names of that exact form.
+the tier only ever deletes names of that exact form, plus temp files whose writer is gone
+(a writer holds an flock on its temp file until the rename; opening the tier removes the
+temp files nobody holds).
 
 Writes are atomic: temp file, optional fsync, rename over the final name. A reader therefore
 sees a whole old file, a whole new file, or nothing — never a torn one — also when several
@@ -18,6 +20,7 @@ it is asked for, and a chunk another process evicted reads as a miss.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import threading
@@ -33,7 +36,7 @@ from kvtier.tiers.base import Blob, PutResult, TierUsage
 
 SUFFIX = ".kvc"
 _HEX = frozenset("0123456789abcdef")
-_STALE_TMP_S = 3600.0
+_STALE_TMP_S = 3600.0  # where the filesystem has no locks: age alone decides
 
 
 def _key_from_name(name: str) -> ChunkKey | None:
@@ -43,16 +46,6 @@ def _key_from_name(name: str) -> ChunkKey | None:
     if not _HEX.issuperset(stem):
         return None
     return ChunkKey(bytes.fromhex(stem))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class DiskTier:
@@ -81,6 +74,12 @@ class DiskTier:
             self._tmp.mkdir(parents=True, exist_ok=True)
         self._policy: EvictionPolicy = policy or LRUPolicy()
         self._lock = threading.Lock()
+        # Keys whose file this process is writing, and victims chosen but not yet unlinked:
+        # while a key is in one of them, what the filesystem shows of it is in flux and must
+        # not change the index (a missing file being written is not gone; a file being
+        # deleted must not be re-indexed).
+        self._writing: set[ChunkKey] = set()
+        self._deleting: set[ChunkKey] = set()
         self._seq = count()
         self._host = socket.gethostname().replace(".", "_")
         if not read_only:
@@ -124,38 +123,64 @@ class DiskTier:
                 self._policy.insert(key, size)
 
     def _remove_stale_temp_files(self) -> None:
-        """Delete temp files of dead writers on this host, and any older than an hour."""
+        """Delete temp files whose writer is gone.
+
+        A writer holds an exclusive flock on its temp file from creation to rename, and the
+        kernel drops it when the writer dies, so a file we can lock has no writer (on any
+        host, with NFS locking). We unlink while holding the lock; a writer that created the
+        file but locked it only after us sees it unlinked and starts a new one
+        (:meth:`_create_temp`).
+        """
         now = time.time()
         with os.scandir(self._tmp) as entries:
             for entry in entries:
-                parts = entry.name.split(".")
                 try:
-                    dead = (
-                        len(parts) == 5 and parts[1] == self._host and not _pid_alive(int(parts[2]))
-                    )
-                    if dead or now - entry.stat().st_mtime > _STALE_TMP_S:
-                        os.unlink(entry.path)
-                except (ValueError, FileNotFoundError):
+                    fd = os.open(entry.path, os.O_RDONLY)
+                except FileNotFoundError:
                     continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer
+                except OSError:  # no locking on this filesystem: fall back to age alone
+                    if now - os.fstat(fd).st_mtime < _STALE_TMP_S:
+                        continue
+                    with suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                else:
+                    with suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                finally:
+                    os.close(fd)
+
+    def _sync(self, key: ChunkKey, used: bool = False) -> int | None:
+        """Bring the index in line with the key's file; return its size, None if absent.
+
+        The stat happens under the lock, so none of this process's puts or evictions can
+        slip between what we saw and what we record; keys this process is writing or
+        deleting are left alone (their file is in flux).
+        """
+        path = self.path_of(key)
+        with self._lock:
+            try:
+                size: int | None = os.stat(path).st_size
+            except FileNotFoundError:
+                size = None
+            if key in self._writing or key in self._deleting:
+                return size
+            if size is None:
+                self._policy.remove(key)
+            elif key not in self._policy:
+                self._policy.insert(key, size)
+            elif used:
+                self._policy.touch(key)
+            return size
 
     # -- the Tier protocol -----------------------------------------------------------------
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         # Always ask the filesystem: another process may have written or evicted a chunk.
-        out = []
-        for key in keys:
-            try:
-                size = os.stat(self.path_of(key)).st_size
-            except FileNotFoundError:
-                with self._lock:
-                    self._policy.remove(key)
-                out.append(False)
-                continue
-            with self._lock:
-                if key not in self._policy:
-                    self._policy.insert(key, size)
-            out.append(True)
-        return out
+        return [self._sync(key) is not None for key in keys]
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[Blob | None]:
         return [self._get(key) for key in keys]
@@ -165,8 +190,7 @@ class DiskTier:
         try:
             return os.open(self.path_of(key), os.O_RDONLY)
         except FileNotFoundError:
-            with self._lock:
-                self._policy.remove(key)
+            self._sync(key)
             return None
 
     def _get(self, key: ChunkKey) -> bytes | None:
@@ -182,7 +206,7 @@ class DiskTier:
                     parts.append(more)
                     got += len(more)
                 data = b"".join(parts)
-            self._touch(fd, key, size)
+            self._touch(fd, key)
         finally:
             os.close(fd)
         return data
@@ -210,20 +234,16 @@ class DiskTier:
                         todo.pop(0)
                     if todo and n:
                         todo[0] = todo[0][n:]
-            self._touch(fd, key, size)
+            self._touch(fd, key)
         finally:
             os.close(fd)
         return size
 
-    def _touch(self, fd: int, key: ChunkKey, size: int) -> None:
+    def _touch(self, fd: int, key: ChunkKey) -> None:
         if not self.read_only:
             with suppress(OSError):  # recency survives a restart; a read-only mount is fine
                 os.utime(fd)
-        with self._lock:
-            if key in self._policy:
-                self._policy.touch(key)
-            else:
-                self._policy.insert(key, size)
+        self._sync(key, used=True)
 
     def header_of(self, key: ChunkKey, nbytes: int) -> bytes | None:
         """The first ``nbytes`` of a stored chunk, for inspection without a full read."""
@@ -238,61 +258,94 @@ class DiskTier:
             raise PermissionError(f"disk tier {self.name!r} at {self.root} is read-only")
         stored: list[bool] = []
         evicted: list[ChunkKey] = []
-        for key, blob in items:
+        for n, (key, blob) in enumerate(items):
             size = memoryview(blob).nbytes
             with self._lock:
+                old = self._policy.size_of(key)
                 self._policy.remove(key)
                 victims = self._policy.victims(size, self.capacity)
                 if victims is None:
+                    if old is not None:  # the old file stays: keep it indexed
+                        self._policy.insert(key, old)
                     stored.append(False)
                     continue
+                sizes = [self._policy.size_of(v) or 0 for v in victims]
                 for victim in victims:
                     self._policy.remove(victim)
+                    self._deleting.add(victim)  # type: ignore[arg-type]
                 # Account for the file before writing it, pinned while in flight, so that
                 # concurrent puts neither overshoot the capacity nor evict it half-written.
                 self._policy.insert(key, size)
                 self._policy.pin(key)
+                self._writing.add(key)
             try:
-                for victim in victims:
-                    self._unlink(victim)  # type: ignore[arg-type]
-                evicted.extend(victims)  # type: ignore[arg-type]
+                self._evict(victims, sizes, evicted)  # type: ignore[arg-type]
                 self._write(key, blob)
-            except BaseException:
+            except Exception as exc:
                 with self._lock:
                     self._policy.remove(key)
-                raise
+                    if old is not None:  # a failed write leaves the old file in place
+                        self._policy.insert(key, old)
+                stored.extend([False] * (len(items) - n))
+                return PutResult(stored, evicted, exc)
             finally:
                 with self._lock:
                     self._policy.unpin(key)
+                    self._writing.discard(key)
             stored.append(True)
         return PutResult(stored, evicted)
 
+    def _evict(self, victims: list[ChunkKey], sizes: list[int], evicted: list[ChunkKey]) -> None:
+        """Unlink victims, appending each to ``evicted``; re-index the ones that stay."""
+        for i, victim in enumerate(victims):
+            try:
+                self._unlink(victim)
+            except BaseException:
+                with self._lock:
+                    for v, s in zip(victims[i:], sizes[i:], strict=True):
+                        self._deleting.discard(v)
+                        self._policy.insert(v, s)
+                raise
+            with self._lock:
+                self._deleting.discard(victim)
+            evicted.append(victim)
+
+    def _create_temp(self, key: ChunkKey) -> tuple[int, Path]:
+        """A new temp file, locked (the lock tells clean-up that its writer is alive)."""
+        for _ in range(3):
+            tmp = self._tmp / f"{key.hex()}.{self._host}.{os.getpid()}.{next(self._seq)}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                return fd, tmp  # no locking on this filesystem
+            if os.fstat(fd).st_nlink:
+                return fd, tmp
+            os.close(fd)  # a clean-up removed it between our create and our lock
+        raise OSError(f"temp files in {self._tmp} keep vanishing")
+
     def _write(self, key: ChunkKey, blob: Blob) -> None:
         final = self.path_of(key)
-        tmp = self._tmp / f"{key.hex()}.{self._host}.{os.getpid()}.{next(self._seq)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
+        fd, tmp = self._create_temp(key)
+        try:  # the lock is held until after the rename (the fd closes last)
             view = memoryview(blob).cast("B")
             while view:
                 view = view[os.write(fd, view) :]
             if self.fsync:
                 os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with suppress(OSError):
-                os.unlink(tmp)
-            raise
-        os.close(fd)
-        try:
             try:
                 os.rename(tmp, final)
-            except FileNotFoundError:  # first chunk in this fan-out directory
-                final.parent.mkdir(exist_ok=True)
+            except FileNotFoundError:
+                if final.parent.is_dir():
+                    raise  # the temp file itself vanished
+                final.parent.mkdir(exist_ok=True)  # first chunk in this fan-out directory
                 os.rename(tmp, final)
         except BaseException:
             with suppress(OSError):
                 os.unlink(tmp)
             raise
+        finally:
+            os.close(fd)
 
     def _unlink(self, key: ChunkKey) -> bool:
         try:

@@ -13,9 +13,10 @@ from kvtier.tiers.base import Blob, PutResult, TierUsage, scatter
 class MemoryTier:
     """Chunks in this process's memory.
 
-    Values are kept as given when immutable (``bytes``, read-only views such as the codec's
-    huge-page buffers) and copied once otherwise, then returned as-is: a reader keeps a valid
-    view even if the entry is evicted meanwhile, and reads copy nothing.
+    Values are stored as ``bytes`` (copied once on put if given another buffer type, since a
+    view may be of memory its owner still changes) and returned as-is: ``bytes`` are
+    immutable, so a reader keeps a valid view even if the entry is evicted meanwhile, and
+    reads copy nothing.
     """
 
     def __init__(self, capacity: int, name: str = "memory", policy: LRUPolicy | None = None):
@@ -24,7 +25,7 @@ class MemoryTier:
         self.name = name
         self.zero_copy_reads = True
         self.capacity = capacity
-        self._data: dict[ChunkKey, Blob] = {}
+        self._data: dict[ChunkKey, bytes] = {}
         self._policy = policy or LRUPolicy()
         self._lock = threading.Lock()
 
@@ -55,9 +56,8 @@ class MemoryTier:
         stored: list[bool] = []
         evicted: list[ChunkKey] = []
         for key, blob in items:
-            # Immutable values are kept as they are (no copy); a writable buffer is copied.
-            value = blob if isinstance(blob, bytes) or blob.readonly else bytes(blob)
-            size = memoryview(value).nbytes
+            value = blob if isinstance(blob, bytes) else bytes(blob)  # own an immutable copy
+            size = len(value)
             with self._lock:
                 self._policy.remove(key)  # a replaced value frees its old size first
                 old = self._data.pop(key, None)
@@ -65,7 +65,7 @@ class MemoryTier:
                 if victims is None:
                     if old is not None:  # keep the old value rather than lose the key
                         self._data[key] = old
-                        self._policy.insert(key, memoryview(old).nbytes)
+                        self._policy.insert(key, len(old))
                     stored.append(False)
                     continue
                 for victim in victims:

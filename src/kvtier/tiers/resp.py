@@ -9,12 +9,15 @@ still goes through redis-py.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 from kvtier.errors import TierUnavailable
+
+log = logging.getLogger("kvtier")
 
 
 def _command(*parts: bytes) -> bytes:
@@ -41,6 +44,7 @@ class BulkReader:
         self._auth = (username, password)
         self._timeout = timeout_s
         self._sock: socket.socket | None = None
+        self._replied = False  # a reply byte arrived for the current request
         self._lock = threading.Lock()
 
     @classmethod
@@ -76,6 +80,7 @@ class BulkReader:
             byte = self._sock.recv(1)
             if not byte:
                 raise ConnectionError("redis closed the connection")
+            self._replied = True
             line += byte
         return bytes(line[:-2])
 
@@ -98,10 +103,24 @@ class BulkReader:
         """GET each key (one pipelined round trip) into its buffers; sizes as in
         :meth:`kvtier.tiers.base.Tier.read_into_many`."""
         with self._lock:
+            reused = self._sock is not None
+            self._replied = False
+            try:
+                return self._get_into(keys, buffers)
+            except (ConnectionError, BrokenPipeError) as exc:
+                self.close_locked()
+                # An idle connection the server (or a proxy) closed fails before any reply
+                # byte: that is not an outage, so try once more on a fresh connection.
+                if not reused or self._replied:
+                    raise
+                log.debug("redis connection was closed while idle (%s); reconnecting", exc)
+            except BaseException:
+                self.close_locked()  # the stream's position is unknown: start afresh
+                raise
             try:
                 return self._get_into(keys, buffers)
             except BaseException:
-                self.close_locked()  # the stream's position is unknown: start afresh
+                self.close_locked()
                 raise
 
     def _get_into(
