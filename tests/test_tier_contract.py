@@ -6,6 +6,7 @@ a new instance over the same storage (persistent tiers only).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -260,3 +261,19 @@ def test_disk_open_keeps_a_live_writers_temp_file_and_removes_a_dead_ones(tmp_pa
         holder.wait()
     DiskTier(tmp_path, 1 << 20)
     assert not temp.exists()
+
+
+def test_disk_batch_reads_past_the_readahead_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kvtier.tiers.disk as disk_module
+
+    monkeypatch.setattr(disk_module, "_READAHEAD_BYTES", 2500)  # about two files ahead
+    tier = DiskTier(tmp_path, 1 << 20, fsync=False)
+    tier.put_many([(k(i), blob(i)) for i in range(10) if i != 4])
+    bufs = [bytearray(1000) for _ in range(10)]
+    open_before = len(os.listdir(f"/proc/{os.getpid()}/fd"))
+    sizes = tier.read_into_many([(k(i), [memoryview(bufs[i])]) for i in range(10)])
+    assert sizes == [1000] * 4 + [None] + [1000] * 5
+    assert all(bytes(bufs[i]) == blob(i) for i in range(10) if i != 4)
+    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) == open_before  # none left open
