@@ -3,8 +3,10 @@
 from kvtier.codec import KVChunk
 from kvtier.config import StoreConfig, load_config
 from kvtier.errors import ConfigError, CorruptChunk, KvtierError, TierUnavailable
+from kvtier.factory import open_store
 from kvtier.keys import ChunkKey, Namespace, chunk_keys
-from kvtier.store import GetResult, LookupResult, PutReport, TieredStore, open_store
+from kvtier.results import GetResult, LoadResult, LookupResult, PutReport
+from kvtier.store import TieredStore
 
 __version__ = "0.1.0"
 
@@ -15,6 +17,7 @@ __all__ = [
     "GetResult",
     "KVChunk",
     "KvtierError",
+    "LoadResult",
     "LookupResult",
     "Namespace",
     "PutReport",

@@ -25,67 +25,16 @@ from typing import Any, TypeVar, cast
 
 from kvtier import codec
 from kvtier.codec import Compression, KVChunk
-from kvtier.config import StoreConfig
 from kvtier.errors import CorruptChunk
 from kvtier.health import TierHealth
 from kvtier.keys import ChunkKey, Namespace, chunk_keys
+from kvtier.results import GetResult, LoadResult, LookupResult, PutReport
 from kvtier.stats import ChunkEvent, Recorder, StoreStats
 from kvtier.tiers.base import Blob, Tier
 from kvtier.writeback import WriteBatch, WriteBehind
 
 log = logging.getLogger("kvtier")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class LookupResult:
-    """How much of a prompt is cached: ``hit_chunks`` leading chunks, found in ``tiers``."""
-
-    keys: list[ChunkKey]  # every full chunk of the prompt
-    tiers: list[str]  # tier holding each hit chunk (len == hit_chunks)
-    chunk_tokens: int
-
-    @property
-    def hit_chunks(self) -> int:
-        return len(self.tiers)
-
-    @property
-    def hit_tokens(self) -> int:
-        return len(self.tiers) * self.chunk_tokens
-
-
-@dataclass(frozen=True)
-class GetResult:
-    """Consecutive chunks from the requested start; may be shorter than a prior lookup said
-    (a chunk evicted or found corrupt meanwhile): the caller recomputes the rest."""
-
-    chunks: list[KVChunk]
-    tiers: list[str]
-    chunk_tokens: int
-
-    @property
-    def tokens(self) -> int:
-        return len(self.chunks) * self.chunk_tokens
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    """``chunks`` leading chunks were loaded into the caller's buffers, from ``tiers``."""
-
-    chunks: int
-    tiers: list[str]
-    chunk_tokens: int
-
-    @property
-    def tokens(self) -> int:
-        return self.chunks * self.chunk_tokens
-
-
-@dataclass(frozen=True)
-class PutReport:
-    new_chunks: int  # chunks the top tier did not hold before
-    queued: int  # copies handed to lower tiers
-    dropped: int  # copies dropped because a write-behind queue was full
 
 
 @dataclass
@@ -540,24 +489,3 @@ def _as_blob(header: bytearray, payload: memoryview) -> Blob:
         return bytes(header) + bytes(payload)
     chunk = KVChunk(h.dtype, h.shape, payload)
     return codec.encode(h.key, chunk, h.namespace_id, Compression.NONE, h.created_at)
-
-
-def open_store(config: StoreConfig) -> TieredStore:
-    """Build the tiers ``config`` lists and a store over them."""
-    from kvtier.tiers import make_tier
-
-    tiers: list[Tier] = []
-    try:
-        for tier_config in config.tiers:
-            tiers.append(make_tier(tier_config))
-    except Exception:
-        for tier in tiers:
-            tier.close()
-        raise
-    return TieredStore(
-        tiers,
-        chunk_tokens=config.chunk_tokens,
-        compression=[Compression.named(t.compression) for t in config.tiers],
-        write_queue=config.write_queue,
-        retry_after_s=config.retry_after_s,
-    )

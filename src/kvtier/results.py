@@ -1,0 +1,59 @@
+"""Named results of the store's operations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvtier.codec import KVChunk
+from kvtier.keys import ChunkKey
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """How much of a prompt is cached: ``hit_chunks`` leading chunks, found in ``tiers``."""
+
+    keys: list[ChunkKey]  # every full chunk of the prompt
+    tiers: list[str]  # tier holding each hit chunk (len == hit_chunks)
+    chunk_tokens: int
+
+    @property
+    def hit_chunks(self) -> int:
+        return len(self.tiers)
+
+    @property
+    def hit_tokens(self) -> int:
+        return len(self.tiers) * self.chunk_tokens
+
+
+@dataclass(frozen=True)
+class GetResult:
+    """Consecutive chunks from the requested start; may be shorter than a prior lookup said
+    (a chunk evicted or found corrupt meanwhile): the caller recomputes the rest."""
+
+    chunks: list[KVChunk]
+    tiers: list[str]
+    chunk_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.chunks) * self.chunk_tokens
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """``chunks`` leading chunks were loaded into the caller's buffers, from ``tiers``."""
+
+    chunks: int
+    tiers: list[str]
+    chunk_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.chunks * self.chunk_tokens
+
+
+@dataclass(frozen=True)
+class PutReport:
+    new_chunks: int  # chunks the top tier did not hold before
+    queued: int  # copies handed to lower tiers
+    dropped: int  # copies dropped because a write-behind queue was full
