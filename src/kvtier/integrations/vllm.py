@@ -1,0 +1,349 @@
+"""vLLM v1 KV connector: vLLM loads prompt KV from kvtier's tiers instead of recomputing it.
+
+Use with ``--kv-transfer-config '{"kv_connector": "KvtierConnector",
+"kv_connector_module_path": "kvtier.integrations.vllm", "kv_role": "kv_both",
+"kv_connector_extra_config": {<kvtier configuration, as in kvtier.yaml>}}'``.
+
+Scheduler side: :meth:`get_num_new_matched_tokens` asks the store how many leading prompt
+tokens it holds (whole chunks, leaving at least one token to compute); the metadata of each
+step lists the chunks to load into the request's blocks and the newly completed prompt
+chunks to save. Worker side: loads run before the forward pass (straight into a staging
+tensor, then one block copy per layer); saves gather the blocks after the step and hand
+encoding and writing to a background thread. Chunks that fail to load are reported through
+:meth:`get_block_ids_with_load_errors`, so vLLM recomputes them; kvtier switches vLLM's
+``kv_load_failure_policy`` to ``recompute`` because a cache must never fail a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvtier.codec import KVChunk
+from kvtier.config import StoreConfig, config_from_dict
+from kvtier.errors import ConfigError
+from kvtier.factory import open_store
+from kvtier.integrations.model import model_fingerprint
+from kvtier.integrations.paged import blocks_to_chunks, chunks_to_blocks
+from kvtier.keys import Namespace
+from kvtier.store import TieredStore
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvtier")
+
+_TORCH_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+@dataclass
+class LoadSpec:
+    """Load tokens [start, end) of a prompt into its blocks (``end`` chunk-aligned)."""
+
+    req_id: str
+    tokens: list[int]  # prompt tokens [0, end)
+    salt: str | None
+    block_ids: list[int]  # blocks covering [0, end)
+    start: int
+
+
+@dataclass
+class SaveSpec:
+    """Save prompt chunks [first_chunk, len(tokens) // chunk) from the request's blocks."""
+
+    req_id: str
+    tokens: list[int]
+    salt: str | None
+    block_ids: list[int]
+    first_chunk: int
+
+
+@dataclass
+class KvtierConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    """Scheduler-side state of a running request."""
+
+    prompt: list[int]
+    salt: str | None
+    block_ids: list[int]
+    saved_tokens: int  # prompt tokens already in kvtier (loaded or saved)
+
+
+# One store per process and configuration: with a single worker, vLLM runs the scheduler-side
+# and worker-side connectors in one process, and they must share the DRAM tier.
+_stores: dict[StoreConfig, tuple[TieredStore, int]] = {}
+_stores_lock = threading.Lock()
+
+
+def _acquire_store(config: StoreConfig) -> TieredStore:
+    with _stores_lock:
+        store, users = _stores.get(config, (None, 0))
+        if store is None:
+            store = open_store(config)
+        _stores[config] = (store, users + 1)
+        return store
+
+
+def _release_store(config: StoreConfig) -> None:
+    with _stores_lock:
+        store, users = _stores.get(config, (None, 0))
+        if store is None:
+            return
+        if users <= 1:
+            del _stores[config]
+            store.close()
+        else:
+            _stores[config] = (store, users - 1)
+
+
+class KvtierConnector(KVConnectorBase_V1):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self._config = config_from_dict(extra, "kv_connector_extra_config")
+        self._block_size = vllm_config.cache_config.block_size
+        self._chunk = self._config.chunk_tokens
+        if self._chunk % self._block_size:
+            raise ConfigError(
+                f"kv_connector_extra_config: chunk_tokens: {self._chunk} is not a multiple of"
+                f" vLLM's block size {self._block_size}"
+            )
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            log.info("kvtier: setting kv_load_failure_policy=recompute (a miss must not fail)")
+            self._kv_transfer_config.kv_load_failure_policy = "recompute"
+        model = vllm_config.model_config.model
+        self._ns_model = Path(model).name if Path(model).is_dir() else model
+        self._ns_revision = model_fingerprint(model, vllm_config.model_config.revision)
+        self._kv_dtype = _TORCH_DTYPES.get(vllm_config.model_config.dtype, "bfloat16")
+        self._store = _acquire_store(self._config)
+        # scheduler side
+        self._tracked: dict[str, _Tracked] = {}
+        self._local_hits: dict[str, int] = {}
+        self._salts: dict[str, str | None] = {}
+        self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end)
+        # worker side
+        self._layers: list[torch.Tensor] = []
+        self._load_errors: set[int] = set()
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
+        self._pending_save: Future[None] | None = None
+
+    def _namespace(self, salt: str | None) -> Namespace:
+        return Namespace(
+            self._ns_model, self._ns_revision, self._kv_dtype, tenant_salt=salt or None
+        )
+
+    # -- scheduler side --------------------------------------------------------------------
+
+    def on_new_request(self, request: Request) -> None:
+        self._salts[request.request_id] = request.cache_salt
+        tokens = list(request.prompt_token_ids or [])
+        if len(tokens) > self._chunk:  # warm DRAM from slower tiers while it waits
+            self._store.prefetch(tokens, self._namespace(request.cache_salt))
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        tokens = list(request.prompt_token_ids or [])
+        self._salts[request.request_id] = request.cache_salt
+        hit = self._store.lookup(tokens, self._namespace(request.cache_salt)).hit_tokens
+        # vLLM must compute at least the last prompt token itself.
+        usable = min(hit, (len(tokens) - 1) // self._chunk * self._chunk)
+        self._local_hits[request.request_id] = num_computed_tokens
+        if usable <= num_computed_tokens:
+            return 0, False
+        return usable - num_computed_tokens, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        local = self._local_hits.pop(request.request_id, 0)
+        if num_external_tokens > 0:
+            self._pending_loads[request.request_id] = (local, local + num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = KvtierConnectorMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            prompt = list(new.prompt_token_ids or [])
+            salt = self._salts.get(new.req_id)  # NewRequestData does not carry cache_salt
+            tracked = _Tracked(prompt, salt, list(new.block_ids[0]), 0)
+            self._tracked[new.req_id] = tracked
+            self._plan_load(meta, new.req_id, tracked)
+            computed = new.num_computed_tokens + scheduled.get(new.req_id, 0)
+            self._plan_save(meta, new.req_id, tracked, computed)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self._tracked.get(req_id)
+            if tracked is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:  # preempted and back: all blocks are new
+                tracked.block_ids = list(new_blocks[0]) if new_blocks else []
+                tracked.saved_tokens = 0
+                self._plan_load(meta, req_id, tracked)
+            elif new_blocks:
+                tracked.block_ids.extend(new_blocks[0])
+            computed = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
+            self._plan_save(meta, req_id, tracked, computed)
+        self._pending_loads.clear()
+        return meta
+
+    def _plan_load(self, meta: KvtierConnectorMetadata, req_id: str, tracked: _Tracked) -> None:
+        span = self._pending_loads.get(req_id)
+        if span is None:
+            return
+        start, end = span
+        blocks_needed = end // self._block_size
+        meta.loads.append(
+            LoadSpec(req_id, tracked.prompt[:end], tracked.salt,
+                     tracked.block_ids[:blocks_needed], start)
+        )
+        tracked.saved_tokens = end  # those chunks are in kvtier already
+
+    def _plan_save(
+        self, meta: KvtierConnectorMetadata, req_id: str, tracked: _Tracked, computed: int
+    ) -> None:
+        done = min(computed, len(tracked.prompt)) // self._chunk * self._chunk
+        if done <= tracked.saved_tokens:
+            return
+        first = tracked.saved_tokens // self._chunk
+        meta.saves.append(
+            SaveSpec(req_id, tracked.prompt[:done], tracked.salt,
+                     tracked.block_ids[: done // self._block_size], first)
+        )
+        tracked.saved_tokens = done
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self._tracked.pop(request.request_id, None)
+        self._local_hits.pop(request.request_id, None)
+        self._salts.pop(request.request_id, None)
+        return False, None
+
+    # -- worker side -----------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        def layer_index(name: str) -> tuple[int, str]:
+            match = re.search(r"layers\.(\d+)\.", name)
+            return (int(match.group(1)) if match else 0, name)
+
+        self._layers = [kv_caches[name] for name in sorted(kv_caches, key=layer_index)]
+        first = self._layers[0]
+        if first.dim() != 4 or first.shape[2] != self._block_size:
+            raise ConfigError(
+                f"kvtier supports vLLM's (blocks, kv_heads, block_size, 2*head_dim) KV layout;"
+                f" got a cache of shape {tuple(first.shape)}"
+            )
+        self._kv_dtype = _TORCH_DTYPES.get(first.dtype, self._kv_dtype)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvtierConnectorMetadata)
+        self._saver_wait()  # a chunk saved last step may be what this step loads
+        for spec in meta.loads:
+            self._load(spec)
+
+    def _load(self, spec: LoadSpec) -> None:
+        first_chunk = spec.start // self._chunk
+        n_chunks = len(spec.tokens) // self._chunk - first_chunk
+        _, heads, _, two_dim = self._layers[0].shape
+        shape = (n_chunks, len(self._layers), 2, self._chunk, heads, two_dim // 2)
+        staging = torch.empty(shape, dtype=self._layers[0].dtype)
+        raw = staging.view(torch.uint8).numpy()  # get_into fills bytes; bf16 has no numpy type
+        try:
+            loaded = self._store.get_into(
+                spec.tokens, self._namespace(spec.salt), list(raw), start_chunk=first_chunk
+            ).chunks
+        except Exception:  # never let the cache fail the request: recompute instead
+            log.exception("kvtier: load failed; vLLM will recompute")
+            loaded = 0
+        per_chunk = self._chunk // self._block_size
+        skip = (spec.start - first_chunk * self._chunk) // self._block_size
+        blocks = spec.block_ids[first_chunk * per_chunk :]
+        if loaded:
+            chunks_to_blocks(
+                staging[:loaded], self._layers, blocks[: loaded * per_chunk], self._block_size,
+                skip_blocks=skip,
+            )
+        failed = blocks[max(loaded * per_chunk, skip) :]
+        if failed:
+            self._load_errors.update(failed)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loads complete in start_load_kv, before the forward pass."""
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        """Saves happen in wait_for_save, once every layer of the step is computed."""
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvtierConnectorMetadata)
+        for spec in meta.saves:
+            per_chunk = self._chunk // self._block_size
+            blocks = spec.block_ids[spec.first_chunk * per_chunk :]
+            if not blocks:
+                continue
+            # The gather is a copy out of vLLM's blocks (they may be reused after this step);
+            # encoding and tier writes then happen off the engine's critical path.
+            chunks = blocks_to_chunks(self._layers, blocks, self._block_size, self._chunk)
+            self._pending_save = self._saver.submit(self._save, spec, chunks)
+
+    def _save(self, spec: SaveSpec, chunks: torch.Tensor) -> None:
+        try:
+            kv = [
+                KVChunk.from_array(c.view(torch.int16).numpy().view("u2"), self._kv_dtype)
+                if self._kv_dtype == "bfloat16"
+                else KVChunk.from_array(c.numpy(), self._kv_dtype)
+                for c in chunks
+            ]
+            self._store.put(spec.tokens, self._namespace(spec.salt), kv, spec.first_chunk)
+        except Exception:  # a failed save is a future miss, never a failed request
+            log.exception("kvtier: saving request %s failed", spec.req_id)
+
+    def _saver_wait(self) -> None:
+        if self._pending_save is not None:
+            self._pending_save.result()
+            self._pending_save = None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        self._saver.shutdown(wait=True)
+        _release_store(self._config)
