@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -75,6 +76,8 @@ class TieredStore:
         for slot in self._slots[1:]:
             slot.writer = WriteBehind(slot.tier.name, self._writer_for(slot), write_queue)
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvtier-prefetch")
+        self._prefetching: dict[ChunkKey, Future[int]] = {}
+        self._prefetch_lock = threading.Lock()
 
     @property
     def tiers(self) -> list[Tier]:
@@ -145,6 +148,7 @@ class TieredStore:
         keys = self.keys(tokens, namespace)[start_chunk:]
         if max_chunks is not None:
             keys = keys[:max_chunks]
+        self._await_prefetch(keys)
         with self.pinned(keys):
             found = self._fetch(keys)
         self._promote(found)
@@ -233,6 +237,7 @@ class TieredStore:
             raise ValueError("get_into needs writable destination buffers")
         keys = self.keys(tokens, namespace)[start_chunk : start_chunk + len(views)]
         headers = [bytearray(codec.HEADER_BYTES) for _ in keys]
+        self._await_prefetch(keys)
         with self.pinned(keys):
             run = self._walk(keys, lambda slot, idx: self._load(slot, keys, idx, headers, views))
         self._promote(
@@ -334,14 +339,32 @@ class TieredStore:
         keys = self.keys(tokens, namespace)
 
         def run() -> int:
-            with self.pinned(keys):
-                where = self._locate(keys)
-                below = [keys[i] for i, t in enumerate(where) if t > 0]
-                if below:
-                    self._promote(self._fetch(below))
-            return len(where) * self.chunk_tokens
+            try:
+                with self.pinned(keys):
+                    where = self._locate(keys)
+                    below = [keys[i] for i, t in enumerate(where) if t > 0]
+                    if below:
+                        self._promote(self._fetch(below))
+                return len(where) * self.chunk_tokens
+            finally:
+                with self._prefetch_lock:
+                    for key in keys:
+                        if self._prefetching.get(key) is future:
+                            del self._prefetching[key]
 
-        return self._prefetcher.submit(run)
+        with self._prefetch_lock:
+            future = self._prefetcher.submit(run)
+            for key in keys:
+                self._prefetching[key] = future
+        return future
+
+    def _await_prefetch(self, keys: Sequence[ChunkKey]) -> None:
+        """Wait for prefetches moving any of ``keys``: reading them ourselves meanwhile would
+        fetch the same bytes from the slow tier twice."""
+        with self._prefetch_lock:
+            pending = {id(f): f for k in keys if (f := self._prefetching.get(k)) is not None}
+        for future in pending.values():
+            future.exception()  # waits; a prefetch never raises for tier failures
 
     # -- write path ------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ examples:
   kvtier bench store --tier redis --json    # starts a private redis-server on loopback
   kvtier inspect --disk ~/.cache/kvtier/chunks --verify
   kvtier config                             # the effective configuration (YAML + KVTIER_*)
+  kvtier serve --port 8000                  # vLLM + kvtier on SmolLM2-135M (OpenAI API)
 """
 
 
@@ -39,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra  # `kvtier serve` hands these to vLLM
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

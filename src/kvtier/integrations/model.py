@@ -44,10 +44,8 @@ def prepare_default_model(cache_dir: Path | None = None) -> Path:
     work = Path(tempfile.mkdtemp(prefix=".prepare-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=_GGUF, dtype=torch.bfloat16
-        )
-        model.hf_quantizer = None  # GGUF weights are dequantized on load
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF, dtype=torch.bfloat16)
+        model.hf_quantizer = None  # type: ignore[assignment]  # GGUF weights come dequantized
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(work)

@@ -36,9 +36,7 @@ def blocks_to_chunks(
         picked = layer.index_select(0, index)  # (nb, heads, block, 2*dim)
         picked = picked.view(n_chunks, per_chunk, heads, block_size, 2, dim)
         # -> (n_chunks, 2, per_chunk, block, heads, dim) = (n_chunks, 2, chunk, heads, dim)
-        out[:, li] = picked.permute(0, 4, 1, 3, 2, 5).reshape(
-            n_chunks, 2, chunk_tokens, heads, dim
-        )
+        out[:, li] = picked.permute(0, 4, 1, 3, 2, 5).reshape(n_chunks, 2, chunk_tokens, heads, dim)
     return out
 
 
@@ -60,7 +58,8 @@ def chunks_to_blocks(
     for li in range(n_layers):
         src = chunks[:, li].reshape(n_chunks, 2, per_chunk, block_size, heads, dim)
         # -> (n_chunks, per_chunk, heads, block, 2, dim) = (blocks, heads, block, 2*dim)
-        src = src.permute(0, 2, 4, 3, 1, 5).reshape(n_chunks * per_chunk, heads, block_size,
-                                                   2 * dim)
+        src = src.permute(0, 2, 4, 3, 1, 5).reshape(
+            n_chunks * per_chunk, heads, block_size, 2 * dim
+        )
         layer = layers[li]
         layer.index_copy_(0, index.to(layer.device), src[skip_blocks:].to(layer.device))

@@ -50,6 +50,11 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier")
+if not log.handlers:  # inside vLLM nobody configures kvtier's logger: say what happens
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("kvtier %(levelname)s: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
 
 _TORCH_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -92,6 +97,26 @@ class _Tracked:
     saved_tokens: int  # prompt tokens already in kvtier (loaded or saved)
 
 
+def _kv_dtype_name(model_dtype: object, cache_dtype: str) -> str:
+    """Name of the KV cache's dtype: the model's, unless the cache dtype is set apart."""
+    named = {
+        "float16": "float16",
+        "half": "float16",
+        "bfloat16": "bfloat16",
+        "float32": "float32",
+        "float": "float32",
+    }
+    if cache_dtype not in ("auto", "None"):
+        if cache_dtype not in named:
+            raise ConfigError(f"kvtier stores bf16, fp16 or fp32 KV caches, not {cache_dtype}")
+        return named[cache_dtype]
+    if isinstance(model_dtype, torch.dtype) and model_dtype in _TORCH_DTYPES:
+        return _TORCH_DTYPES[model_dtype]
+    if str(model_dtype) in named:
+        return named[str(model_dtype)]
+    raise ConfigError(f"kvtier stores bf16, fp16 or fp32 KV caches, not {model_dtype}")
+
+
 # One store per process and configuration: with a single worker, vLLM runs the scheduler-side
 # and worker-side connectors in one process, and they must share the DRAM tier.
 _stores: dict[StoreConfig, tuple[TieredStore, int]] = {}
@@ -124,7 +149,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self,
         vllm_config: VllmConfig,
         role: KVConnectorRole,
-        kv_cache_config: KVCacheConfig | None = None,
+        kv_cache_config: KVCacheConfig,
     ):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
@@ -142,7 +167,11 @@ class KvtierConnector(KVConnectorBase_V1):
         model = vllm_config.model_config.model
         self._ns_model = Path(model).name if Path(model).is_dir() else model
         self._ns_revision = model_fingerprint(model, vllm_config.model_config.revision)
-        self._kv_dtype = _TORCH_DTYPES.get(vllm_config.model_config.dtype, "bfloat16")
+        # The namespace must be the same on the scheduler side, which never sees the cache
+        # tensors, and on the worker side: both derive it from the configuration.
+        self._kv_dtype = _kv_dtype_name(
+            vllm_config.model_config.dtype, str(vllm_config.cache_config.cache_dtype)
+        )
         self._store = _acquire_store(self._config)
         # scheduler side
         self._tracked: dict[str, _Tracked] = {}
@@ -194,11 +223,11 @@ class KvtierConnector(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             prompt = list(new.prompt_token_ids or [])
             salt = self._salts.get(new.req_id)  # NewRequestData does not carry cache_salt
-            tracked = _Tracked(prompt, salt, list(new.block_ids[0]), 0)
-            self._tracked[new.req_id] = tracked
-            self._plan_load(meta, new.req_id, tracked)
+            started = _Tracked(prompt, salt, list(new.block_ids[0]), 0)
+            self._tracked[new.req_id] = started
+            self._plan_load(meta, new.req_id, started)
             computed = new.num_computed_tokens + scheduled.get(new.req_id, 0)
-            self._plan_save(meta, new.req_id, tracked, computed)
+            self._plan_save(meta, new.req_id, started, computed)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             tracked = self._tracked.get(req_id)
@@ -223,8 +252,9 @@ class KvtierConnector(KVConnectorBase_V1):
         start, end = span
         blocks_needed = end // self._block_size
         meta.loads.append(
-            LoadSpec(req_id, tracked.prompt[:end], tracked.salt,
-                     tracked.block_ids[:blocks_needed], start)
+            LoadSpec(
+                req_id, tracked.prompt[:end], tracked.salt, tracked.block_ids[:blocks_needed], start
+            )
         )
         tracked.saved_tokens = end  # those chunks are in kvtier already
 
@@ -236,8 +266,13 @@ class KvtierConnector(KVConnectorBase_V1):
             return
         first = tracked.saved_tokens // self._chunk
         meta.saves.append(
-            SaveSpec(req_id, tracked.prompt[:done], tracked.salt,
-                     tracked.block_ids[: done // self._block_size], first)
+            SaveSpec(
+                req_id,
+                tracked.prompt[:done],
+                tracked.salt,
+                tracked.block_ids[: done // self._block_size],
+                first,
+            )
         )
         tracked.saved_tokens = done
 
@@ -263,7 +298,8 @@ class KvtierConnector(KVConnectorBase_V1):
                 f"kvtier supports vLLM's (blocks, kv_heads, block_size, 2*head_dim) KV layout;"
                 f" got a cache of shape {tuple(first.shape)}"
             )
-        self._kv_dtype = _TORCH_DTYPES.get(first.dtype, self._kv_dtype)
+        if _TORCH_DTYPES.get(first.dtype) != self._kv_dtype:
+            raise ConfigError(f"KV cache is {first.dtype}, the configuration said {self._kv_dtype}")
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -280,9 +316,20 @@ class KvtierConnector(KVConnectorBase_V1):
         staging = torch.empty(shape, dtype=self._layers[0].dtype)
         raw = staging.view(torch.uint8).numpy()  # get_into fills bytes; bf16 has no numpy type
         try:
-            loaded = self._store.get_into(
+            result = self._store.get_into(
                 spec.tokens, self._namespace(spec.salt), list(raw), start_chunk=first_chunk
-            ).chunks
+            )
+            loaded = result.chunks
+            if result.tiers:
+                counts = {t: result.tiers.count(t) for t in dict.fromkeys(result.tiers)}
+                where = ", ".join(f"{n} from {t}" for t, n in counts.items())
+                log.info(
+                    "request %s: loaded %d tokens (%s chunks of %d)",
+                    spec.req_id,
+                    loaded * self._chunk,
+                    where,
+                    self._chunk,
+                )
         except Exception:  # never let the cache fail the request: recompute instead
             log.exception("kvtier: load failed; vLLM will recompute")
             loaded = 0
@@ -291,7 +338,10 @@ class KvtierConnector(KVConnectorBase_V1):
         blocks = spec.block_ids[first_chunk * per_chunk :]
         if loaded:
             chunks_to_blocks(
-                staging[:loaded], self._layers, blocks[: loaded * per_chunk], self._block_size,
+                staging[:loaded],
+                self._layers,
+                blocks[: loaded * per_chunk],
+                self._block_size,
                 skip_blocks=skip,
             )
         failed = blocks[max(loaded * per_chunk, skip) :]

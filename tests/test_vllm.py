@@ -1,0 +1,224 @@
+"""kvtier inside real vLLM (CPU build), on the real SmolLM2-135M, with a real redis-server.
+
+Each engine runs in its own process (tests/vllm_worker.py), as a served engine would; the
+engines compute in float32 so that "identical output" is exact. The last test drives
+`kvtier serve` over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtier.redis_process import RedisServer, free_port
+
+pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
+
+WORKER = str(Path(__file__).parent / "vllm_worker.py")
+MARK = "KVTIER-RESULT "
+PROMPT = {"seed": 7, "tokens": 1800, "max_tokens": 4}  # 7 whole chunks of 256 tokens
+
+
+def tiers(*specs: dict[str, Any]) -> dict[str, Any]:
+    return {"chunk_tokens": 256, "tiers": [{"kind": "memory", "capacity": "1GiB"}, *specs]}
+
+
+def disk(path: Path) -> dict[str, Any]:
+    return {"kind": "disk", "path": str(path), "capacity": "4GiB"}
+
+
+def run_worker(config: dict[str, Any] | None, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, WORKER, json.dumps(config), json.dumps(plan)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [
+        json.loads(line[len(MARK) :]) for line in proc.stdout.splitlines() if line.startswith(MARK)
+    ]
+
+
+@contextmanager
+def interactive_worker(
+    config: dict[str, Any], plan: list[dict[str, Any]]
+) -> Iterator[tuple[subprocess.Popen[str], list[dict[str, Any]]]]:
+    proc = subprocess.Popen(
+        [sys.executable, WORKER, json.dumps(config), json.dumps(plan)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    results: list[dict[str, Any]] = []
+    try:
+        yield proc, results
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def read_until_pause(proc: subprocess.Popen[str], results: list[dict[str, Any]]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith(MARK):
+            item = json.loads(line[len(MARK) :])
+            if "pause" in item:
+                return
+            results.append(item)
+    raise AssertionError(f"worker ended early with status {proc.wait()}")
+
+
+def test_a_hit_gives_identical_output_and_a_new_process_loads_from_disk(tmp_path: Path) -> None:
+    config = tiers(disk(tmp_path / "chunks"))
+    first, again = run_worker(config, [PROMPT, PROMPT])
+    assert first["stats"]["hit_tokens"] == 0
+    assert again["stats"]["hit_tokens"] == 7 * 256  # the second request hit every chunk
+    assert again["tokens"] == first["tokens"]
+    (fresh,) = run_worker(config, [PROMPT])  # a new engine process: DRAM is empty
+    assert fresh["tokens"] == first["tokens"]
+    # Prefetched from disk into DRAM when the request arrived, then loaded from DRAM.
+    assert fresh["stats"]["tiers"]["disk"]["hits"] == 7
+    assert fresh["stats"]["hit_tokens"] == 7 * 256
+    (no_kvtier,) = run_worker(None, [PROMPT])  # vLLM alone computes the same tokens
+    assert no_kvtier["tokens"] == first["tokens"]
+
+
+def test_a_second_process_loads_from_redis(redis_server: RedisServer, prefix: str) -> None:
+    config = tiers({"kind": "redis", "url": redis_server.url, "prefix": prefix})
+    (first,) = run_worker(config, [PROMPT])
+    (second,) = run_worker(config, [PROMPT])
+    assert second["tokens"] == first["tokens"]
+    assert second["stats"]["tiers"]["redis"]["hits"] == 7  # read once (prefetch), not twice
+
+
+def test_requests_succeed_when_redis_stops_and_the_disk_refuses_writes(
+    tmp_path: Path, prefix: str
+) -> None:
+    server = RedisServer().start()
+    chunks = tmp_path / "chunks"
+    config = tiers(
+        disk(chunks), {"kind": "redis", "url": server.url, "prefix": prefix, "timeout_s": 0.5}
+    )
+    other = {"seed": 8, "tokens": 1100, "max_tokens": 4}
+    plan = [PROMPT, {"pause": "break the tiers"}, other, PROMPT, other]
+    try:
+        with interactive_worker(config, plan) as (proc, results):
+            read_until_pause(proc, results)
+            server.stop()
+            subprocess.run(["chattr", "+i", str(chunks / ".tmp")], check=False)
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.wait(timeout=600) == 0
+            assert proc.stdout is not None
+            results += [
+                json.loads(line[len(MARK) :])
+                for line in proc.stdout.read().splitlines()
+                if line.startswith(MARK)
+            ]
+    finally:
+        subprocess.run(["chattr", "-i", str(chunks / ".tmp")], check=False)
+        server.close()
+    first, other_a, again, other_b = results
+    assert again["tokens"] == first["tokens"]  # served from DRAM
+    assert other_b["tokens"] == other_a["tokens"]
+    assert other_b["stats"]["tiers"]["redis"]["errors"] >= 1
+
+
+def test_a_corrupted_chunk_on_disk_is_detected_and_recomputed(tmp_path: Path) -> None:
+    config = tiers(disk(tmp_path / "chunks"))
+    (first,) = run_worker(config, [PROMPT])
+    files = sorted((tmp_path / "chunks").rglob("*.kvc"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) == 7
+    raw = bytearray(files[3].read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    files[3].write_bytes(bytes(raw))
+    (second,) = run_worker(config, [PROMPT])
+    assert second["tokens"] == first["tokens"]
+    assert second["stats"]["tiers"]["disk"]["corruptions"] == 1
+
+
+def test_cache_salts_never_share_chunks(tmp_path: Path) -> None:
+    config = tiers(disk(tmp_path / "chunks"))
+    steps = [{**PROMPT, "salt": salt} for salt in ("tenant-a", "tenant-b", "tenant-a", None)]
+    a, b, a_again, unsalted = run_worker(config, steps)
+    hits = [r["stats"]["hit_tokens"] for r in (a, b, a_again, unsalted)]
+    assert hits == [0, 0, 7 * 256, 7 * 256]  # b and unsalted add no hits; a again hits all
+    assert a["tokens"] == b["tokens"] == a_again["tokens"] == unsalted["tokens"]
+
+
+def test_a_bad_kvtier_option_fails_at_start_with_a_clear_error() -> None:
+    bad = {"tiers": [{"kind": "memory", "capacity": "lots"}]}
+    proc = subprocess.run(
+        [sys.executable, WORKER, json.dumps(bad), "[]"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode != 0
+    assert "kv_connector_extra_config: tiers[0].capacity: expected a size" in proc.stderr
+
+
+def _complete(port: int, prompt: str) -> dict[str, Any]:
+    body = json.dumps(
+        {"prompt": prompt, "max_tokens": 4, "temperature": 0, "model": "SmolLM2-135M-Instruct"}
+    ).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        result: dict[str, Any] = json.loads(response.read())
+        return result
+
+
+@contextmanager
+def served(chunks: Path, log: Path) -> Iterator[int]:
+    port = free_port()
+    kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [kvtier, "serve", "--port", str(port), "--disk", str(chunks), "--dram", "512MiB",
+             "--served-model-name", "SmolLM2-135M-Instruct", "--max-model-len", "4096",
+             "--no-enable-prefix-caching", "--dtype", "float32"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:
+                    assert proc.poll() is None, log.read_text()[-3000:]
+                    assert time.monotonic() < deadline, "kvtier serve did not come up"
+                    time.sleep(0.5)
+            yield port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: Path) -> None:
+    chunks = tmp_path / "chunks"
+    prompt = " ".join(f"The {i}th line of a long shared document." for i in range(220))
+    with served(chunks, tmp_path / "first.log") as port:
+        first = _complete(port, prompt)
+    assert first["usage"]["prompt_tokens"] > 2000
+    with served(chunks, tmp_path / "second.log") as port:
+        second = _complete(port, prompt)
+    log = (tmp_path / "second.log").read_text()
+    assert "from disk" in log, log[-3000:]
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]

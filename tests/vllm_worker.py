@@ -1,0 +1,86 @@
+"""A vLLM engine with the kvtier connector, driven by a plan; run as a separate process.
+
+    python vllm_worker.py '<kvtier config JSON or null>' '<plan JSON>'
+
+Plan steps: {"seed": S, "tokens": N, "salt": str|null, "max_tokens": M} generates greedily
+from a deterministic prompt and prints {"step", "tokens", "seconds", "stats"} as one JSON line;
+{"pause": "label"} prints {"pause": label} and waits for a line on stdin (the test acts in
+between, e.g. stops Redis). Engines use float32 so that "identical output" is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import numpy as np
+from vllm import LLM, SamplingParams
+from vllm.config import KVTransferConfig
+
+from kvtier.integrations import vllm as connector
+from kvtier.integrations.model import prepare_default_model
+
+MARK = "KVTIER-RESULT "  # vLLM prints to stdout too: our lines carry this mark
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(100, 40000, size=n).tolist()
+
+
+def stats() -> dict[str, object]:
+    stores = [store for store, _ in connector._stores.values()]
+    return stores[0].stats().as_dict() if stores else {}
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    plan = json.loads(sys.argv[2])
+    kwargs: dict[str, object] = {}
+    if config is not None:
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KvtierConnector",
+            kv_connector_module_path="kvtier.integrations.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config=config,
+        )
+    llm = LLM(
+        model=str(prepare_default_model()),
+        enforce_eager=True,
+        dtype="float32",
+        enable_prefix_caching=False,
+        max_model_len=4096,
+        **kwargs,
+    )
+    for i, step in enumerate(plan):
+        if "pause" in step:
+            print(MARK + json.dumps({"pause": step["pause"]}), flush=True)
+            sys.stdin.readline()
+            continue
+        request = {"prompt_token_ids": prompt(step["seed"], step["tokens"])}
+        if step.get("salt") is not None:
+            request["cache_salt"] = step["salt"]
+        params = SamplingParams(max_tokens=step.get("max_tokens", 4), temperature=0)
+        start = time.perf_counter()
+        out = llm.generate([request], params, use_tqdm=False)[0]
+        seconds = time.perf_counter() - start
+        print(
+            MARK
+            + json.dumps(
+                {
+                    "step": i,
+                    "tokens": list(out.outputs[0].token_ids),
+                    "seconds": seconds,
+                    "stats": stats(),
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
