@@ -14,7 +14,7 @@ README = Path(__file__).parent.parent / "README.md"
 def test_readme_example_runs(tmp_path: Path) -> None:
     text = README.read_text()
     assert text.index("make serve") < text.index("make test") < text.index("```python")
-    code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    code = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "open_store" in b)
     env = {**os.environ, "KVTIER_DISK_PATH": str(tmp_path / "chunks")}
     env.pop("KVTIER_CONFIG", None)
     out = subprocess.run(
