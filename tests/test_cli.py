@@ -123,6 +123,29 @@ def test_config_command_shows_the_effective_configuration(tmp_path: Path) -> Non
     assert bad.returncode == 2 and "KVTIER_DISK_CAPACITY" in bad.stderr
 
 
-def test_serve_says_honestly_that_it_is_not_there_yet() -> None:
-    result = kvtier("serve", check=False)
-    assert result.returncode == 1 and "not available yet" in result.stderr
+def test_serve_checks_kvtier_options_before_starting_vllm(tmp_path: Path) -> None:
+    bad = kvtier("serve", "--dram", "lots", check=False)
+    assert bad.returncode == 2 and "--dram: expected a size" in bad.stderr
+    bad = kvtier("serve", "--redis", "http://nope", check=False)
+    assert bad.returncode == 2 and "--redis: expected redis://" in bad.stderr
+    dry = kvtier(
+        "serve",
+        "--dry-run",
+        "--disk",
+        str(tmp_path),
+        "--redis",
+        "redis://127.0.0.1:6379/0",
+        "--port",
+        "8123",
+        "--max-model-len",
+        "2048",
+    )
+    command = json.loads(dry.stdout)
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert command[-2:] == ["--max-model-len", "2048"]  # vLLM's own options pass through
+    transfer = json.loads(command[command.index("--kv-transfer-config") + 1])
+    assert transfer["kv_connector"] == "KvtierConnector"
+    assert transfer["kv_load_failure_policy"] == "recompute"
+    tiers = transfer["kv_connector_extra_config"]["tiers"]
+    assert [t["kind"] for t in tiers] == ["memory", "disk", "redis"]
+    assert tiers[1]["path"] == str(tmp_path)

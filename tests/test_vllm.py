@@ -222,3 +222,18 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
     log = (tmp_path / "second.log").read_text()
     assert "from disk" in log, log[-3000:]
     assert second["choices"][0]["text"] == first["choices"][0]["text"]
+
+
+def test_bench_ttft_prints_its_rows() -> None:
+    kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
+    proc = subprocess.run(
+        [kvtier, "bench", "ttft", "--tokens", "600", "--tiers", "memory,disk", "--no-example",
+         "--batch", "2", "--json"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    paths = {row["path"]: row for row in result["rows"]}
+    assert set(paths) == {"cold", "vllm_prefix", "kvtier_memory", "kvtier_disk"}
+    assert all(row["ttft_s"] and row["ttft_s"] > 0 for row in paths.values()), result
+    assert isinstance(result["no_reuse_overhead"], float)

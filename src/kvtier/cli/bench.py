@@ -31,6 +31,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
+from kvtier.cli import bench_ttft
 from kvtier.codec import KVChunk
 from kvtier.keys import Namespace
 from kvtier.redis_process import RedisServer
@@ -47,7 +48,7 @@ RAW = {
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("bench", help="benchmarks (store throughput)")
+    p = sub.add_parser("bench", help="benchmarks: store throughput, time to first token")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     s = bsub.add_parser(
         "store",
@@ -83,6 +84,7 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(run=run)
+    bench_ttft.register(bsub)
 
 
 @dataclass

@@ -16,9 +16,11 @@ encoding and writing to a background thread. Chunks that fail to load are report
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +123,7 @@ def _kv_dtype_name(model_dtype: object, cache_dtype: str) -> str:
 # and worker-side connectors in one process, and they must share the DRAM tier.
 _stores: dict[StoreConfig, tuple[TieredStore, int]] = {}
 _stores_lock = threading.Lock()
+_connectors: weakref.WeakSet[KvtierConnector] = weakref.WeakSet()
 
 
 def _acquire_store(config: StoreConfig) -> TieredStore:
@@ -130,6 +133,30 @@ def _acquire_store(config: StoreConfig) -> TieredStore:
             store = open_store(config)
         _stores[config] = (store, users + 1)
         return store
+
+
+def flush_all(timeout: float | None = None) -> None:
+    """Wait for every connector's pending saves and the stores' lower-tier writes."""
+    for connector in list(_connectors):
+        connector._saver_wait()
+    with _stores_lock:
+        stores = [store for store, _ in _stores.values()]
+    for store in stores:
+        store.flush(timeout)
+
+
+@atexit.register
+def _close_all() -> None:
+    # vLLM does not always call shutdown() before the interpreter exits; queued writes to
+    # lower tiers would be lost with the write-behind threads.
+    try:
+        flush_all(timeout=30)
+    finally:
+        with _stores_lock:
+            stores = [store for store, _ in _stores.values()]
+            _stores.clear()
+        for store in stores:
+            store.close()
 
 
 def _release_store(config: StoreConfig) -> None:
@@ -183,6 +210,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
         self._pending_save: Future[None] | None = None
+        _connectors.add(self)
 
     def _namespace(self, salt: str | None) -> Namespace:
         return Namespace(

@@ -1,0 +1,189 @@
+"""``kvtier bench ttft``: time to first token with and without kvtier, side by side.
+
+For each prompt length, in one run (every engine is a separate process, vLLM on this machine):
+
+- cold:              nothing cached anywhere;
+- vllm_prefix:       the same prompt again in the same engine, from vLLM's own prefix cache
+                     (the upper bound for any cache hit);
+- kvtier_memory:     the same prompt again in an engine with vLLM's prefix cache off, so the
+                     hit comes from kvtier's DRAM tier;
+- kvtier_disk/redis: a fresh engine process whose only cache is that kvtier tier, filled by
+                     an earlier process;
+- example_connector: the same with vLLM's ExampleConnector (its files written by an earlier
+                     process); a crash is recorded as an error for that length.
+
+Plus the throughput cost of kvtier when nothing is reused: a batch of distinct prompts with
+the connector on (saving every chunk) vs off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from kvtier.integrations.ttft_worker import MARK
+from kvtier.redis_process import RedisServer
+
+TIERS = ("memory", "disk", "redis")
+
+
+def register(bsub: Any) -> None:
+    p = bsub.add_parser(
+        "ttft",
+        help="time to first token: cold, vLLM prefix cache, kvtier tiers, ExampleConnector",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--tokens",
+        default="1024,3968,7936",
+        help="prompt lengths, comma-separated (SmolLM2 allows up to 8191)",
+    )
+    p.add_argument("--tiers", default=",".join(TIERS), help="kvtier tiers to measure")
+    p.add_argument("--redis", metavar="URL", help="Redis to use (default: a private server)")
+    p.add_argument("--no-example", action="store_true", help="skip vLLM's ExampleConnector")
+    p.add_argument("--batch", type=int, default=6, help="distinct prompts in the overhead run")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def _job(job: dict[str, Any]) -> tuple[list[float] | None, str | None]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvtier.integrations.ttft_worker", json.dumps(job)],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            seconds: list[float] = json.loads(line[len(MARK) :])["seconds"]
+            return seconds, None
+    tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-3:]
+    return None, f"exit status {proc.returncode}: " + " | ".join(tail)[-500:]
+
+
+def run(args: argparse.Namespace) -> int:
+    lengths = [int(t) for t in args.tokens.split(",") if t.strip()]
+    tiers = [t for t in args.tiers.split(",") if t.strip()]
+    unknown = set(tiers) - set(TIERS)
+    if unknown or not lengths or any(not 256 < n < 8192 for n in lengths):
+        raise SystemExit(f"kvtier bench ttft: --tiers from {TIERS}, --tokens in (256, 8192)")
+    rows: list[dict[str, Any]] = []
+    steps = (
+        len(lengths) * (2 + ("disk" in tiers) + ("redis" in tiers) + 2 * (not args.no_example)) + 2
+    )
+    bar = tqdm(total=steps, desc="bench ttft", unit="engine", file=sys.stderr, disable=None)
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvtier-ttft-")))
+        redis_url = args.redis
+        if "redis" in tiers and not redis_url:
+            redis_url = stack.enter_context(RedisServer()).url
+
+        def record(tokens: int, path: str, seconds: float | None, error: str | None) -> None:
+            row: dict[str, Any] = {"tokens": tokens, "path": path, "ttft_s": seconds}
+            if error:
+                row["error"] = error
+            rows.append(row)
+
+        def job(spec: dict[str, Any]) -> tuple[list[float] | None, str | None]:
+            result = _job(spec)
+            bar.update()
+            return result
+
+        for n in lengths:
+            both, err = job(
+                {"connector": "none", "prefix_cache": True, "requests": [[n, n], [n, n]]}
+            )
+            record(n, "cold", both[0] if both else None, err)
+            record(n, "vllm_prefix", both[1] if both else None, err)
+            writer_tiers: list[dict[str, Any]] = [{"kind": "memory", "capacity": "4GiB"}]
+            if "disk" in tiers:
+                writer_tiers.append(
+                    {
+                        "kind": "disk",
+                        "path": str(work / f"disk{n}"),
+                        "capacity": "20GiB",
+                        "fsync": False,
+                    }
+                )
+            if "redis" in tiers:
+                writer_tiers.append({"kind": "redis", "url": redis_url, "prefix": f"ttft{n}"})
+            both, err = job(
+                {
+                    "connector": "kvtier",
+                    "store": {"tiers": writer_tiers},
+                    "requests": [[n, n], [n, n]],
+                }
+            )
+            if "memory" in tiers:
+                record(n, "kvtier_memory", both[1] if both else None, err)
+            for tier in writer_tiers[1:]:
+                only = {"tiers": [tier]}
+                got, err = job({"connector": "kvtier", "store": only, "requests": [[n, n]]})
+                record(n, f"kvtier_{tier['kind']}", got[0] if got else None, err)
+            if not args.no_example:
+                path = str(work / f"example{n}")
+                _, err = job({"connector": "example", "path": path, "requests": [[n, n]]})
+                got, err2 = (
+                    (None, err)
+                    if err
+                    else job({"connector": "example", "path": path, "requests": [[n, n]]})
+                )
+                record(n, "example_connector", got[0] if got else None, err2)
+        batch = list(range(10_000, 10_000 + args.batch))
+        off, err_off = job({"connector": "none", "batch": batch, "tokens": 1024})
+        store = {
+            "tiers": [
+                {"kind": "memory", "capacity": "4GiB"},
+                {"kind": "disk", "path": str(work / "overhead"), "fsync": False},
+            ]
+        }
+        on, err_on = job({"connector": "kvtier", "store": store, "batch": batch, "tokens": 1024})
+        bar.close()
+        overhead = (on[0] - off[0]) / off[0] if on and off else None
+        result = {
+            "rows": rows,
+            "no_reuse_overhead": overhead,
+            "no_reuse_seconds": {"off": off[0] if off else None, "on": on[0] if on else None},
+            "errors": [e for e in (err_off, err_on) if e],
+        }
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print(result, lengths)
+    return 0
+
+
+def _print(result: dict[str, Any], lengths: list[int]) -> None:
+    rows = result["rows"]
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    print("kvtier bench ttft: time to first token in seconds (x = speed-up over cold)")
+    print(f"  {'path':<18}" + "".join(f"{n:>16}" for n in lengths))
+    cold = {r["tokens"]: r["ttft_s"] for r in rows if r["path"] == "cold"}
+    for path in paths:
+        cells = []
+        for n in lengths:
+            row = next((r for r in rows if r["path"] == path and r["tokens"] == n), None)
+            if row is None or row["ttft_s"] is None:
+                cells.append(f"{'failed' if row else '-':>16}")
+            else:
+                speedup = cold.get(n) / row["ttft_s"] if cold.get(n) else 0
+                cells.append(f"{row['ttft_s']:>9.3f} {speedup:>5.1f}x")
+        print(f"  {path:<18}" + "".join(cells))
+    for row in rows:
+        if row.get("error"):
+            print(f"  {row['path']} at {row['tokens']} tokens failed: {row['error']}")
+    if result["no_reuse_overhead"] is not None:
+        print(
+            f"  no-reuse throughput overhead of kvtier: {100 * result['no_reuse_overhead']:+.1f}%"
+            f" ({result['no_reuse_seconds']['on']:.2f}s vs"
+            f" {result['no_reuse_seconds']['off']:.2f}s)"
+        )
