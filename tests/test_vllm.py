@@ -181,12 +181,13 @@ def _complete(port: int, prompt: str) -> dict[str, Any]:
 
 
 @contextmanager
-def served(chunks: Path, log: Path) -> Iterator[int]:
+def served(chunks: Path | None, log: Path) -> Iterator[int]:
     port = free_port()
     kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [kvtier, "serve", "--port", str(port), "--disk", str(chunks), "--dram", "512MiB",
+            [kvtier, "serve", "--port", str(port), "--disk", str(chunks or "none"),
+             "--dram", "512MiB",
              "--served-model-name", "SmolLM2-135M-Instruct", "--max-model-len", "4096",
              "--no-enable-prefix-caching", "--dtype", "float32"],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
@@ -209,6 +210,18 @@ def served(chunks: Path, log: Path) -> Iterator[int]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def test_kvtier_serve_hits_the_dram_tier_of_its_worker_process(tmp_path: Path) -> None:
+    # vLLM runs the scheduler and the worker in separate processes here: the scheduler only
+    # knows the worker's DRAM through the events the worker sends back.
+    prompt = " ".join(f"Line {i} of a document that every request shares." for i in range(200))
+    with served(None, tmp_path / "serve.log") as port:
+        first = _complete(port, prompt)
+        second = _complete(port, prompt)
+    log = (tmp_path / "serve.log").read_text()
+    assert "from memory" in log, log[-3000:]
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
 
 
 def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: Path) -> None:

@@ -103,8 +103,8 @@ class TieredStore:
     def keys(self, tokens: Sequence[int] | Any, namespace: Namespace) -> list[ChunkKey]:
         return chunk_keys(tokens, namespace, self.chunk_tokens)
 
-    def _locate(self, keys: Sequence[ChunkKey]) -> list[int]:
-        """Index of the first tier holding each leading key, up to the first key none holds."""
+    def _where(self, keys: Sequence[ChunkKey]) -> list[int | None]:
+        """Index of the first tier holding each key, None where no tier does."""
         where: list[int | None] = [None] * len(keys)
         for t, slot in enumerate(self._slots):
             todo = [i for i, w in enumerate(where) if w is None]
@@ -120,6 +120,19 @@ class TieredStore:
                 else:
                     missing += 1
             self._recorder.add(slot.tier.name, misses=missing)
+        return where
+
+    def locate(self, keys: Sequence[ChunkKey]) -> list[str | None]:
+        """Name of the first tier holding each key (None where none does), all keys checked.
+
+        For callers that combine kvtier with what they know from elsewhere (a connector's
+        mirror of another process's DRAM tier); :meth:`lookup` is the usual entry point.
+        """
+        return [None if t is None else self._slots[t].tier.name for t in self._where(keys)]
+
+    def _locate(self, keys: Sequence[ChunkKey]) -> list[int]:
+        """Index of the first tier holding each leading key, up to the first key none holds."""
+        where = self._where(keys)
         prefix: list[int] = []
         for w in where:
             if w is None:

@@ -31,6 +31,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 
 from kvtier.codec import KVChunk
@@ -40,6 +41,7 @@ from kvtier.factory import open_store
 from kvtier.integrations.model import model_fingerprint
 from kvtier.integrations.paged import blocks_to_chunks, chunks_to_blocks
 from kvtier.keys import Namespace
+from kvtier.stats import ChunkEvent
 from kvtier.store import TieredStore
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier")
@@ -87,6 +90,23 @@ class SaveSpec:
 class KvtierConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    prefetches: list[tuple[list[int], str | None]] = field(default_factory=list)
+
+
+@dataclass
+class KvtierWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler: chunks that entered or left the worker's top (DRAM) tier.
+
+    When vLLM runs the worker in another process, the scheduler's own store cannot see the
+    worker's DRAM; this keeps a mirror of it on the scheduler side.
+    """
+
+    stored: list[bytes] = field(default_factory=list)
+    dropped: list[bytes] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, KvtierWorkerMetadata)
+        return KvtierWorkerMetadata(self.stored + other.stored, self.dropped + other.dropped)
 
 
 @dataclass
@@ -205,11 +225,18 @@ class KvtierConnector(KVConnectorBase_V1):
         self._local_hits: dict[str, int] = {}
         self._salts: dict[str, str | None] = {}
         self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end)
+        self._worker_top: set[bytes] = set()  # mirror of the worker's DRAM tier
+        self._prefetches: list[tuple[list[int], str | None]] = []
         # worker side
         self._layers: list[torch.Tensor] = []
         self._load_errors: set[int] = set()
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
         self._pending_save: Future[None] | None = None
+        self._events_lock = threading.Lock()
+        self._events = KvtierWorkerMetadata()
+        if role == KVConnectorRole.WORKER:
+            top = self._store.tiers[0].name
+            self._store.subscribe(lambda e: self._on_event(e) if e.tier == top else None)
         _connectors.add(self)
 
     def _namespace(self, salt: str | None) -> Namespace:
@@ -219,18 +246,46 @@ class KvtierConnector(KVConnectorBase_V1):
 
     # -- scheduler side --------------------------------------------------------------------
 
+    def _worker_in_this_process(self) -> bool:
+        return any(c.role == KVConnectorRole.WORKER for c in list(_connectors))
+
     def on_new_request(self, request: Request) -> None:
         self._salts[request.request_id] = request.cache_salt
         tokens = list(request.prompt_token_ids or [])
-        if len(tokens) > self._chunk:  # warm DRAM from slower tiers while it waits
+        if len(tokens) <= self._chunk:
+            return
+        # Warm the worker's DRAM from slower tiers while the request waits: directly when the
+        # worker shares this process (and store), else through the next step's metadata.
+        if self._worker_in_this_process():
             self._store.prefetch(tokens, self._namespace(request.cache_salt))
+        else:
+            self._prefetches.append((tokens, request.cache_salt))
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, KvtierWorkerMetadata):
+            self._worker_top.difference_update(meta.dropped)
+            self._worker_top.update(meta.stored)
+
+    def _hit_tokens(self, tokens: list[int], salt: str | None) -> int:
+        """Leading tokens held by kvtier: in this process's tiers or the worker's DRAM."""
+        ns = self._namespace(salt)
+        keys = self._store.keys(tokens, ns)
+        if not self._worker_top:
+            return self._store.lookup(tokens, ns).hit_tokens
+        found = 0
+        for key, tier in zip(keys, self._store.locate(keys), strict=True):
+            if tier is None and key not in self._worker_top:
+                break
+            found += 1
+        return found * self._chunk
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         tokens = list(request.prompt_token_ids or [])
         self._salts[request.request_id] = request.cache_salt
-        hit = self._store.lookup(tokens, self._namespace(request.cache_salt)).hit_tokens
+        hit = self._hit_tokens(tokens, request.cache_salt)
         # vLLM must compute at least the last prompt token itself.
         usable = min(hit, (len(tokens) - 1) // self._chunk * self._chunk)
         self._local_hits[request.request_id] = num_computed_tokens
@@ -271,6 +326,7 @@ class KvtierConnector(KVConnectorBase_V1):
             computed = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
             self._plan_save(meta, req_id, tracked, computed)
         self._pending_loads.clear()
+        meta.prefetches, self._prefetches = self._prefetches, []
         return meta
 
     def _plan_load(self, meta: KvtierConnectorMetadata, req_id: str, tracked: _Tracked) -> None:
@@ -333,6 +389,8 @@ class KvtierConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvtierConnectorMetadata)
         self._saver_wait()  # a chunk saved last step may be what this step loads
+        for tokens, salt in meta.prefetches:  # requests that wait: warm DRAM meanwhile
+            self._store.prefetch(tokens, self._namespace(salt))
         for spec in meta.loads:
             self._load(spec)
 
@@ -417,6 +475,20 @@ class KvtierConnector(KVConnectorBase_V1):
         if self._pending_save is not None:
             self._pending_save.result()
             self._pending_save = None
+
+    def _on_event(self, event: ChunkEvent) -> None:
+        with self._events_lock:
+            if event.kind == "stored":
+                self._events.stored.extend(event.keys)
+            else:
+                self._events.dropped.extend(event.keys)
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        with self._events_lock:
+            if not self._events.stored and not self._events.dropped:
+                return None
+            events, self._events = self._events, KvtierWorkerMetadata()
+        return events
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
