@@ -243,3 +243,13 @@ def test_redis_ttl_is_applied(redis_server: RedisServer, prefix: str) -> None:
     ttl = redis.Redis.from_url(redis_server.url).ttl(tier.redis_key(NS.root(16)))
     assert 0 < ttl <= 60
     tier.close()
+
+
+def test_lookup_counts_chunks_another_process_holds(tmp_path: Path) -> None:
+    with two_tier(tmp_path) as store:
+        tokens = prompt(15, 4)
+        store.put(tokens, NS, chunks_for(15, 1))  # chunk 0 here
+        keys = store.keys(tokens, NS)
+        hit = store.lookup(tokens, NS, held_elsewhere={keys[1], keys[2]})
+        assert hit.tiers == ["memory", "elsewhere", "elsewhere"]
+        assert store.lookup(tokens, NS).hit_chunks == 1

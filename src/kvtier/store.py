@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -140,12 +140,29 @@ class TieredStore:
             prefix.append(w)
         return prefix
 
-    def lookup(self, tokens: Sequence[int] | Any, namespace: Namespace) -> LookupResult:
-        """How many leading tokens are cached, and where. Never raises for a tier failure."""
+    def lookup(
+        self,
+        tokens: Sequence[int] | Any,
+        namespace: Namespace,
+        held_elsewhere: Container[bytes] = frozenset(),
+    ) -> LookupResult:
+        """How many leading tokens are cached, and where. Never raises for a tier failure.
+
+        ``held_elsewhere`` lists keys the caller knows another process holds (a vLLM
+        worker's DRAM tier, mirrored from its events); they count as hits in tier
+        ``"elsewhere"``.
+        """
         keys = self.keys(tokens, namespace)
-        where = self._locate(keys)
-        self._recorder.lookup(len(tokens), len(where) * self.chunk_tokens)
-        return LookupResult(keys, [self._slots[t].tier.name for t in where], self.chunk_tokens)
+        if held_elsewhere:
+            names: list[str] = []
+            for key, tier in zip(keys, self.locate(keys), strict=True):
+                if tier is None and key not in held_elsewhere:
+                    break
+                names.append(tier or "elsewhere")
+        else:
+            names = [self._slots[t].tier.name for t in self._locate(keys)]
+        self._recorder.lookup(len(tokens), len(names) * self.chunk_tokens)
+        return LookupResult(keys, names, self.chunk_tokens)
 
     def get(
         self,

@@ -226,7 +226,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._salts: dict[str, str | None] = {}
         self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end)
         self._worker_top: set[bytes] = set()  # mirror of the worker's DRAM tier
-        self._prefetches: list[tuple[list[int], str | None]] = []
+        self._waiting: dict[str, tuple[list[int], str | None]] = {}  # prefetch candidates
         # worker side
         self._layers: list[torch.Tensor] = []
         self._load_errors: set[int] = set()
@@ -252,14 +252,8 @@ class KvtierConnector(KVConnectorBase_V1):
     def on_new_request(self, request: Request) -> None:
         self._salts[request.request_id] = request.cache_salt
         tokens = list(request.prompt_token_ids or [])
-        if len(tokens) <= self._chunk:
-            return
-        # Warm the worker's DRAM from slower tiers while the request waits: directly when the
-        # worker shares this process (and store), else through the next step's metadata.
-        if self._worker_in_this_process():
-            self._store.prefetch(tokens, self._namespace(request.cache_salt))
-        else:
-            self._prefetches.append((tokens, request.cache_salt))
+        if len(tokens) > self._chunk:
+            self._waiting[request.request_id] = (tokens, request.cache_salt)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
@@ -269,16 +263,8 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def _hit_tokens(self, tokens: list[int], salt: str | None) -> int:
         """Leading tokens held by kvtier: in this process's tiers or the worker's DRAM."""
-        ns = self._namespace(salt)
-        keys = self._store.keys(tokens, ns)
-        if not self._worker_top:
-            return self._store.lookup(tokens, ns).hit_tokens
-        found = 0
-        for key, tier in zip(keys, self._store.locate(keys), strict=True):
-            if tier is None and key not in self._worker_top:
-                break
-            found += 1
-        return found * self._chunk
+        elsewhere = self._worker_top if not self._worker_in_this_process() else frozenset()
+        return self._store.lookup(tokens, self._namespace(salt), elsewhere).hit_tokens
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -326,7 +312,13 @@ class KvtierConnector(KVConnectorBase_V1):
             computed = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
             self._plan_save(meta, req_id, tracked, computed)
         self._pending_loads.clear()
-        meta.prefetches, self._prefetches = self._prefetches, []
+        # Requests that arrived but were not scheduled this step wait for blocks: have the
+        # worker warm its DRAM from slower tiers meanwhile (once per request). Scheduled ones
+        # load right now; a prefetch would only read the same bytes twice.
+        for new in scheduler_output.scheduled_new_reqs:
+            self._waiting.pop(new.req_id, None)
+        meta.prefetches = list(self._waiting.values())
+        self._waiting.clear()
         return meta
 
     def _plan_load(self, meta: KvtierConnectorMetadata, req_id: str, tracked: _Tracked) -> None:
@@ -366,6 +358,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._tracked.pop(request.request_id, None)
         self._local_hits.pop(request.request_id, None)
         self._salts.pop(request.request_id, None)
+        self._waiting.pop(request.request_id, None)
         return False, None
 
     # -- worker side -----------------------------------------------------------------------
