@@ -1,37 +1,61 @@
-"""Chunk layout <-> vLLM's paged KV blocks: exact round trips, partial loads."""
+"""Chunk layout <-> vLLM's paged KV blocks (CPU, FlashAttention and FlashInfer layouts)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from kvtier.integrations.paged import blocks_to_chunks, chunks_to_blocks
+from kvtier.integrations.paged import block_view, blocks_to_chunks, chunks_to_blocks
 
-LAYERS, HEADS, BLOCK, DIM = 3, 2, 4, 5
+LAYERS, HEADS, BLOCK, DIM, NBLOCKS = 3, 2, 4, 5, 12
 
 
-def cache() -> list[torch.Tensor]:
+def make(layout: str) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    return [torch.randn(12, HEADS, BLOCK, 2 * DIM, dtype=torch.bfloat16) for _ in range(LAYERS)]
+    shape = {
+        "cpu": (NBLOCKS, HEADS, BLOCK, 2 * DIM),
+        "flash_attn": (2, NBLOCKS, BLOCK, HEADS, DIM),
+        "flashinfer": (NBLOCKS, 2, BLOCK, HEADS, DIM),
+    }[layout]
+    return [torch.randn(shape, dtype=torch.bfloat16) for _ in range(LAYERS)]
 
 
-def test_gather_puts_k_then_v_of_each_token_in_chunk_layout() -> None:
-    layers = cache()
-    block_ids = [7, 2, 5, 0]  # two chunks of 8 tokens, two blocks each
-    chunks = blocks_to_chunks(layers, block_ids, BLOCK, 8)
+def k_and_v(layout: str, layer: torch.Tensor, block: int, offset: int) -> tuple[torch.Tensor, ...]:
+    """K and V (heads, dim) of one token slot, read the way each backend lays them out."""
+    if layout == "cpu":
+        return layer[block, :, offset, :DIM], layer[block, :, offset, DIM:]
+    if layout == "flash_attn":
+        return layer[0, block, offset], layer[1, block, offset]
+    return layer[block, 0, offset], layer[block, 1, offset]
+
+
+@pytest.mark.parametrize("layout", ["cpu", "flash_attn", "flashinfer"])
+def test_gather_puts_k_then_v_of_each_token_in_chunk_layout(layout: str) -> None:
+    raw = make(layout)
+    views = [block_view(t, HEADS, DIM) for t in raw]
+    chunks = blocks_to_chunks(views, [7, 2, 5, 0], 8)  # two chunks of 8 tokens, 2 blocks each
     assert chunks.shape == (2, LAYERS, 2, 8, HEADS, DIM)
-    # token 5 of chunk 0 sits in the chunk's second block (id 2), offset 1
-    assert torch.equal(chunks[0, 1, 0, 5], layers[1][2, :, 1, :DIM])
-    assert torch.equal(chunks[0, 1, 1, 5], layers[1][2, :, 1, DIM:])
-    assert torch.equal(chunks[1, 2, 1, 3], layers[2][5, :, 3, DIM:])
+    k, v = k_and_v(layout, raw[1], 2, 1)  # token 5 of chunk 0: block 2, offset 1
+    assert torch.equal(chunks[0, 1, 0, 5], k) and torch.equal(chunks[0, 1, 1, 5], v)
+    k, v = k_and_v(layout, raw[2], 5, 3)  # token 3 of chunk 1: block 5, offset 3
+    assert torch.equal(chunks[1, 2, 0, 3], k) and torch.equal(chunks[1, 2, 1, 3], v)
 
 
-def test_scatter_round_trips_and_leaves_skipped_blocks_alone() -> None:
-    layers = cache()
+@pytest.mark.parametrize("layout", ["cpu", "flash_attn", "flashinfer"])
+def test_scatter_round_trips_and_leaves_skipped_blocks_alone(layout: str) -> None:
+    raw = make(layout)
     block_ids = [7, 2, 5, 0]
-    chunks = blocks_to_chunks(layers, block_ids, BLOCK, 8)
-    target = [torch.zeros_like(t) for t in layers]
-    chunks_to_blocks(chunks, target, block_ids, BLOCK, skip_blocks=1)
-    for src, dst in zip(layers, target, strict=True):
-        assert torch.equal(dst[[2, 5, 0]], src[[2, 5, 0]])
-        assert not dst[7].any()  # the engine computed that block itself
-        assert not dst[[1, 3, 4, 6]].any()  # nothing else touched
+    chunks = blocks_to_chunks([block_view(t, HEADS, DIM) for t in raw], block_ids, 8)
+    target = [torch.zeros_like(t) for t in raw]
+    views = [block_view(t, HEADS, DIM) for t in target]
+    chunks_to_blocks(chunks, views, block_ids, skip_blocks=1)
+    for src, dst in zip(raw, target, strict=True):
+        s, d = block_view(src, HEADS, DIM), block_view(dst, HEADS, DIM)
+        assert torch.equal(d[[2, 5, 0]], s[[2, 5, 0]])  # written through the view
+        assert not d[7].any()  # the engine computed that block itself
+        assert not d[[1, 3, 4, 6, 8]].any()  # nothing else touched
+
+
+def test_unknown_layouts_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown paged KV layout"):
+        block_view(torch.zeros(4, 3, 3), HEADS, DIM)

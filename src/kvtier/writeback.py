@@ -8,9 +8,11 @@ counted; the chunk is still in the tiers above, and at worst is recomputed later
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Blob
@@ -20,6 +22,18 @@ log = logging.getLogger("kvtier")
 WriteBatch = list[tuple[ChunkKey, Blob]]
 _BATCH_CHUNKS = 32
 _BATCH_BYTES = 64 << 20
+_BACKGROUND_NICE = 10
+
+
+def background_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux: threads have their own nice value).
+
+    Lower-tier writes are never urgent; on a machine whose cores the engine keeps busy they
+    should take what the engine leaves, not slow down inference.
+    """
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        with suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _BACKGROUND_NICE)
 
 
 class WriteBehind:
@@ -83,6 +97,7 @@ class WriteBehind:
             return batch
 
     def _run(self) -> None:
+        background_priority()
         while (batch := self._take()) is not None:
             try:
                 self._write(batch)

@@ -39,10 +39,11 @@ from kvtier.config import StoreConfig, config_from_dict
 from kvtier.errors import ConfigError
 from kvtier.factory import open_store
 from kvtier.integrations.model import model_fingerprint
-from kvtier.integrations.paged import blocks_to_chunks, chunks_to_blocks
+from kvtier.integrations.paged import block_view, blocks_to_chunks, chunks_to_blocks
 from kvtier.keys import Namespace
 from kvtier.stats import ChunkEvent
 from kvtier.store import TieredStore
+from kvtier.writeback import background_priority
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -230,7 +231,9 @@ class KvtierConnector(KVConnectorBase_V1):
         # worker side
         self._layers: list[torch.Tensor] = []
         self._load_errors: set[int] = set()
-        self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvtier-save")
+        self._saver = ThreadPoolExecutor(
+            1, thread_name_prefix="kvtier-save", initializer=background_priority
+        )
         self._pending_save: Future[None] | None = None
         self._events_lock = threading.Lock()
         self._events = KvtierWorkerMetadata()
@@ -246,9 +249,6 @@ class KvtierConnector(KVConnectorBase_V1):
 
     # -- scheduler side --------------------------------------------------------------------
 
-    def _worker_in_this_process(self) -> bool:
-        return any(c.role == KVConnectorRole.WORKER for c in list(_connectors))
-
     def on_new_request(self, request: Request) -> None:
         self._salts[request.request_id] = request.cache_salt
         tokens = list(request.prompt_token_ids or [])
@@ -263,7 +263,10 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def _hit_tokens(self, tokens: list[int], salt: str | None) -> int:
         """Leading tokens held by kvtier: in this process's tiers or the worker's DRAM."""
-        elsewhere = self._worker_top if not self._worker_in_this_process() else frozenset()
+        workers = [c for c in list(_connectors) if c.role == KVConnectorRole.WORKER]
+        for worker in workers:  # saves of the step just finished may hold this very prefix
+            worker._saver_wait()
+        elsewhere = self._worker_top if not workers else frozenset()
         return self._store.lookup(tokens, self._namespace(salt), elsewhere).hit_tokens
 
     def get_num_new_matched_tokens(
@@ -368,12 +371,19 @@ class KvtierConnector(KVConnectorBase_V1):
             match = re.search(r"layers\.(\d+)\.", name)
             return (int(match.group(1)) if match else 0, name)
 
-        self._layers = [kv_caches[name] for name in sorted(kv_caches, key=layer_index)]
-        first = self._layers[0]
-        if first.dim() != 4 or first.shape[2] != self._block_size:
+        model = self._vllm_config.model_config
+        heads = model.get_num_kv_heads(self._vllm_config.parallel_config)
+        head_dim = model.get_head_size()
+        ordered = [kv_caches[name] for name in sorted(kv_caches, key=layer_index)]
+        try:
+            self._layers = [block_view(t, heads, head_dim) for t in ordered]
+        except ValueError as exc:
+            raise ConfigError(f"kvtier cannot use this KV cache: {exc}") from None
+        first = ordered[0]
+        if self._layers[0].shape[2] != self._block_size:
             raise ConfigError(
-                f"kvtier supports vLLM's (blocks, kv_heads, block_size, 2*head_dim) KV layout;"
-                f" got a cache of shape {tuple(first.shape)}"
+                f"KV cache blocks hold {self._layers[0].shape[2]} tokens, vLLM's block size"
+                f" is {self._block_size}"
             )
         if _TORCH_DTYPES.get(first.dtype) != self._kv_dtype:
             raise ConfigError(f"KV cache is {first.dtype}, the configuration said {self._kv_dtype}")
@@ -390,8 +400,8 @@ class KvtierConnector(KVConnectorBase_V1):
     def _load(self, spec: LoadSpec) -> None:
         first_chunk = spec.start // self._chunk
         n_chunks = len(spec.tokens) // self._chunk - first_chunk
-        _, heads, _, two_dim = self._layers[0].shape
-        shape = (n_chunks, len(self._layers), 2, self._chunk, heads, two_dim // 2)
+        _, _, _, heads, dim = self._layers[0].shape
+        shape = (n_chunks, len(self._layers), 2, self._chunk, heads, dim)
         staging = torch.empty(shape, dtype=self._layers[0].dtype)
         raw = staging.view(torch.uint8).numpy()  # get_into fills bytes; bf16 has no numpy type
         try:
@@ -417,11 +427,7 @@ class KvtierConnector(KVConnectorBase_V1):
         blocks = spec.block_ids[first_chunk * per_chunk :]
         if loaded:
             chunks_to_blocks(
-                staging[:loaded],
-                self._layers,
-                blocks[: loaded * per_chunk],
-                self._block_size,
-                skip_blocks=skip,
+                staging[:loaded], self._layers, blocks[: loaded * per_chunk], skip_blocks=skip
             )
         failed = blocks[max(loaded * per_chunk, skip) :]
         if failed:
@@ -449,7 +455,7 @@ class KvtierConnector(KVConnectorBase_V1):
                 continue
             # The gather is a copy out of vLLM's blocks (they may be reused after this step);
             # encoding and tier writes then happen off the engine's critical path.
-            chunks = blocks_to_chunks(self._layers, blocks, self._block_size, self._chunk)
+            chunks = blocks_to_chunks(self._layers, blocks, self._chunk)
             self._pending_save = self._saver.submit(self._save, spec, chunks)
 
     def _save(self, spec: SaveSpec, chunks: torch.Tensor) -> None:
