@@ -59,3 +59,14 @@ def test_scatter_round_trips_and_leaves_skipped_blocks_alone(layout: str) -> Non
 def test_unknown_layouts_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown paged KV layout"):
         block_view(torch.zeros(4, 3, 3), HEADS, DIM)
+
+
+def test_scatter_of_a_chunk_used_in_part() -> None:
+    raw = make("cpu")
+    chunks = blocks_to_chunks([block_view(t, HEADS, DIM) for t in raw], [7, 2, 5, 0], 8)
+    target = [torch.zeros_like(t) for t in raw]
+    views = [block_view(t, HEADS, DIM) for t in target]
+    chunks_to_blocks(chunks, views, [7, 2, 5], skip_blocks=0)  # last block not wanted
+    for src, dst in zip(raw, target, strict=True):
+        assert torch.equal(dst[[7, 2, 5]], src[[7, 2, 5]])
+        assert not dst[0].any()

@@ -64,7 +64,8 @@ def chunks_to_blocks(
     """Scatter ``chunks`` ``(n_chunks, layers, 2, chunk, heads, dim)`` into the paged cache.
 
     ``layers`` are :func:`block_view` views; ``block_ids`` are the blocks of those chunks in
-    token order; the first ``skip_blocks`` of them are left alone (already computed).
+    token order, possibly fewer than the chunks hold (the last chunk used in part); the first
+    ``skip_blocks`` of them are left alone (already computed).
     """
     n_chunks, n_layers, _, chunk_tokens, heads, dim = chunks.shape
     block_size = layers[0].shape[2]
@@ -74,6 +75,5 @@ def chunks_to_blocks(
         src = chunks[:, li].reshape(n_chunks, 2, per_chunk, block_size, heads, dim)
         src = src.transpose(1, 2).reshape(n_chunks * per_chunk, 2, block_size, heads, dim)
         layer = layers[li]
-        layer.index_copy_(
-            0, index.to(layer.device), src[skip_blocks:].to(layer.device, non_blocking=True)
-        )
+        src = src[skip_blocks : skip_blocks + len(index)]
+        layer.index_copy_(0, index.to(layer.device), src.to(layer.device, non_blocking=True))

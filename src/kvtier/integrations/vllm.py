@@ -67,13 +67,15 @@ _TORCH_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.flo
 
 @dataclass
 class LoadSpec:
-    """Load tokens [start, end) of a prompt into its blocks (``end`` chunk-aligned)."""
+    """Load tokens [start, end) of a prompt into its blocks. Both ends are block-aligned; the
+    chunk holding ``end`` is read whole and only its blocks before ``end`` are written."""
 
     req_id: str
-    tokens: list[int]  # prompt tokens [0, end)
+    tokens: list[int]  # prompt tokens of every chunk touched: [0, ceil(end / chunk) * chunk)
     salt: str | None
     block_ids: list[int]  # blocks covering [0, end)
     start: int
+    end: int
 
 
 @dataclass
@@ -275,8 +277,9 @@ class KvtierConnector(KVConnectorBase_V1):
         tokens = list(request.prompt_token_ids or [])
         self._salts[request.request_id] = request.cache_salt
         hit = self._hit_tokens(tokens, request.cache_salt)
-        # vLLM must compute at least the last prompt token itself.
-        usable = min(hit, (len(tokens) - 1) // self._chunk * self._chunk)
+        # vLLM must compute at least the last prompt token itself. Loads are block-granular:
+        # the last chunk may be used in part, so no more than one block is recomputed.
+        usable = min(hit, (len(tokens) - 1) // self._block_size * self._block_size)
         self._local_hits[request.request_id] = num_computed_tokens
         if usable <= num_computed_tokens:
             return 0, False
@@ -329,13 +332,12 @@ class KvtierConnector(KVConnectorBase_V1):
         if span is None:
             return
         start, end = span
-        blocks_needed = end // self._block_size
+        whole = -(-end // self._chunk) * self._chunk  # the chunk holding `end` is stored whole
+        blocks = tracked.block_ids[: end // self._block_size]
         meta.loads.append(
-            LoadSpec(
-                req_id, tracked.prompt[:end], tracked.salt, tracked.block_ids[:blocks_needed], start
-            )
+            LoadSpec(req_id, tracked.prompt[:whole], tracked.salt, blocks, start, end)
         )
-        tracked.saved_tokens = end  # those chunks are in kvtier already
+        tracked.saved_tokens = whole  # those chunks are in kvtier already
 
     def _plan_save(
         self, meta: KvtierConnectorMetadata, req_id: str, tracked: _Tracked, computed: int
@@ -424,7 +426,7 @@ class KvtierConnector(KVConnectorBase_V1):
             loaded = 0
         per_chunk = self._chunk // self._block_size
         skip = (spec.start - first_chunk * self._chunk) // self._block_size
-        blocks = spec.block_ids[first_chunk * per_chunk :]
+        blocks = spec.block_ids[first_chunk * per_chunk :]  # blocks of the chunks read, to end
         if loaded:
             chunks_to_blocks(
                 staging[:loaded], self._layers, blocks[: loaded * per_chunk], skip_blocks=skip
