@@ -304,3 +304,22 @@ def decode(blob: bytes | memoryview, expected_key: bytes | None = None) -> Decod
     except ValueError as exc:
         raise CorruptChunk(f"chunk {header.key.hex()}: {exc}") from exc
     return DecodedChunk(header, chunk)
+
+
+def recode(blob: bytes | memoryview, compression: Compression) -> bytes | memoryview:
+    """``blob`` stored with ``compression`` (itself when it already is): tiers differ."""
+    header = read_header(blob)
+    if header.compression == compression:
+        return blob
+    chunk = decode(blob).chunk
+    return encode(header.key, chunk, header.namespace_id, compression, header.created_at)
+
+
+def join(header: bytearray, payload: memoryview) -> bytes:
+    """The stored form of a chunk held as (header, payload), as loaded by ``get_into``."""
+    h = read_header(header)
+    if h.compression == Compression.NONE:
+        return bytes(header) + bytes(payload)
+    return encode(
+        h.key, KVChunk(h.dtype, h.shape, payload), h.namespace_id, Compression.NONE, h.created_at
+    )

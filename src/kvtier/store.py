@@ -17,11 +17,11 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Container, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import takewhile
 from typing import Any, TypeVar, cast
 
 from kvtier import codec
@@ -29,6 +29,7 @@ from kvtier.codec import Compression, KVChunk
 from kvtier.errors import CorruptChunk
 from kvtier.health import TierHealth
 from kvtier.keys import ChunkKey, Namespace, chunk_keys
+from kvtier.prefetch import Prefetcher
 from kvtier.results import GetResult, LoadResult, LookupResult, PutReport
 from kvtier.stats import ChunkEvent, Recorder, StoreStats
 from kvtier.tiers.base import Blob, Tier
@@ -75,9 +76,7 @@ class TieredStore:
         ]
         for slot in self._slots[1:]:
             slot.writer = WriteBehind(slot.tier.name, self._writer_for(slot), write_queue)
-        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvtier-prefetch")
-        self._prefetching: dict[ChunkKey, Future[int]] = {}
-        self._prefetch_lock = threading.Lock()
+        self._prefetcher = Prefetcher()
 
     @property
     def tiers(self) -> list[Tier]:
@@ -132,13 +131,7 @@ class TieredStore:
 
     def _locate(self, keys: Sequence[ChunkKey]) -> list[int]:
         """Index of the first tier holding each leading key, up to the first key none holds."""
-        where = self._where(keys)
-        prefix: list[int] = []
-        for w in where:
-            if w is None:
-                break
-            prefix.append(w)
-        return prefix
+        return [t for t in takewhile(lambda t: t is not None, self._where(keys)) if t is not None]
 
     def lookup(
         self,
@@ -178,7 +171,7 @@ class TieredStore:
         keys = self.keys(tokens, namespace)[start_chunk:]
         if max_chunks is not None:
             keys = keys[:max_chunks]
-        self._await_prefetch(keys)
+        self._prefetcher.wait_for(keys)
         with self.pinned(keys):
             found = self._fetch(keys)
         self._promote(found)
@@ -267,11 +260,11 @@ class TieredStore:
             raise ValueError("get_into needs writable destination buffers")
         keys = self.keys(tokens, namespace)[start_chunk : start_chunk + len(views)]
         headers = [bytearray(codec.HEADER_BYTES) for _ in keys]
-        self._await_prefetch(keys)
+        self._prefetcher.wait_for(keys)
         with self.pinned(keys):
             run = self._walk(keys, lambda slot, idx: self._load(slot, keys, idx, headers, views))
         self._promote(
-            [(keys[i], None, t, _as_blob(headers[i], views[i])) for i, t in enumerate(run) if t]
+            [(keys[i], None, t, codec.join(headers[i], views[i])) for i, t in enumerate(run) if t]
         )
         return LoadResult(len(run), [self._slots[t].tier.name for t in run], self.chunk_tokens)
 
@@ -369,32 +362,14 @@ class TieredStore:
         keys = self.keys(tokens, namespace)
 
         def run() -> int:
-            try:
-                with self.pinned(keys):
-                    where = self._locate(keys)
-                    below = [keys[i] for i, t in enumerate(where) if t > 0]
-                    if below:
-                        self._promote(self._fetch(below))
-                return len(where) * self.chunk_tokens
-            finally:
-                with self._prefetch_lock:
-                    for key in keys:
-                        if self._prefetching.get(key) is future:
-                            del self._prefetching[key]
+            with self.pinned(keys):
+                where = self._locate(keys)
+                below = [keys[i] for i, t in enumerate(where) if t > 0]
+                if below:
+                    self._promote(self._fetch(below))
+            return len(where) * self.chunk_tokens
 
-        with self._prefetch_lock:
-            future = self._prefetcher.submit(run)
-            for key in keys:
-                self._prefetching[key] = future
-        return future
-
-    def _await_prefetch(self, keys: Sequence[ChunkKey]) -> None:
-        """Wait for prefetches moving any of ``keys``: reading them ourselves meanwhile would
-        fetch the same bytes from the slow tier twice."""
-        with self._prefetch_lock:
-            pending = {id(f): f for k in keys if (f := self._prefetching.get(k)) is not None}
-        for future in pending.values():
-            future.exception()  # waits; a prefetch never raises for tier failures
+        return self._prefetcher.submit(keys, run)
 
     # -- write path ------------------------------------------------------------------------
 
@@ -458,7 +433,7 @@ class TieredStore:
                 self._recorder.add(name, writes_dropped=len(items))
                 return
             items = [item for item, h in zip(items, held, strict=True) if not h]
-        items = [(k, self._recode(blob, slot.compression)) for k, blob in items]
+        items = [(k, codec.recode(blob, slot.compression)) for k, blob in items]
         result = self._guard(slot, None, slot.tier.put_many, items)
         if result is None:
             self._recorder.add(name, writes_dropped=len(items))
@@ -478,16 +453,6 @@ class TieredStore:
         )
         self._recorder.emit("stored", name, [k for k, _ in written])
         self._recorder.emit("evicted", name, result.evicted)
-
-    @staticmethod
-    def _recode(blob: Blob, compression: Compression) -> Blob:
-        header = codec.read_header(blob)
-        if header.compression == compression:
-            return blob
-        decoded = codec.decode(blob)
-        return codec.encode(
-            header.key, decoded.chunk, header.namespace_id, compression, header.created_at
-        )
 
     # -- pins, stats, lifecycle ------------------------------------------------------------
 
@@ -519,7 +484,7 @@ class TieredStore:
 
     def close(self) -> None:
         """Finish queued writes (bounded wait), stop workers, close tiers."""
-        self._prefetcher.shutdown(wait=True)
+        self._prefetcher.shutdown()
         for slot in self._slots:
             if slot.writer is not None:
                 slot.writer.close()
@@ -533,12 +498,3 @@ class TieredStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _as_blob(header: bytearray, payload: memoryview) -> Blob:
-    """Stored form of a chunk loaded into (header, payload), for promotion to upper tiers."""
-    h = codec.read_header(header)
-    if h.compression == Compression.NONE:
-        return bytes(header) + bytes(payload)
-    chunk = KVChunk(h.dtype, h.shape, payload)
-    return codec.encode(h.key, chunk, h.namespace_id, Compression.NONE, h.created_at)
