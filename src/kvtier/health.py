@@ -32,10 +32,6 @@ class TierHealth:
         self._down_until: float | None = None
         self._wait = retry_after_s
 
-    @property
-    def down(self) -> bool:
-        return self._down_until is not None
-
     def available(self) -> bool:
         until = self._down_until
         return until is None or self._clock() >= until

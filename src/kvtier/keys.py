@@ -133,10 +133,3 @@ def parse_key(text: str) -> ChunkKey:
     if len(raw) != KEY_BYTES:
         raise ValueError(f"not a chunk key: {text!r} (want 32 hex digits)")
     return ChunkKey(raw)
-
-
-def check_key(key: bytes) -> ChunkKey:
-    """Return ``key`` typed as a ChunkKey after checking it is exactly 16 bytes."""
-    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-        raise ValueError(f"a chunk key is {KEY_BYTES} bytes, got {key!r:.60}")
-    return ChunkKey(key)
