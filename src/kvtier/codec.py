@@ -188,6 +188,67 @@ def encode(
     return b"".join((prefix, _CHECKSUM.pack(digest.intdigest()), payload))
 
 
+class SealedChunk(bytearray):
+    """A chunk encoded in place, to skip the copy :func:`encode` makes.
+
+    :func:`blank` lays out the header and room for the payload, the caller fills
+    :func:`payload_of` (say, gathering KV straight out of an engine's cache), and
+    :func:`seal` writes the checksum. Once sealed nobody writes to it again, so a tier may
+    keep it as it is instead of copying it into ``bytes``.
+    """
+
+
+def blank(
+    key: ChunkKey,
+    dtype: str,
+    shape: tuple[int, ...],
+    namespace_id: str = "",
+    created_at: float | None = None,
+) -> SealedChunk:
+    """An uncompressed chunk with its header written and its payload still to fill."""
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"a chunk key is {KEY_BYTES} bytes, got {len(key)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown KV dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if len(shape) != 5 or any(d <= 0 for d in shape):
+        raise ValueError(f"KV chunk shape must be 5 positive sizes, got {shape}")
+    nbytes = int(np.prod(shape)) * DTYPES[dtype][1]
+    blob = SealedChunk(HEADER_BYTES + nbytes)
+    ns = bytes.fromhex(namespace_id) if namespace_id else b""
+    _PREFIX.pack_into(
+        blob,
+        0,
+        MAGIC,
+        FORMAT_VERSION,
+        int(Compression.NONE),
+        DTYPES[dtype][0],
+        key,
+        ns.ljust(8, b"\0")[:8],
+        time.time() if created_at is None else created_at,
+        shape[2],
+        len(shape),
+        *shape,
+        *[0] * (MAX_NDIM - len(shape)),
+        nbytes,
+        nbytes,
+    )
+    return blob
+
+
+def payload_of(blob: SealedChunk) -> memoryview:
+    """The writable payload of a chunk from :func:`blank`."""
+    return memoryview(blob)[HEADER_BYTES:]
+
+
+def seal(blob: SealedChunk) -> SealedChunk:
+    """Write the checksum of a filled :func:`blank` chunk; returns it."""
+    view = memoryview(blob)
+    digest = xxhash.xxh3_64(view[: _PREFIX.size])
+    digest.update(view[HEADER_BYTES:])
+    _CHECKSUM.pack_into(blob, _PREFIX.size, digest.intdigest())
+    return blob
+
+
 def read_header(blob: bytes | bytearray | memoryview) -> ChunkHeader:
     """Parse the header without verifying the payload; raises CorruptChunk if malformed."""
     view = memoryview(blob)
@@ -247,7 +308,7 @@ _BLOCK = 256 * 1024  # copy+hash block: stays in L2 between the copy and the has
 
 
 def decode_into(
-    blob: bytes | memoryview, dest: memoryview, expected_key: bytes | None = None
+    blob: bytes | bytearray | memoryview, dest: memoryview, expected_key: bytes | None = None
 ) -> ChunkHeader:
     """Verify a stored chunk while copying its KV payload into ``dest``, in one pass.
 
@@ -279,7 +340,7 @@ def decode_into(
     return header
 
 
-def decode(blob: bytes | memoryview, expected_key: bytes | None = None) -> DecodedChunk:
+def decode(blob: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> DecodedChunk:
     """Verify and parse a stored chunk. Uncompressed payloads are returned without a copy.
 
     Raises CorruptChunk when anything is off: size, magic, version, checksum, key.
@@ -306,7 +367,9 @@ def decode(blob: bytes | memoryview, expected_key: bytes | None = None) -> Decod
     return DecodedChunk(header, chunk)
 
 
-def recode(blob: bytes | memoryview, compression: Compression) -> bytes | memoryview:
+def recode(
+    blob: bytes | bytearray | memoryview, compression: Compression
+) -> bytes | bytearray | memoryview:
     """``blob`` stored with ``compression`` (itself when it already is): tiers differ."""
     header = read_header(blob)
     if header.compression == compression:

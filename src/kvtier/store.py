@@ -17,121 +17,27 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Container, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import dataclass
-from itertools import takewhile
-from typing import Any, TypeVar, cast
+from typing import Any
 
 from kvtier import codec
 from kvtier.codec import Compression, KVChunk
 from kvtier.errors import CorruptChunk
-from kvtier.health import TierHealth
+from kvtier.hierarchy import Hierarchy, Slot
 from kvtier.keys import ChunkKey, Namespace, chunk_keys
-from kvtier.prefetch import Prefetcher
 from kvtier.results import GetResult, LoadResult, LookupResult, PutReport
-from kvtier.stats import ChunkEvent, Recorder, StoreStats
-from kvtier.tiers.base import Blob, Tier
-from kvtier.writeback import WriteBatch, WriteBehind
+from kvtier.tiers.base import Blob
+from kvtier.writeback import WriteBatch
 
 log = logging.getLogger("kvtier")
-T = TypeVar("T")
 
 
-@dataclass
-class _Slot:
-    tier: Tier
-    compression: Compression
-    health: TierHealth
-    writer: WriteBehind | None = None
-
-
-class TieredStore:
-    """Tiers in order, fastest first. The store owns them and closes them on :meth:`close`."""
-
-    def __init__(
-        self,
-        tiers: Sequence[Tier],
-        chunk_tokens: int = 256,
-        compression: Sequence[Compression] | None = None,
-        write_queue: int = 64,
-        retry_after_s: float = 1.0,
-    ):
-        if not tiers:
-            raise ValueError("a TieredStore needs at least one tier")
-        names = [t.name for t in tiers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"tier names must be unique, got {names}")
-        if chunk_tokens <= 0:
-            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-        comps = list(compression) if compression is not None else [Compression.NONE] * len(tiers)
-        if len(comps) != len(tiers):
-            raise ValueError("give one compression per tier")
-        self.chunk_tokens = chunk_tokens
-        self._recorder = Recorder(names)
-        self._slots = [
-            _Slot(t, c, TierHealth(t.name, retry_after_s))
-            for t, c in zip(tiers, comps, strict=True)
-        ]
-        for slot in self._slots[1:]:
-            slot.writer = WriteBehind(slot.tier.name, self._writer_for(slot), write_queue)
-        self._prefetcher = Prefetcher()
-
-    @property
-    def tiers(self) -> list[Tier]:
-        return [s.tier for s in self._slots]
-
-    # -- failure containment ---------------------------------------------------------------
-
-    def _guard(self, slot: _Slot, default: Any, call: Callable[..., T], *args: Any) -> T:
-        """``call(*args)``, or ``default`` if the tier is marked down or the call fails."""
-        if not slot.health.available():
-            return cast(T, default)
-        try:
-            result = call(*args)
-        except Exception as exc:
-            self._recorder.add(slot.tier.name, errors=1)
-            slot.health.failed(exc)
-            return cast(T, default)
-        slot.health.succeeded()
-        return result
-
-    # -- read path -------------------------------------------------------------------------
+class TieredStore(Hierarchy):
+    """The hierarchy's read and write paths (tiers in order, fastest first)."""
 
     def keys(self, tokens: Sequence[int] | Any, namespace: Namespace) -> list[ChunkKey]:
         return chunk_keys(tokens, namespace, self.chunk_tokens)
-
-    def _where(self, keys: Sequence[ChunkKey]) -> list[int | None]:
-        """Index of the first tier holding each key, None where no tier does."""
-        where: list[int | None] = [None] * len(keys)
-        for t, slot in enumerate(self._slots):
-            todo = [i for i, w in enumerate(where) if w is None]
-            if not todo:
-                break
-            present = self._guard(
-                slot, [False] * len(todo), slot.tier.contains_many, [keys[i] for i in todo]
-            )
-            missing = 0
-            for i, p in zip(todo, present, strict=True):
-                if p:
-                    where[i] = t
-                else:
-                    missing += 1
-            self._recorder.add(slot.tier.name, misses=missing)
-        return where
-
-    def locate(self, keys: Sequence[ChunkKey]) -> list[str | None]:
-        """Name of the first tier holding each key (None where none does), all keys checked.
-
-        For callers that combine kvtier with what they know from elsewhere (a connector's
-        mirror of another process's DRAM tier); :meth:`lookup` is the usual entry point.
-        """
-        return [None if t is None else self._slots[t].tier.name for t in self._where(keys)]
-
-    def _locate(self, keys: Sequence[ChunkKey]) -> list[int]:
-        """Index of the first tier holding each leading key, up to the first key none holds."""
-        return [t for t in takewhile(lambda t: t is not None, self._where(keys)) if t is not None]
 
     def lookup(
         self,
@@ -180,7 +86,7 @@ class TieredStore:
         return GetResult(chunks, names, self.chunk_tokens)
 
     def _walk(
-        self, keys: Sequence[ChunkKey], read_from: Callable[[_Slot, list[int]], list[bool]]
+        self, keys: Sequence[ChunkKey], read_from: Callable[[Slot, list[int]], list[bool]]
     ) -> list[int]:
         """Read the leading run of ``keys``, each from the first tier holding it.
 
@@ -210,7 +116,7 @@ class TieredStore:
         """(key, chunk, tier index, stored bytes) for the longest verified leading run."""
         got: dict[int, tuple[KVChunk, Blob]] = {}
 
-        def read_from(slot: _Slot, idx: list[int]) -> list[bool]:
+        def read_from(slot: Slot, idx: list[int]) -> list[bool]:
             blobs = self._guard(slot, [None] * len(idx), slot.tier.get_many, [keys[i] for i in idx])
             for i, blob in zip(idx, blobs, strict=True):
                 chunk = self._verify(slot, keys[i], blob)
@@ -221,7 +127,7 @@ class TieredStore:
         run = self._walk(keys, read_from)
         return [(keys[i], got[i][0], t, got[i][1]) for i, t in enumerate(run)]
 
-    def _verify(self, slot: _Slot, key: ChunkKey, blob: Any) -> KVChunk | None:
+    def _verify(self, slot: Slot, key: ChunkKey, blob: Any) -> KVChunk | None:
         if blob is None:
             self._recorder.add(slot.tier.name, misses=1)
             return None
@@ -232,14 +138,6 @@ class TieredStore:
             return None
         self._recorder.add(slot.tier.name, hits=1, bytes_read=len(blob))
         return chunk
-
-    def _corrupt(self, slot: _Slot, key: ChunkKey, exc: CorruptChunk) -> None:
-        log.warning(
-            "kvtier: corrupt chunk %s in tier %r removed: %s", key.hex(), slot.tier.name, exc
-        )
-        self._recorder.add(slot.tier.name, corruptions=1)
-        self._guard(slot, False, slot.tier.delete, key)
-        self._recorder.emit("removed", slot.tier.name, [key])
 
     def get_into(
         self,
@@ -270,7 +168,7 @@ class TieredStore:
 
     def _load(
         self,
-        slot: _Slot,
+        slot: Slot,
         keys: Sequence[ChunkKey],
         idx: Sequence[int],
         headers: Sequence[bytearray],
@@ -291,7 +189,7 @@ class TieredStore:
         ]
 
     def _copy_verified(
-        self, slot: _Slot, key: ChunkKey, blob: Any, header: bytearray, dest: memoryview
+        self, slot: Slot, key: ChunkKey, blob: Any, header: bytearray, dest: memoryview
     ) -> bool:
         if blob is None:
             self._recorder.add(slot.tier.name, misses=1)
@@ -316,7 +214,7 @@ class TieredStore:
         return True
 
     def _check_loaded(
-        self, slot: _Slot, key: ChunkKey, header: bytearray, dest: memoryview, size: int | None
+        self, slot: Slot, key: ChunkKey, header: bytearray, dest: memoryview, size: int | None
     ) -> bool:
         """Verify a chunk that read_into_many put in (header, dest); fall back to a full read
         when the stored form did not fit the buffer (compressed, or another shape)."""
@@ -334,13 +232,6 @@ class TieredStore:
                 return True
         blob = self._guard(slot, [None], slot.tier.get_many, [key])[0]
         return self._copy_verified(slot, key, blob, header, dest)
-
-    def _find_below(self, key: ChunkKey, tier_index: int) -> int | None:
-        for t in range(tier_index + 1, len(self._slots)):
-            slot = self._slots[t]
-            if self._guard(slot, [False], slot.tier.contains_many, [key])[0]:
-                return t
-        return None
 
     def _promote(self, found: Sequence[tuple[ChunkKey, KVChunk | None, int, Blob]]) -> None:
         """Copy chunks read from tier t into tiers 0..t-1 (tier 0 inline, others queued)."""
@@ -385,42 +276,76 @@ class TieredStore:
         Writes the top tier inline, queues copies for lower tiers, and returns without waiting
         for them. Never raises for a tier failure; raises ValueError for bad arguments.
         """
-        keys = self.keys(tokens, namespace)[start_chunk : start_chunk + len(chunks)]
-        if len(keys) < len(chunks):
-            raise ValueError(
-                f"{len(chunks)} chunks from chunk {start_chunk} need"
-                f" {(start_chunk + len(chunks)) * self.chunk_tokens} tokens, got {len(tokens)}"
-            )
-        for j, chunk in enumerate(chunks):
-            if chunk.tokens != self.chunk_tokens:
-                raise ValueError(
-                    f"chunk {start_chunk + j} holds {chunk.tokens} tokens, the store's chunks"
-                    f" are {self.chunk_tokens}"
-                )
+        keys = self._put_keys(tokens, namespace, start_chunk, [c.tokens for c in chunks])
         top = self._slots[0]
-        held = self._guard(top, [False] * len(keys), top.tier.contains_many, keys)
         ns_id = namespace.id(self.chunk_tokens)
         items: WriteBatch = [
             (key, codec.encode(key, chunk, ns_id, top.compression))
-            for key, chunk, h in zip(keys, chunks, held, strict=True)
-            if not h
+            for key, chunk, held in zip(keys, chunks, self._held(keys), strict=True)
+            if not held
         ]
-        self._write_to(top, items)
+        return self._put_items(items)
+
+    def put_encoded(
+        self,
+        tokens: Sequence[int] | Any,
+        namespace: Namespace,
+        blobs: Sequence[codec.SealedChunk],
+        start_chunk: int = 0,
+    ) -> PutReport:
+        """:meth:`put` for chunks encoded in place (:func:`kvtier.codec.blank`, filled, then
+        :func:`kvtier.codec.seal`): the top tier keeps them without a copy. Each header must
+        carry its chunk's key (ValueError otherwise)."""
+        headers = [codec.read_header(blob) for blob in blobs]
+        keys = self._put_keys(tokens, namespace, start_chunk, [h.tokens for h in headers])
+        for j, (key, header) in enumerate(zip(keys, headers, strict=True)):
+            if header.key != key:
+                raise ValueError(f"chunk {start_chunk + j} was encoded under another key")
+        items: WriteBatch = [
+            (key, blob)
+            for key, blob, held in zip(keys, blobs, self._held(keys), strict=True)
+            if not held
+        ]
+        return self._put_items(items)
+
+    def _put_keys(
+        self, tokens: Sequence[int] | Any, namespace: Namespace, start: int, sizes: list[int]
+    ) -> list[ChunkKey]:
+        keys = self.keys(tokens, namespace)[start : start + len(sizes)]
+        if len(keys) < len(sizes):
+            raise ValueError(
+                f"{len(sizes)} chunks from chunk {start} need"
+                f" {(start + len(sizes)) * self.chunk_tokens} tokens, got {len(tokens)}"
+            )
+        for j, size in enumerate(sizes):
+            if size != self.chunk_tokens:
+                raise ValueError(
+                    f"chunk {start + j} holds {size} tokens, the store's chunks"
+                    f" are {self.chunk_tokens}"
+                )
+        return keys
+
+    def _held(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        top = self._slots[0]
+        return self._guard(top, [False] * len(keys), top.tier.contains_many, keys)
+
+    def _put_items(self, items: WriteBatch) -> PutReport:
+        self._write_to(self._slots[0], items)
         dropped = sum(self._enqueue(slot, items) for slot in self._slots[1:])
         queued = len(items) * (len(self._slots) - 1) - dropped
         return PutReport(len(items), queued, dropped)
 
-    def _enqueue(self, slot: _Slot, items: WriteBatch) -> int:
+    def _enqueue(self, slot: Slot, items: WriteBatch) -> int:
         assert slot.writer is not None
         dropped = slot.writer.submit(items)
         if dropped:
             self._recorder.add(slot.tier.name, writes_dropped=dropped)
         return dropped
 
-    def _writer_for(self, slot: _Slot) -> Callable[[WriteBatch], None]:
+    def _writer_for(self, slot: Slot) -> Callable[[WriteBatch], None]:
         return lambda batch: self._write_to(slot, batch, skip_held=True)
 
-    def _write_to(self, slot: _Slot, items: WriteBatch, skip_held: bool = False) -> None:
+    def _write_to(self, slot: Slot, items: WriteBatch, skip_held: bool = False) -> None:
         if not items:
             return
         name = slot.tier.name
@@ -453,45 +378,6 @@ class TieredStore:
         )
         self._recorder.emit("stored", name, [k for k, _ in written])
         self._recorder.emit("evicted", name, result.evicted)
-
-    # -- pins, stats, lifecycle ------------------------------------------------------------
-
-    @contextmanager
-    def pinned(self, keys: Sequence[ChunkKey]) -> Iterator[None]:
-        """Keep ``keys`` from being evicted by this process while the block runs."""
-        for slot in self._slots:
-            slot.tier.pin(keys)
-        try:
-            yield
-        finally:
-            for slot in self._slots:
-                slot.tier.unpin(keys)
-
-    def subscribe(self, listener: Callable[[ChunkEvent], None]) -> None:
-        """Call ``listener`` for every stored / evicted / removed event.
-
-        Listeners run on whichever thread caused the event (a caller's, a write-behind
-        worker, the prefetcher) and must return quickly; they must not wait on the store.
-        """
-        self._recorder.subscribe(listener)
-
-    def stats(self) -> StoreStats:
-        return self._recorder.snapshot()
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until queued lower-tier writes are done. False if ``timeout`` ran out."""
-        return all(s.writer.flush(timeout) for s in self._slots[1:] if s.writer is not None)
-
-    def close(self) -> None:
-        """Finish queued writes (bounded wait), stop workers, close tiers."""
-        self._prefetcher.shutdown()
-        for slot in self._slots:
-            if slot.writer is not None:
-                slot.writer.close()
-            try:
-                slot.tier.close()
-            except Exception as exc:  # closing a dead connection is not worth a crash
-                log.warning("kvtier: closing tier %r failed: %s", slot.tier.name, exc)
 
     def __enter__(self) -> TieredStore:
         return self

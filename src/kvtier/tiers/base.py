@@ -17,7 +17,7 @@ from typing import Protocol
 
 from kvtier.keys import ChunkKey
 
-Blob = bytes | memoryview
+Blob = bytes | bytearray | memoryview  # bytearray: a codec.SealedChunk, never written again
 
 
 def scatter(value: Blob, buffers: Sequence[memoryview]) -> int:

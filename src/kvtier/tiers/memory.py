@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 
+from kvtier.codec import SealedChunk
 from kvtier.keys import ChunkKey
 from kvtier.policy.eviction import LRUPolicy
 from kvtier.tiers.base import Blob, PutResult, TierUsage, scatter
@@ -14,9 +15,9 @@ class MemoryTier:
     """Chunks in this process's memory.
 
     Values are stored as ``bytes`` (copied once on put if given another buffer type, since a
-    view may be of memory its owner still changes) and returned as-is: ``bytes`` are
-    immutable, so a reader keeps a valid view even if the entry is evicted meanwhile, and
-    reads copy nothing.
+    view may be of memory its owner still changes; a sealed chunk, built in place and never
+    written again, is kept as it is) and returned as-is: a reader keeps a valid view even if
+    the entry is evicted meanwhile, and reads copy nothing.
     """
 
     def __init__(self, capacity: int, name: str = "memory", policy: LRUPolicy | None = None):
@@ -25,7 +26,7 @@ class MemoryTier:
         self.name = name
         self.zero_copy_reads = True
         self.capacity = capacity
-        self._data: dict[ChunkKey, bytes] = {}
+        self._data: dict[ChunkKey, bytes | SealedChunk] = {}
         self._policy = policy or LRUPolicy()
         self._lock = threading.Lock()
 
@@ -56,7 +57,7 @@ class MemoryTier:
         stored: list[bool] = []
         evicted: list[ChunkKey] = []
         for key, blob in items:
-            value = blob if isinstance(blob, bytes) else bytes(blob)  # own an immutable copy
+            value = blob if isinstance(blob, bytes | SealedChunk) else bytes(blob)  # immutable
             size = len(value)
             with self._lock:
                 self._policy.remove(key)  # a replaced value frees its old size first

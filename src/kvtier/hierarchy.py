@@ -1,0 +1,170 @@
+"""The ordered tiers under a :class:`~kvtier.store.TieredStore`: failure containment,
+where each chunk is, pins and lifecycle. The read and write paths live in the store."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import takewhile
+from typing import Any, TypeVar, cast
+
+from kvtier.codec import Compression
+from kvtier.errors import CorruptChunk
+from kvtier.health import TierHealth
+from kvtier.keys import ChunkKey
+from kvtier.prefetch import Prefetcher
+from kvtier.stats import ChunkEvent, Recorder, StoreStats
+from kvtier.tiers.base import Tier
+from kvtier.writeback import WriteBatch, WriteBehind
+
+log = logging.getLogger("kvtier")
+T = TypeVar("T")
+
+
+@dataclass
+class Slot:
+    tier: Tier
+    compression: Compression
+    health: TierHealth
+    writer: WriteBehind | None = None
+
+
+class Hierarchy:
+    """Tiers in order, fastest first. Owns them and closes them on :meth:`close`."""
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        chunk_tokens: int = 256,
+        compression: Sequence[Compression] | None = None,
+        write_queue: int = 64,
+        retry_after_s: float = 1.0,
+    ):
+        if not tiers:
+            raise ValueError("a TieredStore needs at least one tier")
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        if chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        comps = list(compression) if compression is not None else [Compression.NONE] * len(tiers)
+        if len(comps) != len(tiers):
+            raise ValueError("give one compression per tier")
+        self.chunk_tokens = chunk_tokens
+        self._recorder = Recorder(names)
+        self._slots = [
+            Slot(t, c, TierHealth(t.name, retry_after_s)) for t, c in zip(tiers, comps, strict=True)
+        ]
+        for slot in self._slots[1:]:
+            slot.writer = WriteBehind(slot.tier.name, self._writer_for(slot), write_queue)
+        self._prefetcher = Prefetcher()
+
+    @property
+    def tiers(self) -> list[Tier]:
+        return [s.tier for s in self._slots]
+
+    # -- failure containment ---------------------------------------------------------------
+
+    def _guard(self, slot: Slot, default: Any, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)``, or ``default`` if the tier is marked down or the call fails."""
+        if not slot.health.available():
+            return cast(T, default)
+        try:
+            result = call(*args)
+        except Exception as exc:
+            self._recorder.add(slot.tier.name, errors=1)
+            slot.health.failed(exc)
+            return cast(T, default)
+        slot.health.succeeded()
+        return result
+
+    # -- read path -------------------------------------------------------------------------
+    def _where(self, keys: Sequence[ChunkKey]) -> list[int | None]:
+        """Index of the first tier holding each key, None where no tier does."""
+        where: list[int | None] = [None] * len(keys)
+        for t, slot in enumerate(self._slots):
+            todo = [i for i, w in enumerate(where) if w is None]
+            if not todo:
+                break
+            present = self._guard(
+                slot, [False] * len(todo), slot.tier.contains_many, [keys[i] for i in todo]
+            )
+            missing = 0
+            for i, p in zip(todo, present, strict=True):
+                if p:
+                    where[i] = t
+                else:
+                    missing += 1
+            self._recorder.add(slot.tier.name, misses=missing)
+        return where
+
+    def locate(self, keys: Sequence[ChunkKey]) -> list[str | None]:
+        """Name of the first tier holding each key (None where none does), all keys checked.
+
+        For callers that combine kvtier with what they know from elsewhere (a connector's
+        mirror of another process's DRAM tier); :meth:`lookup` is the usual entry point.
+        """
+        return [None if t is None else self._slots[t].tier.name for t in self._where(keys)]
+
+    def _locate(self, keys: Sequence[ChunkKey]) -> list[int]:
+        """Index of the first tier holding each leading key, up to the first key none holds."""
+        return [t for t in takewhile(lambda t: t is not None, self._where(keys)) if t is not None]
+
+    def _corrupt(self, slot: Slot, key: ChunkKey, exc: CorruptChunk) -> None:
+        log.warning(
+            "kvtier: corrupt chunk %s in tier %r removed: %s", key.hex(), slot.tier.name, exc
+        )
+        self._recorder.add(slot.tier.name, corruptions=1)
+        self._guard(slot, False, slot.tier.delete, key)
+        self._recorder.emit("removed", slot.tier.name, [key])
+
+    def _find_below(self, key: ChunkKey, tier_index: int) -> int | None:
+        for t in range(tier_index + 1, len(self._slots)):
+            slot = self._slots[t]
+            if self._guard(slot, [False], slot.tier.contains_many, [key])[0]:
+                return t
+        return None
+
+    def _writer_for(self, slot: Slot) -> Callable[[WriteBatch], None]:
+        raise NotImplementedError  # the store's write path
+
+    # -- pins, stats, lifecycle ------------------------------------------------------------
+
+    @contextmanager
+    def pinned(self, keys: Sequence[ChunkKey]) -> Iterator[None]:
+        """Keep ``keys`` from being evicted by this process while the block runs."""
+        for slot in self._slots:
+            slot.tier.pin(keys)
+        try:
+            yield
+        finally:
+            for slot in self._slots:
+                slot.tier.unpin(keys)
+
+    def subscribe(self, listener: Callable[[ChunkEvent], None]) -> None:
+        """Call ``listener`` for every stored / evicted / removed event.
+
+        Listeners run on whichever thread caused the event (a caller's, a write-behind
+        worker, the prefetcher) and must return quickly; they must not wait on the store.
+        """
+        self._recorder.subscribe(listener)
+
+    def stats(self) -> StoreStats:
+        return self._recorder.snapshot()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued lower-tier writes are done. False if ``timeout`` ran out."""
+        return all(s.writer.flush(timeout) for s in self._slots[1:] if s.writer is not None)
+
+    def close(self) -> None:
+        """Finish queued writes (bounded wait), stop workers, close tiers."""
+        self._prefetcher.shutdown()
+        for slot in self._slots:
+            if slot.writer is not None:
+                slot.writer.close()
+            try:
+                slot.tier.close()
+            except Exception as exc:  # closing a dead connection is not worth a crash
+                log.warning("kvtier: closing tier %r failed: %s", slot.tier.name, exc)
