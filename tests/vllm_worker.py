@@ -22,7 +22,7 @@ import numpy as np
 from vllm import LLM, SamplingParams
 from vllm.config import KVTransferConfig
 
-from kvtier.integrations import vllm as connector
+from kvtier.integrations import shared_stores
 from kvtier.integrations.model import prepare_default_model
 
 MARK = "KVTIER-RESULT "  # vLLM prints to stdout too: our lines carry this mark
@@ -33,7 +33,7 @@ def prompt(seed: int, n: int) -> list[int]:
 
 
 def stats() -> dict[str, object]:
-    stores = [store for store, _ in connector._stores.values()]
+    stores = shared_stores.open_stores()
     return stores[0].stats().as_dict() if stores else {}
 
 

@@ -12,8 +12,10 @@ For each prompt length, in one run (every engine is a separate process, vLLM on 
 - example_connector: the same with vLLM's ExampleConnector (its files written by an earlier
                      process); a crash is recorded as an error for that length.
 
-Plus the throughput cost of kvtier when nothing is reused: a batch of distinct prompts with
-the connector on (saving every chunk) vs off.
+Every hit is timed ``--repeat`` times in its engine and the median reported (a cold prefill
+once: it takes seconds). Plus the throughput cost of kvtier when nothing is reused: rounds of
+distinct prompts with the connector on (saving every chunk to DRAM and disk) vs off, engines
+alternating off, on, off, on; the overhead compares the median rounds.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +54,9 @@ def register(bsub: Any) -> None:
     p.add_argument("--tiers", default=",".join(TIERS), help="kvtier tiers to measure")
     p.add_argument("--redis", metavar="URL", help="Redis to use (default: a private server)")
     p.add_argument("--no-example", action="store_true", help="skip vLLM's ExampleConnector")
-    p.add_argument("--batch", type=int, default=6, help="distinct prompts in the overhead run")
+    p.add_argument("--batch", type=int, default=6, help="distinct prompts per overhead round")
+    p.add_argument("--rounds", type=int, default=3, help="overhead rounds per engine")
+    p.add_argument("--repeat", type=int, default=3, help="timed hits per path (median reported)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -75,9 +80,12 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(tiers) - set(TIERS)
     if unknown or not lengths or any(not 256 < n < 8192 for n in lengths):
         raise SystemExit(f"kvtier bench ttft: --tiers from {TIERS}, --tokens in (256, 8192)")
+    if min(args.batch, args.rounds, args.repeat) < 1:
+        raise SystemExit("kvtier bench ttft: --batch, --rounds and --repeat must be at least 1")
     rows: list[dict[str, Any]] = []
+    hits = args.repeat
     steps = (
-        len(lengths) * (2 + ("disk" in tiers) + ("redis" in tiers) + 2 * (not args.no_example)) + 2
+        len(lengths) * (2 + ("disk" in tiers) + ("redis" in tiers) + 2 * (not args.no_example)) + 4
     )
     bar = tqdm(total=steps, desc="bench ttft", unit="engine", file=sys.stderr, disable=None)
     with ExitStack() as stack:
@@ -86,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         if "redis" in tiers and not redis_url:
             redis_url = stack.enter_context(RedisServer()).url
 
-        def record(tokens: int, path: str, seconds: float | None, error: str | None) -> None:
+        def record(tokens: int, path: str, times: list[float] | None, error: str | None) -> None:
+            seconds = statistics.median(times) if times else None
             row: dict[str, Any] = {"tokens": tokens, "path": path, "ttft_s": seconds}
             if error:
                 row["error"] = error
@@ -98,17 +107,14 @@ def run(args: argparse.Namespace) -> int:
             return result
 
         for n in lengths:
-            both, err = job(
-                {"connector": "none", "prefix_cache": True, "requests": [[n, n], [n, n]]}
-            )
-            record(n, "cold", both[0] if both else None, err)
-            record(n, "vllm_prefix", both[1] if both else None, err)
-            if "memory" in tiers:  # DRAM is per process: the hit is the second request
+            again = [[n, n]] * (1 + hits)
+            got, err = job({"connector": "none", "prefix_cache": True, "requests": again})
+            record(n, "cold", got[:1] if got else None, err)
+            record(n, "vllm_prefix", got[1:] if got else None, err)
+            if "memory" in tiers:  # DRAM is per process: the hits follow the first request
                 only = {"tiers": [{"kind": "memory", "capacity": "4GiB"}]}
-                both, err = job(
-                    {"connector": "kvtier", "store": only, "requests": [[n, n], [n, n]]}
-                )
-                record(n, "kvtier_memory", both[1] if both else None, err)
+                got, err = job({"connector": "kvtier", "store": only, "requests": again})
+                record(n, "kvtier_memory", got[1:] if got else None, err)
             shared: list[dict[str, Any]] = []
             if "disk" in tiers:
                 shared.append(
@@ -130,35 +136,41 @@ def run(args: argparse.Namespace) -> int:
                     (None, err)
                     if err
                     else job(
-                        {"connector": "kvtier", "store": {"tiers": [tier]}, "requests": [[n, n]]}
+                        {"connector": "kvtier", "store": {"tiers": [tier]}, "requests": again[1:]}
                     )
                 )
-                record(n, f"kvtier_{tier['kind']}", got[0] if got else None, err2)
+                record(n, f"kvtier_{tier['kind']}", got, err2)
             if not args.no_example:
                 path = str(work / f"example{n}")
                 _, err = job({"connector": "example", "path": path, "requests": [[n, n]]})
                 got, err2 = (
                     (None, err)
                     if err
-                    else job({"connector": "example", "path": path, "requests": [[n, n]]})
+                    else job({"connector": "example", "path": path, "requests": again[1:]})
                 )
-                record(n, "example_connector", got[0] if got else None, err2)
-        batch = list(range(10_000, 10_000 + args.batch))
-        off, err_off = job({"connector": "none", "batch": batch, "tokens": 1024})
+                record(n, "example_connector", got, err2)
         store = {
             "tiers": [
                 {"kind": "memory", "capacity": "4GiB"},
                 {"kind": "disk", "path": str(work / "overhead"), "fsync": False},
             ]
         }
-        on, err_on = job({"connector": "kvtier", "store": store, "batch": batch, "tokens": 1024})
+        batch = {"batch": args.batch, "rounds": args.rounds, "tokens": 1024}
+        rounds: dict[str, list[float]] = {"off": [], "on": []}
+        errors: list[str] = []
+        for side in ("off", "on", "off", "on"):  # alternate: drift in the machine hits both
+            on_side = {"connector": "kvtier", "store": store}
+            got, err = job({**({"connector": "none"} if side == "off" else on_side), **batch})
+            rounds[side] += got or []
+            errors += [f"{side}: {err}"] if err else []
         bar.close()
-        overhead = (on[0] - off[0]) / off[0] if on and off else None
+        off = statistics.median(rounds["off"]) if rounds["off"] else None
+        on = statistics.median(rounds["on"]) if rounds["on"] else None
         result = {
             "rows": rows,
-            "no_reuse_overhead": overhead,
-            "no_reuse_seconds": {"off": off[0] if off else None, "on": on[0] if on else None},
-            "errors": [e for e in (err_off, err_on) if e],
+            "no_reuse_overhead": (on - off) / off if on and off else None,
+            "no_reuse_seconds": {"off": off, "on": on, "rounds": rounds},
+            "errors": errors,
         }
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
@@ -190,6 +202,6 @@ def _print(result: dict[str, Any], lengths: list[int]) -> None:
     if result["no_reuse_overhead"] is not None:
         print(
             f"  no-reuse throughput overhead of kvtier: {100 * result['no_reuse_overhead']:+.1f}%"
-            f" ({result['no_reuse_seconds']['on']:.2f}s vs"
+            f" (median round {result['no_reuse_seconds']['on']:.2f}s vs"
             f" {result['no_reuse_seconds']['off']:.2f}s)"
         )

@@ -19,6 +19,30 @@ from collections.abc import Sequence
 
 import torch
 
+from kvtier.errors import ConfigError
+
+TORCH_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def kv_dtype_name(model_dtype: object, cache_dtype: str) -> str:
+    """Name of the KV cache's dtype: the model's, unless the cache dtype is set apart."""
+    named = {
+        "float16": "float16",
+        "half": "float16",
+        "bfloat16": "bfloat16",
+        "float32": "float32",
+        "float": "float32",
+    }
+    if cache_dtype not in ("auto", "None"):
+        if cache_dtype not in named:
+            raise ConfigError(f"kvtier stores bf16, fp16 or fp32 KV caches, not {cache_dtype}")
+        return named[cache_dtype]
+    if isinstance(model_dtype, torch.dtype) and model_dtype in TORCH_DTYPES:
+        return TORCH_DTYPES[model_dtype]
+    if str(model_dtype) in named:
+        return named[str(model_dtype)]
+    raise ConfigError(f"kvtier stores bf16, fp16 or fp32 KV caches, not {model_dtype}")
+
 
 def block_view(layer: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
     """A ``(num_blocks, 2, block_size, kv_heads, head_dim)`` view of one layer's cache."""
@@ -36,44 +60,82 @@ def block_view(layer: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tenso
     )
 
 
+def _runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(position, first block id, length) of each run of consecutive block ids."""
+    runs: list[tuple[int, int, int]] = []
+    for pos, block in enumerate(block_ids):
+        if runs and runs[-1][1] + runs[-1][2] == block:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((pos, block, 1))
+    return runs
+
+
+def _as_blocks(chunk: torch.Tensor, block_size: int, first: int, count: int) -> torch.Tensor:
+    """Blocks ``[first, first + count)`` of a chunk ``(layers, 2, chunk, heads, dim)`` as a
+    ``(layers, count, 2, block_size, heads, dim)`` view."""
+    layers, two, _, heads, dim = chunk.shape
+    part = chunk[:, :, first * block_size : (first + count) * block_size]
+    return part.view(layers, two, count, block_size, heads, dim).transpose(1, 2)
+
+
+def gather_chunks(
+    layers: Sequence[torch.Tensor], block_ids: Sequence[int], dests: Sequence[torch.Tensor]
+) -> None:
+    """Copy whole blocks into chunks: ``dests[c]`` is a ``(layers, 2, chunk, heads, dim)``
+    tensor (a host buffer, say the payload of an encoded chunk); ``block_ids`` list the blocks
+    of those chunks in token order. ``layers`` are :func:`block_view` views.
+
+    One copy per layer and run of consecutive blocks, straight from the cache to ``dests``.
+    """
+    if not dests:
+        return
+    block_size = layers[0].shape[2]
+    per_chunk = dests[0].shape[2] // block_size
+    if len(block_ids) != per_chunk * len(dests):
+        raise ValueError(f"{len(dests)} chunks need {per_chunk * len(dests)} blocks")
+    for c, dest in enumerate(dests):
+        for pos, first, count in _runs(block_ids[c * per_chunk : (c + 1) * per_chunk]):
+            view = _as_blocks(dest, block_size, pos, count)
+            for li, layer in enumerate(layers):
+                view[li].copy_(layer[first : first + count])
+
+
 def blocks_to_chunks(
     layers: Sequence[torch.Tensor], block_ids: Sequence[int], chunk_tokens: int
 ) -> torch.Tensor:
-    """Gather whole blocks into chunks: returns ``(n_chunks, layers, 2, chunk, heads, dim)``
-    on the CPU. ``layers`` are :func:`block_view` views; ``block_ids`` list the blocks of the
-    chunks in token order."""
-    first = layers[0]
-    _, _, block_size, heads, dim = first.shape
-    per_chunk = chunk_tokens // block_size
-    n_chunks = len(block_ids) // per_chunk
-    index = torch.as_tensor(list(block_ids), dtype=torch.long, device=first.device)
-    out = torch.empty((n_chunks, len(layers), 2, chunk_tokens, heads, dim), dtype=first.dtype)
-    for li, layer in enumerate(layers):
-        picked = layer.index_select(0, index)  # (blocks, 2, block, heads, dim)
-        picked = picked.view(n_chunks, per_chunk, 2, block_size, heads, dim).transpose(1, 2)
-        out[:, li] = picked.reshape(n_chunks, 2, chunk_tokens, heads, dim).to("cpu")
+    """Gather whole blocks into a new ``(n_chunks, layers, 2, chunk, heads, dim)`` host tensor
+    (see :func:`gather_chunks`)."""
+    _, _, block_size, heads, dim = layers[0].shape
+    n_chunks = len(block_ids) // (chunk_tokens // block_size)
+    out = torch.empty((n_chunks, len(layers), 2, chunk_tokens, heads, dim), dtype=layers[0].dtype)
+    gather_chunks(layers, block_ids, list(out))
     return out
 
 
 def chunks_to_blocks(
-    chunks: torch.Tensor,
+    chunks: torch.Tensor | Sequence[torch.Tensor],
     layers: Sequence[torch.Tensor],
     block_ids: Sequence[int],
     skip_blocks: int = 0,
 ) -> None:
-    """Scatter ``chunks`` ``(n_chunks, layers, 2, chunk, heads, dim)`` into the paged cache.
+    """Scatter chunks ``(layers, 2, chunk, heads, dim)`` into the paged cache.
 
     ``layers`` are :func:`block_view` views; ``block_ids`` are the blocks of those chunks in
     token order, possibly fewer than the chunks hold (the last chunk used in part); the first
     ``skip_blocks`` of them are left alone (already computed).
     """
-    n_chunks, n_layers, _, chunk_tokens, heads, dim = chunks.shape
+    if len(chunks) == 0:
+        return
     block_size = layers[0].shape[2]
-    per_chunk = chunk_tokens // block_size
-    index = torch.as_tensor(list(block_ids)[skip_blocks:], dtype=torch.long)
-    for li in range(n_layers):
-        src = chunks[:, li].reshape(n_chunks, 2, per_chunk, block_size, heads, dim)
-        src = src.transpose(1, 2).reshape(n_chunks * per_chunk, 2, block_size, heads, dim)
-        layer = layers[li]
-        src = src[skip_blocks : skip_blocks + len(index)]
-        layer.index_copy_(0, index.to(layer.device), src.to(layer.device, non_blocking=True))
+    per_chunk = chunks[0].shape[2] // block_size
+    device = layers[0].device
+    for c, chunk in enumerate(chunks):
+        lo, hi = max(skip_blocks, c * per_chunk), min(len(block_ids), (c + 1) * per_chunk)
+        if lo >= hi:
+            continue
+        src = chunk.to(device, non_blocking=True)
+        for pos, first, count in _runs(block_ids[lo:hi]):
+            view = _as_blocks(src, block_size, lo - c * per_chunk + pos, count)
+            for li, layer in enumerate(layers):
+                layer[first : first + count].copy_(view[li])

@@ -4,7 +4,8 @@
 A job names the connector (``none``, ``kvtier`` with a store configuration, or ``example``
 with a directory), whether vLLM's prefix cache is on, and the requests to time: each is a
 prompt (seed, length) sent with ``max_tokens=1``, so its latency is the time to first token.
-A ``batch`` job sends distinct prompts together and reports the total time (throughput).
+A ``batch`` job sends ``rounds`` batches of distinct prompts and reports the time of each
+(throughput).
 """
 
 from __future__ import annotations
@@ -68,11 +69,14 @@ def main() -> None:
     # costs that are not what is being measured.
     llm.generate([{"prompt_token_ids": prompt(999_999, 64)}], one, use_tqdm=False)
     seconds: list[float] = []
-    if "batch" in job:
-        prompts = [{"prompt_token_ids": prompt(s, job["tokens"])} for s in job["batch"]]
-        start = time.perf_counter()
-        llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
-        seconds.append(time.perf_counter() - start)
+    if "batch" in job:  # rounds of distinct prompts: nothing is ever reused
+        size = job["batch"]
+        for r in range(job.get("rounds", 1)):
+            seeds = range(10_000 + r * size, 10_000 + (r + 1) * size)
+            prompts = [{"prompt_token_ids": prompt(s, job["tokens"])} for s in seeds]
+            start = time.perf_counter()
+            llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
+            seconds.append(time.perf_counter() - start)
     else:
         for seed, tokens in job["requests"]:
             request = {"prompt_token_ids": prompt(seed, tokens)}

@@ -7,11 +7,11 @@ Use with ``--kv-transfer-config '{"kv_connector": "KvtierConnector",
 Scheduler side: :meth:`get_num_new_matched_tokens` asks the store how many leading prompt
 tokens it holds (whole chunks, leaving at least one token to compute); the metadata of each
 step lists the chunks to load into the request's blocks and the newly completed prompt
-chunks to save. Worker side: loads run before the forward pass (straight into a staging
-tensor, then one block copy per layer); saves gather the blocks after the step and hand
-encoding and writing to a background thread. Chunks that fail to load are reported through
-:meth:`get_block_ids_with_load_errors`, so vLLM recomputes them; kvtier switches vLLM's
-``kv_load_failure_policy`` to ``recompute`` because a cache must never fail a request.
+chunks to save. Worker side: loads run before the forward pass (into a reused staging
+buffer, then block copies per layer); saves gather the blocks after the step straight into
+encoded chunks and leave checksums and tier writes to a background thread. Chunks that fail
+to load are reported through :meth:`get_block_ids_with_load_errors` for vLLM to recompute
+(kvtier sets ``kv_load_failure_policy=recompute``: a cache must never fail a request).
 """
 
 from __future__ import annotations
@@ -34,15 +34,20 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvtier.codec import KVChunk
-from kvtier.config import StoreConfig, config_from_dict
+from kvtier import codec
+from kvtier.config import config_from_dict
 from kvtier.errors import ConfigError
-from kvtier.factory import open_store
+from kvtier.integrations import shared_stores
 from kvtier.integrations.model import model_fingerprint
-from kvtier.integrations.paged import block_view, blocks_to_chunks, chunks_to_blocks
-from kvtier.keys import Namespace
+from kvtier.integrations.paged import (
+    TORCH_DTYPES,
+    block_view,
+    chunks_to_blocks,
+    gather_chunks,
+    kv_dtype_name,
+)
+from kvtier.keys import ChunkKey, Namespace
 from kvtier.stats import ChunkEvent
-from kvtier.store import TieredStore
 from kvtier.writeback import background_priority
 
 if TYPE_CHECKING:
@@ -62,7 +67,7 @@ if not log.handlers:  # inside vLLM nobody configures kvtier's logger: say what 
     log.addHandler(_handler)
     log.setLevel(logging.INFO)
 
-_TORCH_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_STAGING_BYTES = 64 << 20  # loads go through a reused host buffer of about this size
 
 
 @dataclass
@@ -122,49 +127,14 @@ class _Tracked:
     saved_tokens: int  # prompt tokens already in kvtier (loaded or saved)
 
 
-def _kv_dtype_name(model_dtype: object, cache_dtype: str) -> str:
-    """Name of the KV cache's dtype: the model's, unless the cache dtype is set apart."""
-    named = {
-        "float16": "float16",
-        "half": "float16",
-        "bfloat16": "bfloat16",
-        "float32": "float32",
-        "float": "float32",
-    }
-    if cache_dtype not in ("auto", "None"):
-        if cache_dtype not in named:
-            raise ConfigError(f"kvtier stores bf16, fp16 or fp32 KV caches, not {cache_dtype}")
-        return named[cache_dtype]
-    if isinstance(model_dtype, torch.dtype) and model_dtype in _TORCH_DTYPES:
-        return _TORCH_DTYPES[model_dtype]
-    if str(model_dtype) in named:
-        return named[str(model_dtype)]
-    raise ConfigError(f"kvtier stores bf16, fp16 or fp32 KV caches, not {model_dtype}")
-
-
-# One store per process and configuration: with a single worker, vLLM runs the scheduler-side
-# and worker-side connectors in one process, and they must share the DRAM tier.
-_stores: dict[StoreConfig, tuple[TieredStore, int]] = {}
-_stores_lock = threading.Lock()
 _connectors: weakref.WeakSet[KvtierConnector] = weakref.WeakSet()
-
-
-def _acquire_store(config: StoreConfig) -> TieredStore:
-    with _stores_lock:
-        store, users = _stores.get(config, (None, 0))
-        if store is None:
-            store = open_store(config)
-        _stores[config] = (store, users + 1)
-        return store
 
 
 def flush_all(timeout: float | None = None) -> None:
     """Wait for every connector's pending saves and the stores' lower-tier writes."""
     for connector in list(_connectors):
         connector._saver_wait()
-    with _stores_lock:
-        stores = [store for store, _ in _stores.values()]
-    for store in stores:
+    for store in shared_stores.open_stores():
         store.flush(timeout)
 
 
@@ -175,23 +145,7 @@ def _close_all() -> None:
     try:
         flush_all(timeout=30)
     finally:
-        with _stores_lock:
-            stores = [store for store, _ in _stores.values()]
-            _stores.clear()
-        for store in stores:
-            store.close()
-
-
-def _release_store(config: StoreConfig) -> None:
-    with _stores_lock:
-        store, users = _stores.get(config, (None, 0))
-        if store is None:
-            return
-        if users <= 1:
-            del _stores[config]
-            store.close()
-        else:
-            _stores[config] = (store, users - 1)
+        shared_stores.close_all()
 
 
 class KvtierConnector(KVConnectorBase_V1):
@@ -219,24 +173,28 @@ class KvtierConnector(KVConnectorBase_V1):
         self._ns_revision = model_fingerprint(model, vllm_config.model_config.revision)
         # The namespace must be the same on the scheduler side, which never sees the cache
         # tensors, and on the worker side: both derive it from the configuration.
-        self._kv_dtype = _kv_dtype_name(
+        self._kv_dtype = kv_dtype_name(
             vllm_config.model_config.dtype, str(vllm_config.cache_config.cache_dtype)
         )
-        self._store = _acquire_store(self._config)
+        self._store = shared_stores.acquire(self._config)
         # scheduler side
         self._tracked: dict[str, _Tracked] = {}
         self._local_hits: dict[str, int] = {}
         self._salts: dict[str, str | None] = {}
         self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end)
+        self._held: dict[str, int] = {}  # req -> leading prompt tokens kvtier already holds
         self._worker_top: set[bytes] = set()  # mirror of the worker's DRAM tier
         self._waiting: dict[str, tuple[list[int], str | None]] = {}  # prefetch candidates
         # worker side
         self._layers: list[torch.Tensor] = []
+        self._staging = torch.empty(0)
         self._load_errors: set[int] = set()
         self._saver = ThreadPoolExecutor(
             1, thread_name_prefix="kvtier-save", initializer=background_priority
         )
         self._pending_save: Future[None] | None = None
+        self._saving: set[ChunkKey] = set()  # keys of chunks gathered and not yet stored
+        self._saving_lock = threading.Lock()
         self._events_lock = threading.Lock()
         self._events = KvtierWorkerMetadata()
         if role == KVConnectorRole.WORKER:
@@ -265,11 +223,12 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def _hit_tokens(self, tokens: list[int], salt: str | None) -> int:
         """Leading tokens held by kvtier: in this process's tiers or the worker's DRAM."""
+        namespace = self._namespace(salt)
         workers = [c for c in list(_connectors) if c.role == KVConnectorRole.WORKER]
-        for worker in workers:  # saves of the step just finished may hold this very prefix
-            worker._saver_wait()
+        for worker in workers:  # a save still under way may hold this very prefix
+            worker._saver_wait(self._store.keys(tokens, namespace))
         elsewhere = self._worker_top if not workers else frozenset()
-        return self._store.lookup(tokens, self._namespace(salt), elsewhere).hit_tokens
+        return self._store.lookup(tokens, namespace, elsewhere).hit_tokens
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -277,6 +236,7 @@ class KvtierConnector(KVConnectorBase_V1):
         tokens = list(request.prompt_token_ids or [])
         self._salts[request.request_id] = request.cache_salt
         hit = self._hit_tokens(tokens, request.cache_salt)
+        self._held[request.request_id] = hit  # those chunks need no saving
         # vLLM must compute at least the last prompt token itself. Loads are block-granular:
         # the last chunk may be used in part, so no more than one block is recomputed.
         usable = min(hit, (len(tokens) - 1) // self._block_size * self._block_size)
@@ -298,7 +258,8 @@ class KvtierConnector(KVConnectorBase_V1):
         for new in scheduler_output.scheduled_new_reqs:
             prompt = list(new.prompt_token_ids or [])
             salt = self._salts.get(new.req_id)  # NewRequestData does not carry cache_salt
-            started = _Tracked(prompt, salt, list(new.block_ids[0]), 0)
+            held = self._held.pop(new.req_id, 0)
+            started = _Tracked(prompt, salt, list(new.block_ids[0]), held)
             self._tracked[new.req_id] = started
             self._plan_load(meta, new.req_id, started)
             computed = new.num_computed_tokens + scheduled.get(new.req_id, 0)
@@ -362,6 +323,7 @@ class KvtierConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         self._tracked.pop(request.request_id, None)
         self._local_hits.pop(request.request_id, None)
+        self._held.pop(request.request_id, None)
         self._salts.pop(request.request_id, None)
         self._waiting.pop(request.request_id, None)
         return False, None
@@ -387,49 +349,65 @@ class KvtierConnector(KVConnectorBase_V1):
                 f"KV cache blocks hold {self._layers[0].shape[2]} tokens, vLLM's block size"
                 f" is {self._block_size}"
             )
-        if _TORCH_DTYPES.get(first.dtype) != self._kv_dtype:
+        if TORCH_DTYPES.get(first.dtype) != self._kv_dtype:
             raise ConfigError(f"KV cache is {first.dtype}, the configuration said {self._kv_dtype}")
+        # Fresh pages cost more than the copy into them: loads reuse one host buffer, touched
+        # now rather than on the first hit.
+        shape = self._chunk_shape()
+        chunk_bytes = first.element_size() * int(torch.Size(shape).numel())
+        pieces = max(1, _STAGING_BYTES // chunk_bytes)
+        self._staging = torch.zeros((pieces, *shape), dtype=first.dtype)
+
+    def _chunk_shape(self) -> tuple[int, int, int, int, int]:
+        _, _, _, heads, dim = self._layers[0].shape
+        return (len(self._layers), 2, self._chunk, heads, dim)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvtierConnectorMetadata)
-        self._saver_wait()  # a chunk saved last step may be what this step loads
         for tokens, salt in meta.prefetches:  # requests that wait: warm DRAM meanwhile
             self._store.prefetch(tokens, self._namespace(salt))
         for spec in meta.loads:
             self._load(spec)
 
     def _load(self, spec: LoadSpec) -> None:
+        """Load a request's chunks, a staging buffer's worth at a time, into its blocks."""
+        namespace = self._namespace(spec.salt)
+        self._saver_wait(self._store.keys(spec.tokens, namespace))  # saved last step?
         first_chunk = spec.start // self._chunk
         n_chunks = len(spec.tokens) // self._chunk - first_chunk
-        _, _, _, heads, dim = self._layers[0].shape
-        shape = (n_chunks, len(self._layers), 2, self._chunk, heads, dim)
-        staging = torch.empty(shape, dtype=self._layers[0].dtype)
-        raw = staging.view(torch.uint8).numpy()  # get_into fills bytes; bf16 has no numpy type
-        try:
-            result = self._store.get_into(
-                spec.tokens, self._namespace(spec.salt), list(raw), start_chunk=first_chunk
-            )
-            loaded = result.chunks
-            if result.tiers:
-                counts = {t: result.tiers.count(t) for t in dict.fromkeys(result.tiers)}
-                where = ", ".join(f"{n} from {t}" for t, n in counts.items())
-                log.info(
-                    "request %s: loaded %d tokens (%s chunks of %d)",
-                    spec.req_id,
-                    loaded * self._chunk,
-                    where,
-                    self._chunk,
-                )
-        except Exception:  # never let the cache fail the request: recompute instead
-            log.exception("kvtier: load failed; vLLM will recompute")
-            loaded = 0
         per_chunk = self._chunk // self._block_size
         skip = (spec.start - first_chunk * self._chunk) // self._block_size
         blocks = spec.block_ids[first_chunk * per_chunk :]  # blocks of the chunks read, to end
-        if loaded:
-            chunks_to_blocks(
-                staging[:loaded], self._layers, blocks[: loaded * per_chunk], skip_blocks=skip
+        loaded, tiers = 0, []
+        try:
+            while loaded < n_chunks:
+                piece = self._staging[: n_chunks - loaded]
+                raw = piece.view(torch.uint8).numpy()  # get_into fills bytes; numpy has no bf16
+                result = self._store.get_into(
+                    spec.tokens, namespace, list(raw), start_chunk=first_chunk + loaded
+                )
+                chunks_to_blocks(
+                    piece[: result.chunks],
+                    self._layers,
+                    blocks[loaded * per_chunk : (loaded + result.chunks) * per_chunk],
+                    skip_blocks=max(0, skip - loaded * per_chunk),
+                )
+                loaded += result.chunks
+                tiers += result.tiers
+                if result.chunks < len(piece):
+                    break
+        except Exception:  # never let the cache fail the request: recompute instead
+            log.exception("kvtier: load failed; vLLM will recompute")
+        if tiers:
+            counts = {t: tiers.count(t) for t in dict.fromkeys(tiers)}
+            where = ", ".join(f"{n} from {t}" for t, n in counts.items())
+            log.info(
+                "request %s: loaded %d tokens (%s chunks of %d)",
+                spec.req_id,
+                loaded * self._chunk,
+                where,
+                self._chunk,
             )
         failed = blocks[max(loaded * per_chunk, skip) :]
         if failed:
@@ -450,32 +428,54 @@ class KvtierConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvtierConnectorMetadata)
+        per_chunk = self._chunk // self._block_size
         for spec in meta.saves:
-            per_chunk = self._chunk // self._block_size
             blocks = spec.block_ids[spec.first_chunk * per_chunk :]
             if not blocks:
                 continue
-            # The gather is a copy out of vLLM's blocks (they may be reused after this step);
-            # encoding and tier writes then happen off the engine's critical path.
-            chunks = blocks_to_chunks(self._layers, blocks, self._chunk)
-            self._pending_save = self._saver.submit(self._save, spec, chunks)
+            # vLLM may reuse the blocks after this step: gather them now, straight into
+            # encoded chunks; sealing and tier writes happen off the engine's critical path.
+            try:
+                namespace = self._namespace(spec.salt)
+                keys = self._store.keys(spec.tokens, namespace)[spec.first_chunk :]
+                ns_id = namespace.id(self._chunk)
+                blobs = [codec.blank(k, self._kv_dtype, self._chunk_shape(), ns_id) for k in keys]
+                gather_chunks(self._layers, blocks, [self._payload(b) for b in blobs])
+            except Exception:  # a failed save is a future miss, never a failed request
+                log.exception("kvtier: saving request %s failed", spec.req_id)
+                continue
+            with self._saving_lock:
+                self._saving.update(keys)
+            self._pending_save = self._saver.submit(self._save, spec, keys, blobs)
 
-    def _save(self, spec: SaveSpec, chunks: torch.Tensor) -> None:
+    def _payload(self, blob: codec.SealedChunk) -> torch.Tensor:
+        raw = torch.frombuffer(codec.payload_of(blob), dtype=torch.uint8)
+        return raw.view(self._layers[0].dtype).view(self._chunk_shape())
+
+    def _save(self, spec: SaveSpec, keys: list[ChunkKey], blobs: list[codec.SealedChunk]) -> None:
         try:
-            kv = [
-                KVChunk.from_array(c.view(torch.int16).numpy().view("u2"), self._kv_dtype)
-                if self._kv_dtype == "bfloat16"
-                else KVChunk.from_array(c.numpy(), self._kv_dtype)
-                for c in chunks
-            ]
-            self._store.put(spec.tokens, self._namespace(spec.salt), kv, spec.first_chunk)
+            for blob in blobs:
+                codec.seal(blob)
+            self._store.put_encoded(
+                spec.tokens, self._namespace(spec.salt), blobs, spec.first_chunk
+            )
         except Exception:  # a failed save is a future miss, never a failed request
             log.exception("kvtier: saving request %s failed", spec.req_id)
+        finally:
+            with self._saving_lock:
+                self._saving.difference_update(keys)
 
-    def _saver_wait(self) -> None:
-        if self._pending_save is not None:
-            self._pending_save.result()
-            self._pending_save = None
+    def _saver_wait(self, keys: list[ChunkKey] | None = None) -> None:
+        """Wait for pending saves: all of them, or only if one holds any of ``keys``."""
+        if keys is not None:
+            with self._saving_lock:
+                if self._saving.isdisjoint(keys):
+                    return
+        pending = self._pending_save
+        if pending is not None:
+            pending.result()
+            if self._pending_save is pending:
+                self._pending_save = None
 
     def _on_event(self, event: ChunkEvent) -> None:
         with self._events_lock:
@@ -497,4 +497,4 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         self._saver.shutdown(wait=True)
-        _release_store(self._config)
+        shared_stores.release(self._config)
