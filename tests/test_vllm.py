@@ -241,7 +241,7 @@ def test_bench_ttft_prints_its_rows() -> None:
     kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
     proc = subprocess.run(
         [kvtier, "bench", "ttft", "--tokens", "600", "--tiers", "memory,disk", "--no-example",
-         "--batch", "2", "--rounds", "1", "--repeat", "1", "--json"],
+         "--batch", "2", "--rounds", "1", "--repeat", "1", "--engines", "1", "--json"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

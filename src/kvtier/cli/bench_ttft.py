@@ -14,8 +14,9 @@ For each prompt length, in one run (every engine is a separate process, vLLM on 
 
 Every hit is timed ``--repeat`` times in its engine and the median reported (a cold prefill
 once: it takes seconds). Plus the throughput cost of kvtier when nothing is reused: rounds of
-distinct prompts with the connector on (saving every chunk to DRAM and disk) vs off, engines
-alternating off, on, off, on; the overhead compares the median rounds.
+distinct prompts with the connector on (saving every chunk to DRAM and disk) vs off, in
+``--engines`` engine processes per side, alternating off and on so that drift in the machine
+hits both sides; the overhead compares the median rounds.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def register(bsub: Any) -> None:
     p.add_argument("--redis", metavar="URL", help="Redis to use (default: a private server)")
     p.add_argument("--no-example", action="store_true", help="skip vLLM's ExampleConnector")
     p.add_argument("--batch", type=int, default=6, help="distinct prompts per overhead round")
-    p.add_argument("--rounds", type=int, default=3, help="overhead rounds per engine")
+    p.add_argument("--rounds", type=int, default=3, help="timed overhead rounds per engine")
+    p.add_argument("--engines", type=int, default=3, help="overhead engines per side")
     p.add_argument("--repeat", type=int, default=3, help="timed hits per path (median reported)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
@@ -80,12 +82,15 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(tiers) - set(TIERS)
     if unknown or not lengths or any(not 256 < n < 8192 for n in lengths):
         raise SystemExit(f"kvtier bench ttft: --tiers from {TIERS}, --tokens in (256, 8192)")
-    if min(args.batch, args.rounds, args.repeat) < 1:
-        raise SystemExit("kvtier bench ttft: --batch, --rounds and --repeat must be at least 1")
+    if min(args.batch, args.rounds, args.repeat, args.engines) < 1:
+        raise SystemExit(
+            "kvtier bench ttft: --batch, --rounds, --repeat and --engines must be at least 1"
+        )
     rows: list[dict[str, Any]] = []
     hits = args.repeat
     steps = (
-        len(lengths) * (2 + ("disk" in tiers) + ("redis" in tiers) + 2 * (not args.no_example)) + 4
+        len(lengths) * (2 + ("disk" in tiers) + ("redis" in tiers) + 2 * (not args.no_example))
+        + 2 * args.engines
     )
     bar = tqdm(total=steps, desc="bench ttft", unit="engine", file=sys.stderr, disable=None)
     with ExitStack() as stack:
@@ -149,18 +154,17 @@ def run(args: argparse.Namespace) -> int:
                     else job({"connector": "example", "path": path, "requests": again[1:]})
                 )
                 record(n, "example_connector", got, err2)
-        store = {
-            "tiers": [
-                {"kind": "memory", "capacity": "4GiB"},
-                {"kind": "disk", "path": str(work / "overhead"), "fsync": False},
-            ]
-        }
         batch = {"batch": args.batch, "rounds": args.rounds, "tokens": 1024}
         rounds: dict[str, list[float]] = {"off": [], "on": []}
         errors: list[str] = []
-        for side in ("off", "on", "off", "on"):  # alternate: drift in the machine hits both
-            on_side = {"connector": "kvtier", "store": store}
-            got, err = job({**({"connector": "none"} if side == "off" else on_side), **batch})
+        for k in range(2 * args.engines):  # off, on, off, on...: drift hits both sides
+            side = ("off", "on")[k % 2]
+            spec: dict[str, Any] = {"connector": "none"}
+            if side == "on":  # the serve default: DRAM, then a local disk (fresh each time)
+                memory = {"kind": "memory", "capacity": "4GiB"}
+                disk = {"kind": "disk", "path": str(work / f"overhead{k}"), "fsync": False}
+                spec = {"connector": "kvtier", "store": {"tiers": [memory, disk]}}
+            got, err = job({**spec, **batch})
             rounds[side] += got or []
             errors += [f"{side}: {err}"] if err else []
         bar.close()

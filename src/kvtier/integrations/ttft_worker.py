@@ -70,13 +70,14 @@ def main() -> None:
     llm.generate([{"prompt_token_ids": prompt(999_999, 64)}], one, use_tqdm=False)
     seconds: list[float] = []
     if "batch" in job:  # rounds of distinct prompts: nothing is ever reused
-        size = job["batch"]
-        for r in range(job.get("rounds", 1)):
+        size, sixteen = job["batch"], SamplingParams(max_tokens=16, temperature=0)
+        for r in range(-1, job.get("rounds", 1)):  # round -1 warms up, untimed
             seeds = range(10_000 + r * size, 10_000 + (r + 1) * size)
             prompts = [{"prompt_token_ids": prompt(s, job["tokens"])} for s in seeds]
             start = time.perf_counter()
-            llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
-            seconds.append(time.perf_counter() - start)
+            llm.generate(prompts, sixteen, use_tqdm=False)
+            if r >= 0:
+                seconds.append(time.perf_counter() - start)
     else:
         for seed, tokens in job["requests"]:
             request = {"prompt_token_ids": prompt(seed, tokens)}
