@@ -107,3 +107,24 @@ def test_bad_chunks_are_rejected_at_construction() -> None:
         KVChunk("float16", (1, 2, 1, 1, 4), b"\0" * 15)
     with pytest.raises(ValueError, match="dtype="):
         KVChunk.from_array(np.zeros((1, 2, 1, 1, 1), dtype=np.uint16))
+
+
+def test_a_chunk_built_in_place_is_the_encoded_chunk() -> None:
+    original = chunk(3)
+    blob = codec.blank(KEY, "float16", original.shape, "0123456789abcdef", created_at=7.0)
+    assert isinstance(blob, codec.SealedChunk)
+    codec.payload_of(blob)[:] = memoryview(original.data).cast("B")
+    with pytest.raises(CorruptChunk, match="checksum"):  # filled, not sealed yet
+        codec.decode(blob)
+    codec.seal(blob)
+    assert bytes(blob) == codec.encode(KEY, original, "0123456789abcdef", created_at=7.0)
+    assert same(codec.decode(blob, expected_key=KEY).chunk, original)
+
+
+def test_blank_refuses_what_encode_refuses() -> None:
+    with pytest.raises(ValueError, match="16 bytes"):
+        codec.blank(b"short", "float16", (1, 2, 4, 1, 8))
+    with pytest.raises(ValueError, match="unknown KV dtype"):
+        codec.blank(KEY, "float64", (1, 2, 4, 1, 8))
+    with pytest.raises(ValueError, match="5 positive sizes"):
+        codec.blank(KEY, "float16", (1, 2, 0, 1, 8))

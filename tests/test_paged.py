@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.integrations.paged import block_view, blocks_to_chunks, chunks_to_blocks
+from kvtier.integrations.paged import block_view, blocks_to_chunks, chunks_to_blocks, gather_chunks
 
 LAYERS, HEADS, BLOCK, DIM, NBLOCKS = 3, 2, 4, 5, 12
 
@@ -70,3 +70,22 @@ def test_scatter_of_a_chunk_used_in_part() -> None:
     for src, dst in zip(raw, target, strict=True):
         assert torch.equal(dst[[7, 2, 5]], src[[7, 2, 5]])
         assert not dst[0].any()
+
+
+@pytest.mark.parametrize("layout", ["cpu", "flash_attn", "flashinfer"])
+def test_gather_into_separate_buffers_follows_runs_of_blocks(layout: str) -> None:
+    raw = make(layout)
+    views = [block_view(t, HEADS, DIM) for t in raw]
+    block_ids = [3, 4, 9, 1, 2, 6]  # runs 3-4 | 9 | 1-2 | 6, across chunk boundaries
+    dests = [torch.zeros((LAYERS, 2, 8, HEADS, DIM), dtype=torch.bfloat16) for _ in range(3)]
+    gather_chunks(views, block_ids, dests)
+    expected = blocks_to_chunks(views, block_ids, 8)
+    for c in range(3):
+        for j in range(2):  # each block of the chunk, token by token, by the layout's own rule
+            for li in range(LAYERS):
+                k, v = k_and_v(layout, raw[li], block_ids[2 * c + j], 2)
+                assert torch.equal(dests[c][li, 0, 4 * j + 2], k)
+                assert torch.equal(dests[c][li, 1, 4 * j + 2], v)
+        assert torch.equal(dests[c], expected[c])
+    with pytest.raises(ValueError, match="3 chunks need 6 blocks"):
+        gather_chunks(views, block_ids[:5], dests)

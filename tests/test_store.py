@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvtier import Namespace, TieredStore
+from kvtier import Namespace, TieredStore, codec
 from kvtier.codec import Compression
 from kvtier.redis_process import RedisServer
 from kvtier.stats import ChunkEvent
@@ -178,6 +178,42 @@ def test_stats_count_hits_misses_and_bytes(tmp_path: Path) -> None:
         assert mem.hits == 2 and mem.misses == 2 and mem.chunks_written == 2
         assert mem.bytes_read == mem.bytes_written == 2 * (CHUNK_BYTES + 96)
         assert s.as_dict()["tiers"]["memory"]["hits"] == 2  # type: ignore[index]
+
+
+def sealed(store: TieredStore, tokens: list[int], seed: int, n: int) -> list[codec.SealedChunk]:
+    """Chunks encoded in place, as the vLLM connector builds them."""
+    blobs = []
+    for key, kv in zip(store.keys(tokens, NS), chunks_for(seed, n), strict=False):
+        blob = codec.blank(key, kv.dtype, kv.shape, NS.id(CHUNK_TOKENS))
+        codec.payload_of(blob)[:] = memoryview(kv.data).cast("B")
+        blobs.append(codec.seal(blob))
+    return blobs
+
+
+def test_put_encoded_keeps_sealed_chunks_in_dram_without_a_copy(tmp_path: Path) -> None:
+    tokens = prompt(6, 3)
+    with two_tier(tmp_path) as store:
+        blobs = sealed(store, tokens, 6, 3)
+        assert store.put_encoded(tokens, NS, blobs[1:], start_chunk=1).new_chunks == 2
+        assert store.put_encoded(tokens, NS, blobs).new_chunks == 1  # only chunk 0 was new
+        keys = store.keys(tokens, NS)
+        assert all(a is b for a, b in zip(store.tiers[0].get_many(keys), blobs, strict=True))
+        assert store.flush(timeout=10)
+    with two_tier(tmp_path) as store:  # the disk got the same bytes
+        got = store.get(tokens, NS)
+        assert got.tiers == ["disk"] * 3
+        assert all(same(a, b) for a, b in zip(got.chunks, chunks_for(6, 3), strict=True))
+
+
+def test_put_encoded_refuses_a_chunk_encoded_under_another_key(tmp_path: Path) -> None:
+    tokens = prompt(7, 2)
+    with two_tier(tmp_path) as store:
+        blobs = sealed(store, tokens, 7, 2)
+        with pytest.raises(ValueError, match="chunk 0 was encoded under another key"):
+            store.put_encoded(tokens, NS, blobs[::-1])
+        with pytest.raises(ValueError, match="tokens"):
+            store.put_encoded(tokens[:CHUNK_TOKENS], NS, blobs)
+        assert store.lookup(tokens, NS).hit_chunks == 0
 
 
 def test_bad_put_arguments_are_rejected(tmp_path: Path) -> None:
