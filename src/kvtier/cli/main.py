@@ -19,11 +19,12 @@ examples:
   kvtier inspect --disk ~/.cache/kvtier/chunks --verify
   kvtier config                             # the effective configuration (YAML + KVTIER_*)
   kvtier serve --port 8000                  # vLLM + kvtier on SmolLM2-135M (OpenAI API)
+  kvtier plan Llama-3.1-405B --users 128    # KV footprint, tier load times vs recompute
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvtier.cli import bench, config_cmd, inspect_cmd, serve
+    from kvtier.cli import bench, config_cmd, inspect_cmd, plan_cmd, serve
 
     parser = argparse.ArgumentParser(
         prog="kvtier",
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (bench, inspect_cmd, config_cmd, serve):
+    for module in (bench, inspect_cmd, config_cmd, serve, plan_cmd):
         module.register(sub)
     return parser
 
