@@ -149,6 +149,35 @@ class DecodedChunk:
     chunk: KVChunk
 
 
+def _prefix_fields(
+    key: ChunkKey,
+    dtype: str,
+    shape: tuple[int, ...],
+    namespace_id: str,
+    compression: Compression,
+    created_at: float | None,
+    stored_bytes: int,
+) -> tuple[object, ...]:
+    """The header fields the checksum covers, in ``_PREFIX`` order."""
+    ns = bytes.fromhex(namespace_id) if namespace_id else b""
+    raw_bytes = int(np.prod(shape)) * DTYPES[dtype][1]
+    return (
+        MAGIC,
+        FORMAT_VERSION,
+        int(compression),
+        DTYPES[dtype][0],
+        key,
+        ns.ljust(8, b"\0")[:8],
+        time.time() if created_at is None else created_at,
+        shape[2],
+        len(shape),
+        *shape,
+        *[0] * (MAX_NDIM - len(shape)),
+        stored_bytes,
+        raw_bytes,
+    )
+
+
 def encode(
     key: ChunkKey,
     chunk: KVChunk,
@@ -167,21 +196,10 @@ def encode(
         payload = lz4.frame.compress(raw)
     else:
         payload = raw
-    ns = bytes.fromhex(namespace_id) if namespace_id else b""
-    shape = list(chunk.shape) + [0] * (MAX_NDIM - len(chunk.shape))
     prefix = _PREFIX.pack(
-        MAGIC,
-        FORMAT_VERSION,
-        int(compression),
-        DTYPES[chunk.dtype][0],
-        key,
-        ns.ljust(8, b"\0")[:8],
-        time.time() if created_at is None else created_at,
-        chunk.tokens,
-        len(chunk.shape),
-        *shape,
-        len(payload),
-        raw.nbytes,
+        *_prefix_fields(
+            key, chunk.dtype, chunk.shape, namespace_id, compression, created_at, len(payload)
+        )
     )
     digest = xxhash.xxh3_64(prefix)
     digest.update(payload)
@@ -214,24 +232,8 @@ def blank(
         raise ValueError(f"KV chunk shape must be 5 positive sizes, got {shape}")
     nbytes = int(np.prod(shape)) * DTYPES[dtype][1]
     blob = SealedChunk(HEADER_BYTES + nbytes)
-    ns = bytes.fromhex(namespace_id) if namespace_id else b""
-    _PREFIX.pack_into(
-        blob,
-        0,
-        MAGIC,
-        FORMAT_VERSION,
-        int(Compression.NONE),
-        DTYPES[dtype][0],
-        key,
-        ns.ljust(8, b"\0")[:8],
-        time.time() if created_at is None else created_at,
-        shape[2],
-        len(shape),
-        *shape,
-        *[0] * (MAX_NDIM - len(shape)),
-        nbytes,
-        nbytes,
-    )
+    fields = _prefix_fields(key, dtype, shape, namespace_id, Compression.NONE, created_at, nbytes)
+    _PREFIX.pack_into(blob, 0, *fields)
     return blob
 
 
