@@ -277,3 +277,37 @@ def test_disk_batch_reads_past_the_readahead_window(
     assert sizes == [1000] * 4 + [None] + [1000] * 5
     assert all(bytes(bufs[i]) == blob(i) for i in range(10) if i != 4)
     assert len(os.listdir(f"/proc/{os.getpid()}/fd")) == open_before  # none left open
+
+
+def test_disk_large_chunks_bypass_the_page_cache_byte_exact(tmp_path: Path) -> None:
+    # Sizes around the O_DIRECT threshold, alignment and piece boundaries.
+    sizes = [(1 << 20) - 1, 1 << 20, (1 << 20) + 1, (4 << 20) + 123, (9 << 20) + 4095]
+    tier = DiskTier(tmp_path, 1 << 30, fsync=False)
+    payloads = [os.urandom(n) for n in sizes]
+    assert all(tier.put_many([(k(i), p) for i, p in enumerate(payloads)]).stored)
+    assert tier.direct  # the filesystem took O_DIRECT
+    for i, p in enumerate(payloads):
+        assert tier.path_of(k(i)).stat().st_size == len(p)
+    assert DiskTier(tmp_path, 1 << 30).get_many([k(i) for i in range(len(sizes))]) == payloads
+
+
+def test_disk_falls_back_to_buffered_writes_when_o_direct_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    real_pwrite = os.pwrite
+    calls = []
+
+    def refuse(fd: int, data: object, offset: int) -> int:
+        calls.append(offset)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    tier = DiskTier(tmp_path, 1 << 30, fsync=False)
+    payload = os.urandom((2 << 20) + 7)
+    monkeypatch.setattr(os, "pwrite", refuse)
+    assert tier.put_many([(k(1), payload)]).stored == [True]
+    assert calls and not tier.direct  # refused once, then off for good
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert tier.get_many([k(1)]) == [payload]
+    assert tier.path_of(k(1)).stat().st_size == len(payload)
