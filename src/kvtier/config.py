@@ -32,9 +32,10 @@ from typing import Any
 import yaml
 
 from kvtier.errors import ConfigError
+from kvtier.policy.eviction import POLICY_NAMES
 
 COMPRESSIONS = ("none", "zstd", "lz4")
-EVICTIONS = ("lru",)
+EVICTIONS = POLICY_NAMES
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -50,6 +50,23 @@ class Plan:
         return asdict(self)
 
 
+def links(hw: Hardware) -> dict[str, tuple[float, float | None]]:
+    """Per tier: (bandwidth into the node's GPUs in bytes/s, capacity per node or None)."""
+    gpus = hw.gpus_per_node
+    pcie = hw.pcie_bw * gpus
+    return {
+        "hbm": (hw.hbm_bw * gpus, hw.hbm_bytes * gpus),
+        "dram": (min(hw.dram_bw, pcie), hw.dram_bytes),
+        "ssd": (min(hw.nvme_bw, pcie), hw.ssd_bytes),
+        "shared": (min(hw.network_bw * gpus, pcie), None),
+    }
+
+
+def recompute_s(model: ModelSpec, tokens: int, hw: Hardware) -> float:
+    """Seconds for the node to compute the KV of ``tokens`` prompt tokens from scratch."""
+    return model.prefill_flops(tokens) / (hw.flops * hw.gpus_per_node * hw.mfu)
+
+
 def make_plan(
     model: ModelSpec, kv_dtype: str, context_tokens: int, users: int, hw: Hardware
 ) -> Plan:
@@ -58,18 +75,10 @@ def make_plan(
     per_token = model.kv_bytes_per_token(kv_dtype)
     per_user = per_token * context_tokens
     total = per_user * users
-    gpus = hw.gpus_per_node
-    pcie = hw.pcie_bw * gpus
-    recompute = model.prefill_flops(context_tokens) / (hw.flops * gpus * hw.mfu)
-    links = [
-        ("hbm", hw.hbm_bw * gpus, hw.hbm_bytes * gpus),
-        ("dram", min(hw.dram_bw, pcie), hw.dram_bytes),
-        ("ssd", min(hw.nvme_bw, pcie), hw.ssd_bytes),
-        ("shared", min(hw.network_bw * gpus, pcie), None),
-    ]
+    recompute = recompute_s(model, context_tokens, hw)
     tiers = [
         TierEstimate(name, bw, cap, per_user / bw, per_user / bw < recompute)
-        for name, bw, cap in links
+        for name, (bw, cap) in links(hw).items()
     ]
     beating = sorted((t for t in tiers if t.beats_recompute), key=lambda t: -t.bandwidth_bytes_s)
     return Plan(

@@ -20,11 +20,12 @@ examples:
   kvtier config                             # the effective configuration (YAML + KVTIER_*)
   kvtier serve --port 8000                  # vLLM + kvtier on SmolLM2-135M (OpenAI API)
   kvtier plan Llama-3.1-405B --users 128    # KV footprint, tier load times vs recompute
+  kvtier sim trace.jsonl --dram 1TB --ssd 8TB  # replay a trace: hit rates, Belady bound
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvtier.cli import bench, config_cmd, inspect_cmd, plan_cmd, serve
+    from kvtier.cli import bench, config_cmd, inspect_cmd, plan_cmd, serve, sim_cmd
 
     parser = argparse.ArgumentParser(
         prog="kvtier",
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (bench, inspect_cmd, config_cmd, serve, plan_cmd):
+    for module in (bench, inspect_cmd, config_cmd, serve, plan_cmd, sim_cmd):
         module.register(sub)
     return parser
 

@@ -22,7 +22,7 @@ import re
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from kvtier import codec
 from kvtier.config import config_from_dict
 from kvtier.errors import ConfigError
 from kvtier.integrations import shared_stores
+from kvtier.integrations.chunk_pool import ChunkPool
 from kvtier.integrations.model import model_fingerprint
 from kvtier.integrations.paged import (
     TORCH_DTYPES,
@@ -45,6 +46,12 @@ from kvtier.integrations.paged import (
     chunks_to_blocks,
     gather_chunks,
     kv_dtype_name,
+)
+from kvtier.integrations.vllm_meta import (
+    KvtierConnectorMetadata,
+    KvtierWorkerMetadata,
+    LoadSpec,
+    SaveSpec,
 )
 from kvtier.keys import ChunkKey, Namespace
 from kvtier.stats import ChunkEvent
@@ -68,53 +75,7 @@ if not log.handlers:  # inside vLLM nobody configures kvtier's logger: say what 
     log.setLevel(logging.INFO)
 
 _STAGING_BYTES = 64 << 20  # loads go through a reused host buffer of about this size
-
-
-@dataclass
-class LoadSpec:
-    """Load tokens [start, end) of a prompt into its blocks. Both ends are block-aligned; the
-    chunk holding ``end`` is read whole and only its blocks before ``end`` are written."""
-
-    req_id: str
-    tokens: list[int]  # prompt tokens of every chunk touched: [0, ceil(end / chunk) * chunk)
-    salt: str | None
-    block_ids: list[int]  # blocks covering [0, end)
-    start: int
-    end: int
-
-
-@dataclass
-class SaveSpec:
-    """Save prompt chunks [first_chunk, len(tokens) // chunk) from the request's blocks."""
-
-    req_id: str
-    tokens: list[int]
-    salt: str | None
-    block_ids: list[int]
-    first_chunk: int
-
-
-@dataclass
-class KvtierConnectorMetadata(KVConnectorMetadata):
-    loads: list[LoadSpec] = field(default_factory=list)
-    saves: list[SaveSpec] = field(default_factory=list)
-    prefetches: list[tuple[list[int], str | None]] = field(default_factory=list)
-
-
-@dataclass
-class KvtierWorkerMetadata(KVConnectorWorkerMetadata):
-    """Worker -> scheduler: chunks that entered or left the worker's top (DRAM) tier.
-
-    When vLLM runs the worker in another process, the scheduler's own store cannot see the
-    worker's DRAM; this keeps a mirror of it on the scheduler side.
-    """
-
-    stored: list[bytes] = field(default_factory=list)
-    dropped: list[bytes] = field(default_factory=list)
-
-    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
-        assert isinstance(other, KvtierWorkerMetadata)
-        return KvtierWorkerMetadata(self.stored + other.stored, self.dropped + other.dropped)
+_POOL_BYTES = 128 << 20  # saves gather into chunks allocated ahead of time, this much
 
 
 @dataclass
@@ -188,6 +149,7 @@ class KvtierConnector(KVConnectorBase_V1):
         # worker side
         self._layers: list[torch.Tensor] = []
         self._staging = torch.empty(0)
+        self._pool = ChunkPool()
         self._load_errors: set[int] = set()
         self._saver = ThreadPoolExecutor(
             1, thread_name_prefix="kvtier-save", initializer=background_priority
@@ -357,6 +319,7 @@ class KvtierConnector(KVConnectorBase_V1):
         chunk_bytes = first.element_size() * int(torch.Size(shape).numel())
         pieces = max(1, _STAGING_BYTES // chunk_bytes)
         self._staging = torch.zeros((pieces, *shape), dtype=first.dtype)
+        self._pool.configure(self._kv_dtype, shape, _POOL_BYTES)
 
     def _chunk_shape(self) -> tuple[int, int, int, int, int]:
         _, _, _, heads, dim = self._layers[0].shape
@@ -439,7 +402,7 @@ class KvtierConnector(KVConnectorBase_V1):
                 namespace = self._namespace(spec.salt)
                 keys = self._store.keys(spec.tokens, namespace)[spec.first_chunk :]
                 ns_id = namespace.id(self._chunk)
-                blobs = [codec.blank(k, self._kv_dtype, self._chunk_shape(), ns_id) for k in keys]
+                blobs = [self._pool.take(k, ns_id) for k in keys]
                 gather_chunks(self._layers, blocks, [self._payload(b) for b in blobs])
             except Exception:  # a failed save is a future miss, never a failed request
                 log.exception("kvtier: saving request %s failed", spec.req_id)
@@ -464,6 +427,7 @@ class KvtierConnector(KVConnectorBase_V1):
         finally:
             with self._saving_lock:
                 self._saving.difference_update(keys)
+            self._pool.fill()  # here, off the engine's critical path
 
     def _saver_wait(self, keys: list[ChunkKey] | None = None) -> None:
         """Wait for pending saves: all of them, or only if one holds any of ``keys``."""

@@ -119,10 +119,145 @@ class LRUPolicy:
         return None
 
 
-_POLICIES = {"lru": LRUPolicy}
+class S3FIFOPolicy:
+    """S3-FIFO (Yang et al., SOSP'23): a small probationary FIFO, a main FIFO and a ghost list.
+
+    New keys enter the small queue (about 10% of the capacity). A key leaving it is dropped
+    unless it was used again meanwhile, in which case it moves to the main queue; a dropped
+    key is remembered in the ghost list, and a key that comes back while still remembered
+    goes straight to the main queue. The main queue evicts like CLOCK: a key used since it was
+    last examined gets another lap (up to three). One-time chunks leave quickly, and chunks
+    that keep being reused (system prompts, documents) stay through bursts of new ones.
+    """
+
+    SMALL_FRACTION = 0.1
+    MAX_FREQ = 3
+
+    def __init__(self) -> None:
+        self._sizes: dict[Hashable, int] = {}
+        self._freq: dict[Hashable, int] = {}
+        self._small: OrderedDict[Hashable, None] = OrderedDict()  # oldest first
+        self._main: OrderedDict[Hashable, None] = OrderedDict()
+        self._ghost: OrderedDict[Hashable, None] = OrderedDict()
+        self._pins: Counter[Hashable] = Counter()
+        self._used = 0
+        self._small_used = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._sizes
+
+    def insert(self, key: Hashable, size: int) -> None:
+        old = self._sizes.get(key)
+        if old is not None:  # a replacement counts as a use
+            self._used += size - old
+            if key in self._small:
+                self._small_used += size - old
+            self._sizes[key] = size
+            self.touch(key)
+            return
+        self._sizes[key] = size
+        self._freq[key] = 0
+        self._used += size
+        if key in self._ghost:  # dropped recently and back already: it is reused
+            del self._ghost[key]
+            self._main[key] = None
+        else:
+            self._small[key] = None
+            self._small_used += size
+
+    def size_of(self, key: Hashable) -> int | None:
+        return self._sizes.get(key)
+
+    def touch(self, key: Hashable) -> None:
+        freq = self._freq.get(key)
+        if freq is not None and freq < self.MAX_FREQ:
+            self._freq[key] = freq + 1
+
+    def remove(self, key: Hashable) -> None:
+        size = self._sizes.pop(key, None)
+        if size is None:
+            return
+        self._used -= size
+        del self._freq[key]
+        if key in self._small:
+            del self._small[key]
+            self._small_used -= size
+        else:  # in the main queue, or already taken out of its queue by victims()
+            self._main.pop(key, None)
+
+    def pin(self, key: Hashable) -> None:
+        self._pins[key] += 1
+
+    def unpin(self, key: Hashable) -> None:
+        count = self._pins.get(key, 0)
+        if count <= 1:
+            self._pins.pop(key, None)
+        else:
+            self._pins[key] = count - 1
+
+    def victims(self, need_bytes: int, capacity: int) -> list[Hashable] | None:
+        excess = self._used + need_bytes - capacity
+        if excess <= 0:
+            return []
+        pinned = sum(self._sizes.get(k, 0) for k in self._pins)
+        if self._used - pinned < excess:
+            return None
+        # Victims leave the queues now (the caller removes them from the policy next); keys
+        # used since their last visit move on instead, which is S3-FIFO's own bookkeeping.
+        chosen: list[Hashable] = []
+        small_target = self.SMALL_FRACTION * capacity
+        queues = (self._small, self._main)
+        passed = [0, 0]  # pinned keys sent round in each queue since the last progress
+        while excess > 0:
+            usable = [bool(q) and passed[n] < len(q) for n, q in enumerate(queues)]
+            if not any(usable):  # cannot happen after the check above; stay safe
+                for key in chosen:
+                    self._ghost.pop(key, None)
+                    self._main[key] = None
+                return None
+            n = 0 if usable[0] and (self._small_used > small_target or not usable[1]) else 1
+            queue = queues[n]
+            key = next(iter(queue))
+            if key in self._pins:
+                queue.move_to_end(key)
+                passed[n] += 1
+                continue
+            passed[n] = 0
+            size, freq = self._sizes[key], self._freq[key]
+            del queue[key]
+            if n == 0:
+                self._small_used -= size
+                if freq > 0:  # used again while on probation: into the main queue
+                    self._freq[key] = 0
+                    self._main[key] = None
+                    continue
+                self._ghost[key] = None
+            elif freq > 0:  # another lap
+                self._freq[key] = freq - 1
+                queue[key] = None
+                continue
+            chosen.append(key)
+            excess -= size
+        while len(self._ghost) > max(len(self._main), 1):
+            self._ghost.popitem(last=False)
+        return chosen
 
 
-def make_eviction_policy(name: str) -> LRUPolicy:
+_POLICIES: dict[str, type[LRUPolicy] | type[S3FIFOPolicy]] = {
+    "lru": LRUPolicy,
+    "s3fifo": S3FIFOPolicy,
+}
+POLICY_NAMES = tuple(_POLICIES)
+
+
+def make_eviction_policy(name: str) -> EvictionPolicy:
     """The policy called ``name`` (config value); raises ValueError naming the allowed ones."""
     try:
         return _POLICIES[name]()

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 
 from kvtier.codec import SealedChunk
 from kvtier.keys import ChunkKey
-from kvtier.policy.eviction import LRUPolicy
+from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
 from kvtier.tiers.base import Blob, PutResult, TierUsage, scatter
 
 
@@ -20,14 +20,14 @@ class MemoryTier:
     the entry is evicted meanwhile, and reads copy nothing.
     """
 
-    def __init__(self, capacity: int, name: str = "memory", policy: LRUPolicy | None = None):
+    def __init__(self, capacity: int, name: str = "memory", policy: EvictionPolicy | None = None):
         if capacity <= 0:
             raise ValueError(f"memory tier capacity must be positive, got {capacity}")
         self.name = name
         self.zero_copy_reads = True
         self.capacity = capacity
         self._data: dict[ChunkKey, bytes | SealedChunk] = {}
-        self._policy = policy or LRUPolicy()
+        self._policy: EvictionPolicy = policy or LRUPolicy()
         self._lock = threading.Lock()
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
@@ -104,5 +104,6 @@ class MemoryTier:
 
     def close(self) -> None:
         with self._lock:
+            for key in self._data:
+                self._policy.remove(key)
             self._data.clear()
-            self._policy = LRUPolicy()

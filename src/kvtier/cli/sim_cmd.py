@@ -1,0 +1,284 @@
+"""``kvtier sim``: replay a request trace (or a synthetic workload) through kvtier's tiers and
+eviction policies, with chosen capacities, and compare with the offline optimum (Belady) and an
+infinite cache. Hit semantics: a request reuses the longest run of its leading 512-token blocks
+held by a tier its node reads; every block is then touched or written, in order."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from kvtier.errors import ConfigError
+
+_EXAMPLES = """\
+capacities: --dram/--ssd per node and --shared for the pod take sizes (2TB, 512GiB), turned
+into 512-token blocks with the model's KV bytes per token; --blocks N is one DRAM tier of N
+blocks. With none of them, the hardware profile's DRAM and SSD per node are used.
+
+examples:
+  kvtier sim ../shared/traces/conversation_trace.jsonl --dram 1TB --ssd 8TB
+  kvtier sim trace.jsonl --blocks 20000 --policy s3fifo --json
+  kvtier sim trace.jsonl --nodes 4 --routing cache-aware --dram 1TB --shared 20TB
+  kvtier sim trace.jsonl --sweep --out sweep        # sweep.png + sweep.json, every policy
+  kvtier sim --workload chat --users 500 --turns 8 --dram 512GiB
+"""
+
+
+def register(sub: Any) -> None:
+    from kvtier.policy.eviction import POLICY_NAMES
+    from kvtier.sim.engine import ROUTINGS
+    from kvtier.sim.synthetic import WORKLOADS
+
+    p = sub.add_parser(
+        "sim",
+        help="replay a trace through tiers and policies; hit rates, TTFT, Belady bound",
+        description=__doc__,
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("trace", nargs="?", help="Mooncake-format JSONL trace (or use --workload)")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed lines, count them")
+    w = p.add_argument_group("synthetic workload (instead of a trace)")
+    w.add_argument("--workload", choices=WORKLOADS, help="generate requests instead")
+    w.add_argument("--users", type=int, default=200, help="chat: conversations (default 200)")
+    w.add_argument("--turns", type=int, default=6, help="chat: turns each (default 6)")
+    w.add_argument("--system-tokens", type=int, default=2048, help="shared system prompt")
+    w.add_argument("--docs", type=int, default=500, help="rag: documents (Zipf popularity)")
+    w.add_argument("--doc-tokens", type=int, default=4096, help="rag: tokens per document")
+    w.add_argument("--questions", type=int, default=2000, help="rag: requests")
+    m = p.add_argument_group("model and hardware (block size, TTFT estimate)")
+    m.add_argument("--model", default="Llama-3.1-70B", help="preset or config.json")
+    m.add_argument("--dtype", default="bf16", help="KV dtype (default bf16)")
+    m.add_argument("--hardware", default="H100", help="node profile, as in kvtier plan")
+    c = p.add_argument_group("tiers and policy")
+    c.add_argument("--dram", help="DRAM per node, a size")
+    c.add_argument("--ssd", help="local SSD per node, a size")
+    c.add_argument("--shared", help="one tier shared by every node, a size")
+    c.add_argument("--blocks", type=int, help="a single DRAM tier of N 512-token blocks")
+    c.add_argument(
+        "--policy",
+        help=f"eviction: {', '.join(POLICY_NAMES)} (default lru; --sweep: all, or a comma list)",
+    )
+    c.add_argument("--nodes", type=int, default=1, help="serving nodes (default 1)")
+    c.add_argument("--routing", default="cache-aware", help=f"with --nodes: {', '.join(ROUTINGS)}")
+    c.add_argument("--seed", type=int, default=0, help="random routing and workloads")
+    s = p.add_argument_group("sweep")
+    s.add_argument(
+        "--sweep",
+        nargs="?",
+        const="auto",
+        metavar="CAPS",
+        help="hit rate vs capacity: comma-separated block counts or sizes (default: 1%%..100%%"
+        " of the distinct blocks); every policy unless --policy lists some",
+    )
+    s.add_argument("--out", default="kvtier-sweep", help="sweep output prefix (.png, .json)")
+    p.add_argument("--no-bounds", action="store_true", help="skip the Belady and infinite runs")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def _requests(args: argparse.Namespace) -> tuple[list[Any], str, int]:
+    from kvtier.sim.synthetic import Workload, generate
+    from kvtier.sim.trace import read_trace
+
+    if args.workload and args.trace:
+        raise ConfigError("give a trace or --workload, not both")
+    if args.workload:
+        workload = Workload(
+            kind=args.workload,
+            users=args.users,
+            turns=args.turns,
+            system_tokens=args.system_tokens,
+            docs=args.docs,
+            doc_tokens=args.doc_tokens,
+            rag_requests=args.questions,
+            seed=args.seed,
+        )
+        return generate(workload), f"synthetic {args.workload} workload", 0
+    if not args.trace:
+        raise ConfigError("kvtier sim needs a trace file or --workload (see kvtier sim --help)")
+    trace = read_trace(args.trace, skip_bad=args.skip_bad)
+    if not trace.requests:
+        raise ConfigError(f"{args.trace}: no requests")
+    return trace.requests, Path(args.trace).name, trace.skipped
+
+
+def _tiers(args: argparse.Namespace, block_bytes: int, hw: Any) -> list[Any]:
+    from kvtier.capacity.plan import links
+    from kvtier.config import parse_size
+    from kvtier.sim.engine import TierSpec
+
+    bandwidth = {name: bw for name, (bw, _) in links(hw).items()}
+    sizes = {"dram": args.dram, "ssd": args.ssd, "shared": args.shared}
+    if args.blocks is not None:
+        if any(sizes.values()):
+            raise ConfigError("--blocks is a single tier: leave out --dram, --ssd and --shared")
+        return [TierSpec("dram", args.blocks, bandwidth=bandwidth["dram"])]
+    if not any(sizes.values()):
+        sizes = {"dram": str(int(hw.dram_bytes)), "ssd": str(int(hw.ssd_bytes))}
+    tiers = []
+    for name, text in sizes.items():
+        if text:
+            n = parse_size(text, f"--{name}") // block_bytes
+            if n < 1:
+                raise ConfigError(
+                    f"--{name} {text} holds no 512-token block ({block_bytes:,} bytes each)"
+                )
+            tiers.append(TierSpec(name, n, shared=name == "shared", bandwidth=bandwidth[name]))
+    return tiers
+
+
+def _capacities(text: str, requests: list[Any], block_bytes: int) -> list[int]:
+    from kvtier.config import parse_size
+    from kvtier.sim.sweep import auto_capacities
+
+    if text == "auto":
+        return auto_capacities(requests)
+    caps = []
+    for item in text.split(","):
+        item = item.strip()
+        n = int(item) if item.isdigit() else parse_size(item, "--sweep") // block_bytes
+        if n < 1:
+            raise ConfigError(f"--sweep {item}: less than one block ({block_bytes:,} bytes)")
+        caps.append(n)
+    return sorted(set(caps))
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from kvtier.capacity.hardware import load_hardware
+    from kvtier.capacity.models import load_model
+    from kvtier.capacity.plan import recompute_s
+    from kvtier.policy.eviction import POLICY_NAMES
+    from kvtier.sim.engine import CostModel, TierSpec, simulate, validate
+    from kvtier.sim.sweep import sweep, write_outputs
+    from kvtier.sim.trace import BLOCK_TOKENS
+
+    model = load_model(args.model)
+    hw = load_hardware(args.hardware)
+    per_token = model.kv_bytes_per_token(args.dtype)
+    block_bytes = per_token * BLOCK_TOKENS
+    requests, source, skipped = _requests(args)
+    default = ",".join(POLICY_NAMES) if args.sweep else "lru"
+    policies = [p.strip() for p in (args.policy or default).split(",") if p.strip()]
+
+    if args.sweep:
+        caps = _capacities(args.sweep, requests, block_bytes)
+        for policy in policies:
+            validate([TierSpec("dram", caps[0])], policy, args.nodes, args.routing)
+        runs = len(caps) * len(policies) * len(requests)
+        with tqdm(total=runs, unit="req", desc="kvtier sim --sweep", disable=None) as bar:
+            swept = sweep(
+                requests,
+                caps,
+                policies,
+                block_bytes=block_bytes,
+                nodes=args.nodes,
+                routing=args.routing,
+                seed=args.seed,
+                progress=bar.update,
+            )
+        title = f"{source}: {model.name} {args.dtype}, {args.nodes} node(s)"
+        json_path, png_path = write_outputs(swept, Path(args.out), title)
+        out = {**swept.as_dict(), "json": str(json_path), "png": str(png_path)}
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(_render_sweep(swept, source, json_path, png_path))
+        return 0
+
+    if len(policies) != 1:
+        raise ConfigError("--policy takes one name outside --sweep")
+    tiers = _tiers(args, block_bytes, hw)
+    cost = CostModel(per_token, lambda n: recompute_s(model, n, hw))
+    with tqdm(total=len(requests), unit="req", desc="kvtier sim", disable=None) as bar:
+        result = simulate(
+            requests,
+            tiers,
+            block_bytes=block_bytes,
+            policy=policies[0],
+            nodes=args.nodes,
+            routing=args.routing,
+            seed=args.seed,
+            cost=cost,
+            bounds=not args.no_bounds,
+            progress=bar.update,
+        )
+    out = {
+        "source": source,
+        "model": model.name,
+        "kv_dtype": args.dtype,
+        "hardware": hw.name,
+        "skipped_lines": skipped,
+        **result.as_dict(),
+    }
+    print(json.dumps(out) if args.json else _render(out))
+    return 0
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _render(r: dict[str, Any]) -> str:
+    from kvtier.capacity.plan import human_bytes
+
+    block = r["block_bytes"]
+    lines = [
+        f"{r['source']}: {r['requests']:,} requests, {r['blocks']:,} blocks, {r['tokens']:,}"
+        f" prompt tokens" + (f" ({r['skipped_lines']} bad lines skipped)" if r["skipped_lines"]
+                             else ""),
+        f"{r['model']} KV in {r['kv_dtype']}: {human_bytes(block)} per 512-token block;"
+        f" policy {r['policy']}, {r['nodes']} node(s)"
+        + (f", {r['routing']} routing" if r["nodes"] > 1 else ""),
+        "",
+        f"  {'tier':<8}{'capacity':>30}{'hits (blocks)':>15}{'(tokens)':>10}"
+        f"{'read':>12}{'written':>12}{'evictions':>11}",
+    ]  # fmt: skip
+    for t in r["tiers"]:
+        where = "pod" if t["shared"] else "node"
+        cap = f"{human_bytes(t['capacity_blocks'] * block).split(' (')[0]}/{where}"
+        cap += f" ({t['capacity_blocks']:,})"
+        lines.append(
+            f"  {t['name']:<8}{cap:>30}{_pct(t['hit_rate_blocks']):>15}"
+            f"{_pct(t['hit_rate_tokens']):>10}"
+            f"{human_bytes(t['read_bytes']).split(' (')[0]:>12}"
+            f"{human_bytes(t['written_bytes']).split(' (')[0]:>12}{t['evictions']:>11,}"
+        )
+    lines += [
+        f"  {'all':<8}{'':>30}{_pct(r['hit_rate_blocks']):>15}{_pct(r['hit_rate_tokens']):>10}",
+        "",
+        f"  bounds: Belady {_pct(r['belady_hit_rate_blocks'])} of blocks at"
+        f" {r['belady_capacity_blocks']:,} blocks, infinite cache"
+        f" {_pct(r['infinite_hit_rate_blocks'])}",
+        f"  prefill tokens saved: {r['prefill_tokens_saved']:,} of {r['tokens']:,}",
+    ]
+    if r["ttft_s"]:
+        t, c = r["ttft_s"], r["ttft_cold_s"]
+        lines.append(
+            f"  estimated TTFT on {r['hardware']} (load + recompute, no queueing):"
+            f" p50 {t['p50']:.3f} s, p90 {t['p90']:.3f} s, p99 {t['p99']:.3f} s"
+            f"  (no cache: {c['p50']:.3f} / {c['p90']:.3f} / {c['p99']:.3f} s)"
+        )
+    lines.append(f"  simulated in {r['elapsed_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def _render_sweep(result: Any, source: str, json_path: Path, png_path: Path) -> str:
+    names = list(result.series)
+    lines = [
+        f"{source}: block hit rate by capacity (blocks per node), {result.nodes} node(s)",
+        "  " + f"{'capacity':>10}" + "".join(f"{n:>10}" for n in names),
+    ]
+    for i, cap in enumerate(result.capacities_blocks):
+        lines.append(
+            "  " + f"{cap:>10,}" + "".join(f"{_pct(result.series[n][i]):>10}" for n in names)
+        )
+    lines += [
+        f"  infinite cache: {_pct(result.infinite_hit_rate_blocks)}",
+        f"  wrote {png_path} and {json_path} in {result.elapsed_s:.1f} s",
+    ]
+    return "\n".join(lines)
