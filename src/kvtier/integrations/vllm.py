@@ -38,7 +38,6 @@ from kvtier import codec
 from kvtier.config import config_from_dict
 from kvtier.errors import ConfigError
 from kvtier.integrations import shared_stores
-from kvtier.integrations.chunk_pool import ChunkPool
 from kvtier.integrations.model import model_fingerprint
 from kvtier.integrations.paged import (
     TORCH_DTYPES,
@@ -75,7 +74,6 @@ if not log.handlers:  # inside vLLM nobody configures kvtier's logger: say what 
     log.setLevel(logging.INFO)
 
 _STAGING_BYTES = 64 << 20  # loads go through a reused host buffer of about this size
-_POOL_BYTES = 128 << 20  # saves gather into chunks allocated ahead of time, this much
 
 
 @dataclass
@@ -149,7 +147,6 @@ class KvtierConnector(KVConnectorBase_V1):
         # worker side
         self._layers: list[torch.Tensor] = []
         self._staging = torch.empty(0)
-        self._pool = ChunkPool()
         self._load_errors: set[int] = set()
         self._saver = ThreadPoolExecutor(
             1, thread_name_prefix="kvtier-save", initializer=background_priority
@@ -319,7 +316,6 @@ class KvtierConnector(KVConnectorBase_V1):
         chunk_bytes = first.element_size() * int(torch.Size(shape).numel())
         pieces = max(1, _STAGING_BYTES // chunk_bytes)
         self._staging = torch.zeros((pieces, *shape), dtype=first.dtype)
-        self._pool.configure(self._kv_dtype, shape, _POOL_BYTES)
 
     def _chunk_shape(self) -> tuple[int, int, int, int, int]:
         _, _, _, heads, dim = self._layers[0].shape
@@ -402,7 +398,7 @@ class KvtierConnector(KVConnectorBase_V1):
                 namespace = self._namespace(spec.salt)
                 keys = self._store.keys(spec.tokens, namespace)[spec.first_chunk :]
                 ns_id = namespace.id(self._chunk)
-                blobs = [self._pool.take(k, ns_id) for k in keys]
+                blobs = [codec.blank(k, self._kv_dtype, self._chunk_shape(), ns_id) for k in keys]
                 gather_chunks(self._layers, blocks, [self._payload(b) for b in blobs])
             except Exception:  # a failed save is a future miss, never a failed request
                 log.exception("kvtier: saving request %s failed", spec.req_id)
@@ -427,7 +423,6 @@ class KvtierConnector(KVConnectorBase_V1):
         finally:
             with self._saving_lock:
                 self._saving.difference_update(keys)
-            self._pool.fill()  # here, off the engine's critical path
 
     def _saver_wait(self, keys: list[ChunkKey] | None = None) -> None:
         """Wait for pending saves: all of them, or only if one holds any of ``keys``."""

@@ -245,7 +245,7 @@ class S3FIFOPolicy:
                 continue
             chosen.append(key)
             excess -= size
-        while len(self._ghost) > max(len(self._main), 1):
+        while len(self._ghost) > max(len(self._sizes), 1):  # as many as the cache holds
             self._ghost.popitem(last=False)
         return chosen
 

@@ -1,0 +1,224 @@
+"""kvtier sim: exact hit rates on hand-made traces, the bounds, tiers, routing and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvtier.cli.main import main
+from kvtier.errors import ConfigError
+from kvtier.policy import POLICY_NAMES
+from kvtier.sim.engine import TierSpec, belady_hits, infinite_hits, simulate
+from kvtier.sim.synthetic import Workload, generate
+from kvtier.sim.trace import Request
+
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "conversation_trace.jsonl"
+
+
+def req(ids: list[int], tokens: int | None = None, t: float = 0.0) -> Request:
+    return Request(t, tokens if tokens is not None else 512 * len(ids), 10, tuple(ids))
+
+
+# Capacity 3, LRU. After r3 the cache is 2,3,4 (oldest first): r4's block 1 misses, so its
+# block 2 is not reused although held (prefix semantics); r4 then writes 1 (evicting 2) and 2
+# (evicting 3), and r5 hits 1,2 and writes 3 (evicting 4).
+HAND = [req([1, 2]), req([1, 2, 3]), req([4]), req([1, 2]), req([1, 2, 3], tokens=1500)]
+
+
+def one_tier(requests: list[Request], blocks: int, policy: str = "lru", **kw: object) -> object:
+    return simulate(requests, [TierSpec("dram", blocks)], block_bytes=100, policy=policy, **kw)  # type: ignore[arg-type]
+
+
+def test_lru_hand_trace_exact() -> None:
+    r = simulate(HAND, [TierSpec("dram", 3)], block_bytes=100)
+    assert (r.blocks, r.hit_blocks) == (11, 4)  # r2: 1,2 and r5: 1,2
+    assert r.hit_rate_blocks == pytest.approx(4 / 11)
+    assert r.hit_tokens == 2048 and r.tokens == 1024 + 1536 + 512 + 1024 + 1500
+    assert r.tiers[0].evictions == 4  # r3 drops 1, r4 drops 2 then 3, r5 drops 4
+    assert r.tiers[0].read_bytes == 400 and r.tiers[0].written_bytes == 700
+    # Bounds: infinite sees r2 (2), r4 (2), r5 (3); Belady keeps 1,2,3 and skips 4 (never
+    # used again), so at 3 blocks it reaches the infinite cache here.
+    assert infinite_hits(HAND) == (7, 1024 + 1024 + 1500)
+    assert belady_hits(HAND, 3) == (7, 1024 + 1024 + 1500)
+    assert r.infinite_hit_rate_blocks == r.belady_hit_rate_blocks == pytest.approx(7 / 11)
+
+
+def test_belady_at_two_blocks_hand_computed() -> None:
+    # Room for two: 1 and 2 are needed again soonest; 3 (used last, in r5) is not admitted
+    # in r2 because both held blocks are needed before it; r5 then hits 1,2 but not 3.
+    assert belady_hits(HAND, 2) == (6, 1024 + 1024 + 1024)
+
+
+def test_lru_order_follows_the_requests_blocks() -> None:
+    # After [1,2,3] the last block is the most recent: a new block evicts 1, which breaks the
+    # prefix of the next [1,2,3] entirely.
+    trace = [req([1, 2, 3]), req([9]), req([1, 2, 3])]
+    assert simulate(trace, [TierSpec("dram", 3)], block_bytes=1).hit_blocks == 0
+    assert simulate(trace, [TierSpec("dram", 4)], block_bytes=1).hit_blocks == 3
+
+
+def test_two_tiers_count_hits_where_served_and_promote() -> None:
+    trace = [req([1, 2]), req([1, 2])]
+    r = simulate(trace, [TierSpec("dram", 1), TierSpec("ssd", 4)], block_bytes=10)
+    dram, ssd = r.tiers
+    assert r.hit_blocks == 2
+    assert (dram.hit_blocks, ssd.hit_blocks) == (1, 1)  # 2 from DRAM, 1 from the SSD
+    assert ssd.written_bytes == 20  # written through once
+    assert dram.written_bytes == 40  # r1: 1, 2; r2: 1 and 2 promoted back in turn
+    assert ssd.read_bytes == 10 and dram.read_bytes == 10
+
+
+def test_cache_aware_routing_follows_the_prefix() -> None:
+    trace = [req([1]), req([1, 2]), req([1, 2, 3])]
+    tiers = [TierSpec("dram", 10)]
+    rr = simulate(trace, tiers, block_bytes=1, nodes=2, routing="round-robin")
+    aware = simulate(trace, tiers, block_bytes=1, nodes=2, routing="cache-aware")
+    assert rr.hit_blocks == 1  # r2 lands on the empty node; r3 finds only block 1
+    assert aware.hit_blocks == 3
+    shared = simulate(
+        trace, [TierSpec("shared", 10, shared=True)], block_bytes=1, nodes=2, routing="round-robin"
+    )
+    assert shared.hit_blocks == 3  # a shared tier makes routing irrelevant for hits
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_bounds_hold_on_generated_workloads(policy: str, nodes: int) -> None:
+    w = Workload(kind="mixed", users=30, turns=4, docs=20, rag_requests=80, doc_tokens=1536)
+    trace = generate(w)
+    for blocks in (4, 16, 64, 256):
+        r = simulate(
+            trace,
+            [TierSpec("dram", blocks)],
+            block_bytes=1,
+            policy=policy,
+            nodes=nodes,
+            routing="random",
+        )
+        assert r.belady_hit_rate_blocks is not None and r.infinite_hit_rate_blocks is not None
+        assert r.hit_rate_blocks <= r.belady_hit_rate_blocks + 1e-12
+        assert r.belady_hit_rate_blocks <= r.infinite_hit_rate_blocks + 1e-12
+    assert r.hit_rate_blocks > 0
+
+
+def test_synthetic_chat_shares_history_and_system_prompt() -> None:
+    one = generate(Workload(kind="chat", users=1, turns=4, system_tokens=1024, think_s=0))
+    turns = sorted(one, key=lambda r: r.input_length)
+    assert len(turns) == 4
+    for earlier, later in zip(turns, turns[1:], strict=False):
+        full = earlier.input_length // 512
+        assert later.hash_ids[:full] == earlier.hash_ids[:full]  # the history is reused
+        if earlier.input_length % 512:  # a partial last block is other content than the full one
+            assert later.hash_ids[full] != earlier.hash_ids[full]
+    two = generate(Workload(kind="chat", users=2, turns=1, system_tokens=1024))
+    assert two[0].hash_ids[:2] == two[1].hash_ids[:2]  # the shared system prompt
+    assert two[0].hash_ids[2] != two[1].hash_ids[2]  # and nothing else
+
+
+def test_bad_configurations_are_named() -> None:
+    with pytest.raises(ConfigError, match="unknown policy 'mru'"):
+        simulate(HAND, [TierSpec("dram", 3)], block_bytes=1, policy="mru")
+    with pytest.raises(ConfigError, match="at least one tier"):
+        simulate(HAND, [], block_bytes=1)
+    with pytest.raises(ConfigError, match="holds 0 blocks"):
+        simulate(HAND, [TierSpec("dram", 0)], block_bytes=1)
+    with pytest.raises(ConfigError, match="unknown routing"):
+        simulate(HAND, [TierSpec("dram", 3)], block_bytes=1, nodes=2, routing="magic")
+
+
+def write_trace(path: Path, requests: list[Request]) -> Path:
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "timestamp": r.timestamp_ms,
+                    "input_length": r.input_length,
+                    "output_length": r.output_length,
+                    "hash_ids": list(r.hash_ids),
+                }
+            )
+            + "\n"
+            for r in requests
+        )
+    )
+    return path
+
+
+def test_cli_json_has_the_documented_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = write_trace(tmp_path / "t.jsonl", HAND)
+    assert main(["sim", str(trace), "--blocks", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["requests"] == 5 and out["hit_rate_blocks"] == pytest.approx(4 / 11)
+    assert out["belady_hit_rate_blocks"] == pytest.approx(7 / 11)
+    assert out["infinite_hit_rate_blocks"] == pytest.approx(7 / 11)
+    assert out["hit_rate_tokens"] == pytest.approx(2048 / 5596)
+    assert out["elapsed_s"] >= 0 and out["tiers"][0]["name"] == "dram"
+    assert set(out["ttft_s"]) == {"p50", "p90", "p99"}
+    assert out["ttft_s"]["p50"] <= out["ttft_cold_s"]["p50"]
+
+
+def test_cli_sizes_become_blocks_of_the_models_kv(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Llama-3.1-8B in bf16: 131,072 bytes per token, 64 MiB per 512-token block.
+    trace = write_trace(tmp_path / "t.jsonl", HAND)
+    args = ["sim", str(trace), "--model", "Llama-3.1-8B", "--dram", "192MiB", "--ssd", "1GiB"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(t["name"], t["capacity_blocks"]) for t in out["tiers"]] == [("dram", 3), ("ssd", 16)]
+    assert out["belady_capacity_blocks"] == 19
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "Belady" in text and "dram" in text and "p99" in text
+    assert main(["sim", str(trace), "--dram", "1MiB"]) == 2
+    assert "holds no 512-token block" in capsys.readouterr().err
+
+
+def test_cli_sweep_writes_png_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = write_trace(tmp_path / "t.jsonl", HAND)
+    prefix = tmp_path / "sweep"
+    assert main(["sim", str(trace), "--sweep", "1,2,3", "--out", str(prefix)]) == 0
+    assert "belady" in capsys.readouterr().out
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert data["capacities_blocks"] == [1, 2, 3]
+    assert set(data["hit_rate_blocks"]) == {*POLICY_NAMES, "belady"}
+    assert data["hit_rate_blocks"]["lru"][2] == pytest.approx(4 / 11)
+    assert data["hit_rate_blocks"]["belady"][1:] == pytest.approx([6 / 11, 7 / 11])
+
+
+def test_cli_bad_lines_name_the_line_or_are_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = write_trace(tmp_path / "t.jsonl", HAND)
+    with trace.open("a") as f:
+        f.write('{"timestamp": 9, "input_length": "many", "output_length": 1, "hash_ids": []}\n')
+    assert main(["sim", str(trace), "--blocks", "3"]) == 2
+    assert "t.jsonl:6: input_length" in capsys.readouterr().err
+    assert main(["sim", str(trace), "--blocks", "3", "--skip-bad", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["skipped_lines"] == 1 and out["requests"] == 5
+
+
+def test_cli_synthetic_workload(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sim", "--workload", "chat", "--users", "20", "--blocks", "50", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["requests"] == 20 * 6 and 0 < out["hit_rate_blocks"] <= 1
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason="the shared conversation trace is not here")
+def test_the_conversation_trace_replays_within_its_bounds() -> None:
+    from kvtier.sim.trace import read_trace
+
+    requests = read_trace(TRACE).requests
+    results = {
+        p: simulate(requests, [TierSpec("dram", 8000)], block_bytes=1, policy=p)
+        for p in POLICY_NAMES
+    }
+    for r in results.values():
+        assert r.requests == 12_031 and r.blocks == 288_500
+        assert 0 < r.hit_rate_blocks <= r.belady_hit_rate_blocks <= r.infinite_hit_rate_blocks
