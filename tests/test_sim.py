@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def test_synthetic_chat_shares_history_and_system_prompt() -> None:
     one = generate(Workload(kind="chat", users=1, turns=4, system_tokens=1024, think_s=0))
     turns = sorted(one, key=lambda r: r.input_length)
     assert len(turns) == 4
-    for earlier, later in zip(turns, turns[1:], strict=False):
+    for earlier, later in itertools.pairwise(turns):
         full = earlier.input_length // 512
         assert later.hash_ids[:full] == earlier.hash_ids[:full]  # the history is reused
         if earlier.input_length % 512:  # a partial last block is other content than the full one

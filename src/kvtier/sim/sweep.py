@@ -109,9 +109,11 @@ def write_outputs(result: SweepResult, prefix: Path, title: str) -> tuple[Path, 
     json_path.write_text(json.dumps(result.as_dict(), indent=1) + "\n")
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, rates in result.series.items():
-        style = {"linestyle": "--", "color": "black"} if name == "belady" else {"marker": "o"}
-        label = "Belady (offline optimum)" if name == "belady" else name
-        ax.plot(result.capacities_blocks, [100 * r for r in rates], label=label, **style)
+        percent = [100 * r for r in rates]
+        if name == "belady":
+            ax.plot(result.capacities_blocks, percent, "k--", label="Belady (offline optimum)")
+        else:
+            ax.plot(result.capacities_blocks, percent, marker="o", label=name)
     ax.axhline(
         100 * result.infinite_hit_rate_blocks, linestyle=":", color="grey", label="infinite cache"
     )
