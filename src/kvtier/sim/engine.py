@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ from kvtier.policy.eviction import POLICY_NAMES, EvictionPolicy, make_eviction_p
 from kvtier.sim.trace import BLOCK_TOKENS, Request
 
 ROUTINGS = ("cache-aware", "round-robin", "random")
+LOAD_WINDOW_MS = 60_000.0  # cache-aware routing balances the requests of the last minute
+LOAD_SLACK = 0.25  # ... letting a node be this fraction of the mean above the least loaded
 _NEVER = 1 << 62
 
 
@@ -176,7 +179,8 @@ def simulate(
     local = [[t for t, s in zip(chain, tiers, strict=True) if not s.shared] for chain in chains]
     tier_index = {id(t): i for chain in chains for i, t in enumerate(chain)}
     rng = random.Random(seed)
-    load = [0] * nodes
+    load = [0] * nodes  # requests routed to each node in the last LOAD_WINDOW_MS
+    recent: deque[tuple[float, int]] = deque()
     total = SimResult(policy, nodes, routing, len(requests), 0, 0, block_bytes)
     ttft: list[float] = []
     cold: list[float] = []
@@ -190,9 +194,10 @@ def simulate(
             node = number % nodes
         elif routing == "random":
             node = rng.randrange(nodes)
-        else:  # the node holding the longest prefix locally; ties go to the least loaded
-            node = max(range(nodes), key=lambda n: (_prefix(ids, local[n]), -load[n], -n))
+        else:
+            node = _cache_aware(ids, local, load, request.timestamp_ms, recent)
         load[node] += 1
+        recent.append((request.timestamp_ms, node))
         chain = chains[node]
 
         # Lookup: the leading run held somewhere, and which tier serves each block of it.
@@ -267,6 +272,28 @@ def simulate(
         total.belady_hit_rate_blocks, total.belady_hit_rate_tokens = _rates(opt, total)
     total.elapsed_s = time.perf_counter() - started
     return total
+
+
+def _cache_aware(
+    ids: Sequence[int],
+    local: list[list[_Tier]],
+    load: list[int],
+    now_ms: float,
+    recent: deque[tuple[float, int]],
+) -> int:
+    """The node holding the longest prefix locally, among those not overloaded.
+
+    Load is the number of requests a node was sent in the last ``LOAD_WINDOW_MS``; a node
+    more than ``max(2, LOAD_SLACK x the mean)`` above the least loaded one is passed over,
+    as routers such as SGLang's and Dynamo's do: matching on the prefix alone sends every
+    request that shares a system prompt to one node and leaves the others' caches idle.
+    Ties go to the least loaded node, then the lowest index.
+    """
+    while recent and recent[0][0] < now_ms - LOAD_WINDOW_MS:
+        load[recent.popleft()[1]] -= 1
+    ceiling = min(load) + max(2.0, LOAD_SLACK * sum(load) / len(load))
+    candidates = [n for n in range(len(load)) if load[n] <= ceiling]
+    return max(candidates, key=lambda n: (_prefix(ids, local[n]), -load[n], -n))
 
 
 def _prefix(ids: Sequence[int], tiers: Sequence[_Tier]) -> int:
