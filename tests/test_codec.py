@@ -8,6 +8,7 @@ import pytest
 from kvtier import codec
 from kvtier.codec import HEADER_BYTES, Compression, KVChunk
 from kvtier.errors import CorruptChunk
+from kvtier.keys import ChunkKey
 
 from kvhelpers import chunk, same
 
@@ -128,3 +129,24 @@ def test_blank_refuses_what_encode_refuses() -> None:
         codec.blank(KEY, "float64", (1, 2, 4, 1, 8))
     with pytest.raises(ValueError, match="5 positive sizes"):
         codec.blank(KEY, "float16", (1, 2, 0, 1, 8))
+
+
+def test_pool_chunks_match_blank_and_the_pool_falls_back_when_dry() -> None:
+    from kvtier.integrations.chunk_pool import ChunkPool
+
+    shape = (2, 2, 4, 1, 8)
+    size = codec.HEADER_BYTES + codec.payload_bytes("float16", shape)
+    pool = ChunkPool()
+    pool.reserve("float16", shape, 2 * size + size // 2)
+    assert len(pool) == 2
+    key = ChunkKey(bytes(range(16)))
+    for _ in range(3):  # two from the pool, then a new one
+        got = pool.take(key, "ab" * 8)
+        assert bytes(got) == bytes(codec.blank(key, "float16", shape, "ab" * 8, got_created(got)))
+    assert len(pool) == 0
+    with pytest.raises(ValueError, match="the buffer 10"):
+        codec.stamp(codec.SealedChunk(10), key, "float16", shape)
+
+
+def got_created(blob: bytes | bytearray) -> float:
+    return codec.read_header(blob).created_at

@@ -224,17 +224,40 @@ def blank(
     created_at: float | None = None,
 ) -> SealedChunk:
     """An uncompressed chunk with its header written and its payload still to fill."""
+    nbytes = payload_bytes(dtype, shape)
+    blob = SealedChunk(HEADER_BYTES + nbytes)
+    return stamp(blob, key, dtype, shape, namespace_id, created_at)
+
+
+def stamp(
+    blob: SealedChunk,
+    key: ChunkKey,
+    dtype: str,
+    shape: tuple[int, ...],
+    namespace_id: str = "",
+    created_at: float | None = None,
+) -> SealedChunk:
+    """Make a fresh (all-zero) buffer of the right size a :func:`blank` chunk; returns it.
+
+    For buffers allocated ahead of time, off the path that fills them.
+    """
     if len(key) != KEY_BYTES:
         raise ValueError(f"a chunk key is {KEY_BYTES} bytes, got {len(key)}")
+    nbytes = payload_bytes(dtype, shape)
+    if len(blob) != HEADER_BYTES + nbytes:
+        raise ValueError(f"a {dtype} chunk of shape {shape} is {HEADER_BYTES + nbytes} bytes,"
+                         f" the buffer {len(blob)}")  # fmt: skip
+    fields = _prefix_fields(key, dtype, shape, namespace_id, Compression.NONE, created_at, nbytes)
+    _PREFIX.pack_into(blob, 0, *fields)
+    return blob
+
+
+def payload_bytes(dtype: str, shape: tuple[int, ...]) -> int:
     if dtype not in DTYPES:
         raise ValueError(f"unknown KV dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if len(shape) != 5 or any(d <= 0 for d in shape):
         raise ValueError(f"KV chunk shape must be 5 positive sizes, got {shape}")
-    nbytes = int(np.prod(shape)) * DTYPES[dtype][1]
-    blob = SealedChunk(HEADER_BYTES + nbytes)
-    fields = _prefix_fields(key, dtype, shape, namespace_id, Compression.NONE, created_at, nbytes)
-    _PREFIX.pack_into(blob, 0, *fields)
-    return blob
+    return int(np.prod(shape)) * DTYPES[dtype][1]
 
 
 def payload_of(blob: SealedChunk) -> memoryview:

@@ -35,9 +35,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvtier import codec
-from kvtier.config import config_from_dict
+from kvtier.config import MemoryTierConfig, config_from_dict
 from kvtier.errors import ConfigError
 from kvtier.integrations import shared_stores
+from kvtier.integrations.chunk_pool import ChunkPool
 from kvtier.integrations.model import model_fingerprint
 from kvtier.integrations.paged import (
     TORCH_DTYPES,
@@ -147,6 +148,7 @@ class KvtierConnector(KVConnectorBase_V1):
         # worker side
         self._layers: list[torch.Tensor] = []
         self._staging = torch.empty(0)
+        self._pool = ChunkPool()
         self._load_errors: set[int] = set()
         self._saver = ThreadPoolExecutor(
             1, thread_name_prefix="kvtier-save", initializer=background_priority
@@ -316,6 +318,9 @@ class KvtierConnector(KVConnectorBase_V1):
         chunk_bytes = first.element_size() * int(torch.Size(shape).numel())
         pieces = max(1, _STAGING_BYTES // chunk_bytes)
         self._staging = torch.zeros((pieces, *shape), dtype=first.dtype)
+        top = self._config.tiers[0] if self._config.tiers else None
+        if isinstance(top, MemoryTierConfig) and top.prefault:  # the DRAM tier's first fill
+            self._pool.reserve(self._kv_dtype, shape, top.capacity)
 
     def _chunk_shape(self) -> tuple[int, int, int, int, int]:
         _, _, _, heads, dim = self._layers[0].shape
@@ -398,7 +403,7 @@ class KvtierConnector(KVConnectorBase_V1):
                 namespace = self._namespace(spec.salt)
                 keys = self._store.keys(spec.tokens, namespace)[spec.first_chunk :]
                 ns_id = namespace.id(self._chunk)
-                blobs = [codec.blank(k, self._kv_dtype, self._chunk_shape(), ns_id) for k in keys]
+                blobs = [self._pool.take(k, ns_id) for k in keys]
                 gather_chunks(self._layers, blocks, [self._payload(b) for b in blobs])
             except Exception:  # a failed save is a future miss, never a failed request
                 log.exception("kvtier: saving request %s failed", spec.req_id)

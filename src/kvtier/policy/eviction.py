@@ -122,15 +122,21 @@ class LRUPolicy:
 class S3FIFOPolicy:
     """S3-FIFO (Yang et al., SOSP'23): a small probationary FIFO, a main FIFO and a ghost list.
 
-    New keys enter the small queue (about 10% of the capacity). A key leaving it is dropped
-    unless it was used again meanwhile, in which case it moves to the main queue; a dropped
-    key is remembered in the ghost list, and a key that comes back while still remembered
-    goes straight to the main queue. The main queue evicts like CLOCK: a key used since it was
-    last examined gets another lap (up to three). One-time chunks leave quickly, and chunks
-    that keep being reused (system prompts, documents) stay through bursts of new ones.
+    New keys enter the small queue. A key leaving it is dropped unless it was used again
+    meanwhile, in which case it moves to the main queue; a dropped key is remembered in the
+    ghost list, and a key that comes back while still remembered goes straight to the main
+    queue. The main queue evicts like CLOCK: a key used since it was last examined gets another
+    lap (up to three). One-time chunks leave quickly, and chunks that keep being reused (system
+    prompts, documents, a conversation's history) stay through bursts of new ones.
+
+    The small queue gets half the capacity, not the paper's 10%: a KV block's second use comes
+    a whole conversation turn later, not within a short burst as in web caches. On the Mooncake
+    conversation trace (``kvtier sim --sweep``) 10% beats LRU only while the cache holds under
+    5% of the distinct blocks; half beats it up to 14% (11.1% vs 7.5% of blocks hit at 2%) and
+    trails it by at most 0.6 points above.
     """
 
-    SMALL_FRACTION = 0.1
+    SMALL_FRACTION = 0.5
     MAX_FREQ = 3
 
     def __init__(self) -> None:

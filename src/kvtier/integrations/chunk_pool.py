@@ -1,0 +1,40 @@
+"""Blank chunks for the DRAM tier's first fill, allocated and touched when the engine starts.
+
+On this kind of machine the first write to newly allocated memory costs about ten times the
+copy into it (page faults and zeroing: ~0.7 ms/MB against ~0.07 ms/MB), and saves gather KV
+into chunks on the engine's critical path. Paying that at start, for as many chunks as the
+DRAM tier holds, keeps it off every step until the tier is full; from then on evictions free
+memory that the allocator hands out again. Peers do the same (LMCache and Dynamo's block
+manager allocate their host pools up front). Refilling the pool in the background during
+serving was measured and is worse: that work competes with the engine's compute threads.
+"""
+
+from __future__ import annotations
+
+from kvtier import codec
+from kvtier.keys import ChunkKey
+
+
+class ChunkPool:
+    """Up to a reserve of blank chunks of one shape; empty until :meth:`reserve`."""
+
+    def __init__(self) -> None:
+        self._dtype = ""
+        self._shape: tuple[int, ...] = ()
+        self._ready: list[codec.SealedChunk] = []
+
+    def reserve(self, dtype: str, shape: tuple[int, ...], nbytes: int) -> None:
+        """Hold ``nbytes`` worth of blank ``dtype`` chunks of ``shape``, touched now."""
+        self._dtype, self._shape = dtype, shape
+        size = codec.HEADER_BYTES + codec.payload_bytes(dtype, shape)
+        # bytearray(n) zero-fills: every page is touched here
+        self._ready = [codec.SealedChunk(size) for _ in range(nbytes // size)]
+
+    def take(self, key: ChunkKey, namespace_id: str) -> codec.SealedChunk:
+        """A blank chunk for ``key``: a touched one while they last, else a new one."""
+        if not self._ready:
+            return codec.blank(key, self._dtype, self._shape, namespace_id)
+        return codec.stamp(self._ready.pop(), key, self._dtype, self._shape, namespace_id)
+
+    def __len__(self) -> int:
+        return len(self._ready)
