@@ -206,6 +206,8 @@ def test_cli_sweep_writes_png_and_json(tmp_path: Path, capsys: pytest.CaptureFix
     assert set(data["hit_rate_blocks"]) == {*POLICY_NAMES, "belady"}
     assert data["hit_rate_blocks"]["lru"][2] == pytest.approx(4 / 11)
     assert data["hit_rate_blocks"]["belady"][1:] == pytest.approx([6 / 11, 7 / 11])
+    assert main(["sim", str(trace), "--sweep", "--blocks", "3"]) == 2
+    assert "leave out" in capsys.readouterr().err
 
 
 def test_cli_bad_lines_name_the_line_or_are_skipped(

@@ -49,9 +49,9 @@ def register(sub: Any) -> None:
     w.add_argument("--doc-tokens", type=int, default=4096, help="rag: tokens per document")
     w.add_argument("--questions", type=int, default=2000, help="rag: requests")
     m = p.add_argument_group("model and hardware (block size, TTFT estimate)")
-    m.add_argument("--model", default="Llama-3.1-70B", help="preset or config.json")
+    m.add_argument("--model", default="Llama-3.1-70B", help="preset or config.json (Llama-3.1-70B)")
     m.add_argument("--dtype", default="bf16", help="KV dtype (default bf16)")
-    m.add_argument("--hardware", default="H100", help="node profile, as in kvtier plan")
+    m.add_argument("--hardware", default="H100", help="node profile, as in kvtier plan (H100)")
     c = p.add_argument_group("tiers and policy")
     c.add_argument("--dram", help="DRAM per node, a size")
     c.add_argument("--ssd", help="local SSD per node, a size")
@@ -62,7 +62,7 @@ def register(sub: Any) -> None:
         help=f"eviction: {', '.join(POLICY_NAMES)} (default lru; --sweep: all, or a comma list)",
     )
     c.add_argument("--nodes", type=int, default=1, help="serving nodes (default 1)")
-    c.add_argument("--routing", default="cache-aware", help=f"with --nodes: {', '.join(ROUTINGS)}")
+    c.add_argument("--routing", default="cache-aware", help=f"{', '.join(ROUTINGS)} (the first)")
     c.add_argument("--seed", type=int, default=0, help="random routing and workloads")
     s = p.add_argument_group("sweep")
     s.add_argument(
@@ -166,6 +166,11 @@ def run(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in (args.policy or default).split(",") if p.strip()]
 
     if args.sweep:
+        if args.dram or args.ssd or args.shared or args.blocks is not None:
+            raise ConfigError(
+                "--sweep varies the capacity of one DRAM tier per node itself: leave out"
+                " --dram, --ssd, --shared and --blocks"
+            )
         caps = _capacities(args.sweep, requests, block_bytes)
         for policy in policies:
             validate([TierSpec("dram", caps[0])], policy, args.nodes, args.routing)
