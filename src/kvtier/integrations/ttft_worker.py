@@ -5,7 +5,11 @@ A job names the connector (``none``, ``kvtier`` with a store configuration, or `
 with a directory), whether vLLM's prefix cache is on, and the requests to time: each is a
 prompt (seed, length) sent with ``max_tokens=1``, so its latency is the time to first token.
 A ``batch`` job sends ``rounds`` batches of distinct prompts and reports the time of each
-(throughput).
+(throughput). With ``paired`` (kvtier only) every round is run twice in the same engine, the
+connector working in one and bypassed in the other (every method returns at once, as if no
+connector were configured), in alternating order; the bypassed times come back as
+``bypassed``. Identical engine processes differ from each other by several percent here, while
+rounds within one engine agree to about one: pairs in one engine measure kvtier's own cost.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 MARK = "KVTIER-TTFT "
@@ -69,15 +75,27 @@ def main() -> None:
     # costs that are not what is being measured.
     llm.generate([{"prompt_token_ids": prompt(999_999, 64)}], one, use_tqdm=False)
     seconds: list[float] = []
+    bypassed: list[float] = []
     if "batch" in job:  # rounds of distinct prompts: nothing is ever reused
         size, sixteen = job["batch"], SamplingParams(max_tokens=16, temperature=0)
-        for r in range(-1, job.get("rounds", 1)):  # round -1 warms up, untimed
-            seeds = range(10_000 + r * size, 10_000 + (r + 1) * size)
+        batches = iter(range(10_000, 10**9, size))
+
+        def timed_round(bypass: bool) -> float:
+            first = next(batches)
+            seeds = range(first, first + size)
             prompts = [{"prompt_token_ids": prompt(s, job["tokens"])} for s in seeds]
-            start = time.perf_counter()
-            llm.generate(prompts, sixteen, use_tqdm=False)
-            if r >= 0:
-                seconds.append(time.perf_counter() - start)
+            with _bypassed(bypass):
+                start = time.perf_counter()
+                llm.generate(prompts, sixteen, use_tqdm=False)
+                return time.perf_counter() - start
+
+        paired = bool(job.get("paired"))
+        for r in range(-1, job.get("rounds", 1)):  # round -1 warms up, untimed
+            order = (False, True) if r % 2 == 0 else (True, False)
+            for bypass in order if paired else (False,):
+                took = timed_round(bypass)
+                if r >= 0:
+                    (bypassed if bypass else seconds).append(took)
     else:
         for seed, tokens in job["requests"]:
             request = {"prompt_token_ids": prompt(seed, tokens)}
@@ -88,7 +106,34 @@ def main() -> None:
         from kvtier.integrations.vllm import flush_all
 
         flush_all()  # what later processes read must be written before this one exits
-    print(MARK + json.dumps({"seconds": seconds}), flush=True)
+    print(MARK + json.dumps({"seconds": seconds, "bypassed": bypassed}), flush=True)
+
+
+@contextmanager
+def _bypassed(bypass: bool) -> Iterator[None]:
+    """kvtier's connector doing nothing at all (for the rounds it is off in a paired job)."""
+    if not bypass:
+        yield
+        return
+    from kvtier.integrations.vllm import KvtierConnector
+    from kvtier.integrations.vllm_meta import KvtierConnectorMetadata
+
+    idle: dict[str, Any] = {
+        "get_num_new_matched_tokens": lambda self, request, computed: (0, False),
+        "update_state_after_alloc": lambda self, *a, **k: None,
+        "build_connector_meta": lambda self, out: KvtierConnectorMetadata(),
+        "request_finished": lambda self, request, block_ids: (False, None),
+        "start_load_kv": lambda self, *a, **k: None,
+        "wait_for_save": lambda self: None,
+    }
+    saved = {name: getattr(KvtierConnector, name) for name in idle}
+    for name, fn in idle.items():
+        setattr(KvtierConnector, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(KvtierConnector, name, fn)
 
 
 if __name__ == "__main__":
