@@ -7,6 +7,9 @@ DRAM tier holds, keeps it off every step until the tier is full; from then on ev
 memory that the allocator hands out again. Peers do the same (LMCache and Dynamo's block
 manager allocate their host pools up front). Refilling the pool in the background during
 serving was measured and is worse: that work competes with the engine's compute threads.
+
+The pool is not counted in the tier's capacity: while chunks promoted from slower tiers fill
+the tier, the process holds up to twice the capacity until the pool is used up.
 """
 
 from __future__ import annotations
