@@ -144,6 +144,11 @@ def test_pool_chunks_match_blank_and_the_pool_falls_back_when_dry() -> None:
         got = pool.take(key, "ab" * 8)
         assert bytes(got) == bytes(codec.blank(key, "float16", shape, "ab" * 8, got_created(got)))
     assert len(pool) == 0
+    empty = ChunkPool()
+    with pytest.raises(RuntimeError, match="before reserve"):
+        empty.take(key, "ab" * 8)
+    empty.reserve("float16", shape, 0)  # no reserve (a disk-first store): new chunks only
+    assert len(empty) == 0 and len(empty.take(key, "ab" * 8)) == size
     with pytest.raises(ValueError, match="the buffer 10"):
         codec.stamp(codec.SealedChunk(10), key, "float16", shape)
 

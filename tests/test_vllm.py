@@ -249,4 +249,8 @@ def test_bench_ttft_prints_its_rows() -> None:
     paths = {row["path"]: row for row in result["rows"]}
     assert set(paths) == {"cold", "vllm_prefix", "kvtier_memory", "kvtier_disk"}
     assert all(row["ttft_s"] and row["ttft_s"] > 0 for row in paths.values()), result
+    # A hit is a hit: loading 600 tokens' KV takes a fraction of computing them (~3x here).
+    for hit in ("kvtier_memory", "kvtier_disk"):
+        assert paths[hit]["ttft_s"] < 0.7 * paths["cold"]["ttft_s"], result
     assert isinstance(result["no_reuse_overhead"], float)
+    assert isinstance(result["no_reuse_overhead_across_engines"], float)

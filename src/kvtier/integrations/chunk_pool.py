@@ -19,7 +19,7 @@ from kvtier.keys import ChunkKey
 
 
 class ChunkPool:
-    """Up to a reserve of blank chunks of one shape; empty until :meth:`reserve`."""
+    """Up to a reserve of blank chunks of one shape, set by :meth:`reserve` (0 bytes: none)."""
 
     def __init__(self) -> None:
         self._dtype = ""
@@ -35,6 +35,8 @@ class ChunkPool:
 
     def take(self, key: ChunkKey, namespace_id: str) -> codec.SealedChunk:
         """A blank chunk for ``key``: a touched one while they last, else a new one."""
+        if not self._dtype:
+            raise RuntimeError("ChunkPool.take before reserve: the chunk shape is not known")
         if not self._ready:
             return codec.blank(key, self._dtype, self._shape, namespace_id)
         return codec.stamp(self._ready.pop(), key, self._dtype, self._shape, namespace_id)

@@ -319,8 +319,8 @@ class KvtierConnector(KVConnectorBase_V1):
         pieces = max(1, _STAGING_BYTES // chunk_bytes)
         self._staging = torch.zeros((pieces, *shape), dtype=first.dtype)
         top = self._config.tiers[0] if self._config.tiers else None
-        if isinstance(top, MemoryTierConfig) and top.prefault:  # the DRAM tier's first fill
-            self._pool.reserve(self._kv_dtype, shape, top.capacity)
+        fill = top.capacity if isinstance(top, MemoryTierConfig) and top.prefault else 0
+        self._pool.reserve(self._kv_dtype, shape, fill)  # the DRAM tier's first fill
 
     def _chunk_shape(self) -> tuple[int, int, int, int, int]:
         _, _, _, heads, dim = self._layers[0].shape
