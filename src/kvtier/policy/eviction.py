@@ -54,12 +54,32 @@ class EvictionPolicy(Protocol):
         """
 
 
-class LRUPolicy:
+class _Pins:
+    """Counted pins, shared by the policies."""
+
+    def __init__(self) -> None:
+        self._pins: Counter[Hashable] = Counter()
+
+    def pin(self, key: Hashable) -> None:
+        self._pins[key] += 1
+
+    def unpin(self, key: Hashable) -> None:
+        count = self._pins.get(key, 0)
+        if count <= 1:
+            self._pins.pop(key, None)
+        else:
+            self._pins[key] = count - 1
+
+    def is_pinned(self, key: Hashable) -> bool:
+        return key in self._pins
+
+
+class LRUPolicy(_Pins):
     """Least-recently-used, O(1) per operation."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._order: OrderedDict[Hashable, int] = OrderedDict()
-        self._pins: Counter[Hashable] = Counter()
         self._used = 0
 
     @property
@@ -91,19 +111,6 @@ class LRUPolicy:
         if size is not None:
             self._used -= size
 
-    def pin(self, key: Hashable) -> None:
-        self._pins[key] += 1
-
-    def unpin(self, key: Hashable) -> None:
-        count = self._pins.get(key, 0)
-        if count <= 1:
-            self._pins.pop(key, None)
-        else:
-            self._pins[key] = count - 1
-
-    def is_pinned(self, key: Hashable) -> bool:
-        return key in self._pins
-
     def victims(self, need_bytes: int, capacity: int) -> list[Hashable] | None:
         excess = self._used + need_bytes - capacity
         if excess <= 0:
@@ -119,7 +126,7 @@ class LRUPolicy:
         return None
 
 
-class S3FIFOPolicy:
+class S3FIFOPolicy(_Pins):
     """S3-FIFO (Yang et al., SOSP'23): a small probationary FIFO, a main FIFO and a ghost list.
 
     New keys enter the small queue. A key leaving it is dropped unless it was used again
@@ -140,12 +147,12 @@ class S3FIFOPolicy:
     MAX_FREQ = 3
 
     def __init__(self) -> None:
+        super().__init__()
         self._sizes: dict[Hashable, int] = {}
         self._freq: dict[Hashable, int] = {}
         self._small: OrderedDict[Hashable, None] = OrderedDict()  # oldest first
         self._main: OrderedDict[Hashable, None] = OrderedDict()
         self._ghost: OrderedDict[Hashable, None] = OrderedDict()
-        self._pins: Counter[Hashable] = Counter()
         self._used = 0
         self._small_used = 0
 
@@ -197,16 +204,6 @@ class S3FIFOPolicy:
             self._small_used -= size
         else:  # in the main queue, or already taken out of its queue by victims()
             self._main.pop(key, None)
-
-    def pin(self, key: Hashable) -> None:
-        self._pins[key] += 1
-
-    def unpin(self, key: Hashable) -> None:
-        count = self._pins.get(key, 0)
-        if count <= 1:
-            self._pins.pop(key, None)
-        else:
-            self._pins[key] = count - 1
 
     def victims(self, need_bytes: int, capacity: int) -> list[Hashable] | None:
         excess = self._used + need_bytes - capacity

@@ -27,7 +27,7 @@ import heapq
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -313,17 +313,23 @@ def _rates(hits: tuple[int, int], total: SimResult) -> tuple[float, float]:
     )
 
 
+def _leading(ids: Sequence[int], held: Container[int]) -> int:
+    """How many of ``ids``, from the first, are all in ``held``."""
+    n = 0
+    for key in ids:
+        if key not in held:
+            break
+        n += 1
+    return n
+
+
 def infinite_hits(requests: Sequence[Request]) -> tuple[int, int]:
     """(blocks, tokens) hit by a cache that never forgets."""
     seen: set[int] = set()
     blocks = tokens = 0
     for request in requests:
         ids = request.hash_ids
-        n = 0
-        for key in ids:
-            if key not in seen:
-                break
-            n += 1
+        n = _leading(ids, seen)
         blocks += n
         tokens += min(request.input_length, n * BLOCK_TOKENS)
         seen.update(ids)
@@ -345,11 +351,7 @@ def belady_hits(requests: Sequence[Request], capacity: int) -> tuple[int, int]:
     pos = 0
     for request in requests:
         ids = request.hash_ids
-        n = 0
-        for key in ids:
-            if key not in held:
-                break
-            n += 1
+        n = _leading(ids, held)
         blocks += n
         tokens += min(request.input_length, n * BLOCK_TOKENS)
         for key in ids:
