@@ -179,7 +179,7 @@ def simulate(
     local = [[t for t, s in zip(chain, tiers, strict=True) if not s.shared] for chain in chains]
     tier_index = {id(t): i for chain in chains for i, t in enumerate(chain)}
     rng = random.Random(seed)
-    load = [0] * nodes  # requests routed to each node in the last LOAD_WINDOW_MS
+    load = [0] * nodes  # cache-aware: requests sent to each node in the last LOAD_WINDOW_MS
     recent: deque[tuple[float, int]] = deque()
     total = SimResult(policy, nodes, routing, len(requests), 0, 0, block_bytes)
     ttft: list[float] = []
@@ -196,8 +196,8 @@ def simulate(
             node = rng.randrange(nodes)
         else:
             node = _cache_aware(ids, local, load, request.timestamp_ms, recent)
-        load[node] += 1
-        recent.append((request.timestamp_ms, node))
+            load[node] += 1
+            recent.append((request.timestamp_ms, node))
         chain = chains[node]
 
         # Lookup: the leading run held somewhere, and which tier serves each block of it.
