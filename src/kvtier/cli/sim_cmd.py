@@ -228,6 +228,13 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _decimal(n: float) -> str:
+    """``2.0 TB``: the decimal half of :func:`human_bytes`, for narrow table cells."""
+    from kvtier.capacity.plan import human_bytes
+
+    return human_bytes(n).split(" (")[0]
+
+
 def _render(r: dict[str, Any]) -> str:
     from kvtier.capacity.plan import human_bytes
 
@@ -245,13 +252,13 @@ def _render(r: dict[str, Any]) -> str:
     ]  # fmt: skip
     for t in r["tiers"]:
         where = "pod" if t["shared"] else "node"
-        cap = f"{human_bytes(t['capacity_blocks'] * block).split(' (')[0]}/{where}"
+        cap = f"{_decimal(t['capacity_blocks'] * block)}/{where}"
         cap += f" ({t['capacity_blocks']:,})"
         lines.append(
             f"  {t['name']:<8}{cap:>30}{_pct(t['hit_rate_blocks']):>15}"
             f"{_pct(t['hit_rate_tokens']):>10}"
-            f"{human_bytes(t['read_bytes']).split(' (')[0]:>12}"
-            f"{human_bytes(t['written_bytes']).split(' (')[0]:>12}{t['evictions']:>11,}"
+            f"{_decimal(t['read_bytes']):>12}"
+            f"{_decimal(t['written_bytes']):>12}{t['evictions']:>11,}"
         )
     lines += [
         f"  {'all':<8}{'':>30}{_pct(r['hit_rate_blocks']):>15}{_pct(r['hit_rate_tokens']):>10}",

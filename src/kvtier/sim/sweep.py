@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,6 @@ def sweep(
     progress: Callable[[int], None] | None = None,
 ) -> SweepResult:
     """One node-local tier per node at each capacity (blocks per node), for every policy."""
-    import time
-
     started = time.perf_counter()
     series: dict[str, list[float]] = {p: [] for p in [*policies, "belady"]}
     tokens: dict[str, list[float]] = {p: [] for p in [*policies, "belady"]}
