@@ -149,3 +149,8 @@ def test_serve_checks_kvtier_options_before_starting_vllm(tmp_path: Path) -> Non
     tiers = transfer["kv_connector_extra_config"]["tiers"]
     assert [t["kind"] for t in tiers] == ["memory", "disk", "redis"]
     assert tiers[1]["path"] == str(tmp_path)
+    # The embedded model is served under the name the README uses; a user's own name wins.
+    named = command.index("--served-model-name")
+    assert command[named + 1] == "SmolLM2-135M-Instruct"
+    own = json.loads(kvtier("serve", "--dry-run", "--served-model-name=mine").stdout)
+    assert "--served-model-name=mine" in own and "--served-model-name" not in own

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from kvtier.keys import KEY_BYTES, Namespace, chunk_keys, parse_key
+from kvtier.keys import KEY_BYTES, Namespace, chunk_keys, parse_key, tail_candidates, tail_key
 
 # Pinned values: if these change, every stored chunk everywhere becomes unreachable. Change
 # them only together with KEY_SCHEME_VERSION and a note in the changelog.
@@ -61,6 +61,31 @@ def test_only_full_chunks_get_keys_and_keys_chain_the_prefix() -> None:
     # Same second chunk after a different first chunk: a different key.
     other = [7] * 256 + long[256:512]
     assert chunk_keys(other, ns, 256)[1] != keys[1]
+
+
+def test_a_tail_gets_its_own_key_that_no_chunk_can_have() -> None:
+    ns = Namespace("m")
+    long = list(range(1000))
+    keys = chunk_keys(long, ns, 256, tail=True)
+    assert keys[:3] == chunk_keys(long, ns, 256) and len(keys) == 4
+    assert keys[3] == tail_key(keys[2], long[768:])
+    assert chunk_keys(long[:768], ns, 256, tail=True) == keys[:3]  # no partial chunk: no tail
+    assert chunk_keys(long[:100], ns, 256, tail=True) == [tail_key(ns.root(256), long[:100])]
+    # A tail of a whole chunk's tokens is still not that chunk's key (personalised hash).
+    assert tail_key(ns.root(256), long[:256]) != keys[0]
+    assert tail_key(keys[2], long[768:896]) != tail_key(keys[2], [*long[768:895], 5])
+
+
+def test_tail_candidates_are_whole_granules_longest_first() -> None:
+    ns = Namespace("m")
+    tokens = list(range(256 + 200))  # one chunk, then 200 tokens: tails of 192, 128 and 64
+    full = chunk_keys(tokens, ns, 256)
+    got = tail_candidates(tokens, ns, 256, 64)
+    assert got == [(m, tail_key(full[0], tokens[256 : 256 + m])) for m in (192, 128, 64)]
+    assert tail_candidates(tokens, ns, 256, 64, full) == got
+    assert tail_candidates(tokens[:300], ns, 256, 64) == []  # 44 tokens: no whole block
+    with pytest.raises(ValueError, match="granule 100 must divide"):
+        tail_candidates(tokens, ns, 256, 100)
 
 
 @pytest.mark.parametrize(

@@ -87,5 +87,21 @@ def test_gather_into_separate_buffers_follows_runs_of_blocks(layout: str) -> Non
                 assert torch.equal(dests[c][li, 0, 4 * j + 2], k)
                 assert torch.equal(dests[c][li, 1, 4 * j + 2], v)
         assert torch.equal(dests[c], expected[c])
-    with pytest.raises(ValueError, match="3 chunks need 6 blocks"):
+    with pytest.raises(ValueError, match=r"3 chunks of \[2, 2, 2\] blocks got 5 blocks"):
         gather_chunks(views, block_ids[:5], dests)
+
+
+def test_a_tail_shorter_than_a_chunk_is_gathered_and_scattered_last() -> None:
+    raw = make("cpu")
+    views = [block_view(t, HEADS, DIM) for t in raw]
+    block_ids = [3, 4, 9]  # one chunk of two blocks, then a tail of one block
+    dests = [torch.zeros((LAYERS, 2, n, HEADS, DIM), dtype=torch.bfloat16) for n in (8, 4)]
+    gather_chunks(views, block_ids, dests)
+    target = [torch.zeros_like(t) for t in raw]
+    chunks_to_blocks(dests, [block_view(t, HEADS, DIM) for t in target], [5, 6, 7])
+    for src, dst in zip(raw, target, strict=True):
+        assert torch.equal(dst[[5, 6, 7]], src[block_ids])
+        assert not dst[8].any()
+    only_tail = [torch.zeros_like(t) for t in raw]
+    chunks_to_blocks(dests[1:], [block_view(t, HEADS, DIM) for t in only_tail], [0])
+    assert all(torch.equal(d[0], s[9]) for d, s in zip(only_tail, raw, strict=True))

@@ -289,3 +289,36 @@ def test_lookup_counts_chunks_another_process_holds(tmp_path: Path) -> None:
         hit = store.lookup(tokens, NS, held_elsewhere={keys[1], keys[2]})
         assert hit.tiers == ["memory", "elsewhere", "elsewhere"]
         assert store.lookup(tokens, NS).hit_chunks == 1
+
+
+def test_a_tail_of_whole_blocks_is_stored_found_and_loaded_from_any_tier(tmp_path: Path) -> None:
+    block = 4  # the engine's block: tails are whole blocks after the last full chunk
+    tail_shape = (*SHAPE[:2], 3 * block, *SHAPE[3:])
+    with two_tier(tmp_path) as store:
+        tokens = prompt(5, 2, extra=14)  # 2 chunks, 14 more tokens: a tail of 12 is usable
+        chunks = chunks_for(5, 2)
+        tail = chunk(77, tail_shape)
+        store.put(tokens, NS, chunks)
+        assert store.lookup(tokens, NS, granule=block).hit_tokens == 2 * CHUNK_TOKENS
+        stored = tokens[: 2 * CHUNK_TOKENS + 3 * block]
+        store.put(stored, NS, [tail], start_chunk=2, tail=True)
+        hit = store.lookup(tokens, NS, granule=block)
+        assert hit.hit_tokens == 2 * CHUNK_TOKENS + 12 and hit.tail_tokens == 12
+        assert hit.tiers == ["memory"] * 3 and hit.hit_chunks == 3
+        assert store.lookup(tokens, NS).hit_tokens == 2 * CHUNK_TOKENS  # tails only if asked
+        # A prompt that diverges inside the tail's blocks finds the shorter tails only.
+        other = [*stored[:-5], 1, 2, 3, 4, 5]
+        assert store.lookup(other, NS, granule=block).hit_tokens == 2 * CHUNK_TOKENS
+        # A prompt that grows past the tail: the tail still counts, full chunks come first.
+        grown = stored + prompt(9, 1)
+        assert store.lookup(grown, NS, granule=block).hit_tokens == 2 * CHUNK_TOKENS + 12
+        store.flush()
+        store.tiers[0].delete(store.keys(stored, NS, tail=True)[2])  # only on disk now
+        dests = [np.empty(SHAPE, np.float16) for _ in range(2)] + [np.empty(tail_shape, np.float16)]
+        loaded = store.get_into(stored, NS, dests, tail=True)
+        assert loaded.chunks == 3 and loaded.tiers == ["memory", "memory", "disk"]
+        assert dests[2].tobytes() == bytes(tail.data)
+        got = store.get(stored, NS, start_chunk=2, tail=True)
+        assert got.tiers == ["memory"] and same(got.chunks[0], tail)  # promoted by get_into
+        with pytest.raises(ValueError, match="tail 2 holds 8 tokens, it must hold 12"):
+            store.put(stored, NS, [chunk(1, (*SHAPE[:2], 8, *SHAPE[3:]))], 2, tail=True)

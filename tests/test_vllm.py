@@ -38,9 +38,11 @@ def disk(path: Path) -> dict[str, Any]:
     return {"kind": "disk", "path": str(path), "capacity": "4GiB"}
 
 
-def run_worker(config: dict[str, Any] | None, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_worker(
+    config: dict[str, Any] | None, plan: list[dict[str, Any]], *options: str
+) -> list[dict[str, Any]]:
     proc = subprocess.run(
-        [sys.executable, WORKER, json.dumps(config), json.dumps(plan)],
+        [sys.executable, WORKER, json.dumps(config), json.dumps(plan), *options],
         capture_output=True,
         text=True,
         timeout=600,
@@ -93,6 +95,25 @@ def test_a_hit_gives_identical_output_and_a_new_process_loads_from_disk(tmp_path
     assert fresh["stats"]["hit_tokens"] == 7 * 256
     (no_kvtier,) = run_worker(None, [PROMPT])  # vLLM alone computes the same tokens
     assert no_kvtier["tokens"] == first["tokens"]
+
+
+def test_kvtier_recomputes_no_more_than_vllms_own_prefix_cache_at_any_length(
+    tmp_path: Path,
+) -> None:
+    # Lengths that are and are not multiples of vLLM's 128-token block and kvtier's 256-token
+    # chunk; the last prompt grows the first past its stored tail (a next turn of a chat).
+    lengths = [(1, 1000), (2, 1024), (3, 1152), (4, 1450), (5, 700)]
+    plan = [{"seed": s, "tokens": n, "max_tokens": 2} for s, n in lengths for _ in (0, 1)]
+    plan.append({"seed": 1, "tokens": 1300, "max_tokens": 2})
+    vllm_alone = run_worker(None, plan, "prefix-caching")
+    kvtier = run_worker(tiers(disk(tmp_path / "chunks")), plan)  # vLLM's own cache off
+    reused = [
+        (step["tokens"], v["cached"], k["cached"])
+        for step, v, k in zip(plan, vllm_alone, kvtier, strict=True)
+    ]
+    assert [v for _, v, _ in reused] == [0, 896, 0, 896, 0, 1024, 0, 1408, 0, 640, 896], reused
+    assert all(k >= v for _, v, k in reused), reused
+    assert [r["tokens"] for r in kvtier] == [r["tokens"] for r in vllm_alone]
 
 
 def test_a_second_process_loads_from_redis(redis_server: RedisServer, prefix: str) -> None:

@@ -1,9 +1,10 @@
 """A vLLM engine with the kvtier connector, driven by a plan; run as a separate process.
 
-    python vllm_worker.py '<kvtier config JSON or null>' '<plan JSON>'
+    python vllm_worker.py '<kvtier config JSON or null>' '<plan JSON>' [prefix-caching]
 
 Plan steps: {"seed": S, "tokens": N, "salt": str|null, "max_tokens": M} generates greedily
-from a deterministic prompt and prints {"step", "tokens", "seconds", "stats"} as one JSON line;
+from a deterministic prompt and prints {"step", "tokens", "seconds", "cached", "stats"} as one
+JSON line ("cached": prompt tokens vLLM did not compute, from its prefix cache or kvtier);
 {"pause": "label"} prints {"pause": label} and waits for a line on stdin (the test acts in
 between, e.g. stops Redis). Engines use float32 so that "identical output" is exact.
 """
@@ -40,6 +41,7 @@ def stats() -> dict[str, object]:
 def main() -> None:
     config = json.loads(sys.argv[1])
     plan = json.loads(sys.argv[2])
+    prefix_caching = sys.argv[3:] == ["prefix-caching"]  # vLLM's own cache, else off
     kwargs: dict[str, object] = {}
     if config is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
@@ -52,7 +54,7 @@ def main() -> None:
         model=str(prepare_default_model()),
         enforce_eager=True,
         dtype="float32",
-        enable_prefix_caching=False,
+        enable_prefix_caching=prefix_caching,
         max_model_len=4096,
         **kwargs,
     )
@@ -75,6 +77,7 @@ def main() -> None:
                     "step": i,
                     "tokens": list(out.outputs[0].token_ids),
                     "seconds": seconds,
+                    "cached": out.num_cached_tokens,
                     "stats": stats(),
                 }
             ),

@@ -81,8 +81,10 @@ class Hierarchy:
         return result
 
     # -- read path -------------------------------------------------------------------------
-    def _where(self, keys: Sequence[ChunkKey]) -> list[int | None]:
-        """Index of the first tier holding each key, None where no tier does."""
+    def _where(self, keys: Sequence[ChunkKey], count_misses: bool = True) -> list[int | None]:
+        """Index of the first tier holding each key, None where no tier does.
+
+        ``count_misses=False`` for probes whose misses are expected (tail candidates)."""
         where: list[int | None] = [None] * len(keys)
         for t, slot in enumerate(self._slots):
             todo = [i for i, w in enumerate(where) if w is None]
@@ -97,7 +99,8 @@ class Hierarchy:
                     where[i] = t
                 else:
                     missing += 1
-            self._recorder.add(slot.tier.name, misses=missing)
+            if count_misses:
+                self._recorder.add(slot.tier.name, misses=missing)
         return where
 
     def locate(self, keys: Sequence[ChunkKey]) -> list[str | None]:

@@ -1,9 +1,15 @@
 """Chunk identity: namespaces, 128-bit chunk keys and the prefix hash chain.
 
-A token sequence is cut into fixed chunks of ``chunk_tokens`` tokens; only full chunks get a
-key. Key of chunk i = BLAKE2b-128(key of chunk i-1 || token ids of chunk i as little-endian
-uint32), and the chain starts at a root derived from the :class:`Namespace`. So a key names a
-chunk *and everything before it*: equal keys mean equal prefixes, hence equal KV.
+A token sequence is cut into fixed chunks of ``chunk_tokens`` tokens. Key of chunk i =
+BLAKE2b-128(key of chunk i-1 || token ids of chunk i as little-endian uint32), and the chain
+starts at a root derived from the :class:`Namespace`. So a key names a chunk *and everything
+before it*: equal keys mean equal prefixes, hence equal KV.
+
+The tokens after the last full chunk can be stored too, as a *tail*: a partial chunk whose key
+is BLAKE2b-128(key of the last full chunk || its token ids), personalised with
+``kvtier-tail`` so that no tail key can equal a chunk key. A tail ends the chain (nothing is
+keyed after it); a prompt that grows past it stores the full chunk under its own key. Tails
+make reuse as fine-grained as an engine's blocks while chunks stay large objects.
 
 Why BLAKE2b and not xxh3: the cache may be shared between tenants, and a non-cryptographic
 hash lets an adversary craft a prompt whose chunk key collides with someone else's (cache
@@ -29,6 +35,7 @@ ChunkKey = NewType("ChunkKey", bytes)
 KEY_BYTES = 16
 KEY_SCHEME_VERSION = 1
 _ROOT_TAG = b"kvtier/namespace/v1"
+_TAIL_PERSON = b"kvtier-tail"
 _MAX_TOKEN_ID = 2**32 - 1
 
 
@@ -103,14 +110,17 @@ def chunk_keys(
     namespace: Namespace,
     chunk_tokens: int,
     max_chunks: int | None = None,
+    tail: bool = False,
 ) -> list[ChunkKey]:
-    """Keys of every full chunk of ``tokens`` (a trailing partial chunk has none)."""
+    """Keys of every full chunk of ``tokens``; with ``tail``, then the key of the trailing
+    partial chunk, if there is one (:func:`tail_key`). Without it a partial chunk has none."""
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     ids = token_array(tokens)
     n = len(ids) // chunk_tokens
     if max_chunks is not None:
         n = min(n, max_chunks)
+        tail = tail and max_chunks > n
     raw = ids[: n * chunk_tokens].tobytes()
     step = chunk_tokens * 4
     prev = namespace.root(chunk_tokens)
@@ -121,7 +131,39 @@ def chunk_keys(
         h.update(raw[i * step : (i + 1) * step])
         prev = ChunkKey(h.digest())
         keys.append(prev)
+    if tail and len(ids) > n * chunk_tokens:
+        keys.append(tail_key(prev, ids[n * chunk_tokens :]))
     return keys
+
+
+def tail_key(parent: ChunkKey, tail: Sequence[int] | Any) -> ChunkKey:
+    """Key of the partial chunk ``tail`` that follows the chunk keyed ``parent`` (the
+    namespace's root when the tail is the first chunk)."""
+    h = hashlib.blake2b(parent, digest_size=KEY_BYTES, person=_TAIL_PERSON)
+    h.update(token_array(tail).tobytes())
+    return ChunkKey(h.digest())
+
+
+def tail_candidates(
+    tokens: Sequence[int] | Any,
+    namespace: Namespace,
+    chunk_tokens: int,
+    granule: int,
+    full_keys: Sequence[ChunkKey] | None = None,
+    after: int | None = None,
+) -> list[tuple[int, ChunkKey]]:
+    """(tail tokens, tail key) of every tail that can follow the first ``after`` full chunks
+    of ``tokens`` (default: all of them): whole multiples of ``granule`` tokens (an engine's
+    block), shorter than a chunk, longest first. ``full_keys``: the chunk keys, if known."""
+    if granule <= 0 or chunk_tokens % granule:
+        raise ValueError(f"granule {granule} must divide chunk_tokens {chunk_tokens}")
+    ids = token_array(tokens)
+    n = len(ids) // chunk_tokens if after is None else after
+    keys = full_keys if full_keys is not None else chunk_keys(ids, namespace, chunk_tokens, n)
+    parent = keys[n - 1] if n else namespace.root(chunk_tokens)
+    rest = ids[n * chunk_tokens : (n + 1) * chunk_tokens - 1]
+    longest = len(rest) // granule * granule
+    return [(m, tail_key(parent, rest[:m])) for m in range(longest, 0, -granule)]
 
 
 def parse_key(text: str) -> ChunkKey:

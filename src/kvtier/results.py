@@ -10,11 +10,17 @@ from kvtier.keys import ChunkKey
 
 @dataclass(frozen=True)
 class LookupResult:
-    """How much of a prompt is cached: ``hit_chunks`` leading chunks, found in ``tiers``."""
+    """How much of a prompt is cached: ``hit_chunks`` leading chunks, found in ``tiers``.
 
-    keys: list[ChunkKey]  # every full chunk of the prompt
+    When a lookup was asked for tails, the last hit may be a tail of ``tail_tokens`` tokens (a
+    partial chunk after the leading run of full chunks, see :mod:`kvtier.keys`); then ``keys``
+    are those of the hit chunks, the tail's last.
+    """
+
+    keys: list[ChunkKey]  # every full chunk of the prompt, or the hits when a tail hit
     tiers: list[str]  # tier holding each hit chunk (len == hit_chunks)
     chunk_tokens: int
+    tail_tokens: int = 0
 
     @property
     def hit_chunks(self) -> int:
@@ -22,6 +28,8 @@ class LookupResult:
 
     @property
     def hit_tokens(self) -> int:
+        if self.tail_tokens:
+            return (len(self.tiers) - 1) * self.chunk_tokens + self.tail_tokens
         return len(self.tiers) * self.chunk_tokens
 
 

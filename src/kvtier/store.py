@@ -25,7 +25,7 @@ from kvtier import codec
 from kvtier.codec import Compression, KVChunk
 from kvtier.errors import CorruptChunk
 from kvtier.hierarchy import Hierarchy, Slot
-from kvtier.keys import ChunkKey, Namespace, chunk_keys
+from kvtier.keys import ChunkKey, Namespace, chunk_keys, tail_candidates
 from kvtier.results import GetResult, LoadResult, LookupResult, PutReport
 from kvtier.tiers.base import Blob
 from kvtier.writeback import WriteBatch
@@ -36,32 +36,54 @@ log = logging.getLogger("kvtier")
 class TieredStore(Hierarchy):
     """The hierarchy's read and write paths (tiers in order, fastest first)."""
 
-    def keys(self, tokens: Sequence[int] | Any, namespace: Namespace) -> list[ChunkKey]:
-        return chunk_keys(tokens, namespace, self.chunk_tokens)
+    def keys(
+        self, tokens: Sequence[int] | Any, namespace: Namespace, tail: bool = False
+    ) -> list[ChunkKey]:
+        """Chunk keys of ``tokens``; with ``tail``, the trailing partial chunk's key too."""
+        return chunk_keys(tokens, namespace, self.chunk_tokens, tail=tail)
 
     def lookup(
         self,
         tokens: Sequence[int] | Any,
         namespace: Namespace,
         held_elsewhere: Container[bytes] = frozenset(),
+        granule: int | None = None,
     ) -> LookupResult:
         """How many leading tokens are cached, and where. Never raises for a tier failure.
 
         ``held_elsewhere`` lists keys the caller knows another process holds (a vLLM
         worker's DRAM tier, mirrored from its events); they count as hits in tier
-        ``"elsewhere"``.
+        ``"elsewhere"``. With ``granule`` (an engine's block size), the longest stored tail
+        of a multiple of ``granule`` tokens after the leading run of full chunks counts too
+        (a prompt that grew past a stored tail reuses it).
         """
         keys = self.keys(tokens, namespace)
-        if held_elsewhere:
-            names: list[str] = []
-            for key, tier in zip(keys, self.locate(keys), strict=True):
-                if tier is None and key not in held_elsewhere:
+        names = self._run_of(keys, held_elsewhere)
+        tail = 0
+        if granule:
+            candidates = tail_candidates(
+                tokens, namespace, self.chunk_tokens, granule, keys, after=len(names)
+            )
+            found = self._where([k for _, k in candidates], count_misses=False)
+            for (size, key), t in zip(candidates, found, strict=True):
+                if t is not None or key in held_elsewhere:
+                    names.append("elsewhere" if t is None else self._slots[t].tier.name)
+                    keys, tail = [*keys[: len(names) - 1], key], size
                     break
-                names.append(tier or "elsewhere")
-        else:
-            names = [self._slots[t].tier.name for t in self._locate(keys)]
-        self._recorder.lookup(len(tokens), len(names) * self.chunk_tokens)
-        return LookupResult(keys, names, self.chunk_tokens)
+        result = LookupResult(keys, names, self.chunk_tokens, tail)
+        self._recorder.lookup(len(tokens), result.hit_tokens)
+        return result
+
+    def _run_of(self, keys: list[ChunkKey], held_elsewhere: Container[bytes]) -> list[str]:
+        """Tier names of the leading run of ``keys`` held here or elsewhere."""
+        if not held_elsewhere:
+            return [self._slots[t].tier.name for t in self._locate(keys)]
+        names: list[str] = []
+        for key, tier in zip(keys, self.locate(keys), strict=True):
+            if tier is None and key not in held_elsewhere:
+                break
+            names.append(tier or "elsewhere")
+        return names
 
     def get(
         self,
@@ -69,12 +91,14 @@ class TieredStore(Hierarchy):
         namespace: Namespace,
         start_chunk: int = 0,
         max_chunks: int | None = None,
+        tail: bool = False,
     ) -> GetResult:
-        """Verified chunks from ``start_chunk`` on, as many consecutive ones as are available.
+        """Verified chunks from ``start_chunk`` on, as many consecutive ones as are available
+        (with ``tail``, the trailing partial chunk of ``tokens`` last).
 
         Chunks found below the top tier are promoted to the tiers above in the background.
         """
-        keys = self.keys(tokens, namespace)[start_chunk:]
+        keys = self.keys(tokens, namespace, tail)[start_chunk:]
         if max_chunks is not None:
             keys = keys[:max_chunks]
         self._prefetcher.wait_for(keys)
@@ -145,18 +169,21 @@ class TieredStore(Hierarchy):
         namespace: Namespace,
         dests: Sequence[Any],
         start_chunk: int = 0,
+        tail: bool = False,
     ) -> LoadResult:
-        """Load chunks ``start_chunk``, ``start_chunk + 1``... straight into ``dests``.
+        """Load chunks ``start_chunk``, ``start_chunk + 1``... straight into ``dests``; with
+        ``tail``, the last one is the trailing partial chunk of ``tokens``.
 
         ``dests[j]`` is a writable, C-contiguous buffer (bytearray, numpy array, a pinned host
-        tensor's numpy view) of exactly the chunk's payload size. Disk reads land there with
-        no intermediate copy. Returns how many leading chunks were loaded and verified; the
-        contents of later buffers are unspecified. Never raises for a tier failure.
+        tensor's numpy view) of exactly the chunk's payload size (a tail's is smaller). Disk
+        reads land there with no intermediate copy. Returns how many leading chunks were
+        loaded and verified; the contents of later buffers are unspecified. Never raises for a
+        tier failure.
         """
         views = [memoryview(d).cast("B") for d in dests]
         if any(v.readonly for v in views):
             raise ValueError("get_into needs writable destination buffers")
-        keys = self.keys(tokens, namespace)[start_chunk : start_chunk + len(views)]
+        keys = self.keys(tokens, namespace, tail)[start_chunk : start_chunk + len(views)]
         headers = [bytearray(codec.HEADER_BYTES) for _ in keys]
         self._prefetcher.wait_for(keys)
         with self.pinned(keys):
@@ -270,13 +297,16 @@ class TieredStore(Hierarchy):
         namespace: Namespace,
         chunks: Sequence[KVChunk],
         start_chunk: int = 0,
+        tail: bool = False,
     ) -> PutReport:
-        """Store ``chunks[j]`` as chunk ``start_chunk + j`` of ``tokens``.
+        """Store ``chunks[j]`` as chunk ``start_chunk + j`` of ``tokens``; with ``tail``, the
+        last one is the trailing partial chunk of ``tokens`` (all of its tokens).
 
         Writes the top tier inline, queues copies for lower tiers, and returns without waiting
         for them. Never raises for a tier failure; raises ValueError for bad arguments.
         """
-        keys = self._put_keys(tokens, namespace, start_chunk, [c.tokens for c in chunks])
+        sizes = [c.tokens for c in chunks]
+        keys = self._put_keys(tokens, namespace, start_chunk, sizes, tail)
         top = self._slots[0]
         ns_id = namespace.id(self.chunk_tokens)
         items: WriteBatch = [
@@ -292,12 +322,13 @@ class TieredStore(Hierarchy):
         namespace: Namespace,
         blobs: Sequence[codec.SealedChunk],
         start_chunk: int = 0,
+        tail: bool = False,
     ) -> PutReport:
         """:meth:`put` for chunks encoded in place (:func:`kvtier.codec.blank`, filled, then
         :func:`kvtier.codec.seal`): the top tier keeps them without a copy. Each header must
         carry its chunk's key (ValueError otherwise)."""
         headers = [codec.read_header(blob) for blob in blobs]
-        keys = self._put_keys(tokens, namespace, start_chunk, [h.tokens for h in headers])
+        keys = self._put_keys(tokens, namespace, start_chunk, [h.tokens for h in headers], tail)
         for j, (key, header) in enumerate(zip(keys, headers, strict=True)):
             if header.key != key:
                 raise ValueError(f"chunk {start_chunk + j} was encoded under another key")
@@ -309,21 +340,29 @@ class TieredStore(Hierarchy):
         return self._put_items(items)
 
     def _put_keys(
-        self, tokens: Sequence[int] | Any, namespace: Namespace, start: int, sizes: list[int]
+        self,
+        tokens: Sequence[int] | Any,
+        namespace: Namespace,
+        start: int,
+        sizes: list[int],
+        tail: bool,
     ) -> list[ChunkKey]:
-        keys = self.keys(tokens, namespace)[start : start + len(sizes)]
-        if len(keys) < len(sizes):
+        full = len(tokens) // self.chunk_tokens
+        want = [self.chunk_tokens] * (full - start)
+        if tail and len(tokens) % self.chunk_tokens:
+            want.append(len(tokens) % self.chunk_tokens)
+        if len(want) < len(sizes):
             raise ValueError(
                 f"{len(sizes)} chunks from chunk {start} need"
                 f" {(start + len(sizes)) * self.chunk_tokens} tokens, got {len(tokens)}"
             )
-        for j, size in enumerate(sizes):
-            if size != self.chunk_tokens:
-                raise ValueError(
-                    f"chunk {start + j} holds {size} tokens, the store's chunks"
-                    f" are {self.chunk_tokens}"
-                )
-        return keys
+        if tail and len(sizes) != len(want):
+            raise ValueError(f"a tail is the last chunk: {len(want)} chunks from chunk {start}")
+        for j, (size, expected) in enumerate(zip(sizes, want, strict=False)):
+            if size != expected:
+                kind = "tail" if start + j == full else "chunk"
+                raise ValueError(f"{kind} {start + j} holds {size} tokens, it must hold {expected}")
+        return self.keys(tokens, namespace, tail)[start : start + len(sizes)]
 
     def _held(self, keys: Sequence[ChunkKey]) -> list[bool]:
         top = self._slots[0]

@@ -1,88 +1,143 @@
-"""``kvtier bench ttft``: time to first token with and without kvtier, side by side.
+"""``kvtier bench ttft``: time to first token as users see it, with and without kvtier.
 
-For each prompt length, in one run (every engine is a separate process, vLLM on this machine):
+Every request goes over HTTP to a real server (``kvtier serve``, or vLLM's own server with the
+same flags), engine core and worker in their own processes, as in production. Prompts are
+random token ids of the given lengths (by default not multiples of vLLM's 128-token blocks or
+kvtier's 256-token chunks), sent with ``max_tokens=1``: the response time is the TTFT. Paths,
+side by side in one run:
 
-- cold:              nothing cached anywhere;
-- vllm_prefix:       the same prompt again in the same engine, from vLLM's own prefix cache
-                     (the upper bound for any cache hit);
-- kvtier_memory:     the same prompt again in an engine with vLLM's prefix cache off, so the
-                     hit comes from kvtier's DRAM tier;
-- kvtier_disk/redis: a fresh engine process whose only cache is that kvtier tier, filled by
-                     an earlier process;
-- example_connector: the same with vLLM's ExampleConnector (its files written by an earlier
-                     process); a crash is recorded as an error for that length.
+- cold_vllm:         a plain vLLM server (no connector), nothing cached;
+- cold:              the kvtier server, nothing cached (its chunks are saved meanwhile);
+- vllm_prefix:       the same prompt again in that server, from vLLM's own prefix cache;
+- kvtier_memory:     a kvtier server with vLLM's prefix cache off: the hit comes from DRAM;
+- kvtier_disk:       a restarted kvtier server (DRAM + disk, the serve default) reading chunks
+                     the first server wrote; the page cache is dropped first when this process
+                     may (root), and every repeat reads a distinct prompt whose files were
+                     never read, so each hit reads the device;
+- kvtier_redis:      a restarted kvtier server (DRAM + Redis) reading what the first one wrote;
+- example_connector: vLLM's ExampleConnector, written by one server and read by a restarted one
+                     (its failures are recorded for that length).
 
-Every hit is timed ``--repeat`` times in its engine and the median reported (a cold prefill
-once: it takes seconds). Plus the throughput cost of kvtier when nothing is reused: rounds of
-distinct prompts with the connector on (saving every chunk to DRAM and disk) vs off. Identical
-engine processes differ by several percent on this machine, rounds within one engine by about
-one, so the overhead is measured in pairs of rounds in the same engine, connector working and
-bypassed, in alternating order (``no_reuse_overhead``: the median pair). ``--engines`` such
-engines alternate with as many engines without any connector, and the comparison of their
-median rounds is reported too (``no_reuse_overhead_across_engines``).
+``recomputed_tokens`` is what the engine computed of the prompt (vLLM's usage report:
+prompt tokens minus cached tokens). Medians of ``--repeat`` requests. The no-reuse overhead
+(the cost of kvtier when nothing is ever reused) is measured as before, in one engine process:
+rounds of distinct prompts with the connector working and bypassed, paired and alternating,
+since identical engine processes differ by several percent here and rounds in one by about one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
+from kvtier.cli.server import Completion, Server, kvtier_serve_command, plain_vllm_command
+from kvtier.errors import KvtierError
 from kvtier.integrations.ttft_worker import MARK
-from kvtier.redis_process import RedisServer
+from kvtier.redis_process import RedisServer, free_port
 
 TIERS = ("memory", "disk", "redis")
+# Usage with cached tokens, so that every row says how much was recomputed.
+_COMMON = ("--enable-prompt-tokens-details", "--max-model-len", "8192")
+_NO_PREFIX = ("--no-enable-prefix-caching",)
 
 
 def register(bsub: Any) -> None:
     p = bsub.add_parser(
         "ttft",
-        help="time to first token: cold, vLLM prefix cache, kvtier tiers, ExampleConnector",
+        help="time to first token through kvtier serve: cold, vLLM prefix cache, kvtier tiers",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--tokens",
-        default="1024,3968,7936",
-        help="prompt lengths, comma-separated (SmolLM2 allows up to 8191)",
+        default="1000,5000,8000",
+        help="prompt lengths, comma-separated, 256 < n < 8192 (default 1000,5000,8000)",
     )
     p.add_argument("--tiers", default=",".join(TIERS), help="kvtier tiers to measure")
     p.add_argument("--redis", metavar="URL", help="Redis to use (default: a private server)")
     p.add_argument("--no-example", action="store_true", help="skip vLLM's ExampleConnector")
+    p.add_argument("--no-overhead", action="store_true", help="skip the no-reuse overhead")
     p.add_argument("--batch", type=int, default=6, help="distinct prompts per overhead round")
     p.add_argument("--rounds", type=int, default=3, help="timed overhead rounds per engine")
     p.add_argument("--engines", type=int, default=3, help="overhead engines per side")
-    p.add_argument("--repeat", type=int, default=3, help="timed hits per path (median reported)")
+    p.add_argument("--repeat", type=int, default=3, help="requests per path (median reported)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
 
-def _job(job: dict[str, Any]) -> tuple[list[float] | None, str | None]:
-    got, err = _job_times(job)
-    return (got["seconds"] if got else None), err
+def prompt(kind: str, tokens: int, repeat: int) -> list[int]:
+    """Random token ids, distinct for every (kind, length, repeat)."""
+    seed = [ord(c) for c in kind] + [tokens, repeat]
+    ids: list[int] = np.random.default_rng(seed).integers(100, 40000, size=tokens).tolist()
+    return ids
 
 
-def _job_times(job: dict[str, Any]) -> tuple[dict[str, list[float]] | None, str | None]:
-    """The worker's timings (``seconds``, and ``bypassed`` for paired jobs), or an error."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "kvtier.integrations.ttft_worker", json.dumps(job)],
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            times: dict[str, list[float]] = json.loads(line[len(MARK) :])
-            return times, None
-    tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-3:]
-    return None, f"exit status {proc.returncode}: " + " | ".join(tail)[-500:]
+def drop_page_cache() -> bool:
+    """Drop the kernel's page cache (root only); False when this process may not."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+class _Run:
+    """One benchmark run: its servers, work directory, rows and progress bar."""
+
+    def __init__(self, args: argparse.Namespace, work: Path, bar: tqdm[Any]):
+        self.args, self.work, self.bar = args, work, bar
+        self.rows: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self._logs = 0
+
+    def server(self, command: Callable[[int], list[str]]) -> Server:
+        self._logs += 1
+        port = free_port()
+        return Server(command(port), port, self.work / f"server{self._logs}.log", warm_up=True)
+
+    def kvtier(self, *options: str) -> Server:
+        return self.server(lambda port: kvtier_serve_command(port, *_COMMON, *options))
+
+    def vllm(self, *options: str) -> Server:
+        return self.server(lambda port: plain_vllm_command(port, *_COMMON, *options))
+
+    def send(self, server: Server, ids: list[int]) -> Completion:
+        reply = server.complete(ids, max_tokens=1)
+        self.bar.update()
+        return reply
+
+    def record(self, tokens: int, path: str, replies: list[Completion], error: str = "") -> None:
+        row: dict[str, Any] = {"tokens": tokens, "path": path, "ttft_s": None}
+        if replies:
+            recomputed = [r.recomputed_tokens for r in replies]
+            known = [n for n in recomputed if n is not None]
+            row["ttft_s"] = statistics.median(r.seconds for r in replies)
+            # the worst of the requests; None if the server did not say
+            row["recomputed_tokens"] = max(known) if len(known) == len(replies) else None
+            row["times_s"] = [round(r.seconds, 4) for r in replies]
+        if error:
+            row["error"] = error[-500:]
+        self.rows.append(row)
+
+    def measure(self, server: Server, path: str, requests: dict[int, list[list[int]]]) -> None:
+        """Send each length's prompts in order; a failure (a dead server) fails that length."""
+        for n, prompts in requests.items():
+            try:
+                self.record(n, path, [self.send(server, ids) for ids in prompts])
+            except (KvtierError, OSError) as exc:
+                self.record(n, path, [], f"{exc} | {server.tail(300)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,103 +150,28 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             "kvtier bench ttft: --batch, --rounds, --repeat and --engines must be at least 1"
         )
-    rows: list[dict[str, Any]] = []
-    hits = args.repeat
-    steps = (
-        len(lengths) * (2 + ("disk" in tiers) + ("redis" in tiers) + 2 * (not args.no_example))
-        + 2 * args.engines
+    r = args.repeat
+    per_length = (
+        3 * r + (r + 1) * ("memory" in tiers) + r * (("disk" in tiers) + ("redis" in tiers))
     )
-    bar = tqdm(total=steps, desc="bench ttft", unit="engine", file=sys.stderr, disable=None)
+    per_length += 0 if args.no_example else 1 + r
+    total = len(lengths) * per_length + (0 if args.no_overhead else 2 * args.engines)
+    bar = tqdm(total=total, desc="bench ttft", unit="step", file=sys.stderr, disable=None)
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvtier-ttft-")))
         redis_url = args.redis
         if "redis" in tiers and not redis_url:
             redis_url = stack.enter_context(RedisServer()).url
-
-        def record(tokens: int, path: str, times: list[float] | None, error: str | None) -> None:
-            seconds = statistics.median(times) if times else None
-            row: dict[str, Any] = {"tokens": tokens, "path": path, "ttft_s": seconds}
-            if error:
-                row["error"] = error
-            rows.append(row)
-
-        def job(spec: dict[str, Any]) -> tuple[list[float] | None, str | None]:
-            result = _job(spec)
-            bar.update()
-            return result
-
-        for n in lengths:
-            again = [[n, n]] * (1 + hits)
-            got, err = job({"connector": "none", "prefix_cache": True, "requests": again})
-            record(n, "cold", got[:1] if got else None, err)
-            record(n, "vllm_prefix", got[1:] if got else None, err)
-            if "memory" in tiers:  # DRAM is per process: the hits follow the first request
-                only = {"tiers": [{"kind": "memory", "capacity": "4GiB"}]}
-                got, err = job({"connector": "kvtier", "store": only, "requests": again})
-                record(n, "kvtier_memory", got[1:] if got else None, err)
-            shared: list[dict[str, Any]] = []
-            if "disk" in tiers:
-                shared.append(
-                    {
-                        "kind": "disk",
-                        "path": str(work / f"disk{n}"),
-                        "capacity": "20GiB",
-                        "fsync": False,
-                    }
-                )
-            if "redis" in tiers:
-                shared.append({"kind": "redis", "url": redis_url, "prefix": f"ttft{n}"})
-            if shared:  # one process fills the shared tiers, then a fresh one per tier reads
-                _, err = job(
-                    {"connector": "kvtier", "store": {"tiers": shared}, "requests": [[n, n]]}
-                )
-            for tier in shared:
-                got, err2 = (
-                    (None, err)
-                    if err
-                    else job(
-                        {"connector": "kvtier", "store": {"tiers": [tier]}, "requests": again[1:]}
-                    )
-                )
-                record(n, f"kvtier_{tier['kind']}", got, err2)
-            if not args.no_example:
-                path = str(work / f"example{n}")
-                _, err = job({"connector": "example", "path": path, "requests": [[n, n]]})
-                got, err2 = (
-                    (None, err)
-                    if err
-                    else job({"connector": "example", "path": path, "requests": again[1:]})
-                )
-                record(n, "example_connector", got, err2)
-        batch = {"batch": args.batch, "rounds": args.rounds, "tokens": 1024}
-        rounds: dict[str, list[float]] = {"off": [], "on": [], "bypassed": []}
-        pairs: list[float] = []  # on / bypassed, each pair in one engine, back to back
-        errors: list[str] = []
-        for k in range(2 * args.engines):  # off, on, off, on...: drift hits both sides
-            side = ("off", "on")[k % 2]
-            spec: dict[str, Any] = {"connector": "none"}
-            if side == "on":  # the serve default: DRAM, then a local disk (fresh each time)
-                memory = {"kind": "memory", "capacity": "4GiB"}
-                disk = {"kind": "disk", "path": str(work / f"overhead{k}"), "fsync": False}
-                store = {"tiers": [memory, disk]}
-                spec = {"connector": "kvtier", "store": store, "paired": True}
-            times, err = _job_times({**spec, **batch})
-            bar.update()
-            if times:
-                rounds[side] += times["seconds"]
-                rounds["bypassed"] += times["bypassed"]
-                pairs += [a / b for a, b in zip(times["seconds"], times["bypassed"], strict=False)]
-            errors += [f"{side}: {err}"] if err else []
+        bench = _Run(args, work, bar)
+        cache_dropped = _hit_paths(bench, lengths, tiers, redis_url)
+        if not args.no_example:
+            _example_paths(bench, lengths)
+        overhead = {} if args.no_overhead else _overhead(args, work, bar)
         bar.close()
-        off, on = (statistics.median(rounds[s]) if rounds[s] else None for s in ("off", "on"))
-        result = {
-            "rows": rows,
-            "no_reuse_overhead": statistics.median(pairs) - 1 if pairs else None,
-            "no_reuse_overhead_across_engines": (on - off) / off if on and off else None,
-            "no_reuse_seconds": {"off": off, "on": on, "rounds": rounds, "pairs": pairs},
-            "errors": errors,
-        }
-        shutil.rmtree(work, ignore_errors=True)
+    order = ["cold_vllm", "cold", "vllm_prefix", "kvtier_memory", "kvtier_disk", "kvtier_redis"]
+    order.append("example_connector")
+    rows = sorted(bench.rows, key=lambda row: (row["tokens"], order.index(row["path"])))
+    result = {"rows": rows, **overhead, "cache_dropped": cache_dropped, "repeat": r}
     if args.json:
         print(json.dumps(result))
     else:
@@ -199,26 +179,140 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hit_paths(bench: _Run, lengths: list[int], tiers: list[str], redis_url: str | None) -> bool:
+    """cold_vllm, cold, vllm_prefix and the kvtier tiers; whether the page cache was dropped."""
+    r = bench.args.repeat
+    fill = {n: [prompt("shared", n, k) for k in range(r)] for n in lengths}
+    with bench.vllm() as plain:
+        bench.measure(
+            plain, "cold_vllm", {n: [prompt("plain", n, k) for k in range(r)] for n in lengths}
+        )
+    shared = ["--disk", str(bench.work / "disk")] if "disk" in tiers else ["--disk", "none"]
+    shared += ["--redis", redis_url] if "redis" in tiers and redis_url else []
+    with bench.kvtier(*shared) as first:  # fills disk and Redis with `fill`
+        bench.measure(first, "cold", fill)
+        bench.measure(first, "vllm_prefix", {n: fill[n][:1] * r for n in lengths})
+    if "memory" in tiers:
+        with bench.kvtier("--disk", "none", *_NO_PREFIX) as memory:
+            for n in lengths:
+                again = prompt("memory", n, 0)
+                try:
+                    bench.send(memory, again)  # computed, and saved to the DRAM tier
+                except (KvtierError, OSError) as exc:
+                    bench.record(n, "kvtier_memory", [], str(exc))
+                    continue
+                bench.measure(memory, "kvtier_memory", {n: [again] * r})
+    dropped = False
+    if "disk" in tiers:
+        dropped = drop_page_cache()
+        with bench.kvtier("--disk", str(bench.work / "disk"), *_NO_PREFIX) as disk:
+            bench.measure(disk, "kvtier_disk", fill)
+    if "redis" in tiers and redis_url:
+        with bench.kvtier("--disk", "none", "--redis", redis_url, *_NO_PREFIX) as redis:
+            bench.measure(redis, "kvtier_redis", fill)
+    return dropped
+
+
+def _example_paths(bench: _Run, lengths: list[int]) -> None:
+    r = bench.args.repeat
+    path = str(bench.work / "example")
+    transfer = json.dumps(
+        {
+            "kv_connector": "ExampleConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": path},
+        }
+    )
+    options = ("--kv-transfer-config", transfer, *_NO_PREFIX)
+    for n in lengths:  # a server per length: the connector crashes the engine on long prompts
+        ids = prompt("example", n, 0)
+        try:
+            with bench.vllm(*options) as writer:
+                bench.send(writer, ids)
+            with bench.vllm(*options) as reader:
+                bench.measure(reader, "example_connector", {n: [ids] * r})
+        except (KvtierError, OSError) as exc:
+            bench.record(n, "example_connector", [], str(exc))
+
+
+def _overhead(args: argparse.Namespace, work: Path, bar: tqdm[Any]) -> dict[str, Any]:
+    """The no-reuse overhead, paired in one engine process (see the module docstring)."""
+    batch = {"batch": args.batch, "rounds": args.rounds, "tokens": 1024}
+    rounds: dict[str, list[float]] = {"off": [], "on": [], "bypassed": []}
+    pairs: list[float] = []  # on / bypassed, each pair in one engine, back to back
+    errors: list[str] = []
+    for k in range(2 * args.engines):  # off, on, off, on...: drift hits both sides
+        side = ("off", "on")[k % 2]
+        spec: dict[str, Any] = {"connector": "none"}
+        if side == "on":  # the serve default: DRAM, then a local disk (fresh each time)
+            memory = {"kind": "memory", "capacity": "4GiB"}
+            disk = {"kind": "disk", "path": str(work / f"overhead{k}"), "fsync": False}
+            spec = {"connector": "kvtier", "store": {"tiers": [memory, disk]}, "paired": True}
+        times, err = _job_times({**spec, **batch})
+        bar.update()
+        if times:
+            rounds[side] += times["seconds"]
+            rounds["bypassed"] += times["bypassed"]
+            pairs += [a / b for a, b in zip(times["seconds"], times["bypassed"], strict=False)]
+        errors += [f"{side}: {err}"] if err else []
+    off, on = (statistics.median(rounds[s]) if rounds[s] else None for s in ("off", "on"))
+    return {
+        "no_reuse_overhead": statistics.median(pairs) - 1 if pairs else None,
+        "no_reuse_overhead_across_engines": (on - off) / off if on and off else None,
+        "no_reuse_seconds": {"off": off, "on": on, "rounds": rounds, "pairs": pairs},
+        "errors": errors,
+    }
+
+
+def _job_times(job: dict[str, Any]) -> tuple[dict[str, list[float]] | None, str | None]:
+    """An overhead engine's timings (``seconds``, and ``bypassed`` when paired), or an error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvtier.integrations.ttft_worker", json.dumps(job)],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            times: dict[str, list[float]] = json.loads(line[len(MARK) :])
+            return times, None
+    tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-3:]
+    return None, f"exit status {proc.returncode}: " + " | ".join(tail)[-500:]
+
+
 def _print(result: dict[str, Any], lengths: list[int]) -> None:
     rows = result["rows"]
     paths = list(dict.fromkeys(r["path"] for r in rows))
-    print("kvtier bench ttft: time to first token in seconds (x = speed-up over cold)")
-    print(f"  {'path':<18}" + "".join(f"{n:>16}" for n in lengths))
+    print(
+        "kvtier bench ttft: time to first token over HTTP, median of"
+        f" {result['repeat']} requests, in seconds (x = speed-up over cold;"
+        " r = prompt tokens the engine recomputed)"
+    )
+    print(f"  {'path':<18}" + "".join(f"{n:>22}" for n in lengths))
     cold = {r["tokens"]: r["ttft_s"] for r in rows if r["path"] == "cold"}
     for path in paths:
         cells = []
         for n in lengths:
             row = next((r for r in rows if r["path"] == path and r["tokens"] == n), None)
             if row is None or row["ttft_s"] is None:
-                cells.append(f"{'failed' if row else '-':>16}")
-            else:
-                speedup = cold.get(n) / row["ttft_s"] if cold.get(n) else 0
-                cells.append(f"{row['ttft_s']:>9.3f} {speedup:>5.1f}x")
+                cells.append(f"{'failed' if row else '-':>22}")
+                continue
+            speedup = cold[n] / row["ttft_s"] if cold.get(n) else 0.0
+            recomputed = row.get("recomputed_tokens")
+            r_text = "?" if recomputed is None else str(recomputed)
+            cells.append(f"{row['ttft_s']:>8.3f} {speedup:>5.1f}x r={r_text:<5}")
         print(f"  {path:<18}" + "".join(cells))
+    disk = (
+        "page cache dropped before the disk reads"
+        if result["cache_dropped"]
+        else (
+            "page cache NOT dropped (not root): each disk hit reads a prompt whose files were"
+            " written with O_DIRECT and never read"
+        )
+    )
+    print(f"  kvtier_disk: {disk}")
     for row in rows:
         if row.get("error"):
             print(f"  {row['path']} at {row['tokens']} tokens failed: {row['error']}")
-    if result["no_reuse_overhead"] is not None:
+    if result.get("no_reuse_overhead") is not None:
         print(
             f"  no-reuse throughput overhead of kvtier: {100 * result['no_reuse_overhead']:+.1f}%"
             " (median of rounds paired in one engine, connector working vs bypassed)"

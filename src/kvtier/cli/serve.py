@@ -29,6 +29,8 @@ from kvtier.config import (
 )
 from kvtier.errors import ConfigError, KvtierError
 
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what the embedded model is served as
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
@@ -39,7 +41,11 @@ def register(sub: Any) -> None:
         epilog="Any other option is passed to vLLM, e.g. --max-model-len 4096.\n"
         "Example: kvtier serve --port 8000 --redis redis://127.0.0.1:6379/0",
     )
-    p.add_argument("--model", help="model path or name (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        help=f"model path or name (default: the embedded {DEFAULT_MODEL_NAME}, served under"
+        " that name unless --served-model-name says otherwise)",
+    )
     p.add_argument("--dram", metavar="SIZE", help="DRAM tier capacity, e.g. 2GiB")
     p.add_argument("--disk", metavar="DIR", help="disk tier directory ('none' for no disk tier)")
     p.add_argument("--disk-size", metavar="SIZE", help="disk tier capacity, e.g. 20GiB")
@@ -106,12 +112,12 @@ def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list
         "--model", model, "--host", args.host, "--port", str(args.port),
         "--kv-transfer-config", json.dumps(transfer),
     ]  # fmt: skip
-    if "--enforce-eager" not in extra and not _has_gpu():
+    if "--enforce-eager" not in extra and not has_gpu():
         command.append("--enforce-eager")  # no graph capture on CPU: faster start
     return command + extra
 
 
-def _has_gpu() -> bool:
+def has_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None
 
 
@@ -126,9 +132,12 @@ def run(args: argparse.Namespace) -> int:
         from kvtier.integrations.model import prepare_default_model
 
         model = str(prepare_default_model())
+        if not any(a.split("=")[0] == "--served-model-name" for a in extra):
+            # vLLM would name the model by its directory; the README calls it by this name.
+            extra = ["--served-model-name", DEFAULT_MODEL_NAME, *extra]
     command = vllm_command(args, model, extra)
     env = dict(os.environ)
-    if not _has_gpu():
+    if not has_gpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of RAM for vLLM's own KV cache
     print("kvtier serve: " + " ".join(command[:8]) + " ...", file=sys.stderr)
     if args.dry_run:

@@ -82,23 +82,24 @@ def _as_blocks(chunk: torch.Tensor, block_size: int, first: int, count: int) -> 
 def gather_chunks(
     layers: Sequence[torch.Tensor], block_ids: Sequence[int], dests: Sequence[torch.Tensor]
 ) -> None:
-    """Copy whole blocks into chunks: ``dests[c]`` is a ``(layers, 2, chunk, heads, dim)``
-    tensor (a host buffer, say the payload of an encoded chunk); ``block_ids`` list the blocks
-    of those chunks in token order. ``layers`` are :func:`block_view` views.
+    """Copy whole blocks into chunks: ``dests[c]`` is a ``(layers, 2, tokens, heads, dim)``
+    tensor (a host buffer, say the payload of an encoded chunk; the last may be a tail, shorter
+    than the others); ``block_ids`` list the blocks of those chunks in token order. ``layers``
+    are :func:`block_view` views.
 
     One copy per layer and run of consecutive blocks, straight from the cache to ``dests``.
     """
-    if not dests:
-        return
-    block_size = layers[0].shape[2]
-    per_chunk = dests[0].shape[2] // block_size
-    if len(block_ids) != per_chunk * len(dests):
-        raise ValueError(f"{len(dests)} chunks need {per_chunk * len(dests)} blocks")
-    for c, dest in enumerate(dests):
-        for pos, first, count in _runs(block_ids[c * per_chunk : (c + 1) * per_chunk]):
-            view = _as_blocks(dest, block_size, pos, count)
+    block_size = layers[0].shape[2] if layers else 1
+    counts = [dest.shape[2] // block_size for dest in dests]
+    if len(block_ids) != sum(counts):
+        raise ValueError(f"{len(dests)} chunks of {counts} blocks got {len(block_ids)} blocks")
+    at = 0
+    for dest, count in zip(dests, counts, strict=True):
+        for pos, first, run in _runs(block_ids[at : at + count]):
+            view = _as_blocks(dest, block_size, pos, run)
             for li, layer in enumerate(layers):
-                view[li].copy_(layer[first : first + count])
+                view[li].copy_(layer[first : first + run])
+        at += count
 
 
 def blocks_to_chunks(
@@ -119,11 +120,12 @@ def chunks_to_blocks(
     block_ids: Sequence[int],
     skip_blocks: int = 0,
 ) -> None:
-    """Scatter chunks ``(layers, 2, chunk, heads, dim)`` into the paged cache.
+    """Scatter chunks ``(layers, 2, tokens, heads, dim)`` into the paged cache.
 
     ``layers`` are :func:`block_view` views; ``block_ids`` are the blocks of those chunks in
-    token order, possibly fewer than the chunks hold (the last chunk used in part); the first
-    ``skip_blocks`` of them are left alone (already computed).
+    token order, possibly fewer than the chunks hold (the last chunk used in part; it may also
+    be a tail, shorter than the others); the first ``skip_blocks`` of them are left alone
+    (already computed).
     """
     if len(chunks) == 0:
         return
@@ -131,7 +133,8 @@ def chunks_to_blocks(
     per_chunk = chunks[0].shape[2] // block_size
     device = layers[0].device
     for c, chunk in enumerate(chunks):
-        lo, hi = max(skip_blocks, c * per_chunk), min(len(block_ids), (c + 1) * per_chunk)
+        own = chunk.shape[2] // block_size
+        lo, hi = max(skip_blocks, c * per_chunk), min(len(block_ids), c * per_chunk + own)
         if lo >= hi:
             continue
         src = chunk.to(device, non_blocking=True)

@@ -1,15 +1,15 @@
-"""One engine process of ``kvtier bench ttft``: ``python -m kvtier.integrations.ttft_worker
-'<job JSON>'``. Prints one JSON line (after the mark) with the measured seconds.
+"""One engine process of ``kvtier bench ttft``'s no-reuse overhead: ``python -m
+kvtier.integrations.ttft_worker '<job JSON>'``. Prints one JSON line (after the mark) with the
+measured seconds.
 
-A job names the connector (``none``, ``kvtier`` with a store configuration, or ``example``
-with a directory), whether vLLM's prefix cache is on, and the requests to time: each is a
-prompt (seed, length) sent with ``max_tokens=1``, so its latency is the time to first token.
-A ``batch`` job sends ``rounds`` batches of distinct prompts and reports the time of each
-(throughput). With ``paired`` (kvtier only) every round is run twice in the same engine, the
-connector working in one and bypassed in the other (every method returns at once, as if no
-connector were configured), in alternating order; the bypassed times come back as
-``bypassed``. Identical engine processes differ from each other by several percent here, while
-rounds within one engine agree to about one: pairs in one engine measure kvtier's own cost.
+A job names the connector (``none``, or ``kvtier`` with a store configuration) and sends
+``rounds`` batches of ``batch`` distinct prompts of ``tokens`` tokens, reporting the time of
+each (throughput: nothing is ever reused). With ``paired`` (kvtier only) every round is run
+twice in the same engine, the connector working in one and bypassed in the other (every method
+returns at once, as if no connector were configured), in alternating order; the bypassed times
+come back as ``bypassed``. Identical engine processes differ from each other by several percent
+here, while rounds within one engine agree to about one: pairs in one engine measure kvtier's
+own cost.
 """
 
 from __future__ import annotations
@@ -47,16 +47,10 @@ def build_llm(job: dict[str, Any]) -> Any:
             kv_load_failure_policy="recompute",
             kv_connector_extra_config=job["store"],
         )
-    elif job["connector"] == "example":
-        kwargs["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="ExampleConnector",
-            kv_role="kv_both",
-            kv_connector_extra_config={"shared_storage_path": job["path"]},
-        )
     return LLM(
         model=job.get("model") or str(prepare_default_model()),
         enforce_eager=True,
-        enable_prefix_caching=job.get("prefix_cache", False),
+        enable_prefix_caching=False,
         max_model_len=8192,
         **kwargs,
     )
@@ -76,32 +70,25 @@ def main() -> None:
     llm.generate([{"prompt_token_ids": prompt(999_999, 64)}], one, use_tqdm=False)
     seconds: list[float] = []
     bypassed: list[float] = []
-    if "batch" in job:  # rounds of distinct prompts: nothing is ever reused
-        size, sixteen = job["batch"], SamplingParams(max_tokens=16, temperature=0)
-        batches = iter(range(10_000, 10**9, size))
+    size, sixteen = job["batch"], SamplingParams(max_tokens=16, temperature=0)
+    batches = iter(range(10_000, 10**9, size))
 
-        def timed_round(bypass: bool) -> float:
-            first = next(batches)
-            seeds = range(first, first + size)
-            prompts = [{"prompt_token_ids": prompt(s, job["tokens"])} for s in seeds]
-            with _bypassed(bypass):
-                start = time.perf_counter()
-                llm.generate(prompts, sixteen, use_tqdm=False)
-                return time.perf_counter() - start
-
-        paired = bool(job.get("paired"))
-        for r in range(-1, job.get("rounds", 1)):  # round -1 warms up, untimed
-            order = (False, True) if r % 2 == 0 else (True, False)
-            for bypass in order if paired else (False,):
-                took = timed_round(bypass)
-                if r >= 0:
-                    (bypassed if bypass else seconds).append(took)
-    else:
-        for seed, tokens in job["requests"]:
-            request = {"prompt_token_ids": prompt(seed, tokens)}
+    def timed_round(bypass: bool) -> float:
+        first = next(batches)
+        seeds = range(first, first + size)
+        prompts = [{"prompt_token_ids": prompt(s, job["tokens"])} for s in seeds]
+        with _bypassed(bypass):
             start = time.perf_counter()
-            llm.generate([request], one, use_tqdm=False)
-            seconds.append(time.perf_counter() - start)
+            llm.generate(prompts, sixteen, use_tqdm=False)
+            return time.perf_counter() - start
+
+    paired = bool(job.get("paired"))
+    for r in range(-1, job.get("rounds", 1)):  # round -1 warms up, untimed
+        order = (False, True) if r % 2 == 0 else (True, False)
+        for bypass in order if paired else (False,):
+            took = timed_round(bypass)
+            if r >= 0:
+                (bypassed if bypass else seconds).append(took)
     if job["connector"] == "kvtier":
         from kvtier.integrations.vllm import flush_all
 

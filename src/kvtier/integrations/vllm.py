@@ -4,14 +4,16 @@ Use with ``--kv-transfer-config '{"kv_connector": "KvtierConnector",
 "kv_connector_module_path": "kvtier.integrations.vllm", "kv_role": "kv_both",
 "kv_connector_extra_config": {<kvtier configuration, as in kvtier.yaml>}}'``.
 
-Scheduler side: :meth:`get_num_new_matched_tokens` asks the store how many leading prompt
-tokens it holds (whole chunks, leaving at least one token to compute); the metadata of each
-step lists the chunks to load into the request's blocks and the newly completed prompt
-chunks to save. Worker side: loads run before the forward pass (into a reused staging
-buffer, then block copies per layer); saves gather the blocks after the step straight into
-encoded chunks and leave checksums and tier writes to a background thread. Chunks that fail
-to load are reported through :meth:`get_block_ids_with_load_errors` for vLLM to recompute
-(kvtier sets ``kv_load_failure_policy=recompute``: a cache must never fail a request).
+Scheduler side: :meth:`get_num_new_matched_tokens` asks the store how many leading prompt tokens
+it holds (whole chunks, then a tail of whole blocks, leaving at least one token to compute); the
+metadata of each step lists the chunks to load into the request's blocks and the newly completed
+prompt chunks to save, and once a prompt is computed, its tail: the full blocks after its last
+full chunk, so that reuse is as fine-grained as vLLM's own blocks. Worker side: loads run before
+the forward pass (into a reused staging buffer, then block copies per layer); saves gather the
+blocks after the step straight into encoded chunks and leave checksums and tier writes to a
+background thread. Chunks that fail to load are reported through
+:meth:`get_block_ids_with_load_errors` for vLLM to recompute (kvtier sets
+``kv_load_failure_policy=recompute``: a cache must never fail a request).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from kvtier.integrations.vllm_meta import (
     LoadSpec,
     SaveSpec,
 )
-from kvtier.keys import ChunkKey, Namespace
+from kvtier.keys import ChunkKey, Namespace, tail_candidates
 from kvtier.stats import ChunkEvent
 from kvtier.writeback import background_priority
 
@@ -183,13 +185,22 @@ class KvtierConnector(KVConnectorBase_V1):
             self._worker_top.update(meta.stored)
 
     def _hit_tokens(self, tokens: list[int], salt: str | None) -> int:
-        """Leading tokens held by kvtier: in this process's tiers or the worker's DRAM."""
+        """Leading tokens held by kvtier (whole chunks, then a tail of whole blocks): in this
+        process's tiers or the worker's DRAM."""
         namespace = self._namespace(salt)
         workers = [c for c in list(_connectors) if c.role == KVConnectorRole.WORKER]
-        for worker in workers:  # a save still under way may hold this very prefix
-            worker._saver_wait(self._store.keys(tokens, namespace))
+        if workers:  # a save still under way may hold this very prefix (or a tail of it)
+            keys = self._store.keys(tokens, namespace)
+            probe = list(keys)
+            for after in range(len(keys) + 1):
+                tails = tail_candidates(
+                    tokens, namespace, self._chunk, self._block_size, keys, after
+                )
+                probe += [key for _, key in tails]
+            for worker in workers:
+                worker._saver_wait(probe)
         elsewhere = self._worker_top if not workers else frozenset()
-        return self._store.lookup(tokens, namespace, elsewhere).hit_tokens
+        return self._store.lookup(tokens, namespace, elsewhere, self._block_size).hit_tokens
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -233,7 +244,7 @@ class KvtierConnector(KVConnectorBase_V1):
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:  # preempted and back: all blocks are new
                 tracked.block_ids = list(new_blocks[0]) if new_blocks else []
-                tracked.saved_tokens = 0
+                tracked.saved_tokens = self._held.pop(req_id, 0)
                 self._plan_load(meta, req_id, tracked)
             elif new_blocks:
                 tracked.block_ids.extend(new_blocks[0])
@@ -254,30 +265,36 @@ class KvtierConnector(KVConnectorBase_V1):
         if span is None:
             return
         start, end = span
-        whole = -(-end // self._chunk) * self._chunk  # the chunk holding `end` is stored whole
+        held = tracked.saved_tokens  # what the lookup found: whole chunks, then maybe a tail
+        full = held - held % self._chunk
+        tail = end > full  # only the tail covers `end`
+        # The chunk holding `end` is stored whole (or as the tail): it is read whole.
+        whole = held if tail else -(-end // self._chunk) * self._chunk
         blocks = tracked.block_ids[: end // self._block_size]
         meta.loads.append(
-            LoadSpec(req_id, tracked.prompt[:whole], tracked.salt, blocks, start, end)
+            LoadSpec(req_id, tracked.prompt[:whole], tracked.salt, blocks, start, end, tail)
         )
-        tracked.saved_tokens = whole  # those chunks are in kvtier already
 
     def _plan_save(
         self, meta: KvtierConnectorMetadata, req_id: str, tracked: _Tracked, computed: int
     ) -> None:
-        done = min(computed, len(tracked.prompt)) // self._chunk * self._chunk
-        if done <= tracked.saved_tokens:
-            return
-        first = tracked.saved_tokens // self._chunk
-        meta.saves.append(
-            SaveSpec(
-                req_id,
-                tracked.prompt[:done],
-                tracked.salt,
-                tracked.block_ids[: done // self._block_size],
-                first,
+        prompt = len(tracked.prompt)
+        done = min(computed, prompt) // self._chunk * self._chunk
+        if done > tracked.saved_tokens:
+            first = tracked.saved_tokens // self._chunk
+            blocks = tracked.block_ids[: done // self._block_size]
+            meta.saves.append(SaveSpec(req_id, tracked.prompt[:done], tracked.salt, blocks, first))
+            tracked.saved_tokens = done
+        # Once the whole prompt is computed, its full blocks after the last full chunk are
+        # saved as a tail: a later prompt sharing them reuses them as vLLM's own cache would.
+        end = prompt // self._block_size * self._block_size
+        if computed >= prompt and end % self._chunk and end > tracked.saved_tokens:
+            first = end // self._chunk
+            blocks = tracked.block_ids[: end // self._block_size]
+            meta.saves.append(
+                SaveSpec(req_id, tracked.prompt[:end], tracked.salt, blocks, first, tail=True)
             )
-        )
-        tracked.saved_tokens = done
+            tracked.saved_tokens = end
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -322,9 +339,14 @@ class KvtierConnector(KVConnectorBase_V1):
         fill = top.capacity if isinstance(top, MemoryTierConfig) and top.prefault else 0
         self._pool.reserve(self._kv_dtype, shape, fill)  # the DRAM tier's first fill
 
-    def _chunk_shape(self) -> tuple[int, int, int, int, int]:
+    def _chunk_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
         _, _, _, heads, dim = self._layers[0].shape
-        return (len(self._layers), 2, self._chunk, heads, dim)
+        return (len(self._layers), 2, tokens or self._chunk, heads, dim)
+
+    def _chunk_view(self, slot: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The first bytes of a chunk-sized buffer, as a chunk of ``tokens`` tokens."""
+        shape = self._chunk_shape(tokens)
+        return slot.view(-1)[: torch.Size(shape).numel()].view(shape)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -337,19 +359,23 @@ class KvtierConnector(KVConnectorBase_V1):
     def _load(self, spec: LoadSpec) -> None:
         """Load a request's chunks, a staging buffer's worth at a time, into its blocks."""
         namespace = self._namespace(spec.salt)
-        self._saver_wait(self._store.keys(spec.tokens, namespace))  # saved last step?
+        keys = self._store.keys(spec.tokens, namespace, spec.tail)
+        self._saver_wait(keys)  # saved last step?
         first_chunk = spec.start // self._chunk
-        n_chunks = len(spec.tokens) // self._chunk - first_chunk
+        n_chunks = len(keys) - first_chunk
         per_chunk = self._chunk // self._block_size
         skip = (spec.start - first_chunk * self._chunk) // self._block_size
         blocks = spec.block_ids[first_chunk * per_chunk :]  # blocks of the chunks read, to end
         loaded, tiers = 0, []
         try:
             while loaded < n_chunks:
-                piece = self._staging[: n_chunks - loaded]
-                raw = piece.view(torch.uint8).numpy()  # get_into fills bytes; numpy has no bf16
+                piece = list(self._staging[: n_chunks - loaded])
+                if spec.tail and loaded + len(piece) == n_chunks:  # the tail is a short chunk
+                    piece[-1] = self._chunk_view(piece[-1], len(spec.tokens) % self._chunk)
+                # get_into fills bytes; numpy has no bf16
+                raw = [p.view(-1).view(torch.uint8).numpy() for p in piece]
                 result = self._store.get_into(
-                    spec.tokens, namespace, list(raw), start_chunk=first_chunk + loaded
+                    spec.tokens, namespace, raw, first_chunk + loaded, spec.tail
                 )
                 chunks_to_blocks(
                     piece[: result.chunks],
@@ -366,10 +392,11 @@ class KvtierConnector(KVConnectorBase_V1):
         if tiers:
             counts = {t: tiers.count(t) for t in dict.fromkeys(tiers)}
             where = ", ".join(f"{n} from {t}" for t, n in counts.items())
+            tokens = min(spec.end, (first_chunk + loaded) * self._chunk) - spec.start
             log.info(
-                "request %s: loaded %d tokens (%s chunks of %d)",
+                "request %s: loaded %d tokens (%s chunks of up to %d)",
                 spec.req_id,
-                loaded * self._chunk,
+                tokens,
                 where,
                 self._chunk,
             )
@@ -401,9 +428,12 @@ class KvtierConnector(KVConnectorBase_V1):
             # encoded chunks; sealing and tier writes happen off the engine's critical path.
             try:
                 namespace = self._namespace(spec.salt)
-                keys = self._store.keys(spec.tokens, namespace)[spec.first_chunk :]
+                keys = self._store.keys(spec.tokens, namespace, spec.tail)[spec.first_chunk :]
                 ns_id = namespace.id(self._chunk)
                 blobs = [self._pool.take(k, ns_id) for k in keys]
+                if spec.tail:  # a tail is shorter than the pool's chunks
+                    shape = self._chunk_shape(len(spec.tokens) % self._chunk)
+                    blobs[-1] = codec.blank(keys[-1], self._kv_dtype, shape, ns_id)
                 gather_chunks(self._layers, blocks, [self._payload(b) for b in blobs])
             except Exception:  # a failed save is a future miss, never a failed request
                 log.exception("kvtier: saving request %s failed", spec.req_id)
@@ -414,14 +444,14 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def _payload(self, blob: codec.SealedChunk) -> torch.Tensor:
         raw = torch.frombuffer(codec.payload_of(blob), dtype=torch.uint8)
-        return raw.view(self._layers[0].dtype).view(self._chunk_shape())
+        return raw.view(self._layers[0].dtype).view(codec.read_header(blob).shape)
 
     def _save(self, spec: SaveSpec, keys: list[ChunkKey], blobs: list[codec.SealedChunk]) -> None:
         try:
             for blob in blobs:
                 codec.seal(blob)
             self._store.put_encoded(
-                spec.tokens, self._namespace(spec.salt), blobs, spec.first_chunk
+                spec.tokens, self._namespace(spec.salt), blobs, spec.first_chunk, spec.tail
             )
         except Exception:  # a failed save is a future miss, never a failed request
             log.exception("kvtier: saving request %s failed", spec.req_id)

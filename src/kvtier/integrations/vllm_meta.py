@@ -13,7 +13,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 @dataclass
 class LoadSpec:
     """Load tokens [start, end) of a prompt into its blocks. Both ends are block-aligned; the
-    chunk holding ``end`` is read whole and only its blocks before ``end`` are written."""
+    chunk holding ``end`` is read whole and only its blocks before ``end`` are written. With
+    ``tail``, that chunk is the tail of ``tokens`` (a partial chunk, see kvtier.keys)."""
 
     req_id: str
     tokens: list[int]  # prompt tokens of every chunk touched: [0, ceil(end / chunk) * chunk)
@@ -21,17 +22,20 @@ class LoadSpec:
     block_ids: list[int]  # blocks covering [0, end)
     start: int
     end: int
+    tail: bool = False
 
 
 @dataclass
 class SaveSpec:
-    """Save prompt chunks [first_chunk, len(tokens) // chunk) from the request's blocks."""
+    """Save prompt chunks [first_chunk, len(tokens) // chunk) from the request's blocks; with
+    ``tail``, the partial chunk after them too (``tokens`` then ends on a block boundary)."""
 
     req_id: str
     tokens: list[int]
     salt: str | None
     block_ids: list[int]
     first_chunk: int
+    tail: bool = False
 
 
 @dataclass

@@ -1,0 +1,170 @@
+"""An OpenAI-compatible vLLM server run as a child process on loopback: ``kvtier serve`` or
+plain vLLM with the same flags. Used by ``kvtier bench ttft`` and the tests, which measure
+what users see: requests over HTTP to an engine in its own processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from kvtier.cli.serve import DEFAULT_MODEL_NAME, has_gpu
+from kvtier.errors import KvtierError
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One completion as the client saw it."""
+
+    text: str
+    seconds: float  # request sent -> whole response read (with max_tokens=1: the TTFT)
+    prompt_tokens: int
+    cached_tokens: int | None  # prompt tokens the engine did not compute (vLLM's or kvtier's)
+
+    @property
+    def recomputed_tokens(self) -> int | None:
+        return None if self.cached_tokens is None else self.prompt_tokens - self.cached_tokens
+
+
+def kvtier_serve_command(port: int, *options: str) -> list[str]:
+    """``kvtier serve`` on ``port`` with ``options`` (kvtier's or vLLM's)."""
+    return [sys.executable, "-m", "kvtier.cli.main", "serve", "--port", str(port), *options]
+
+
+def plain_vllm_command(port: int, *options: str) -> list[str]:
+    """vLLM's own OpenAI server with the flags ``kvtier serve`` gives it, minus the connector."""
+    from kvtier.integrations.model import prepare_default_model
+
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(prepare_default_model()), "--served-model-name", DEFAULT_MODEL_NAME,
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    if not has_gpu():
+        command.append("--enforce-eager")
+    return command + list(options)
+
+
+class Server:
+    """A server process: started and healthy on ``with`` (``warm_up``: and one short request
+    done), stopped (SIGTERM, then SIGKILL) on exit. Its output goes to ``log``; a server that
+    dies or does not come up raises KvtierError with the end of that log."""
+
+    def __init__(
+        self,
+        command: list[str],
+        port: int,
+        log: Path,
+        env: dict[str, str] | None = None,
+        start_timeout_s: float = 300,
+        warm_up: bool = False,
+    ):
+        self.command, self.port, self.log = command, port, log
+        self.env = {**os.environ, **(env or {})}
+        self.env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # plain vLLM refuses to start without
+        self.start_timeout_s = start_timeout_s
+        self.warm_up = warm_up
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        with open(self.log, "ab") as out:
+            # A session of its own: stopping it reaches vLLM's engine processes too.
+            self._proc = subprocess.Popen(
+                self.command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
+                break
+            except OSError:
+                if self._proc.poll() is not None:
+                    code = self._proc.returncode
+                    raise KvtierError(f"server exited ({code}): {self.tail()}") from None
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise KvtierError(
+                        f"server not up in {self.start_timeout_s:.0f}s: {self.tail()}"
+                    ) from None
+                time.sleep(0.5)
+        if self.warm_up:  # a fresh engine's first forward pass carries one-time costs
+            self.complete(list(range(1000, 1064)), max_tokens=1)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """SIGTERM (vLLM shuts down, kvtier flushes its writes), SIGKILL after ``timeout_s``."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        # Engine processes that outlive the server would hold their memory and CPU.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def complete(
+        self, prompt: str | list[int], max_tokens: int = 1, timeout_s: float = 600, **extra: Any
+    ) -> Completion:
+        """A greedy completion of ``prompt`` (text, or token ids sent as they are)."""
+        body = {
+            "model": DEFAULT_MODEL_NAME,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            **extra,
+        }
+        request = urllib.request.Request(
+            f"{self.url}/v1/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        start = time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                reply = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise KvtierError(f"HTTP {exc.code} from the server: {exc.read()[:500]!r}") from None
+        seconds = time.perf_counter() - start
+        usage = reply.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens")
+        return Completion(
+            reply["choices"][0]["text"],
+            seconds,
+            int(usage.get("prompt_tokens", 0)),
+            None if cached is None else int(cached),
+        )
