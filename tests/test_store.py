@@ -82,11 +82,19 @@ def test_get_into_loads_straight_into_buffers_from_any_tier(tmp_path: Path) -> N
             np.array_equal(d, c.numpy()) for d, c in zip(dests, chunks_for(4, 3), strict=True)
         )
     with two_tier(tmp_path) as store:
+        # Promotions into DRAM go into buffers given by use_blanks while it has them.
+        spare = [codec.SealedChunk(96 + CHUNK_BYTES)]
+        store.use_blanks(lambda n: spare.pop() if spare and len(spare[-1]) == n else None)
+        given = spare[0]
         dests = [np.zeros(SHAPE, dtype=np.float16) for _ in range(2)]
         loaded = store.get_into(tokens, NS, dests, start_chunk=1)
         assert loaded.tiers == ["disk", "disk"]
         assert np.array_equal(dests[1], chunk(4002).numpy())
         assert store.lookup(tokens, NS).tiers[1:] == ["memory", "memory"]
+        keys = store.keys(tokens, NS)
+        held = store.tiers[0].get_many(keys[1:])
+        assert sum(blob is given for blob in held) == 1 and not spare
+        assert all(same(codec.decode(b).chunk, chunk(4001 + i)) for i, b in enumerate(held))
         with pytest.raises(ValueError, match="writable"):
             store.get_into(tokens, NS, [bytes(CHUNK_BYTES)])
 

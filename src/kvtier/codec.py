@@ -403,10 +403,19 @@ def recode(
     return encode(header.key, chunk, header.namespace_id, compression, header.created_at)
 
 
-def join(header: bytearray, payload: memoryview) -> bytes:
-    """The stored form of a chunk held as (header, payload), as loaded by ``get_into``."""
+def join(
+    header: bytearray, payload: memoryview, into: SealedChunk | None = None
+) -> bytes | SealedChunk:
+    """The stored form of a chunk held as (header, payload), as loaded by ``get_into``.
+
+    ``into``: a buffer of the stored form's size (one whose pages are already touched, say)
+    to copy it into instead of new ``bytes``; ignored when the sizes differ."""
     h = read_header(header)
     if h.compression == Compression.NONE:
+        if into is not None and len(into) == len(header) + payload.nbytes:
+            into[: len(header)] = header
+            into[len(header) :] = payload
+            return into
         return bytes(header) + bytes(payload)
     return encode(
         h.key, KVChunk(h.dtype, h.shape, payload), h.namespace_id, Compression.NONE, h.created_at

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from itertools import takewhile
 from typing import Any, TypeVar, cast
 
-from kvtier.codec import Compression
+from kvtier.codec import Compression, SealedChunk
 from kvtier.errors import CorruptChunk
 from kvtier.health import TierHealth
 from kvtier.keys import ChunkKey
@@ -60,6 +60,13 @@ class Hierarchy:
         for slot in self._slots[1:]:
             slot.writer = WriteBehind(slot.tier.name, self._writer_for(slot), write_queue)
         self._prefetcher = Prefetcher()
+        self._blanks: Callable[[int], SealedChunk | None] = lambda nbytes: None
+
+    def use_blanks(self, source: Callable[[int], SealedChunk | None]) -> None:
+        """Promote chunks loaded by :meth:`get_into` into buffers from ``source(nbytes)`` (a
+        blank of that many bytes, or None): memory touched ahead of time costs a tenth of
+        fresh pages here, and promotion is on the loading request's path."""
+        self._blanks = source
 
     @property
     def tiers(self) -> list[Tier]:

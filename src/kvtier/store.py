@@ -189,9 +189,16 @@ class TieredStore(Hierarchy):
         with self.pinned(keys):
             run = self._walk(keys, lambda slot, idx: self._load(slot, keys, idx, headers, views))
         self._promote(
-            [(keys[i], None, t, codec.join(headers[i], views[i])) for i, t in enumerate(run) if t]
+            [
+                (keys[i], None, t, codec.join(headers[i], views[i], self._blank_for(views[i])))
+                for i, t in enumerate(run)
+                if t
+            ]
         )
         return LoadResult(len(run), [self._slots[t].tier.name for t in run], self.chunk_tokens)
+
+    def _blank_for(self, payload: memoryview) -> codec.SealedChunk | None:
+        return self._blanks(codec.HEADER_BYTES + payload.nbytes)
 
     def _load(
         self,

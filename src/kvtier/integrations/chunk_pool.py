@@ -1,4 +1,5 @@
-"""Blank chunks for the DRAM tier's first fill, allocated and touched when the engine starts.
+"""Blank chunks for the DRAM tier's first fill, allocated and touched when the engine starts:
+for saves, and for chunks promoted into DRAM from slower tiers.
 
 On this kind of machine the first write to newly allocated memory costs about ten times the
 copy into it (page faults and zeroing: ~0.7 ms/MB against ~0.07 ms/MB), and saves gather KV
@@ -40,6 +41,13 @@ class ChunkPool:
         if not self._ready:
             return codec.blank(key, self._dtype, self._shape, namespace_id)
         return codec.stamp(self._ready.pop(), key, self._dtype, self._shape, namespace_id)
+
+    def spare(self, nbytes: int) -> codec.SealedChunk | None:
+        """A touched buffer of ``nbytes`` (to copy a whole chunk into), or None: none left, or
+        not the size of this pool's chunks."""
+        if not self._ready or len(self._ready[-1]) != nbytes:
+            return None
+        return self._ready.pop()
 
     def __len__(self) -> int:
         return len(self._ready)

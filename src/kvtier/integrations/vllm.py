@@ -338,6 +338,7 @@ class KvtierConnector(KVConnectorBase_V1):
         top = self._config.tiers[0] if self._config.tiers else None
         fill = top.capacity if isinstance(top, MemoryTierConfig) and top.prefault else 0
         self._pool.reserve(self._kv_dtype, shape, fill)  # the DRAM tier's first fill
+        self._store.use_blanks(self._pool.spare)  # promotions from disk/Redis too
 
     def _chunk_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
         _, _, _, heads, dim = self._layers[0].shape
