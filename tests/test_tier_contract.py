@@ -7,6 +7,7 @@ a new instance over the same storage (persistent tiers only).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -263,12 +264,7 @@ def test_disk_open_keeps_a_live_writers_temp_file_and_removes_a_dead_ones(tmp_pa
     assert not temp.exists()
 
 
-def test_disk_batch_reads_past_the_readahead_window(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import kvtier.tiers.disk as disk_module
-
-    monkeypatch.setattr(disk_module, "_READAHEAD_BYTES", 2500)  # about two files ahead
+def test_disk_batch_reads_run_in_parallel_in_order_and_close_every_file(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, 1 << 20, fsync=False)
     tier.put_many([(k(i), blob(i)) for i in range(10) if i != 4])
     bufs = [bytearray(1000) for _ in range(10)]
@@ -276,7 +272,14 @@ def test_disk_batch_reads_past_the_readahead_window(
     sizes = tier.read_into_many([(k(i), [memoryview(bufs[i])]) for i in range(10)])
     assert sizes == [1000] * 4 + [None] + [1000] * 5
     assert all(bytes(bufs[i]) == blob(i) for i in range(10) if i != 4)
+    assert tier.get_many([k(i) for i in range(10)]) == [
+        None if i == 4 else blob(i) for i in range(10)
+    ]
+    reader_threads = [t for t in threading.enumerate() if t.name.startswith("kvtier-read")]
+    assert len(reader_threads) > 1
     assert len(os.listdir(f"/proc/{os.getpid()}/fd")) == open_before  # none left open
+    tier.close()
+    assert not any(t.is_alive() for t in reader_threads)
 
 
 def test_disk_large_chunks_bypass_the_page_cache_byte_exact(tmp_path: Path) -> None:

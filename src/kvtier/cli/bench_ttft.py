@@ -41,7 +41,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kvtier.cli.server import Completion, Server, kvtier_serve_command, plain_vllm_command
+from kvtier.cli.server import (
+    PLAIN_VLLM_ENV,
+    Completion,
+    Server,
+    kvtier_serve_command,
+    plain_vllm_command,
+)
 from kvtier.errors import KvtierError
 from kvtier.integrations.ttft_worker import MARK
 from kvtier.redis_process import RedisServer, free_port
@@ -99,19 +105,25 @@ class _Run:
     def __init__(self, args: argparse.Namespace, work: Path, bar: tqdm[Any]):
         self.args, self.work, self.bar = args, work, bar
         self.rows: list[dict[str, Any]] = []
-        self.errors: list[str] = []
+        self.cores: dict[str, list[int] | None] = {}  # path -> cores vLLM computed on
         self._logs = 0
 
-    def server(self, command: Callable[[int], list[str]]) -> Server:
+    def server(
+        self, command: Callable[[int], list[str]], env: dict[str, str] | None = None
+    ) -> Server:
         self._logs += 1
         port = free_port()
-        return Server(command(port), port, self.work / f"server{self._logs}.log", warm_up=True)
+        log = self.work / f"server{self._logs}.log"
+        return Server(command(port), port, log, env=env, warm_up=True)
 
     def kvtier(self, *options: str) -> Server:
         return self.server(lambda port: kvtier_serve_command(port, *_COMMON, *options))
 
     def vllm(self, *options: str) -> Server:
-        return self.server(lambda port: plain_vllm_command(port, *_COMMON, *options))
+        def command(port: int) -> list[str]:
+            return plain_vllm_command(port, *_COMMON, *options)
+
+        return self.server(command, PLAIN_VLLM_ENV)
 
     def send(self, server: Server, ids: list[int]) -> Completion:
         reply = server.complete(ids, max_tokens=1)
@@ -133,6 +145,7 @@ class _Run:
 
     def measure(self, server: Server, path: str, requests: dict[int, list[list[int]]]) -> None:
         """Send each length's prompts in order; a failure (a dead server) fails that length."""
+        self.cores[path] = server.cores()
         for n, prompts in requests.items():
             try:
                 self.record(n, path, [self.send(server, ids) for ids in prompts])
@@ -171,7 +184,13 @@ def run(args: argparse.Namespace) -> int:
     order = ["cold_vllm", "cold", "vllm_prefix", "kvtier_memory", "kvtier_disk", "kvtier_redis"]
     order.append("example_connector")
     rows = sorted(bench.rows, key=lambda row: (row["tokens"], order.index(row["path"])))
-    result = {"rows": rows, **overhead, "cache_dropped": cache_dropped, "repeat": r}
+    result = {
+        "rows": rows,
+        **overhead,
+        "cache_dropped": cache_dropped,
+        "repeat": r,
+        "cores": bench.cores,
+    }
     if args.json:
         print(json.dumps(result))
     else:
@@ -309,6 +328,11 @@ def _print(result: dict[str, Any], lengths: list[int]) -> None:
         )
     )
     print(f"  kvtier_disk: {disk}")
+    cores = {str(c) for c in result["cores"].values()}
+    if len(cores) == 1:
+        print(f"  every server's engine computed on cores {cores.pop()}")
+    else:
+        print(f"  cores each server's engine computed on: {result['cores']} (NOT the same)")
     for row in rows:
         if row.get("error"):
             print(f"  {row['path']} at {row['tokens']} tokens failed: {row['error']}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,8 +43,17 @@ def kvtier_serve_command(port: int, *options: str) -> list[str]:
     return [sys.executable, "-m", "kvtier.cli.main", "serve", "--port", str(port), *options]
 
 
+# vLLM on CPU binds its compute threads to cores and keeps one core for its engine-core
+# process, except when a KV connector is configured: then it wants two, which a 2-core machine
+# does not have, so it keeps none and computes on both. A plain server would prefill with half
+# the cores of a server with any connector (measured here: ~1.9x slower cold prefills); this
+# gives it the same cores, so that cold_vllm and cold compare like with like.
+PLAIN_VLLM_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
 def plain_vllm_command(port: int, *options: str) -> list[str]:
-    """vLLM's own OpenAI server with the flags ``kvtier serve`` gives it, minus the connector."""
+    """vLLM's own OpenAI server with the flags ``kvtier serve`` gives it, minus the connector
+    (run it with :data:`PLAIN_VLLM_ENV` for the same cores)."""
     from kvtier.integrations.model import prepare_default_model
 
     command = [
@@ -129,6 +139,11 @@ class Server:
         # Engine processes that outlive the server would hold their memory and CPU.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+    def cores(self) -> list[int] | None:
+        """The cores vLLM bound its compute threads to, as its log says (None: not said)."""
+        found = re.findall(r"core ids=\[([\d, ]*)\]", self.tail(1 << 20))
+        return [int(c) for c in found[-1].split(",") if c.strip()] if found else None
 
     def tail(self, chars: int = 3000) -> str:
         try:

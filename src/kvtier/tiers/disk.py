@@ -27,18 +27,26 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from itertools import count
 from pathlib import Path
+from typing import TypeVar
 
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
 from kvtier.tiers.base import Blob, PutResult, TierUsage
 
+T = TypeVar("T")
+R = TypeVar("R")
 SUFFIX = ".kvc"
 _HEX = frozenset("0123456789abcdef")
-_READAHEAD_BYTES = 64 << 20
+# Reads run on this many threads at once: a cold device delivers far more with several
+# requests in flight (115 MB in 20 files here: 0.21-0.28 s one file at a time, 0.11 s four
+# at a time, like `cat` with the kernel's readahead at best). Reads wait on the device and
+# release the GIL, so the threads cost next to no CPU.
+_READERS = 4
 _STALE_TMP_S = 3600.0  # where the filesystem has no locks: age alone decides
 # Chunks this large are written with O_DIRECT, through a small page-aligned buffer per
 # thread: buffered writes of fresh data cost the writer ~1.8 ms of CPU per MB in page-cache
@@ -99,6 +107,8 @@ class DiskTier:
         self._writing: set[ChunkKey] = set()
         self._deleting: set[ChunkKey] = set()
         self._seq = count()
+        self._readers: ThreadPoolExecutor | None = None  # started on the first batch read
+        self._readers_lock = threading.Lock()
         self._host = socket.gethostname().replace(".", "_")
         if not read_only:
             self._remove_stale_temp_files()
@@ -201,7 +211,17 @@ class DiskTier:
         return [self._sync(key) is not None for key in keys]
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[Blob | None]:
-        return [self._get(key) for key in keys]
+        return self._in_parallel(self._get, keys)
+
+    def _in_parallel(self, read: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``[read(item) for item in items]``, up to :data:`_READERS` at a time."""
+        if len(items) <= 1:
+            return [read(item) for item in items]
+        with self._readers_lock:
+            if self._readers is None:
+                self._readers = ThreadPoolExecutor(_READERS, thread_name_prefix="kvtier-read")
+            readers = self._readers
+        return list(readers.map(read, items))
 
     def _open(self, key: ChunkKey) -> int | None:
         """A read-only fd of the chunk's file, or None (and forget the key) if it is gone."""
@@ -232,29 +252,12 @@ class DiskTier:
     def read_into_many(
         self, items: Sequence[tuple[ChunkKey, Sequence[memoryview]]]
     ) -> list[int | None]:
-        # Files are opened and announced to the kernel (WILLNEED) up to _READAHEAD_BYTES
-        # ahead of the one being read, so reads from a cold device overlap instead of
-        # waiting one small per-file readahead at a time.
-        fds: list[int | None] = []
-        ahead = 0
-        out: list[int | None] = []
-        try:
-            for i, (key, buffers) in enumerate(items):
-                while len(fds) < len(items) and (len(fds) <= i or ahead < _READAHEAD_BYTES):
-                    fd = self._open(items[len(fds)][0])
-                    if fd is not None:
-                        with suppress(OSError):
-                            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                    ahead += sum(b.nbytes for b in items[len(fds)][1])
-                    fds.append(fd)
-                ahead -= sum(b.nbytes for b in buffers)
-                fd, fds[i] = fds[i], None
-                out.append(None if fd is None else self._read_into(fd, key, buffers))
-        finally:
-            for fd in fds:
-                if fd is not None:
-                    os.close(fd)
-        return out
+        return self._in_parallel(self._read_one, items)
+
+    def _read_one(self, item: tuple[ChunkKey, Sequence[memoryview]]) -> int | None:
+        key, buffers = item
+        fd = self._open(key)
+        return None if fd is None else self._read_into(fd, key, buffers)
 
     def _read_into(self, fd: int, key: ChunkKey, buffers: Sequence[memoryview]) -> int:
         """Read the open file ``fd`` into ``buffers`` if it fits them; closes ``fd``."""
@@ -462,4 +465,8 @@ class DiskTier:
             return TierUsage(len(self._policy), self._policy.used_bytes, self.capacity)
 
     def close(self) -> None:
-        """Nothing to release: every operation opens and closes its own file."""
+        """Stop the reader threads; every operation opens and closes its own file."""
+        with self._readers_lock:
+            readers, self._readers = self._readers, None
+        if readers is not None:
+            readers.shutdown(wait=True)
