@@ -22,6 +22,7 @@ import atexit
 import logging
 import re
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -368,6 +369,8 @@ class KvtierConnector(KVConnectorBase_V1):
         skip = (spec.start - first_chunk * self._chunk) // self._block_size
         blocks = spec.block_ids[first_chunk * per_chunk :]  # blocks of the chunks read, to end
         loaded, tiers = 0, []
+        started = time.perf_counter()
+        reading = 0.0  # seconds in the store (tier reads, checks, promotion)
         try:
             while loaded < n_chunks:
                 piece = list(self._staging[: n_chunks - loaded])
@@ -375,9 +378,11 @@ class KvtierConnector(KVConnectorBase_V1):
                     piece[-1] = self._chunk_view(piece[-1], len(spec.tokens) % self._chunk)
                 # get_into fills bytes; numpy has no bf16
                 raw = [p.view(-1).view(torch.uint8).numpy() for p in piece]
+                read_from = time.perf_counter()
                 result = self._store.get_into(
                     spec.tokens, namespace, raw, first_chunk + loaded, spec.tail
                 )
+                reading += time.perf_counter() - read_from
                 chunks_to_blocks(
                     piece[: result.chunks],
                     self._layers,
@@ -394,12 +399,16 @@ class KvtierConnector(KVConnectorBase_V1):
             counts = {t: tiers.count(t) for t in dict.fromkeys(tiers)}
             where = ", ".join(f"{n} from {t}" for t, n in counts.items())
             tokens = min(spec.end, (first_chunk + loaded) * self._chunk) - spec.start
+            took = time.perf_counter() - started
             log.info(
-                "request %s: loaded %d tokens (%s chunks of up to %d)",
+                "request %s: loaded %d tokens (%s chunks of up to %d) in %.0f ms, %.0f ms of"
+                " it reading",
                 spec.req_id,
                 tokens,
                 where,
                 self._chunk,
+                1000 * took,
+                1000 * reading,
             )
         failed = blocks[max(loaded * per_chunk, skip) :]
         if failed:

@@ -37,6 +37,7 @@ from typing import TypeVar
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
 from kvtier.tiers.base import Blob, PutResult, TierUsage
+from kvtier.writeback import any_core
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -219,7 +220,9 @@ class DiskTier:
             return [read(item) for item in items]
         with self._readers_lock:
             if self._readers is None:
-                self._readers = ThreadPoolExecutor(_READERS, thread_name_prefix="kvtier-read")
+                self._readers = ThreadPoolExecutor(
+                    _READERS, thread_name_prefix="kvtier-read", initializer=any_core
+                )
             readers = self._readers
         return list(readers.map(read, items))
 
