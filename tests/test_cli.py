@@ -152,5 +152,7 @@ def test_serve_checks_kvtier_options_before_starting_vllm(tmp_path: Path) -> Non
     # The embedded model is served under the name the README uses; a user's own name wins.
     named = command.index("--served-model-name")
     assert command[named + 1] == "SmolLM2-135M-Instruct"
+    # vLLM drains on SIGTERM (so kvtier's queued writes land) unless told otherwise.
+    assert command[command.index("--shutdown-timeout") + 1] == "30"
     own = json.loads(kvtier("serve", "--dry-run", "--served-model-name=mine").stdout)
     assert "--served-model-name=mine" in own and "--served-model-name" not in own

@@ -30,6 +30,7 @@ from kvtier.config import (
 from kvtier.errors import ConfigError, KvtierError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what the embedded model is served as
+SHUTDOWN_TIMEOUT_S = 30  # vLLM's --shutdown-timeout unless given: time to finish writes
 
 
 def register(sub: Any) -> None:
@@ -114,6 +115,11 @@ def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list
     ]  # fmt: skip
     if "--enforce-eager" not in extra and not has_gpu():
         command.append("--enforce-eager")  # no graph capture on CPU: faster start
+    if not any(a.split("=")[0] == "--shutdown-timeout" for a in extra):
+        # vLLM's default (0) kills the engine processes at once on SIGTERM, and with them
+        # the chunks still queued for disk or Redis: a restart would miss the last prompts.
+        # Draining lets the worker exit normally, and kvtier flush its writes.
+        command += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
     return command + extra
 
 

@@ -126,11 +126,12 @@ class Server:
         self.stop()
 
     def stop(self, timeout_s: float = 60) -> None:
-        """SIGTERM (vLLM shuts down, kvtier flushes its writes), SIGKILL after ``timeout_s``."""
+        """SIGTERM to the server, as a service manager sends it (vLLM shuts its engine down,
+        kvtier flushes its writes); SIGKILL to all its processes after ``timeout_s``."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()
         try:
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
