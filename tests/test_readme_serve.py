@@ -1,5 +1,6 @@
 """The README's first examples, the curl command and the openai client snippet, run as written
-against a real `kvtier serve` (extracted from README.md, so the README cannot drift)."""
+against a real `kvtier serve` (extracted from README.md, so the README cannot drift); the same
+server then serves a repeated prompt from the DRAM tier of its worker process."""
 
 from __future__ import annotations
 
@@ -38,8 +39,11 @@ def test_the_readme_curl_and_openai_examples_work_against_kvtier_serve(tmp_path:
     # Port 8000 as in the README; if something else holds it, the same text on another port.
     port = 8000 if port_8000_free() else free_port()
     curl, client = (s.replace(URL, f"127.0.0.1:{port}") for s in (curl, client))
-    command = kvtier_serve_command(port, "--disk", str(tmp_path / "chunks"), "--dram", "512MiB")
-    with Server(command, port, tmp_path / "serve.log"):
+    command = kvtier_serve_command(
+        port, "--disk", "none", "--dram", "512MiB", "--max-model-len", "4096",
+        "--no-enable-prefix-caching", "--dtype", "float32",
+    )  # fmt: skip
+    with Server(command, port, tmp_path / "serve.log") as server:
         out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         reply = json.loads(out.stdout)
@@ -51,3 +55,10 @@ def test_the_readme_curl_and_openai_examples_work_against_kvtier_serve(tmp_path:
         )
         assert py.returncode == 0, py.stderr[-3000:]
         assert py.stdout.strip()
+        # vLLM runs the scheduler and the worker in separate processes here: the scheduler
+        # only knows the worker's DRAM through the events the worker sends back.
+        shared = " ".join(f"Line {i} of a document that every request shares." for i in range(200))
+        first = server.complete(shared, max_tokens=4)
+        second = server.complete(shared, max_tokens=4)
+    assert "from memory" in server.tail(1 << 20), server.tail()
+    assert second.text == first.text

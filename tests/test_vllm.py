@@ -8,12 +8,9 @@ engines compute in float32 so that "identical output" is exact. The last test dr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from kvtier.cli.server import Server, kvtier_serve_command
 from kvtier.redis_process import RedisServer, free_port
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
@@ -189,89 +187,48 @@ def test_a_bad_kvtier_option_fails_at_start_with_a_clear_error() -> None:
     assert "kv_connector_extra_config: tiers[0].capacity: expected a size" in proc.stderr
 
 
-def _complete(port: int, prompt: str) -> dict[str, Any]:
-    body = json.dumps(
-        {"prompt": prompt, "max_tokens": 4, "temperature": 0, "model": "SmolLM2-135M-Instruct"}
-    ).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=300) as response:
-        result: dict[str, Any] = json.loads(response.read())
-        return result
-
-
-@contextmanager
-def served(chunks: Path | None, log: Path) -> Iterator[int]:
+def serve(chunks: Path, log: Path) -> Server:
     port = free_port()
-    kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [kvtier, "serve", "--port", str(port), "--disk", str(chunks or "none"),
-             "--dram", "512MiB",
-             "--served-model-name", "SmolLM2-135M-Instruct", "--max-model-len", "4096",
-             "--no-enable-prefix-caching", "--dtype", "float32"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                    break
-                except OSError:
-                    assert proc.poll() is None, log.read_text()[-3000:]
-                    assert time.monotonic() < deadline, "kvtier serve did not come up"
-                    time.sleep(0.5)
-            yield port
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def test_kvtier_serve_hits_the_dram_tier_of_its_worker_process(tmp_path: Path) -> None:
-    # vLLM runs the scheduler and the worker in separate processes here: the scheduler only
-    # knows the worker's DRAM through the events the worker sends back.
-    prompt = " ".join(f"Line {i} of a document that every request shares." for i in range(200))
-    with served(None, tmp_path / "serve.log") as port:
-        first = _complete(port, prompt)
-        second = _complete(port, prompt)
-    log = (tmp_path / "serve.log").read_text()
-    assert "from memory" in log, log[-3000:]
-    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    command = kvtier_serve_command(
+        port, "--disk", str(chunks), "--dram", "512MiB", "--max-model-len", "4096",
+        "--no-enable-prefix-caching", "--dtype", "float32", "--enable-prompt-tokens-details",
+    )  # fmt: skip
+    return Server(command, port, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
 def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: Path) -> None:
     chunks = tmp_path / "chunks"
     prompt = " ".join(f"The {i}th line of a long shared document." for i in range(220))
-    with served(chunks, tmp_path / "first.log") as port:
-        first = _complete(port, prompt)
-    assert first["usage"]["prompt_tokens"] > 2000
-    with served(chunks, tmp_path / "second.log") as port:
-        second = _complete(port, prompt)
-    log = (tmp_path / "second.log").read_text()
+    with serve(chunks, tmp_path / "first.log") as server:
+        first = server.complete(prompt, max_tokens=4)
+    assert first.prompt_tokens > 2000
+    # Stopped with SIGTERM, as a service manager stops it: every chunk reached the disk.
+    with serve(chunks, tmp_path / "second.log") as server:
+        second = server.complete(prompt, max_tokens=4)
+        log = server.tail(1 << 20)
     assert "from disk" in log, log[-3000:]
-    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    assert second.text == first.text
+    assert second.cached_tokens == (second.prompt_tokens - 1) // 128 * 128
 
 
-def test_bench_ttft_prints_its_rows() -> None:
+def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:
     kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
     proc = subprocess.run(
-        [kvtier, "bench", "ttft", "--tokens", "600", "--tiers", "memory,disk", "--no-example",
-         "--batch", "2", "--rounds", "1", "--repeat", "1", "--engines", "1", "--json"],
+        [kvtier, "bench", "ttft", "--tokens", "700", "--tiers", "disk", "--no-example",
+         "--no-overhead", "--repeat", "1", "--json"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     paths = {row["path"]: row for row in result["rows"]}
-    assert set(paths) == {"cold", "vllm_prefix", "kvtier_memory", "kvtier_disk"}
+    assert set(paths) == {"cold_vllm", "cold", "vllm_prefix", "kvtier_disk"}, result
     assert all(row["ttft_s"] and row["ttft_s"] > 0 for row in paths.values()), result
-    # A hit is a hit: loading 600 tokens' KV takes a fraction of computing them (~3x here).
-    for hit in ("kvtier_memory", "kvtier_disk"):
-        assert paths[hit]["ttft_s"] < 0.7 * paths["cold"]["ttft_s"], result
-    assert isinstance(result["no_reuse_overhead"], float)
-    assert isinstance(result["no_reuse_overhead_across_engines"], float)
+    # 700 tokens: vLLM computes at least the last one; whole 128-token blocks are reused.
+    assert paths["cold"]["recomputed_tokens"] == 700
+    assert paths["vllm_prefix"]["recomputed_tokens"] == 700 - 640
+    assert paths["kvtier_disk"]["recomputed_tokens"] == 700 - 640  # chunks and a tail
+    # A hit is a hit: loading 700 tokens' KV from disk takes a fraction of computing them.
+    assert paths["kvtier_disk"]["ttft_s"] < 0.7 * paths["cold"]["ttft_s"], result
+    # Every server computed on the same cores (plain vLLM would keep one for its scheduler).
+    assert len({str(cores) for cores in result["cores"].values()}) == 1, result["cores"]
+    assert result["raw"]["700"]["disk_cold_read_s"] > 0

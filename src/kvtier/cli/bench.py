@@ -5,7 +5,9 @@ kvtier's put is ``store.put`` (encode + checksum + write); its get is ``store.ge
 (lookup + read into preallocated destination buffers + verify), the path a connector uses.
 
 - memory: numpy memcpy of the same bytes into the same kind of preallocated buffers;
-- disk:   one sequential file holding the same bytes (write + fsync, then readinto buffers);
+- disk:   one plain file per chunk, written and read the way the disk tier writes and reads
+          its chunks (O_DIRECT writes + fsync, then preadv into the buffers on as many threads
+          as the tier reads with), so that both read from the device in either mode;
 - redis:  plain redis-py SET / GET of the same byte strings, one call per chunk.
 
 Repeats are interleaved (ours, raw, ours, raw...) and the best of each is reported, so noise
@@ -31,7 +33,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from kvtier.cli import bench_ttft
+from kvtier.cli import bench_ttft, raw_io
 from kvtier.codec import KVChunk
 from kvtier.keys import Namespace
 from kvtier.redis_process import RedisServer
@@ -42,7 +44,7 @@ SMOLLM2 = (30, 2, 256, 3, 64)  # 256 tokens of SmolLM2-135M: 5,898,240 bytes in 
 TARGETS = {"memory": 0.7, "disk": 0.7, "redis": 0.8}
 RAW = {
     "memory": "numpy memcpy into preallocated buffers",
-    "disk": "one sequential file: write + fsync, then readinto buffers",
+    "disk": "a file per chunk: O_DIRECT write + fsync, parallel preadv (as the tier does)",
     "redis": "plain redis-py SET/GET, one call per chunk",
 }
 
@@ -130,16 +132,6 @@ def _timed(fn: Callable[..., object], *args: Any) -> float:
     start = time.perf_counter()
     fn(*args)
     return time.perf_counter() - start
-
-
-def _drop_cache(paths: list[Path]) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 @contextmanager
@@ -273,35 +265,32 @@ def _bench_disk(
     chunk_tokens = chunks[0].tokens
     try:
         for r in range(args.repeat):
-            store_dir, raw_file = work / f"store{r}", work / f"raw{r}.bin"
+            store_dir, raw_dir = work / f"store{r}", work / f"raw{r}"
+            raw_dir.mkdir()
 
             def put(d: Path = store_dir) -> None:
                 with TieredStore([DiskTier(d, capacity, fsync=fsync)], chunk_tokens) as s:
                     s.put(tokens, ns, chunks)
 
-            def raw_put(f: Path = raw_file) -> None:
-                with open(f, "wb", buffering=0) as out:
-                    for c in chunks:
-                        out.write(c.data)
-                    if fsync:
-                        os.fsync(out.fileno())
+            def raw_put(d: Path = raw_dir) -> None:
+                paths = [d / f"{i}.bin" for i in range(len(chunks))]
+                raw_io.write_direct(paths, [c.data for c in chunks], fsync)
 
             _keep_best(best, "put", _timed(put))
             _keep_best(best, "raw_put", _timed(raw_put))
             store = TieredStore([DiskTier(store_dir, capacity, fsync=fsync)], chunk_tokens)
+            raw_files = [raw_dir / f"{i}.bin" for i in range(len(chunks))]
             if args.cold:
-                _drop_cache([p for p in store_dir.rglob("*.kvc")] + [raw_file])
+                raw_io.drop_cached([p for p in store_dir.rglob("*.kvc")] + raw_files)
 
-            def raw_get(f: Path = raw_file) -> None:
-                with open(f, "rb", buffering=0) as src:
-                    for d in dests:
-                        src.readinto(d.data)
+            def raw_get(files: list[Path] = raw_files) -> None:
+                raw_io.read_parallel(files, dests)
 
             _keep_best(best, "get", _timed(_get_into(store, tokens, ns, dests)))
             _keep_best(best, "raw_get", _timed(raw_get))
             store.close()
             shutil.rmtree(store_dir)
-            raw_file.unlink()
+            shutil.rmtree(raw_dir)
             progress.update()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -36,11 +36,12 @@ import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
+from kvtier.cli import raw_io
 from kvtier.cli.server import (
     PLAIN_VLLM_ENV,
     Completion,
@@ -53,6 +54,8 @@ from kvtier.integrations.ttft_worker import MARK
 from kvtier.redis_process import RedisServer, free_port
 
 TIERS = ("memory", "disk", "redis")
+CHUNK_TOKENS = 256  # kvtier serve's default chunk
+T = TypeVar("T")
 # Usage with cached tokens, so that every row says how much was recomputed.
 _COMMON = ("--enable-prompt-tokens-details", "--max-model-len", "8192")
 _NO_PREFIX = ("--no-enable-prefix-caching",)
@@ -106,6 +109,8 @@ class _Run:
         self.args, self.work, self.bar = args, work, bar
         self.rows: list[dict[str, Any]] = []
         self.cores: dict[str, list[int] | None] = {}  # path -> cores vLLM computed on
+        # length -> the raw medium reading the same bytes as that length's hit
+        self.raw: dict[int, dict[str, float | None]] = {n: {} for n in args.lengths}
         self._logs = 0
 
     def server(
@@ -143,6 +148,14 @@ class _Run:
             row["error"] = error[-500:]
         self.rows.append(row)
 
+    def loaded_tokens(self, tokens: int, path: str) -> int | None:
+        """Prompt tokens that path's requests did not compute (the hit), or None."""
+        for row in self.rows:
+            if row["tokens"] == tokens and row["path"] == path:
+                recomputed = row.get("recomputed_tokens")
+                return None if recomputed is None else tokens - recomputed
+        return None
+
     def measure(self, server: Server, path: str, requests: dict[int, list[list[int]]]) -> None:
         """Send each length's prompts in order; a failure (a dead server) fails that length."""
         self.cores[path] = server.cores()
@@ -163,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             "kvtier bench ttft: --batch, --rounds, --repeat and --engines must be at least 1"
         )
+    args.lengths = lengths
     r = args.repeat
     per_length = (
         3 * r + (r + 1) * ("memory" in tiers) + r * (("disk" in tiers) + ("redis" in tiers))
@@ -190,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         "cache_dropped": cache_dropped,
         "repeat": r,
         "cores": bench.cores,
+        "raw": bench.raw,
     }
     if args.json:
         print(json.dumps(result))
@@ -226,10 +241,34 @@ def _hit_paths(bench: _Run, lengths: list[int], tiers: list[str], redis_url: str
         dropped = drop_page_cache()
         with bench.kvtier("--disk", str(bench.work / "disk"), *_NO_PREFIX) as disk:
             bench.measure(disk, "kvtier_disk", fill)
+        files = [(p, p.stat().st_size) for p in (bench.work / "disk").rglob("*.kvc")]
+        for n in lengths:
+            picked = _same_bytes(files, bench.loaded_tokens(n, "kvtier_disk"))
+            bench.raw[n]["disk_cold_read_s"] = raw_io.cold_read_s(picked) if picked else None
     if "redis" in tiers and redis_url:
         with bench.kvtier("--disk", "none", "--redis", redis_url, *_NO_PREFIX) as redis:
             bench.measure(redis, "kvtier_redis", fill)
+        values = raw_io.redis_values(redis_url, "kvtier")
+        for n in lengths:
+            keys = _same_bytes(values, bench.loaded_tokens(n, "kvtier_redis"))
+            bench.raw[n]["redis_get_s"] = raw_io.pipelined_get_s(redis_url, keys) if keys else None
     return dropped
+
+
+def _same_bytes(items: list[tuple[T, int]], loaded: int | None) -> list[T]:
+    """Items (files, Redis keys) as many and as large as the chunks of a hit of ``loaded``
+    tokens: whole chunks are the largest items; a tail, the item nearest its share of one."""
+    if not items or not loaded:
+        return []
+    full = max(size for _, size in items)
+    whole = [item for item, size in items if size == full]
+    picked = whole[: loaded // CHUNK_TOKENS]
+    if loaded % CHUNK_TOKENS:
+        share = full * (loaded % CHUNK_TOKENS) // CHUNK_TOKENS
+        rest = [(abs(size - share), i) for i, (_, size) in enumerate(items) if size < full]
+        if rest:
+            picked.append(items[min(rest)[1]][0])
+    return picked
 
 
 def _example_paths(bench: _Run, lengths: list[int]) -> None:
@@ -333,6 +372,7 @@ def _print(result: dict[str, Any], lengths: list[int]) -> None:
         print(f"  every server's engine computed on cores {cores.pop()}")
     else:
         print(f"  cores each server's engine computed on: {result['cores']} (NOT the same)")
+    _print_targets(result, lengths)
     for row in rows:
         if row.get("error"):
             print(f"  {row['path']} at {row['tokens']} tokens failed: {row['error']}")
@@ -348,3 +388,25 @@ def _print(result: dict[str, Any], lengths: list[int]) -> None:
             f" {result['no_reuse_seconds']['on']:.2f}s with kvtier vs"
             f" {result['no_reuse_seconds']['off']:.2f}s in engines without a connector)"
         )
+
+
+def _print_targets(result: dict[str, Any], lengths: list[int]) -> None:
+    """Each hit against vLLM's own prefix hit, and slow tiers against their raw medium."""
+    ttft = {(r["tokens"], r["path"]): r["ttft_s"] for r in result["rows"]}
+    for n in lengths:
+        prefix, memory = ttft.get((n, "vllm_prefix")), ttft.get((n, "kvtier_memory"))
+        parts = []
+        for path in ("kvtier_memory", "kvtier_redis", "kvtier_disk"):
+            if prefix and ttft.get((n, path)):
+                parts.append(f"{path[7:]} {ttft[(n, path)] / prefix:.2f}x")
+        raw = result["raw"].get(n) or result["raw"].get(str(n)) or {}
+        for path, key in (("kvtier_disk", "disk_cold_read_s"), ("kvtier_redis", "redis_get_s")):
+            hit, base = ttft.get((n, path)), raw.get(key)
+            if hit and memory and base:
+                parts.append(
+                    f"{path[7:]} - memory = {hit - memory:.3f}s = {(hit - memory) / base:.1f}x"
+                    f" the raw {'cold read' if 'disk' in key else 'pipelined GETs'}"
+                    f" ({base:.3f}s)"
+                )
+        if parts:
+            print(f"  {n} tokens, against vllm_prefix: " + "; ".join(parts))

@@ -24,7 +24,7 @@ import re
 import threading
 import time
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,8 +57,9 @@ from kvtier.integrations.vllm_meta import (
     SaveSpec,
 )
 from kvtier.keys import ChunkKey, Namespace, tail_candidates
+from kvtier.results import LoadResult
 from kvtier.stats import ChunkEvent
-from kvtier.writeback import background_priority
+from kvtier.writeback import any_core, background_priority
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -150,7 +151,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self._waiting: dict[str, tuple[list[int], str | None]] = {}  # prefetch candidates
         # worker side
         self._layers: list[torch.Tensor] = []
-        self._staging = torch.empty(0)
+        self._staging: list[torch.Tensor] = []  # two buffers: read one, scatter the other
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load", initializer=any_core)
         self._pool = ChunkPool()
         self._load_errors: set[int] = set()
         self._saver = ThreadPoolExecutor(
@@ -335,7 +337,7 @@ class KvtierConnector(KVConnectorBase_V1):
         shape = self._chunk_shape()
         chunk_bytes = first.element_size() * int(torch.Size(shape).numel())
         pieces = max(1, _STAGING_BYTES // chunk_bytes)
-        self._staging = torch.zeros((pieces, *shape), dtype=first.dtype)
+        self._staging = [torch.zeros((pieces, *shape), dtype=first.dtype) for _ in range(2)]
         top = self._config.tiers[0] if self._config.tiers else None
         fill = top.capacity if isinstance(top, MemoryTierConfig) and top.prefault else 0
         self._pool.reserve(self._kv_dtype, shape, fill)  # the DRAM tier's first fill
@@ -359,7 +361,8 @@ class KvtierConnector(KVConnectorBase_V1):
             self._load(spec)
 
     def _load(self, spec: LoadSpec) -> None:
-        """Load a request's chunks, a staging buffer's worth at a time, into its blocks."""
+        """Load a request's chunks into its blocks, a staging buffer's worth at a time: the
+        next piece is read (and verified) on a thread while this one is copied into blocks."""
         namespace = self._namespace(spec.salt)
         keys = self._store.keys(spec.tokens, namespace, spec.tail)
         self._saver_wait(keys)  # saved last step?
@@ -370,45 +373,50 @@ class KvtierConnector(KVConnectorBase_V1):
         blocks = spec.block_ids[first_chunk * per_chunk :]  # blocks of the chunks read, to end
         loaded, tiers = 0, []
         started = time.perf_counter()
-        reading = 0.0  # seconds in the store (tier reads, checks, promotion)
+
+        def read(at: int, staging: torch.Tensor) -> tuple[list[torch.Tensor], LoadResult]:
+            piece = list(staging[: n_chunks - at])
+            if spec.tail and at + len(piece) == n_chunks:  # the tail is a short chunk
+                piece[-1] = self._chunk_view(piece[-1], len(spec.tokens) % self._chunk)
+            raw = [p.view(-1).view(torch.uint8).numpy() for p in piece]  # numpy has no bf16
+            return piece, self._store.get_into(
+                spec.tokens, namespace, raw, first_chunk + at, spec.tail
+            )
+
+        pending: Future[tuple[list[torch.Tensor], LoadResult]] | None = None
         try:
-            while loaded < n_chunks:
-                piece = list(self._staging[: n_chunks - loaded])
-                if spec.tail and loaded + len(piece) == n_chunks:  # the tail is a short chunk
-                    piece[-1] = self._chunk_view(piece[-1], len(spec.tokens) % self._chunk)
-                # get_into fills bytes; numpy has no bf16
-                raw = [p.view(-1).view(torch.uint8).numpy() for p in piece]
-                read_from = time.perf_counter()
-                result = self._store.get_into(
-                    spec.tokens, namespace, raw, first_chunk + loaded, spec.tail
-                )
-                reading += time.perf_counter() - read_from
+            pending = self._reader.submit(read, 0, self._staging[0])
+            turn = 0
+            while pending is not None:
+                piece, result = pending.result()
+                pending = None
+                ahead = loaded + result.chunks
+                if result.chunks == len(piece) and ahead < n_chunks:
+                    turn ^= 1
+                    pending = self._reader.submit(read, ahead, self._staging[turn])
                 chunks_to_blocks(
                     piece[: result.chunks],
                     self._layers,
-                    blocks[loaded * per_chunk : (loaded + result.chunks) * per_chunk],
+                    blocks[loaded * per_chunk : ahead * per_chunk],
                     skip_blocks=max(0, skip - loaded * per_chunk),
                 )
-                loaded += result.chunks
+                loaded = ahead
                 tiers += result.tiers
-                if result.chunks < len(piece):
-                    break
         except Exception:  # never let the cache fail the request: recompute instead
             log.exception("kvtier: load failed; vLLM will recompute")
+            if pending is not None:  # its buffer must not be written while reused
+                wait([pending])
         if tiers:
             counts = {t: tiers.count(t) for t in dict.fromkeys(tiers)}
             where = ", ".join(f"{n} from {t}" for t, n in counts.items())
             tokens = min(spec.end, (first_chunk + loaded) * self._chunk) - spec.start
-            took = time.perf_counter() - started
             log.info(
-                "request %s: loaded %d tokens (%s chunks of up to %d) in %.0f ms, %.0f ms of"
-                " it reading",
+                "request %s: loaded %d tokens (%s chunks of up to %d) in %.0f ms",
                 spec.req_id,
                 tokens,
                 where,
                 self._chunk,
-                1000 * took,
-                1000 * reading,
+                1000 * (time.perf_counter() - started),
             )
         failed = blocks[max(loaded * per_chunk, skip) :]
         if failed:
@@ -501,4 +509,5 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         self._saver.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
         shared_stores.release(self._config)

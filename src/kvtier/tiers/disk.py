@@ -47,7 +47,7 @@ _HEX = frozenset("0123456789abcdef")
 # requests in flight (115 MB in 20 files here: 0.21-0.28 s one file at a time, 0.11 s four
 # at a time, like `cat` with the kernel's readahead at best). Reads wait on the device and
 # release the GIL, so the threads cost next to no CPU.
-_READERS = 4
+READERS = 4
 _STALE_TMP_S = 3600.0  # where the filesystem has no locks: age alone decides
 # Chunks this large are written with O_DIRECT, through a small page-aligned buffer per
 # thread: buffered writes of fresh data cost the writer ~1.8 ms of CPU per MB in page-cache
@@ -215,13 +215,13 @@ class DiskTier:
         return self._in_parallel(self._get, keys)
 
     def _in_parallel(self, read: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        """``[read(item) for item in items]``, up to :data:`_READERS` at a time."""
+        """``[read(item) for item in items]``, up to :data:`READERS` at a time."""
         if len(items) <= 1:
             return [read(item) for item in items]
         with self._readers_lock:
             if self._readers is None:
                 self._readers = ThreadPoolExecutor(
-                    _READERS, thread_name_prefix="kvtier-read", initializer=any_core
+                    READERS, thread_name_prefix="kvtier-read", initializer=any_core
                 )
             readers = self._readers
         return list(readers.map(read, items))

@@ -1,0 +1,103 @@
+"""The raw medium that the benchmarks hold kvtier against: plain files written and read the
+way the disk tier does it, cold reads, and pipelined Redis GETs, with none of kvtier's keys,
+headers, checksums or bookkeeping."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from kvtier.tiers import disk as disk_tier
+
+
+def write_direct(paths: Sequence[Path], payloads: Sequence[Any], fsync: bool) -> None:
+    """Each payload to its own file with O_DIRECT (buffered where refused), as the disk tier
+    writes large chunks: through one reused page-aligned buffer, the file then cut back to the
+    data's length."""
+    views = [memoryview(p).cast("B") for p in payloads]
+    buffer = mmap.mmap(-1, -(-max(v.nbytes for v in views) // 4096) * 4096)
+    for path, view in zip(paths, views, strict=True):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0))
+        try:
+            n = view.nbytes
+            buffer[:n] = view
+            try:
+                os.write(fd, memoryview(buffer)[: -(-n // 4096) * 4096])
+            except OSError:  # no O_DIRECT here: write the bytes plainly
+                os.close(fd)
+                fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+                os.write(fd, view)
+            os.ftruncate(fd, n)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def drop_cached(paths: Sequence[Path]) -> None:
+    """Evict these files from the page cache (no privileges needed): the next read is cold."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_parallel(paths: Sequence[Path], dests: Sequence[Any]) -> None:
+    """Read each file into its buffer with one preadv, on the disk tier's number of threads."""
+
+    def read(item: tuple[Path, Any]) -> None:
+        fd = os.open(item[0], os.O_RDONLY)
+        try:
+            os.preadv(fd, [memoryview(item[1]).cast("B")], 0)
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(disk_tier.READERS) as pool:
+        list(pool.map(read, zip(paths, dests, strict=True)))
+
+
+def cold_read_s(paths: Sequence[Path]) -> float:
+    """Seconds to read these files from the device (dropped from the page cache first)."""
+    drop_cached(paths)
+    dests = [bytearray(p.stat().st_size) for p in paths]
+    start = time.perf_counter()
+    read_parallel(paths, dests)
+    return time.perf_counter() - start
+
+
+def pipelined_get_s(url: str, keys: Sequence[bytes]) -> float:
+    """Seconds for one pipelined round of plain GETs of ``keys`` (redis-py)."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(key)
+        start = time.perf_counter()
+        pipe.execute()
+        return time.perf_counter() - start
+    finally:
+        client.close()
+
+
+def redis_values(url: str, prefix: str) -> list[tuple[bytes, int]]:
+    """(key, size) of every value whose key starts with ``prefix``."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=prefix.encode() + b"*", count=1000))
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.strlen(key)
+        return list(zip(keys, (int(n) for n in pipe.execute()), strict=True))
+    finally:
+        client.close()
