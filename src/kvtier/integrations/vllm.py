@@ -458,6 +458,13 @@ class KvtierConnector(KVConnectorBase_V1):
                 continue
             with self._saving_lock:
                 self._saving.update(keys)
+            with self._events_lock:
+                # Announced now, with this step's output: the scheduler in another process
+                # would otherwise learn of them only after the next step, and a request
+                # scheduled meanwhile (the same prompt again) would miss them. A load of a key
+                # still being saved waits for the save (_saver_wait); a save that fails makes
+                # that load a miss, which vLLM recomputes.
+                self._events.stored.extend(keys)
             self._pending_save = self._saver.submit(self._save, spec, keys, blobs)
 
     def _payload(self, blob: codec.SealedChunk) -> torch.Tensor:
