@@ -9,11 +9,10 @@ it holds (whole chunks, then a tail of whole blocks, leaving at least one token 
 metadata of each step lists the chunks to load into the request's blocks and the newly completed
 prompt chunks to save, and once a prompt is computed, its tail: the full blocks after its last
 full chunk, so that reuse is as fine-grained as vLLM's own blocks. Worker side: loads run before
-the forward pass (into a reused staging buffer, then block copies per layer); saves gather the
-blocks after the step straight into encoded chunks and leave checksums and tier writes to a
-background thread. Chunks that fail to load are reported through
-:meth:`get_block_ids_with_load_errors` for vLLM to recompute (kvtier sets
-``kv_load_failure_policy=recompute``: a cache must never fail a request).
+the forward pass (pipelined through two staging buffers); saves gather the blocks straight into
+encoded chunks, leaving checksums and tier writes to a background thread. Chunks that fail to
+load are reported through :meth:`get_block_ids_with_load_errors` for vLLM to recompute (kvtier
+sets ``kv_load_failure_policy=recompute``: a cache must never fail a request).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +53,7 @@ from kvtier.integrations.vllm_meta import (
     KvtierWorkerMetadata,
     LoadSpec,
     SaveSpec,
+    Tracked,
 )
 from kvtier.keys import ChunkKey, Namespace, tail_candidates
 from kvtier.results import LoadResult
@@ -79,16 +78,6 @@ if not log.handlers:  # inside vLLM nobody configures kvtier's logger: say what 
     log.setLevel(logging.INFO)
 
 _STAGING_BYTES = 64 << 20  # loads go through a reused host buffer of about this size
-
-
-@dataclass
-class _Tracked:
-    """Scheduler-side state of a running request."""
-
-    prompt: list[int]
-    salt: str | None
-    block_ids: list[int]
-    saved_tokens: int  # prompt tokens already in kvtier (loaded or saved)
 
 
 _connectors: weakref.WeakSet[KvtierConnector] = weakref.WeakSet()
@@ -142,7 +131,7 @@ class KvtierConnector(KVConnectorBase_V1):
         )
         self._store = shared_stores.acquire(self._config)
         # scheduler side
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, Tracked] = {}
         self._local_hits: dict[str, int] = {}
         self._salts: dict[str, str | None] = {}
         self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end)
@@ -194,12 +183,8 @@ class KvtierConnector(KVConnectorBase_V1):
         workers = [c for c in list(_connectors) if c.role == KVConnectorRole.WORKER]
         if workers:  # a save still under way may hold this very prefix (or a tail of it)
             keys = self._store.keys(tokens, namespace)
-            probe = list(keys)
-            for after in range(len(keys) + 1):
-                tails = tail_candidates(
-                    tokens, namespace, self._chunk, self._block_size, keys, after
-                )
-                probe += [key for _, key in tails]
+            args = (tokens, namespace, self._chunk, self._block_size, keys)
+            probe = keys + [k for n in range(len(keys) + 1) for _, k in tail_candidates(*args, n)]
             for worker in workers:
                 worker._saver_wait(probe)
         elsewhere = self._worker_top if not workers else frozenset()
@@ -234,7 +219,7 @@ class KvtierConnector(KVConnectorBase_V1):
             prompt = list(new.prompt_token_ids or [])
             salt = self._salts.get(new.req_id)  # NewRequestData does not carry cache_salt
             held = self._held.pop(new.req_id, 0)
-            started = _Tracked(prompt, salt, list(new.block_ids[0]), held)
+            started = Tracked(prompt, salt, list(new.block_ids[0]), held)
             self._tracked[new.req_id] = started
             self._plan_load(meta, new.req_id, started)
             computed = new.num_computed_tokens + scheduled.get(new.req_id, 0)
@@ -263,7 +248,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._waiting.clear()
         return meta
 
-    def _plan_load(self, meta: KvtierConnectorMetadata, req_id: str, tracked: _Tracked) -> None:
+    def _plan_load(self, meta: KvtierConnectorMetadata, req_id: str, tracked: Tracked) -> None:
         span = self._pending_loads.get(req_id)
         if span is None:
             return
@@ -279,7 +264,7 @@ class KvtierConnector(KVConnectorBase_V1):
         )
 
     def _plan_save(
-        self, meta: KvtierConnectorMetadata, req_id: str, tracked: _Tracked, computed: int
+        self, meta: KvtierConnectorMetadata, req_id: str, tracked: Tracked, computed: int
     ) -> None:
         prompt = len(tracked.prompt)
         done = min(computed, prompt) // self._chunk * self._chunk
@@ -407,16 +392,11 @@ class KvtierConnector(KVConnectorBase_V1):
             if pending is not None:  # its buffer must not be written while reused
                 wait([pending])
         if tiers:
-            counts = {t: tiers.count(t) for t in dict.fromkeys(tiers)}
-            where = ", ".join(f"{n} from {t}" for t, n in counts.items())
+            where = ", ".join(f"{tiers.count(t)} chunks from {t}" for t in dict.fromkeys(tiers))
             tokens = min(spec.end, (first_chunk + loaded) * self._chunk) - spec.start
+            took = 1000 * (time.perf_counter() - started)
             log.info(
-                "request %s: loaded %d tokens (%s chunks of up to %d) in %.0f ms",
-                spec.req_id,
-                tokens,
-                where,
-                self._chunk,
-                1000 * (time.perf_counter() - started),
+                "request %s: loaded %d tokens (%s) in %.0f ms", spec.req_id, tokens, where, took
             )
         failed = blocks[max(loaded * per_chunk, skip) :]
         if failed:

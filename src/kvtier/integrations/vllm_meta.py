@@ -1,4 +1,5 @@
-"""What the connector's scheduler side tells its worker side each step, and back."""
+"""What the connector's scheduler side tracks of a request, tells its worker side each step,
+and hears back."""
 
 from __future__ import annotations
 
@@ -8,6 +9,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorWorkerMetadata,
 )
+
+
+@dataclass
+class Tracked:
+    """Scheduler-side state of a running request."""
+
+    prompt: list[int]
+    salt: str | None
+    block_ids: list[int]
+    saved_tokens: int  # prompt tokens already in kvtier (held, loaded or saved; a tail too)
 
 
 @dataclass
