@@ -8,13 +8,12 @@ counted; the chunk is still in the tiers above, and at worst is recomputed later
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 
 from kvtier.keys import ChunkKey
+from kvtier.threads import background_priority
 from kvtier.tiers.base import Blob
 
 log = logging.getLogger("kvtier")
@@ -22,32 +21,6 @@ log = logging.getLogger("kvtier")
 WriteBatch = list[tuple[ChunkKey, Blob]]
 _BATCH_CHUNKS = 32
 _BATCH_BYTES = 64 << 20
-_BACKGROUND_NICE = 10
-
-
-def any_core() -> None:
-    """Let the calling thread run on every core this process may use.
-
-    An engine that binds its compute threads to cores (vLLM on CPU pins the thread that
-    loads the model, and so every thread it starts later, to one core) would otherwise keep
-    kvtier's reader and writer threads on that one core, queued behind each other and the
-    engine, while other cores sit idle: disk reads in a served engine ran at a quarter of
-    the device's speed that way.
-    """
-    if hasattr(os, "sched_setaffinity"):
-        with suppress(OSError):  # the kernel keeps only the cores this process's cpuset has
-            os.sched_setaffinity(0, range(os.cpu_count() or 1))
-
-
-def background_priority() -> None:
-    """Lower the calling thread's CPU priority (Linux: threads have their own nice value).
-
-    Lower-tier writes are never urgent; on a machine whose cores the engine keeps busy they
-    should take what the engine leaves, not slow down inference.
-    """
-    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
-        with suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _BACKGROUND_NICE)
 
 
 class WriteBehind:

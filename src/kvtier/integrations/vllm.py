@@ -58,7 +58,7 @@ from kvtier.integrations.vllm_meta import (
 from kvtier.keys import ChunkKey, Namespace, tail_candidates
 from kvtier.results import LoadResult
 from kvtier.stats import ChunkEvent
-from kvtier.writeback import any_core, background_priority
+from kvtier.threads import any_core, background_priority
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

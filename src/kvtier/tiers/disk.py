@@ -36,8 +36,8 @@ from typing import TypeVar
 
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
+from kvtier.threads import any_core
 from kvtier.tiers.base import Blob, PutResult, TierUsage
-from kvtier.writeback import any_core
 
 T = TypeVar("T")
 R = TypeVar("R")
