@@ -37,8 +37,12 @@ def disk(path: Path) -> dict[str, Any]:
 
 
 def run_worker(
-    config: dict[str, Any] | None, plan: list[dict[str, Any]], *options: str
+    config: dict[str, Any] | None,
+    plan: list[dict[str, Any]],
+    *options: str,
+    log: list[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """The results of a worker process running ``plan``; its stderr goes to ``log``."""
     proc = subprocess.run(
         [sys.executable, WORKER, json.dumps(config), json.dumps(plan), *options],
         capture_output=True,
@@ -46,6 +50,8 @@ def run_worker(
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if log is not None:
+        log.append(proc.stderr)
     return [
         json.loads(line[len(MARK) :]) for line in proc.stdout.splitlines() if line.startswith(MARK)
     ]
@@ -169,6 +175,25 @@ def test_a_corrupted_chunk_on_disk_is_detected_and_recomputed(tmp_path: Path) ->
     assert second["stats"]["tiers"]["disk"]["corruptions"] == 1
 
 
+def test_background_loads_give_identical_output_and_recompute_what_fails(tmp_path: Path) -> None:
+    config = {**tiers(disk(tmp_path / "chunks")), "loads": "async"}
+    (first,) = run_worker(config, [PROMPT])
+    log: list[str] = []
+    (again,) = run_worker(config, [PROMPT], log=log)  # DRAM is empty: from disk
+    assert "loaded 1792 tokens (7 chunks from disk) in the background" in log[0], log[0][-3000:]
+    assert again["tokens"] == first["tokens"]
+    assert again["cached"] == 7 * 256
+    files = sorted((tmp_path / "chunks").rglob("*.kvc"), key=lambda p: p.stat().st_mtime_ns)
+    raw = bytearray(files[3].read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    files[3].write_bytes(bytes(raw))
+    (damaged,) = run_worker(config, [PROMPT], log=log)
+    assert damaged["stats"]["tiers"]["disk"]["corruptions"] == 1
+    # The load stopped at chunk 3; vLLM computed the blocks reported failed, and the rest.
+    assert "loaded 768 tokens (3 chunks from disk) in the background" in log[1], log[1][-3000:]
+    assert damaged["tokens"] == first["tokens"]
+
+
 def test_cache_salts_never_share_chunks(tmp_path: Path) -> None:
     config = tiers(disk(tmp_path / "chunks"))
     steps = [{**PROMPT, "salt": salt} for salt in ("tenant-a", "tenant-b", "tenant-a", None)]
@@ -207,6 +232,7 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
         second = server.complete(prompt, max_tokens=4)
         log = server.tail(1 << 20)
     assert "from disk" in log, log[-3000:]
+    assert "in the background" not in log  # no other request to stall: loaded before the step
     assert second.text == first.text
     assert second.cached_tokens == (second.prompt_tokens - 1) // 128 * 128
 
@@ -232,3 +258,21 @@ def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:
     # Every server computed on the same cores (plain vLLM would keep one for its scheduler).
     assert len({str(cores) for cores in result["cores"].values()}) == 1, result["cores"]
     assert result["raw"]["700"]["disk_cold_read_s"] > 0
+
+
+def test_bench_overlap_loads_from_disk_in_the_background_while_a_stream_decodes() -> None:
+    kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
+    proc = subprocess.run(
+        [kvtier, "bench", "overlap", "--tokens", "2000", "--tiers", "disk", "--modes", "auto",
+         "--repeat", "1", "--warm-tokens", "5", "--json"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    (row,) = result["rows"]
+    assert (row["tier"], row["mode"]) == ("disk", "auto")
+    assert row["background"], result  # a stream was decoding: the load ran beside it
+    assert row["recomputed_tokens"] == 2000 - 1920  # whole 128-token blocks were loaded
+    assert row["load_ms"] > 0 and row["ttft_s"] > 0
+    assert row["itl_before_p50_ms"] > 0 and row["gaps_during"] >= 1
+    assert result["layers"] == 30  # SmolLM2-135M

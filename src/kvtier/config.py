@@ -150,6 +150,11 @@ TIER_KINDS: dict[str, type[Any]] = {
 }  # fmt: skip
 
 
+# The vLLM connector's `loads` option (kv_connector_extra_config, `kvtier serve --loads`):
+# when hits are loaded. It is not part of the store's configuration.
+LOAD_MODES = ("auto", "async", "sync")
+
+
 def _default_tiers() -> tuple[TierConfig, ...]:
     return (MemoryTierConfig(), DiskTierConfig())
 

@@ -33,7 +33,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from kvtier.cli import bench_ttft, raw_io
+from kvtier.cli import bench_overlap, bench_ttft, raw_io
 from kvtier.codec import KVChunk
 from kvtier.keys import Namespace
 from kvtier.redis_process import RedisServer
@@ -87,6 +87,7 @@ def register(sub: Any) -> None:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(run=run)
     bench_ttft.register(bsub)
+    bench_overlap.register(bsub)
 
 
 @dataclass

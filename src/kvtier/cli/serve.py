@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from kvtier.config import (
+    LOAD_MODES,
     DiskTierConfig,
     MemoryTierConfig,
     RedisTierConfig,
@@ -54,6 +55,14 @@ def register(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
     p.add_argument("--config", metavar="FILE", help="kvtier YAML configuration")
+    p.add_argument(
+        "--loads",
+        choices=LOAD_MODES,
+        default="auto",
+        help="how hits are loaded: auto (default) loads DRAM hits before the forward pass and"
+        " disk/Redis hits in the background while other requests run; async loads all in the"
+        " background; sync loads all before the forward pass, stalling running streams",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="print the vLLM command instead of running it"
     )
@@ -108,6 +117,9 @@ def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": connector_config(build_config(args)),
     }
+    loads = getattr(args, "loads", "auto")
+    if loads != "auto":
+        transfer["kv_connector_extra_config"]["loads"] = loads
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model, "--host", args.host, "--port", str(args.port),

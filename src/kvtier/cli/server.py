@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -156,18 +157,7 @@ class Server:
         self, prompt: str | list[int], max_tokens: int = 1, timeout_s: float = 600, **extra: Any
     ) -> Completion:
         """A greedy completion of ``prompt`` (text, or token ids sent as they are)."""
-        body = {
-            "model": DEFAULT_MODEL_NAME,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            **extra,
-        }
-        request = urllib.request.Request(
-            f"{self.url}/v1/completions",
-            json.dumps(body).encode(),
-            {"Content-Type": "application/json"},
-        )
+        request = self._request(prompt, max_tokens, **extra)
         start = time.perf_counter()
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -183,4 +173,45 @@ class Server:
             seconds,
             int(usage.get("prompt_tokens", 0)),
             None if cached is None else int(cached),
+        )
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        max_tokens: int,
+        arrivals: list[float] | None = None,
+        stop: threading.Event | None = None,
+        timeout_s: float = 600,
+    ) -> list[float]:
+        """Stream a greedy completion of up to ``max_tokens`` tokens (EOS ignored); the
+        ``time.perf_counter()`` at which each token arrived, appended to ``arrivals`` as they
+        come. Setting ``stop`` closes the connection after the next token (vLLM then aborts
+        the request)."""
+        request = self._request(prompt, max_tokens, stream=True, ignore_eos=True)
+        arrivals = [] if arrivals is None else arrivals
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                for line in response:
+                    if line.startswith(b"data: {"):
+                        arrivals.append(time.perf_counter())
+                    if stop is not None and stop.is_set():
+                        break
+        except urllib.error.HTTPError as exc:
+            raise KvtierError(f"HTTP {exc.code} from the server: {exc.read()[:500]!r}") from None
+        return arrivals
+
+    def _request(
+        self, prompt: str | list[int], max_tokens: int, **extra: Any
+    ) -> urllib.request.Request:
+        body = {
+            "model": DEFAULT_MODEL_NAME,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            **extra,
+        }
+        return urllib.request.Request(
+            f"{self.url}/v1/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
         )

@@ -132,6 +132,8 @@ def chunks_to_blocks(
     block_size = layers[0].shape[2]
     per_chunk = chunks[0].shape[2] // block_size
     device = layers[0].device
+    dests: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
     for c, chunk in enumerate(chunks):
         own = chunk.shape[2] // block_size
         lo, hi = max(skip_blocks, c * per_chunk), min(len(block_ids), c * per_chunk + own)
@@ -141,4 +143,10 @@ def chunks_to_blocks(
         for pos, first, count in _runs(block_ids[lo:hi]):
             view = _as_blocks(src, block_size, lo - c * per_chunk + pos, count)
             for li, layer in enumerate(layers):
-                layer[first : first + count].copy_(view[li])
+                dests.append(layer[first : first + count])
+                sources.append(view[li])
+    # One call for every copy: each torch call lets go of the GIL and must take it back, which
+    # a background load waits for (up to 5 ms a time) while the engine's thread runs Python:
+    # 210 separate copies of a 7-chunk load took 1.4 s that way instead of 27 ms.
+    if dests:
+        torch._foreach_copy_(dests, sources, non_blocking=True)

@@ -21,9 +21,8 @@ import atexit
 import logging
 import re
 import threading
-import time
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,18 +35,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvtier import codec
-from kvtier.config import MemoryTierConfig, config_from_dict
+from kvtier.config import LOAD_MODES, MemoryTierConfig, config_from_dict
 from kvtier.errors import ConfigError
 from kvtier.integrations import shared_stores
 from kvtier.integrations.chunk_pool import ChunkPool
+from kvtier.integrations.loader import Loader
 from kvtier.integrations.model import model_fingerprint
-from kvtier.integrations.paged import (
-    TORCH_DTYPES,
-    block_view,
-    chunks_to_blocks,
-    gather_chunks,
-    kv_dtype_name,
-)
+from kvtier.integrations.paged import TORCH_DTYPES, block_view, gather_chunks, kv_dtype_name
 from kvtier.integrations.vllm_meta import (
     KvtierConnectorMetadata,
     KvtierWorkerMetadata,
@@ -56,9 +50,9 @@ from kvtier.integrations.vllm_meta import (
     Tracked,
 )
 from kvtier.keys import ChunkKey, Namespace, tail_candidates
-from kvtier.results import LoadResult
+from kvtier.results import LookupResult
 from kvtier.stats import ChunkEvent
-from kvtier.threads import any_core, background_priority
+from kvtier.threads import background_priority
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -76,9 +70,6 @@ if not log.handlers:  # inside vLLM nobody configures kvtier's logger: say what 
     _handler.setFormatter(logging.Formatter("kvtier %(levelname)s: %(message)s"))
     log.addHandler(_handler)
     log.setLevel(logging.INFO)
-
-_STAGING_BYTES = 64 << 20  # loads go through a reused host buffer of about this size
-
 
 _connectors: weakref.WeakSet[KvtierConnector] = weakref.WeakSet()
 
@@ -110,6 +101,12 @@ class KvtierConnector(KVConnectorBase_V1):
     ):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self._loads = extra.pop("loads", "auto")
+        if self._loads not in LOAD_MODES:
+            raise ConfigError(
+                f"kv_connector_extra_config: loads: expected one of {', '.join(LOAD_MODES)},"
+                f" got {self._loads!r}"
+            )
         self._config = config_from_dict(extra, "kv_connector_extra_config")
         self._block_size = vllm_config.cache_config.block_size
         self._chunk = self._config.chunk_tokens
@@ -135,15 +132,16 @@ class KvtierConnector(KVConnectorBase_V1):
         self._local_hits: dict[str, int] = {}
         self._salts: dict[str, str | None] = {}
         self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end)
+        self._in_background: set[str] = set()  # requests whose next load is a background one
+        self._background_loads: list[LoadSpec] = []  # planned, for the next step's metadata
+        self._loading: set[str] = set()  # background loads the worker has not reported done
         self._held: dict[str, int] = {}  # req -> leading prompt tokens kvtier already holds
         self._worker_top: set[bytes] = set()  # mirror of the worker's DRAM tier
         self._waiting: dict[str, tuple[list[int], str | None]] = {}  # prefetch candidates
         # worker side
         self._layers: list[torch.Tensor] = []
-        self._staging: list[torch.Tensor] = []  # two buffers: read one, scatter the other
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load", initializer=any_core)
+        self._loader: Loader | None = None  # made once the KV cache is known
         self._pool = ChunkPool()
-        self._load_errors: set[int] = set()
         self._saver = ThreadPoolExecutor(
             1, thread_name_prefix="kvtier-save", initializer=background_priority
         )
@@ -171,12 +169,13 @@ class KvtierConnector(KVConnectorBase_V1):
             self._waiting[request.request_id] = (tokens, request.cache_salt)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self._loading.difference_update(connector_output.finished_recving or ())
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, KvtierWorkerMetadata):
             self._worker_top.difference_update(meta.dropped)
             self._worker_top.update(meta.stored)
 
-    def _hit_tokens(self, tokens: list[int], salt: str | None) -> int:
+    def _lookup(self, tokens: list[int], salt: str | None) -> LookupResult:
         """Leading tokens held by kvtier (whole chunks, then a tail of whole blocks): in this
         process's tiers or the worker's DRAM."""
         namespace = self._namespace(salt)
@@ -188,32 +187,71 @@ class KvtierConnector(KVConnectorBase_V1):
             for worker in workers:
                 worker._saver_wait(probe)
         elsewhere = self._worker_top if not workers else frozenset()
-        return self._store.lookup(tokens, namespace, elsewhere, self._block_size).hit_tokens
+        return self._store.lookup(tokens, namespace, elsewhere, self._block_size)
+
+    def _in_dram(self, found: LookupResult, start: int, end: int) -> bool:
+        """Whether the hit chunks covering tokens [start, end) are all in the worker's DRAM."""
+        top = self._config.tiers[0]
+        dram = top.name if isinstance(top, MemoryTierConfig) else None
+        hits = zip(found.keys, found.tiers, strict=False)
+        wanted = list(hits)[start // self._chunk : -(-end // self._chunk)]
+        # The scheduler's own store names the first tier it finds a chunk in (disk, say),
+        # though the worker may hold it in DRAM too: the mirror of the worker's DRAM decides.
+        return all(tier in (dram, "elsewhere") or key in self._worker_top for key, tier in wanted)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         tokens = list(request.prompt_token_ids or [])
         self._salts[request.request_id] = request.cache_salt
-        hit = self._hit_tokens(tokens, request.cache_salt)
+        found = self._lookup(tokens, request.cache_salt)
+        hit = found.hit_tokens
         self._held[request.request_id] = hit  # those chunks need no saving
         # vLLM must compute at least the last prompt token itself. Loads are block-granular:
         # the last chunk may be used in part, so no more than one block is recomputed.
         usable = min(hit, (len(tokens) - 1) // self._block_size * self._block_size)
         self._local_hits[request.request_id] = num_computed_tokens
+        self._in_background.discard(request.request_id)
         if usable <= num_computed_tokens:
             return 0, False
-        return usable - num_computed_tokens, False
+        # While other requests run, a load from disk or Redis runs in the background, so
+        # that their streams do not stall for it. A DRAM hit, or a load with no one else to
+        # stall, runs before the forward pass: it is faster there (all cores, no round trip
+        # through WAITING_FOR_REMOTE_KVS).
+        others = any(r != request.request_id for r in (*self._tracked, *self._loading))
+        background = self._loads == "async" or (
+            self._loads == "auto"
+            and others
+            and not self._in_dram(found, num_computed_tokens, usable)
+        )
+        if background:
+            self._in_background.add(request.request_id)
+        return usable - num_computed_tokens, background
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        local = self._local_hits.pop(request.request_id, 0)
-        if num_external_tokens > 0:
-            self._pending_loads[request.request_id] = (local, local + num_external_tokens)
+        req_id = request.request_id
+        local = self._local_hits.pop(req_id, 0)
+        if num_external_tokens <= 0:
+            return
+        span = (local, local + num_external_tokens)
+        if req_id not in self._in_background:
+            self._pending_loads[req_id] = span
+            return
+        # vLLM now holds the request in WAITING_FOR_REMOTE_KVS, out of the scheduled ones
+        # until the worker reports the load done: plan the load with the blocks just given.
+        self._in_background.discard(req_id)
+        self._waiting.pop(req_id, None)  # no prefetch: the load reads it already
+        tokens = list(request.prompt_token_ids or [])
+        block_ids = list(blocks.get_block_ids()[0])
+        tracked = Tracked(tokens, request.cache_salt, block_ids, self._held.get(req_id, 0))
+        self._background_loads.append(self._load_spec(req_id, tracked, span, background=True))
+        self._loading.add(req_id)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = KvtierConnectorMetadata()
+        meta = KvtierConnectorMetadata(loads=self._background_loads)
+        self._background_loads = []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             prompt = list(new.prompt_token_ids or [])
@@ -250,8 +288,12 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def _plan_load(self, meta: KvtierConnectorMetadata, req_id: str, tracked: Tracked) -> None:
         span = self._pending_loads.get(req_id)
-        if span is None:
-            return
+        if span is not None:
+            meta.loads.append(self._load_spec(req_id, tracked, span))
+
+    def _load_spec(
+        self, req_id: str, tracked: Tracked, span: tuple[int, int], background: bool = False
+    ) -> LoadSpec:
         start, end = span
         held = tracked.saved_tokens  # what the lookup found: whole chunks, then maybe a tail
         full = held - held % self._chunk
@@ -259,8 +301,8 @@ class KvtierConnector(KVConnectorBase_V1):
         # The chunk holding `end` is stored whole (or as the tail): it is read whole.
         whole = held if tail else -(-end // self._chunk) * self._chunk
         blocks = tracked.block_ids[: end // self._block_size]
-        meta.loads.append(
-            LoadSpec(req_id, tracked.prompt[:whole], tracked.salt, blocks, start, end, tail)
+        return LoadSpec(
+            req_id, tracked.prompt[:whole], tracked.salt, blocks, start, end, tail, background
         )
 
     def _plan_save(
@@ -288,11 +330,14 @@ class KvtierConnector(KVConnectorBase_V1):
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         self._tracked.pop(request.request_id, None)
+        self._in_background.discard(request.request_id)
         self._local_hits.pop(request.request_id, None)
         self._held.pop(request.request_id, None)
         self._salts.pop(request.request_id, None)
         self._waiting.pop(request.request_id, None)
-        return False, None
+        # The worker may still be writing into the blocks of a request that ended during its
+        # background load: vLLM keeps them until the worker reports the load done.
+        return request.request_id in self._loading, None
 
     # -- worker side -----------------------------------------------------------------------
 
@@ -317,90 +362,33 @@ class KvtierConnector(KVConnectorBase_V1):
             )
         if TORCH_DTYPES.get(first.dtype) != self._kv_dtype:
             raise ConfigError(f"KV cache is {first.dtype}, the configuration said {self._kv_dtype}")
-        # Fresh pages cost more than the copy into them: loads reuse one host buffer, touched
-        # now rather than on the first hit.
-        shape = self._chunk_shape()
-        chunk_bytes = first.element_size() * int(torch.Size(shape).numel())
-        pieces = max(1, _STAGING_BYTES // chunk_bytes)
-        self._staging = [torch.zeros((pieces, *shape), dtype=first.dtype) for _ in range(2)]
+        self._loader = Loader(
+            self._store, self._layers, self._chunk, self._namespace, self._saver_wait
+        )
+        shape = self._loader.chunk_shape()
         top = self._config.tiers[0] if self._config.tiers else None
         fill = top.capacity if isinstance(top, MemoryTierConfig) and top.prefault else 0
         self._pool.reserve(self._kv_dtype, shape, fill)  # the DRAM tier's first fill
         self._store.use_blanks(self._pool.spare)  # promotions from disk/Redis too
 
-    def _chunk_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
-        _, _, _, heads, dim = self._layers[0].shape
-        return (len(self._layers), 2, tokens or self._chunk, heads, dim)
-
-    def _chunk_view(self, slot: torch.Tensor, tokens: int) -> torch.Tensor:
-        """The first bytes of a chunk-sized buffer, as a chunk of ``tokens`` tokens."""
-        shape = self._chunk_shape(tokens)
-        return slot.view(-1)[: torch.Size(shape).numel()].view(shape)
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # vLLM calls start_load_kv after the forward pass when no load must precede it: start
+        # background loads now instead, a whole step earlier.
+        if isinstance(connector_metadata, KvtierConnectorMetadata) and self._loader is not None:
+            for spec in connector_metadata.loads:
+                if spec.background:
+                    self._loader.start(spec)
+            connector_metadata.loads = [s for s in connector_metadata.loads if not s.background]
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvtierConnectorMetadata)
         for tokens, salt in meta.prefetches:  # requests that wait: warm DRAM meanwhile
             self._store.prefetch(tokens, self._namespace(salt))
-        for spec in meta.loads:
-            self._load(spec)
-
-    def _load(self, spec: LoadSpec) -> None:
-        """Load a request's chunks into its blocks, a staging buffer's worth at a time: the
-        next piece is read (and verified) on a thread while this one is copied into blocks."""
-        namespace = self._namespace(spec.salt)
-        keys = self._store.keys(spec.tokens, namespace, spec.tail)
-        self._saver_wait(keys)  # saved last step?
-        first_chunk = spec.start // self._chunk
-        n_chunks = len(keys) - first_chunk
-        per_chunk = self._chunk // self._block_size
-        skip = (spec.start - first_chunk * self._chunk) // self._block_size
-        blocks = spec.block_ids[first_chunk * per_chunk :]  # blocks of the chunks read, to end
-        loaded, tiers = 0, []
-        started = time.perf_counter()
-
-        def read(at: int, staging: torch.Tensor) -> tuple[list[torch.Tensor], LoadResult]:
-            piece = list(staging[: n_chunks - at])
-            if spec.tail and at + len(piece) == n_chunks:  # the tail is a short chunk
-                piece[-1] = self._chunk_view(piece[-1], len(spec.tokens) % self._chunk)
-            raw = [p.view(-1).view(torch.uint8).numpy() for p in piece]  # numpy has no bf16
-            return piece, self._store.get_into(
-                spec.tokens, namespace, raw, first_chunk + at, spec.tail
-            )
-
-        pending: Future[tuple[list[torch.Tensor], LoadResult]] | None = None
-        try:
-            pending = self._reader.submit(read, 0, self._staging[0])
-            turn = 0
-            while pending is not None:
-                piece, result = pending.result()
-                pending = None
-                ahead = loaded + result.chunks
-                if result.chunks == len(piece) and ahead < n_chunks:
-                    turn ^= 1
-                    pending = self._reader.submit(read, ahead, self._staging[turn])
-                chunks_to_blocks(
-                    piece[: result.chunks],
-                    self._layers,
-                    blocks[loaded * per_chunk : ahead * per_chunk],
-                    skip_blocks=max(0, skip - loaded * per_chunk),
-                )
-                loaded = ahead
-                tiers += result.tiers
-        except Exception:  # never let the cache fail the request: recompute instead
-            log.exception("kvtier: load failed; vLLM will recompute")
-            if pending is not None:  # its buffer must not be written while reused
-                wait([pending])
-        if tiers:
-            where = ", ".join(f"{tiers.count(t)} chunks from {t}" for t in dict.fromkeys(tiers))
-            tokens = min(spec.end, (first_chunk + loaded) * self._chunk) - spec.start
-            took = 1000 * (time.perf_counter() - started)
-            log.info(
-                "request %s: loaded %d tokens (%s) in %.0f ms", spec.req_id, tokens, where, took
-            )
-        failed = blocks[max(loaded * per_chunk, skip) :]
-        if failed:
-            self._load_errors.update(failed)
+        if self._loader is not None:
+            for spec in meta.loads:  # the forward pass about to run needs these
+                self._loader.load(spec)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads complete in start_load_kv, before the forward pass."""
@@ -430,7 +418,8 @@ class KvtierConnector(KVConnectorBase_V1):
                 ns_id = namespace.id(self._chunk)
                 blobs = [self._pool.take(k, ns_id) for k in keys]
                 if spec.tail:  # a tail is shorter than the pool's chunks
-                    shape = self._chunk_shape(len(spec.tokens) % self._chunk)
+                    assert self._loader is not None
+                    shape = self._loader.chunk_shape(len(spec.tokens) % self._chunk)
                     blobs[-1] = codec.blank(keys[-1], self._kv_dtype, shape, ns_id)
                 gather_chunks(self._layers, blocks, [self._payload(b) for b in blobs])
             except Exception:  # a failed save is a future miss, never a failed request
@@ -490,11 +479,15 @@ class KvtierConnector(KVConnectorBase_V1):
             events, self._events = self._events, KvtierWorkerMetadata()
         return events
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        done = self._loader.finished() if self._loader is not None else set()
+        return None, done or None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
-        return errors
+        return self._loader.failed_blocks() if self._loader is not None else set()
 
     def shutdown(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
         self._saver.shutdown(wait=True)
-        self._reader.shutdown(wait=True)
         shared_stores.release(self._config)

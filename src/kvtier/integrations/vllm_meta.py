@@ -25,7 +25,8 @@ class Tracked:
 class LoadSpec:
     """Load tokens [start, end) of a prompt into its blocks. Both ends are block-aligned; the
     chunk holding ``end`` is read whole and only its blocks before ``end`` are written. With
-    ``tail``, that chunk is the tail of ``tokens`` (a partial chunk, see kvtier.keys)."""
+    ``tail``, that chunk is the tail of ``tokens`` (a partial chunk, see kvtier.keys). With
+    ``background``, the request waits in WAITING_FOR_REMOTE_KVS while the load runs."""
 
     req_id: str
     tokens: list[int]  # prompt tokens of every chunk touched: [0, ceil(end / chunk) * chunk)
@@ -34,6 +35,7 @@ class LoadSpec:
     start: int
     end: int
     tail: bool = False
+    background: bool = False
 
 
 @dataclass

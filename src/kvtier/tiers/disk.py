@@ -36,7 +36,7 @@ from typing import TypeVar
 
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
-from kvtier.threads import any_core
+from kvtier.threads import any_core, load_priority
 from kvtier.tiers.base import Blob, PutResult, TierUsage
 
 T = TypeVar("T")
@@ -46,7 +46,8 @@ _HEX = frozenset("0123456789abcdef")
 # Reads run on this many threads at once: a cold device delivers far more with several
 # requests in flight (115 MB in 20 files here: 0.21-0.28 s one file at a time, 0.11 s four
 # at a time, like `cat` with the kernel's readahead at best). Reads wait on the device and
-# release the GIL, so the threads cost next to no CPU.
+# release the GIL; what CPU they take (the kernel's copy out of the page cache) yields to the
+# engine's compute threads (threads.load_priority).
 READERS = 4
 _STALE_TMP_S = 3600.0  # where the filesystem has no locks: age alone decides
 # Chunks this large are written with O_DIRECT, through a small page-aligned buffer per
@@ -221,7 +222,7 @@ class DiskTier:
         with self._readers_lock:
             if self._readers is None:
                 self._readers = ThreadPoolExecutor(
-                    READERS, thread_name_prefix="kvtier-read", initializer=any_core
+                    READERS, thread_name_prefix="kvtier-read", initializer=_reader_thread
                 )
             readers = self._readers
         return list(readers.map(read, items))
@@ -473,3 +474,8 @@ class DiskTier:
             readers, self._readers = self._readers, None
         if readers is not None:
             readers.shutdown(wait=True)
+
+
+def _reader_thread() -> None:
+    any_core()
+    load_priority()
