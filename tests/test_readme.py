@@ -27,3 +27,28 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     ).stdout
     assert out.splitlines()[0] == "768 ['memory', 'memory', 'memory']"
     assert len(list((tmp_path / "chunks").rglob("*.kvc"))) == 3  # written through on close
+
+
+def test_every_command_line_synopsis_names_real_commands_and_options() -> None:
+    text = README.read_text()
+    block = text.split("## Command line", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    lines: list[str] = []
+    for line in block.splitlines():  # continuation lines (indented) belong to the one above
+        if line.startswith(" ") and lines:
+            lines[-1] += " " + line.strip()
+        elif line.strip():
+            lines.append(line.split("#", 1)[0])
+    assert len(lines) >= 9
+    for line in lines:
+        words = line.split()
+        assert words[0] == "kvtier", line
+        command = [w for w in words[1:3] if re.fullmatch(r"[a-z]+", w)]
+        helped = subprocess.run(
+            [sys.executable, "-m", "kvtier.cli.main", *command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert helped.returncode == 0, (line, helped.stderr[-2000:])
+        for option in re.findall(r"--[a-z][a-z-]*", line):
+            assert option in helped.stdout, f"README: {line.strip()!r}: no {option} in --help"

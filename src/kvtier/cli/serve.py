@@ -110,16 +110,17 @@ def connector_config(config: StoreConfig) -> dict[str, Any]:
 
 
 def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list[str]:
+    extra_config = connector_config(build_config(args))
+    loads = getattr(args, "loads", "auto")
+    if loads != "auto":
+        extra_config["loads"] = loads
     transfer = {
         "kv_connector": "KvtierConnector",
         "kv_connector_module_path": "kvtier.integrations.vllm",
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": connector_config(build_config(args)),
+        "kv_connector_extra_config": extra_config,
     }
-    loads = getattr(args, "loads", "auto")
-    if loads != "auto":
-        transfer["kv_connector_extra_config"]["loads"] = loads
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model, "--host", args.host, "--port", str(args.port),
