@@ -7,11 +7,13 @@ engines compute in float32 so that "identical output" is exact. The last test dr
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -215,11 +217,12 @@ def test_a_bad_kvtier_option_fails_at_start_with_a_clear_error() -> None:
     assert "kv_connector_extra_config: tiers[0].capacity: expected a size" in proc.stderr
 
 
-def serve(chunks: Path, log: Path) -> Server:
+def serve(chunks: Path, log: Path, *options: str) -> Server:
     port = free_port()
     command = kvtier_serve_command(
         port, "--disk", str(chunks), "--dram", "512MiB", "--max-model-len", "4096",
         "--no-enable-prefix-caching", "--dtype", "float32", "--enable-prompt-tokens-details",
+        *options,
     )  # fmt: skip
     return Server(command, port, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
@@ -238,6 +241,34 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
     assert "in the background" not in log  # no other request to stall: loaded before the step
     assert second.text == first.text
     assert second.cached_tokens == (second.prompt_tokens - 1) // 128 * 128
+
+
+def test_a_request_abandoned_during_its_background_load_leaves_others_intact(
+    tmp_path: Path,
+) -> None:
+    chunks = tmp_path / "chunks"
+    long = " ".join(f"The {i}th line of a long shared document." for i in range(300))
+    other = " ".join(f"Another text, sentence {i}." for i in range(50))
+    with serve(chunks, tmp_path / "first.log") as server:
+        server.complete(long, max_tokens=1)  # its chunks go to disk
+        expected = server.complete(other, max_tokens=16).text
+    # Room for the long prompt alone (30 blocks of 128 tokens): the next request gets blocks
+    # it freed, the last ones first (those the load writes last).
+    small = ("--num-gpu-blocks-override", "31", "--max-model-len", "3840")
+    with serve(chunks, tmp_path / "second.log", "--loads", "async", *small) as server:
+        # The client gives up while the long prompt loads from disk: vLLM aborts the request.
+        request = server._request(long, 8)
+        client = http.client.HTTPConnection("127.0.0.1", server.port)
+        client.request("POST", request.selector, request.data, dict(request.header_items()))
+        time.sleep(0.1)
+        client.close()
+        # Another prompt is computed at once (a salt of its own: a miss). The long prompt's
+        # blocks, still being written, must not be handed to it before the load ends.
+        reply = server.complete(other, max_tokens=16, cache_salt="fresh")
+        log = server.tail(1 << 20)
+    assert "in the background" in log, log[-3000:]
+    assert reply.cached_tokens == 0
+    assert reply.text == expected
 
 
 def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:

@@ -336,7 +336,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self._salts.pop(request.request_id, None)
         self._waiting.pop(request.request_id, None)
         # The worker may still be writing into the blocks of a request that ended during its
-        # background load: vLLM keeps them until the worker reports the load done.
+        # background load: they must stay its own until the worker reports the load done
+        # (vLLM 0.32 keeps them for a request aborted in WAITING_FOR_REMOTE_KVS anyway).
         return request.request_id in self._loading, None
 
     # -- worker side -----------------------------------------------------------------------
