@@ -230,8 +230,10 @@ def serve(chunks: Path, log: Path, *options: str) -> Server:
 def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: Path) -> None:
     chunks = tmp_path / "chunks"
     prompt = " ".join(f"The {i}th line of a long shared document." for i in range(220))
+    other = " ".join(f"Another text, sentence {i}." for i in range(50))
     with serve(chunks, tmp_path / "first.log") as server:
         first = server.complete(prompt, max_tokens=4)
+        expected = server.complete(other, max_tokens=16).text
     assert first.prompt_tokens > 2000
     # Stopped with SIGTERM, as a service manager stops it: every chunk reached the disk.
     with serve(chunks, tmp_path / "second.log") as server:
@@ -242,28 +244,18 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
     assert second.text == first.text
     assert second.cached_tokens == (second.prompt_tokens - 1) // 128 * 128
 
-
-def test_a_request_abandoned_during_its_background_load_leaves_others_intact(
-    tmp_path: Path,
-) -> None:
-    chunks = tmp_path / "chunks"
-    long = " ".join(f"The {i}th line of a long shared document." for i in range(300))
-    other = " ".join(f"Another text, sentence {i}." for i in range(50))
-    with serve(chunks, tmp_path / "first.log") as server:
-        server.complete(long, max_tokens=1)  # its chunks go to disk
-        expected = server.complete(other, max_tokens=16).text
-    # Room for the long prompt alone (30 blocks of 128 tokens): the next request gets blocks
-    # it freed, the last ones first (those the load writes last).
-    small = ("--num-gpu-blocks-override", "31", "--max-model-len", "3840")
-    with serve(chunks, tmp_path / "second.log", "--loads", "async", *small) as server:
-        # The client gives up while the long prompt loads from disk: vLLM aborts the request.
-        request = server._request(long, 8)
+    # A request abandoned during its background load leaves the next request intact. The
+    # cache has room for the long prompt and little more: the next request gets the blocks
+    # it frees, and they must stay its own until the load ends.
+    blocks = -(-(first.prompt_tokens + 8) // 128)
+    small = ("--num-gpu-blocks-override", str(blocks + 1), "--max-model-len", str(128 * blocks))
+    with serve(chunks, tmp_path / "third.log", "--loads", "async", *small) as server:
+        request = server._request(prompt, 8)
         client = http.client.HTTPConnection("127.0.0.1", server.port)
         client.request("POST", request.selector, request.data, dict(request.header_items()))
         time.sleep(0.1)
-        client.close()
-        # Another prompt is computed at once (a salt of its own: a miss). The long prompt's
-        # blocks, still being written, must not be handed to it before the load ends.
+        client.close()  # the client gives up while the prompt loads: vLLM aborts it
+        # Another prompt, computed at once (a salt of its own: a miss).
         reply = server.complete(other, max_tokens=16, cache_salt="fresh")
         log = server.tail(1 << 20)
     assert "in the background" in log, log[-3000:]
