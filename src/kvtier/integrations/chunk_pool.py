@@ -38,16 +38,23 @@ class ChunkPool:
         """A blank chunk for ``key``: a touched one while they last, else a new one."""
         if not self._dtype:
             raise RuntimeError("ChunkPool.take before reserve: the chunk shape is not known")
-        if not self._ready:
+        try:
+            ready = self._ready.pop()  # atomic: a background load may take one meanwhile
+        except IndexError:
             return codec.blank(key, self._dtype, self._shape, namespace_id)
-        return codec.stamp(self._ready.pop(), key, self._dtype, self._shape, namespace_id)
+        return codec.stamp(ready, key, self._dtype, self._shape, namespace_id)
 
     def spare(self, nbytes: int) -> codec.SealedChunk | None:
         """A touched buffer of ``nbytes`` (to copy a whole chunk into), or None: none left, or
         not the size of this pool's chunks."""
-        if not self._ready or len(self._ready[-1]) != nbytes:
+        try:
+            ready = self._ready.pop()  # atomic: saves take from the pool on another thread
+        except IndexError:
             return None
-        return self._ready.pop()
+        if len(ready) != nbytes:
+            self._ready.append(ready)
+            return None
+        return ready
 
     def __len__(self) -> int:
         return len(self._ready)
