@@ -33,15 +33,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kvtier.cli.bench_ttft import drop_page_cache, prompt
+from kvtier.cli.bench_ttft import NO_PREFIX_CACHE, SERVE_OPTIONS, drop_page_cache, prompt
 from kvtier.cli.server import Server, kvtier_serve_command
 from kvtier.config import LOAD_MODES
 from kvtier.errors import KvtierError
 from kvtier.redis_process import RedisServer, free_port
 
 TIERS = ("disk", "redis")
-_COMMON = ("--enable-prompt-tokens-details", "--max-model-len", "8192")
-_NO_PREFIX = ("--no-enable-prefix-caching",)
 _LOADED = re.compile(
     r"request (\S+): loaded (\d+) tokens \(([^)]*)\) (in the background )?in (\d+) ms"
 )
@@ -108,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                 if tier == "disk":
                     dropped = drop_page_cache()
                 label = f"{tier}-{mode}"
-                with _server(work, label, *options, *_NO_PREFIX, "--loads", mode) as server:
+                with _server(work, label, *options, *NO_PREFIX_CACHE, "--loads", mode) as server:
                     trials = []
                     for k, ids in enumerate(longs[mode]):
                         trials.append(_trial(server, ids, prompt(label, 64, k), args.warm_tokens))
@@ -147,7 +145,10 @@ def _prefix_row(work: Path, args: argparse.Namespace, bar: tqdm[Any]) -> dict[st
 def _server(work: Path, label: str, *options: str) -> Server:
     port = free_port()
     return Server(
-        kvtier_serve_command(port, *_COMMON, *options), port, work / f"{label}.log", warm_up=True
+        kvtier_serve_command(port, *SERVE_OPTIONS, *options),
+        port,
+        work / f"{label}.log",
+        warm_up=True,
     )
 
 

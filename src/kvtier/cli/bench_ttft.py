@@ -57,8 +57,8 @@ TIERS = ("memory", "disk", "redis")
 CHUNK_TOKENS = 256  # kvtier serve's default chunk
 T = TypeVar("T")
 # Usage with cached tokens, so that every row says how much was recomputed.
-_COMMON = ("--enable-prompt-tokens-details", "--max-model-len", "8192")
-_NO_PREFIX = ("--no-enable-prefix-caching",)
+SERVE_OPTIONS = ("--enable-prompt-tokens-details", "--max-model-len", "8192")
+NO_PREFIX_CACHE = ("--no-enable-prefix-caching",)
 
 
 def register(bsub: Any) -> None:
@@ -122,11 +122,11 @@ class _Run:
         return Server(command(port), port, log, env=env, warm_up=True)
 
     def kvtier(self, *options: str) -> Server:
-        return self.server(lambda port: kvtier_serve_command(port, *_COMMON, *options))
+        return self.server(lambda port: kvtier_serve_command(port, *SERVE_OPTIONS, *options))
 
     def vllm(self, *options: str) -> Server:
         def command(port: int) -> list[str]:
-            return plain_vllm_command(port, *_COMMON, *options)
+            return plain_vllm_command(port, *SERVE_OPTIONS, *options)
 
         return self.server(command, PLAIN_VLLM_ENV)
 
@@ -227,7 +227,7 @@ def _hit_paths(bench: _Run, lengths: list[int], tiers: list[str], redis_url: str
         bench.measure(first, "cold", fill)
         bench.measure(first, "vllm_prefix", {n: fill[n][:1] * r for n in lengths})
     if "memory" in tiers:
-        with bench.kvtier("--disk", "none", *_NO_PREFIX) as memory:
+        with bench.kvtier("--disk", "none", *NO_PREFIX_CACHE) as memory:
             for n in lengths:
                 again = prompt("memory", n, 0)
                 try:
@@ -239,14 +239,14 @@ def _hit_paths(bench: _Run, lengths: list[int], tiers: list[str], redis_url: str
     dropped = False
     if "disk" in tiers:
         dropped = drop_page_cache()
-        with bench.kvtier("--disk", str(bench.work / "disk"), *_NO_PREFIX) as disk:
+        with bench.kvtier("--disk", str(bench.work / "disk"), *NO_PREFIX_CACHE) as disk:
             bench.measure(disk, "kvtier_disk", fill)
         files = [(p, p.stat().st_size) for p in (bench.work / "disk").rglob("*.kvc")]
         for n in lengths:
             picked = _same_bytes(files, bench.loaded_tokens(n, "kvtier_disk"))
             bench.raw[n]["disk_cold_read_s"] = raw_io.cold_read_s(picked) if picked else None
     if "redis" in tiers and redis_url:
-        with bench.kvtier("--disk", "none", "--redis", redis_url, *_NO_PREFIX) as redis:
+        with bench.kvtier("--disk", "none", "--redis", redis_url, *NO_PREFIX_CACHE) as redis:
             bench.measure(redis, "kvtier_redis", fill)
         values = raw_io.redis_values(redis_url, "kvtier")
         for n in lengths:
@@ -281,7 +281,7 @@ def _example_paths(bench: _Run, lengths: list[int]) -> None:
             "kv_connector_extra_config": {"shared_storage_path": path},
         }
     )
-    options = ("--kv-transfer-config", transfer, *_NO_PREFIX)
+    options = ("--kv-transfer-config", transfer, *NO_PREFIX_CACHE)
     for n in lengths:  # a server per length: the connector crashes the engine on long prompts
         ids = prompt("example", n, 0)
         try:
