@@ -77,7 +77,8 @@ def test_sigkilled_writer_never_leaves_a_servable_partial_chunk(tmp_path: Path) 
     assert main(["inspect", "--disk", str(root), "--verify"]) == 0
 
 
-def test_flipped_bytes_on_disk_are_a_miss_removed_and_counted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sized", [False, True], ids=["get", "get-sized"])
+def test_flipped_bytes_on_disk_are_a_miss_removed_and_counted(tmp_path: Path, sized: bool) -> None:
     tokens = prompt(1, 3)
     with TieredStore([DiskTier(tmp_path, 1 << 30)], CHUNK_TOKENS) as store:
         store.put(tokens, NS, chunks_for(1, 3))
@@ -86,7 +87,8 @@ def test_flipped_bytes_on_disk_are_a_miss_removed_and_counted(tmp_path: Path) ->
     raw[500] ^= 0x01
     path.write_bytes(bytes(raw))
     with TieredStore([DiskTier(tmp_path, 1 << 30)], CHUNK_TOKENS) as store:
-        got = store.get(tokens, NS)
+        sizes = [chunk(0).nbytes] * 3 if sized else None
+        got = store.get(tokens, NS, payload_bytes=sizes)
         assert len(got.chunks) == 1 and same(got.chunks[0], chunk(1000))
         assert store.stats().tiers["disk"].corruptions == 1
         assert not path.exists()
@@ -110,6 +112,11 @@ def test_flipped_bytes_in_redis_are_a_miss_removed_and_counted(
         assert store.get_into(tokens, NS, dests).chunks == 0
         assert store.stats().tiers["redis"].corruptions == 1
         assert client.exists(name) == 0
+        # The same through a sized get, which reads into buffers that become DRAM copies.
+        store.put(tokens, NS, chunks_for(2, 2))
+        client.setrange(name, 300, bytes([value[300] ^ 0x80]))
+        assert store.get(tokens, NS, payload_bytes=[chunk(0).nbytes] * 2).chunks == []
+        assert store.stats().tiers["redis"].corruptions == 2
         client.close()
 
 

@@ -99,6 +99,38 @@ def test_get_into_loads_straight_into_buffers_from_any_tier(tmp_path: Path) -> N
             store.get_into(tokens, NS, [bytes(CHUNK_BYTES)])
 
 
+def test_get_with_sizes_reads_into_buffers_that_become_the_dram_copies(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokens = prompt(4, 3)
+    sizes = [CHUNK_BYTES] * 3
+    with two_tier(tmp_path) as store:
+        store.put(tokens, NS, chunks_for(4, 3))
+        store.flush()
+    with two_tier(tmp_path) as store:
+        spare = [codec.SealedChunk(96 + CHUNK_BYTES)]
+        store.use_blanks(lambda n: spare.pop() if spare and len(spare[-1]) == n else None)
+        given = spare[0]
+        got = store.get(tokens, NS, payload_bytes=sizes)
+        assert got.tiers == ["disk"] * 3 and not spare
+        assert all(same(a, b) for a, b in zip(got.chunks, chunks_for(4, 3), strict=True))
+        # What was read is what DRAM now holds (no copy), the first from the blank given.
+        held = store.tiers[0].get_many(store.keys(tokens, NS))
+        owners = [memoryview(c.data).obj for c in got.chunks]
+        assert all(o is h for o, h in zip(owners, held, strict=True)) and held[0] is given
+        again = store.get(tokens, NS, payload_bytes=sizes)  # from DRAM: views of the same
+        assert again.tiers == ["memory"] * 3
+        assert all(memoryview(c.data).obj is h for c, h in zip(again.chunks, held, strict=True))
+        # A chunk of another size than the caller's ends the run, with a warning.
+        for where in ("memory", "disk"):
+            assert store.lookup(tokens, NS).tiers[1] == where
+            short = store.get(tokens, NS, payload_bytes=[CHUNK_BYTES, CHUNK_BYTES - 2])
+            assert short.tiers == ["memory"]
+            store.tiers[0].delete(store.keys(tokens, NS)[1])  # on disk only, next time
+        # DRAM, then the copy on disk below it, then the disk copy alone
+        assert sum("were expected" in r.getMessage() for r in caplog.records) == 3
+
+
 def test_compressed_lower_tier_round_trips(tmp_path: Path) -> None:
     mem = MemoryTier(1 << 20)
     disk = DiskTier(tmp_path / "z", 1 << 30, fsync=False)
@@ -113,6 +145,13 @@ def test_compressed_lower_tier_round_trips(tmp_path: Path) -> None:
         assert store.get_into(tokens, NS, dests).chunks == 2
         assert np.array_equal(dests[0], chunk(5000).numpy())
         assert same(store.get(tokens, NS).chunks[1], chunk(5001))
+    disk3 = DiskTier(tmp_path / "z", 1 << 30)
+    with TieredStore([MemoryTier(1 << 20), disk3], CHUNK_TOKENS, compression=comps) as store:
+        got = store.get(tokens, NS, payload_bytes=[CHUNK_BYTES] * 2)  # fits no buffer: read whole
+        assert got.tiers == ["disk"] * 2 and same(got.chunks[1], chunk(5001))
+        held = store.tiers[0].get_many(store.keys(tokens, NS))
+        assert all(codec.read_header(b).compression == Compression.NONE for b in held)  # type: ignore[arg-type]
+        assert same(store.get(tokens, NS).chunks[0], chunk(5000))
 
 
 def test_corrupt_copy_in_dram_falls_back_to_the_good_copy_on_disk(tmp_path: Path) -> None:
@@ -276,6 +315,11 @@ def test_redis_below_dram(redis_server: RedisServer, prefix: str) -> None:
         dests = [np.zeros(SHAPE, dtype=np.float16) for _ in range(3)]
         assert store.get_into(tokens, NS, dests).tiers == ["redis"] * 3
         assert np.array_equal(dests[2], chunk(14002).numpy())
+        assert store.lookup(tokens, NS).tiers == ["memory"] * 3
+    fresh = RedisTier(redis_server.url, prefix=prefix)
+    with TieredStore([MemoryTier(1 << 20), fresh], CHUNK_TOKENS) as store:
+        got = store.get(tokens, NS, payload_bytes=[CHUNK_BYTES] * 3)
+        assert got.tiers == ["redis"] * 3 and same(got.chunks[2], chunk(14002))
         assert store.lookup(tokens, NS).tiers == ["memory"] * 3
 
 

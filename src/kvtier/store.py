@@ -92,18 +92,27 @@ class TieredStore(Hierarchy):
         start_chunk: int = 0,
         max_chunks: int | None = None,
         tail: bool = False,
+        payload_bytes: Sequence[int] | None = None,
     ) -> GetResult:
         """Verified chunks from ``start_chunk`` on, as many consecutive ones as are available
         (with ``tail``, the trailing partial chunk of ``tokens`` last).
 
-        Chunks found below the top tier are promoted to the tiers above in the background.
+        Chunks in DRAM are returned as views of the tier's memory, without a copy. Chunks
+        found below the top tier are promoted to the tiers above. With ``payload_bytes`` (the
+        KV bytes the caller expects of each chunk, one entry per chunk wanted, as an engine
+        loading into its cache knows them), chunks from lower tiers are read straight into
+        fresh buffers (the blanks of :meth:`use_blanks` while they last), which are returned
+        and promoted as they are: a load copies nothing between the medium and the caller. A
+        chunk of another size then ends the run, with a warning.
         """
         keys = self.keys(tokens, namespace, tail)[start_chunk:]
+        if payload_bytes is not None:
+            keys = keys[: len(payload_bytes)]
         if max_chunks is not None:
             keys = keys[:max_chunks]
         self._prefetcher.wait_for(keys)
         with self.pinned(keys):
-            found = self._fetch(keys)
+            found = self._fetch(keys, payload_bytes)
         self._promote(found)
         chunks = [f[1] for f in found]
         names = [self._slots[f[2]].tier.name for f in found]
@@ -136,14 +145,24 @@ class TieredStore(Hierarchy):
             run.append(loaded[len(run)])
         return run
 
-    def _fetch(self, keys: Sequence[ChunkKey]) -> list[tuple[ChunkKey, KVChunk, int, Blob]]:
-        """(key, chunk, tier index, stored bytes) for the longest verified leading run."""
+    def _fetch(
+        self, keys: Sequence[ChunkKey], payload_bytes: Sequence[int] | None = None
+    ) -> list[tuple[ChunkKey, KVChunk, int, Blob]]:
+        """(key, chunk, tier index, stored bytes) for the longest verified leading run; see
+        :meth:`get` for ``payload_bytes``."""
         got: dict[int, tuple[KVChunk, Blob]] = {}
 
         def read_from(slot: Slot, idx: list[int]) -> list[bool]:
+            if payload_bytes is not None and not slot.tier.zero_copy_reads:
+                read = self._read_sized(slot, keys, idx, payload_bytes)
+                for i, found in zip(idx, read, strict=True):
+                    if found is not None:
+                        got[i] = found
+                return [i in got for i in idx]
             blobs = self._guard(slot, [None] * len(idx), slot.tier.get_many, [keys[i] for i in idx])
             for i, blob in zip(idx, blobs, strict=True):
-                chunk = self._verify(slot, keys[i], blob)
+                size = None if payload_bytes is None else payload_bytes[i]
+                chunk = self._verify(slot, keys[i], blob, size)
                 if chunk is not None and blob is not None:
                     got[i] = (chunk, blob)
             return [i in got for i in idx]
@@ -151,7 +170,60 @@ class TieredStore(Hierarchy):
         run = self._walk(keys, read_from)
         return [(keys[i], got[i][0], t, got[i][1]) for i, t in enumerate(run)]
 
-    def _verify(self, slot: Slot, key: ChunkKey, blob: Any) -> KVChunk | None:
+    def _read_sized(
+        self, slot: Slot, keys: Sequence[ChunkKey], idx: list[int], payload_bytes: Sequence[int]
+    ) -> list[tuple[KVChunk, Blob] | None]:
+        """Read chunks ``idx`` of a lower tier, each straight into a buffer of its expected
+        size, and verify them: (chunk viewing the buffer, the buffer) or None."""
+        bufs = [self._blank(codec.HEADER_BYTES + payload_bytes[i]) for i in idx]
+        items = [(keys[i], [memoryview(b)]) for i, b in zip(idx, bufs, strict=True)]
+        sizes = self._guard(slot, [None] * len(idx), slot.tier.read_into_many, items)
+        out: list[tuple[KVChunk, Blob] | None] = []
+        for i, buf, size in zip(idx, bufs, sizes, strict=True):
+            if size is None:
+                self._recorder.add(slot.tier.name, misses=1)
+                out.append(None)
+                continue
+            view = memoryview(buf)
+            header: codec.ChunkHeader | None = None
+            if size == len(buf):
+                try:
+                    payload = view[codec.HEADER_BYTES :]
+                    header = codec.verify(view[: codec.HEADER_BYTES], payload, keys[i])
+                    chunk = KVChunk(header.dtype, header.shape, payload)
+                except (CorruptChunk, ValueError) as exc:  # ValueError: an impossible shape
+                    self._corrupt(slot, keys[i], CorruptChunk(str(exc)))
+                    out.append(None)
+                    continue
+            if header is None or header.compression != Compression.NONE:
+                out.append(self._read_whole(slot, keys[i], payload_bytes[i]))
+                continue
+            self._recorder.add(slot.tier.name, hits=1, bytes_read=size)
+            out.append((chunk, buf))
+        return out
+
+    def _read_whole(
+        self, slot: Slot, key: ChunkKey, payload_bytes: int
+    ) -> tuple[KVChunk, Blob] | None:
+        """A chunk stored in another form than its buffer's (compressed, another shape):
+        read as it is, verified, and held uncompressed so that DRAM hits never inflate it."""
+        blob = self._guard(slot, [None], slot.tier.get_many, [key])[0]
+        chunk = self._verify(slot, key, blob, payload_bytes)
+        if chunk is None or blob is None:
+            return None
+        header = bytearray(memoryview(blob).cast("B")[: codec.HEADER_BYTES])
+        whole = codec.join(header, memoryview(chunk.data).cast("B"))
+        return KVChunk(chunk.dtype, chunk.shape, memoryview(whole)[codec.HEADER_BYTES :]), whole
+
+    def _blank(self, nbytes: int) -> codec.SealedChunk:
+        """A buffer of ``nbytes`` to read a chunk into: a touched blank, else a new one."""
+        return self._blanks(nbytes) or codec.SealedChunk(nbytes)
+
+    def _verify(
+        self, slot: Slot, key: ChunkKey, blob: Any, payload_bytes: int | None = None
+    ) -> KVChunk | None:
+        """The verified chunk of ``blob``, or None (a miss; a corrupt chunk is removed). With
+        ``payload_bytes``, a chunk of another size is a miss too."""
         if blob is None:
             self._recorder.add(slot.tier.name, misses=1)
             return None
@@ -159,6 +231,14 @@ class TieredStore(Hierarchy):
             chunk = codec.decode(blob, expected_key=key).chunk
         except CorruptChunk as exc:
             self._corrupt(slot, key, exc)
+            return None
+        if payload_bytes is not None and chunk.nbytes != payload_bytes:
+            log.warning(
+                "kvtier: chunk %s in tier %r holds %d bytes of KV, %d were expected: is the"
+                " namespace missing something that changes the KV shape?",
+                *(key.hex(), slot.tier.name, chunk.nbytes, payload_bytes),
+            )
+            self._recorder.add(slot.tier.name, misses=1)
             return None
         self._recorder.add(slot.tier.name, hits=1, bytes_read=len(blob))
         return chunk

@@ -2,10 +2,12 @@
 blocks, before the forward pass (a load the step waits for) or in the background (a request
 that waits in WAITING_FOR_REMOTE_KVS while other requests keep running).
 
-A load goes through a pair of reused host buffers: the next buffer's worth of chunks is read
-(and verified) on a reader thread while the previous one is scattered into blocks. Each kind
-of load has its own pair and reader, so a load before the forward pass never queues behind a
-long one in the background.
+A load copies each chunk once, from where it is held into vLLM's blocks: a chunk in kvtier's
+DRAM is scattered straight from the tier's memory, and a chunk on disk or in Redis is read into
+a buffer that becomes its DRAM copy (the promotion) and is scattered from there. A reader thread
+reads and verifies a few chunks at a time, ahead of the thread that scatters them. Each kind of
+load has its own reader, so a load before the forward pass never queues behind a long one in
+the background.
 """
 
 from __future__ import annotations
@@ -14,31 +16,29 @@ import ctypes
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass
 
 import torch
 
-from kvtier.integrations.paged import chunks_to_blocks
+from kvtier.codec import KVChunk
+from kvtier.integrations.paged import TORCH_DTYPES, chunks_to_blocks
 from kvtier.integrations.vllm_meta import LoadSpec
 from kvtier.keys import ChunkKey, Namespace
-from kvtier.results import LoadResult
+from kvtier.results import GetResult
 from kvtier.store import TieredStore
 from kvtier.threads import any_core, load_priority
 
 log = logging.getLogger("kvtier")
 
-STAGING_BYTES = 64 << 20  # each load buffer holds about this much
+PIECE_CHUNKS = 4  # chunks read (in parallel, from disk) and verified ahead of the scatter
+READS = 2  # pieces read at once: the next one's reads queue while one is verified
 
-
-@dataclass
-class _Pipeline:
-    """Two staging buffers (read one, scatter the other) and the thread that reads."""
-
-    staging: list[torch.Tensor]
-    reader: ThreadPoolExecutor
+# Chunks are viewed as tensors where they are held, read-only memory included (a DRAM chunk is
+# immutable bytes): they are only ever copied from, which torch's warning is not about.
+warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
 
 
 class Loader:
@@ -63,24 +63,15 @@ class Loader:
         self._block = layers[0].shape[2]
         self._namespace = namespace
         self._before_read = before_read  # waits for saves of these keys still in flight
-        shape = self.chunk_shape()
-        chunk_bytes = layers[0].element_size() * int(torch.Size(shape).numel())
-        self._pieces = max(1, STAGING_BYTES // chunk_bytes)
-        self._now = self._pipeline("kvtier-load")
-        self._later = self._pipeline("kvtier-async-read", _background_thread)
+        self._dtype = layers[0].dtype
+        self._now = ThreadPoolExecutor(READS, "kvtier-load", initializer=any_core)
+        self._later = ThreadPoolExecutor(READS, "kvtier-async-read", initializer=_background_thread)
         self._background = ThreadPoolExecutor(
             1, thread_name_prefix="kvtier-async-load", initializer=_background_thread
         )
         self._lock = threading.Lock()
         self._failed: set[int] = set()
         self._finished: set[str] = set()
-
-    def _pipeline(self, name: str, initializer: Callable[[], None] = any_core) -> _Pipeline:
-        # Fresh pages cost more than the copy into them: the buffers are touched now, not on
-        # the first hit.
-        dtype = self._layers[0].dtype
-        staging = [torch.zeros((self._pieces, *self.chunk_shape()), dtype=dtype) for _ in "ab"]
-        return _Pipeline(staging, ThreadPoolExecutor(1, name, initializer=initializer))
 
     def chunk_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
         """Shape of a chunk (or a tail of ``tokens`` tokens) of this cache."""
@@ -95,12 +86,11 @@ class Loader:
 
     def start(self, spec: LoadSpec) -> None:
         """Load in the background; :meth:`finished` reports the request when it is done."""
-        pipeline = self._later
 
         def run() -> None:
             failed = spec.block_ids[spec.start // self._block :]  # all, unless _run returns
             try:
-                failed = self._run(spec, pipeline)
+                failed = self._run(spec, self._later)
             finally:
                 with self._lock:  # failed blocks are reported no later than the request
                     self._failed.update(failed)
@@ -120,8 +110,8 @@ class Loader:
             failed, self._failed = self._failed, set()
         return failed
 
-    def _run(self, spec: LoadSpec, pipe: _Pipeline) -> list[int]:
-        """Load ``spec`` through ``pipe``; the blocks that were not loaded."""
+    def _run(self, spec: LoadSpec, reader: ThreadPoolExecutor) -> list[int]:
+        """Load ``spec``, reading on ``reader``; the blocks that were not loaded."""
         namespace = self._namespace(spec.salt)
         keys = self._store.keys(spec.tokens, namespace, spec.tail)
         first_chunk = spec.start // self._chunk
@@ -129,63 +119,72 @@ class Loader:
         per_chunk = self._chunk // self._block
         skip = (spec.start - first_chunk * self._chunk) // self._block
         blocks = spec.block_ids[first_chunk * per_chunk :]  # blocks of the chunks read, to end
+        shapes = [self.chunk_shape()] * n_chunks
+        if spec.tail:  # the last chunk is a short one
+            shapes[-1] = self.chunk_shape(len(spec.tokens) % self._chunk)
+        nbytes = [self._dtype.itemsize * torch.Size(s).numel() for s in shapes]
         loaded, tiers = 0, []
         started = time.perf_counter()
 
-        def read(at: int, staging: torch.Tensor) -> tuple[list[torch.Tensor], LoadResult]:
-            piece = list(staging[: n_chunks - at])
-            if spec.tail and at + len(piece) == n_chunks:  # the tail is a short chunk
-                piece[-1] = self._chunk_view(piece[-1], len(spec.tokens) % self._chunk)
-            raw = [p.view(-1).view(torch.uint8).numpy() for p in piece]  # numpy has no bf16
-            return piece, self._store.get_into(
-                spec.tokens, namespace, raw, first_chunk + at, spec.tail
+        def read(at: int) -> GetResult:
+            wanted = nbytes[at : at + PIECE_CHUNKS]
+            return self._store.get(
+                spec.tokens, namespace, first_chunk + at, tail=spec.tail, payload_bytes=wanted
             )
 
-        pending: Future[tuple[list[torch.Tensor], LoadResult]] | None = None
+        reads: list[Future[GetResult]] = []
         try:
             self._before_read(keys)  # saved a step ago?
-            pending = pipe.reader.submit(read, 0, pipe.staging[0])
-            turn = 0
-            while pending is not None:
-                piece, result = pending.result()
-                pending = None
-                ahead = loaded + result.chunks
-                if result.chunks == len(piece) and ahead < n_chunks:
-                    turn ^= 1
-                    pending = pipe.reader.submit(read, ahead, pipe.staging[turn])
+            # Every piece is queued at once: each reads into buffers of its own (the chunks'
+            # DRAM copies), so reading never waits for a scatter.
+            reads = [reader.submit(read, at) for at in range(0, n_chunks, PIECE_CHUNKS)]
+            for piece in reads:
+                result = piece.result()
+                count = len(result.chunks)
+                views = [self._tensor(c, shapes[loaded + j]) for j, c in enumerate(result.chunks)]
+                if None in views:  # of another shape: the run ends there
+                    count = views.index(None)
                 chunks_to_blocks(
-                    piece[: result.chunks],
+                    [v for v in views[:count] if v is not None],
                     self._layers,
-                    blocks[loaded * per_chunk : ahead * per_chunk],
+                    blocks[loaded * per_chunk : (loaded + count) * per_chunk],
                     skip_blocks=max(0, skip - loaded * per_chunk),
                 )
-                loaded = ahead
-                tiers += result.tiers
+                loaded += count
+                tiers += result.tiers[:count]
+                if count < PIECE_CHUNKS:  # a miss, or the end
+                    break
         except Exception:  # never let the cache fail the request: recompute instead
             log.exception("kvtier: load failed; vLLM will recompute")
-            if pending is not None:  # its buffer must not be written while reused
-                wait([pending])
+        finally:
+            for piece in reads:  # pieces after a miss: unneeded (one already reading ends alone)
+                piece.cancel()
         if tiers:
             where = ", ".join(f"{tiers.count(t)} chunks from {t}" for t in dict.fromkeys(tiers))
             tokens = min(spec.end, (first_chunk + loaded) * self._chunk) - spec.start
             took = 1000 * (time.perf_counter() - started)
-            how = "in the background " if pipe is self._later else ""
+            how = "in the background " if reader is self._later else ""
             log.info(
                 "request %s: loaded %d tokens (%s) %sin %.0f ms",
                 *(spec.req_id, tokens, where, how, took),
             )
         return list(blocks[max(loaded * per_chunk, skip) :])
 
-    def _chunk_view(self, slot: torch.Tensor, tokens: int) -> torch.Tensor:
-        """The first bytes of a chunk-sized buffer, as a chunk of ``tokens`` tokens."""
-        shape = self.chunk_shape(tokens)
-        return slot.view(-1)[: torch.Size(shape).numel()].view(shape)
+    def _tensor(self, chunk: KVChunk, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The chunk's KV as a tensor viewing its memory, or None if it is not of ``shape``."""
+        if tuple(chunk.shape) != shape or chunk.dtype != TORCH_DTYPES.get(self._dtype):
+            log.warning(
+                "kvtier: a stored chunk is %s %s, this cache needs %s %s; recomputing from it",
+                *(chunk.dtype, chunk.shape, TORCH_DTYPES.get(self._dtype), shape),
+            )
+            return None
+        return torch.frombuffer(chunk.data, dtype=self._dtype).view(shape)
 
     def close(self) -> None:
         """Wait for background loads, then stop the threads."""
         self._background.shutdown(wait=True)
-        for pipe in (self._now, self._later):
-            pipe.reader.shutdown(wait=True)
+        for reader in (self._now, self._later):
+            reader.shutdown(wait=True)
 
 
 def _background_thread() -> None:

@@ -10,9 +10,9 @@ metadata of each step lists the chunks to load into the request's blocks and the
 prompt chunks to save, and once a prompt is computed, its tail: the full blocks after its last
 full chunk, so that reuse is as fine-grained as vLLM's own blocks. While other requests run, a
 hit from disk or Redis is loaded in the background (the request waits in WAITING_FOR_REMOTE_KVS;
-``loads`` in the extra config: auto, async or sync). Worker side (:mod:`.loader`): loads are
-pipelined through reused staging buffers; saves gather the blocks straight into encoded
-chunks, leaving checksums and tier writes to a background thread. Chunks that fail to
+``loads`` in the extra config: auto, async or sync). Worker side (:mod:`.loader`): loads copy
+each chunk once, from where kvtier holds it into the blocks; saves gather the blocks straight
+into encoded chunks, leaving checksums and tier writes to a background thread. Chunks that fail to
 load are reported through :meth:`get_block_ids_with_load_errors` for vLLM to recompute (kvtier
 sets ``kv_load_failure_policy=recompute``: a cache must never fail a request).
 """
