@@ -66,19 +66,10 @@ def read_parallel(paths: Sequence[Path], dests: Sequence[Any]) -> None:
         list(pool.map(read, zip(paths, dests, strict=True)))
 
 
-def touched(nbytes: int) -> bytearray:
-    """A buffer whose pages are mapped already, as a reader's reused buffers are: a large
-    ``bytearray(n)`` is fresh zero pages that its first write faults in, one by one (here
-    that made a cold read of 183 MB about 50 ms slower)."""
-    buf = bytearray(nbytes)
-    buf[:: mmap.PAGESIZE] = bytes(len(range(0, nbytes, mmap.PAGESIZE)))
-    return buf
-
-
 def cold_read_s(paths: Sequence[Path]) -> float:
     """Seconds to read these files from the device (dropped from the page cache first)."""
     drop_cached(paths)
-    dests = [touched(p.stat().st_size) for p in paths]
+    dests = [bytearray(p.stat().st_size) for p in paths]
     start = time.perf_counter()
     read_parallel(paths, dests)
     return time.perf_counter() - start
