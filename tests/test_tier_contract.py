@@ -291,7 +291,42 @@ def test_disk_large_chunks_bypass_the_page_cache_byte_exact(tmp_path: Path) -> N
     assert tier.direct  # the filesystem took O_DIRECT
     for i, p in enumerate(payloads):
         assert tier.path_of(k(i)).stat().st_size == len(p)
-    assert DiskTier(tmp_path, 1 << 30).get_many([k(i) for i in range(len(sizes))]) == payloads
+    fresh = DiskTier(tmp_path, 1 << 30)
+    assert fresh.get_many([k(i) for i in range(len(sizes))]) == payloads
+    # Into split buffers (a header, then the rest), across the aligned buffer's pieces.
+    bufs = [(bytearray(96), bytearray(n - 96)) for n in sizes]
+    items = [(k(i), [memoryview(h), memoryview(b)]) for i, (h, b) in enumerate(bufs)]
+    assert fresh.read_into_many(items) == sizes
+    assert [bytes(h + b) for h, b in bufs] == payloads
+    # Large chunks were read from the device, not through the page cache; small ones were not.
+    assert [_cached_pages(tier.path_of(k(i))) > 0 for i in range(len(sizes))] == [
+        True, False, False, False, False
+    ]  # fmt: skip
+
+
+def _cached_pages(path: Path) -> int:
+    """How many pages of the file the page cache holds (mmap + mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        try:
+            assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec)
 
 
 def test_disk_falls_back_to_buffered_writes_when_o_direct_is_refused(
@@ -314,3 +349,29 @@ def test_disk_falls_back_to_buffered_writes_when_o_direct_is_refused(
     monkeypatch.setattr(os, "pwrite", real_pwrite)
     assert tier.get_many([k(1)]) == [payload]
     assert tier.path_of(k(1)).stat().st_size == len(payload)
+
+
+def test_disk_falls_back_to_buffered_reads_when_o_direct_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import fcntl
+
+    payload = os.urandom((3 << 20) + 5)
+    DiskTier(tmp_path, 1 << 30, fsync=False).put_many([(k(1), payload)])
+    real_preadv = os.preadv
+    refused = []
+
+    def refuse_direct(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", refuse_direct)
+    tier = DiskTier(tmp_path, 1 << 30)
+    assert tier.get_many([k(1)]) == [payload]
+    assert refused and not tier.direct  # refused once, then off for good
+    buf = bytearray(len(payload))
+    assert tier.read_into_many([(k(1), [memoryview(buf)])]) == [len(payload)]
+    assert bytes(buf) == payload and len(refused) == 1
