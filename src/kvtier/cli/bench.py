@@ -44,7 +44,7 @@ SMOLLM2 = (30, 2, 256, 3, 64)  # 256 tokens of SmolLM2-135M: 5,898,240 bytes in 
 TARGETS = {"memory": 0.7, "disk": 0.7, "redis": 0.8}
 RAW = {
     "memory": "numpy memcpy into preallocated buffers",
-    "disk": "a file per chunk: O_DIRECT write + fsync, parallel preadv (as the tier does)",
+    "disk": "a file per chunk: O_DIRECT write + fsync, parallel O_DIRECT reads (as the tier)",
     "redis": "plain redis-py SET/GET, one call per chunk",
 }
 

@@ -140,12 +140,14 @@ class Loader:
             reads = [reader.submit(read, at) for at in range(0, n_chunks, PIECE_CHUNKS)]
             for piece in reads:
                 result = piece.result()
-                count = len(result.chunks)
-                views = [self._tensor(c, shapes[loaded + j]) for j, c in enumerate(result.chunks)]
-                if None in views:  # of another shape: the run ends there
-                    count = views.index(None)
+                views: list[torch.Tensor] = []
+                for j, chunk in enumerate(result.chunks):
+                    if (view := self._tensor(chunk, shapes[loaded + j])) is None:
+                        break  # of another shape: the run ends there
+                    views.append(view)
+                count = len(views)
                 chunks_to_blocks(
-                    [v for v in views[:count] if v is not None],
+                    views,
                     self._layers,
                     blocks[loaded * per_chunk : (loaded + count) * per_chunk],
                     skip_blocks=max(0, skip - loaded * per_chunk),
