@@ -296,15 +296,22 @@ class DiskTier:
             if todo and n:
                 todo[0] = todo[0][n:]
 
-    def _read_direct(self, fd: int, buffers: Sequence[memoryview]) -> bool:
-        """Read the whole file into ``buffers`` bypassing the page cache, through this
-        thread's aligned buffer; False if the filesystem refuses (O_DIRECT is then off for
-        good) or the file changed (the caller reads it plainly and finds out)."""
+    def _set_direct(self, fd: int) -> int | None:
+        """Turn O_DIRECT on for ``fd``; its flags before, or None if the filesystem refuses
+        (O_DIRECT is then off for good)."""
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
         except OSError:
             self.direct = False
+            return None
+        return flags
+
+    def _read_direct(self, fd: int, buffers: Sequence[memoryview]) -> bool:
+        """Read the whole file into ``buffers`` bypassing the page cache, through this
+        thread's aligned buffer; False if the filesystem refuses (O_DIRECT is then off for
+        good) or the file changed (the caller reads it plainly and finds out)."""
+        if (flags := self._set_direct(fd)) is None:
             return False
         try:
             return self._read_pieces(fd, buffers)
@@ -453,11 +460,7 @@ class DiskTier:
         page-aligned buffer in aligned pieces, the last one zero-padded, and the file is
         then cut back to the data's length.
         """
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-        except OSError:
-            self.direct = False
+        if (flags := self._set_direct(fd)) is None:
             return False
         buf = self._direct_buffer.get()
         total = view.nbytes
