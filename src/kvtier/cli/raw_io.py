@@ -4,20 +4,20 @@ headers, checksums or bookkeeping."""
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import redis
 
+from kvtier.tiers import direct_io
 from kvtier.tiers import disk as disk_tier
-
-_PIECE = disk_tier.DIRECT_PIECE  # the disk tier's aligned read buffer
 
 
 def write_direct(paths: Sequence[Path], payloads: Sequence[Any], fsync: bool) -> None:
@@ -57,32 +57,20 @@ def drop_cached(paths: Sequence[Path]) -> None:
 
 def read_parallel(paths: Sequence[Path], dests: Sequence[Any]) -> None:
     """Read each file into its buffer on the disk tier's number of threads, the way the tier
-    reads large chunks: O_DIRECT into a page-aligned buffer per thread, copied out of it
-    (plain ``preadv`` where O_DIRECT is refused)."""
-    local = threading.local()
+    reads large chunks: O_DIRECT through a page-aligned buffer per thread (plain ``preadv``
+    where O_DIRECT is refused)."""
+    aligned = direct_io.AlignedBuffer()
 
     def read(item: tuple[Path, Any]) -> None:
         dest = memoryview(item[1]).cast("B")
-        fd = os.open(item[0], os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        fd = os.open(item[0], os.O_RDONLY)
         try:
-            if not hasattr(local, "buf"):
-                local.buf = mmap.mmap(-1, _PIECE)
-                local.buf[:: mmap.PAGESIZE] = bytes(len(range(0, _PIECE, mmap.PAGESIZE)))
-            with memoryview(local.buf) as piece:
-                at = 0
-                while at < dest.nbytes:
-                    want = min(_PIECE, -(-(dest.nbytes - at) // 4096) * 4096)
-                    try:
-                        n = os.preadv(fd, [piece[:want]], at)
-                    except OSError:  # no O_DIRECT here
-                        plain = os.open(item[0], os.O_RDONLY)
-                        try:
-                            os.preadv(plain, [dest[at:]], at)
-                        finally:
-                            os.close(plain)
+            if (flags := direct_io.enable(fd)) is not None:
+                with memoryview(aligned.get()) as piece, suppress(OSError):
+                    if direct_io.read_into(fd, [dest], piece):
                         return
-                    dest[at : at + n] = piece[:n]
-                    at += n
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # refused: read plainly
+            os.preadv(fd, [dest], 0)
         finally:
             os.close(fd)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
 import socket
 import threading
@@ -38,6 +37,7 @@ from kvtier.codec import SealedChunk
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
 from kvtier.threads import any_core, load_priority
+from kvtier.tiers import direct_io
 from kvtier.tiers.base import Blob, PutResult, TierUsage
 
 T = TypeVar("T")
@@ -60,20 +60,6 @@ _STALE_TMP_S = 3600.0  # where the filesystem has no locks: age alone decides
 # it). The page cache would not help anyway: what is read again is promoted into DRAM. Small
 # chunks stay buffered.
 _DIRECT_MIN = 1 << 20
-_DIRECT_ALIGN = 4096
-DIRECT_PIECE = 8 << 20
-
-
-class _DirectBuffer(threading.local):
-    buf: mmap.mmap | None = None
-
-    def get(self) -> mmap.mmap:
-        """This thread's aligned buffer, its pages touched (the first use would fault them)."""
-        if self.buf is None:
-            buf = mmap.mmap(-1, DIRECT_PIECE)
-            buf[:: mmap.PAGESIZE] = bytes(len(range(0, DIRECT_PIECE, mmap.PAGESIZE)))
-            self.buf = buf
-        return self.buf
 
 
 def _key_from_name(name: str) -> ChunkKey | None:
@@ -107,7 +93,7 @@ class DiskTier:
         # O_DIRECT for large chunks; turned off for good the first time the filesystem
         # refuses it (tmpfs on old kernels, some network filesystems).
         self.direct = direct and hasattr(os, "O_DIRECT")
-        self._direct_buffer = _DirectBuffer()
+        self._direct_buffer = direct_io.AlignedBuffer()
         self._tmp = self.root / ".tmp"
         if read_only:
             if not self.root.is_dir():
@@ -299,12 +285,8 @@ class DiskTier:
     def _set_direct(self, fd: int) -> int | None:
         """Turn O_DIRECT on for ``fd``; its flags before, or None if the filesystem refuses
         (O_DIRECT is then off for good)."""
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-        except OSError:
+        if (flags := direct_io.enable(fd)) is None:
             self.direct = False
-            return None
         return flags
 
     def _read_direct(self, fd: int, buffers: Sequence[memoryview]) -> bool:
@@ -314,7 +296,8 @@ class DiskTier:
         if (flags := self._set_direct(fd)) is None:
             return False
         try:
-            return self._read_pieces(fd, buffers)
+            with memoryview(self._direct_buffer.get()) as piece:
+                return direct_io.read_into(fd, buffers, piece)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -322,26 +305,6 @@ class DiskTier:
             return False
         finally:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-
-    def _read_pieces(self, fd: int, buffers: Sequence[memoryview]) -> bool:
-        todo, offset = list(buffers), 0
-        with memoryview(self._direct_buffer.get()) as piece:
-            while todo:
-                left = sum(b.nbytes for b in todo)
-                want = min(DIRECT_PIECE, -(-left // _DIRECT_ALIGN) * _DIRECT_ALIGN)
-                n = os.preadv(fd, [piece[:want]], offset)
-                if n < min(want, left) and (n == 0 or n % _DIRECT_ALIGN):
-                    return False  # shorter than it was: it changed
-                offset += n
-                at = 0
-                while todo and at < n:  # scatter the piece into the caller's buffers
-                    take = min(todo[0].nbytes, n - at)
-                    todo[0][:take] = piece[at : at + take]
-                    at += take
-                    todo[0] = todo[0][take:]
-                    if not todo[0].nbytes:
-                        todo.pop(0)
-        return True
 
     def _touch(self, fd: int, key: ChunkKey) -> None:
         if not self.read_only:
@@ -466,10 +429,10 @@ class DiskTier:
         total = view.nbytes
         try:
             with memoryview(buf) as out:
-                for start in range(0, total, DIRECT_PIECE):
-                    n = min(DIRECT_PIECE, total - start)
+                for start in range(0, total, direct_io.PIECE):
+                    n = min(direct_io.PIECE, total - start)
                     out[:n] = view[start : start + n]
-                    padded = -(-n // _DIRECT_ALIGN) * _DIRECT_ALIGN
+                    padded = -(-n // direct_io.ALIGN) * direct_io.ALIGN
                     out[n:padded] = bytes(padded - n)
                     done = 0
                     while done < padded:
@@ -483,7 +446,7 @@ class DiskTier:
             os.lseek(fd, 0, os.SEEK_SET)
             return False
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-        if total % _DIRECT_ALIGN:
+        if total % direct_io.ALIGN:
             os.ftruncate(fd, total)
         return True
 
