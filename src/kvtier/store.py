@@ -24,23 +24,17 @@ from typing import Any
 from kvtier import codec
 from kvtier.codec import Compression, KVChunk
 from kvtier.errors import CorruptChunk
-from kvtier.hierarchy import Hierarchy, Slot
-from kvtier.keys import ChunkKey, Namespace, chunk_keys, tail_candidates
-from kvtier.results import GetResult, LoadResult, LookupResult, PutReport
+from kvtier.hierarchy import Slot
+from kvtier.keys import ChunkKey, Namespace, tail_candidates
+from kvtier.results import GetResult, LoadResult, LookupResult
+from kvtier.store_writes import StoreWrites
 from kvtier.tiers.base import Blob
-from kvtier.writeback import WriteBatch
 
 log = logging.getLogger("kvtier")
 
 
-class TieredStore(Hierarchy):
+class TieredStore(StoreWrites):
     """The hierarchy's read and write paths (tiers in order, fastest first)."""
-
-    def keys(
-        self, tokens: Sequence[int] | Any, namespace: Namespace, tail: bool = False
-    ) -> list[ChunkKey]:
-        """Chunk keys of ``tokens``; with ``tail``, the trailing partial chunk's key too."""
-        return chunk_keys(tokens, namespace, self.chunk_tokens, tail=tail)
 
     def lookup(
         self,
@@ -375,135 +369,6 @@ class TieredStore(Hierarchy):
             return len(where) * self.chunk_tokens
 
         return self._prefetcher.submit(keys, run)
-
-    # -- write path ------------------------------------------------------------------------
-
-    def put(
-        self,
-        tokens: Sequence[int] | Any,
-        namespace: Namespace,
-        chunks: Sequence[KVChunk],
-        start_chunk: int = 0,
-        tail: bool = False,
-    ) -> PutReport:
-        """Store ``chunks[j]`` as chunk ``start_chunk + j`` of ``tokens``; with ``tail``, the
-        last one is the trailing partial chunk of ``tokens`` (all of its tokens).
-
-        Writes the top tier inline, queues copies for lower tiers, and returns without waiting
-        for them. Never raises for a tier failure; raises ValueError for bad arguments.
-        """
-        sizes = [c.tokens for c in chunks]
-        keys = self._put_keys(tokens, namespace, start_chunk, sizes, tail)
-        top = self._slots[0]
-        ns_id = namespace.id(self.chunk_tokens)
-        items: WriteBatch = [
-            (key, codec.encode(key, chunk, ns_id, top.compression))
-            for key, chunk, held in zip(keys, chunks, self._held(keys), strict=True)
-            if not held
-        ]
-        return self._put_items(items)
-
-    def put_encoded(
-        self,
-        tokens: Sequence[int] | Any,
-        namespace: Namespace,
-        blobs: Sequence[codec.SealedChunk],
-        start_chunk: int = 0,
-        tail: bool = False,
-    ) -> PutReport:
-        """:meth:`put` for chunks encoded in place (:func:`kvtier.codec.blank`, filled, then
-        :func:`kvtier.codec.seal`): the top tier keeps them without a copy. Each header must
-        carry its chunk's key (ValueError otherwise)."""
-        headers = [codec.read_header(blob) for blob in blobs]
-        keys = self._put_keys(tokens, namespace, start_chunk, [h.tokens for h in headers], tail)
-        for j, (key, header) in enumerate(zip(keys, headers, strict=True)):
-            if header.key != key:
-                raise ValueError(f"chunk {start_chunk + j} was encoded under another key")
-        items: WriteBatch = [
-            (key, blob)
-            for key, blob, held in zip(keys, blobs, self._held(keys), strict=True)
-            if not held
-        ]
-        return self._put_items(items)
-
-    def _put_keys(
-        self,
-        tokens: Sequence[int] | Any,
-        namespace: Namespace,
-        start: int,
-        sizes: list[int],
-        tail: bool,
-    ) -> list[ChunkKey]:
-        full = len(tokens) // self.chunk_tokens
-        want = [self.chunk_tokens] * (full - start)
-        if tail and len(tokens) % self.chunk_tokens:
-            want.append(len(tokens) % self.chunk_tokens)
-        if len(want) < len(sizes):
-            raise ValueError(
-                f"{len(sizes)} chunks from chunk {start} need"
-                f" {(start + len(sizes)) * self.chunk_tokens} tokens, got {len(tokens)}"
-            )
-        if tail and len(sizes) != len(want):
-            raise ValueError(f"a tail is the last chunk: {len(want)} chunks from chunk {start}")
-        for j, (size, expected) in enumerate(zip(sizes, want, strict=False)):
-            if size != expected:
-                kind = "tail" if start + j == full else "chunk"
-                raise ValueError(f"{kind} {start + j} holds {size} tokens, it must hold {expected}")
-        return self.keys(tokens, namespace, tail)[start : start + len(sizes)]
-
-    def _held(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        top = self._slots[0]
-        return self._guard(top, [False] * len(keys), top.tier.contains_many, keys)
-
-    def _put_items(self, items: WriteBatch) -> PutReport:
-        self._write_to(self._slots[0], items)
-        dropped = sum(self._enqueue(slot, items) for slot in self._slots[1:])
-        queued = len(items) * (len(self._slots) - 1) - dropped
-        return PutReport(len(items), queued, dropped)
-
-    def _enqueue(self, slot: Slot, items: WriteBatch) -> int:
-        assert slot.writer is not None
-        dropped = slot.writer.submit(items)
-        if dropped:
-            self._recorder.add(slot.tier.name, writes_dropped=dropped)
-        return dropped
-
-    def _writer_for(self, slot: Slot) -> Callable[[WriteBatch], None]:
-        return lambda batch: self._write_to(slot, batch, skip_held=True)
-
-    def _write_to(self, slot: Slot, items: WriteBatch, skip_held: bool = False) -> None:
-        if not items:
-            return
-        name = slot.tier.name
-        if not slot.health.available():
-            self._recorder.add(name, writes_dropped=len(items))
-            return
-        if skip_held:  # write-behind: don't rewrite what the tier has (saves SSD writes)
-            held = self._guard(slot, None, slot.tier.contains_many, [k for k, _ in items])
-            if held is None:
-                self._recorder.add(name, writes_dropped=len(items))
-                return
-            items = [item for item, h in zip(items, held, strict=True) if not h]
-        items = [(k, codec.recode(blob, slot.compression)) for k, blob in items]
-        result = self._guard(slot, None, slot.tier.put_many, items)
-        if result is None:
-            self._recorder.add(name, writes_dropped=len(items))
-            return
-        written = [(k, b) for (k, b), ok in zip(items, result.stored, strict=True) if ok]
-        unwritten = len(items) - len(written)
-        if result.error is not None:  # failed part-way: what it did still counts
-            self._recorder.add(name, errors=1)
-            slot.health.failed(result.error)
-        self._recorder.add(
-            name,
-            chunks_written=len(written),
-            bytes_written=sum(memoryview(b).nbytes for _, b in written),
-            writes_rejected=0 if result.error else unwritten,
-            writes_dropped=unwritten if result.error else 0,
-            evictions=len(result.evicted),
-        )
-        self._recorder.emit("stored", name, [k for k, _ in written])
-        self._recorder.emit("evicted", name, result.evicted)
 
     def __enter__(self) -> TieredStore:
         return self
