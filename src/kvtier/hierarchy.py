@@ -63,9 +63,10 @@ class Hierarchy:
         self._blanks: Callable[[int], SealedChunk | None] = lambda nbytes: None
 
     def use_blanks(self, source: Callable[[int], SealedChunk | None]) -> None:
-        """Promote chunks loaded by :meth:`get_into` into buffers from ``source(nbytes)`` (a
-        blank of that many bytes, or None): memory touched ahead of time costs a tenth of
-        fresh pages here, and promotion is on the loading request's path."""
+        """Take the DRAM copies of chunks read from lower tiers from ``source(nbytes)`` (a
+        blank of that many bytes, or None): :meth:`get_into` promotes into them, a sized
+        :meth:`get` reads straight into them. Memory touched ahead of time costs a tenth of
+        fresh pages here, and both are on the loading request's path."""
         self._blanks = source
 
     @property
