@@ -18,6 +18,7 @@ class TierStats:
     hits: int = 0  # chunks read from this tier and verified
     misses: int = 0  # chunks looked for here and absent
     bytes_read: int = 0
+    read_seconds: float = 0.0  # time spent in sized batch reads (the loads' path): bandwidth
     bytes_written: int = 0
     chunks_written: int = 0
     evictions: int = 0
@@ -61,7 +62,7 @@ class Recorder:
         self._stats = StoreStats(tiers={name: TierStats() for name in tier_names})
         self._listeners: list[Listener] = []
 
-    def add(self, tier: str, **counts: int) -> None:
+    def add(self, tier: str, **counts: float) -> None:
         with self._lock:
             stats = self._stats.tiers[tier]
             for name, n in counts.items():

@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Container, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -171,7 +172,9 @@ class TieredStore(StoreWrites):
         size, and verify them: (chunk viewing the buffer, the buffer) or None."""
         bufs = [self._blank(codec.HEADER_BYTES + payload_bytes[i]) for i in idx]
         items = [(keys[i], [memoryview(b)]) for i, b in zip(idx, bufs, strict=True)]
+        started = time.perf_counter()
         sizes = self._guard(slot, [None] * len(idx), slot.tier.read_into_many, items)
+        self._recorder.add(slot.tier.name, read_seconds=time.perf_counter() - started)
         out: list[tuple[KVChunk, Blob] | None] = []
         for i, buf, size in zip(idx, bufs, sizes, strict=True):
             if size is None:

@@ -19,13 +19,24 @@ examples:
   kvtier inspect --disk ~/.cache/kvtier/chunks --verify
   kvtier config                             # the effective configuration (YAML + KVTIER_*)
   kvtier serve --port 8000                  # vLLM + kvtier on SmolLM2-135M (OpenAI API)
+  kvtier pod --engines 2                    # engines + shared Redis tier + KV-aware router
+  kvtier router --worker http://h1:8001 --worker http://h2:8001   # the router alone
   kvtier plan Llama-3.1-405B --users 128    # KV footprint, tier load times vs recompute
   kvtier sim trace.jsonl --dram 1TB --ssd 8TB  # replay a trace: hit rates, Belady bound
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvtier.cli import bench, config_cmd, inspect_cmd, plan_cmd, serve, sim_cmd
+    from kvtier.cli import (
+        bench,
+        config_cmd,
+        inspect_cmd,
+        plan_cmd,
+        pod_cmd,
+        router_cmd,
+        serve,
+        sim_cmd,
+    )
 
     parser = argparse.ArgumentParser(
         prog="kvtier",
@@ -35,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (bench, inspect_cmd, config_cmd, serve, plan_cmd, sim_cmd):
+    for module in (bench, inspect_cmd, config_cmd, serve, router_cmd, pod_cmd, plan_cmd, sim_cmd):
         module.register(sub)
     return parser
 

@@ -29,6 +29,8 @@ from kvtier.config import (
     parse_size,
 )
 from kvtier.errors import ConfigError, KvtierError
+from kvtier.pod.engine_routes import FEED_PORT_ENV
+from kvtier.redis_process import free_port
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what the embedded model is served as
 SHUTDOWN_TIMEOUT_S = 30  # vLLM's --shutdown-timeout unless given: time to finish writes
@@ -62,6 +64,14 @@ def register(sub: Any) -> None:
         help="how hits are loaded: auto (default) loads DRAM hits before the forward pass and"
         " disk/Redis hits in the background while other requests run; async loads all in the"
         " background; sync loads all before the forward pass, stalling running streams",
+    )
+    p.add_argument(
+        "--feed-port",
+        type=int,
+        metavar="PORT",
+        help="loopback port where the worker publishes its store's contents for `kvtier"
+        " router` (default: a free one); routers read it at http://HOST:PORT/kvtier/ on the"
+        " server's own port",
     )
     p.add_argument(
         "--dry-run", action="store_true", help="print the vLLM command instead of running it"
@@ -114,6 +124,9 @@ def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list
     loads = getattr(args, "loads", "auto")
     if loads != "auto":
         extra_config["loads"] = loads
+    feed_port = getattr(args, "feed_port", None)
+    if feed_port:
+        extra_config["feed_port"] = feed_port
     transfer = {
         "kv_connector": "KvtierConnector",
         "kv_connector_module_path": "kvtier.integrations.vllm",
@@ -126,6 +139,8 @@ def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list
         "--model", model, "--host", args.host, "--port", str(args.port),
         "--kv-transfer-config", json.dumps(transfer),
     ]  # fmt: skip
+    if feed_port:  # the feed on the server's own port, under /kvtier/
+        command += ["--middleware", "kvtier.pod.engine_routes.forward"]
     if "--enforce-eager" not in extra and not has_gpu():
         command.append("--enforce-eager")  # no graph capture on CPU: faster start
     if not any(a.split("=")[0] == "--shutdown-timeout" for a in extra):
@@ -154,8 +169,13 @@ def run(args: argparse.Namespace) -> int:
         if not any(a.split("=")[0] == "--served-model-name" for a in extra):
             # vLLM would name the model by its directory; the README calls it by this name.
             extra = ["--served-model-name", DEFAULT_MODEL_NAME, *extra]
+    if args.feed_port is None:
+        args.feed_port = free_port()
+    elif not 0 < args.feed_port < 65536:
+        raise ConfigError(f"--feed-port: {args.feed_port} is not a port number")
     command = vllm_command(args, model, extra)
     env = dict(os.environ)
+    env[FEED_PORT_ENV] = str(args.feed_port)  # for the middleware in vLLM's API process
     if not has_gpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of RAM for vLLM's own KV cache
     print("kvtier serve: " + " ".join(command[:8]) + " ...", file=sys.stderr)

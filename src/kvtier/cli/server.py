@@ -87,36 +87,54 @@ class Server:
         self.start_timeout_s = start_timeout_s
         self.warm_up = warm_up
         self._proc: subprocess.Popen[bytes] | None = None
+        self._deadline = 0.0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Server:
+        self.start()
+        self.wait_ready()
+        return self
+
+    def start(self) -> None:
+        """Start the process (see :meth:`wait_ready`)."""
         with open(self.log, "ab") as out:
             # A session of its own: stopping it reaches vLLM's engine processes too.
             self._proc = subprocess.Popen(
                 self.command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                 start_new_session=True,
             )  # fmt: skip
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
-                break
-            except OSError:
-                if self._proc.poll() is not None:
-                    code = self._proc.returncode
-                    raise KvtierError(f"server exited ({code}): {self.tail()}") from None
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise KvtierError(
-                        f"server not up in {self.start_timeout_s:.0f}s: {self.tail()}"
-                    ) from None
-                time.sleep(0.5)
+        self._deadline = time.monotonic() + self.start_timeout_s
+
+    def ready(self) -> bool:
+        """Whether it answers /health now; raises KvtierError if it died or is late."""
+        assert self._proc is not None, "start() first"
+        try:
+            urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
+            return True
+        except OSError:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                raise KvtierError(f"server exited ({code}): {self.tail()}") from None
+            if time.monotonic() > self._deadline:
+                self.stop()
+                raise KvtierError(
+                    f"server not up in {self.start_timeout_s:.0f}s: {self.tail()}"
+                ) from None
+            return False
+
+    def wait_ready(self) -> None:
+        """Wait until it is healthy (``warm_up``: and one short request is done)."""
+        while not self.ready():
+            time.sleep(0.5)
         if self.warm_up:  # a fresh engine's first forward pass carries one-time costs
             self.complete(list(range(1000, 1064)), max_tokens=1)
-        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def __exit__(
         self,

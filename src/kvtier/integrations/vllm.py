@@ -52,6 +52,7 @@ from kvtier.integrations.vllm_meta import (
     Tracked,
 )
 from kvtier.keys import ChunkKey, Namespace, tail_candidates
+from kvtier.pod.feed import EventFeed, store_feed
 from kvtier.results import LookupResult
 from kvtier.stats import ChunkEvent
 from kvtier.threads import background_priority
@@ -109,6 +110,15 @@ class KvtierConnector(KVConnectorBase_V1):
                 f"kv_connector_extra_config: loads: expected one of {', '.join(LOAD_MODES)},"
                 f" got {self._loads!r}"
             )
+        self._feed_port = extra.pop("feed_port", None)
+        if self._feed_port is not None and not (
+            isinstance(self._feed_port, int) and 0 <= self._feed_port < 65536
+        ):
+            raise ConfigError(
+                f"kv_connector_extra_config: feed_port: expected a port number, got"
+                f" {self._feed_port!r}"
+            )
+        self._feed: EventFeed | None = None
         self._config = config_from_dict(extra, "kv_connector_extra_config")
         self._block_size = vllm_config.cache_config.block_size
         self._chunk = self._config.chunk_tokens
@@ -373,6 +383,25 @@ class KvtierConnector(KVConnectorBase_V1):
         fill = top.capacity if isinstance(top, MemoryTierConfig) and top.prefault else 0
         self._pool.reserve(self._kv_dtype, shape, fill)  # the DRAM tier's first fill
         self._store.use_blanks(self._pool.spare)  # promotions from disk/Redis too
+        if self._feed_port is not None:
+            self._start_feed(self._feed_port, shape)
+
+    def _start_feed(self, port: int, chunk_shape: tuple[int, ...]) -> None:
+        """Publish what this worker's store holds, for ``kvtier router`` (see pod.feed)."""
+        elements = 1
+        for n in chunk_shape:
+            elements *= n
+        bytes_per_token = elements * self._layers[0].element_size() // self._chunk
+        feed = store_feed(
+            self._store, self._config, self._namespace(None), self._block_size, bytes_per_token
+        )
+        try:
+            feed.serve("127.0.0.1", port)
+        except OSError as exc:  # routing gets worse without it; serving must go on
+            log.error("kvtier: cannot serve the router feed on port %d: %s", port, exc)
+            return
+        self._feed = feed
+        log.info("kvtier: router feed on 127.0.0.1:%d", port)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -490,6 +519,8 @@ class KvtierConnector(KVConnectorBase_V1):
         return self._loader.failed_blocks() if self._loader is not None else set()
 
     def shutdown(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
         if self._loader is not None:
             self._loader.close()
         self._saver.shutdown(wait=True)

@@ -1,0 +1,76 @@
+"""``kvtier pod``: N engines of the embedded model, a shared context tier and the KV-aware
+router on one machine, with one command.
+
+Each engine is a ``kvtier serve`` with its own DRAM and disk tiers; all share one Redis tier
+(a private redis-server on a free loopback port, or --redis URL for an existing Redis, Valkey,
+Kvrocks or Redis Cluster); the router listens on --port and sends each request to the engine
+where its context already is. On CPU each engine computes on its own cores. Ctrl-C stops
+everything it started. Options kvtier does not know go to every engine's vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kvtier.cli.router_cmd import add_router_options, make_router, serve_router
+
+EXAMPLE = """\
+examples:
+  kvtier pod                                   # 2 engines + redis-server + router on :8000
+  kvtier pod --engines 4 --redis redis://10.0.0.9:6379/0
+  kvtier pod --num-gpu-blocks-override 64      # a vLLM option, given to every engine
+"""
+
+DEFAULT_STATE = Path("~/.cache/kvtier/pod")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "pod",
+        help="run several engines, a shared tier and the KV-aware router together",
+        description=__doc__,
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--engines", type=int, default=2, help="number of engines (2)")
+    p.add_argument("--redis", metavar="URL", help="shared tier (default: a private redis-server)")
+    p.add_argument("--dram", metavar="SIZE", default="1GiB", help="DRAM tier per engine (1GiB)")
+    p.add_argument(
+        "--engine-port", type=int, metavar="PORT",
+        help="first engine's port; the others follow (default: free ports)",
+    )  # fmt: skip
+    p.add_argument(
+        "--state", type=Path, default=DEFAULT_STATE, metavar="DIR",
+        help=f"engines' disk tiers and logs ({DEFAULT_STATE})",
+    )  # fmt: skip
+    add_router_options(p)
+    p.set_defaults(run=run, passthrough=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvtier.pod.launcher import Pod, plan_pod
+
+    state = args.state.expanduser()
+    logs = state / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    logs.mkdir(parents=True, exist_ok=True)
+    options = ["--dram", args.dram, *getattr(args, "extra", [])]
+    specs = plan_pod(args.engines, args.engine_port, state, logs, sorted(os.sched_getaffinity(0)),
+                     options)  # fmt: skip
+    pod = Pod(specs, args.redis)
+    for i, spec in enumerate(specs):
+        print(f"kvtier pod: engine {i} on port {spec.port}, cores {list(spec.cores)},"
+              f" log {spec.log}", file=sys.stderr)  # fmt: skip
+    try:
+        pod.start()
+        print(f"kvtier pod: shared tier {pod.shared_url}", file=sys.stderr)
+        router = make_router(pod.urls, args, pod.shared_url)
+        serve_router(router, args.host, args.port)
+    finally:
+        print("kvtier pod: stopping engines", file=sys.stderr, flush=True)
+        pod.stop()
+    return 0

@@ -1,0 +1,90 @@
+"""``kvtier router``: the KV-aware router alone, in front of engines started elsewhere.
+
+Every engine must be a ``kvtier serve`` (it publishes what its tiers hold under /kvtier/ on
+its own port). The router computes each prompt's chunk keys with the model's tokenizer, finds
+where those chunks are (each engine's DRAM and disk, and the tier they share), and sends the
+request to the engine with the lowest expected time to first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from kvtier.errors import KvtierError
+
+EXAMPLE = """\
+examples:
+  kvtier serve --port 8001 --redis redis://10.0.0.9:6379/0      # on each engine machine
+  kvtier router --worker http://10.0.0.5:8001 --worker http://10.0.0.6:8001 --port 8000
+  kvtier router --worker http://127.0.0.1:8001 --worker http://127.0.0.1:8002 --policy round-robin
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "router",
+        help="route OpenAI requests to the kvtier engine where their context already is",
+        description=__doc__,
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--worker", action="append", required=True, metavar="URL",
+                   help="an engine's base URL (repeat for each engine)")  # fmt: skip
+    add_router_options(p)
+    p.set_defaults(run=run)
+
+
+def add_router_options(p: argparse.ArgumentParser) -> None:
+    """Options ``kvtier router`` and ``kvtier pod`` share."""
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+    p.add_argument(
+        "--policy",
+        default="kvtier",
+        choices=("kvtier", "round-robin"),
+        help="kvtier (default): lowest expected time to first token, from where each prompt's"
+        " chunks are and each engine's queue; round-robin: in turn, ignoring the cache",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="the engines' model directory, for the tokenizer and chat template"
+        " (default: the embedded SmolLM2-135M-Instruct)",
+    )
+
+
+def make_router(workers: list[str], args: argparse.Namespace, shared_url: str | None = None) -> Any:
+    from kvtier.pod.prompts import Prompter
+    from kvtier.pod.router import Router, SharedTier
+
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        from kvtier.integrations.model import prepare_default_model
+
+        tokenizer = prepare_default_model()
+    prompter = Prompter(tokenizer) if args.policy == "kvtier" else None
+    shared = SharedTier(shared_url, "kvtier") if shared_url else None
+    return Router(workers, prompter, args.policy, shared)
+
+
+def serve_router(router: Any, host: str, port: int) -> None:
+    """Run ``router`` until SIGINT/SIGTERM."""
+    from aiohttp import web
+
+    logging.getLogger("kvtier.router").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    print(f"kvtier router: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    web.run_app(router.app(), host=host, port=port, print=None, access_log=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    for url in args.worker:
+        if not url.startswith(("http://", "https://")):
+            raise KvtierError(f"--worker: {url!r} is not an http:// or https:// URL")
+    router = make_router(args.worker, args)
+    serve_router(router, args.host, args.port)
+    return 0

@@ -1,0 +1,198 @@
+"""The engines behind a router: health, feeds into the index, and what was measured on each.
+
+Each engine is polled for ``/health`` every :data:`HEALTH_EVERY_S`; two failures in a row (or
+a refused connection while forwarding) take it out of rotation, so a dead engine is gone
+within a second. Its feed (``/kvtier/...``, see :mod:`kvtier.pod.feed`) is read with long
+polls: a snapshot first, then events in sequence; a gap or a new epoch (a restart) means a
+fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from kvtier.pod.index import ChunkIndex
+from kvtier.pod.policy import DEFAULT_PREFILL_TOKENS_PER_S
+
+log = logging.getLogger("kvtier.router")
+
+HEALTH_EVERY_S = 0.25
+HEALTH_TIMEOUT_S = 0.5
+INFO_EVERY_S = 2.0
+POLL_WAIT_S = 5.0
+RATE_WEIGHT = 0.3  # weight of a new prefill-rate sample in the running estimate
+MIN_SAMPLE_TOKENS = 256  # fewer recomputed tokens say little about the prefill rate
+MIN_BANDWIDTH_BYTES = 16 << 20  # reads before an engine's own tier bandwidth is trusted
+
+
+@dataclass
+class Engine:
+    url: str
+    healthy: bool = False
+    failures: int = 0
+    info: dict[str, Any] | None = None
+    kinds: dict[str, str] = field(default_factory=dict)  # tier name -> kind
+    synced: bool = False
+    epoch: str = ""
+    seq: int = 0
+    queued_tokens: int = 0  # prefill tokens routed here whose first token is not back yet
+    in_flight: int = 0
+    routed: int = 0
+    prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S
+    bandwidth: dict[str, float] = field(default_factory=dict)  # tier kind -> bytes/s
+
+    def measured_prefill(self, tokens: int, seconds: float) -> None:
+        """A request that found this engine idle computed ``tokens`` in ``seconds``."""
+        if tokens < MIN_SAMPLE_TOKENS or seconds <= 0:
+            return
+        sample = min(max(tokens / seconds, 10.0), 1e7)
+        rate = self.prefill_tokens_per_s
+        self.prefill_tokens_per_s = (1 - RATE_WEIGHT) * rate + RATE_WEIGHT * sample
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "url": self.url, "healthy": self.healthy, "synced": self.synced,
+            "queued_tokens": self.queued_tokens, "in_flight": self.in_flight,
+            "routed": self.routed, "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
+            "bandwidth_bytes_per_s": {k: round(v) for k, v in self.bandwidth.items()},
+        }  # fmt: skip
+
+
+class EngineSet:
+    """The engines, their health and their feeds. Use from one event loop."""
+
+    def __init__(self, urls: list[str], index: ChunkIndex):
+        if not urls:
+            raise ValueError("a router needs at least one engine (--worker URL)")
+        self.engines = [Engine(url.rstrip("/")) for url in urls]
+        self.index = index
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.ready = asyncio.Event()  # set once any engine is healthy
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        for engine in self.engines:
+            self._tasks.append(asyncio.create_task(self._watch(engine)))
+            self._tasks.append(asyncio.create_task(self._follow(engine)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    def healthy(self) -> list[Engine]:
+        return [e for e in self.engines if e.healthy]
+
+    def down(self, engine: Engine, why: str) -> None:
+        if engine.healthy:
+            log.warning("kvtier router: %s out of rotation (%s)", engine.url, why)
+        engine.healthy = False
+        engine.failures = max(engine.failures, 2)
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def _watch(self, engine: Engine) -> None:
+        assert self._session is not None
+        timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+        next_info = 0.0
+        while True:
+            try:
+                async with self._session.get(f"{engine.url}/health", timeout=timeout) as r:
+                    ok = r.status == 200
+            except (TimeoutError, aiohttp.ClientError):
+                ok = False
+            if ok:
+                if not engine.healthy:
+                    log.info("kvtier router: %s in rotation", engine.url)
+                engine.healthy, engine.failures = True, 0
+                self.ready.set()
+                if time.monotonic() >= next_info:
+                    await self._refresh_info(engine)
+                    next_info = time.monotonic() + INFO_EVERY_S
+            else:
+                engine.failures += 1
+                if engine.failures >= 2:
+                    self.down(engine, "health check failed")
+            await asyncio.sleep(HEALTH_EVERY_S)
+
+    async def _refresh_info(self, engine: Engine) -> None:
+        info = await self._get_json(engine, "/kvtier/info", 2.0)
+        if info is None:
+            return
+        engine.info = info
+        engine.kinds = {t["name"]: t["kind"] for t in info.get("tiers", ())}
+        for name, reads in (info.get("reads") or {}).items():
+            kind = engine.kinds.get(name)
+            if kind and reads.get("bytes", 0) >= MIN_BANDWIDTH_BYTES and reads.get("seconds"):
+                engine.bandwidth[kind] = reads["bytes"] / reads["seconds"]
+
+    # -- feed ------------------------------------------------------------------------------
+
+    async def _follow(self, engine: Engine) -> None:
+        while True:
+            if not engine.healthy:
+                engine.synced = False
+                await asyncio.sleep(HEALTH_EVERY_S)
+                continue
+            try:
+                if not engine.synced:
+                    await self._resync(engine)
+                    continue
+                query = f"?epoch={engine.epoch}&after={engine.seq}&wait={POLL_WAIT_S}"
+                body = await self._get_json(engine, "/kvtier/events" + query, POLL_WAIT_S + 5)
+                if body is None:
+                    engine.synced = False
+                    await asyncio.sleep(0.5)
+                    continue
+                if body.get("resync"):
+                    engine.synced = False
+                    continue
+                for event in body.get("events", ()):
+                    if event["seq"] != engine.seq + 1:  # a gap: events were lost
+                        engine.synced = False
+                        break
+                    kind = engine.kinds.get(event["tier"], event["tier"])
+                    self.index.apply(engine.url, kind, event)
+                    engine.seq = event["seq"]
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad feed must not stop the router: recompute, resync
+                log.exception("kvtier router: reading %s's feed failed", engine.url)
+                engine.synced = False
+                await asyncio.sleep(1.0)
+
+    async def _resync(self, engine: Engine) -> None:
+        await self._refresh_info(engine)
+        snapshot = await self._get_json(engine, "/kvtier/snapshot", 30.0)
+        if snapshot is None or engine.info is None:
+            await asyncio.sleep(0.5)
+            return
+        by_kind: dict[str, list[str]] = {}
+        for name, keys in snapshot.get("entries", {}).items():
+            by_kind.setdefault(engine.kinds.get(name, name), []).extend(keys)
+        self.index.replace(engine.url, by_kind)
+        engine.epoch, engine.seq, engine.synced = snapshot["epoch"], snapshot["seq"], True
+        chunks = sum(map(len, by_kind.values()))
+        log.info("kvtier router: %s synced (%d chunks)", engine.url, chunks)
+
+    async def _get_json(self, engine: Engine, path: str, timeout_s: float) -> Any:
+        assert self._session is not None
+        try:
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
+            async with self._session.get(engine.url + path, timeout=timeout) as r:
+                if r.status != 200:
+                    return None
+                return await r.json()
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            return None

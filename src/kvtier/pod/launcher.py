@@ -1,0 +1,149 @@
+"""``kvtier pod``: several ``kvtier serve`` engines, one shared tier and the router, on one
+machine, started and stopped together.
+
+Each engine has its own DRAM and disk tiers (``<state>/engine-<i>/chunks``, kept across runs),
+shares the context tier (a private ``redis-server`` on a free loopback port unless a URL is
+given) and, on CPU, computes on its own cores (vLLM's ``VLLM_CPU_OMP_THREADS_BIND``), so that
+engines do not fight over them. Stopping the pod (Ctrl-C, SIGTERM) stops everything it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvtier.cli.serve import has_gpu
+from kvtier.cli.server import Server, kvtier_serve_command
+from kvtier.errors import KvtierError
+from kvtier.redis_process import RedisServer, free_port
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    port: int
+    cores: tuple[int, ...]
+    disk: Path
+    log: Path
+    options: tuple[str, ...] = ()
+
+
+def split_cores(cores: Sequence[int], engines: int) -> list[tuple[int, ...]]:
+    """Cores for each engine: an even split of ``cores``; engines share when there are fewer
+    cores than engines (round robin, one core each)."""
+    if engines <= 0:
+        raise ValueError(f"a pod needs at least one engine, got {engines}")
+    ordered = sorted(cores)
+    if len(ordered) < engines:
+        return [(ordered[i % len(ordered)],) for i in range(engines)]
+    per = len(ordered) // engines
+    return [tuple(ordered[i * per : (i + 1) * per]) for i in range(engines)]
+
+
+def core_list(cores: Sequence[int]) -> str:
+    return ",".join(str(c) for c in cores)
+
+
+@dataclass
+class Pod:
+    """The processes of a pod; :meth:`start` them, :meth:`stop` them (idempotent)."""
+
+    engines: list[EngineSpec]
+    redis_url: str | None  # None: start a private redis-server
+    start_timeout_s: float = 600
+    servers: list[Server] = field(default_factory=list)
+    redis: RedisServer | None = None
+
+    @property
+    def shared_url(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        assert self.redis is not None, "start() first"
+        return self.redis.url
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{e.port}" for e in self.engines]
+
+    def start(self, progress: bool = True) -> None:
+        try:
+            if self.redis_url is None:
+                self.redis = RedisServer().start()
+            for spec in self.engines:
+                spec.disk.mkdir(parents=True, exist_ok=True)
+                options = ("--disk", str(spec.disk), "--redis", self.shared_url, *spec.options)
+                env = {}
+                if not has_gpu():
+                    env["VLLM_CPU_OMP_THREADS_BIND"] = core_list(spec.cores)
+                server = Server(
+                    kvtier_serve_command(spec.port, *options), spec.port, spec.log, env,
+                    self.start_timeout_s,
+                )  # fmt: skip
+                server.start()
+                self.servers.append(server)
+            self._wait(progress)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self, progress: bool) -> None:
+        started = time.monotonic()
+        pending = set(range(len(self.servers)))
+        shown = -1
+        while pending:
+            for i in sorted(pending):
+                if self.servers[i].ready():
+                    pending.discard(i)
+            up = len(self.servers) - len(pending)
+            if progress and (sys.stderr.isatty() or up != shown):
+                shown = up
+                line = f"kvtier pod: {up}/{len(self.servers)} engines up"
+                line += f" ({time.monotonic() - started:.0f} s)"
+                if sys.stderr.isatty():  # one line, rewritten
+                    print("\r" + line, end="" if pending else "\n", file=sys.stderr, flush=True)
+                else:
+                    print(line, file=sys.stderr, flush=True)
+            if pending:
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        """SIGTERM to every engine (they flush their writes), SIGKILL to what is left."""
+        servers, self.servers = self.servers, []
+        for server in servers:
+            pid = server.pid
+            if pid is not None:  # all at once: they drain in parallel
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        for server in servers:
+            server.stop(timeout_s=45)
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+def plan_pod(
+    engines: int,
+    first_port: int | None,
+    state_dir: Path,
+    log_dir: Path,
+    cores: Sequence[int],
+    options: Sequence[str] = (),
+) -> list[EngineSpec]:
+    """Ports, cores, disk directories and log files of ``engines`` engines."""
+    if engines < 1:
+        raise KvtierError(f"--engines must be at least 1, got {engines}")
+    specs = []
+    for i, mine in enumerate(split_cores(cores, engines)):
+        port = first_port + i if first_port else free_port()
+        specs.append(
+            EngineSpec(
+                port, mine, state_dir / f"engine-{i}" / "chunks", log_dir / f"engine-{i}.log",
+                tuple(options),
+            )
+        )  # fmt: skip
+    return specs

@@ -1,0 +1,134 @@
+"""Where a request should run: the expected time to first token on each engine.
+
+One object, :class:`CostRouting`, decides for the router (``kvtier router``, ``kvtier pod``)
+and for the simulator (``kvtier sim --routing kvtier``), so what is simulated at 64 nodes is
+what runs. It sees each engine as an :class:`EngineView`: the prompt tokens that engine would
+find per tier, the prefill work already queued on it, and the rates measured there.
+
+Expected TTFT on an engine = queued prefill tokens / its prefill rate (the wait)
+                           + sum over tiers of hit bytes / that tier's bandwidth (the load)
+                           + tokens it would recompute / its prefill rate.
+
+Unlike fixed discounts (a host hit worth 0.75 of a GPU hit, a disk hit 0.25), this prices a
+hit in a slow tier against recomputing it *on that engine*, and it credits the tier every
+engine shares: a prompt held only there costs the same load everywhere, and the queue decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+# Bandwidths assumed for a tier before an engine has measured its own (bytes/s). "gpu" is the
+# engine's own prefix cache: nothing to load.
+DEFAULT_BANDWIDTH = {"gpu": float("inf"), "dram": 4e9, "disk": 1e9, "shared": 0.6e9}
+DEFAULT_PREFILL_TOKENS_PER_S = 1000.0
+TIER_KINDS = tuple(DEFAULT_BANDWIDTH)  # fastest first
+# Estimates within max(TIE_S, TIE_FRACTION x the best) are a tie: the least queued engine
+# wins, then engines take turns. Measured prefill rates of equal engines differ by some 10%;
+# without this, every cold prompt would go to the one that measured fastest.
+TIE_S = 0.002
+TIE_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """One engine, as the policy sees it when a request arrives.
+
+    Attributes:
+        name: the engine (its URL in the router, its index in the simulator).
+        hits: leading prompt tokens the engine would load, per tier kind (see
+            :data:`TIER_KINDS`), each token counted once, in the fastest tier holding it.
+        queued_tokens: prefill tokens routed to it whose first token has not come back yet.
+        prefill_tokens_per_s: its measured prefill rate.
+        bandwidth: its measured load bandwidth per tier kind, bytes/s (defaults otherwise).
+    """
+
+    name: str
+    hits: Mapping[str, int] = field(default_factory=dict)
+    queued_tokens: int = 0
+    prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S
+    bandwidth: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def hit_tokens(self) -> int:
+        return sum(self.hits.values())
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What routing a request to one engine is expected to cost."""
+
+    engine: str
+    ttft_s: float
+    wait_s: float
+    load_s: float
+    recompute_s: float
+    hit_tokens: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    chosen: int  # index into the views given
+    estimates: tuple[Estimate, ...]
+
+    @property
+    def best(self) -> Estimate:
+        return self.estimates[self.chosen]
+
+
+class CostRouting:
+    """Lowest expected TTFT wins; near-ties go to the least queued engine, then in turn.
+
+    ``bytes_per_token``: KV bytes of one token (what a hit loads).
+    """
+
+    def __init__(self, bytes_per_token: int):
+        if bytes_per_token <= 0:
+            raise ValueError(f"bytes_per_token must be positive, got {bytes_per_token}")
+        self.bytes_per_token = bytes_per_token
+        self._turn = 0  # rotates among exact ties, so a burst of equal requests spreads
+
+    def estimate(self, prompt_tokens: int, view: EngineView) -> Estimate:
+        rate = max(view.prefill_tokens_per_s, 1e-9)
+        load = 0.0
+        for kind, tokens in view.hits.items():
+            if tokens <= 0:
+                continue
+            bandwidth = view.bandwidth.get(kind) or DEFAULT_BANDWIDTH.get(kind, 1e9)
+            load += tokens * self.bytes_per_token / bandwidth
+        hit = min(view.hit_tokens, prompt_tokens)
+        wait = view.queued_tokens / rate
+        recompute = (prompt_tokens - hit) / rate
+        return Estimate(view.name, wait + load + recompute, wait, load, recompute, hit)
+
+    def choose(self, prompt_tokens: int, views: Sequence[EngineView]) -> Decision:
+        if not views:
+            raise ValueError("no engine to route to")
+        estimates = tuple(self.estimate(prompt_tokens, v) for v in views)
+        best = min(e.ttft_s for e in estimates)
+        slack = max(TIE_S, TIE_FRACTION * best)
+        close = [i for i, e in enumerate(estimates) if e.ttft_s <= best + slack]
+        least = min(views[i].queued_tokens for i in close)
+        tied = [i for i in close if views[i].queued_tokens == least]
+        self._turn += 1
+        return Decision(tied[self._turn % len(tied)], estimates)
+
+
+def leading_hits(tiers_of: Sequence[Sequence[str]], tokens_of: Sequence[int]) -> dict[str, int]:
+    """Tokens per tier kind of the leading run of chunks an engine holds.
+
+    ``tiers_of[i]``: the tier kinds holding chunk i there (empty ends the run);
+    ``tokens_of[i]``: its tokens. Each chunk counts in its fastest tier.
+    """
+    hits: dict[str, int] = {}
+    for kinds, tokens in zip(tiers_of, tokens_of, strict=False):
+        if not kinds:
+            break
+        fastest = min(kinds, key=_rank)
+        hits[fastest] = hits.get(fastest, 0) + tokens
+    return hits
+
+
+def _rank(kind: str) -> int:
+    return TIER_KINDS.index(kind) if kind in TIER_KINDS else len(TIER_KINDS)

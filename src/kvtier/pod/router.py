@@ -1,0 +1,325 @@
+"""``kvtier router``: an OpenAI-compatible front for several engines that sends each request
+where its context already is.
+
+For each request: the prompt's tokens as the engine will see them (:mod:`.prompts`), its chunk
+keys in the engines' namespace (reported by their feeds), where those chunks are (the index fed
+by every engine, plus the shared tier, asked directly), then the engine with the lowest
+expected time to first token (:class:`~kvtier.pod.policy.CostRouting`). The request is
+forwarded unchanged; the engine's answer, errors included, comes back unchanged.
+
+A request that has not produced a byte yet is retried on the next engine when the one chosen
+fails (connection refused or dropped); a stream already started ends with an error event. The
+shared tier being down costs hits (it counts as empty), never requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from kvtier.health import TierHealth
+from kvtier.keys import Namespace, chunk_keys
+from kvtier.pod.engines import Engine, EngineSet
+from kvtier.pod.index import ChunkIndex, quantile
+from kvtier.pod.policy import CostRouting, EngineView, leading_hits
+from kvtier.pod.prompts import Prompter, PromptError
+
+log = logging.getLogger("kvtier.router")
+
+POLICIES = ("kvtier", "round-robin")
+SHARED_TIMEOUT_S = 0.25
+OVERHEAD_WINDOW = 2048
+_HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "host"}
+
+
+@dataclass
+class Routed:
+    """One request's routing: what was predicted, for accounting when it comes back."""
+
+    engine: Engine
+    queued: int  # prefill tokens it adds to the engine's queue
+    idle: bool  # nothing else was queued there (its TTFT measures the prefill rate)
+    load_s: float
+
+
+class SharedTier:
+    """The tier every engine shares, asked directly for which chunks it holds."""
+
+    def __init__(self, url: str, prefix: str):
+        from kvtier.tiers.redis import RedisTier
+
+        self.url = url
+        self._tier = RedisTier(url, prefix=prefix, timeout_s=SHARED_TIMEOUT_S)
+        self._health = TierHealth("shared tier (router)", 1.0)
+
+    async def holds(self, keys: Sequence[bytes]) -> list[bool]:
+        if not keys or not self._health.available():
+            return [False] * len(keys)
+        try:
+            found = await asyncio.to_thread(self._tier.contains_many, keys)  # type: ignore[arg-type]
+        except Exception as exc:  # down or slow: no shared hits, the request goes on
+            self._health.failed(exc)
+            return [False] * len(keys)
+        self._health.succeeded()
+        return list(found)
+
+    def close(self) -> None:
+        self._tier.close()
+
+
+class Router:
+    def __init__(
+        self,
+        workers: list[str],
+        prompter: Prompter | None,
+        policy: str = "kvtier",
+        shared: SharedTier | None = None,
+    ):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}; allowed: {', '.join(POLICIES)}")
+        self.index = ChunkIndex()
+        self.engines = EngineSet(workers, self.index)
+        self.prompter = prompter
+        self.policy = policy
+        self.shared = shared
+        self._cost: CostRouting | None = None
+        self._turn = 0
+        self._session: aiohttp.ClientSession | None = None
+        self.overhead_s: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
+        self.retries = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/v1/completions", self._forward)
+        app.router.add_post("/v1/chat/completions", self._forward)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/router/state", self._state)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0)
+        self._session = aiohttp.ClientSession(connector=connector)
+        await self.engines.start(self._session)
+
+    async def _stop(self, app: web.Application) -> None:
+        await self.engines.stop()
+        if self._session is not None:
+            await self._session.close()
+        if self.shared is not None:
+            self.shared.close()
+
+    # -- routing ---------------------------------------------------------------------------
+
+    async def route(self, path: str, body: dict[str, Any]) -> tuple[list[Engine], Routed | None]:
+        """Engines to try, best first, and the accounting of the first."""
+        healthy = self.engines.healthy()
+        if not healthy:
+            return [], None
+        if self.policy == "round-robin" or self.prompter is None:
+            self._turn += 1
+            start = self._turn % len(healthy)
+            return healthy[start:] + healthy[:start], None
+        try:
+            tokens = await asyncio.to_thread(self.prompter.tokens, path, body)
+        except PromptError:
+            return sorted(healthy, key=lambda e: e.queued_tokens), None
+        info = next((e.info for e in healthy if e.info), None)
+        if info is None:  # no feed yet: balance on the queues alone
+            return sorted(healthy, key=lambda e: e.queued_tokens), None
+        chunk = int(info["chunk_tokens"])
+        salt = body.get("cache_salt")
+        namespace = Namespace(**info["namespace"], tenant_salt=salt or None)
+        keys = chunk_keys(tokens, namespace, chunk)
+        hexes = [k.hex() for k in keys]
+        shared = await self.shared.holds(keys) if self.shared is not None else []
+        if self._cost is None:
+            self._cost = CostRouting(int(info["bytes_per_token"]))
+        views = []
+        for engine in healthy:
+            held = self.index.kinds(engine.url, hexes)
+            kinds = [
+                {"dram" if k == "predicted" else k for k in held[i]} if i < len(held) else set()
+                for i in range(len(keys))
+            ]
+            for i, on in enumerate(shared):
+                if on:
+                    kinds[i].add("shared")
+            hits = leading_hits([sorted(k) for k in kinds], [chunk] * len(keys))
+            views.append(
+                EngineView(
+                    engine.url, hits, engine.queued_tokens, engine.prefill_tokens_per_s,
+                    engine.bandwidth,
+                )
+            )  # fmt: skip
+        decision = self._cost.choose(len(tokens), views)
+        best = decision.best
+        engine = healthy[decision.chosen]
+        rest = sorted(
+            (e for e in healthy if e is not engine),
+            key=lambda e: decision.estimates[healthy.index(e)].ttft_s,
+        )
+        order = [engine, *rest]
+        self.index.predict(engine.url, hexes)
+        recompute = len(tokens) - best.hit_tokens
+        # Its TTFT measures the engine's prefill rate when nothing else was queued there and
+        # the response's end is its first token (a stream, or a single token).
+        one = body.get("stream") or 1 in (body.get("max_tokens"), body.get("max_completion_tokens"))
+        idle = engine.queued_tokens == 0 and bool(one)
+        return order, Routed(engine, recompute, idle, best.load_s)
+
+    # -- handlers --------------------------------------------------------------------------
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            body = {}  # the engine answers a malformed request itself
+        order, routed = await self.route(request.path, body)
+        if not order:
+            return _error(503, "no engine is available (all failed their health checks)")
+        if routed is not None:
+            routed.engine.queued_tokens += routed.queued
+        try:
+            return await self._try(request, raw, order, routed, started)
+        finally:
+            if routed is not None and routed.queued:
+                routed.engine.queued_tokens -= routed.queued
+                routed.queued = 0
+
+    async def _try(
+        self,
+        request: web.Request,
+        raw: bytes,
+        order: list[Engine],
+        routed: Routed | None,
+        started: float,
+    ) -> web.StreamResponse:
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        last_error = ""
+        for attempt, engine in enumerate(order):
+            if attempt:
+                self.retries += 1
+            engine.routed += 1
+            engine.in_flight += 1
+            sent = time.perf_counter()
+            self.overhead_s.append(sent - started)
+            try:
+                async with self._session.post(
+                    engine.url + request.path, data=raw, headers=headers
+                ) as upstream:
+                    return await self._relay(request, upstream, engine, routed, sent)
+            except _NotStarted as exc:
+                last_error = str(exc)
+                self.engines.down(engine, last_error)
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                self.engines.down(engine, last_error)
+            finally:
+                engine.in_flight -= 1
+        return _error(502, f"every engine failed this request; the last said: {last_error}")
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        engine: Engine,
+        routed: Routed | None,
+        sent: float,
+    ) -> web.StreamResponse:
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+        if "text/event-stream" not in upstream.headers.get("Content-Type", ""):
+            try:
+                body = await upstream.read()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise _NotStarted(f"{engine.url} dropped the request: {exc}") from None
+            self._first_token(engine, routed, sent)
+            return web.Response(body=body, status=upstream.status, headers=headers)
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        first = True
+        try:
+            async for piece in upstream.content.iter_any():
+                if first:
+                    await response.prepare(request)
+                    self._first_token(engine, routed, sent)
+                    first = False
+                await response.write(piece)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if first:
+                raise _NotStarted(f"{engine.url} dropped the request: {exc}") from None
+            self.engines.down(engine, f"stream broken: {exc}")
+            event = {"error": {"message": f"the engine failed mid-stream: {exc}", "code": 502}}
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        if first:
+            await response.prepare(request)
+        await response.write_eof()
+        return response
+
+    def _first_token(self, engine: Engine, routed: Routed | None, sent: float) -> None:
+        if routed is None or routed.engine is not engine or not routed.queued:
+            return
+        if routed.idle:
+            engine.measured_prefill(routed.queued, time.perf_counter() - sent - routed.load_s)
+        engine.queued_tokens -= routed.queued
+        routed.queued = 0
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        for engine in self.engines.healthy():
+            try:
+                async with self._session.get(engine.url + "/v1/models") as upstream:
+                    body = await upstream.read()
+                    ctype = upstream.headers.get("Content-Type", "application/json")
+                    return web.Response(body=body, status=upstream.status, content_type=None,
+                                        headers={"Content-Type": ctype})  # fmt: skip
+            except aiohttp.ClientError as exc:
+                self.engines.down(engine, str(exc))
+        return _error(503, "no engine is available")
+
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        if self.engines.healthy():
+            return web.Response(text="ok")
+        return _error(503, "no engine is available")
+
+    async def _state(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.state())
+
+    def state(self) -> dict[str, Any]:
+        p99 = quantile(sorted(self.overhead_s), 0.99)
+        return {
+            "policy": self.policy,
+            "engines": [e.state() for e in self.engines.engines],
+            "index": {"chunks": len(self.index), "per_engine": self.index.counts(),
+                      "staleness": self.index.staleness.summary(),
+                      "resyncs": self.index.resyncs},
+            "shared": self.shared.url if self.shared else None,
+            "overhead_ms_p99": round(p99 * 1000, 3),
+            "retries": self.retries,
+        }  # fmt: skip
+
+
+class _NotStarted(Exception):
+    """The engine failed before anything reached the client: another may serve it."""
+
+
+def _error(status: int, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": "router_error", "code": status}}
+    return web.json_response(body, status=status)
