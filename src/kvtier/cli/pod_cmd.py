@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,15 @@ def run(args: argparse.Namespace) -> int:
     for i, spec in enumerate(specs):
         print(f"kvtier pod: engine {i} on port {spec.port}, cores {list(spec.cores)},"
               f" log {spec.log}", file=sys.stderr)  # fmt: skip
+    stopping = threading.Event()
     try:
         pod.start()
         print(f"kvtier pod: shared tier {pod.shared_url}", file=sys.stderr)
+        pod.supervise(stopping)
         router = make_router(pod.urls, args, pod.shared_url)
         serve_router(router, args.host, args.port)
     finally:
+        stopping.set()
         print("kvtier pod: stopping engines", file=sys.stderr, flush=True)
         pod.stop()
     return 0

@@ -132,6 +132,10 @@ class Server:
         if self.warm_up:  # a fresh engine's first forward pass carries one-time costs
             self.complete(list(range(1000, 1064)), max_tokens=1)
 
+    def exit_code(self) -> int | None:
+        """The process's exit code once it has exited (None while it runs or before start)."""
+        return self._proc.poll() if self._proc is not None else None
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class Pod:
     start_timeout_s: float = 600
     servers: list[Server] = field(default_factory=list)
     redis: RedisServer | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopped: bool = False
 
     @property
     def shared_url(self) -> str:
@@ -111,9 +114,31 @@ class Pod:
             if pending:
                 time.sleep(0.5)
 
+    def supervise(self, stopping: threading.Event, every_s: float = 1.0) -> threading.Thread:
+        """Restart engines that exit (crash, OOM kill) until ``stopping`` is set; the router
+        takes them out of rotation meanwhile and resyncs from their feed when they are back."""
+
+        def loop() -> None:
+            while not stopping.wait(every_s):
+                for i, server in enumerate(list(self.servers)):
+                    with self._lock:  # never restart one that stop() is stopping
+                        code = server.exit_code()
+                        if code is None or self._stopped:
+                            continue
+                        print(f"kvtier pod: engine {i} exited ({code}); restarting it, log"
+                              f" {server.log}", file=sys.stderr, flush=True)  # fmt: skip
+                        server.stop(timeout_s=5)  # whatever is left of its process group
+                        server.start()
+
+        thread = threading.Thread(target=loop, name="kvtier-pod-supervisor", daemon=True)
+        thread.start()
+        return thread
+
     def stop(self) -> None:
         """SIGTERM to every engine (they flush their writes), SIGKILL to what is left."""
-        servers, self.servers = self.servers, []
+        with self._lock:
+            self._stopped = True
+            servers, self.servers = self.servers, []
         for server in servers:
             pid = server.pid
             if pid is not None:  # all at once: they drain in parallel

@@ -37,6 +37,7 @@ log = logging.getLogger("kvtier.router")
 
 POLICIES = ("kvtier", "round-robin")
 SHARED_TIMEOUT_S = 0.25
+ENGINE_HEADER = "x-kvtier-engine"
 OVERHEAD_WINDOW = 2048
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "host"}
 
@@ -246,6 +247,7 @@ class Router:
         sent: float,
     ) -> web.StreamResponse:
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers[ENGINE_HEADER] = engine.url  # where it ran: routing decisions can be audited
         if "text/event-stream" not in upstream.headers.get("Content-Type", ""):
             try:
                 body = await upstream.read()

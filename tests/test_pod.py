@@ -1,0 +1,304 @@
+"""`kvtier pod` end to end: two real engines, a real redis-server and the router, over HTTP.
+
+One pod serves every test here, in order (the last one stops it with SIGINT, as Ctrl-C does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtier.integrations.model import prepare_default_model
+from kvtier.keys import Namespace, chunk_keys
+from kvtier.pod.prompts import Prompter
+from kvtier.redis_process import free_port
+
+MODEL = "SmolLM2-135M-Instruct"
+README = Path(__file__).parent.parent / "README.md"
+pytestmark = pytest.mark.slow
+
+
+class PodProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path):
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.engine_port = 0
+
+    def state(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/router/state", timeout=10) as r:
+            return dict(json.load(r))
+
+    def engines(self) -> list[str]:
+        return [e["url"] for e in self.state()["engines"]]
+
+
+def post(
+    base: str, path: str, body: dict[str, Any], timeout: float = 300
+) -> tuple[dict[str, Any], str]:
+    """(reply, the engine that answered, from the router's header)."""
+    request = urllib.request.Request(
+        base + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return json.load(r), r.headers.get("x-kvtier-engine", "")
+
+
+def complete(pod: PodProcess, prompt: str, max_tokens: int = 1) -> tuple[dict[str, Any], str]:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens}
+    return post(pod.url, "/v1/completions", body)
+
+
+def get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return dict(json.load(r))
+
+
+def engine_pids(url: str) -> list[str]:
+    """The vLLM API server of the engine at ``url`` (each leads its own session)."""
+    port = url.rsplit(":", 1)[1]
+    found = subprocess.run(["pgrep", "-f", f"api_server.*--port {port}"], capture_output=True,
+                           text=True)  # fmt: skip
+    return found.stdout.split()
+
+
+def text(tag: str, words: int) -> str:
+    return " ".join(f"{tag} item{i}" for i in range(words))
+
+
+def wait_for(check: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def readme_line(command: str) -> str:
+    """The README's ``command`` line (the pod's or the router's), comment dropped."""
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
+    line = next(ln for b in blocks for ln in b.splitlines() if ln.startswith(command))
+    return line.split("#", 1)[0]
+
+
+def two_free_ports() -> int:
+    """A port p with p + 1 free too (the pod's engines take consecutive ports)."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port + 1)) != 0:
+                return port
+
+
+def as_run(line: str, engine_port: int, router_port: int) -> list[str]:
+    """A README command line with its ports moved to free ones, run from this checkout."""
+    line = line.replace("8001", str(engine_port)).replace("8002", str(engine_port + 1))
+    line = line.replace("9000", str(router_port))
+    words = shlex.split(line)
+    assert words[0] == "kvtier"
+    return [sys.executable, "-m", "kvtier.cli.main", *words[1:]]
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodProcess]:
+    state = tmp_path_factory.mktemp("pod")
+    port, engine_port = free_port(), two_free_ports()
+    log = state / "pod.log"
+    # The README's command as written, with free ports and a state directory of its own.
+    command = [
+        *as_run(readme_line("kvtier pod"), engine_port, 0),
+        "--port", str(port), "--state", str(state), "--dram", "512MiB", "--max-model-len", "8192",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    pod = PodProcess(proc, port, log)
+    pod.engine_port = engine_port
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                return all(e["healthy"] and e["synced"] for e in pod.state()["engines"])
+            except OSError:
+                return False
+
+        wait_for(up, 400, "the pod to start")
+        yield pod
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_the_readme_router_alone_serves_through_the_pods_engines(pod: PodProcess) -> None:
+    port = free_port()
+    command = as_run(readme_line("kvtier router"), pod.engine_port, port)
+    router = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def synced() -> bool:
+            assert router.poll() is None, router.stderr.read() if router.stderr else ""
+            try:
+                engines = get_json(f"{url}/router/state")["engines"]
+            except OSError:
+                return False
+            return all(e["healthy"] and e["synced"] for e in engines)
+
+        wait_for(synced, 60, "the README's router to reach the pod's engines")
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8}
+        reply, engine = post(url, "/v1/completions", body)
+        assert reply["choices"][0]["text"]
+        assert engine in pod.engines()
+    finally:
+        router.terminate()
+        router.wait(30)
+
+
+def test_router_keys_are_the_engines_keys(pod: PodProcess) -> None:
+    prompter = Prompter(prepare_default_model())
+    cases = [
+        ("/v1/completions", {"prompt": text("keys-completion", 400)}, None),
+        ("/v1/completions", {"prompt": text("keys-completion", 400)}, "tenant-a"),
+        ("/v1/chat/completions",
+         {"messages": [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": text("keys-chat", 400)}]}, None),
+        ("/v1/chat/completions",
+         {"messages": [{"role": "user", "content": text("keys-chat", 400)}]}, "tenant-b"),
+    ]  # fmt: skip
+    seen: set[bytes] = set()
+    for path, body, salt in cases:
+        request = {"model": MODEL, "max_tokens": 1, **body}
+        if salt:
+            request["cache_salt"] = salt
+        _, engine = post(pod.url, path, request)
+        info = get_json(f"{engine}/kvtier/info")
+        namespace = Namespace(**info["namespace"], tenant_salt=salt)
+        keys = chunk_keys(prompter.tokens(path, body), namespace, info["chunk_tokens"])
+        assert len(keys) >= 4
+        assert seen.isdisjoint(keys), "a salt or a chat template must change the keys"
+        seen.update(keys)
+
+        def stored(engine: str = engine, keys: list[bytes] = keys) -> bool:
+            held = set(get_json(f"{engine}/kvtier/snapshot")["entries"]["memory"])
+            return all(k.hex() in held for k in keys)
+
+        wait_for(stored, 10, f"{path} (salt {salt}) keys in {engine}'s DRAM")
+
+
+def test_returning_turns_go_where_their_context_is(pod: PodProcess) -> None:
+    first = {}
+    for user in ("ann", "bob", "cyd", "dee"):
+        _, first[user] = complete(pod, text(user, 500))
+    assert len(set(first.values())) == 2, f"cold users all went to one engine: {first}"
+    for user in ("ann", "bob", "cyd", "dee"):
+        body = {"model": MODEL, "prompt": text(user, 500) + " and then", "max_tokens": 1}
+        _, engine = post(pod.url, "/v1/completions", body)
+        assert engine == first[user], f"{user}'s second turn left the engine holding it"
+
+
+def test_a_burst_of_cold_prompts_is_spread(pod: PodProcess) -> None:
+    engines: list[str] = []
+
+    def send(i: int) -> None:
+        body = {"model": MODEL, "prompt": text(f"burst{i}", 300), "max_tokens": 1}
+        engines.append(post(pod.url, "/v1/completions", body)[1])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counts = {e: engines.count(e) for e in set(engines)}
+    assert len(engines) == 6 and min(counts.values()) >= 2, counts
+
+
+def test_a_killed_engine_fails_no_request_and_resyncs_when_back(pod: PodProcess) -> None:
+    victim = pod.engines()[1]
+    resyncs = pod.state()["index"]["resyncs"].get(victim, 0)
+    pids = engine_pids(victim)
+    assert pids, f"no process serves {victim}"
+    errors: list[str] = []
+    answered: list[str] = []
+
+    def send(i: int) -> None:
+        body = {"model": MODEL, "prompt": text(f"kill{i}", 700), "max_tokens": 1}
+        try:
+            answered.append(post(pod.url, "/v1/completions", body)[1])
+        except (urllib.error.URLError, OSError) as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # the requests are being computed
+    killed = time.monotonic()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(pid), signal.SIGKILL)
+
+    def out() -> bool:
+        return not next(e for e in pod.state()["engines"] if e["url"] == victim)["healthy"]
+
+    wait_for(out, 5, "the router to take the dead engine out")
+    assert time.monotonic() - killed < 2.0
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(answered) == 4
+    _, engine = complete(pod, text("after-kill", 100))
+    assert engine != victim
+
+    # The pod restarts it; the router resyncs its index from the restarted engine's feed,
+    # which lists what its disk tier kept.
+    def back() -> bool:
+        state = pod.state()
+        engine = next(e for e in state["engines"] if e["url"] == victim)
+        return bool(engine["healthy"] and state["index"]["resyncs"].get(victim, 0) > resyncs)
+
+    wait_for(back, 300, "the killed engine to be restarted and resynced")
+    assert pod.state()["index"]["per_engine"][victim].get("disk", 0) > 0
+
+
+def test_the_shared_tier_down_costs_no_request(pod: PodProcess) -> None:
+    url = pod.state()["shared"]
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    subprocess.run(["pkill", "-f", f"redis-server.*{port}"], check=True)
+    for i in range(3):
+        body = {"model": MODEL, "prompt": text(f"noredis{i}", 400), "max_tokens": 2}
+        reply, _ = post(pod.url, "/v1/completions", body)
+        assert reply["choices"][0]["text"]
+
+
+def test_ctrl_c_stops_every_process_of_the_pod(pod: PodProcess) -> None:
+    sessions = [pid for url in pod.engines() for pid in engine_pids(url)]
+    assert len(sessions) == 2
+    pod.proc.send_signal(signal.SIGINT)
+    pod.proc.wait(120)
+    assert "stopping engines" in pod.log.read_text()
+
+    # The pod's own session (its redis-server), and each engine's (vLLM's engine processes).
+    def gone() -> bool:
+        for session in [str(pod.proc.pid), *sessions]:
+            left = subprocess.run(["pgrep", "-s", session], capture_output=True, text=True)
+            if left.stdout.split():
+                return False
+        return True
+
+    wait_for(gone, 10, "every process of the pod to exit")
