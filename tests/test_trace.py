@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,3 +62,27 @@ def test_the_conversation_trace_loads_whole_and_fast() -> None:
     assert time.perf_counter() - start < 5
     first = trace.requests[0]
     assert first.hash_ids[0] == 0 and len(first.hash_ids) == -(-first.input_length // 512)
+
+
+@pytest.mark.parametrize("nodes", [4, 16])
+def test_kvtier_routing_hits_as_much_as_cache_aware_with_balanced_nodes(nodes: int) -> None:
+    """The router's policy object in the simulator: on the conversation trace, at least the
+    hit rate of cache-aware routing, with every node within 25% of the mean load."""
+    path = SHARED / "conversation_trace.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} is not here")
+    results = {}
+    for routing in ("cache-aware", "kvtier"):
+        out = subprocess.run(
+            [sys.executable, "-m", "kvtier.cli.main", "sim", str(path), "--nodes", str(nodes),
+             "--routing", routing, "--dram", "500GB", "--ssd", "2TB", "--shared", "10TB",
+             "--json"],
+            capture_output=True, text=True, check=True, timeout=300,
+        )  # fmt: skip
+        results[routing] = json.loads(out.stdout)
+    ours, theirs = results["kvtier"], results["cache-aware"]
+    assert ours["hit_rate_tokens"] >= theirs["hit_rate_tokens"]
+    loads = ours["node_requests"]
+    assert len(loads) == nodes and sum(loads) == 12_031
+    mean = sum(loads) / nodes
+    assert max(abs(n - mean) for n in loads) <= 0.25 * mean, loads

@@ -35,7 +35,7 @@ from kvtier.errors import ConfigError
 from kvtier.policy.eviction import POLICY_NAMES, EvictionPolicy, make_eviction_policy
 from kvtier.sim.trace import BLOCK_TOKENS, Request
 
-ROUTINGS = ("cache-aware", "round-robin", "random")
+ROUTINGS = ("cache-aware", "round-robin", "random", "kvtier")
 LOAD_WINDOW_MS = 60_000.0  # cache-aware routing balances the requests of the last minute
 LOAD_SLACK = 0.25  # ... letting a node be this fraction of the mean above the least loaded
 _NEVER = 1 << 62
@@ -93,6 +93,7 @@ class SimResult:
     ttft_s: dict[str, float] | None = None  # p50/p90/p99, estimated from the cost model
     ttft_cold_s: dict[str, float] | None = None  # the same with no cache at all
     tiers: list[TierResult] = field(default_factory=list)
+    node_requests: list[int] = field(default_factory=list)  # requests routed to each node
     elapsed_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -182,6 +183,10 @@ def simulate(
     load = [0] * nodes  # cache-aware: requests sent to each node in the last LOAD_WINDOW_MS
     recent: deque[tuple[float, int]] = deque()
     total = SimResult(policy, nodes, routing, len(requests), 0, 0, block_bytes)
+    node_requests = [0] * nodes
+    if routing == "kvtier" and cost is None:
+        raise ConfigError("kvtier routing needs a cost model (a model and hardware)")
+    router = _CostRouter(tiers, nodes, cost) if routing == "kvtier" and cost else None
     ttft: list[float] = []
     cold: list[float] = []
     step = max(1, len(requests) // 200)
@@ -194,10 +199,14 @@ def simulate(
             node = number % nodes
         elif routing == "random":
             node = rng.randrange(nodes)
+        elif routing == "kvtier":
+            assert router is not None and cost is not None
+            node = router.route(request, chains, cost)
         else:
             node = _cache_aware(ids, local, load, request.timestamp_ms, recent)
             load[node] += 1
             recent.append((request.timestamp_ms, node))
+        node_requests[node] += 1
         chain = chains[node]
 
         # Lookup: the leading run held somewhere, and which tier serves each block of it.
@@ -259,6 +268,7 @@ def simulate(
         r.hit_rate_blocks = r.hit_blocks / total.blocks if total.blocks else 0.0
         r.hit_rate_tokens = r.hit_tokens / total.tokens if total.tokens else 0.0
     total.tiers = results
+    total.node_requests = node_requests
     if cost is not None:
         total.ttft_s = percentiles(ttft)
         total.ttft_cold_s = percentiles(cold)
@@ -294,6 +304,50 @@ def _cache_aware(
     ceiling = min(load) + max(2.0, LOAD_SLACK * sum(load) / len(load))
     candidates = [n for n in range(len(load)) if load[n] <= ceiling]
     return max(candidates, key=lambda n: (_prefix(ids, local[n]), -load[n], -n))
+
+
+class _CostRouter:
+    """``--routing kvtier``: the router's own policy object (:class:`CostRouting`) on the
+    simulated nodes. Each node serves prefills one at a time: its queue is the work routed to
+    it that has not finished at the request's arrival, at its prefill rate."""
+
+    def __init__(self, tiers: Sequence[TierSpec], nodes: int, cost: CostModel):
+        from kvtier.pod.policy import CostRouting
+
+        self.policy = CostRouting(cost.bytes_per_token)
+        local = [s for s in tiers if not s.shared]
+        # A node's own tiers are its DRAM then its disk; the shared tier is the pod's.
+        self.kinds = [
+            "shared" if s.shared else ("dram" if local.index(s) == 0 else "disk") for s in tiers
+        ]
+        self.bandwidth = {k: s.bandwidth for k, s in zip(self.kinds, tiers, strict=True)
+                          if s.bandwidth > 0}  # fmt: skip
+        self.busy_until_ms = [0.0] * nodes
+        self.cost = cost
+
+    def route(self, request: Request, chains: Sequence[Sequence[_Tier]], cost: CostModel) -> int:
+        from kvtier.pod.policy import EngineView, leading_hits
+
+        now = request.timestamp_ms
+        length = max(request.input_length, 1)
+        rate = length / max(cost.prefill_s(length), 1e-9)
+        tokens = block_tokens(request)
+        views = []
+        for node, chain in enumerate(chains):
+            kinds = []
+            for key in request.hash_ids:
+                held = [k for k, t in zip(self.kinds, chain, strict=True) if key in t.policy]
+                if not held:
+                    break
+                kinds.append(held)
+            backlog_s = max(0.0, self.busy_until_ms[node] - now) / 1000
+            hits = leading_hits(kinds, tokens)
+            views.append(EngineView(str(node), hits, int(backlog_s * rate), rate, self.bandwidth))
+        decision = self.policy.choose(request.input_length, views)
+        best = decision.best
+        start = max(self.busy_until_ms[decision.chosen], now)
+        self.busy_until_ms[decision.chosen] = start + (best.load_s + best.recompute_s) * 1000
+        return decision.chosen
 
 
 def _prefix(ids: Sequence[int], tiers: Sequence[_Tier]) -> int:
