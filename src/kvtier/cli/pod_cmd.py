@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         pod.start()
         print(f"kvtier pod: shared tier {pod.shared_url}", file=sys.stderr)
         pod.supervise(stopping)
-        router = make_router(pod.urls, args, pod.shared_url)
+        router = make_router(pod.urls, args)
         serve_router(router, args.host, args.port)
     finally:
         stopping.set()

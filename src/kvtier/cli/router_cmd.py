@@ -56,9 +56,10 @@ def add_router_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def make_router(workers: list[str], args: argparse.Namespace, shared_url: str | None = None) -> Any:
+def make_router(workers: list[str], args: argparse.Namespace) -> Any:
+    """The router; it finds the shared tier in the engines' feeds (``/kvtier/info``)."""
     from kvtier.pod.prompts import Prompter
-    from kvtier.pod.router import Router, SharedTier
+    from kvtier.pod.router import Router
 
     tokenizer = args.tokenizer
     if tokenizer is None:
@@ -66,8 +67,7 @@ def make_router(workers: list[str], args: argparse.Namespace, shared_url: str | 
 
         tokenizer = prepare_default_model()
     prompter = Prompter(tokenizer) if args.policy == "kvtier" else None
-    shared = SharedTier(shared_url, "kvtier") if shared_url else None
-    return Router(workers, prompter, args.policy, shared)
+    return Router(workers, prompter, args.policy)
 
 
 def serve_router(router: Any, host: str, port: int) -> None:

@@ -146,6 +146,9 @@ class Router:
         namespace = Namespace(**info["namespace"], tenant_salt=salt or None)
         keys = chunk_keys(tokens, namespace, chunk)
         hexes = [k.hex() for k in keys]
+        if self.shared is None and info.get("shared"):  # the tier the engines say they share
+            first = info["shared"][0]
+            self.shared = SharedTier(first["url"], first["prefix"])
         shared = await self.shared.holds(keys) if self.shared is not None else []
         if self._cost is None:
             self._cost = CostRouting(int(info["bytes_per_token"]))
