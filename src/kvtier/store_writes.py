@@ -55,10 +55,15 @@ class StoreWrites(Hierarchy):
         blobs: Sequence[codec.SealedChunk],
         start_chunk: int = 0,
         tail: bool = False,
+        through: bool = False,
     ) -> PutReport:
         """:meth:`put` for chunks encoded in place (:func:`kvtier.codec.blank`, filled, then
         :func:`kvtier.codec.seal`): the top tier keeps them without a copy. Each header must
-        carry its chunk's key (ValueError otherwise)."""
+        carry its chunk's key (ValueError otherwise).
+
+        With ``through``, the lower tiers are written inline too, not queued: when this
+        returns, every tier that could take the chunks holds them (a prefill engine's answer
+        must not return before the shared tier has its chunks)."""
         headers = [codec.read_header(blob) for blob in blobs]
         keys = self._put_keys(tokens, namespace, start_chunk, [h.tokens for h in headers], tail)
         for j, (key, header) in enumerate(zip(keys, headers, strict=True)):
@@ -69,7 +74,7 @@ class StoreWrites(Hierarchy):
             for key, blob, held in zip(keys, blobs, self._held(keys), strict=True)
             if not held
         ]
-        return self._put_items(items)
+        return self._put_items(items, through)
 
     def _put_keys(
         self,
@@ -100,8 +105,12 @@ class StoreWrites(Hierarchy):
         top = self._slots[0]
         return self._guard(top, [False] * len(keys), top.tier.contains_many, keys)
 
-    def _put_items(self, items: WriteBatch) -> PutReport:
+    def _put_items(self, items: WriteBatch, through: bool = False) -> PutReport:
         self._write_to(self._slots[0], items)
+        if through:
+            for slot in self._slots[1:]:
+                self._write_to(slot, items, skip_held=True)
+            return PutReport(len(items), len(items) * (len(self._slots) - 1), 0)
         dropped = sum(self._enqueue(slot, items) for slot in self._slots[1:])
         queued = len(items) * (len(self._slots) - 1) - dropped
         return PutReport(len(items), queued, dropped)

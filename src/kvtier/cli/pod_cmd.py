@@ -25,6 +25,7 @@ examples:
   kvtier pod                                   # 2 engines + redis-server + router on :8000
   kvtier pod --engines 4 --redis redis://10.0.0.9:6379/0
   kvtier pod --num-gpu-blocks-override 64      # a vLLM option, given to every engine
+  kvtier pod --prefill 1 --decode 1            # disaggregated: prefill on one, decode on the other
 """
 
 DEFAULT_STATE = Path("~/.cache/kvtier/pod")
@@ -38,7 +39,13 @@ def register(sub: Any) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--engines", type=int, default=2, help="number of engines (2)")
+    p.add_argument("--engines", type=int, help="number of engines (2)")
+    p.add_argument(
+        "--prefill", type=int, metavar="P",
+        help="disaggregated: P prefill engines; a new prompt is computed on one, written to the"
+        " shared tier, and decoded on a --decode engine (unless that one holds most of it)",
+    )  # fmt: skip
+    p.add_argument("--decode", type=int, metavar="D", help="disaggregated: D decode engines")
     p.add_argument("--redis", metavar="URL", help="shared tier (default: a private redis-server)")
     p.add_argument("--dram", metavar="SIZE", default="1GiB", help="DRAM tier per engine (1GiB)")
     p.add_argument(
@@ -60,21 +67,38 @@ def run(args: argparse.Namespace) -> int:
     logs = state / "logs" / time.strftime("%Y%m%d-%H%M%S")
     logs.mkdir(parents=True, exist_ok=True)
     options = ["--dram", args.dram, *getattr(args, "extra", [])]
-    specs = plan_pod(args.engines, args.engine_port, state, logs, sorted(os.sched_getaffinity(0)),
-                     options)  # fmt: skip
+    engines, prefill = _engine_counts(args)
+    specs = plan_pod(engines, args.engine_port, state, logs, sorted(os.sched_getaffinity(0)),
+                     options, prefill)  # fmt: skip
     pod = Pod(specs, args.redis)
-    for i, spec in enumerate(specs):
-        print(f"kvtier pod: engine {i} on port {spec.port}, cores {list(spec.cores)},"
+    for spec in specs:
+        print(f"kvtier pod: {spec.log.stem} on port {spec.port}, cores {list(spec.cores)},"
               f" log {spec.log}", file=sys.stderr)  # fmt: skip
     stopping = threading.Event()
     try:
         pod.start()
         print(f"kvtier pod: shared tier {pod.shared_url}", file=sys.stderr)
         pod.supervise(stopping)
-        router = make_router(pod.urls, args)
+        router = make_router(pod.urls, args, pod.prefill_urls)
         serve_router(router, args.host, args.port)
     finally:
         stopping.set()
         print("kvtier pod: stopping engines", file=sys.stderr, flush=True)
         pod.stop()
     return 0
+
+
+def _engine_counts(args: argparse.Namespace) -> tuple[int, int]:
+    """(engines that answer requests, prefill engines) from --engines or --prefill/--decode."""
+    from kvtier.errors import KvtierError
+
+    if args.prefill is None and args.decode is None:
+        return (2 if args.engines is None else args.engines), 0
+    if args.engines is not None:
+        raise KvtierError("give --engines (colocated) or --prefill P --decode D, not both")
+    if args.prefill is None or args.decode is None:
+        raise KvtierError("a disaggregated pod needs both --prefill P and --decode D")
+    if args.prefill < 1 or args.decode < 1:
+        raise KvtierError(f"--prefill and --decode must be at least 1, got {args.prefill}"
+                          f" and {args.decode}")  # fmt: skip
+    return args.decode, args.prefill

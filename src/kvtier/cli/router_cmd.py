@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from kvtier.errors import KvtierError
@@ -20,6 +21,8 @@ examples:
   kvtier serve --port 8001 --redis redis://10.0.0.9:6379/0      # on each engine machine
   kvtier router --worker http://10.0.0.5:8001 --worker http://10.0.0.6:8001 --port 8000
   kvtier router --worker http://127.0.0.1:8001 --worker http://127.0.0.1:8002 --policy round-robin
+  kvtier router --prefill http://10.0.0.5:8001 --decode http://10.0.0.6:8001   # disaggregated
+      (start the prefill engines with `kvtier serve --write-through`)
 """
 
 
@@ -31,8 +34,17 @@ def register(sub: Any) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--worker", action="append", required=True, metavar="URL",
+    p.add_argument("--worker", action="append", default=[], metavar="URL",
                    help="an engine's base URL (repeat for each engine)")  # fmt: skip
+    p.add_argument(
+        "--prefill", action="append", default=[], metavar="URL",
+        help="a prefill engine (`kvtier serve --write-through`): new prompts are computed"
+        " there, written to the shared tier, and decoded on a --decode engine",
+    )  # fmt: skip
+    p.add_argument(
+        "--decode", action="append", default=[], metavar="URL",
+        help="a decode engine of a disaggregated pod (it also prefills what it mostly holds)",
+    )  # fmt: skip
     add_router_options(p)
     p.set_defaults(run=run)
 
@@ -56,7 +68,7 @@ def add_router_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def make_router(workers: list[str], args: argparse.Namespace) -> Any:
+def make_router(workers: list[str], args: argparse.Namespace, prefill: Sequence[str] = ()) -> Any:
     """The router; it finds the shared tier in the engines' feeds (``/kvtier/info``)."""
     from kvtier.pod.prompts import Prompter
     from kvtier.pod.router import Router
@@ -66,8 +78,10 @@ def make_router(workers: list[str], args: argparse.Namespace) -> Any:
         from kvtier.integrations.model import prepare_default_model
 
         tokenizer = prepare_default_model()
+    if prefill and args.policy != "kvtier":
+        raise KvtierError("prefill engines need --policy kvtier (it decides what to prefill where)")
     prompter = Prompter(tokenizer) if args.policy == "kvtier" else None
-    return Router(workers, prompter, args.policy)
+    return Router(workers, prompter, args.policy, prefill=list(prefill))
 
 
 def serve_router(router: Any, host: str, port: int) -> None:
@@ -82,9 +96,17 @@ def serve_router(router: Any, host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for url in args.worker:
-        if not url.startswith(("http://", "https://")):
-            raise KvtierError(f"--worker: {url!r} is not an http:// or https:// URL")
-    router = make_router(args.worker, args)
+    for option, urls in (("--worker", args.worker), ("--prefill", args.prefill),
+                         ("--decode", args.decode)):  # fmt: skip
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise KvtierError(f"{option}: {url!r} is not an http:// or https:// URL")
+    if args.prefill and not args.decode:
+        raise KvtierError("--prefill needs at least one --decode engine to decode on")
+    if args.decode and args.worker:
+        raise KvtierError("give --worker (colocated engines) or --prefill/--decode, not both")
+    if not args.worker and not args.decode:
+        raise KvtierError("no engine: give --worker URL (repeat for each engine)")
+    router = make_router(args.worker or args.decode, args, args.prefill)
     serve_router(router, args.host, args.port)
     return 0

@@ -74,6 +74,13 @@ def register(sub: Any) -> None:
         " server's own port",
     )
     p.add_argument(
+        "--write-through",
+        action="store_true",
+        help="write computed chunks to every tier (the shared one included) before the"
+        " request's answer returns, not behind it: what the prefill engines of a disaggregated"
+        " pod do, so that a decode engine finds the whole prompt",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print the vLLM command instead of running it"
     )
     p.set_defaults(run=run, passthrough=True)
@@ -124,6 +131,8 @@ def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list
     loads = getattr(args, "loads", "auto")
     if loads != "auto":
         extra_config["loads"] = loads
+    if getattr(args, "write_through", False):
+        extra_config["write_through"] = True
     feed_port = getattr(args, "feed_port", None)
     if feed_port:
         extra_config["feed_port"] = feed_port

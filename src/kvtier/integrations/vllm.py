@@ -14,7 +14,9 @@ hit from disk or Redis is loaded in the background (the request waits in WAITING
 each chunk once, from where kvtier holds it into the blocks; saves gather the blocks straight
 into encoded chunks, leaving checksums and tier writes to a background thread. Chunks that fail to
 load are reported through :meth:`get_block_ids_with_load_errors` for vLLM to recompute (kvtier
-sets ``kv_load_failure_policy=recompute``: a cache must never fail a request).
+sets ``kv_load_failure_policy=recompute``: a cache must never fail a request). With
+``write_through`` (a prefill engine of a disaggregated pod), saves write every tier inline, so
+the request's answer leaves only once the shared tier holds its prompt.
 """
 
 from __future__ import annotations
@@ -119,6 +121,14 @@ class KvtierConnector(KVConnectorBase_V1):
                 f" {self._feed_port!r}"
             )
         self._feed: EventFeed | None = None
+        # A prefill engine's answer must not return before its chunks are in every tier (the
+        # decode engine loads them from the shared one): saves then write through, inline.
+        self._write_through = extra.pop("write_through", False)
+        if not isinstance(self._write_through, bool):
+            raise ConfigError(
+                f"kv_connector_extra_config: write_through: expected true or false, got"
+                f" {self._write_through!r}"
+            )
         self._config = config_from_dict(extra, "kv_connector_extra_config")
         self._block_size = vllm_config.cache_config.block_size
         self._chunk = self._config.chunk_tokens
@@ -466,18 +476,29 @@ class KvtierConnector(KVConnectorBase_V1):
                 # still being saved waits for the save (_saver_wait); a save that fails makes
                 # that load a miss, which vLLM recomputes.
                 self._events.stored.extend(keys)
-            self._pending_save = self._saver.submit(self._save, spec, keys, blobs)
+            if self._write_through:  # before this step's output (the answer) leaves
+                self._saver_wait()
+                self._save(spec, keys, blobs, through=True)
+            else:
+                self._pending_save = self._saver.submit(self._save, spec, keys, blobs)
 
     def _payload(self, blob: codec.SealedChunk) -> torch.Tensor:
         raw = torch.frombuffer(codec.payload_of(blob), dtype=torch.uint8)
         return raw.view(self._layers[0].dtype).view(codec.read_header(blob).shape)
 
-    def _save(self, spec: SaveSpec, keys: list[ChunkKey], blobs: list[codec.SealedChunk]) -> None:
+    def _save(
+        self,
+        spec: SaveSpec,
+        keys: list[ChunkKey],
+        blobs: list[codec.SealedChunk],
+        through: bool = False,
+    ) -> None:
         try:
             for blob in blobs:
                 codec.seal(blob)
+            namespace = self._namespace(spec.salt)
             self._store.put_encoded(
-                spec.tokens, self._namespace(spec.salt), blobs, spec.first_chunk, spec.tail
+                spec.tokens, namespace, blobs, spec.first_chunk, spec.tail, through
             )
         except Exception:  # a failed save is a future miss, never a failed request
             log.exception("kvtier: saving request %s failed", spec.req_id)

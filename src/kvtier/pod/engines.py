@@ -35,6 +35,7 @@ MIN_BANDWIDTH_BYTES = 16 << 20  # reads before an engine's own tier bandwidth is
 @dataclass
 class Engine:
     url: str
+    prefill_only: bool = False  # a disaggregated pod's prefill engine (decodes nothing)
     healthy: bool = False
     failures: int = 0
     info: dict[str, Any] | None = None
@@ -58,7 +59,8 @@ class Engine:
 
     def state(self) -> dict[str, Any]:
         return {
-            "url": self.url, "healthy": self.healthy, "synced": self.synced,
+            "url": self.url, "role": "prefill" if self.prefill_only else "serve",
+            "healthy": self.healthy, "synced": self.synced,
             "queued_tokens": self.queued_tokens, "in_flight": self.in_flight,
             "routed": self.routed, "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
             "bandwidth_bytes_per_s": {k: round(v) for k, v in self.bandwidth.items()},
@@ -68,10 +70,14 @@ class Engine:
 class EngineSet:
     """The engines, their health and their feeds. Use from one event loop."""
 
-    def __init__(self, urls: list[str], index: ChunkIndex):
+    def __init__(self, urls: list[str], index: ChunkIndex, prefill: list[str] | None = None):
         if not urls:
             raise ValueError("a router needs at least one engine (--worker URL)")
         self.engines = [Engine(url.rstrip("/")) for url in urls]
+        self.engines += [Engine(url.rstrip("/"), prefill_only=True) for url in prefill or ()]
+        seen = [e.url for e in self.engines]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"an engine is listed twice: {', '.join(seen)}")
         self.index = index
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -91,8 +97,9 @@ class EngineSet:
                 await task
         self._tasks.clear()
 
-    def healthy(self) -> list[Engine]:
-        return [e for e in self.engines if e.healthy]
+    def healthy(self, prefill_only: bool = False) -> list[Engine]:
+        """Engines in rotation: those that answer requests, or the prefill-only ones."""
+        return [e for e in self.engines if e.healthy and e.prefill_only == prefill_only]
 
     def down(self, engine: Engine, why: str) -> None:
         if engine.healthy:

@@ -5,6 +5,8 @@ Each engine has its own DRAM and disk tiers (``<state>/engine-<i>/chunks``, kept
 shares the context tier (a private ``redis-server`` on a free loopback port unless a URL is
 given) and, on CPU, computes on its own cores (vLLM's ``VLLM_CPU_OMP_THREADS_BIND``), so that
 engines do not fight over them. Stopping the pod (Ctrl-C, SIGTERM) stops everything it started.
+A disaggregated pod has prefill engines too (``prefill-<i>``: DRAM only, writing through to the
+shared tier) and calls the others ``decode-<i>``.
 """
 
 from __future__ import annotations
@@ -29,9 +31,14 @@ from kvtier.redis_process import RedisServer, free_port
 class EngineSpec:
     port: int
     cores: tuple[int, ...]
-    disk: Path
+    disk: Path | None  # None: no disk tier (a prefill engine)
     log: Path
     options: tuple[str, ...] = ()
+    prefill: bool = False  # a disaggregated pod's prefill engine (writes through)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
 
 def split_cores(cores: Sequence[int], engines: int) -> list[tuple[int, ...]]:
@@ -71,15 +78,24 @@ class Pod:
 
     @property
     def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{e.port}" for e in self.engines]
+        """The engines that answer requests (colocated or decode)."""
+        return [e.url for e in self.engines if not e.prefill]
+
+    @property
+    def prefill_urls(self) -> list[str]:
+        return [e.url for e in self.engines if e.prefill]
 
     def start(self, progress: bool = True) -> None:
         try:
             if self.redis_url is None:
                 self.redis = RedisServer().start()
             for spec in self.engines:
-                spec.disk.mkdir(parents=True, exist_ok=True)
-                options = ("--disk", str(spec.disk), "--redis", self.shared_url, *spec.options)
+                if spec.disk is not None:
+                    spec.disk.mkdir(parents=True, exist_ok=True)
+                disk = ("--disk", str(spec.disk) if spec.disk else "none")
+                # A prefill engine's answer returns once the shared tier holds the prompt.
+                role = ("--write-through",) if spec.prefill else ()
+                options = (*disk, *role, "--redis", self.shared_url, *spec.options)
                 env = {}
                 if not has_gpu():
                     env["VLLM_CPU_OMP_THREADS_BIND"] = core_list(spec.cores)
@@ -158,17 +174,23 @@ def plan_pod(
     log_dir: Path,
     cores: Sequence[int],
     options: Sequence[str] = (),
+    prefill: int = 0,
 ) -> list[EngineSpec]:
-    """Ports, cores, disk directories and log files of ``engines`` engines."""
+    """Ports, cores, disk directories and log files of ``prefill`` prefill engines (first;
+    no disk tier: they write through to the shared tier) and ``engines`` engines that answer
+    requests (colocated, or the decode engines when ``prefill`` > 0)."""
     if engines < 1:
-        raise KvtierError(f"--engines must be at least 1, got {engines}")
+        raise KvtierError(f"a pod needs at least 1 engine that answers requests, got {engines}")
+    if prefill < 0:
+        raise KvtierError(f"--prefill must not be negative, got {prefill}")
     specs = []
-    for i, mine in enumerate(split_cores(cores, engines)):
+    for i, mine in enumerate(split_cores(cores, prefill + engines)):
         port = first_port + i if first_port else free_port()
-        specs.append(
-            EngineSpec(
-                port, mine, state_dir / f"engine-{i}" / "chunks", log_dir / f"engine-{i}.log",
-                tuple(options),
-            )
-        )  # fmt: skip
+        if i < prefill:
+            name, disk = f"prefill-{i}", None
+        else:
+            name = f"decode-{i - prefill}" if prefill else f"engine-{i}"
+            disk = state_dir / name / "chunks"
+        spec = EngineSpec(port, mine, disk, log_dir / f"{name}.log", tuple(options), i < prefill)
+        specs.append(spec)
     return specs

@@ -132,3 +132,62 @@ def leading_hits(tiers_of: Sequence[Sequence[str]], tokens_of: Sequence[int]) ->
 
 def _rank(kind: str) -> int:
     return TIER_KINDS.index(kind) if kind in TIER_KINDS else len(TIER_KINDS)
+
+
+# What going through a prefill engine adds besides its work: a second request (HTTP, its
+# scheduling, its one sampled token) before the decode engine starts.
+PREFILL_HOP_S = 0.02
+
+
+@dataclass(frozen=True)
+class Split:
+    """Whether a request goes through a prefill engine first (disaggregated) or straight to
+    its decode engine, and what each path was expected to cost."""
+
+    disaggregate: bool
+    prefill: int | None  # index into the prefill views, when disaggregated
+    direct_s: float  # TTFT straight on the decode engine + the stall of its running streams
+    split_s: float  # the same, through the best prefill engine first
+
+
+def split_cost(
+    routing: CostRouting,
+    prompt_tokens: int,
+    decode: EngineView,
+    running: int,
+    prefills: Sequence[EngineView],
+    block_tokens: int,
+) -> Split:
+    """Prefill elsewhere, or on the decode engine itself? The one that adds less latency.
+
+    Each path costs this request's time to first token plus the stall of every stream
+    running on the decode engine (``running``) while that engine computes prompt tokens.
+    Straight: the decode engine computes what it does not hold. Through a prefill engine:
+    that engine's TTFT, writing what it computed to the shared tier, a second request
+    (:data:`PREFILL_HOP_S`), then the decode engine loads the prompt's whole blocks (what
+    it holds from its own tiers, the rest from the shared tier; loads run beside its
+    streams) and computes only the last partial block. So a decode engine that already holds
+    most of the prompt, or has no stream to stall, skips the prefill engine.
+    """
+    direct = routing.estimate(prompt_tokens, decode)
+    direct_s = direct.ttft_s + running * direct.recompute_s
+    if not prefills:
+        return Split(False, None, direct_s, float("inf"))
+    shared = decode.bandwidth.get("shared") or DEFAULT_BANDWIDTH["shared"]
+    per_token = routing.bytes_per_token / shared
+    best, best_s = 0, float("inf")
+    for i, view in enumerate(prefills):
+        on_prefill = routing.estimate(prompt_tokens, view)
+        written = prompt_tokens - on_prefill.hit_tokens
+        cost = on_prefill.ttft_s + written * per_token
+        if cost < best_s:
+            best, best_s = i, cost
+    whole = max(prompt_tokens - 1, 0) // block_tokens * block_tokens
+    loaded = dict(decode.hits)
+    loaded["shared"] = loaded.get("shared", 0) + max(whole - decode.hit_tokens, 0)
+    view = EngineView(decode.name, loaded, decode.queued_tokens, decode.prefill_tokens_per_s,
+                      decode.bandwidth)  # fmt: skip
+    after = routing.estimate(prompt_tokens, view)
+    split_s = best_s + PREFILL_HOP_S + after.ttft_s + running * after.recompute_s
+    chosen = split_s < direct_s
+    return Split(chosen, best if chosen else None, direct_s, split_s)

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +30,7 @@ from kvtier.health import TierHealth
 from kvtier.keys import Namespace, chunk_keys
 from kvtier.pod.engines import Engine, EngineSet
 from kvtier.pod.index import ChunkIndex, quantile
-from kvtier.pod.policy import CostRouting, EngineView, leading_hits
+from kvtier.pod.policy import CostRouting, EngineView, Split, leading_hits, split_cost
 from kvtier.pod.prompts import Prompter, PromptError
 
 log = logging.getLogger("kvtier.router")
@@ -39,6 +39,9 @@ POLICIES = ("kvtier", "round-robin")
 SHARED_TIMEOUT_S = 0.25
 ENGINE_HEADER = "x-kvtier-engine"
 OVERHEAD_WINDOW = 2048
+# What a prefill engine's one-token request leaves out of the client's request.
+_DECODE_ONLY = {"stream", "stream_options", "max_tokens", "max_completion_tokens", "min_tokens",
+                "n", "best_of", "logprobs", "top_logprobs", "echo"}  # fmt: skip
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "host"}
 
 
@@ -50,6 +53,8 @@ class Routed:
     queued: int  # prefill tokens it adds to the engine's queue
     idle: bool  # nothing else was queued there (its TTFT measures the prefill rate)
     load_s: float
+    prefill: Routed | None = None  # the prefill engine to go through first (disaggregated)
+    split: Split | None = None  # what the disaggregation decision weighed
 
 
 class SharedTier:
@@ -84,11 +89,12 @@ class Router:
         prompter: Prompter | None,
         policy: str = "kvtier",
         shared: SharedTier | None = None,
+        prefill: list[str] | None = None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; allowed: {', '.join(POLICIES)}")
         self.index = ChunkIndex()
-        self.engines = EngineSet(workers, self.index)
+        self.engines = EngineSet(workers, self.index, prefill)
         self.prompter = prompter
         self.policy = policy
         self.shared = shared
@@ -97,6 +103,7 @@ class Router:
         self._session: aiohttp.ClientSession | None = None
         self.overhead_s: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
         self.retries = 0
+        self.decisions: Counter[str] = Counter()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -126,7 +133,8 @@ class Router:
     # -- routing ---------------------------------------------------------------------------
 
     async def route(self, path: str, body: dict[str, Any]) -> tuple[list[Engine], Routed | None]:
-        """Engines to try, best first, and the accounting of the first."""
+        """Engines to try, best first, and the accounting of the first (with the prefill
+        engine to go through first, in a disaggregated pod)."""
         healthy = self.engines.healthy()
         if not healthy:
             return [], None
@@ -138,7 +146,7 @@ class Router:
             tokens = await asyncio.to_thread(self.prompter.tokens, path, body)
         except PromptError:
             return sorted(healthy, key=lambda e: e.queued_tokens), None
-        info = next((e.info for e in healthy if e.info), None)
+        info = next((e.info for e in self.engines.engines if e.healthy and e.info), None)
         if info is None:  # no feed yet: balance on the queues alone
             return sorted(healthy, key=lambda e: e.queued_tokens), None
         chunk = int(info["chunk_tokens"])
@@ -152,23 +160,7 @@ class Router:
         shared = await self.shared.holds(keys) if self.shared is not None else []
         if self._cost is None:
             self._cost = CostRouting(int(info["bytes_per_token"]))
-        views = []
-        for engine in healthy:
-            held = self.index.kinds(engine.url, hexes)
-            kinds = [
-                {"dram" if k == "predicted" else k for k in held[i]} if i < len(held) else set()
-                for i in range(len(keys))
-            ]
-            for i, on in enumerate(shared):
-                if on:
-                    kinds[i].add("shared")
-            hits = leading_hits([sorted(k) for k in kinds], [chunk] * len(keys))
-            views.append(
-                EngineView(
-                    engine.url, hits, engine.queued_tokens, engine.prefill_tokens_per_s,
-                    engine.bandwidth,
-                )
-            )  # fmt: skip
+        views = [self._view(e, hexes, shared, chunk) for e in healthy]
         decision = self._cost.choose(len(tokens), views)
         best = decision.best
         engine = healthy[decision.chosen]
@@ -183,12 +175,39 @@ class Router:
         # the response's end is its first token (a stream, or a single token).
         one = body.get("stream") or 1 in (body.get("max_tokens"), body.get("max_completion_tokens"))
         idle = engine.queued_tokens == 0 and bool(one)
-        return order, Routed(engine, recompute, idle, best.load_s)
+        routed = Routed(engine, recompute, idle, best.load_s)
+        prefills = self.engines.healthy(prefill_only=True)
+        if prefills:
+            pviews = [self._view(e, hexes, shared, chunk) for e in prefills]
+            split = split_cost(self._cost, len(tokens), views[decision.chosen],
+                               engine.in_flight, pviews, int(info["block_size"]))  # fmt: skip
+            routed.split = split
+            if split.prefill is not None:
+                on = prefills[split.prefill]
+                estimate = self._cost.estimate(len(tokens), pviews[split.prefill])
+                self.index.predict(on.url, hexes)
+                routed.prefill = Routed(on, len(tokens) - estimate.hit_tokens,
+                                        on.queued_tokens == 0, estimate.load_s)  # fmt: skip
+        return order, routed
+
+    def _view(self, engine: Engine, hexes: list[str], shared: list[bool], chunk: int) -> EngineView:
+        """What ``engine`` holds of a prompt's chunks, per tier kind, and its load."""
+        held = self.index.kinds(engine.url, hexes)
+        kinds = [
+            {"dram" if k == "predicted" else k for k in held[i]} if i < len(held) else set()
+            for i in range(len(hexes))
+        ]
+        for i, on in enumerate(shared):
+            if on:
+                kinds[i].add("shared")
+        hits = leading_hits([sorted(k) for k in kinds], [chunk] * len(hexes))
+        return EngineView(engine.url, hits, engine.queued_tokens, engine.prefill_tokens_per_s,
+                          engine.bandwidth)  # fmt: skip
 
     # -- handlers --------------------------------------------------------------------------
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
+        started: float | None = time.perf_counter()
         raw = await request.read()
         try:
             body = json.loads(raw)
@@ -199,6 +218,13 @@ class Router:
         order, routed = await self.route(request.path, body)
         if not order:
             return _error(503, "no engine is available (all failed their health checks)")
+        if routed is not None and routed.split is not None:
+            self.decisions["prefill engine" if routed.prefill else "prefill skipped"] += 1
+        if routed is not None and routed.prefill is not None and started is not None:
+            self.overhead_s.append(time.perf_counter() - started)
+            if await self._prefill(request, body, routed.prefill):
+                routed.queued = 0  # the decode engine loads the prompt, computes nothing
+            started = None  # the routing overhead is counted once
         if routed is not None:
             routed.engine.queued_tokens += routed.queued
         try:
@@ -214,7 +240,7 @@ class Router:
         raw: bytes,
         order: list[Engine],
         routed: Routed | None,
-        started: float,
+        started: float | None,
     ) -> web.StreamResponse:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
@@ -225,7 +251,8 @@ class Router:
             engine.routed += 1
             engine.in_flight += 1
             sent = time.perf_counter()
-            self.overhead_s.append(sent - started)
+            if started is not None and not attempt:
+                self.overhead_s.append(sent - started)
             try:
                 async with self._session.post(
                     engine.url + request.path, data=raw, headers=headers
@@ -278,6 +305,41 @@ class Router:
         await response.write_eof()
         return response
 
+    async def _prefill(self, request: web.Request, body: dict[str, Any], routed: Routed) -> bool:
+        """The prompt on a prefill engine, for one token: its answer returns once the prompt's
+        chunks are in the shared tier. False when that failed: the decode engine then
+        computes the prompt itself (a request never fails for its prefill engine)."""
+        assert self._session is not None
+        engine = routed.engine
+        one = {k: v for k, v in body.items() if k not in _DECODE_ONLY}
+        one["max_tokens"], one["stream"] = 1, False
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in _HOP_HEADERS and k.lower() != "content-type"}  # fmt: skip
+        engine.queued_tokens += routed.queued
+        engine.in_flight += 1
+        engine.routed += 1
+        sent = time.perf_counter()
+        why = ""
+        try:
+            async with self._session.post(engine.url + request.path, json=one,
+                                          headers=headers) as upstream:  # fmt: skip
+                answer = await upstream.read()
+                if upstream.status == 200:
+                    self._first_token(engine, routed, sent)
+                    return True
+                why = f"HTTP {upstream.status}: {answer[:200]!r}"
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            self.engines.down(engine, why)
+        finally:
+            engine.in_flight -= 1
+            engine.queued_tokens -= routed.queued
+            routed.queued = 0
+        self.decisions["prefill failed"] += 1
+        log.warning("kvtier router: prefill on %s failed (%s); decoding engine computes it",
+                    engine.url, why)  # fmt: skip
+        return False
+
     def _first_token(self, engine: Engine, routed: Routed | None, sent: float) -> None:
         if routed is None or routed.engine is not engine or not routed.queued:
             return
@@ -318,6 +380,7 @@ class Router:
             "shared": self.shared.url if self.shared else None,
             "overhead_ms_p99": round(p99 * 1000, 3),
             "retries": self.retries,
+            "decisions": dict(self.decisions),
         }  # fmt: skip
 
 

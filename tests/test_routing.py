@@ -1,0 +1,104 @@
+"""The router's decisions (kvtier.pod.policy) and its index (kvtier.pod.index), on their own."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.pod.index import ChunkIndex
+from kvtier.pod.policy import (
+    DEFAULT_BANDWIDTH,
+    PREFILL_HOP_S,
+    CostRouting,
+    EngineView,
+    leading_hits,
+    split_cost,
+)
+
+BPT = 23_040  # KV bytes per token of the demo model in bf16
+RATE = 1000.0  # prefill tokens/s
+BLOCK = 128
+
+
+def view(name: str, queued: int = 0, **hits: int) -> EngineView:
+    return EngineView(name, hits, queued, RATE)
+
+
+def test_estimate_adds_wait_load_and_recompute() -> None:
+    routing = CostRouting(BPT)
+    got = routing.estimate(4000, view("a", queued=2000, dram=1024, disk=1024))
+    load = 1024 * BPT / DEFAULT_BANDWIDTH["dram"] + 1024 * BPT / DEFAULT_BANDWIDTH["disk"]
+    assert got.wait_s == pytest.approx(2.0)
+    assert got.load_s == pytest.approx(load)
+    assert got.recompute_s == pytest.approx((4000 - 2048) / RATE)
+    assert got.ttft_s == pytest.approx(2.0 + load + 1.952)
+    assert got.hit_tokens == 2048
+
+
+def test_the_engine_holding_the_context_wins_unless_its_queue_costs_more() -> None:
+    routing = CostRouting(BPT)
+    holder, other = view("holder", dram=3840), view("other")
+    assert routing.choose(4000, [other, holder]).chosen == 1
+    busy = view("holder", queued=8000, dram=3840)  # 8 s of queue > 3.8 s of recompute
+    assert routing.choose(4000, [other, busy]).chosen == 0
+
+
+def test_ties_go_to_the_least_queued_then_take_turns() -> None:
+    routing = CostRouting(BPT)
+    assert routing.choose(1000, [view("a", queued=100), view("b")]).chosen == 1
+    picks = [routing.choose(1000, [view("a"), view("b")]).chosen for _ in range(4)]
+    assert sorted(picks) == [0, 0, 1, 1]
+
+
+def test_leading_hits_stop_at_the_first_missing_chunk_and_count_the_fastest_tier() -> None:
+    tiers = [["disk", "dram"], ["shared"], [], ["dram"]]
+    assert leading_hits(tiers, [256] * 4) == {"dram": 256, "shared": 256}
+
+
+def test_a_cold_prompt_goes_through_the_prefill_engine_only_when_streams_would_stall() -> None:
+    routing = CostRouting(BPT)
+    decode, prefill = view("d"), view("p")
+    idle = split_cost(routing, 3000, decode, 0, [prefill], BLOCK)
+    assert not idle.disaggregate  # nobody to stall: the extra hop and transfer are waste
+    busy = split_cost(routing, 3000, decode, 2, [prefill], BLOCK)
+    assert busy.disaggregate and busy.prefill == 0
+    # Straight: 3 s of TTFT and 3 s of stall for each of 2 streams.
+    assert busy.direct_s == pytest.approx(3.0 * 3)
+    assert busy.split_s < 3.0 + PREFILL_HOP_S + 0.5
+
+
+def test_a_decode_engine_holding_most_of_the_prompt_skips_the_prefill_engine() -> None:
+    routing = CostRouting(BPT)
+    decode = view("d", dram=2816)  # 11 of the prompt's 11 whole chunks
+    split = split_cost(routing, 2900, decode, 3, [view("p", dram=2816)], BLOCK)
+    assert not split.disaggregate, split
+    # Holding half of it, with streams to protect, the prefill engine is worth its hop.
+    half = split_cost(routing, 2900, view("d", dram=1280), 3, [view("p")], BLOCK)
+    assert half.disaggregate, half
+
+
+def test_the_least_costly_prefill_engine_is_chosen() -> None:
+    routing = CostRouting(BPT)
+    prefills = [view("p0", queued=5000), view("p1", shared=2048), view("p2")]
+    split = split_cost(routing, 3000, view("d"), 4, prefills, BLOCK)
+    assert split.prefill == 1
+
+
+def test_no_prefill_engine_means_straight() -> None:
+    split = split_cost(CostRouting(BPT), 3000, view("d"), 4, [], BLOCK)
+    assert not split.disaggregate and split.prefill is None
+
+
+def test_index_predictions_stand_until_confirmed_or_expired() -> None:
+    index = ChunkIndex()
+    index.replace("e1", {"dram": ["k1"], "disk": ["k1", "k2"]})
+    assert index.kinds("e1", ["k1", "k2", "k3"]) == [{"dram", "disk"}, {"disk"}]
+    index.predict("e2", ["k1", "k2"], now=0.0)
+    assert index.kinds("e2", ["k1", "k2"], now=1.0) == [{"predicted"}, {"predicted"}]
+    index.apply("e2", "dram", {"kind": "stored", "keys": ["k1"]})
+    assert index.kinds("e2", ["k1", "k2"], now=1.0) == [{"dram"}, {"predicted"}]
+    assert index.kinds("e2", ["k1", "k2"], now=1e6) == [{"dram"}]  # the prediction expired
+    index.apply("e1", "dram", {"kind": "evicted", "keys": ["k1"]})
+    assert index.kinds("e1", ["k1"]) == [{"disk"}]
+    index.drop("e1")
+    assert index.kinds("e1", ["k1"]) == []
+    assert index.counts() == {"e2": {"dram": 1}}
