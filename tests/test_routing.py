@@ -102,3 +102,28 @@ def test_index_predictions_stand_until_confirmed_or_expired() -> None:
     index.drop("e1")
     assert index.kinds("e1", ["k1"]) == []
     assert index.counts() == {"e2": {"dram": 1}}
+
+
+def test_chat_pieces_tokenize_as_the_whole_text() -> None:
+    from kvtier.integrations.model import prepare_default_model
+    from kvtier.pod.prompts import Prompter
+
+    prompter = Prompter(prepare_default_model())
+    tok = prompter._tok
+    texts = [
+        "plain text with no special token",
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi  there!\n\n<|im_end|>\n",
+        "<|im_start|>user\nnaïve café — 東京 🙂 <|endoftext|>tail<|im_end|><|im_start|>assistant\n",
+        "<|im_end|><|im_end|> spaces   before\t<|im_start|>   after",
+        "<file_sep>x<filename>y<|im_start|>",
+    ]
+    for text in texts * 2:  # the second time, from remembered pieces
+        assert prompter.encode_pieces(text) == tok.encode(text, add_special_tokens=False), text
+    turns = [{"role": "user", "content": f"question {i} " * 50} for i in range(3)]
+    body = {"messages": turns}
+    whole = tok.encode(
+        tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )
+    assert prompter.chat_tokens(body) == whole
+    assert prompter.chat_tokens(body) == whole

@@ -5,15 +5,25 @@ vLLM tokenizes a completion's text with the special tokens the tokenizer adds
 template to text (``add_generation_prompt`` true, ``continue_final_message`` false by
 default) and tokenizing it without special tokens. The router does the same with the model's
 own tokenizer; a test pins router keys = engine keys.
+
+A chat's rendered text is tokenized piece by piece between the tokenizer's special tokens
+(``<|im_start|>``...), which a tokenizer splits out before anything else, and the pieces are
+remembered: a returning turn re-tokenizes only its new messages. Tokenizers whose special
+tokens strip or normalize their surroundings are tokenized whole.
 """
 
 from __future__ import annotations
 
+import re
+from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kvtier.errors import KvtierError
+
+PIECE_TOKENS = 4_000_000  # tokens of chat pieces remembered (16 MB of ids)
 
 
 class PromptError(ValueError):
@@ -32,6 +42,20 @@ class Prompter:
             self._tok = AutoTokenizer.from_pretrained(str(model_dir))
         except (OSError, ValueError) as exc:
             raise KvtierError(f"cannot load the tokenizer of {model_dir}: {exc}") from None
+        self._pieces: OrderedDict[str, array[int]] = OrderedDict()  # least recently used first
+        self._remembered = 0  # tokens in _pieces
+        self._special: dict[str, int] = {}
+        self._splitter: re.Pattern[str] | None = None
+        added = getattr(self._tok, "added_tokens_decoder", {}) or {}
+        plain = all(
+            not (getattr(t, "lstrip", False) or getattr(t, "rstrip", False)
+                 or getattr(t, "normalized", False))
+            for t in added.values()
+        )  # fmt: skip
+        if added and plain and getattr(self._tok, "is_fast", False):
+            self._special = {t.content: i for i, t in added.items()}
+            longest_first = sorted(self._special, key=len, reverse=True)
+            self._splitter = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
     def tokens(self, path: str, body: dict[str, Any]) -> list[int]:
         """The prompt tokens of a request to ``path`` (``/v1/completions`` or
@@ -67,8 +91,37 @@ class Prompter:
             )
         except Exception as exc:  # jinja errors on odd messages: the engine will answer them
             raise PromptError(f"chat template: {exc}") from None
-        special = bool(body.get("add_special_tokens", False))
-        return list(self._tok.encode(text, add_special_tokens=special))
+        if not isinstance(text, str):
+            raise PromptError("the chat template did not render to text")
+        if body.get("add_special_tokens", False):
+            return list(self._tok.encode(text, add_special_tokens=True))
+        return self.encode_pieces(text)
+
+    def encode_pieces(self, text: str) -> list[int]:
+        """``text``'s tokens without added special tokens: the same as the tokenizer's, from
+        remembered pieces between special tokens where it can."""
+        if self._splitter is None:
+            return list(self._tok.encode(text, add_special_tokens=False))
+        ids: list[int] = []
+        for piece in self._splitter.split(text):
+            if not piece:
+                continue
+            special = self._special.get(piece)
+            if special is not None:
+                ids.append(special)
+                continue
+            known = self._pieces.get(piece)
+            if known is None:
+                known = array("I", self._tok.encode(piece, add_special_tokens=False))
+                self._pieces[piece] = known
+                self._remembered += len(known)
+                while self._remembered > PIECE_TOKENS and self._pieces:
+                    _, dropped = self._pieces.popitem(last=False)
+                    self._remembered -= len(dropped)
+            else:
+                self._pieces.move_to_end(piece)
+            ids.extend(known)
+        return ids
 
 
 def _plain(messages: Sequence[Any]) -> list[dict[str, Any]]:

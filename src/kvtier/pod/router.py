@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from kvtier.health import TierHealth
-from kvtier.keys import Namespace, chunk_keys
+from kvtier.keys import Namespace, chunk_keys, tail_candidates, token_array
 from kvtier.pod.engines import Engine, EngineSet
 from kvtier.pod.index import ChunkIndex, quantile
 from kvtier.pod.policy import CostRouting, EngineView, Split, leading_hits, split_cost
@@ -55,6 +55,42 @@ class Routed:
     load_s: float
     prefill: Routed | None = None  # the prefill engine to go through first (disaggregated)
     split: Split | None = None  # what the disaggregation decision weighed
+
+
+class PromptKeys:
+    """A prompt's chunk keys and, after each leading run of them, its possible tails (whole
+    blocks, shorter than a chunk: what an engine saves after a prompt's last full chunk), so
+    that a returning turn is credited with the tail its previous turn left."""
+
+    def __init__(self, tokens: Sequence[int], namespace: Namespace, chunk: int, block: int):
+        ids = token_array(tokens)
+        self.chunk = chunk
+        self.keys = chunk_keys(ids, namespace, chunk)
+        self.hexes = [k.hex() for k in self.keys]
+        self.shared: list[bool] = []
+        # tails[n]: (tokens, hex key, in the shared tier) of the tails after n full chunks
+        self.tails: list[list[tuple[int, str, bool]]] = []
+        self._tail_keys: list[bytes] = []
+        for n in range(len(self.keys) + 1):
+            found = tail_candidates(ids, namespace, chunk, block, self.keys, after=n)
+            self.tails.append([(m, key.hex(), False) for m, key in found])
+            self._tail_keys.extend(key for _, key in found)
+
+    @property
+    def saved(self) -> list[str]:
+        """Hex keys an engine saves once it has computed the prompt: its full chunks and the
+        tail of whole blocks after them."""
+        return self.hexes + [key for _, key, _ in self.tails[-1][:1]]
+
+    @property
+    def all_keys(self) -> list[bytes]:
+        return [*self.keys, *self._tail_keys]
+
+    def in_shared(self, held: Sequence[bool]) -> None:
+        """What the shared tier said of :attr:`all_keys`."""
+        self.shared = list(held[: len(self.keys)])
+        rest = iter(held[len(self.keys) :])
+        self.tails = [[(m, key, next(rest, False)) for m, key, _ in after] for after in self.tails]
 
 
 class SharedTier:
@@ -149,18 +185,17 @@ class Router:
         info = next((e.info for e in self.engines.engines if e.healthy and e.info), None)
         if info is None:  # no feed yet: balance on the queues alone
             return sorted(healthy, key=lambda e: e.queued_tokens), None
-        chunk = int(info["chunk_tokens"])
         salt = body.get("cache_salt")
         namespace = Namespace(**info["namespace"], tenant_salt=salt or None)
-        keys = chunk_keys(tokens, namespace, chunk)
-        hexes = [k.hex() for k in keys]
+        prompt = PromptKeys(tokens, namespace, int(info["chunk_tokens"]), int(info["block_size"]))
         if self.shared is None and info.get("shared"):  # the tier the engines say they share
             first = info["shared"][0]
             self.shared = SharedTier(first["url"], first["prefix"])
-        shared = await self.shared.holds(keys) if self.shared is not None else []
+        if self.shared is not None:
+            prompt.in_shared(await self.shared.holds(prompt.all_keys))
         if self._cost is None:
             self._cost = CostRouting(int(info["bytes_per_token"]))
-        views = [self._view(e, hexes, shared, chunk) for e in healthy]
+        views = [self._view(e, prompt) for e in healthy]
         decision = self._cost.choose(len(tokens), views)
         best = decision.best
         engine = healthy[decision.chosen]
@@ -169,7 +204,7 @@ class Router:
             key=lambda e: decision.estimates[healthy.index(e)].ttft_s,
         )
         order = [engine, *rest]
-        self.index.predict(engine.url, hexes)
+        self.index.predict(engine.url, prompt.saved)
         recompute = len(tokens) - best.hit_tokens
         # Its TTFT measures the engine's prefill rate when nothing else was queued there and
         # the response's end is its first token (a stream, or a single token).
@@ -178,29 +213,41 @@ class Router:
         routed = Routed(engine, recompute, idle, best.load_s)
         prefills = self.engines.healthy(prefill_only=True)
         if prefills:
-            pviews = [self._view(e, hexes, shared, chunk) for e in prefills]
+            pviews = [self._view(e, prompt) for e in prefills]
             split = split_cost(self._cost, len(tokens), views[decision.chosen],
                                engine.in_flight, pviews, int(info["block_size"]))  # fmt: skip
             routed.split = split
             if split.prefill is not None:
                 on = prefills[split.prefill]
                 estimate = self._cost.estimate(len(tokens), pviews[split.prefill])
-                self.index.predict(on.url, hexes)
+                self.index.predict(on.url, prompt.saved)
                 routed.prefill = Routed(on, len(tokens) - estimate.hit_tokens,
                                         on.queued_tokens == 0, estimate.load_s)  # fmt: skip
         return order, routed
 
-    def _view(self, engine: Engine, hexes: list[str], shared: list[bool], chunk: int) -> EngineView:
-        """What ``engine`` holds of a prompt's chunks, per tier kind, and its load."""
-        held = self.index.kinds(engine.url, hexes)
+    def _view(self, engine: Engine, prompt: PromptKeys) -> EngineView:
+        """What ``engine`` holds of a prompt (its leading chunks, then the longest tail after
+        them), per tier kind, counting the shared tier, and its load."""
+        held = self.index.kinds(engine.url, prompt.hexes)
         kinds = [
             {"dram" if k == "predicted" else k for k in held[i]} if i < len(held) else set()
-            for i in range(len(hexes))
+            for i in range(len(prompt.hexes))
         ]
-        for i, on in enumerate(shared):
+        for i, on in enumerate(prompt.shared):
             if on:
                 kinds[i].add("shared")
-        hits = leading_hits([sorted(k) for k in kinds], [chunk] * len(hexes))
+        run = next((i for i, k in enumerate(kinds) if not k), len(kinds))
+        hits = leading_hits([sorted(k) for k in kinds[:run]], [prompt.chunk] * run)
+        for tokens, key, on_shared in prompt.tails[run]:
+            tail = {"dram" if k == "predicted" else k for k in
+                    (self.index.kinds(engine.url, [key]) or [set()])[0]}  # fmt: skip
+            if on_shared:
+                tail.add("shared")
+            if tail:
+                fastest = leading_hits([sorted(tail)], [tokens])
+                for kind, n in fastest.items():
+                    hits[kind] = hits.get(kind, 0) + n
+                break
         return EngineView(engine.url, hits, engine.queued_tokens, engine.prefill_tokens_per_s,
                           engine.bandwidth)  # fmt: skip
 
