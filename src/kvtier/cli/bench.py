@@ -33,7 +33,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from kvtier.cli import bench_overlap, bench_ttft, raw_io
+from kvtier.cli import bench_overlap, bench_pod, bench_ttft, raw_io
 from kvtier.codec import KVChunk
 from kvtier.keys import Namespace
 from kvtier.redis_process import RedisServer
@@ -88,6 +88,7 @@ def register(sub: Any) -> None:
     s.set_defaults(run=run)
     bench_ttft.register(bsub)
     bench_overlap.register(bsub)
+    bench_pod.register(bsub)
 
 
 @dataclass

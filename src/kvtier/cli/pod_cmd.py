@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.cli.router_cmd import add_router_options, make_router, serve_router
+from kvtier.errors import KvtierError
 
 EXAMPLE = """\
 examples:
@@ -46,7 +47,10 @@ def register(sub: Any) -> None:
         " shared tier, and decoded on a --decode engine (unless that one holds most of it)",
     )  # fmt: skip
     p.add_argument("--decode", type=int, metavar="D", help="disaggregated: D decode engines")
-    p.add_argument("--redis", metavar="URL", help="shared tier (default: a private redis-server)")
+    p.add_argument(
+        "--redis", metavar="URL",
+        help="shared tier (default: a private redis-server; 'none': engines share no tier)",
+    )  # fmt: skip
     p.add_argument("--dram", metavar="SIZE", default="1GiB", help="DRAM tier per engine (1GiB)")
     p.add_argument(
         "--engine-port", type=int, metavar="PORT",
@@ -68,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     options = ["--dram", args.dram, *getattr(args, "extra", [])]
     engines, prefill = _engine_counts(args)
+    if prefill and args.redis == "none":
+        raise KvtierError("a disaggregated pod hands prompts over through the shared tier:"
+                          " --redis none is not possible with --prefill")  # fmt: skip
     specs = plan_pod(engines, args.engine_port, state, logs, sorted(os.sched_getaffinity(0)),
                      options, prefill)  # fmt: skip
     pod = Pod(specs, args.redis)
@@ -90,8 +97,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _engine_counts(args: argparse.Namespace) -> tuple[int, int]:
     """(engines that answer requests, prefill engines) from --engines or --prefill/--decode."""
-    from kvtier.errors import KvtierError
-
     if args.prefill is None and args.decode is None:
         return (2 if args.engines is None else args.engines), 0
     if args.engines is not None:

@@ -196,7 +196,7 @@ def store_feed(
         "bytes_per_token": bytes_per_token,
         "tiers": [{"name": name, "kind": kind} for name, kind, _ in tiers],
         "shared": [
-            {"name": name, "url": t.url, "prefix": t.prefix}
+            {"name": name, "url": t.url, "prefix": t.prefix, "cluster": t.cluster}
             for name, _, t in tiers
             if isinstance(t, RedisTierConfig)
         ],

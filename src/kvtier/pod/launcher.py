@@ -62,7 +62,7 @@ class Pod:
     """The processes of a pod; :meth:`start` them, :meth:`stop` them (idempotent)."""
 
     engines: list[EngineSpec]
-    redis_url: str | None  # None: start a private redis-server
+    redis_url: str | None  # None: start a private redis-server; "none": no shared tier
     start_timeout_s: float = 600
     servers: list[Server] = field(default_factory=list)
     redis: RedisServer | None = None
@@ -71,6 +71,7 @@ class Pod:
 
     @property
     def shared_url(self) -> str:
+        """The shared tier's URL ("none" when the engines share no tier)."""
         if self.redis_url:
             return self.redis_url
         assert self.redis is not None, "start() first"
@@ -95,7 +96,8 @@ class Pod:
                 disk = ("--disk", str(spec.disk) if spec.disk else "none")
                 # A prefill engine's answer returns once the shared tier holds the prompt.
                 role = ("--write-through",) if spec.prefill else ()
-                options = (*disk, *role, "--redis", self.shared_url, *spec.options)
+                shared = () if self.shared_url == "none" else ("--redis", self.shared_url)
+                options = (*disk, *role, *shared, *spec.options)
                 env = {}
                 if not has_gpu():
                     env["VLLM_CPU_OMP_THREADS_BIND"] = core_list(spec.cores)

@@ -15,6 +15,7 @@ shared tier being down costs hits (it counts as empty), never requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -38,7 +39,9 @@ log = logging.getLogger("kvtier.router")
 POLICIES = ("kvtier", "round-robin")
 SHARED_TIMEOUT_S = 0.25
 ENGINE_HEADER = "x-kvtier-engine"
+OVERHEAD_HEADER = "x-kvtier-router-ms"  # tokenize, key, score, until the request left
 OVERHEAD_WINDOW = 2048
+INLINE_CHARS = 32_000  # longer completion texts are tokenized off the event loop
 # What a prefill engine's one-token request leaves out of the client's request.
 _DECODE_ONLY = {"stream", "stream_options", "max_tokens", "max_completion_tokens", "min_tokens",
                 "n", "best_of", "logprobs", "top_logprobs", "echo"}  # fmt: skip
@@ -94,28 +97,45 @@ class PromptKeys:
 
 
 class SharedTier:
-    """The tier every engine shares, asked directly for which chunks it holds."""
+    """The tier every engine shares, asked directly (pipelined EXISTS, on the router's event
+    loop: no thread hop) which chunks it holds."""
 
-    def __init__(self, url: str, prefix: str):
-        from kvtier.tiers.redis import RedisTier
+    def __init__(self, url: str, prefix: str, cluster: bool = False):
+        import redis.asyncio
 
         self.url = url
-        self._tier = RedisTier(url, prefix=prefix, timeout_s=SHARED_TIMEOUT_S)
+        self._prefix = f"{prefix}:v1:".encode()
+        options: dict[str, Any] = {"socket_timeout": SHARED_TIMEOUT_S,
+                                   "socket_connect_timeout": SHARED_TIMEOUT_S}  # fmt: skip
+        self._client: Any = (
+            redis.asyncio.RedisCluster.from_url(url, **options)
+            if cluster
+            else redis.asyncio.Redis.from_url(url, **options)
+        )
         self._health = TierHealth("shared tier (router)", 1.0)
 
     async def holds(self, keys: Sequence[bytes]) -> list[bool]:
         if not keys or not self._health.available():
             return [False] * len(keys)
         try:
-            found = await asyncio.to_thread(self._tier.contains_many, keys)  # type: ignore[arg-type]
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(self._prefix + key.hex().encode())
+            found = await asyncio.wait_for(pipe.execute(), SHARED_TIMEOUT_S)
         except Exception as exc:  # down or slow: no shared hits, the request goes on
             self._health.failed(exc)
             return [False] * len(keys)
         self._health.succeeded()
-        return list(found)
+        return [bool(n) for n in found]
 
-    def close(self) -> None:
-        self._tier.close()
+    async def warm(self) -> None:
+        """Open the connection now, not on the first request."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._client.ping(), 5.0)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
 
 
 class Router:
@@ -140,6 +160,8 @@ class Router:
         self.overhead_s: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
         self.retries = 0
         self.decisions: Counter[str] = Counter()
+        self.phases: dict[str, deque[float]] = {}  # where the overhead goes
+        self._warming: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -158,13 +180,31 @@ class Router:
         connector = aiohttp.TCPConnector(limit=0)
         self._session = aiohttp.ClientSession(connector=connector)
         await self.engines.start(self._session)
+        self._warming = asyncio.create_task(self._find_shared())
+
+    async def _find_shared(self) -> None:
+        """The shared tier the engines report, connected before the first request needs it."""
+        while self.shared is None:
+            info = next((e.info for e in self.engines.engines if e.info), None)
+            if info is not None:
+                if not info.get("shared"):
+                    return
+                first = info["shared"][0]
+                self.shared = SharedTier(first["url"], first["prefix"], bool(first.get("cluster")))
+                await self.shared.warm()
+                return
+            await asyncio.sleep(0.25)
 
     async def _stop(self, app: web.Application) -> None:
+        if self._warming is not None:
+            self._warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warming
         await self.engines.stop()
         if self._session is not None:
             await self._session.close()
         if self.shared is not None:
-            self.shared.close()
+            await self.shared.close()
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -178,8 +218,13 @@ class Router:
             self._turn += 1
             start = self._turn % len(healthy)
             return healthy[start:] + healthy[:start], None
+        began = time.perf_counter()
         try:
-            tokens = await asyncio.to_thread(self.prompter.tokens, path, body)
+            prompt_text = body.get("prompt")
+            if isinstance(prompt_text, str) and len(prompt_text) > INLINE_CHARS:
+                tokens = await asyncio.to_thread(self.prompter.tokens, path, body)
+            else:  # a chat re-tokenizes only its new pieces: cheaper than a thread hop
+                tokens = self.prompter.tokens(path, body)
         except PromptError:
             return sorted(healthy, key=lambda e: e.queued_tokens), None
         info = next((e.info for e in self.engines.engines if e.healthy and e.info), None)
@@ -190,9 +235,11 @@ class Router:
         prompt = PromptKeys(tokens, namespace, int(info["chunk_tokens"]), int(info["block_size"]))
         if self.shared is None and info.get("shared"):  # the tier the engines say they share
             first = info["shared"][0]
-            self.shared = SharedTier(first["url"], first["prefix"])
+            self.shared = SharedTier(first["url"], first["prefix"], bool(first.get("cluster")))
+        keyed = time.perf_counter()
         if self.shared is not None:
             prompt.in_shared(await self.shared.holds(prompt.all_keys))
+        asked = time.perf_counter()
         if self._cost is None:
             self._cost = CostRouting(int(info["bytes_per_token"]))
         views = [self._view(e, prompt) for e in healthy]
@@ -223,6 +270,10 @@ class Router:
                 self.index.predict(on.url, prompt.saved)
                 routed.prefill = Routed(on, len(tokens) - estimate.hit_tokens,
                                         on.queued_tokens == 0, estimate.load_s)  # fmt: skip
+        done = time.perf_counter()
+        for phase, seconds in (("tokenize_key", keyed - began), ("shared_tier", asked - keyed),
+                               ("score", done - asked)):  # fmt: skip
+            self.phases.setdefault(phase, deque(maxlen=OVERHEAD_WINDOW)).append(seconds)
         return order, routed
 
     def _view(self, engine: Engine, prompt: PromptKeys) -> EngineView:
@@ -254,7 +305,7 @@ class Router:
     # -- handlers --------------------------------------------------------------------------
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
-        started: float | None = time.perf_counter()
+        started = time.perf_counter()
         raw = await request.read()
         try:
             body = json.loads(raw)
@@ -267,15 +318,16 @@ class Router:
             return _error(503, "no engine is available (all failed their health checks)")
         if routed is not None and routed.split is not None:
             self.decisions["prefill engine" if routed.prefill else "prefill skipped"] += 1
-        if routed is not None and routed.prefill is not None and started is not None:
-            self.overhead_s.append(time.perf_counter() - started)
+        overhead: float | None = None  # measured when the first engine is asked
+        if routed is not None and routed.prefill is not None:
+            overhead = time.perf_counter() - started
+            self.overhead_s.append(overhead)
             if await self._prefill(request, body, routed.prefill):
                 routed.queued = 0  # the decode engine loads the prompt, computes nothing
-            started = None  # the routing overhead is counted once
         if routed is not None:
             routed.engine.queued_tokens += routed.queued
         try:
-            return await self._try(request, raw, order, routed, started)
+            return await self._try(request, raw, order, routed, started, overhead)
         finally:
             if routed is not None and routed.queued:
                 routed.engine.queued_tokens -= routed.queued
@@ -287,7 +339,8 @@ class Router:
         raw: bytes,
         order: list[Engine],
         routed: Routed | None,
-        started: float | None,
+        started: float,
+        overhead: float | None,
     ) -> web.StreamResponse:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
@@ -298,13 +351,14 @@ class Router:
             engine.routed += 1
             engine.in_flight += 1
             sent = time.perf_counter()
-            if started is not None and not attempt:
-                self.overhead_s.append(sent - started)
+            if overhead is None:  # tokenize, key, score: until the request leaves
+                overhead = sent - started
+                self.overhead_s.append(overhead)
             try:
                 async with self._session.post(
                     engine.url + request.path, data=raw, headers=headers
                 ) as upstream:
-                    return await self._relay(request, upstream, engine, routed, sent)
+                    return await self._relay(request, upstream, engine, routed, sent, overhead)
             except _NotStarted as exc:
                 last_error = str(exc)
                 self.engines.down(engine, last_error)
@@ -322,9 +376,11 @@ class Router:
         engine: Engine,
         routed: Routed | None,
         sent: float,
+        overhead: float,
     ) -> web.StreamResponse:
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
         headers[ENGINE_HEADER] = engine.url  # where it ran: routing decisions can be audited
+        headers[OVERHEAD_HEADER] = f"{overhead * 1000:.3f}"
         if "text/event-stream" not in upstream.headers.get("Content-Type", ""):
             try:
                 body = await upstream.read()
@@ -426,6 +482,9 @@ class Router:
                       "resyncs": self.index.resyncs},
             "shared": self.shared.url if self.shared else None,
             "overhead_ms_p99": round(p99 * 1000, 3),
+            "overhead_phases_ms_p99": {
+                name: round(quantile(sorted(v), 0.99) * 1000, 3) for name, v in self.phases.items()
+            },
             "retries": self.retries,
             "decisions": dict(self.decisions),
         }  # fmt: skip
