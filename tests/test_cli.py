@@ -156,3 +156,21 @@ def test_serve_checks_kvtier_options_before_starting_vllm(tmp_path: Path) -> Non
     assert command[command.index("--shutdown-timeout") + 1] == "30"
     own = json.loads(kvtier("serve", "--dry-run", "--served-model-name=mine").stdout)
     assert "--served-model-name=mine" in own and "--served-model-name" not in own
+
+
+def test_pod_commands_refuse_bad_combinations_before_starting_anything() -> None:
+    cases = [
+        (("pod", "--engines", "2", "--prefill", "1", "--decode", "1"), "not both"),
+        (("pod", "--prefill", "1"), "needs both --prefill P and --decode D"),
+        (("pod", "--prefill", "1", "--decode", "1", "--redis", "none"), "shared tier"),
+        (("router", "--prefill", "http://127.0.0.1:1"), "needs at least one --decode"),
+        (("router", "--worker", "127.0.0.1:8001"), "is not an http:// or https:// URL"),
+        (("router",), "no engine"),
+        (("bench", "pod", "--overhead-tokens", "9000"), "--overhead-tokens must be in"),
+    ]
+    for args, message in cases:
+        result = kvtier(*args, check=False)
+        assert result.returncode != 0, args
+        assert message in result.stderr, (args, result.stderr)
+    assert "--prefill" in kvtier("pod", "--help").stdout
+    assert "disaggregated" in kvtier("router", "--help").stdout

@@ -127,3 +127,20 @@ def test_chat_pieces_tokenize_as_the_whole_text() -> None:
     )
     assert prompter.chat_tokens(body) == whole
     assert prompter.chat_tokens(body) == whole
+
+
+def test_an_engine_with_few_samples_is_priced_at_the_pods_prefill_rate() -> None:
+    from kvtier.pod.engines import EngineSet
+
+    engines = EngineSet(["http://a:1", "http://b:1"], ChunkIndex())
+    a, b = engines.engines
+    assert engines.prefill_rate(a) == engines.prefill_rate(b)  # nothing measured yet
+    a.measured_prefill(1000, 1.0)
+    b.measured_prefill(1000, 1.4)  # one slow sample (it was decoding meanwhile)
+    assert abs(engines.prefill_rate(a) / engines.prefill_rate(b) - 1) < 0.1
+    for _ in range(40):  # a steady difference shows through in the end
+        a.measured_prefill(1000, 1.0)
+        b.measured_prefill(1000, 2.0)
+    assert engines.prefill_rate(b) < 0.7 * engines.prefill_rate(a)
+    a.measured_prefill(100, 5.0)  # too few tokens to say anything
+    assert len(a.samples) == 32 and a.prefill_tokens_per_s == 1000

@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     parts = ("routing" not in args.skip) * 3 * args.users * args.turns
     parts += ("pd" not in args.skip) * 2 * args.long
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-pod-") as tmp, \
-            tqdm(total=parts, desc="bench pod", unit="req", disable=args.json) as bar:  # fmt: skip
+            tqdm(total=parts, desc="bench pod", unit="req") as bar:  # fmt: skip
         work = Path(tmp)
         if "routing" not in args.skip:
             bar.set_postfix_str("round-robin, no shared tier")

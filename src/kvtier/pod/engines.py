@@ -27,7 +27,8 @@ HEALTH_EVERY_S = 0.25
 HEALTH_TIMEOUT_S = 0.5
 INFO_EVERY_S = 2.0
 POLL_WAIT_S = 5.0
-RATE_WEIGHT = 0.3  # weight of a new prefill-rate sample in the running estimate
+RATE_SAMPLES = 32  # an engine's prefill rate: tokens / seconds over its latest samples
+PRIOR_SAMPLES = 8  # ... pulled toward the pod's rate until it has about this many
 MIN_SAMPLE_TOKENS = 256  # fewer recomputed tokens say little about the prefill rate
 MIN_BANDWIDTH_BYTES = 16 << 20  # reads before an engine's own tier bandwidth is trusted
 
@@ -46,16 +47,20 @@ class Engine:
     queued_tokens: int = 0  # prefill tokens routed here whose first token is not back yet
     in_flight: int = 0
     routed: int = 0
-    prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S
+    prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S  # over its recent samples
+    samples: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds)
     bandwidth: dict[str, float] = field(default_factory=dict)  # tier kind -> bytes/s
 
     def measured_prefill(self, tokens: int, seconds: float) -> None:
         """A request that found this engine idle computed ``tokens`` in ``seconds``."""
         if tokens < MIN_SAMPLE_TOKENS or seconds <= 0:
             return
-        sample = min(max(tokens / seconds, 10.0), 1e7)
-        rate = self.prefill_tokens_per_s
-        self.prefill_tokens_per_s = (1 - RATE_WEIGHT) * rate + RATE_WEIGHT * sample
+        self.samples.append((tokens, min(max(seconds, tokens / 1e7), tokens / 10.0)))
+        if len(self.samples) > RATE_SAMPLES:
+            del self.samples[0]
+        self.prefill_tokens_per_s = sum(t for t, _ in self.samples) / sum(
+            s for _, s in self.samples
+        )
 
     def state(self) -> dict[str, Any]:
         return {
@@ -96,6 +101,18 @@ class EngineSet:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+
+    def prefill_rate(self, engine: Engine) -> float:
+        """``engine``'s prefill rate for routing: its own measure, pulled toward the pod's
+        while it has few samples. Noise in a few samples would otherwise make one of equal
+        engines look faster, win every cold prompt, and never be measured again."""
+        measured = [e for e in self.engines if e.samples]
+        if not measured:
+            return DEFAULT_PREFILL_TOKENS_PER_S
+        tokens = sum(t for e in measured for t, _ in e.samples)
+        pod = tokens / sum(s for e in measured for _, s in e.samples)
+        weight = len(engine.samples) / (len(engine.samples) + PRIOR_SAMPLES)
+        return weight * engine.prefill_tokens_per_s + (1 - weight) * pod
 
     def healthy(self, prefill_only: bool = False) -> list[Engine]:
         """Engines in rotation: those that answer requests, or the prefill-only ones."""

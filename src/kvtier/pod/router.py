@@ -299,7 +299,7 @@ class Router:
                 for kind, n in fastest.items():
                     hits[kind] = hits.get(kind, 0) + n
                 break
-        return EngineView(engine.url, hits, engine.queued_tokens, engine.prefill_tokens_per_s,
+        return EngineView(engine.url, hits, engine.queued_tokens, self.engines.prefill_rate(engine),
                           engine.bandwidth)  # fmt: skip
 
     # -- handlers --------------------------------------------------------------------------
@@ -322,8 +322,12 @@ class Router:
         if routed is not None and routed.prefill is not None:
             overhead = time.perf_counter() - started
             self.overhead_s.append(overhead)
+            hop = time.perf_counter()
             if await self._prefill(request, body, routed.prefill):
                 routed.queued = 0  # the decode engine loads the prompt, computes nothing
+            self.phases.setdefault("prefill_engine", deque(maxlen=OVERHEAD_WINDOW)).append(
+                time.perf_counter() - hop
+            )
         if routed is not None:
             routed.engine.queued_tokens += routed.queued
         try:
