@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from kvtier.pod.index import ChunkIndex
@@ -144,3 +146,37 @@ def test_an_engine_with_few_samples_is_priced_at_the_pods_prefill_rate() -> None
     assert engines.prefill_rate(b) < 0.7 * engines.prefill_rate(a)
     a.measured_prefill(100, 5.0)  # too few tokens to say anything
     assert len(a.samples) == 32 and a.prefill_tokens_per_s == 1000
+
+
+def test_the_shared_tier_answers_within_a_budget_and_late_answers_are_kept(
+    redis_server: Any, prefix: str
+) -> None:
+    import asyncio
+    import time
+
+    import redis
+
+    from kvtier.pod.lookup import SHARED_BUDGET_S, SharedTier
+
+    held, missing = b"\x01" * 16, b"\x02" * 16
+    plain = redis.Redis.from_url(redis_server.url)
+    plain.set(f"{prefix}:v1:{held.hex()}".encode(), b"x")
+
+    async def run() -> None:
+        shared = SharedTier(redis_server.url, prefix)
+        await shared.warm()
+        assert await shared.holds([held, missing]) == [True, False]
+        # The server busy for 0.1 s (as when it takes an engine's long write): the answer
+        # does not come within the budget, and the request goes on without it.
+        other = b"\x03" * 16
+        plain.set(f"{prefix}:v1:{other.hex()}".encode(), b"x")
+        plain.execute_command("CLIENT", "PAUSE", "100", "ALL")
+        began = time.perf_counter()
+        assert await shared.holds([held, other]) == [True, False]  # held: remembered
+        assert time.perf_counter() - began < SHARED_BUDGET_S + 0.05
+        assert shared.late == 1
+        await asyncio.sleep(0.3)  # the late answer arrives and is kept
+        assert await shared.holds([held, other]) == [True, True]
+        await shared.close()
+
+    asyncio.run(run())

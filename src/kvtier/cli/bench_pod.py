@@ -60,7 +60,8 @@ def register(bsub: Any) -> None:
     )
     p.add_argument("--users", type=int, default=6, help="chat users (6)")
     p.add_argument("--turns", type=int, default=6, help="turns per user (6)")
-    p.add_argument("--context", type=int, default=2500, help="tokens of each user's document")
+    p.add_argument("--context", type=int, default=4000,
+                   help="tokens of each user's document (4000)")  # fmt: skip
     p.add_argument("--answer", type=int, default=24, help="tokens of each answer (24)")
     p.add_argument("--streams", type=int, default=2, help="decoding streams in the P/D runs (2)")
     p.add_argument("--long", type=int, default=6, help="long prompts in the P/D runs (6)")
@@ -253,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
     pd: list[dict[str, Any]] = []
     overheads: list[float] = []
     overhead_tokens: list[int] = []
+    phases: dict[str, float] = {}
     parts = ("routing" not in args.skip) * 3 * args.users * args.turns
     parts += ("pd" not in args.skip) * 2 * args.long
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-pod-") as tmp, \
@@ -273,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
                 routing.append(chat_row("kvtier", p.url, urls, args, bar))
                 bar.set_postfix_str("router overhead")
                 overheads, overhead_tokens = overhead_ms(p.url, args)
+                phases = get_json(f"{p.url}/router/state")["overhead_phases_ms_p99"]
             if "pd" not in args.skip:
                 bar.set_postfix_str("colocated, streams + long prompts")
                 pd.append(pd_row("colocated", p.url, args, bar))
@@ -292,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         "router_overhead_ms_p99": _r(workload.percentile(overheads, 0.99)),
         "router_overhead_ms": [round(x, 2) for x in overheads],
         "router_overhead_prompt_tokens": overhead_tokens,
+        "router_phases_ms_p99": phases,
     }
     if args.json:
         print(json.dumps(result, indent=2))

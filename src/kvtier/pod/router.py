@@ -20,24 +20,22 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from kvtier.health import TierHealth
-from kvtier.keys import Namespace, chunk_keys, tail_candidates, token_array
+from kvtier.keys import Namespace
 from kvtier.pod.engines import Engine, EngineSet
 from kvtier.pod.index import ChunkIndex, quantile
+from kvtier.pod.lookup import PromptKeys, SharedTier
 from kvtier.pod.policy import CostRouting, EngineView, Split, leading_hits, split_cost
 from kvtier.pod.prompts import Prompter, PromptError
 
 log = logging.getLogger("kvtier.router")
 
 POLICIES = ("kvtier", "round-robin")
-SHARED_TIMEOUT_S = 0.25
 ENGINE_HEADER = "x-kvtier-engine"
 OVERHEAD_HEADER = "x-kvtier-router-ms"  # tokenize, key, score, until the request left
 OVERHEAD_WINDOW = 2048
@@ -58,84 +56,6 @@ class Routed:
     load_s: float
     prefill: Routed | None = None  # the prefill engine to go through first (disaggregated)
     split: Split | None = None  # what the disaggregation decision weighed
-
-
-class PromptKeys:
-    """A prompt's chunk keys and, after each leading run of them, its possible tails (whole
-    blocks, shorter than a chunk: what an engine saves after a prompt's last full chunk), so
-    that a returning turn is credited with the tail its previous turn left."""
-
-    def __init__(self, tokens: Sequence[int], namespace: Namespace, chunk: int, block: int):
-        ids = token_array(tokens)
-        self.chunk = chunk
-        self.keys = chunk_keys(ids, namespace, chunk)
-        self.hexes = [k.hex() for k in self.keys]
-        self.shared: list[bool] = []
-        # tails[n]: (tokens, hex key, in the shared tier) of the tails after n full chunks
-        self.tails: list[list[tuple[int, str, bool]]] = []
-        self._tail_keys: list[bytes] = []
-        for n in range(len(self.keys) + 1):
-            found = tail_candidates(ids, namespace, chunk, block, self.keys, after=n)
-            self.tails.append([(m, key.hex(), False) for m, key in found])
-            self._tail_keys.extend(key for _, key in found)
-
-    @property
-    def saved(self) -> list[str]:
-        """Hex keys an engine saves once it has computed the prompt: its full chunks and the
-        tail of whole blocks after them."""
-        return self.hexes + [key for _, key, _ in self.tails[-1][:1]]
-
-    @property
-    def all_keys(self) -> list[bytes]:
-        return [*self.keys, *self._tail_keys]
-
-    def in_shared(self, held: Sequence[bool]) -> None:
-        """What the shared tier said of :attr:`all_keys`."""
-        self.shared = list(held[: len(self.keys)])
-        rest = iter(held[len(self.keys) :])
-        self.tails = [[(m, key, next(rest, False)) for m, key, _ in after] for after in self.tails]
-
-
-class SharedTier:
-    """The tier every engine shares, asked directly (pipelined EXISTS, on the router's event
-    loop: no thread hop) which chunks it holds."""
-
-    def __init__(self, url: str, prefix: str, cluster: bool = False):
-        import redis.asyncio
-
-        self.url = url
-        self._prefix = f"{prefix}:v1:".encode()
-        options: dict[str, Any] = {"socket_timeout": SHARED_TIMEOUT_S,
-                                   "socket_connect_timeout": SHARED_TIMEOUT_S}  # fmt: skip
-        self._client: Any = (
-            redis.asyncio.RedisCluster.from_url(url, **options)
-            if cluster
-            else redis.asyncio.Redis.from_url(url, **options)
-        )
-        self._health = TierHealth("shared tier (router)", 1.0)
-
-    async def holds(self, keys: Sequence[bytes]) -> list[bool]:
-        if not keys or not self._health.available():
-            return [False] * len(keys)
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(self._prefix + key.hex().encode())
-            found = await asyncio.wait_for(pipe.execute(), SHARED_TIMEOUT_S)
-        except Exception as exc:  # down or slow: no shared hits, the request goes on
-            self._health.failed(exc)
-            return [False] * len(keys)
-        self._health.succeeded()
-        return [bool(n) for n in found]
-
-    async def warm(self) -> None:
-        """Open the connection now, not on the first request."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._client.ping(), 5.0)
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._client.aclose()
 
 
 class Router:
@@ -485,6 +405,7 @@ class Router:
                       "staleness": self.index.staleness.summary(),
                       "resyncs": self.index.resyncs},
             "shared": self.shared.url if self.shared else None,
+            "shared_late_answers": self.shared.late if self.shared else 0,
             "overhead_ms_p99": round(p99 * 1000, 3),
             "overhead_phases_ms_p99": {
                 name: round(quantile(sorted(v), 0.99) * 1000, 3) for name, v in self.phases.items()
