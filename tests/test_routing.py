@@ -149,15 +149,17 @@ def test_an_engine_with_few_samples_is_priced_at_the_pods_prefill_rate() -> None
 
 
 def test_the_shared_tier_answers_within_a_budget_and_late_answers_are_kept(
-    redis_server: Any, prefix: str
+    redis_server: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import asyncio
     import time
 
     import redis
 
-    from kvtier.pod.lookup import SHARED_BUDGET_S, SharedTier
+    from kvtier.pod import lookup
+    from kvtier.pod.lookup import SharedTier
 
+    monkeypatch.setattr(lookup, "SHARED_TIMEOUT_S", 5.0)  # slow, not failing
     held, missing = b"\x01" * 16, b"\x02" * 16
     plain = redis.Redis.from_url(redis_server.url)
     plain.set(f"{prefix}:v1:{held.hex()}".encode(), b"x")
@@ -165,18 +167,42 @@ def test_the_shared_tier_answers_within_a_budget_and_late_answers_are_kept(
     async def run() -> None:
         shared = SharedTier(redis_server.url, prefix)
         await shared.warm()
+        await shared.holds([held, missing])
+        await asyncio.sleep(0.2)  # on a busy machine the first answer may come late
         assert await shared.holds([held, missing]) == [True, False]
-        # The server busy for 0.1 s (as when it takes an engine's long write): the answer
+        late = shared.late
+        # The server busy for 0.6 s (as when it takes an engine's long write): the answer
         # does not come within the budget, and the request goes on without it.
         other = b"\x03" * 16
         plain.set(f"{prefix}:v1:{other.hex()}".encode(), b"x")
-        plain.execute_command("CLIENT", "PAUSE", "100", "ALL")
+        plain.execute_command("CLIENT", "PAUSE", "600", "ALL")
         began = time.perf_counter()
         assert await shared.holds([held, other]) == [True, False]  # held: remembered
-        assert time.perf_counter() - began < SHARED_BUDGET_S + 0.05
-        assert shared.late == 1
-        await asyncio.sleep(0.3)  # the late answer arrives and is kept
+        assert time.perf_counter() - began < 0.3  # not the 0.6 s the server is busy
+        assert shared.late == late + 1
+        await asyncio.sleep(0.9)  # the late answer arrives and is kept
         assert await shared.holds([held, other]) == [True, True]
         await shared.close()
 
     asyncio.run(run())
+
+
+def test_a_long_new_chat_is_keyed_from_its_exact_leading_tokens() -> None:
+    from kvtier.integrations.model import prepare_default_model
+    from kvtier.pod.prompts import Prompter
+    from kvtier.pod.workload import document
+
+    prompter = Prompter(prepare_default_model())
+    for seed in range(3):
+        doc = document(seed, 6000, seed) + " tail  with   odd\\tspacing, 12345 and ünïcödé!"
+        body = {"messages": [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": doc}]}  # fmt: skip
+        whole = prompter._tok.encode(prompter.chat_text(body), add_special_tokens=False)
+        lead = prompter.leading("/v1/chat/completions", body, 256)
+        assert not lead.complete and lead.finish is not None
+        assert 512 <= len(lead.tokens) < len(whole) // 2
+        assert lead.tokens == whole[: len(lead.tokens)], seed
+        assert abs(lead.total - len(whole)) < 0.1 * len(whole)
+        assert lead.finish() == whole
+        again = prompter.leading("/v1/chat/completions", body, 256)  # its pieces are known
+        assert again.complete and again.tokens == whole

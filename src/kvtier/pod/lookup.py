@@ -24,7 +24,16 @@ class PromptKeys:
     blocks, shorter than a chunk: what an engine saves after a prompt's last full chunk), so
     that a returning turn is credited with the tail its previous turn left."""
 
-    def __init__(self, tokens: Sequence[int], namespace: Namespace, chunk: int, block: int):
+    def __init__(
+        self,
+        tokens: Sequence[int],
+        namespace: Namespace,
+        chunk: int,
+        block: int,
+        complete: bool = True,
+    ):
+        """``complete``: ``tokens`` are the whole prompt (not only its leading tokens, after
+        which no tail is known)."""
         ids = token_array(tokens)
         self.chunk = chunk
         self.keys = chunk_keys(ids, namespace, chunk)
@@ -34,6 +43,9 @@ class PromptKeys:
         self.tails: list[list[tuple[int, str, bool]]] = []
         self._tail_keys: list[bytes] = []
         for n in range(len(self.keys) + 1):
+            if n == len(self.keys) and not complete:
+                self.tails.append([])
+                continue
             found = tail_candidates(ids, namespace, chunk, block, self.keys, after=n)
             self.tails.append([(m, key.hex(), False) for m, key in found])
             self._tail_keys.extend(key for _, key in found)

@@ -17,13 +17,28 @@ from __future__ import annotations
 import re
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvtier.errors import KvtierError
 
 PIECE_TOKENS = 4_000_000  # tokens of chat pieces remembered (16 MB of ids)
+
+
+LAZY_CHARS = 6000  # a new piece longer than this is tokenized at first only in part
+
+
+@dataclass
+class Leading:
+    """A prompt's leading tokens (exact), whether they are all of it, its length (estimated
+    when not), and how to get all of it."""
+
+    tokens: list[int]
+    complete: bool
+    total: int
+    finish: Callable[[], list[int]] | None
 
 
 class PromptError(ValueError):
@@ -75,7 +90,63 @@ class Prompter:
         special = body.get("add_special_tokens", True)
         return list(self._tok.encode(prompt, add_special_tokens=bool(special)))
 
-    def chat_tokens(self, body: dict[str, Any]) -> list[int]:
+    def leading(self, path: str, body: dict[str, Any], chunk: int) -> Leading:
+        """The prompt's leading tokens, without tokenizing a long piece of new text whole:
+        a chat's remembered pieces, then at least two chunks' worth into the first long new
+        piece (from a cut at a space between words, where a tokenizer's pre-tokens split
+        too). The rest can wait: chunk keys chain, so chunks after one that no engine holds
+        are held nowhere. Completions, and chats of known pieces, come whole."""
+        if not path.endswith("/chat/completions") or body.get("add_special_tokens", False):
+            whole = self.tokens(path, body)
+            return Leading(whole, True, len(whole), None)
+        text = self.chat_text(body)
+        if self._splitter is None:
+            whole = self.encode_pieces(text)
+            return Leading(whole, True, len(whole), None)
+        ids: list[int] = []
+        pieces = [p for p in self._splitter.split(text) if p]
+        for i, piece in enumerate(pieces):
+            special = self._special.get(piece)
+            if special is not None:
+                ids.append(special)
+                continue
+            known = self._pieces.get(piece)
+            if known is not None or len(piece) <= LAZY_CHARS:
+                ids.extend(self.encode_pieces(piece))
+                continue
+            want = (len(ids) // chunk + 2) * chunk - len(ids)
+            head, chars = self._head(piece, want)
+            per_token = chars / max(len(head), 1)
+            rest = len(piece) - chars + sum(len(p) for p in pieces[i + 1 :])
+            estimate = len(ids) + len(head) + int(rest / per_token)
+            ids.extend(head)
+            return Leading(ids, False, estimate, lambda: self.encode_pieces(text))
+        return Leading(ids, True, len(ids), None)
+
+    def _head(self, piece: str, want: int) -> tuple[list[int], int]:
+        """At least ``want`` leading tokens of ``piece`` (fewer if it has fewer), tokenized
+        from a cut just before a single space between words; and the characters they cover."""
+        cut = want * 6 + 64
+        while True:
+            if cut >= len(piece):
+                whole = self.encode_pieces(piece)
+                return whole, len(piece)
+            at = cut
+            while at > 1 and not (
+                piece[at] == " "
+                and not piece[at - 1].isspace()
+                and at + 1 < len(piece)
+                and not piece[at + 1].isspace()
+            ):
+                at -= 1  # fmt: skip
+            if at > 1:
+                head = list(self._tok.encode(piece[:at], add_special_tokens=False))
+                if len(head) >= want:
+                    return head, at
+            cut *= 2
+
+    def chat_text(self, body: dict[str, Any]) -> str:
+        """A chat request rendered through the model's template, as vLLM renders it."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise PromptError("messages must be a non-empty list")
@@ -93,6 +164,10 @@ class Prompter:
             raise PromptError(f"chat template: {exc}") from None
         if not isinstance(text, str):
             raise PromptError("the chat template did not render to text")
+        return text
+
+    def chat_tokens(self, body: dict[str, Any]) -> list[int]:
+        text = self.chat_text(body)
         if body.get("add_special_tokens", False):
             return list(self._tok.encode(text, add_special_tokens=True))
         return self.encode_pieces(text)

@@ -31,7 +31,7 @@ from kvtier.pod.engines import Engine, EngineSet
 from kvtier.pod.index import ChunkIndex, quantile
 from kvtier.pod.lookup import PromptKeys, SharedTier
 from kvtier.pod.policy import CostRouting, EngineView, Split, leading_hits, split_cost
-from kvtier.pod.prompts import Prompter, PromptError
+from kvtier.pod.prompts import Leading, Prompter, PromptError
 
 log = logging.getLogger("kvtier.router")
 
@@ -55,6 +55,7 @@ class Routed:
     idle: bool  # nothing else was queued there (its TTFT measures the prefill rate)
     load_s: float
     prefill: Routed | None = None  # the prefill engine to go through first (disaggregated)
+    counted: bool = False  # its queued tokens are in its engine's queue
     split: Split | None = None  # what the disaggregation decision weighed
 
 
@@ -82,6 +83,7 @@ class Router:
         self.decisions: Counter[str] = Counter()
         self.phases: dict[str, deque[float]] = {}  # where the overhead goes
         self._warming: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -138,32 +140,46 @@ class Router:
             self._turn += 1
             start = self._turn % len(healthy)
             return healthy[start:] + healthy[:start], None
+        info = next((e.info for e in self.engines.engines if e.healthy and e.info), None)
+        if info is None:  # no feed yet: balance on the queues alone
+            return sorted(healthy, key=lambda e: e.queued_tokens), None
+        chunk, block = int(info["chunk_tokens"]), int(info["block_size"])
         began = time.perf_counter()
         try:
             prompt_text = body.get("prompt")
             if isinstance(prompt_text, str) and len(prompt_text) > INLINE_CHARS:
-                tokens = await asyncio.to_thread(self.prompter.tokens, path, body)
-            else:  # a chat re-tokenizes only its new pieces: cheaper than a thread hop
-                tokens = self.prompter.tokens(path, body)
+                whole = await asyncio.to_thread(self.prompter.tokens, path, body)
+                lead = Leading(whole, True, len(whole), None)
+            else:  # a chat tokenizes only its new pieces (their head, when long): no hop
+                lead = self.prompter.leading(path, body, chunk)
         except PromptError:
-            return sorted(healthy, key=lambda e: e.queued_tokens), None
-        info = next((e.info for e in self.engines.engines if e.healthy and e.info), None)
-        if info is None:  # no feed yet: balance on the queues alone
             return sorted(healthy, key=lambda e: e.queued_tokens), None
         salt = body.get("cache_salt")
         namespace = Namespace(**info["namespace"], tenant_salt=salt or None)
-        prompt = PromptKeys(tokens, namespace, int(info["chunk_tokens"]), int(info["block_size"]))
+        prompt = PromptKeys(lead.tokens, namespace, chunk, block, lead.complete)
+        if not lead.complete and self._held_anywhere(prompt.hexes[-1:]):
+            assert lead.finish is not None  # seen before after all: key all of it
+            whole = lead.finish()
+            lead = Leading(whole, True, len(whole), None)
+            prompt = PromptKeys(whole, namespace, chunk, block)
         if self.shared is None and info.get("shared"):  # the tier the engines say they share
             first = info["shared"][0]
             self.shared = SharedTier(first["url"], first["prefix"], bool(first.get("cluster")))
         keyed = time.perf_counter()
         if self.shared is not None:
             prompt.in_shared(await self.shared.holds(prompt.all_keys))
+            if not lead.complete and prompt.shared[-1:] == [True]:
+                assert lead.finish is not None
+                whole = lead.finish()
+                lead = Leading(whole, True, len(whole), None)
+                prompt = PromptKeys(whole, namespace, chunk, block)
+                prompt.in_shared(await self.shared.holds(prompt.all_keys))
         asked = time.perf_counter()
+        tokens = lead.total
         if self._cost is None:
             self._cost = CostRouting(int(info["bytes_per_token"]))
         views = [self._view(e, prompt) for e in healthy]
-        decision = self._cost.choose(len(tokens), views)
+        decision = self._cost.choose(tokens, views)
         best = decision.best
         engine = healthy[decision.chosen]
         rest = sorted(
@@ -172,7 +188,7 @@ class Router:
         )
         order = [engine, *rest]
         self.index.predict(engine.url, prompt.saved)
-        recompute = len(tokens) - best.hit_tokens
+        recompute = tokens - best.hit_tokens
         # Its TTFT measures the engine's prefill rate when nothing else was queued there and
         # the response's end is its first token (a stream, or a single token).
         one = body.get("stream") or 1 in (body.get("max_tokens"), body.get("max_completion_tokens"))
@@ -181,20 +197,49 @@ class Router:
         prefills = self.engines.healthy(prefill_only=True)
         if prefills:
             pviews = [self._view(e, prompt) for e in prefills]
-            split = split_cost(self._cost, len(tokens), views[decision.chosen],
-                               engine.in_flight, pviews, int(info["block_size"]))  # fmt: skip
+            split = split_cost(self._cost, tokens, views[decision.chosen],
+                               engine.in_flight, pviews, block)  # fmt: skip
             routed.split = split
             if split.prefill is not None:
                 on = prefills[split.prefill]
-                estimate = self._cost.estimate(len(tokens), pviews[split.prefill])
+                estimate = self._cost.estimate(tokens, pviews[split.prefill])
                 self.index.predict(on.url, prompt.saved)
-                routed.prefill = Routed(on, len(tokens) - estimate.hit_tokens,
+                routed.prefill = Routed(on, tokens - estimate.hit_tokens,
                                         on.queued_tokens == 0, estimate.load_s)  # fmt: skip
         done = time.perf_counter()
         for phase, seconds in (("tokenize_key", keyed - began), ("shared_tier", asked - keyed),
                                ("score", done - asked)):  # fmt: skip
             self.phases.setdefault(phase, deque(maxlen=OVERHEAD_WINDOW)).append(seconds)
+        if not lead.complete:  # the rest, off the request's path
+            task = asyncio.create_task(self._complete(lead, namespace, chunk, block, routed))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return order, routed
+
+    def _held_anywhere(self, hexes: list[str]) -> bool:
+        return any(self.index.kinds(e.url, hexes) for e in self.engines.engines)
+
+    async def _complete(
+        self, lead: Leading, namespace: Namespace, chunk: int, block: int, routed: Routed
+    ) -> None:
+        """A prompt routed on its leading tokens: all its tokens now, for the predictions
+        (a burst of the same prompt follows the first) and the queue accounting."""
+        assert lead.finish is not None
+        try:
+            whole = await asyncio.to_thread(lead.finish)
+        except Exception:  # routing was done already; only its bookkeeping is coarser
+            log.exception("kvtier router: tokenizing a prompt failed")
+            return
+        prompt = PromptKeys(whole, namespace, chunk, block)
+        for part in (routed, routed.prefill):
+            if part is None:
+                continue
+            self.index.predict(part.engine.url, prompt.saved)
+            if part.queued > 0:
+                delta = max(len(whole) - lead.total, -part.queued)
+                part.queued += delta
+                if part.counted:
+                    part.engine.queued_tokens += delta
 
     def _view(self, engine: Engine, prompt: PromptKeys) -> EngineView:
         """What ``engine`` holds of a prompt (its leading chunks, then the longest tail after
@@ -250,6 +295,7 @@ class Router:
             )
         if routed is not None:
             routed.engine.queued_tokens += routed.queued
+            routed.counted = True
         try:
             return await self._try(request, raw, order, routed, started, overhead)
         finally:
@@ -343,6 +389,7 @@ class Router:
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in _HOP_HEADERS and k.lower() != "content-type"}  # fmt: skip
         engine.queued_tokens += routed.queued
+        routed.counted = True
         engine.in_flight += 1
         engine.routed += 1
         sent = time.perf_counter()
