@@ -67,14 +67,14 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvtier.pod.launcher import Pod, plan_pod
 
-    state = args.state.expanduser()
-    logs = state / "logs" / time.strftime("%Y%m%d-%H%M%S")
-    logs.mkdir(parents=True, exist_ok=True)
-    options = ["--dram", args.dram, *getattr(args, "extra", [])]
     engines, prefill = _engine_counts(args)
     if prefill and args.redis == "none":
         raise KvtierError("a disaggregated pod hands prompts over through the shared tier:"
                           " --redis none is not possible with --prefill")  # fmt: skip
+    state = args.state.expanduser()
+    logs = state / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    logs.mkdir(parents=True, exist_ok=True)
+    options = ["--dram", args.dram, *getattr(args, "extra", [])]
     specs = plan_pod(engines, args.engine_port, state, logs, sorted(os.sched_getaffinity(0)),
                      options, prefill)  # fmt: skip
     pod = Pod(specs, args.redis)
