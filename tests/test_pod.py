@@ -138,17 +138,24 @@ def running_pod(command: list[str], port: int, log: Path) -> Iterator[PodProcess
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodProcess]:
-    state = tmp_path_factory.mktemp("pod")
+@contextlib.contextmanager
+def readme_pod(factory: pytest.TempPathFactory, line: str, *options: str) -> Iterator[PodProcess]:
+    """The README's pod command starting with ``line``, as written, with free ports, a state
+    directory of its own and ``options``."""
+    state = factory.mktemp("pod")
     port, engine_port = free_port(), two_free_ports()
-    # The README's command as written, with free ports and a state directory of its own.
     command = [
-        *as_run(readme_line("kvtier pod"), engine_port, 0),
-        "--port", str(port), "--state", str(state), "--dram", "512MiB", "--max-model-len", "8192",
+        *as_run(readme_line(line), engine_port, 0),
+        "--port", str(port), "--state", str(state), "--dram", "512MiB", *options,
     ]  # fmt: skip
     with running_pod(command, port, state / "pod.log") as started:
         started.engine_port = engine_port
+        yield started
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodProcess]:
+    with readme_pod(tmp_path_factory, "kvtier pod", "--max-model-len", "8192") as started:
         yield started
 
 
@@ -312,15 +319,9 @@ def test_ctrl_c_stops_every_process_of_the_pod(pod: PodProcess) -> None:
 
 @pytest.fixture(scope="module")
 def pd_pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodProcess]:
-    state = tmp_path_factory.mktemp("pdpod")
-    port, engine_port = free_port(), two_free_ports()
     # The README's disaggregated pod, in fp32 so that greedy outputs compare exactly.
-    command = [
-        *as_run(readme_line("kvtier pod --prefill"), engine_port, 0),
-        "--port", str(port), "--state", str(state), "--dram", "512MiB", "--max-model-len", "4096",
-        "--dtype", "float32",
-    ]  # fmt: skip
-    with running_pod(command, port, state / "pod.log") as started:
+    options = ("--max-model-len", "4096", "--dtype", "float32")
+    with readme_pod(tmp_path_factory, "kvtier pod --prefill", *options) as started:
         yield started
         started.proc.send_signal(signal.SIGINT)
         started.proc.wait(120)
