@@ -26,7 +26,7 @@ import logging
 import re
 import threading
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,14 +38,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvtier import codec
 from kvtier.config import LOAD_MODES, MemoryTierConfig, config_from_dict
 from kvtier.errors import ConfigError
 from kvtier.integrations import shared_stores
 from kvtier.integrations.chunk_pool import ChunkPool
 from kvtier.integrations.loader import Loader
 from kvtier.integrations.model import model_fingerprint
-from kvtier.integrations.paged import TORCH_DTYPES, block_view, gather_chunks, kv_dtype_name
+from kvtier.integrations.paged import TORCH_DTYPES, block_view, kv_dtype_name
+from kvtier.integrations.saver import Saver
 from kvtier.integrations.vllm_meta import (
     KvtierConnectorMetadata,
     KvtierWorkerMetadata,
@@ -57,7 +57,6 @@ from kvtier.keys import ChunkKey, Namespace, tail_candidates
 from kvtier.pod.feed import EventFeed, store_feed
 from kvtier.results import LookupResult
 from kvtier.stats import ChunkEvent
-from kvtier.threads import background_priority
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -82,7 +81,7 @@ _connectors: weakref.WeakSet[KvtierConnector] = weakref.WeakSet()
 def flush_all(timeout: float | None = None) -> None:
     """Wait for every connector's pending saves and the stores' lower-tier writes."""
     for connector in list(_connectors):
-        connector._saver_wait()
+        connector._saver.wait()
     for store in shared_stores.open_stores():
         store.flush(timeout)
 
@@ -164,12 +163,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self._layers: list[torch.Tensor] = []
         self._loader: Loader | None = None  # made once the KV cache is known
         self._pool = ChunkPool()
-        self._saver = ThreadPoolExecutor(
-            1, thread_name_prefix="kvtier-save", initializer=background_priority
-        )
-        self._pending_save: Future[None] | None = None
-        self._saving: set[ChunkKey] = set()  # keys of chunks gathered and not yet stored
-        self._saving_lock = threading.Lock()
+        self._saver = Saver(self._store, self._pool, self._namespace, self._block_size,
+                            self._kv_dtype, self._write_through, self._announce)  # fmt: skip
         self._events_lock = threading.Lock()
         self._events = KvtierWorkerMetadata()
         if role == KVConnectorRole.WORKER:
@@ -207,7 +202,7 @@ class KvtierConnector(KVConnectorBase_V1):
             args = (tokens, namespace, self._chunk, self._block_size, keys)
             probe = keys + [k for n in range(len(keys) + 1) for _, k in tail_candidates(*args, n)]
             for worker in workers:
-                worker._saver_wait(probe)
+                worker._saver.wait(probe)
         elsewhere = self._worker_top if not workers else frozenset()
         return self._store.lookup(tokens, namespace, elsewhere, self._block_size)
 
@@ -386,8 +381,9 @@ class KvtierConnector(KVConnectorBase_V1):
         if TORCH_DTYPES.get(first.dtype) != self._kv_dtype:
             raise ConfigError(f"KV cache is {first.dtype}, the configuration said {self._kv_dtype}")
         self._loader = Loader(
-            self._store, self._layers, self._chunk, self._namespace, self._saver_wait
+            self._store, self._layers, self._chunk, self._namespace, self._saver.wait
         )
+        self._saver.bind(self._layers, self._loader.chunk_shape)
         shape = self._loader.chunk_shape()
         top = self._config.tiers[0] if self._config.tiers else None
         fill = top.capacity if isinstance(top, MemoryTierConfig) and top.prefault else 0
@@ -447,83 +443,19 @@ class KvtierConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvtierConnectorMetadata)
-        per_chunk = self._chunk // self._block_size
-        for spec in meta.saves:
-            blocks = spec.block_ids[spec.first_chunk * per_chunk :]
-            if not blocks:
-                continue
-            # vLLM may reuse the blocks after this step: gather them now, straight into
-            # encoded chunks; sealing and tier writes happen off the engine's critical path.
-            try:
-                namespace = self._namespace(spec.salt)
-                keys = self._store.keys(spec.tokens, namespace, spec.tail)[spec.first_chunk :]
-                ns_id = namespace.id(self._chunk)
-                blobs = [self._pool.take(k, ns_id) for k in keys]
-                if spec.tail:  # a tail is shorter than the pool's chunks
-                    assert self._loader is not None
-                    shape = self._loader.chunk_shape(len(spec.tokens) % self._chunk)
-                    blobs[-1] = codec.blank(keys[-1], self._kv_dtype, shape, ns_id)
-                gather_chunks(self._layers, blocks, [self._payload(b) for b in blobs])
-            except Exception:  # a failed save is a future miss, never a failed request
-                log.exception("kvtier: saving request %s failed", spec.req_id)
-                continue
-            with self._saving_lock:
-                self._saving.update(keys)
-            with self._events_lock:
-                # Announced now, with this step's output: the scheduler in another process
-                # would otherwise learn of them only after the next step, and a request
-                # scheduled meanwhile (the same prompt again) would miss them. A load of a key
-                # still being saved waits for the save (_saver_wait); a save that fails makes
-                # that load a miss, which vLLM recomputes.
-                self._events.stored.extend(keys)
-            if self._write_through:  # before this step's output (the answer) leaves
-                self._saver_wait()
-                self._save(spec, keys, blobs, through=True)
-            else:
-                self._pending_save = self._saver.submit(self._save, spec, keys, blobs)
+        self._saver.save(meta.saves)
 
-    def _payload(self, blob: codec.SealedChunk) -> torch.Tensor:
-        raw = torch.frombuffer(codec.payload_of(blob), dtype=torch.uint8)
-        return raw.view(self._layers[0].dtype).view(codec.read_header(blob).shape)
-
-    def _save(
-        self,
-        spec: SaveSpec,
-        keys: list[ChunkKey],
-        blobs: list[codec.SealedChunk],
-        through: bool = False,
-    ) -> None:
-        try:
-            for blob in blobs:
-                codec.seal(blob)
-            namespace = self._namespace(spec.salt)
-            self._store.put_encoded(
-                spec.tokens, namespace, blobs, spec.first_chunk, spec.tail, through
-            )
-        except Exception:  # a failed save is a future miss, never a failed request
-            log.exception("kvtier: saving request %s failed", spec.req_id)
-        finally:
-            with self._saving_lock:
-                self._saving.difference_update(keys)
-
-    def _saver_wait(self, keys: list[ChunkKey] | None = None) -> None:
-        """Wait for pending saves: all of them, or only if one holds any of ``keys``."""
-        if keys is not None:
-            with self._saving_lock:
-                if self._saving.isdisjoint(keys):
-                    return
-        pending = self._pending_save
-        if pending is not None:
-            pending.result()
-            if self._pending_save is pending:
-                self._pending_save = None
+    def _announce(self, keys: Sequence[ChunkKey]) -> None:
+        """Chunks a save is about to store: told to the scheduler with this step's output."""
+        with self._events_lock:
+            self._events.stored.extend(keys)
 
     def _on_event(self, event: ChunkEvent) -> None:
+        if event.kind == "stored":
+            self._announce(event.keys)
+            return
         with self._events_lock:
-            if event.kind == "stored":
-                self._events.stored.extend(event.keys)
-            else:
-                self._events.dropped.extend(event.keys)
+            self._events.dropped.extend(event.keys)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         with self._events_lock:
@@ -544,5 +476,5 @@ class KvtierConnector(KVConnectorBase_V1):
             self._feed.close()
         if self._loader is not None:
             self._loader.close()
-        self._saver.shutdown(wait=True)
+        self._saver.close()
         shared_stores.release(self._config)

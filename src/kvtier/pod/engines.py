@@ -47,7 +47,6 @@ class Engine:
     queued_tokens: int = 0  # prefill tokens routed here whose first token is not back yet
     in_flight: int = 0
     routed: int = 0
-    prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S  # over its recent samples
     samples: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds)
     bandwidth: dict[str, float] = field(default_factory=dict)  # tier kind -> bytes/s
 
@@ -58,9 +57,13 @@ class Engine:
         self.samples.append((tokens, min(max(seconds, tokens / 1e7), tokens / 10.0)))
         if len(self.samples) > RATE_SAMPLES:
             del self.samples[0]
-        self.prefill_tokens_per_s = sum(t for t, _ in self.samples) / sum(
-            s for _, s in self.samples
-        )
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """Its measured prefill rate over its recent samples (a default before any)."""
+        if not self.samples:
+            return DEFAULT_PREFILL_TOKENS_PER_S
+        return sum(t for t, _ in self.samples) / sum(s for _, s in self.samples)
 
     def state(self) -> dict[str, Any]:
         return {

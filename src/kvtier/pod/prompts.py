@@ -40,6 +40,17 @@ class Leading:
     total: int
     finish: Callable[[], list[int]] | None
 
+    @classmethod
+    def of(cls, tokens: list[int]) -> Leading:
+        """All of a prompt's tokens."""
+        return cls(tokens, True, len(tokens), None)
+
+    def whole(self) -> Leading:
+        """All of the prompt (tokenized now, if it was not)."""
+        if self.complete or self.finish is None:
+            return self
+        return Leading.of(self.finish())
+
 
 class PromptError(ValueError):
     """The request has no prompt the router can read (the engine will say why)."""
@@ -98,11 +109,11 @@ class Prompter:
         are held nowhere. Completions, and chats of known pieces, come whole."""
         if not path.endswith("/chat/completions") or body.get("add_special_tokens", False):
             whole = self.tokens(path, body)
-            return Leading(whole, True, len(whole), None)
+            return Leading.of(whole)
         text = self.chat_text(body)
         if self._splitter is None:
             whole = self.encode_pieces(text)
-            return Leading(whole, True, len(whole), None)
+            return Leading.of(whole)
         ids: list[int] = []
         pieces = [p for p in self._splitter.split(text) if p]
         for i, piece in enumerate(pieces):
@@ -121,7 +132,7 @@ class Prompter:
             estimate = len(ids) + len(head) + int(rest / per_token)
             ids.extend(head)
             return Leading(ids, False, estimate, lambda: self.encode_pieces(text))
-        return Leading(ids, True, len(ids), None)
+        return Leading.of(ids)
 
     def _head(self, piece: str, want: int) -> tuple[list[int], int]:
         """At least ``want`` leading tokens of ``piece`` (fewer if it has fewer), tokenized

@@ -109,13 +109,18 @@ class Router:
         while self.shared is None:
             info = next((e.info for e in self.engines.engines if e.info), None)
             if info is not None:
-                if not info.get("shared"):
-                    return
-                first = info["shared"][0]
-                self.shared = SharedTier(first["url"], first["prefix"], bool(first.get("cluster")))
-                await self.shared.warm()
+                shared = self._shared_tier(info)
+                if shared is not None:
+                    await shared.warm()
                 return
             await asyncio.sleep(0.25)
+
+    def _shared_tier(self, info: dict[str, Any]) -> SharedTier | None:
+        """The tier the engines say they share (from an engine's /kvtier/info), once."""
+        if self.shared is None and info.get("shared"):
+            first = info["shared"][0]
+            self.shared = SharedTier(first["url"], first["prefix"], bool(first.get("cluster")))
+        return self.shared
 
     async def _stop(self, app: web.Application) -> None:
         if self._warming is not None:
@@ -148,8 +153,7 @@ class Router:
         try:
             prompt_text = body.get("prompt")
             if isinstance(prompt_text, str) and len(prompt_text) > INLINE_CHARS:
-                whole = await asyncio.to_thread(self.prompter.tokens, path, body)
-                lead = Leading(whole, True, len(whole), None)
+                lead = Leading.of(await asyncio.to_thread(self.prompter.tokens, path, body))
             else:  # a chat tokenizes only its new pieces (their head, when long): no hop
                 lead = self.prompter.leading(path, body, chunk)
         except PromptError:
@@ -157,23 +161,17 @@ class Router:
         salt = body.get("cache_salt")
         namespace = Namespace(**info["namespace"], tenant_salt=salt or None)
         prompt = PromptKeys(lead.tokens, namespace, chunk, block, lead.complete)
-        if not lead.complete and self._held_anywhere(prompt.hexes[-1:]):
-            assert lead.finish is not None  # seen before after all: key all of it
-            whole = lead.finish()
-            lead = Leading(whole, True, len(whole), None)
-            prompt = PromptKeys(whole, namespace, chunk, block)
-        if self.shared is None and info.get("shared"):  # the tier the engines say they share
-            first = info["shared"][0]
-            self.shared = SharedTier(first["url"], first["prefix"], bool(first.get("cluster")))
+        shared = self._shared_tier(info)
         keyed = time.perf_counter()
-        if self.shared is not None:
-            prompt.in_shared(await self.shared.holds(prompt.all_keys))
-            if not lead.complete and prompt.shared[-1:] == [True]:
-                assert lead.finish is not None
-                whole = lead.finish()
-                lead = Leading(whole, True, len(whole), None)
-                prompt = PromptKeys(whole, namespace, chunk, block)
-                prompt.in_shared(await self.shared.holds(prompt.all_keys))
+        if shared is not None:
+            prompt.in_shared(await shared.holds(prompt.all_keys))
+        if not lead.complete and (
+            self._held_anywhere(prompt.hexes[-1:]) or prompt.shared[-1:] == [True]
+        ):  # seen before after all: key all of it
+            lead = lead.whole()
+            prompt = PromptKeys(lead.tokens, namespace, chunk, block)
+            if shared is not None:
+                prompt.in_shared(await shared.holds(prompt.all_keys))
         asked = time.perf_counter()
         tokens = lead.total
         if self._cost is None:

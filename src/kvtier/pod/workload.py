@@ -16,7 +16,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -72,13 +72,6 @@ class Turn:
     error: str = ""
 
 
-@dataclass
-class Gaps:
-    """Inter-token gaps of the streams, with when each gap ended."""
-
-    samples: list[tuple[float, float]] = field(default_factory=list)  # (end time, gap s)
-
-
 def document(user: int, tokens: int, seed: int) -> str:
     """About ``tokens`` tokens of text no other user's document starts like."""
     rng = random.Random(seed * 1_000_003 + user)
@@ -104,7 +97,10 @@ def interleaving(users: int, turns: int, seed: int) -> list[tuple[int, int]]:
 
 
 async def _stream(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any], gaps: Gaps | None = None
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    gaps: list[tuple[float, float]] | None = None,
 ) -> tuple[float, str, dict[str, Any], str, float | None]:
     """Send a streaming request; (TTFT s, text, usage, engine, router ms). Raises on errors."""
     started = time.perf_counter()
@@ -134,7 +130,7 @@ async def _stream(
                     if ttft is None:
                         ttft = now - started
                     elif gaps is not None:
-                        gaps.samples.append((now, now - last))
+                        gaps.append((now, now - last))  # (when it ended, the gap)
                     last = now
                     text.append(piece or "")
     if ttft is None:
@@ -230,7 +226,7 @@ async def pd_mix(
 ) -> MixResult:
     """``streams`` users decoding without pause while ``long_prompts`` cold prompts of
     ``long_tokens`` arrive every ``every_s`` seconds."""
-    gaps = Gaps()
+    gaps: list[tuple[float, float]] = []
     stop = asyncio.Event()
     errors = 0
     requests = 0
@@ -268,7 +264,7 @@ async def pd_mix(
         end = time.perf_counter()
         stop.set()
         await asyncio.gather(*runners)
-    window = [gap for at, gap in gaps.samples if begin <= at <= end]
+    window = [gap for at, gap in gaps if begin <= at <= end]
     return MixResult(ttfts, window, errors, requests, where)
 
 
@@ -279,7 +275,7 @@ async def decode_until(
     i: int,
     stop: asyncio.Event,
     salt: str,
-    gaps: Gaps | None = None,
+    gaps: list[tuple[float, float]] | None = None,
 ) -> tuple[int, int]:
     """One user streaming short completions back to back until ``stop``; (sent, failed)."""
     sent = failed = 0
