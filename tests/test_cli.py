@@ -156,6 +156,17 @@ def test_serve_checks_kvtier_options_before_starting_vllm(tmp_path: Path) -> Non
     assert command[command.index("--shutdown-timeout") + 1] == "30"
     own = json.loads(kvtier("serve", "--dry-run", "--served-model-name=mine").stdout)
     assert "--served-model-name=mine" in own and "--served-model-name" not in own
+    # vLLM publishes its KV events where the feed tells the router; a user's own config wins.
+    events = json.loads(command[command.index("--kv-events-config") + 1])
+    told = transfer["kv_connector_extra_config"]["kv_events"]
+    assert events["endpoint"] == f"tcp://*:{told['port']}" and events["enable_kv_cache_events"]
+    mine = '{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:7777"}'
+    own = json.loads(kvtier("serve", "--dry-run", "--kv-events-config", mine).stdout)
+    assert own.count("--kv-events-config") == 1
+    transfer = json.loads(own[own.index("--kv-transfer-config") + 1])
+    assert transfer["kv_connector_extra_config"]["kv_events"] == {"port": 7777, "topic": ""}
+    bad = kvtier("serve", "--dry-run", "--kv-events-config", "{nope", check=False)
+    assert bad.returncode == 2 and "--kv-events-config: not JSON" in bad.stderr
 
 
 def test_pod_commands_refuse_bad_combinations_before_starting_anything(

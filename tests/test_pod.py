@@ -133,9 +133,13 @@ def running_pod(command: list[str], port: int, log: Path) -> Iterator[PodProcess
         wait_for(up, 400, "the pod to start")
         yield pod
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # as Ctrl-C: the pod stops its engines (their own sessions)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @contextlib.contextmanager
@@ -213,6 +217,13 @@ def test_router_keys_are_the_engines_keys(pod: PodProcess) -> None:
             return all(k.hex() in held for k in keys)
 
         wait_for(stored, 10, f"{path} (salt {salt}) keys in {engine}'s DRAM")
+
+        # vLLM's own KV events, keyed by the router, name the same chunks on that engine.
+        def in_vllm(engine: str = engine, keys: list[bytes] = keys) -> bool:
+            where = get_json(f"{pod.url}/router/chunks?keys={','.join(k.hex() for k in keys)}")
+            return all("gpu" in where[k.hex()].get(engine, ()) for k in keys)
+
+        wait_for(in_vllm, 10, f"{path} (salt {salt}) keys in {engine}'s vLLM cache")
 
 
 def test_returning_turns_go_where_their_context_is(pod: PodProcess) -> None:

@@ -206,3 +206,58 @@ def test_a_long_new_chat_is_keyed_from_its_exact_leading_tokens() -> None:
         assert lead.finish() == whole
         again = prompter.leading("/v1/chat/completions", body, 256)  # its pieces are known
         assert again.complete and again.tokens == whole
+
+
+def test_vllm_block_events_become_the_engines_chunk_keys() -> None:
+    """vLLM's own KV events (encoded by vLLM's classes, as its publisher sends them) key the
+    chunks and tails of kvtier's chain; evictions, lost events and unknown parents drop keys."""
+    import msgspec
+    import numpy as np
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch
+
+    from kvtier.keys import Namespace, chunk_keys, tail_key
+    from kvtier.pod.engines import EngineSet
+
+    url = "http://engine"
+    engines = EngineSet([url], ChunkIndex())
+    engine = engines.engines[0]
+    engine.info = {"namespace": {"model": "m", "kv_dtype": "float32"}, "chunk_tokens": 256}
+    blocks = engines._block_keys(engine)
+    tokens = np.random.default_rng(3).integers(0, 49_000, 700).tolist()
+    salted = Namespace("m", kv_dtype="float32", tenant_salt="tenant-a")
+    full = chunk_keys(tokens, salted, 256)  # 2 full chunks
+
+    def stored(first: int, count: int, parent: Any, salt: bool = False) -> BlockStored:
+        return BlockStored(
+            block_hashes=[f"h{i}".encode() for i in range(first, first + count)],
+            parent_block_hash=parent, token_ids=tokens[first * BLOCK : (first + count) * BLOCK],
+            block_size=BLOCK, lora_id=None, medium="GPU", lora_name=None,
+            extra_keys=[("tenant-a",) if salt and i == 0 else None for i in range(count)],
+        )  # fmt: skip
+
+    last: list[int | None] = [None]
+
+    def send(seq: int, *events: Any) -> int:
+        payload = msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=list(events)))
+        frames = [b"kvtier", seq.to_bytes(8, "big"), payload]
+        last[0] = engines._apply_blocks(engine, blocks, frames, last[0])
+        return last[0]
+
+    def gpu(keys: list[Any]) -> int:
+        return sum("gpu" in k for k in engines.index.kinds(url, [k.hex() for k in keys]))
+
+    send(0, stored(0, 3, None, salt=True))
+    send(1, stored(3, 2, b"h2"))
+    tail = tail_key(full[1], tokens[512:640])
+    assert gpu([*full, tail]) == 3, "two chunks and the tail of block 4 are in vLLM's cache"
+    assert gpu([tail_key(salted.root(256), tokens[:128])]) == 1
+    assert gpu(chunk_keys(tokens, Namespace("m", kv_dtype="float32"), 256)) == 0, "salt"
+
+    send(2, BlockRemoved(block_hashes=[b"h1"], medium="GPU"))
+    assert gpu(full) == 0, "the first chunk lost its second block"
+    send(3, stored(1, 1, b"h0"))
+    assert gpu(full) == 2
+    assert send(4, stored(9, 1, b"unknown")) == 4 and blocks.unkeyed == 1
+
+    send(9, BlockRemoved(block_hashes=[b"nothing"], medium="GPU"))  # 5 to 8 were lost
+    assert engine.block_gaps == 1 and gpu(full) == 0

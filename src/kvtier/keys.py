@@ -136,6 +136,14 @@ def chunk_keys(
     return keys
 
 
+def next_chunk_key(prev: ChunkKey, chunk: Sequence[int] | Any) -> ChunkKey:
+    """Key of the full chunk ``chunk`` (token ids) that follows the chunk keyed ``prev`` (the
+    namespace's root for the first): one step of :func:`chunk_keys`."""
+    h = hashlib.blake2b(prev, digest_size=KEY_BYTES)
+    h.update(token_array(chunk).tobytes())
+    return ChunkKey(h.digest())
+
+
 def tail_key(parent: ChunkKey, tail: Sequence[int] | Any) -> ChunkKey:
     """Key of the partial chunk ``tail`` that follows the chunk keyed ``parent`` (the
     namespace's root when the tail is the first chunk)."""

@@ -74,6 +74,15 @@ def register(sub: Any) -> None:
         " server's own port",
     )
     p.add_argument(
+        "--kv-events-port",
+        type=int,
+        metavar="PORT",
+        help="port where vLLM publishes its KV cache events (ZMQ), which `kvtier router`"
+        " reads to know what each engine holds in its own KV cache (default: a free one; it"
+        " listens on every interface, as vLLM's publisher only binds those; vLLM's own"
+        " --kv-events-config, if given, is used instead)",
+    )
+    p.add_argument(
         "--write-through",
         action="store_true",
         help="write computed chunks to every tier (the shared one included) before the"
@@ -136,6 +145,9 @@ def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list
     feed_port = getattr(args, "feed_port", None)
     if feed_port:
         extra_config["feed_port"] = feed_port
+    kv_events, events_args = kv_events_config(args, extra)
+    if kv_events:
+        extra_config["kv_events"] = kv_events
     transfer = {
         "kv_connector": "KvtierConnector",
         "kv_connector_module_path": "kvtier.integrations.vllm",
@@ -148,6 +160,7 @@ def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list
         "--model", model, "--host", args.host, "--port", str(args.port),
         "--kv-transfer-config", json.dumps(transfer),
     ]  # fmt: skip
+    command += events_args
     if feed_port:  # the feed on the server's own port, under /kvtier/
         command += ["--middleware", "kvtier.pod.engine_routes.forward"]
     if "--enforce-eager" not in extra and not has_gpu():
@@ -158,6 +171,47 @@ def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list
         # Draining lets the worker exit normally, and kvtier flush its writes.
         command += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
     return command + extra
+
+
+def option(extra: list[str], name: str) -> str | None:
+    """The value of vLLM option ``name`` among ``extra`` (``--name V`` or ``--name=V``)."""
+    for i, arg in enumerate(extra):
+        if arg == name and i + 1 < len(extra):
+            return extra[i + 1]
+        if arg.startswith(name + "="):
+            return arg.partition("=")[2]
+    return None
+
+
+def kv_events_config(
+    args: argparse.Namespace, extra: list[str]
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """Where vLLM publishes its KV events, for the router (``{"port", "topic"}``, or None),
+    and the vLLM options that make it so (none when the user gave ``--kv-events-config``)."""
+    given = option(extra, "--kv-events-config")
+    if given is not None:
+        try:
+            config = json.loads(given)
+        except ValueError as exc:
+            raise ConfigError(f"--kv-events-config: not JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise ConfigError("--kv-events-config: expected a JSON object")
+        if not config.get("enable_kv_cache_events") or config.get("publisher") != "zmq":
+            return None, []
+        endpoint = str(config.get("endpoint", "tcp://*:5557"))
+        given_port = endpoint.rpartition(":")[2]
+        if not endpoint.startswith("tcp://") or not given_port.isdigit():
+            return None, []  # ipc:// or inproc://: not reachable by a router
+        return {"port": int(given_port), "topic": str(config.get("topic", ""))}, []
+    port = getattr(args, "kv_events_port", None) or free_port()
+    if not 0 < port < 65536:
+        raise ConfigError(f"--kv-events-port: {port} is not a port number")
+    # vLLM binds only a wildcard endpoint (it connects to any other): all interfaces.
+    config = {
+        "enable_kv_cache_events": True, "publisher": "zmq",
+        "endpoint": f"tcp://*:{port}", "topic": "kvtier",
+    }  # fmt: skip
+    return {"port": port, "topic": "kvtier"}, ["--kv-events-config", json.dumps(config)]
 
 
 def has_gpu() -> bool:

@@ -120,6 +120,7 @@ class KvtierConnector(KVConnectorBase_V1):
                 f" {self._feed_port!r}"
             )
         self._feed: EventFeed | None = None
+        self._kv_events = extra.pop("kv_events", None)  # where vLLM publishes its KV events
         # A prefill engine's answer must not return before its chunks are in every tier (the
         # decode engine loads them from the shared one): saves then write through, inline.
         self._write_through = extra.pop("write_through", False)
@@ -399,7 +400,12 @@ class KvtierConnector(KVConnectorBase_V1):
             elements *= n
         bytes_per_token = elements * self._layers[0].element_size() // self._chunk
         feed = store_feed(
-            self._store, self._config, self._namespace(None), self._block_size, bytes_per_token
+            self._store,
+            self._config,
+            self._namespace(None),
+            self._block_size,
+            bytes_per_token,
+            self._kv_events,
         )
         try:
             feed.serve("127.0.0.1", port)

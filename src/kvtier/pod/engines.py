@@ -4,7 +4,8 @@ Each engine is polled for ``/health`` every :data:`HEALTH_EVERY_S`; two failures
 a refused connection while forwarding) take it out of rotation, so a dead engine is gone
 within a second. Its feed (``/kvtier/...``, see :mod:`kvtier.pod.feed`) is read with long
 polls: a snapshot first, then events in sequence; a gap or a new epoch (a restart) means a
-fresh snapshot.
+fresh snapshot. vLLM's own KV events (its ZMQ publisher, named by the feed's ``kv_events``) say
+which chunks are in the engine's KV cache itself: tier kind "gpu" (:mod:`kvtier.pod.blocks`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 import aiohttp
+import msgspec
+import zmq
+import zmq.asyncio
 
+from kvtier.keys import ChunkKey, Namespace
+from kvtier.pod.blocks import BlockKeys
 from kvtier.pod.index import ChunkIndex
 from kvtier.pod.policy import DEFAULT_PREFILL_TOKENS_PER_S
 
@@ -49,6 +56,8 @@ class Engine:
     routed: int = 0
     samples: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds)
     bandwidth: dict[str, float] = field(default_factory=dict)  # tier kind -> bytes/s
+    blocks: BlockKeys | None = None  # vLLM's blocks -> chunk keys, while its events are read
+    block_gaps: int = 0  # times vLLM's events were lost (or it restarted) and were dropped
 
     def measured_prefill(self, tokens: int, seconds: float) -> None:
         """A request that found this engine idle computed ``tokens`` in ``seconds``."""
@@ -72,6 +81,10 @@ class Engine:
             "queued_tokens": self.queued_tokens, "in_flight": self.in_flight,
             "routed": self.routed, "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
             "bandwidth_bytes_per_s": {k: round(v) for k, v in self.bandwidth.items()},
+            "vllm_blocks": None if self.blocks is None else {
+                "tracked": len(self.blocks), "unkeyed": self.blocks.unkeyed,
+                "gaps": self.block_gaps,
+            },
         }  # fmt: skip
 
 
@@ -96,6 +109,7 @@ class EngineSet:
         for engine in self.engines:
             self._tasks.append(asyncio.create_task(self._watch(engine)))
             self._tasks.append(asyncio.create_task(self._follow(engine)))
+            self._tasks.append(asyncio.create_task(self._follow_blocks(engine)))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -212,6 +226,98 @@ class EngineSet:
         engine.epoch, engine.seq, engine.synced = snapshot["epoch"], snapshot["seq"], True
         chunks = sum(map(len, by_kind.values()))
         log.info("kvtier router: %s synced (%d chunks)", engine.url, chunks)
+
+    # -- vLLM's own KV events ----------------------------------------------------------------
+
+    def _block_source(self, engine: Engine) -> tuple[str, str, str] | None:
+        """(ZMQ endpoint, topic, feed epoch) of the engine's KV events, once its feed says."""
+        info = engine.info or {}
+        events = info.get("kv_events")
+        if not engine.synced or not events or "namespace" not in info:
+            return None
+        host = urlparse(engine.url).hostname or "127.0.0.1"
+        return f"tcp://{host}:{int(events['port'])}", str(events.get("topic", "")), engine.epoch
+
+    def _block_keys(self, engine: Engine) -> BlockKeys:
+        assert engine.info is not None
+        fields, chunk = engine.info["namespace"], int(engine.info["chunk_tokens"])
+        roots: dict[str | None, ChunkKey] = {}
+
+        def root(salt: str | None) -> ChunkKey:
+            if salt not in roots:
+                roots[salt] = Namespace(**fields, tenant_salt=salt).root(chunk)
+            return roots[salt]
+
+        return BlockKeys(root, chunk)
+
+    async def _follow_blocks(self, engine: Engine) -> None:
+        """Read the engine's vLLM KV events into the index (tier kind "gpu"); a new endpoint
+        or epoch (the engine restarted) starts over."""
+        context = zmq.asyncio.Context.instance()
+        socket: zmq.asyncio.Socket | None = None
+        source: tuple[str, str, str] | None = None
+        last: int | None = None
+        try:
+            while True:
+                now = self._block_source(engine)
+                if now != source:
+                    if socket is not None:
+                        socket.close(linger=0)
+                        socket = None
+                    self.index.drop_kind(engine.url, "gpu")
+                    engine.blocks, source, last = None, now, None
+                    if now is not None:
+                        socket = context.socket(zmq.SUB)
+                        socket.setsockopt(zmq.SUBSCRIBE, now[1].encode())
+                        socket.connect(now[0])
+                        engine.blocks = self._block_keys(engine)
+                if socket is None or engine.blocks is None:
+                    await asyncio.sleep(HEALTH_EVERY_S)
+                    continue
+                if not await socket.poll(1000):
+                    continue
+                frames = await socket.recv_multipart()
+                try:
+                    last = self._apply_blocks(engine, engine.blocks, frames, last)
+                except (ValueError, TypeError, KeyError, IndexError, msgspec.DecodeError):
+                    log.exception("kvtier router: a bad KV event batch from %s", engine.url)
+        except asyncio.CancelledError:
+            raise
+        finally:
+            if socket is not None:
+                socket.close(linger=0)
+
+    def _apply_blocks(
+        self, engine: Engine, blocks: BlockKeys, frames: list[bytes], last: int | None
+    ) -> int:
+        """One message of vLLM's publisher; returns its sequence number."""
+        if len(frames) != 3:
+            raise ValueError(f"expected 3 frames (topic, sequence, batch), got {len(frames)}")
+        seq = int.from_bytes(frames[1], "big")
+        if last is not None and seq != last + 1:  # lost events, or vLLM restarted
+            if seq <= last:
+                blocks.clear()
+            self.index.drop_kind(engine.url, "gpu")
+            engine.block_gaps += 1
+        batch = msgspec.msgpack.decode(frames[2])
+        stamp = float(batch[0])
+        for event in batch[1]:
+            kind = event.get("type")
+            if event.get("medium") not in (None, "GPU"):  # vLLM's own CPU offload: not here
+                continue
+            if kind == "BlockStored":
+                keys, change = blocks.stored(event), "stored"
+            elif kind == "BlockRemoved":
+                keys, change = blocks.removed(event.get("block_hashes") or ()), "removed"
+            elif kind == "AllBlocksCleared":
+                blocks.clear()
+                self.index.drop_kind(engine.url, "gpu")
+                continue
+            else:
+                continue
+            if keys:
+                self.index.apply(engine.url, "gpu", {"kind": change, "keys": keys, "t": stamp})
+        return seq
 
     async def _get_json(self, engine: Engine, path: str, timeout_s: float) -> Any:
         assert self._session is not None

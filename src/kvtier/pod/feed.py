@@ -4,7 +4,8 @@ Runs in the process that owns the store (vLLM's worker), on a loopback port; ``k
 exposes it on the engine's own HTTP port under ``/kvtier/`` (:mod:`kvtier.pod.engine_routes`).
 
 - ``GET /kvtier/info``: epoch, last sequence number, the namespace fields, chunk and block
-  sizes, KV bytes per token, the tiers (name, kind) and their read counters.
+  sizes, KV bytes per token, the tiers (name, kind) and their read counters, and where vLLM
+  publishes its own KV events (``kv_events``: port and topic; see :mod:`kvtier.pod.blocks`).
 - ``GET /kvtier/snapshot``: the keys each local tier holds, as of a sequence number.
 - ``GET /kvtier/events?epoch=E&after=S&wait=W``: the events after S (long-polled up to W
   seconds), or ``{"resync": true}`` when S is gone from the ring or E is not this feed's epoch
@@ -180,10 +181,12 @@ def store_feed(
     namespace: Namespace,
     block_size: int,
     bytes_per_token: int,
+    kv_events: dict[str, Any] | None = None,
 ) -> EventFeed:
     """The feed of an engine's ``store``, subscribed to its events (not yet served).
 
-    ``namespace``: the engine's, without a salt (the router adds each request's).
+    ``namespace``: the engine's, without a salt (the router adds each request's);
+    ``kv_events``: where vLLM publishes its own KV events (``{"port", "topic"}``), if it does.
     """
     tiers = [(t.name, TIER_KIND.get(t.kind, t.kind), t) for t in config.tiers]
     info = {
@@ -200,6 +203,7 @@ def store_feed(
             for name, _, t in tiers
             if isinstance(t, RedisTierConfig)
         ],
+        "kv_events": kv_events,
     }  # fmt: skip
     by_name = {t.name: t for t in store.tiers}
 

@@ -94,6 +94,16 @@ class ChunkIndex:
                 del self._where[key]
         self._predicted.pop(engine, None)
 
+    def drop_kind(self, engine: str, kind: str) -> None:
+        """Forget what ``engine`` held in its tier of ``kind`` (its events were lost)."""
+        for key in [k for k, h in self._where.items() if kind in h.get(engine, ())]:
+            holders = self._where[key]
+            holders[engine].discard(kind)
+            if not holders[engine]:
+                del holders[engine]
+                if not holders:
+                    del self._where[key]
+
     def predict(self, engine: str, keys: Iterable[str], now: float | None = None) -> None:
         """``keys`` will be on ``engine`` once the request routed there is computed."""
         expiry = (now if now is not None else time.monotonic()) + PREDICTED_S
@@ -121,6 +131,10 @@ class ChunkIndex:
     def _add(self, engine: str, kind: str, keys: Iterable[str]) -> None:
         for key in keys:
             self._where.setdefault(key, {}).setdefault(engine, set()).add(kind)
+
+    def holders(self, key: str) -> dict[str, list[str]]:
+        """The engines that hold ``key`` (hex), and in which tier kinds."""
+        return {engine: sorted(kinds) for engine, kinds in self._where.get(key, {}).items()}
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Chunks per engine and tier kind."""

@@ -94,6 +94,7 @@ class Router:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/router/state", self._state)
+        app.router.add_get("/router/chunks", self._chunks)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -440,6 +441,13 @@ class Router:
 
     async def _state(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.state())
+
+    async def _chunks(self, request: web.Request) -> web.StreamResponse:
+        """``?keys=HEX,HEX``: where the index says each chunk is (engine -> tier kinds)."""
+        keys = [k for k in request.query.get("keys", "").split(",") if k]
+        if not keys or any(len(k) != 32 for k in keys):
+            return _error(400, "keys: expected chunk keys as 32 hex digits, comma-separated")
+        return web.json_response({key: self.index.holders(key) for key in keys})
 
     def state(self) -> dict[str, Any]:
         p99 = quantile(sorted(self.overhead_s), 0.99)
