@@ -13,6 +13,11 @@ run, so no run reuses another's chunks):
   round-robin+shared  the engines of a pod with its redis-server, behind `kvtier router
                    --policy round-robin`
   kvtier           the same engines behind the pod's own router
+Each engine's own tiers hold a part of what the users need, as a node's hold a part of a
+fleet's: a DRAM tier of 60% of all users' contexts (``--dram``), no disk tier, so the pod's
+DRAM holds every context 1.2 times over and no engine holds them all. A pod that routes by
+where contexts are needs each engine to hold only its own users'; round-robin needs every
+engine to hold everyone's.
 Then, on that pod: the router's overhead (the ``x-kvtier-router-ms`` of each answer) for a chat
 of ``--overhead-tokens`` tokens while two streams keep the engines busy.
 
@@ -42,13 +47,23 @@ from typing import Any
 import aiohttp
 from tqdm import tqdm
 
+from kvtier.config import parse_size
 from kvtier.errors import KvtierError
 from kvtier.pod import workload
 from kvtier.redis_process import free_port
 
 MODEL = "SmolLM2-135M-Instruct"
 ENGINE_OPTIONS = ("--num-gpu-blocks-override", "80", "--max-model-len", "8192",
-                  "--enable-prompt-tokens-details", "--dram", "1GiB")  # fmt: skip
+                  "--enable-prompt-tokens-details", "--disk", "none")  # fmt: skip
+KV_BYTES_PER_TOKEN = 23_040  # the embedded model's KV cache per token, in bf16
+TURN_TOKENS = 40  # a question and the chat template around a turn, about
+DRAM_SHARE = 0.6  # of all users' contexts, each engine's DRAM tier holds this much (default)
+
+
+def contexts_bytes(args: argparse.Namespace) -> int:
+    """KV bytes of every user's whole conversation."""
+    per_user = args.context + args.turns * (args.answer + TURN_TOKENS)
+    return int(args.users * per_user * KV_BYTES_PER_TOKEN)
 
 
 def register(bsub: Any) -> None:
@@ -71,6 +86,11 @@ def register(bsub: Any) -> None:
                    help="prompt tokens of the router-overhead chat (8000)")  # fmt: skip
     p.add_argument("--skip", choices=("routing", "pd"), action="append", default=[],
                    help="leave out a part")  # fmt: skip
+    p.add_argument(
+        "--dram",
+        metavar="SIZE",
+        help="each engine's DRAM tier (default: 60%% of all users' contexts)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=run)
@@ -79,10 +99,10 @@ def register(bsub: Any) -> None:
 class PodProcess:
     """``kvtier pod ARGS`` in its own session; stopped with SIGINT (as Ctrl-C)."""
 
-    def __init__(self, args: list[str], state: Path, log: Path):
+    def __init__(self, args: list[str], state: Path, log: Path, dram: int):
         self.port = free_port()
         command = [sys.executable, "-m", "kvtier.cli.main", "pod", "--port", str(self.port),
-                   "--state", str(state), *args, *ENGINE_OPTIONS]  # fmt: skip
+                   "--state", str(state), "--dram", str(dram), *args, *ENGINE_OPTIONS]  # fmt: skip
         self.log = log
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
@@ -114,8 +134,10 @@ class PodProcess:
 
 
 @contextlib.contextmanager
-def pod(args: list[str], work: Path, name: str) -> Iterator[tuple[PodProcess, dict[str, Any]]]:
-    running = PodProcess(args, work / name, work / f"{name}.log")
+def pod(
+    args: list[str], work: Path, name: str, dram: int
+) -> Iterator[tuple[PodProcess, dict[str, Any]]]:
+    running = PodProcess(args, work / name, work / f"{name}.log", dram)
     try:
         state = running.wait()
         for engine in state["engines"]:  # the first request of an engine is slow: not measured
@@ -250,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
     if not 1000 <= args.overhead_tokens <= 8000 or not 256 <= args.context <= 6000:
         raise KvtierError("--overhead-tokens must be in [1000, 8000] and --context in"
                           " [256, 6000] (the model takes 8,192 tokens)")  # fmt: skip
+    dram = (parse_size(args.dram, "--dram") if args.dram
+            else int(DRAM_SHARE * contexts_bytes(args)))  # fmt: skip
     routing: list[dict[str, Any]] = []
     pd: list[dict[str, Any]] = []
     overheads: list[float] = []
@@ -262,10 +286,11 @@ def run(args: argparse.Namespace) -> int:
         work = Path(tmp)
         if "routing" not in args.skip:
             bar.set_postfix_str("round-robin, no shared tier")
-            with pod(["--redis", "none", "--policy", "round-robin"], work, "rr-local") as (p, s):
+            with pod(["--redis", "none", "--policy", "round-robin"], work, "rr-local",
+                     dram) as (p, s):  # fmt: skip
                 urls = [e["url"] for e in s["engines"]]
                 routing.append(chat_row("round-robin", p.url, urls, args, bar))
-        with pod([], work, "colocated") as (p, s):
+        with pod([], work, "colocated", dram) as (p, s):
             urls = [e["url"] for e in s["engines"]]
             if "routing" not in args.skip:
                 bar.set_postfix_str("round-robin over the shared tier")
@@ -280,14 +305,16 @@ def run(args: argparse.Namespace) -> int:
                 bar.set_postfix_str("colocated, streams + long prompts")
                 pd.append(pd_row("colocated", p.url, args, bar))
         if "pd" not in args.skip:
-            with pod(["--prefill", "1", "--decode", "1"], work, "disaggregated") as (p, s):
+            with pod(["--prefill", "1", "--decode", "1"], work, "disaggregated", dram) as (p, s):
                 bar.set_postfix_str("disaggregated, streams + long prompts")
                 pd.append(pd_row("disaggregated", p.url, args, bar))
     result = {
         "measured": (
             f"kvtier pod over HTTP, 2 engines on one core each; {args.users} users x"
             f" {args.turns} turns, {args.context}-token documents, {args.answer}-token answers,"
-            f" 2 at a time; P/D: {args.streams} streams decoding while {args.long} cold"
+            f" 2 at a time; each engine's DRAM tier {dram / 2**20:.0f} MiB (no disk tier),"
+            f" {dram / contexts_bytes(args):.0%} of the users' contexts; P/D: {args.streams}"
+            f" streams decoding while {args.long} cold"
             f" {args.long_tokens}-token prompts arrive every {args.every:g} s"
         ),
         "routing": routing,
