@@ -460,6 +460,9 @@ class Router:
             "shared": self.shared.url if self.shared else None,
             "shared_late_answers": self.shared.late if self.shared else 0,
             "overhead_ms_p99": round(p99 * 1000, 3),
+            "overhead_phases_ms_p50": {
+                name: round(quantile(sorted(v), 0.5) * 1000, 3) for name, v in self.phases.items()
+            },
             "overhead_phases_ms_p99": {
                 name: round(quantile(sorted(v), 0.99) * 1000, 3) for name, v in self.phases.items()
             },
