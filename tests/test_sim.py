@@ -176,6 +176,7 @@ def test_cli_json_has_the_documented_keys(
     assert out["elapsed_s"] >= 0 and out["tiers"][0]["name"] == "dram"
     assert set(out["ttft_s"]) == {"p50", "p90", "p99"}
     assert out["ttft_s"]["p50"] <= out["ttft_cold_s"]["p50"]
+    assert all(out["ttft_queued_s"][q] >= out["ttft_s"][q] for q in ("p50", "p90", "p99"))
 
 
 def test_cli_sizes_become_blocks_of_the_models_kv(
@@ -241,3 +242,19 @@ def test_the_conversation_trace_replays_within_its_bounds() -> None:
     for r in results.values():
         assert r.requests == 12_031 and r.blocks == 288_500
         assert 0 < r.hit_rate_blocks <= r.belady_hit_rate_blocks <= r.infinite_hit_rate_blocks
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason="the shared conversation trace is not here")
+def test_kvtier_routing_trades_hits_for_queueing_where_cache_aware_does_not(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = {}
+    for routing in ("cache-aware", "kvtier"):
+        args = ["sim", str(TRACE), "--dram", "512GB", "--nodes", "4", "--routing", routing]
+        assert main([*args, "--no-bounds", "--json"]) == 0
+        out[routing] = json.loads(capsys.readouterr().out)
+    kv, ca = out["kvtier"], out["cache-aware"]
+    assert kv["hit_rate_blocks"] > 0.15 and ca["hit_rate_blocks"] > 0.15
+    assert kv["ttft_queued_s"]["p90"] < 0.7 * ca["ttft_queued_s"]["p90"], (kv, ca)
+    mean = sum(kv["node_requests"]) / 4
+    assert all(abs(n - mean) <= 0.25 * mean for n in kv["node_requests"])

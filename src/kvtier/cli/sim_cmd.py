@@ -275,6 +275,11 @@ def _render(r: dict[str, Any]) -> str:
             f" p50 {t['p50']:.3f} s, p90 {t['p90']:.3f} s, p99 {t['p99']:.3f} s"
             f"  (no cache: {c['p50']:.3f} / {c['p90']:.3f} / {c['p99']:.3f} s)"
         )
+        q = r["ttft_queued_s"]
+        lines.append(
+            f"  with the wait behind earlier prefills on the same node (one at a time):"
+            f" p50 {q['p50']:.3f} s, p90 {q['p90']:.3f} s, p99 {q['p99']:.3f} s"
+        )
     lines.append(f"  simulated in {r['elapsed_s']:.1f} s")
     return "\n".join(lines)
 

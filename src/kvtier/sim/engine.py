@@ -92,6 +92,9 @@ class SimResult:
     belady_hit_rate_tokens: float | None = None
     ttft_s: dict[str, float] | None = None  # p50/p90/p99, estimated from the cost model
     ttft_cold_s: dict[str, float] | None = None  # the same with no cache at all
+    # The same plus the wait behind earlier prefills on its node (each node prefills one
+    # request at a time): what routing trades hits against.
+    ttft_queued_s: dict[str, float] | None = None
     tiers: list[TierResult] = field(default_factory=list)
     node_requests: list[int] = field(default_factory=list)  # requests routed to each node
     elapsed_s: float = 0.0
@@ -189,6 +192,8 @@ def simulate(
     router = _CostRouter(tiers, nodes, cost) if routing == "kvtier" and cost else None
     ttft: list[float] = []
     cold: list[float] = []
+    queued: list[float] = []
+    busy_until_s = [0.0] * nodes  # when each node's prefills routed so far are done
     step = max(1, len(requests) // 200)
 
     for number, request in enumerate(requests):
@@ -254,8 +259,13 @@ def simulate(
                 for n, spec in zip(loaded, tiers, strict=True)
                 if n
             )
-            ttft.append(load_s + full - cost.prefill_s(hit_tokens))
+            service = load_s + full - cost.prefill_s(hit_tokens)
+            ttft.append(service)
             cold.append(full)
+            now_s = request.timestamp_ms / 1000
+            start = max(busy_until_s[node], now_s)
+            busy_until_s[node] = start + service
+            queued.append(start - now_s + service)
         if progress is not None and (number + 1) % step == 0:
             progress(step)
     if progress is not None and len(requests) % step:
@@ -272,6 +282,7 @@ def simulate(
     if cost is not None:
         total.ttft_s = percentiles(ttft)
         total.ttft_cold_s = percentiles(cold)
+        total.ttft_queued_s = percentiles(queued)
     total.belady_capacity_blocks = sum(
         s.capacity_blocks * (1 if s.shared else nodes) for s in tiers
     )
