@@ -243,6 +243,13 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
     assert "in the background" not in log  # no other request to stall: loaded before the step
     assert second.text == first.text
     assert second.cached_tokens == (second.prompt_tokens - 1) // 128 * 128
+    # One line per request says where its tokens came from.
+    lines = [json.loads(m) for m in re.findall(r"kvtier request (\{.*\})", log)]
+    line = next(x for x in lines if x["prompt_tokens"] == second.prompt_tokens)
+    assert line["loaded_tokens"] == {"disk": second.cached_tokens}, line
+    assert line["kvtier_hit_tokens"] == second.cached_tokens and line["reported"]
+    assert line["recomputed_tokens"] == second.prompt_tokens - second.cached_tokens
+    assert line["load_s"] > 0 and line["failed_tokens"] == 0
 
     # A request abandoned during its background load leaves the next request intact. The
     # cache has room for the long prompt and little more: the next request gets the blocks

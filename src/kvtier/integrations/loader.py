@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
+from typing import Any
 
 import torch
 
@@ -72,6 +73,7 @@ class Loader:
         self._lock = threading.Lock()
         self._failed: set[int] = set()
         self._finished: set[str] = set()
+        self._reports: list[dict[str, Any]] = []
 
     def chunk_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
         """Shape of a chunk (or a tail of ``tokens`` tokens) of this cache."""
@@ -102,6 +104,13 @@ class Loader:
         """Requests whose background load ended since the last call."""
         with self._lock:
             done, self._finished = self._finished, set()
+        return done
+
+    def reports(self) -> list[dict[str, Any]]:
+        """What each load since the last call read: ``{"request", "loaded": {tier: tokens},
+        "load_s", "failed_tokens"}``, for the request's log line."""
+        with self._lock:
+            done, self._reports = self._reports, []
         return done
 
     def failed_blocks(self) -> set[int]:
@@ -161,10 +170,22 @@ class Loader:
         finally:
             for piece in reads:  # pieces after a miss: unneeded (one already reading ends alone)
                 piece.cancel()
+        took = 1000 * (time.perf_counter() - started)
+        per_tier: dict[str, int] = {}
+        for i, tier in enumerate(tiers):  # the tokens of [start, end) each chunk gave
+            lo = max(spec.start, (first_chunk + i) * self._chunk)
+            hi = min(spec.end, (first_chunk + i + 1) * self._chunk)
+            per_tier[tier] = per_tier.get(tier, 0) + max(hi - lo, 0)
+        got = sum(per_tier.values())
+        report = {
+            "request": spec.req_id, "loaded": per_tier, "load_s": round(took / 1000, 6),
+            "failed_tokens": spec.end - spec.start - got,
+        }  # fmt: skip
+        with self._lock:
+            self._reports.append(report)
         if tiers:
             where = ", ".join(f"{tiers.count(t)} chunks from {t}" for t in dict.fromkeys(tiers))
             tokens = min(spec.end, (first_chunk + loaded) * self._chunk) - spec.start
-            took = 1000 * (time.perf_counter() - started)
             how = "in the background " if reader is self._later else ""
             log.info(
                 "request %s: loaded %d tokens (%s) %sin %.0f ms",

@@ -47,9 +47,11 @@ from kvtier.integrations.model import model_fingerprint
 from kvtier.integrations.paged import TORCH_DTYPES, block_view, kv_dtype_name
 from kvtier.integrations.saver import Saver
 from kvtier.integrations.vllm_meta import (
+    REPORT_STEPS,
     KvtierConnectorMetadata,
     KvtierWorkerMetadata,
     LoadSpec,
+    RequestAccount,
     SaveSpec,
     Tracked,
 )
@@ -152,6 +154,8 @@ class KvtierConnector(KVConnectorBase_V1):
         # scheduler side
         self._tracked: dict[str, Tracked] = {}
         self._local_hits: dict[str, int] = {}
+        self._accounts: dict[str, RequestAccount] = {}  # running requests, for their log line
+        self._unreported: dict[str, RequestAccount] = {}  # finished, load report still to come
         self._salts: dict[str, str | None] = {}
         self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end)
         self._in_background: set[str] = set()  # requests whose next load is a background one
@@ -192,6 +196,17 @@ class KvtierConnector(KVConnectorBase_V1):
         if isinstance(meta, KvtierWorkerMetadata):
             self._worker_top.difference_update(meta.dropped)
             self._worker_top.update(meta.stored)
+            for report in meta.loads:
+                account = self._accounts.get(report["request"]) or self._unreported.get(
+                    report["request"]
+                )
+                if account is not None:
+                    account.add(report)
+        for req_id, account in list(self._unreported.items()):
+            account.waited += 1
+            if account.reported or account.waited > REPORT_STEPS:
+                del self._unreported[req_id]
+                account.log()
 
     def _lookup(self, tokens: list[int], salt: str | None) -> LookupResult:
         """Leading tokens held by kvtier (whole chunks, then a tail of whole blocks): in this
@@ -229,6 +244,10 @@ class KvtierConnector(KVConnectorBase_V1):
         # the last chunk may be used in part, so no more than one block is recomputed.
         usable = min(hit, (len(tokens) - 1) // self._block_size * self._block_size)
         self._local_hits[request.request_id] = num_computed_tokens
+        self._accounts[request.request_id] = RequestAccount(
+            request.request_id, len(tokens), num_computed_tokens,
+            max(usable - num_computed_tokens, 0),
+        )  # fmt: skip
         self._in_background.discard(request.request_id)
         if usable <= num_computed_tokens:
             return 0, False
@@ -348,6 +367,12 @@ class KvtierConnector(KVConnectorBase_V1):
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         self._tracked.pop(request.request_id, None)
+        account = self._accounts.pop(request.request_id, None)
+        if account is not None:
+            if account.planned and not account.reported:  # the worker's word comes later
+                self._unreported[request.request_id] = account
+            else:
+                account.log()
         self._in_background.discard(request.request_id)
         self._local_hits.pop(request.request_id, None)
         self._held.pop(request.request_id, None)
@@ -464,8 +489,10 @@ class KvtierConnector(KVConnectorBase_V1):
             self._events.dropped.extend(event.keys)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        reports = self._loader.reports() if self._loader is not None else []
         with self._events_lock:
-            if not self._events.stored and not self._events.dropped:
+            self._events.loads.extend(reports)
+            if not self._events.stored and not self._events.dropped and not self._events.loads:
                 return None
             events, self._events = self._events, KvtierWorkerMetadata()
         return events

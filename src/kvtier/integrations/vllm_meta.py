@@ -3,12 +3,56 @@ and hears back."""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorWorkerMetadata,
 )
+
+requests_log = logging.getLogger("kvtier.requests")
+REPORT_STEPS = 8  # steps a finished request's line waits for its load report
+
+
+@dataclass
+class RequestAccount:
+    """One request's tokens, for the line it logs when it ends (``kvtier.requests``): prompt
+    tokens, those vLLM's own prefix cache had, those kvtier was to load and what the worker
+    loaded from each tier in how long, and what was left to compute."""
+
+    request: str
+    prompt_tokens: int
+    vllm_prefix_tokens: int
+    planned: int  # tokens kvtier was to load
+    loaded: dict[str, int] = field(default_factory=dict)
+    load_s: float = 0.0
+    failed_tokens: int = 0
+    reported: bool = False
+    waited: int = 0
+
+    def add(self, report: dict[str, Any]) -> None:
+        for tier, tokens in report.get("loaded", {}).items():
+            self.loaded[tier] = self.loaded.get(tier, 0) + int(tokens)
+        self.load_s += float(report.get("load_s", 0.0))
+        self.failed_tokens += int(report.get("failed_tokens", 0))
+        self.reported = True
+
+    def line(self) -> dict[str, Any]:
+        loaded = sum(self.loaded.values())
+        return {
+            "request": self.request, "prompt_tokens": self.prompt_tokens,
+            "vllm_prefix_tokens": self.vllm_prefix_tokens, "kvtier_hit_tokens": self.planned,
+            "loaded_tokens": self.loaded, "load_s": round(self.load_s, 4),
+            "failed_tokens": self.failed_tokens,
+            "recomputed_tokens": self.prompt_tokens - self.vllm_prefix_tokens - loaded,
+            "reported": self.reported or not self.planned,
+        }  # fmt: skip
+
+    def log(self) -> None:
+        requests_log.info("kvtier request %s", json.dumps(self.line(), sort_keys=True))
 
 
 @dataclass
@@ -60,7 +104,8 @@ class KvtierConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class KvtierWorkerMetadata(KVConnectorWorkerMetadata):
-    """Worker -> scheduler: chunks that entered or left the worker's top (DRAM) tier.
+    """Worker -> scheduler: chunks that entered or left the worker's top (DRAM) tier, and
+    what each load read (for the request's log line).
 
     When vLLM runs the worker in another process, the scheduler's own store cannot see the
     worker's DRAM; this keeps a mirror of it on the scheduler side.
@@ -68,7 +113,10 @@ class KvtierWorkerMetadata(KVConnectorWorkerMetadata):
 
     stored: list[bytes] = field(default_factory=list)
     dropped: list[bytes] = field(default_factory=list)
+    loads: list[dict[str, Any]] = field(default_factory=list)  # what each load read (Loader)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, KvtierWorkerMetadata)
-        return KvtierWorkerMetadata(self.stored + other.stored, self.dropped + other.dropped)
+        return KvtierWorkerMetadata(
+            self.stored + other.stored, self.dropped + other.dropped, self.loads + other.loads
+        )
