@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -227,6 +228,18 @@ def serve(chunks: Path, log: Path, *options: str) -> Server:
     return Server(command, port, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
+def metric_values(text: str) -> dict[tuple[str, str], float]:
+    """Prometheus text -> {(name, tier label or ""): value}, summed over other labels."""
+    out: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(kvtier:[a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$", line)
+        if match:
+            tier = re.search(r'tier="([^"]*)"', match.group(2) or "")
+            key = (match.group(1), tier.group(1) if tier else "")
+            out[key] = out.get(key, 0.0) + float(match.group(3))
+    return out
+
+
 def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: Path) -> None:
     chunks = tmp_path / "chunks"
     prompt = " ".join(f"The {i}th line of a long shared document." for i in range(220))
@@ -239,10 +252,26 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
     with serve(chunks, tmp_path / "second.log") as server:
         second = server.complete(prompt, max_tokens=4)
         log = server.tail(1 << 20)
+        # vLLM's own /metrics shows kvtier's series: the disk hit and the prefill time it
+        # saved, priced at the rate this engine measured before its restart.
+        deadline = time.monotonic() + 15
+        while True:
+            with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+                metrics = metric_values(r.read().decode())
+            loaded = metrics.get(("kvtier:tier_loaded_tokens_total", "disk"), 0)
+            if loaded or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     assert "from disk" in log, log[-3000:]
     assert "in the background" not in log  # no other request to stall: loaded before the step
     assert second.text == first.text
     assert second.cached_tokens == (second.prompt_tokens - 1) // 128 * 128
+    assert loaded == second.cached_tokens, metrics
+    assert metrics[("kvtier:prefill_seconds_saved_total", "")] > 0, metrics
+    assert metrics[("kvtier:hit_tokens_total", "")] == second.cached_tokens
+    assert metrics[("kvtier:tier_bytes_read_total", "disk")] > 0
+    assert metrics[("kvtier:tier_up", "disk")] == 1 and metrics[("kvtier:tier_chunks", "disk")] > 0
+    assert metrics[("kvtier:load_seconds_count", "")] >= 1
     # One line per request says where its tokens came from.
     lines = [json.loads(m) for m in re.findall(r"kvtier request (\{.*\})", log)]
     line = next(x for x in lines if x["prompt_tokens"] == second.prompt_tokens)

@@ -73,6 +73,21 @@ class Hierarchy:
     def tiers(self) -> list[Tier]:
         return [s.tier for s in self._slots]
 
+    def tier_states(self) -> dict[str, dict[str, int | None]]:
+        """Per tier: up (1, or 0 while taken out), used bytes, chunks, capacity (None when
+        the tier does not bound itself). A tier that cannot say reports only ``up``."""
+        out: dict[str, dict[str, int | None]] = {}
+        for slot in self._slots:
+            state: dict[str, int | None] = {"up": int(slot.health.available())}
+            try:
+                usage = slot.tier.usage()
+                state.update(used_bytes=usage.bytes, chunks=usage.chunks,
+                             capacity_bytes=usage.capacity)  # fmt: skip
+            except Exception:  # a tier that is down: its health says so
+                pass
+            out[slot.tier.name] = state
+        return out
+
     # -- failure containment ---------------------------------------------------------------
 
     def _guard(self, slot: Slot, default: Any, call: Callable[..., T], *args: Any) -> T:

@@ -25,6 +25,7 @@ import atexit
 import logging
 import re
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,12 +38,24 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
 
-from kvtier.config import LOAD_MODES, MemoryTierConfig, config_from_dict
+from kvtier.config import LOAD_MODES, DiskTierConfig, MemoryTierConfig, config_from_dict
 from kvtier.errors import ConfigError
 from kvtier.integrations import shared_stores
 from kvtier.integrations.chunk_pool import ChunkPool
 from kvtier.integrations.loader import Loader
+from kvtier.integrations.metrics import (
+    RATE_FILE,
+    KvtierPromMetrics,
+    KvtierStats,
+    PrefillRate,
+    merge,
+    tier_deltas,
+)
 from kvtier.integrations.model import model_fingerprint
 from kvtier.integrations.paged import TORCH_DTYPES, block_view, kv_dtype_name
 from kvtier.integrations.saver import Saver
@@ -58,7 +71,7 @@ from kvtier.integrations.vllm_meta import (
 from kvtier.keys import ChunkKey, Namespace, tail_candidates
 from kvtier.pod.feed import EventFeed, store_feed
 from kvtier.results import LookupResult
-from kvtier.stats import ChunkEvent
+from kvtier.stats import ChunkEvent, StoreStats
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -71,6 +84,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier")
+STATES_EVERY_S = 2.0  # how often the worker reports its tiers' occupancy and health
 if not log.handlers:  # inside vLLM nobody configures kvtier's logger: say what happens
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("kvtier %(levelname)s: %(message)s"))
@@ -155,6 +169,11 @@ class KvtierConnector(KVConnectorBase_V1):
         self._tracked: dict[str, Tracked] = {}
         self._local_hits: dict[str, int] = {}
         self._accounts: dict[str, RequestAccount] = {}  # running requests, for their log line
+        self._stats: dict[str, Any] = {}  # this interval's metrics (see integrations.metrics)
+        disk = next((t for t in self._config.tiers if isinstance(t, DiskTierConfig)), None)
+        self._rate = PrefillRate(Path(disk.path) / RATE_FILE if disk else None)
+        self._stats_seen: StoreStats | None = None  # the worker's store stats last reported
+        self._states_at = 0.0  # when the worker last reported its tiers' occupancy
         self._unreported: dict[str, RequestAccount] = {}  # finished, load report still to come
         self._salts: dict[str, str | None] = {}
         self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end)
@@ -206,7 +225,54 @@ class KvtierConnector(KVConnectorBase_V1):
             account.waited += 1
             if account.reported or account.waited > REPORT_STEPS:
                 del self._unreported[req_id]
-                account.log()
+                self._finish(account)
+
+    def _finish(self, account: RequestAccount) -> None:
+        """A request ended: its log line, and its counts in this interval's metrics."""
+        account.log()
+        line = account.line()
+        loaded = sum(account.loaded.values())
+        rate = self._rate.tokens_per_s
+        counters = {
+            "lookups": 1, "requested_tokens": account.prompt_tokens,
+            "vllm_prefix_tokens": account.vllm_prefix_tokens, "hit_tokens": account.planned,
+            "recomputed_tokens": line["recomputed_tokens"],
+            "prefill_seconds_saved": loaded / rate if rate else 0.0,
+        }  # fmt: skip
+        tiers = {tier: {"loaded_tokens": n} for tier, n in account.loaded.items()}
+        load_s = [account.load_s] if account.loaded else []
+        self._stats = merge(self._stats, {"counters": counters, "tiers": tiers, "load_s": load_s})
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """This interval's metrics: requests on the scheduler side, tiers on the worker's."""
+        if self.role == KVConnectorRole.WORKER and self._store is not None:
+            now = self._store.stats()
+            payload: dict[str, Any] = {"tiers": tier_deltas(now, self._stats_seen)}
+            self._stats_seen = now
+            if time.monotonic() - self._states_at >= STATES_EVERY_S:
+                self._states_at = time.monotonic()
+                payload = merge(payload, {"tiers": self._store.tier_states()})
+            if not payload["tiers"]:
+                return None
+            return KvtierStats(payload)
+        if not self._stats:
+            return None
+        stats, self._stats = KvtierStats(self._stats), {}
+        return stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
+        return KvtierStats(data or {})
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics:
+        return KvtierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def _lookup(self, tokens: list[int], salt: str | None) -> LookupResult:
         """Leading tokens held by kvtier (whole chunks, then a tail of whole blocks): in this
@@ -287,6 +353,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._loading.add(req_id)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        self._rate.step(scheduler_output.total_num_scheduled_tokens)
         meta = KvtierConnectorMetadata(loads=self._background_loads)
         self._background_loads = []
         scheduled = scheduler_output.num_scheduled_tokens
@@ -372,7 +439,7 @@ class KvtierConnector(KVConnectorBase_V1):
             if account.planned and not account.reported:  # the worker's word comes later
                 self._unreported[request.request_id] = account
             else:
-                account.log()
+                self._finish(account)
         self._in_background.discard(request.request_id)
         self._local_hits.pop(request.request_id, None)
         self._held.pop(request.request_id, None)

@@ -1,0 +1,231 @@
+"""kvtier's metrics on vLLM's own ``/metrics``, through vLLM's connector statistics API.
+
+Each step, vLLM asks the connector for its statistics (:class:`KvtierStats`): the scheduler side
+counts requests (lookups, requested and hit tokens, tokens loaded per tier, recomputed tokens,
+load times from the worker's reports, prefill seconds saved); the worker side counts what its
+store did per tier (bytes read and written, evictions, corruptions, errors, dropped writes) and,
+every few seconds, how full each tier is and whether it is up. vLLM aggregates them and hands
+them to the API server's Prometheus logger, which :class:`KvtierPromMetrics` turns into
+``kvtier:*`` series (label ``tier``), next to vLLM's ``vllm:*``.
+
+Prefill seconds saved = tokens loaded / the prefill rate this engine measures: tokens scheduled
+per second of wall time over recent steps that computed at least :data:`RATE_MIN_TOKENS`
+(kept in the disk tier's directory across restarts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+
+from kvtier.stats import StoreStats
+
+COUNTERS = ("lookups", "requested_tokens", "vllm_prefix_tokens", "hit_tokens",
+            "recomputed_tokens", "prefill_seconds_saved")  # fmt: skip
+TIER_COUNTERS = ("loaded_tokens", "bytes_read", "bytes_written", "evictions", "corruptions",
+                 "errors", "writes_dropped")  # fmt: skip
+TIER_GAUGES = ("up", "used_bytes", "chunks", "capacity_bytes")
+LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+RATE_STEPS = 64  # steps the prefill rate is measured over
+RATE_MIN_TOKENS = 256  # a step computing fewer tokens says little about the prefill rate
+RATE_FILE = "prefill_rate.json"  # in the disk tier's directory (its scans skip it)
+SAVE_STEPS = 1  # measured steps between saves of the rate (a small file, rewritten)
+
+
+@dataclass
+class KvtierStats(KVConnectorStats):
+    """One interval's counts: ``{"counters": {...}, "tiers": {tier: {...}}, "load_s": [...]}``.
+
+    Counters and per-tier counters add up when intervals (or workers) aggregate; per-tier
+    gauges keep the latest value.
+    """
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        merged = merge(self.data, other.data)
+        return KvtierStats(merged)
+
+    def reduce(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = dict(self.data.get("counters", {}))
+        for tier, values in self.data.get("tiers", {}).items():
+            for name in ("loaded_tokens", "bytes_read"):
+                if values.get(name):
+                    out[f"{name}[{tier}]"] = values[name]
+        return out
+
+    def is_empty(self) -> bool:
+        return not self.data
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` and ``b`` (payloads of :class:`KvtierStats`) as one."""
+    out: dict[str, Any] = {"counters": dict(a.get("counters", {})), "tiers": {},
+                           "load_s": [*a.get("load_s", ()), *b.get("load_s", ())]}  # fmt: skip
+    for name, value in b.get("counters", {}).items():
+        out["counters"][name] = out["counters"].get(name, 0) + value
+    for tiers in (a.get("tiers", {}), b.get("tiers", {})):
+        for tier, values in tiers.items():
+            mine = out["tiers"].setdefault(tier, {})
+            for name, value in values.items():
+                if name in TIER_GAUGES:
+                    mine[name] = value
+                else:
+                    mine[name] = mine.get(name, 0) + value
+    return out
+
+
+class PrefillRate:
+    """Prefill tokens per second, measured on this engine from its steps.
+
+    With ``path`` (a file in the engine's disk tier directory), the measure is kept across
+    restarts: a restarted engine that serves hits before it has computed anything prices them
+    at the rate it measured before.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._steps: deque[tuple[int, float]] = deque(maxlen=RATE_STEPS)
+        self._last: float | None = None
+        self._tokens = 0
+        self._path = path
+        self._unsaved = 0
+        if path is not None:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                kept = json.loads(path.read_text())
+                tokens, seconds = int(kept["tokens"]), float(kept["seconds"])
+                if tokens > 0 and seconds > 0:
+                    self._steps.append((tokens, seconds))
+
+    def step(self, tokens: int) -> None:
+        """A step was scheduled with ``tokens`` tokens; the previous one has ended."""
+        now = time.perf_counter()
+        if self._last is not None and self._tokens >= RATE_MIN_TOKENS:
+            self._steps.append((self._tokens, now - self._last))
+            self._unsaved += 1
+            if self._unsaved >= SAVE_STEPS:
+                self._save()
+        self._last, self._tokens = now, tokens
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        seconds = sum(s for _, s in self._steps)
+        return sum(t for t, _ in self._steps) / seconds if seconds > 0 else None
+
+    def _save(self) -> None:
+        self._unsaved = 0
+        if self._path is None:
+            return
+        tokens = sum(t for t, _ in self._steps)
+        seconds = sum(s for _, s in self._steps)
+        with contextlib.suppress(OSError):  # metrics must never fail a step
+            tmp = self._path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"tokens": tokens, "seconds": seconds}))
+            os.replace(tmp, self._path)
+
+
+def tier_deltas(now: StoreStats, before: StoreStats | None) -> dict[str, dict[str, int]]:
+    """Per-tier counters that grew between two snapshots of a store's stats."""
+    out: dict[str, dict[str, int]] = {}
+    for tier, stats in now.tiers.items():
+        old = before.tiers.get(tier) if before else None
+        values = {}
+        for name in ("bytes_read", "bytes_written", "evictions", "corruptions", "errors",
+                     "writes_dropped"):  # fmt: skip
+            grew = getattr(stats, name) - (getattr(old, name) if old else 0)
+            if grew:
+                values[name] = grew
+        if values:
+            out[tier] = values
+    return out
+
+
+class KvtierPromMetrics(KVConnectorPromMetrics):
+    """``kvtier:*`` Prometheus series, fed by :class:`KvtierStats` payloads."""
+
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        counter: Any = self._counter_cls  # vLLM's types are a union of the three
+        gauge: Any = self._gauge_cls
+        histogram: Any = self._histogram_cls
+        self._labels = labelnames
+        self._engines = per_engine_labelvalues
+        helps = {
+            "lookups": "requests kvtier looked up",
+            "requested_tokens": "prompt tokens of the requests looked up",
+            "vllm_prefix_tokens": "prompt tokens vLLM's own prefix cache already had",
+            "hit_tokens": "prompt tokens kvtier held and was to load",
+            "recomputed_tokens": "prompt tokens computed after vLLM's and kvtier's hits",
+            "prefill_seconds_saved": "prefill seconds the loaded tokens saved, at the prefill"
+            " rate measured on this engine",
+        }
+        self._counters = {
+            name: counter(f"kvtier:{name}", documentation=text, labelnames=labelnames)
+            for name, text in helps.items()
+        }
+        tier_helps = {
+            "loaded_tokens": "prompt tokens loaded from the tier",
+            "bytes_read": "bytes read from the tier",
+            "bytes_written": "bytes written to the tier",
+            "evictions": "chunks evicted from the tier",
+            "corruptions": "chunks that failed verification (deleted, recomputed)",
+            "errors": "failed calls to the tier",
+            "writes_dropped": "writes skipped (queue full or tier down)",
+        }
+        tiered = [*labelnames, "tier"]
+        self._tier_counters = {
+            name: counter(f"kvtier:tier_{name}", documentation=text, labelnames=tiered)
+            for name, text in tier_helps.items()
+        }
+        gauge_helps = {
+            "up": "1 while the tier answers, 0 while it is taken out (recompute instead)",
+            "used_bytes": "bytes the tier holds",
+            "chunks": "chunks the tier holds",
+            "capacity_bytes": "the tier's capacity (absent when it does not bound itself)",
+        }
+        self._gauges = {
+            name: gauge(
+                f"kvtier:tier_{name}",
+                documentation=text,
+                labelnames=tiered,
+                multiprocess_mode="mostrecent",
+            )
+            for name, text in gauge_helps.items()
+        }
+        self._load = histogram(
+            "kvtier:load_seconds", documentation="time to load one request's hit from kvtier",
+            labelnames=labelnames, buckets=LOAD_BUCKETS,
+        )  # fmt: skip
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        labels = [str(v) for v in self._engines.get(engine_idx, [])]
+        for name, value in transfer_stats_data.get("counters", {}).items():
+            if name in self._counters and value > 0:
+                self._counters[name].labels(*labels).inc(value)
+        for tier, values in transfer_stats_data.get("tiers", {}).items():
+            for name, value in values.items():
+                if name in self._tier_counters and value > 0:
+                    self._tier_counters[name].labels(*labels, tier).inc(value)
+                elif name in self._gauges and value is not None:
+                    self._gauges[name].labels(*labels, tier).set(value)
+        for seconds in transfer_stats_data.get("load_s", ()):
+            self._load.labels(*labels).observe(seconds)
