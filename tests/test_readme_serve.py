@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,5 +61,19 @@ def test_the_readme_curl_and_openai_examples_work_against_kvtier_serve(tmp_path:
         shared = " ".join(f"Line {i} of a document that every request shares." for i in range(200))
         first = server.complete(shared, max_tokens=4)
         second = server.complete(shared, max_tokens=4)
+        metrics = snippet("sh", "/metrics").replace(URL, f"127.0.0.1:{port}")
+        shown = ""
+        for _ in range(30):  # the stats reach the API server with a later step, or a tick
+            out = subprocess.run(["bash", "-c", metrics], capture_output=True, text=True)
+            shown = out.stdout
+            if re.search(
+                r'kvtier:tier_loaded_tokens_total\{[^}]*tier="memory"[^}]*\} [1-9]', shown
+            ):
+                break
+            time.sleep(0.5)
     assert "from memory" in server.tail(1 << 20), server.tail()
     assert second.text == first.text
+    assert re.search(r'kvtier:tier_loaded_tokens_total\{[^}]*tier="memory"[^}]*\} [1-9]', shown), (
+        shown
+    )
+    assert re.search(r"kvtier:lookups_total\{[^}]*\} [1-9]", shown), shown
