@@ -40,7 +40,7 @@ LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 RATE_STEPS = 64  # steps the prefill rate is measured over
 RATE_MIN_TOKENS = 256  # a step computing fewer tokens says little about the prefill rate
 RATE_FILE = "prefill_rate.json"  # in the disk tier's directory (its scans skip it)
-SAVE_STEPS = 1  # measured steps between saves of the rate (a small file, rewritten)
+SAVE_EVERY_S = 1.0  # the rate's file is rewritten at most this often
 
 
 @dataclass
@@ -102,7 +102,7 @@ class PrefillRate:
         self._last: float | None = None
         self._tokens = 0
         self._path = path
-        self._unsaved = 0
+        self._saved_at = float("-inf")
         if path is not None:
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 kept = json.loads(path.read_text())
@@ -115,8 +115,8 @@ class PrefillRate:
         now = time.perf_counter()
         if self._last is not None and self._tokens >= RATE_MIN_TOKENS:
             self._steps.append((self._tokens, now - self._last))
-            self._unsaved += 1
-            if self._unsaved >= SAVE_STEPS:
+            if now - self._saved_at >= SAVE_EVERY_S:
+                self._saved_at = now
                 self._save()
         self._last, self._tokens = now, tokens
 
@@ -126,7 +126,6 @@ class PrefillRate:
         return sum(t for t, _ in self._steps) / seconds if seconds > 0 else None
 
     def _save(self) -> None:
-        self._unsaved = 0
         if self._path is None:
             return
         tokens = sum(t for t, _ in self._steps)
