@@ -235,6 +235,14 @@ def test_returning_turns_go_where_their_context_is(pod: PodProcess) -> None:
         body = {"model": MODEL, "prompt": text(user, 500) + " and then", "max_tokens": 1}
         _, engine = post(pod.url, "/v1/completions", body)
         assert engine == first[user], f"{user}'s second turn left the engine holding it"
+    # The router's /metrics says so too, beside each engine's state.
+    with urllib.request.urlopen(f"{pod.url}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    hits = re.search(r'^kvtier:router_decisions_total\{reason="engine hit"\} (\S+)$', metrics, re.M)
+    assert hits and float(hits.group(1)) >= 4, metrics
+    up = re.findall(r'^kvtier:router_engine_up\{[^}]*role="serve"\} (\S+)$', metrics, re.M)
+    assert up == ["1.0", "1.0"], metrics
+    assert re.search(r'^kvtier:router_index_chunks_held\{[^}]*tier="gpu"\} [1-9]', metrics, re.M)
 
 
 def test_a_burst_of_cold_prompts_is_spread(pod: PodProcess) -> None:

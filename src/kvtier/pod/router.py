@@ -30,6 +30,7 @@ from kvtier.keys import Namespace
 from kvtier.pod.engines import Engine, EngineSet
 from kvtier.pod.index import ChunkIndex, quantile
 from kvtier.pod.lookup import PromptKeys, SharedTier
+from kvtier.pod.metrics import router_metrics
 from kvtier.pod.policy import CostRouting, EngineView, Split, leading_hits, split_cost
 from kvtier.pod.prompts import Leading, Prompter, PromptError
 
@@ -81,6 +82,7 @@ class Router:
         self.overhead_s: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
         self.retries = 0
         self.decisions: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()  # why each request went where it went
         self.phases: dict[str, deque[float]] = {}  # where the overhead goes
         self._warming: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -95,6 +97,7 @@ class Router:
         app.router.add_get("/health", self._health)
         app.router.add_get("/router/state", self._state)
         app.router.add_get("/router/chunks", self._chunks)
+        app.router.add_get("/metrics", self._metrics)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -181,6 +184,7 @@ class Router:
         decision = self._cost.choose(tokens, views)
         best = decision.best
         engine = healthy[decision.chosen]
+        self.reasons[_reason(views, decision.chosen)] += 1
         rest = sorted(
             (e for e in healthy if e is not engine),
             key=lambda e: decision.estimates[healthy.index(e)].ttft_s,
@@ -442,6 +446,11 @@ class Router:
     async def _state(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.state())
 
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        """Prometheus text: the router's state as ``kvtier:router_*`` series."""
+        body, content_type = router_metrics(self.state())
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     async def _chunks(self, request: web.Request) -> web.StreamResponse:
         """``?keys=HEX,HEX``: where the index says each chunk is (engine -> tier kinds)."""
         keys = [k for k in request.query.get("keys", "").split(",") if k]
@@ -450,7 +459,8 @@ class Router:
         return web.json_response({key: self.index.holders(key) for key in keys})
 
     def state(self) -> dict[str, Any]:
-        p99 = quantile(sorted(self.overhead_s), 0.99)
+        ordered = sorted(self.overhead_s)
+        p50, p99 = quantile(ordered, 0.5), quantile(ordered, 0.99)
         return {
             "policy": self.policy,
             "engines": [e.state() for e in self.engines.engines],
@@ -459,6 +469,7 @@ class Router:
                       "resyncs": self.index.resyncs},
             "shared": self.shared.url if self.shared else None,
             "shared_late_answers": self.shared.late if self.shared else 0,
+            "overhead_ms_p50": round(p50 * 1000, 3),
             "overhead_ms_p99": round(p99 * 1000, 3),
             "overhead_phases_ms_p50": {
                 name: round(quantile(sorted(v), 0.5) * 1000, 3) for name, v in self.phases.items()
@@ -467,8 +478,25 @@ class Router:
                 name: round(quantile(sorted(v), 0.99) * 1000, 3) for name, v in self.phases.items()
             },
             "retries": self.retries,
+            "reasons": dict(self.reasons),
             "decisions": dict(self.decisions),
         }  # fmt: skip
+
+
+def _reason(views: list[EngineView], chosen: int) -> str:
+    """Why the chosen engine: "engine hit" (its own tiers hold the most of the prompt),
+    "shared tier" (only the shared tier holds any), "load" (an engine holding more was passed
+    over for its queue) or "cold" (nothing held anywhere: the least loaded)."""
+
+    def own(view: EngineView) -> int:
+        return sum(n for kind, n in view.hits.items() if kind != "shared")
+
+    mine = own(views[chosen])
+    if mine < max(own(v) for v in views):
+        return "load"
+    if mine > 0:
+        return "engine hit"
+    return "shared tier" if views[chosen].hits.get("shared") else "cold"
 
 
 class _NotStarted(Exception):
