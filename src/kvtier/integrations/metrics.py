@@ -29,7 +29,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorStats,
 )
 
+from kvtier.integrations.vllm_meta import REPORT_STEPS, RequestAccount
 from kvtier.stats import StoreStats
+from kvtier.store import TieredStore
 
 COUNTERS = ("lookups", "requested_tokens", "vllm_prefix_tokens", "hit_tokens",
             "recomputed_tokens", "prefill_seconds_saved")  # fmt: skip
@@ -39,6 +41,7 @@ TIER_GAUGES = ("up", "used_bytes", "chunks", "capacity_bytes")
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RATE_STEPS = 64  # steps the prefill rate is measured over
 RATE_MIN_TOKENS = 256  # a step computing fewer tokens says little about the prefill rate
+STATES_EVERY_S = 2.0  # how often the worker reports its tiers' occupancy and health
 RATE_FILE = "prefill_rate.json"  # in the disk tier's directory (its scans skip it)
 SAVE_EVERY_S = 1.0  # the rate's file is rewritten at most this often
 
@@ -228,3 +231,76 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
                     self._gauges[name].labels(*labels, tier).set(value)
         for seconds in transfer_stats_data.get("load_s", ()):
             self._load.labels(*labels).observe(seconds)
+
+
+class ConnectorMetrics:
+    """A connector's bookkeeping for its log lines and metrics: the account of each running
+    request (scheduler side), what the worker's loads reported, this interval's counts, the
+    measured prefill rate, and the worker's last store snapshot."""
+
+    def __init__(self, rate_file: Path | None):
+        self.rate = PrefillRate(rate_file)
+        self._accounts: dict[str, RequestAccount] = {}  # running requests
+        self._unreported: dict[str, RequestAccount] = {}  # ended, load report still to come
+        self._stats: dict[str, Any] = {}  # this interval's payload (KvtierStats)
+        self._seen: StoreStats | None = None  # the worker's store stats last reported
+        self._states_at = float("-inf")  # when the worker last reported occupancy
+
+    def looked_up(self, account: RequestAccount) -> None:
+        self._accounts[account.request] = account
+
+    def reported(self, loads: list[dict[str, Any]]) -> None:
+        """The worker's load reports (KvtierWorkerMetadata.loads)."""
+        for report in loads:
+            request = report["request"]
+            account = self._accounts.get(request) or self._unreported.get(request)
+            if account is not None:
+                account.add(report)
+
+    def finished(self, request: str) -> None:
+        account = self._accounts.pop(request, None)
+        if account is None:
+            return
+        if account.planned and not account.reported:  # the worker's word comes later
+            self._unreported[request] = account
+        else:
+            self._count(account)
+
+    def tick(self) -> None:
+        """A step ended: accounts whose report came, or waited long enough, are counted."""
+        for request, account in list(self._unreported.items()):
+            account.waited += 1
+            if account.reported or account.waited > REPORT_STEPS:
+                del self._unreported[request]
+                self._count(account)
+
+    def _count(self, account: RequestAccount) -> None:
+        account.log()
+        loaded = sum(account.loaded.values())
+        rate = self.rate.tokens_per_s
+        counters = {
+            "lookups": 1, "requested_tokens": account.prompt_tokens,
+            "vllm_prefix_tokens": account.vllm_prefix_tokens, "hit_tokens": account.planned,
+            "recomputed_tokens": account.line()["recomputed_tokens"],
+            "prefill_seconds_saved": loaded / rate if rate else 0.0,
+        }  # fmt: skip
+        tiers = {tier: {"loaded_tokens": n} for tier, n in account.loaded.items()}
+        load_s = [account.load_s] if account.loaded else []
+        self._stats = merge(self._stats, {"counters": counters, "tiers": tiers, "load_s": load_s})
+
+    def scheduler_stats(self) -> KvtierStats | None:
+        if not self._stats:
+            return None
+        stats, self._stats = KvtierStats(self._stats), {}
+        return stats
+
+    def worker_stats(self, store: TieredStore) -> KvtierStats | None:
+        """The store's per-tier counters since the last call; occupancy and health every
+        :data:`STATES_EVERY_S`."""
+        now = store.stats()
+        payload: dict[str, Any] = {"tiers": tier_deltas(now, self._seen)}
+        self._seen = now
+        if time.monotonic() - self._states_at >= STATES_EVERY_S:
+            self._states_at = time.monotonic()
+            payload = merge(payload, {"tiers": store.tier_states()})
+        return KvtierStats(payload) if payload["tiers"] else None

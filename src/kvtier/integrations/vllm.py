@@ -25,7 +25,6 @@ import atexit
 import logging
 import re
 import threading
-import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,24 +42,22 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorStats,
 )
 
-from kvtier.config import LOAD_MODES, DiskTierConfig, MemoryTierConfig, config_from_dict
+from kvtier.config import DiskTierConfig, MemoryTierConfig, config_from_dict
 from kvtier.errors import ConfigError
 from kvtier.integrations import shared_stores
 from kvtier.integrations.chunk_pool import ChunkPool
 from kvtier.integrations.loader import Loader
 from kvtier.integrations.metrics import (
     RATE_FILE,
+    ConnectorMetrics,
     KvtierPromMetrics,
     KvtierStats,
-    PrefillRate,
-    merge,
-    tier_deltas,
 )
 from kvtier.integrations.model import model_fingerprint
 from kvtier.integrations.paged import TORCH_DTYPES, block_view, kv_dtype_name
 from kvtier.integrations.saver import Saver
 from kvtier.integrations.vllm_meta import (
-    REPORT_STEPS,
+    ConnectorOptions,
     KvtierConnectorMetadata,
     KvtierWorkerMetadata,
     LoadSpec,
@@ -71,7 +68,7 @@ from kvtier.integrations.vllm_meta import (
 from kvtier.keys import ChunkKey, Namespace, tail_candidates
 from kvtier.pod.feed import EventFeed, store_feed
 from kvtier.results import LookupResult
-from kvtier.stats import ChunkEvent, StoreStats
+from kvtier.stats import ChunkEvent
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -84,7 +81,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier")
-STATES_EVERY_S = 2.0  # how often the worker reports its tiers' occupancy and health
 if not log.handlers:  # inside vLLM nobody configures kvtier's logger: say what happens
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("kvtier %(levelname)s: %(message)s"))
@@ -121,30 +117,10 @@ class KvtierConnector(KVConnectorBase_V1):
     ):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        self._loads = extra.pop("loads", "auto")
-        if self._loads not in LOAD_MODES:
-            raise ConfigError(
-                f"kv_connector_extra_config: loads: expected one of {', '.join(LOAD_MODES)},"
-                f" got {self._loads!r}"
-            )
-        self._feed_port = extra.pop("feed_port", None)
-        if self._feed_port is not None and not (
-            isinstance(self._feed_port, int) and 0 <= self._feed_port < 65536
-        ):
-            raise ConfigError(
-                f"kv_connector_extra_config: feed_port: expected a port number, got"
-                f" {self._feed_port!r}"
-            )
+        options = ConnectorOptions.take(extra)  # what kvtier serve adds to the store's config
+        self._loads, self._feed_port = options.loads, options.feed_port
+        self._kv_events, self._write_through = options.kv_events, options.write_through
         self._feed: EventFeed | None = None
-        self._kv_events = extra.pop("kv_events", None)  # where vLLM publishes its KV events
-        # A prefill engine's answer must not return before its chunks are in every tier (the
-        # decode engine loads them from the shared one): saves then write through, inline.
-        self._write_through = extra.pop("write_through", False)
-        if not isinstance(self._write_through, bool):
-            raise ConfigError(
-                f"kv_connector_extra_config: write_through: expected true or false, got"
-                f" {self._write_through!r}"
-            )
         self._config = config_from_dict(extra, "kv_connector_extra_config")
         self._block_size = vllm_config.cache_config.block_size
         self._chunk = self._config.chunk_tokens
@@ -168,13 +144,8 @@ class KvtierConnector(KVConnectorBase_V1):
         # scheduler side
         self._tracked: dict[str, Tracked] = {}
         self._local_hits: dict[str, int] = {}
-        self._accounts: dict[str, RequestAccount] = {}  # running requests, for their log line
-        self._stats: dict[str, Any] = {}  # this interval's metrics (see integrations.metrics)
         disk = next((t for t in self._config.tiers if isinstance(t, DiskTierConfig)), None)
-        self._rate = PrefillRate(Path(disk.path) / RATE_FILE if disk else None)
-        self._stats_seen: StoreStats | None = None  # the worker's store stats last reported
-        self._states_at = 0.0  # when the worker last reported its tiers' occupancy
-        self._unreported: dict[str, RequestAccount] = {}  # finished, load report still to come
+        self._metrics = ConnectorMetrics(Path(disk.path) / RATE_FILE if disk else None)
         self._salts: dict[str, str | None] = {}
         self._pending_loads: dict[str, tuple[int, int]] = {}  # req -> (start, end)
         self._in_background: set[str] = set()  # requests whose next load is a background one
@@ -215,50 +186,14 @@ class KvtierConnector(KVConnectorBase_V1):
         if isinstance(meta, KvtierWorkerMetadata):
             self._worker_top.difference_update(meta.dropped)
             self._worker_top.update(meta.stored)
-            for report in meta.loads:
-                account = self._accounts.get(report["request"]) or self._unreported.get(
-                    report["request"]
-                )
-                if account is not None:
-                    account.add(report)
-        for req_id, account in list(self._unreported.items()):
-            account.waited += 1
-            if account.reported or account.waited > REPORT_STEPS:
-                del self._unreported[req_id]
-                self._finish(account)
-
-    def _finish(self, account: RequestAccount) -> None:
-        """A request ended: its log line, and its counts in this interval's metrics."""
-        account.log()
-        line = account.line()
-        loaded = sum(account.loaded.values())
-        rate = self._rate.tokens_per_s
-        counters = {
-            "lookups": 1, "requested_tokens": account.prompt_tokens,
-            "vllm_prefix_tokens": account.vllm_prefix_tokens, "hit_tokens": account.planned,
-            "recomputed_tokens": line["recomputed_tokens"],
-            "prefill_seconds_saved": loaded / rate if rate else 0.0,
-        }  # fmt: skip
-        tiers = {tier: {"loaded_tokens": n} for tier, n in account.loaded.items()}
-        load_s = [account.load_s] if account.loaded else []
-        self._stats = merge(self._stats, {"counters": counters, "tiers": tiers, "load_s": load_s})
+            self._metrics.reported(meta.loads)
+        self._metrics.tick()
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         """This interval's metrics: requests on the scheduler side, tiers on the worker's."""
-        if self.role == KVConnectorRole.WORKER and self._store is not None:
-            now = self._store.stats()
-            payload: dict[str, Any] = {"tiers": tier_deltas(now, self._stats_seen)}
-            self._stats_seen = now
-            if time.monotonic() - self._states_at >= STATES_EVERY_S:
-                self._states_at = time.monotonic()
-                payload = merge(payload, {"tiers": self._store.tier_states()})
-            if not payload["tiers"]:
-                return None
-            return KvtierStats(payload)
-        if not self._stats:
-            return None
-        stats, self._stats = KvtierStats(self._stats), {}
-        return stats
+        if self.role == KVConnectorRole.WORKER:
+            return self._metrics.worker_stats(self._store) if self._store is not None else None
+        return self._metrics.scheduler_stats()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
@@ -310,10 +245,10 @@ class KvtierConnector(KVConnectorBase_V1):
         # the last chunk may be used in part, so no more than one block is recomputed.
         usable = min(hit, (len(tokens) - 1) // self._block_size * self._block_size)
         self._local_hits[request.request_id] = num_computed_tokens
-        self._accounts[request.request_id] = RequestAccount(
+        self._metrics.looked_up(RequestAccount(
             request.request_id, len(tokens), num_computed_tokens,
             max(usable - num_computed_tokens, 0),
-        )  # fmt: skip
+        ))  # fmt: skip
         self._in_background.discard(request.request_id)
         if usable <= num_computed_tokens:
             return 0, False
@@ -353,7 +288,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._loading.add(req_id)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        self._rate.step(scheduler_output.total_num_scheduled_tokens)
+        self._metrics.rate.step(scheduler_output.total_num_scheduled_tokens)
         meta = KvtierConnectorMetadata(loads=self._background_loads)
         self._background_loads = []
         scheduled = scheduler_output.num_scheduled_tokens
@@ -434,12 +369,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         self._tracked.pop(request.request_id, None)
-        account = self._accounts.pop(request.request_id, None)
-        if account is not None:
-            if account.planned and not account.reported:  # the worker's word comes later
-                self._unreported[request.request_id] = account
-            else:
-                self._finish(account)
+        self._metrics.finished(request.request_id)
         self._in_background.discard(request.request_id)
         self._local_hits.pop(request.request_id, None)
         self._held.pop(request.request_id, None)

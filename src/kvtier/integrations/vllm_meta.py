@@ -13,7 +13,44 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from kvtier.config import LOAD_MODES
+from kvtier.errors import ConfigError
+
 requests_log = logging.getLogger("kvtier.requests")
+
+
+@dataclass(frozen=True)
+class ConnectorOptions:
+    """The connector's own keys in ``kv_connector_extra_config`` (the rest is the store's
+    configuration): how hits load, the router feed's port, where vLLM publishes its KV
+    events, and write-through (a prefill engine's answer must not return before its chunks
+    are in every tier: the decode engine loads them from the shared one)."""
+
+    loads: str = "auto"
+    feed_port: int | None = None
+    kv_events: dict[str, Any] | None = None
+    write_through: bool = False
+
+    @classmethod
+    def take(cls, extra: dict[str, Any]) -> ConnectorOptions:
+        """The options, popped from ``extra``; bad values raise ConfigError."""
+        where = "kv_connector_extra_config"
+        options = cls(
+            extra.pop("loads", "auto"), extra.pop("feed_port", None),
+            extra.pop("kv_events", None), extra.pop("write_through", False),
+        )  # fmt: skip
+        if options.loads not in LOAD_MODES:
+            raise ConfigError(f"{where}: loads: expected one of {', '.join(LOAD_MODES)}, got"
+                              f" {options.loads!r}")  # fmt: skip
+        port = options.feed_port
+        if port is not None and not (isinstance(port, int) and 0 <= port < 65536):
+            raise ConfigError(f"{where}: feed_port: expected a port number, got {port!r}")
+        if not isinstance(options.write_through, bool):
+            raise ConfigError(f"{where}: write_through: expected true or false, got"
+                              f" {options.write_through!r}")  # fmt: skip
+        return options
+
+
 REPORT_STEPS = 8  # steps a finished request's line waits for its load report
 
 

@@ -191,3 +191,19 @@ def split_cost(
     split_s = best_s + PREFILL_HOP_S + after.ttft_s + running * after.recompute_s
     chosen = split_s < direct_s
     return Split(chosen, best if chosen else None, direct_s, split_s)
+
+
+def reason(views: Sequence[EngineView], chosen: int) -> str:
+    """Why the chosen engine: "engine hit" (its own tiers hold the most of the prompt),
+    "shared tier" (only the shared tier holds any), "load" (an engine holding more was passed
+    over for its queue) or "cold" (nothing held anywhere: the least loaded)."""
+
+    def own(view: EngineView) -> int:
+        return sum(n for kind, n in view.hits.items() if kind != "shared")
+
+    mine = own(views[chosen])
+    if mine < max(own(v) for v in views):
+        return "load"
+    if mine > 0:
+        return "engine hit"
+    return "shared tier" if views[chosen].hits.get("shared") else "cold"

@@ -31,7 +31,7 @@ from kvtier.pod.engines import Engine, EngineSet
 from kvtier.pod.index import ChunkIndex, quantile
 from kvtier.pod.lookup import PromptKeys, SharedTier
 from kvtier.pod.metrics import router_metrics
-from kvtier.pod.policy import CostRouting, EngineView, Split, leading_hits, split_cost
+from kvtier.pod.policy import CostRouting, EngineView, Split, leading_hits, reason, split_cost
 from kvtier.pod.prompts import Leading, Prompter, PromptError
 
 log = logging.getLogger("kvtier.router")
@@ -184,7 +184,7 @@ class Router:
         decision = self._cost.choose(tokens, views)
         best = decision.best
         engine = healthy[decision.chosen]
-        self.reasons[_reason(views, decision.chosen)] += 1
+        self.reasons[reason(views, decision.chosen)] += 1
         rest = sorted(
             (e for e in healthy if e is not engine),
             key=lambda e: decision.estimates[healthy.index(e)].ttft_s,
@@ -481,22 +481,6 @@ class Router:
             "reasons": dict(self.reasons),
             "decisions": dict(self.decisions),
         }  # fmt: skip
-
-
-def _reason(views: list[EngineView], chosen: int) -> str:
-    """Why the chosen engine: "engine hit" (its own tiers hold the most of the prompt),
-    "shared tier" (only the shared tier holds any), "load" (an engine holding more was passed
-    over for its queue) or "cold" (nothing held anywhere: the least loaded)."""
-
-    def own(view: EngineView) -> int:
-        return sum(n for kind, n in view.hits.items() if kind != "shared")
-
-    mine = own(views[chosen])
-    if mine < max(own(v) for v in views):
-        return "load"
-    if mine > 0:
-        return "engine hit"
-    return "shared tier" if views[chosen].hits.get("shared") else "cold"
 
 
 class _NotStarted(Exception):
