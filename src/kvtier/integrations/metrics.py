@@ -33,8 +33,6 @@ from kvtier.integrations.vllm_meta import REPORT_STEPS, RequestAccount
 from kvtier.stats import StoreStats
 from kvtier.store import TieredStore
 
-COUNTERS = ("lookups", "requested_tokens", "vllm_prefix_tokens", "hit_tokens",
-            "recomputed_tokens", "prefill_seconds_saved")  # fmt: skip
 TIER_COUNTERS = ("loaded_tokens", "bytes_read", "bytes_written", "evictions", "corruptions",
                  "errors", "writes_dropped")  # fmt: skip
 TIER_GAUGES = ("up", "used_bytes", "chunks", "capacity_bytes")
@@ -145,8 +143,7 @@ def tier_deltas(now: StoreStats, before: StoreStats | None) -> dict[str, dict[st
     for tier, stats in now.tiers.items():
         old = before.tiers.get(tier) if before else None
         values = {}
-        for name in ("bytes_read", "bytes_written", "evictions", "corruptions", "errors",
-                     "writes_dropped"):  # fmt: skip
+        for name in TIER_COUNTERS[1:]:  # the store counts all but loaded tokens
             grew = getattr(stats, name) - (getattr(old, name) if old else 0)
             if grew:
                 values[name] = grew
@@ -169,7 +166,6 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
         counter: Any = self._counter_cls  # vLLM's types are a union of the three
         gauge: Any = self._gauge_cls
         histogram: Any = self._histogram_cls
-        self._labels = labelnames
         self._engines = per_engine_labelvalues
         helps = {
             "lookups": "requests kvtier looked up",

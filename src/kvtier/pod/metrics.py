@@ -78,39 +78,36 @@ class _StateCollector(Collector):
             "chunk keys in the index",
             value=float(index.get("chunks") or 0),
         )
-        resyncs = CounterMetricFamily(
+        yield _by(
+            CounterMetricFamily,
             "kvtier:router_index_resyncs",
             "snapshots taken of an engine's feed (start, gap, restart)",
-            labels=["engine"],
+            "engine",
+            index.get("resyncs"),
         )
-        for engine, n in (index.get("resyncs") or {}).items():
-            resyncs.add_metric([engine], float(n))
-        yield resyncs
         stale = index.get("staleness") or {}
-        staleness = GaugeMetricFamily(
+        yield _by(
+            GaugeMetricFamily,
             "kvtier:router_index_staleness_seconds",
             "time from an event at an engine to the index",
-            labels=["quantile"],
+            "quantile",
+            {q: stale[f] for q, f in (("0.5", "p50_s"), ("0.99", "p99_s")) if f in stale},
         )
-        for q, field in (("0.5", "p50_s"), ("0.99", "p99_s")):
-            if field in stale:
-                staleness.add_metric([q], float(stale[field]))
-        yield staleness
 
-        reasons = CounterMetricFamily(
-            "kvtier:router_decisions", "requests routed, by why that engine", labels=["reason"]
+        yield _by(
+            CounterMetricFamily,
+            "kvtier:router_decisions",
+            "requests routed, by why that engine",
+            "reason",
+            state.get("reasons"),
         )
-        for reason, n in (state.get("reasons") or {}).items():
-            reasons.add_metric([reason], float(n))
-        yield reasons
-        split = CounterMetricFamily(
+        yield _by(
+            CounterMetricFamily,
             "kvtier:router_prefill_decisions",
             "disaggregated pods: through a prefill engine or not",
-            labels=["decision"],
+            "decision",
+            state.get("decisions"),
         )
-        for decision, n in (state.get("decisions") or {}).items():
-            split.add_metric([decision], float(n))
-        yield split
         yield CounterMetricFamily(
             "kvtier:router_retries",
             "requests retried on another engine",
@@ -121,15 +118,28 @@ class _StateCollector(Collector):
             "shared-tier lookups answered after their budget",
             value=float(state.get("shared_late_answers") or 0),
         )
-        overhead = GaugeMetricFamily(
+        quantiles = (("0.5", "overhead_ms_p50"), ("0.99", "overhead_ms_p99"))
+        yield _by(
+            GaugeMetricFamily,
             "kvtier:router_overhead_seconds",
             "the router's own time per request (tokenize, key, score, first byte)",
-            labels=["quantile"],
+            "quantile",
+            {q: state[f] / 1000 for q, f in quantiles if f in state},
         )
-        for q, field in (("0.5", "overhead_ms_p50"), ("0.99", "overhead_ms_p99")):
-            if field in state:
-                overhead.add_metric([q], float(state[field]) / 1000)
-        yield overhead
+
+
+def _by(
+    kind: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    text: str,
+    label: str,
+    values: dict[str, Any] | None,
+) -> Metric:
+    """A family with one label: a sample per (label value, value) of ``values``."""
+    family = kind(name, text, labels=[label])
+    for key, value in (values or {}).items():
+        family.add_metric([key], float(value))
+    return family
 
 
 def router_metrics(state: dict[str, Any]) -> tuple[bytes, str]:
