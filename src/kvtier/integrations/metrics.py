@@ -29,7 +29,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorStats,
 )
 
-from kvtier.integrations.vllm_meta import REPORT_STEPS, RequestAccount
+from kvtier.config import config_from_dict
+from kvtier.errors import ConfigError
+from kvtier.integrations.vllm_meta import REPORT_STEPS, ConnectorOptions, RequestAccount
 from kvtier.stats import StoreStats
 from kvtier.store import TieredStore
 
@@ -46,7 +48,8 @@ SAVE_EVERY_S = 1.0  # the rate's file is rewritten at most this often
 
 @dataclass
 class KvtierStats(KVConnectorStats):
-    """One interval's counts: ``{"counters": {...}, "tiers": {tier: {...}}, "load_s": [...]}``.
+    """One interval's counts: ``{"counters": {...}, "tiers": {tier: {...}}, "load_s": [...],
+    "save_s": [...]}``.
 
     Counters and per-tier counters add up when intervals (or workers) aggregate; per-tier
     gauges keep the latest value.
@@ -75,8 +78,9 @@ class KvtierStats(KVConnectorStats):
 
 def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """``a`` and ``b`` (payloads of :class:`KvtierStats`) as one."""
-    out: dict[str, Any] = {"counters": dict(a.get("counters", {})), "tiers": {},
-                           "load_s": [*a.get("load_s", ()), *b.get("load_s", ())]}  # fmt: skip
+    out: dict[str, Any] = {"counters": dict(a.get("counters", {})), "tiers": {}}
+    for times in ("load_s", "save_s"):
+        out[times] = [*a.get(times, ()), *b.get(times, ())]
     for name, value in b.get("counters", {}).items():
         out["counters"][name] = out["counters"].get(name, 0) + value
     for tiers in (a.get("tiers", {}), b.get("tiers", {})):
@@ -209,10 +213,39 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             )
             for name, text in gauge_helps.items()
         }
-        self._load = histogram(
-            "kvtier:load_seconds", documentation="time to load one request's hit from kvtier",
-            labelnames=labelnames, buckets=LOAD_BUCKETS,
-        )  # fmt: skip
+        self._times = {
+            "load_s": histogram(
+                "kvtier:load_seconds", documentation="time to load one request's hit",
+                labelnames=labelnames, buckets=LOAD_BUCKETS,
+            ),
+            "save_s": histogram(
+                "kvtier:save_seconds",
+                documentation="time to store one request's new chunks, from gathered to held by"
+                " the top tier and queued for the others (held by all with write-through)",
+                labelnames=labelnames, buckets=LOAD_BUCKETS,
+            ),
+        }  # fmt: skip
+        self._declare(vllm_config)
+
+    def _declare(self, vllm_config: Any) -> None:
+        """Every series of every configured tier at 0, and the capacities, from the start: an
+        engine that has not run a step yet shows its tiers (and rate() sees first increments)."""
+        extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+        try:
+            ConnectorOptions.take(extra)
+            tiers = config_from_dict(extra, "kv_connector_extra_config").tiers
+        except ConfigError:  # the connector itself reports it
+            return
+        for values in self._engines.values():
+            labels = [str(v) for v in values]
+            for series in [*self._counters.values(), *self._times.values()]:
+                series.labels(*labels)
+            for tier in tiers:
+                for counter in self._tier_counters.values():
+                    counter.labels(*labels, tier.name)
+                capacity = getattr(tier, "capacity", None)
+                if capacity:
+                    self._gauges["capacity_bytes"].labels(*labels, tier.name).set(capacity)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = [str(v) for v in self._engines.get(engine_idx, [])]
@@ -225,8 +258,9 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
                     self._tier_counters[name].labels(*labels, tier).inc(value)
                 elif name in self._gauges and value is not None:
                     self._gauges[name].labels(*labels, tier).set(value)
-        for seconds in transfer_stats_data.get("load_s", ()):
-            self._load.labels(*labels).observe(seconds)
+        for times, histogram in self._times.items():
+            for seconds in transfer_stats_data.get(times, ()):
+                histogram.labels(*labels).observe(seconds)
 
 
 class ConnectorMetrics:
@@ -290,13 +324,13 @@ class ConnectorMetrics:
         stats, self._stats = KvtierStats(self._stats), {}
         return stats
 
-    def worker_stats(self, store: TieredStore) -> KvtierStats | None:
-        """The store's per-tier counters since the last call; occupancy and health every
-        :data:`STATES_EVERY_S`."""
+    def worker_stats(self, store: TieredStore, save_s: list[float]) -> KvtierStats | None:
+        """The store's per-tier counters since the last call and the saves' times
+        (``save_s``); occupancy and health every :data:`STATES_EVERY_S`."""
         now = store.stats()
-        payload: dict[str, Any] = {"tiers": tier_deltas(now, self._seen)}
+        payload: dict[str, Any] = {"tiers": tier_deltas(now, self._seen), "save_s": save_s}
         self._seen = now
         if time.monotonic() - self._states_at >= STATES_EVERY_S:
             self._states_at = time.monotonic()
             payload = merge(payload, {"tiers": store.tier_states()})
-        return KvtierStats(payload) if payload["tiers"] else None
+        return KvtierStats(payload) if payload["tiers"] or save_s else None

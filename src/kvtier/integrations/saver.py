@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -52,6 +53,7 @@ class Saver:
         self._pending: Future[None] | None = None
         self._saving: set[ChunkKey] = set()  # keys of chunks gathered and not yet stored
         self._lock = threading.Lock()
+        self._took: list[float] = []  # seconds from gathered to stored, since took()
 
     def bind(self, layers: Sequence[torch.Tensor], shape: Callable[[int], tuple[int, ...]]) -> None:
         """The KV cache's layers (block views) and the shape of a tail of n tokens."""
@@ -73,6 +75,7 @@ class Saver:
                     shape = self._shape(len(spec.tokens) % self._chunk)
                     blobs[-1] = codec.blank(keys[-1], self._kv_dtype, shape, ns_id)
                 gather_chunks(self._layers, blocks, [self._payload(b) for b in blobs])
+                began = time.perf_counter()
             except Exception:  # a failed save is a future miss, never a failed request
                 log.exception("kvtier: saving request %s failed", spec.req_id)
                 continue
@@ -84,9 +87,9 @@ class Saver:
             self._announce(keys)
             if self._write_through:  # before this step's output (the answer) leaves
                 self.wait()
-                self._write(spec, keys, blobs, through=True)
+                self._write(spec, keys, blobs, began, through=True)
             else:
-                self._pending = self._executor.submit(self._write, spec, keys, blobs)
+                self._pending = self._executor.submit(self._write, spec, keys, blobs, began)
 
     def _payload(self, blob: codec.SealedChunk) -> torch.Tensor:
         raw = torch.frombuffer(codec.payload_of(blob), dtype=torch.uint8)
@@ -97,6 +100,7 @@ class Saver:
         spec: SaveSpec,
         keys: list[ChunkKey],
         blobs: list[codec.SealedChunk],
+        began: float,
         through: bool = False,
     ) -> None:
         try:
@@ -106,11 +110,20 @@ class Saver:
             self._store.put_encoded(
                 spec.tokens, namespace, blobs, spec.first_chunk, spec.tail, through
             )
+            with self._lock:
+                self._took.append(time.perf_counter() - began)
         except Exception:  # a failed save is a future miss, never a failed request
             log.exception("kvtier: saving request %s failed", spec.req_id)
         finally:
             with self._lock:
                 self._saving.difference_update(keys)
+
+    def took(self) -> list[float]:
+        """How long each save finished since the last call took: from its chunks gathered to
+        the top tier holding them and the lower ones queued (holding them, write-through)."""
+        with self._lock:
+            took, self._took = self._took, []
+        return took
 
     def wait(self, keys: Sequence[ChunkKey] | None = None) -> None:
         """Wait for pending saves: all of them, or only if one holds any of ``keys``."""

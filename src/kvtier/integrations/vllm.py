@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import re
 import threading
 import weakref
@@ -192,7 +193,9 @@ class KvtierConnector(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         """This interval's metrics: requests on the scheduler side, tiers on the worker's."""
         if self.role == KVConnectorRole.WORKER:
-            return self._metrics.worker_stats(self._store) if self._store is not None else None
+            if self._store is None:
+                return None
+            return self._metrics.worker_stats(self._store, self._saver.took())
         return self._metrics.scheduler_stats()
 
     @classmethod
@@ -417,25 +420,10 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def _start_feed(self, port: int, chunk_shape: tuple[int, ...]) -> None:
         """Publish what this worker's store holds, for ``kvtier router`` (see pod.feed)."""
-        elements = 1
-        for n in chunk_shape:
-            elements *= n
-        bytes_per_token = elements * self._layers[0].element_size() // self._chunk
-        feed = store_feed(
-            self._store,
-            self._config,
-            self._namespace(None),
-            self._block_size,
-            bytes_per_token,
-            self._kv_events,
-        )
-        try:
-            feed.serve("127.0.0.1", port)
-        except OSError as exc:  # routing gets worse without it; serving must go on
-            log.error("kvtier: cannot serve the router feed on port %d: %s", port, exc)
-            return
-        self._feed = feed
-        log.info("kvtier: router feed on 127.0.0.1:%d", port)
+        per_token = math.prod(chunk_shape) * self._layers[0].element_size() // self._chunk
+        feed = store_feed(self._store, self._config, self._namespace(None), self._block_size,
+                          per_token, self._kv_events)  # fmt: skip
+        self._feed = feed if feed.start("127.0.0.1", port) else None
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

@@ -165,6 +165,17 @@ class EventFeed:
         threading.Thread(target=server.serve_forever, name="kvtier-feed", daemon=True).start()
         return int(server.server_address[1])
 
+    def start(self, host: str, port: int) -> bool:
+        """:meth:`serve`, or False (logged) when the port cannot be had: routing gets worse
+        without the feed, but serving goes on."""
+        try:
+            self.serve(host, port)
+        except OSError as exc:
+            log.error("kvtier: cannot serve the router feed on port %d: %s", port, exc)
+            return False
+        log.info("kvtier: router feed on %s:%d", host, port)
+        return True
+
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()

@@ -1,5 +1,6 @@
 """What the router looks up for a prompt: its chunk keys and possible tails (:class:`PromptKeys`),
-and which of them the tier every engine shares holds (:class:`SharedTier`)."""
+which of them the tier every engine shares holds (:class:`SharedTier`), and what an engine
+holds of it (:func:`held_hits`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 from kvtier.health import TierHealth
 from kvtier.keys import Namespace, chunk_keys, tail_candidates, token_array
+from kvtier.pod.index import ChunkIndex
+from kvtier.pod.policy import leading_hits
 
 SHARED_TIMEOUT_S = 0.25  # a shared tier slower than this is failing (health)
 SHARED_BUDGET_S = 0.003  # what a request waits for the shared tier's answer
@@ -135,3 +138,28 @@ class SharedTier:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._client.aclose()
+
+
+def held_hits(index: ChunkIndex, engine: str, prompt: PromptKeys) -> dict[str, int]:
+    """Tokens per tier kind that ``engine`` holds of a prompt (its leading chunks, then the
+    longest tail after them), counting the shared tier; predicted chunks count as DRAM."""
+    held = index.kinds(engine, prompt.hexes)
+    kinds = [
+        {"dram" if k == "predicted" else k for k in held[i]} if i < len(held) else set()
+        for i in range(len(prompt.hexes))
+    ]
+    for i, on in enumerate(prompt.shared):
+        if on:
+            kinds[i].add("shared")
+    run = next((i for i, k in enumerate(kinds) if not k), len(kinds))
+    hits = leading_hits([sorted(k) for k in kinds[:run]], [prompt.chunk] * run)
+    for tokens, key, on_shared in prompt.tails[run]:
+        tail = {"dram" if k == "predicted" else k for k in
+                (index.kinds(engine, [key]) or [set()])[0]}  # fmt: skip
+        if on_shared:
+            tail.add("shared")
+        if tail:
+            for kind, n in leading_hits([sorted(tail)], [tokens]).items():
+                hits[kind] = hits.get(kind, 0) + n
+            break
+    return hits

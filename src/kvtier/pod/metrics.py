@@ -5,8 +5,9 @@ shows, so the two never disagree.
 Per engine (label ``engine``, and ``role``: serve or prefill): up, queued prefill tokens,
 requests in flight, requests routed, measured prefill rate, vLLM block-event gaps, index
 resyncs, chunks the index holds per tier kind (label ``tier``). Router-wide: why requests went
-where they went (label ``reason``), prefill/decode decisions (label ``decision``), retries, the
-shared tier's late answers, index size, event staleness and the router's own overhead
+where they went (label ``reason``), prefill/decode decisions (label ``decision``), retries,
+reuse predicted vs reported by the engines (precision = matched / predicted tokens), the shared
+tier's late answers, index size, event staleness and the router's own overhead
 (quantiles 0.5 and 0.99).
 """
 
@@ -118,6 +119,17 @@ class _StateCollector(Collector):
             "shared-tier lookups answered after their budget",
             value=float(state.get("shared_late_answers") or 0),
         )
+        reuse = state.get("reuse") or {}
+        for field, text in (
+            ("measured", "requests whose engine reported the prompt tokens it reused"),
+            ("predicted_tokens", "prompt tokens the router expected those engines to reuse"),
+            ("reused_tokens", "prompt tokens those engines reused (their usage's cached tokens)"),
+            ("matched_tokens", "per request, the smaller of predicted and reused tokens"),
+        ):
+            name = "requests" if field == "measured" else field
+            yield CounterMetricFamily(
+                f"kvtier:router_reuse_{name}", text, value=float(reuse.get(field) or 0)
+            )
         quantiles = (("0.5", "overhead_ms_p50"), ("0.99", "overhead_ms_p99"))
         yield _by(
             GaugeMetricFamily,

@@ -26,13 +26,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from kvtier.console.app import LINGER_S, Console
 from kvtier.keys import Namespace
 from kvtier.pod.engines import Engine, EngineSet
 from kvtier.pod.index import ChunkIndex, quantile
-from kvtier.pod.lookup import PromptKeys, SharedTier
+from kvtier.pod.lookup import PromptKeys, SharedTier, held_hits
 from kvtier.pod.metrics import router_metrics
-from kvtier.pod.policy import CostRouting, EngineView, Split, leading_hits, reason, split_cost
+from kvtier.pod.policy import CostRouting, EngineView, Split, reason, split_cost
 from kvtier.pod.prompts import Leading, Prompter, PromptError
+from kvtier.pod.reuse import TAIL_BYTES, Decision, Decisions, cached_in_body, cached_in_stream
 
 log = logging.getLogger("kvtier.router")
 
@@ -58,6 +60,7 @@ class Routed:
     prefill: Routed | None = None  # the prefill engine to go through first (disaggregated)
     counted: bool = False  # its queued tokens are in its engine's queue
     split: Split | None = None  # what the disaggregation decision weighed
+    decision: Decision | None = None  # for the console, and routing precision
 
 
 class Router:
@@ -83,6 +86,7 @@ class Router:
         self.retries = 0
         self.decisions: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()  # why each request went where it went
+        self.made = Decisions()  # recent decisions, predicted vs reused tokens
         self.phases: dict[str, deque[float]] = {}  # where the overhead goes
         self._warming: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -99,6 +103,10 @@ class Router:
         app.router.add_get("/router/chunks", self._chunks)
         app.router.add_get("/metrics", self._metrics)
         app.on_startup.append(self._start)
+        # The console at /console/: the engines' /metrics and this router's state, scraped
+        # while someone watches.
+        metrics = [e.url + "/metrics" for e in self.engines.engines]
+        Console(metrics, self._console_state, linger_s=LINGER_S).mount(app)
         app.on_cleanup.append(self._stop)
         return app
 
@@ -184,7 +192,8 @@ class Router:
         decision = self._cost.choose(tokens, views)
         best = decision.best
         engine = healthy[decision.chosen]
-        self.reasons[reason(views, decision.chosen)] += 1
+        why = reason(views, decision.chosen)
+        self.reasons[why] += 1
         rest = sorted(
             (e for e in healthy if e is not engine),
             key=lambda e: decision.estimates[healthy.index(e)].ttft_s,
@@ -197,6 +206,7 @@ class Router:
         one = body.get("stream") or 1 in (body.get("max_tokens"), body.get("max_completion_tokens"))
         idle = engine.queued_tokens == 0 and bool(one)
         routed = Routed(engine, recompute, idle, best.load_s)
+        routed.decision = self.made.made(engine.url, why, tokens, best.hit_tokens)
         prefills = self.engines.healthy(prefill_only=True)
         if prefills:
             pviews = [self._view(e, prompt) for e in prefills]
@@ -204,6 +214,7 @@ class Router:
                                engine.in_flight, pviews, block)  # fmt: skip
             routed.split = split
             if split.prefill is not None:
+                routed.decision.measured = False  # the decode engine reuses what P computed
                 on = prefills[split.prefill]
                 estimate = self._cost.estimate(tokens, pviews[split.prefill])
                 self.index.predict(on.url, prompt.saved)
@@ -245,28 +256,7 @@ class Router:
                     part.engine.queued_tokens += delta
 
     def _view(self, engine: Engine, prompt: PromptKeys) -> EngineView:
-        """What ``engine`` holds of a prompt (its leading chunks, then the longest tail after
-        them), per tier kind, counting the shared tier, and its load."""
-        held = self.index.kinds(engine.url, prompt.hexes)
-        kinds = [
-            {"dram" if k == "predicted" else k for k in held[i]} if i < len(held) else set()
-            for i in range(len(prompt.hexes))
-        ]
-        for i, on in enumerate(prompt.shared):
-            if on:
-                kinds[i].add("shared")
-        run = next((i for i, k in enumerate(kinds) if not k), len(kinds))
-        hits = leading_hits([sorted(k) for k in kinds[:run]], [prompt.chunk] * run)
-        for tokens, key, on_shared in prompt.tails[run]:
-            tail = {"dram" if k == "predicted" else k for k in
-                    (self.index.kinds(engine.url, [key]) or [set()])[0]}  # fmt: skip
-            if on_shared:
-                tail.add("shared")
-            if tail:
-                fastest = leading_hits([sorted(tail)], [tokens])
-                for kind, n in fastest.items():
-                    hits[kind] = hits.get(kind, 0) + n
-                break
+        hits = held_hits(self.index, engine.url, prompt)
         return EngineView(engine.url, hits, engine.queued_tokens, self.engines.prefill_rate(engine),
                           engine.bandwidth)  # fmt: skip
 
@@ -360,9 +350,10 @@ class Router:
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise _NotStarted(f"{engine.url} dropped the request: {exc}") from None
             self._first_token(engine, routed, sent)
+            self._reused(engine, routed, cached_in_body(body))
             return web.Response(body=body, status=upstream.status, headers=headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        first = True
+        first, tail = True, b""
         try:
             async for piece in upstream.content.iter_any():
                 if first:
@@ -370,6 +361,7 @@ class Router:
                     self._first_token(engine, routed, sent)
                     first = False
                 await response.write(piece)
+                tail = (tail + piece)[-TAIL_BYTES:]
         except (TimeoutError, aiohttp.ClientError) as exc:
             if first:
                 raise _NotStarted(f"{engine.url} dropped the request: {exc}") from None
@@ -378,6 +370,7 @@ class Router:
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
         if first:
             await response.prepare(request)
+        self._reused(engine, routed, cached_in_stream(tail))
         await response.write_eof()
         return response
 
@@ -417,6 +410,10 @@ class Router:
                     engine.url, why)  # fmt: skip
         return False
 
+    def _reused(self, engine: Engine, routed: Routed | None, cached: int | None) -> None:
+        if routed is not None and routed.decision is not None and routed.engine is engine:
+            self.made.answered(routed.decision, cached)
+
     def _first_token(self, engine: Engine, routed: Routed | None, sent: float) -> None:
         if routed is None or routed.engine is not engine or not routed.queued:
             return
@@ -442,6 +439,9 @@ class Router:
         if self.engines.healthy():
             return web.Response(text="ok")
         return _error(503, "no engine is available")
+
+    async def _console_state(self) -> dict[str, Any]:
+        return self.state()
 
     async def _state(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.state())
@@ -480,6 +480,8 @@ class Router:
             "retries": self.retries,
             "reasons": dict(self.reasons),
             "decisions": dict(self.decisions),
+            "reuse": self.made.state(),
+            "recent": self.made.recent_state(),
         }  # fmt: skip
 
 

@@ -1,0 +1,94 @@
+"""The console's arithmetic, on Prometheus text as vLLM writes it: what the page shows from two
+engines' scrapes (the page itself is tested in a real browser in test_pod.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.console.history import PREFIX, History, Point
+from kvtier.console.scrape import Scrape, ScrapeError
+
+
+def page(requested: float, prefix: float, disk: float, read: float, saved: float,
+         up: float = 1.0, ttft: tuple[float, float, float] = (0, 0, 0)) -> Scrape:  # fmt: skip
+    labels = 'engine="0",model_name="m"'
+    return Scrape.parse(f"""\
+# TYPE kvtier:requested_tokens counter
+kvtier:requested_tokens_total{{{labels}}} {requested}
+# TYPE kvtier:vllm_prefix_tokens counter
+kvtier:vllm_prefix_tokens_total{{{labels}}} {prefix}
+# TYPE kvtier:prefill_seconds_saved counter
+kvtier:prefill_seconds_saved_total{{{labels}}} {saved}
+# TYPE kvtier:tier_loaded_tokens counter
+kvtier:tier_loaded_tokens_total{{{labels},tier="disk"}} {disk}
+# TYPE kvtier:tier_bytes_read counter
+kvtier:tier_bytes_read_total{{{labels},tier="disk"}} {read}
+# TYPE kvtier:tier_up gauge
+kvtier:tier_up{{{labels},tier="disk"}} {up}
+kvtier:tier_up{{{labels},tier="memory"}} 1
+# TYPE kvtier:tier_used_bytes gauge
+kvtier:tier_used_bytes{{{labels},tier="disk"}} 1000
+kvtier:tier_used_bytes{{{labels},tier="memory"}} 500
+# TYPE kvtier:tier_capacity_bytes gauge
+kvtier:tier_capacity_bytes{{{labels},tier="memory"}} 2000
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{{{labels}}} 2
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{{{labels},le="0.1"}} {ttft[0]}
+vllm:time_to_first_token_seconds_bucket{{{labels},le="1.0"}} {ttft[1]}
+vllm:time_to_first_token_seconds_bucket{{{labels},le="+Inf"}} {ttft[2]}
+vllm:time_to_first_token_seconds_count{{{labels}}} {ttft[2]}
+vllm:time_to_first_token_seconds_sum{{{labels}}} 3.0
+""")
+
+
+def test_hit_rate_per_tier_is_tokens_loaded_over_tokens_looked_up_in_each_interval() -> None:
+    history = History()
+    history.add(Point(100.0, {"a": page(1000, 100, 200, 4096, 1.0),
+                              "b": page(0, 0, 0, 0, 0.0)}))  # fmt: skip
+    history.add(Point(102.0, {"a": page(2000, 300, 700, 8192, 2.5),
+                              "b": page(1000, 0, 0, 0, 0.0)}))  # fmt: skip
+    view = history.view()
+    assert view["t"] == [102.0]
+    # 2000 tokens looked up in the interval: 200 from vLLM's prefix cache, 500 from disk.
+    assert view["hit_rate"][PREFIX] == [0.1]
+    assert view["hit_rate"]["disk"] == [0.25]
+    assert view["bytes_per_s"]["disk read"] == [2048.0]
+    assert view["saved_s"] == [2.5]
+    totals = view["totals"]
+    assert totals["requested_tokens"] == 3000 and totals["loaded_tokens"] == {"disk": 700}
+    assert totals["hit_rate"] == pytest.approx((300 + 700) / 3000)
+
+
+def test_an_engine_restart_counts_from_zero_and_an_idle_interval_has_no_rate() -> None:
+    history = History()
+    history.add(Point(0.0, {"a": page(5000, 0, 1000, 0, 9.0)}))
+    history.add(Point(2.0, {"a": page(400, 0, 100, 0, 0.5)}))  # restarted: counters reset
+    history.add(Point(4.0, {"a": page(400, 0, 100, 0, 0.5)}))  # nothing happened
+    assert history.view()["hit_rate"]["disk"] == [0.25, None]
+
+
+def test_a_down_engine_and_a_down_tier_show_as_such() -> None:
+    history = History()
+    history.add(Point(0.0, {"a": page(10, 0, 0, 0, 0, up=0.0), "b": None}, {"b": "refused"}))
+    view = history.view()
+    engines = {e["url"]: e for e in view["engines"]}
+    assert engines["a"]["up"] and engines["a"]["running"] == 2
+    assert not engines["b"]["up"] and engines["b"]["error"] == "refused"
+    tiers = {t["tier"]: t for t in view["tiers"]}
+    assert tiers["disk"]["up"] == 0 and tiers["disk"]["capacity_bytes"] is None
+    assert tiers["memory"]["used_bytes"] == 500 and tiers["memory"]["capacity_bytes"] == 2000
+
+
+def test_ttft_buckets_become_counts_per_bucket_over_all_engines() -> None:
+    history = History()
+    history.add(Point(0.0, {"a": page(0, 0, 0, 0, 0, ttft=(1, 3, 4)),
+                            "b": page(0, 0, 0, 0, 0, ttft=(0, 2, 2))}))  # fmt: skip
+    ttft = history.view()["ttft"]
+    assert ttft["le"] == [0.1, 1.0, None]  # None: +Inf (JSON has no infinity)
+    assert ttft["counts"] == [1, 4, 1] and ttft["count"] == 6 and ttft["mean_s"] == 1.0
+
+
+def test_a_page_that_is_not_prometheus_text_is_named_as_such() -> None:
+    with pytest.raises(ScrapeError, match="not Prometheus text"):
+        Scrape.parse("<html>this is not it</html>\n{")
