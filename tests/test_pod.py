@@ -307,40 +307,57 @@ def first_visit_ms(page: Page) -> float:
 def test_the_console_shows_the_pods_metrics_live_in_chromium(
     pod: PodProcess, tmp_path: Path
 ) -> None:
-    for _ in range(2):  # the second turn is a hit
-        complete(pod, text("console", 700))
-    body = {"model": MODEL, "prompt": text("console", 700) + " more", "max_tokens": 2,
+    body = {"model": MODEL, "prompt": text("console", 700), "max_tokens": 2,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     request = urllib.request.Request(pod.url + "/v1/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=120) as r:
+    with urllib.request.urlopen(request, timeout=120) as r:  # a stream, its usage asked for
         assert b"cached_tokens" in r.read()
     metrics = [f"{e}/metrics" for e in pod.engines()]
     for engine in pod.engines():  # each engine runs a step (and reports its tiers)
         post(engine, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 1})
+    stop = threading.Event()
+    turns: list[str] = []
 
-    with chromium_page(pod.url + "/console/") as page:
-        first_ms = first_visit_ms(page)
-        print(f"the console's first render: {first_ms:.0f} ms")
-        assert first_ms < 1000, f"first render took {first_ms:.0f} ms"
-        page.wait_for("+document.getElementById('hit').dataset.points >= 2", 30,
-                      "the charts to hold two intervals of live data")  # fmt: skip
-        wait_for(lambda: numbers_match(page, metrics), 20, "the page's numbers to be /metrics'")
-        shown = page.evaluate(PAGE_NUMBERS)
-        assert float(shown["totals.hit_rate"]) > 0, shown  # the second turn's, at least
-        # The router's part: decisions by reason as on its /metrics, and routing precision.
-        router = [f"{pod.url}/metrics"]
-        hits = metric_sum(router, 'kvtier:router_decisions_total{reason="engine hit"}')
-        assert float(shown["reasons.engine hit"]) == hits > 0, shown
-        reuse = pod.state()["reuse"]
-        assert reuse["measured"] > 0 and 0 < reuse["precision"] <= 1, reuse
-        assert page.evaluate("document.querySelectorAll('#recent tbody tr').length") > 0
-        tiers = page.evaluate("[...document.querySelectorAll('#tiers tbody tr')]"
-                              ".map(r => r.children[2].textContent)")  # fmt: skip
-        assert tiers == ["up"] * 6, tiers  # memory, disk and the shared redis, per engine
-        shot = Path(os.environ.get("CONSOLE_SCREENSHOT") or tmp_path / "console.png")
-        page.screenshot(shot)
-        assert shot.stat().st_size > 20_000
+    def users() -> None:  # returning turns of three users while the page is watched
+        for turn in range(40):
+            if stop.is_set():
+                return
+            user = ("ann", "bob", "cyd")[turn % 3]
+            complete(pod, text(f"console-{user}", 250) + " more" * (turn // 3))
+            turns.append(user)
+
+    traffic = threading.Thread(target=users)
+    traffic.start()
+    try:
+        with chromium_page(pod.url + "/console/") as page:
+            first_ms = first_visit_ms(page)
+            print(f"the console's first render: {first_ms:.0f} ms")
+            assert first_ms < 1000, f"first render took {first_ms:.0f} ms"
+            page.wait_for("+document.getElementById('hit').dataset.points >= 5", 60,
+                          "the charts to hold five intervals of live data")  # fmt: skip
+            wait_for(lambda: len(turns) >= 6, 60, "every user's second turn")
+            stop.set()
+            traffic.join()
+            wait_for(lambda: numbers_match(page, metrics), 20, "the page's numbers to be /metrics'")
+            shown = page.evaluate(PAGE_NUMBERS)
+            assert float(shown["totals.hit_rate"]) > 0, shown  # the returning turns'
+            # The router's part: decisions by reason as on its /metrics, and routing precision.
+            router = [f"{pod.url}/metrics"]
+            hits = metric_sum(router, 'kvtier:router_decisions_total{reason="engine hit"}')
+            assert float(shown["reasons.engine hit"]) == hits > 0, shown
+            reuse = pod.state()["reuse"]
+            assert reuse["measured"] > 0 and 0 < reuse["precision"] <= 1, reuse
+            assert page.evaluate("document.querySelectorAll('#recent tbody tr').length") > 0
+            tiers = page.evaluate("[...document.querySelectorAll('#tiers tbody tr')]"
+                                  ".map(r => r.children[2].textContent)")  # fmt: skip
+            assert tiers == ["up"] * 6, tiers  # memory, disk and the shared redis, per engine
+            shot = Path(os.environ.get("CONSOLE_SCREENSHOT") or tmp_path / "console.png")
+            page.screenshot(shot)
+            assert shot.stat().st_size > 20_000
+    finally:
+        stop.set()
+        traffic.join()
 
     # `kvtier console` for one engine, as the README runs it.
     port = free_port()

@@ -9,6 +9,7 @@ const PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948
   "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
 const TIER_COLORS = { "vllm prefix": "#76b7b2", memory: "#4e79a7", disk: "#f28e2b",
   redis: "#e15759", valkey: "#e15759", shared: "#b07aa1" };
+const RECENT_ROWS = 12;
 const charts = {};
 let colorOf = {};
 let renders = 0;
@@ -166,7 +167,7 @@ function routing(r, now) {
   el.dataset.key = "routing.reuse.precision";
   el.dataset.value = String(reuse.precision ?? "");
   const body = document.querySelector("#recent tbody");
-  body.replaceChildren(...(r.recent || []).slice().reverse().map((d) => {
+  body.replaceChildren(...(r.recent || []).slice(-RECENT_ROWS).reverse().map((d) => {
     const tr = document.createElement("tr");
     for (const v of [fmt(now - d.t, "s"), d.engine, d.reason, fmt(d.tokens, "n"),
       fmt(d.predicted, "n"), d.reused === null ? "–" : fmt(d.reused, "n")]) {
