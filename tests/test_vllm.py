@@ -90,19 +90,29 @@ def read_until_pause(proc: subprocess.Popen[str], results: list[dict[str, Any]])
     raise AssertionError(f"worker ended early with status {proc.wait()}")
 
 
-def test_a_hit_gives_identical_output_and_a_new_process_loads_from_disk(tmp_path: Path) -> None:
+def test_a_hit_gives_identical_output_a_new_process_loads_from_disk_and_corruption_recomputes(
+    tmp_path: Path,
+) -> None:
+    # (That vLLM alone computes the same tokens: test_kvtier_recomputes_no_more_than_vllms...)
     config = tiers(disk(tmp_path / "chunks"))
     first, again = run_worker(config, [PROMPT, PROMPT])
     assert first["stats"]["hit_tokens"] == 0
     assert again["stats"]["hit_tokens"] == 7 * 256  # the second request hit every chunk
     assert again["tokens"] == first["tokens"]
+    files = sorted((tmp_path / "chunks").rglob("*.kvc"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) == 7
     (fresh,) = run_worker(config, [PROMPT])  # a new engine process: DRAM is empty
     assert fresh["tokens"] == first["tokens"]
     # Prefetched from disk into DRAM when the request arrived, then loaded from DRAM.
     assert fresh["stats"]["tiers"]["disk"]["hits"] == 7
     assert fresh["stats"]["hit_tokens"] == 7 * 256
-    (no_kvtier,) = run_worker(None, [PROMPT])  # vLLM alone computes the same tokens
-    assert no_kvtier["tokens"] == first["tokens"]
+    # A chunk damaged on disk is detected, deleted and recomputed: same output.
+    raw = bytearray(files[3].read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    files[3].write_bytes(bytes(raw))
+    (second,) = run_worker(config, [PROMPT])
+    assert second["tokens"] == first["tokens"]
+    assert second["stats"]["tiers"]["disk"]["corruptions"] == 1
 
 
 def test_kvtier_recomputes_no_more_than_vllms_own_prefix_cache_at_any_length(
@@ -164,19 +174,6 @@ def test_requests_succeed_when_redis_stops_and_the_disk_refuses_writes(
     assert again["tokens"] == first["tokens"]  # served from DRAM
     assert other_b["tokens"] == other_a["tokens"]
     assert other_b["stats"]["tiers"]["redis"]["errors"] >= 1
-
-
-def test_a_corrupted_chunk_on_disk_is_detected_and_recomputed(tmp_path: Path) -> None:
-    config = tiers(disk(tmp_path / "chunks"))
-    (first,) = run_worker(config, [PROMPT])
-    files = sorted((tmp_path / "chunks").rglob("*.kvc"), key=lambda p: p.stat().st_mtime_ns)
-    assert len(files) == 7
-    raw = bytearray(files[3].read_bytes())
-    raw[len(raw) // 2] ^= 0x10
-    files[3].write_bytes(bytes(raw))
-    (second,) = run_worker(config, [PROMPT])
-    assert second["tokens"] == first["tokens"]
-    assert second["stats"]["tiers"]["disk"]["corruptions"] == 1
 
 
 def test_background_loads_give_identical_output_and_recompute_what_fails(tmp_path: Path) -> None:

@@ -295,7 +295,7 @@ def _example_paths(bench: _Run, lengths: list[int]) -> None:
 
 def _overhead(args: argparse.Namespace, work: Path, bar: tqdm[Any]) -> dict[str, Any]:
     """The no-reuse overhead, paired in one engine process (see the module docstring)."""
-    batch = {"batch": args.batch, "rounds": args.rounds, "tokens": 1024}
+    batch = {"batch": args.batch, "rounds": args.rounds, "tokens": 1024, "stats": True}
     rounds: dict[str, list[float]] = {"off": [], "on": [], "bypassed": []}
     pairs: list[float] = []  # on / bypassed, each pair in one engine, back to back
     errors: list[str] = []

@@ -4,12 +4,13 @@ measured seconds.
 
 A job names the connector (``none``, or ``kvtier`` with a store configuration) and sends
 ``rounds`` batches of ``batch`` distinct prompts of ``tokens`` tokens, reporting the time of
-each (throughput: nothing is ever reused). With ``paired`` (kvtier only) every round is run
-twice in the same engine, the connector working in one and bypassed in the other (every method
-returns at once, as if no connector were configured), in alternating order; the bypassed times
-come back as ``bypassed``. Identical engine processes differ from each other by several percent
-here, while rounds within one engine agree to about one: pairs in one engine measure kvtier's
-own cost.
+each (throughput: nothing is ever reused); with ``stats``, vLLM's statistics are on, as in a
+server, and kvtier's metrics with them. With ``paired`` (kvtier only) every
+round is run twice in the same engine, the connector working in one and bypassed in the other
+(every method returns at once, its metrics too, as if no connector were configured), in
+alternating order; the bypassed times come back as ``bypassed``. Identical engine processes
+differ from each other by several percent here, while rounds within one engine agree to about
+one: pairs in one engine measure kvtier's own cost.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def build_llm(job: dict[str, Any]) -> Any:
         enforce_eager=True,
         enable_prefix_caching=False,
         max_model_len=8192,
+        # As a server runs: vLLM's statistics on, and with them kvtier's metrics.
+        disable_log_stats=not job.get("stats", False),
         **kwargs,
     )
 
@@ -112,6 +115,7 @@ def _bypassed(bypass: bool) -> Iterator[None]:
         "request_finished": lambda self, request, block_ids: (False, None),
         "start_load_kv": lambda self, *a, **k: None,
         "wait_for_save": lambda self: None,
+        "get_kv_connector_stats": lambda self: None,  # no connector, no connector metrics
     }
     saved = {name: getattr(KvtierConnector, name) for name in idle}
     for name, fn in idle.items():
