@@ -38,21 +38,23 @@ fi
 # uPlot from the npm registry, pinned and checked, copied in as package data: the console's
 # page loads it from kvtier itself and works offline.
 UPLOT=1.6.32
-UPLOT_SHA256=19c8d4c6ad88929a79f4ae49d6f7161566dfd0ba3d15cc495e974f787eb78f1f
+UPLOT_SUMS="19c8d4c6ad88929a79f4ae49d6f7161566dfd0ba3d15cc495e974f787eb78f1f  uPlot.iife.min.js
+df630c6a8d6f8eeaff264b50f73ce5b114f646ffd9a0bb74f049b0a00135fa04  uPlot.min.css"
 VENDOR=src/kvtier/console/vendor
-if [ "$(sha256sum "$VENDOR/uPlot.iife.min.js" 2>/dev/null | cut -c1-64)" != "$UPLOT_SHA256" ]; then
+if ! (cd "$VENDOR" 2>/dev/null && echo "$UPLOT_SUMS" | sha256sum --check --status); then
     say "installing uPlot $UPLOT (the console's charts) from npm"
     tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
     (cd "$tmp" && npm pack --silent "uplot@$UPLOT" >/dev/null && tar xzf "uplot-$UPLOT.tgz")
-    if [ "$(sha256sum "$tmp/package/dist/uPlot.iife.min.js" | cut -c1-64)" != "$UPLOT_SHA256" ]; then
-        say "uplot@$UPLOT from npm does not have the expected checksum: not installed"
-        rm -rf "$tmp"
+    if ! (cd "$tmp/package/dist" && echo "$UPLOT_SUMS" | sha256sum --check --status); then
+        say "uplot@$UPLOT from npm does not have the expected checksums: not installed"
         exit 1
     fi
     mkdir -p "$VENDOR"
     cp "$tmp/package/dist/uPlot.iife.min.js" "$tmp/package/dist/uPlot.min.css" "$VENDOR/"
     cp "$tmp/package/LICENSE" "$VENDOR/uPlot.LICENSE"
     rm -rf "$tmp"
+    trap - EXIT
 fi
 
 # --- python environment ---------------------------------------------------------------------

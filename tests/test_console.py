@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier.console.history import PREFIX, History, Point
+from kvtier.console.history import PREFIX, SERIES, History, Point
 from kvtier.console.scrape import Scrape, ScrapeError
 
 
@@ -92,3 +92,20 @@ def test_ttft_buckets_become_counts_per_bucket_over_all_engines() -> None:
 def test_a_page_that_is_not_prometheus_text_is_named_as_such() -> None:
     with pytest.raises(ScrapeError, match="not Prometheus text"):
         Scrape.parse("<html>this is not it</html>\n{")
+
+
+def test_only_the_series_the_console_reads_are_parsed_and_nan_is_left_out() -> None:
+    text = """\
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage.
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{engine="0"} 0.5
+# TYPE kvtier:tier_up gauge
+kvtier:tier_up{tier="disk"} 1
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0"} 3
+# TYPE kvtier:router_overhead_seconds gauge
+kvtier:router_overhead_seconds{quantile="0.5"} NaN
+"""
+    scrape = Scrape.parse(text, SERIES)
+    assert set(scrape.samples) == {"kvtier:tier_up", "vllm:num_requests_running"}
+    assert Scrape.parse(text).total("vllm:gpu_cache_usage_perc") == 0.5  # all, unfiltered

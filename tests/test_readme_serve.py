@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,13 @@ def test_the_readme_curl_and_openai_examples_work_against_kvtier_serve(tmp_path:
         "--no-enable-prefix-caching", "--dtype", "float32",
     )  # fmt: skip
     with Server(command, port, tmp_path / "serve.log") as server:
+        # Before any request, kvtier's series are there at 0 and its capacity is known
+        # (rate() sees the first increment; a console shows an idle engine's tiers).
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            fresh = r.read().decode()
+        assert re.search(r"^kvtier:lookups_total\{[^}]*\} 0\.0$", fresh, re.M), fresh
+        capacity = r'^kvtier:tier_capacity_bytes\{[^}]*tier="memory"[^}]*\} 5\.36870912e\+08$'
+        assert re.search(capacity, fresh, re.M), fresh  # --dram 512MiB
         out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         reply = json.loads(out.stdout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from kvtier.pod.policy import (
     leading_hits,
     split_cost,
 )
+from kvtier.pod.reuse import TAIL_BYTES, Decisions, cached_in_body, cached_in_stream
 
 BPT = 23_040  # KV bytes per token of the demo model in bf16
 RATE = 1000.0  # prefill tokens/s
@@ -261,3 +263,44 @@ def test_vllm_block_events_become_the_engines_chunk_keys() -> None:
 
     send(9, BlockRemoved(block_hashes=[b"nothing"], medium="GPU"))  # 5 to 8 were lost
     assert engine.block_gaps == 1 and gpu(full) == 0
+
+
+def sse(*events: dict[str, Any]) -> bytes:
+    """A completion stream as vLLM sends it (CRLF-free), ``[DONE]`` last."""
+    lines = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
+    return b"".join(lines) + b"data: [DONE]\n\n"
+
+
+def usage(cached: int) -> dict[str, Any]:
+    details = {"cached_tokens": cached}
+    return {"choices": [], "usage": {"prompt_tokens": 900, "prompt_tokens_details": details}}
+
+
+def test_the_reused_tokens_come_from_an_answer_or_the_end_of_a_stream() -> None:
+    assert cached_in_body(json.dumps(usage(768)).encode()) == 768
+    assert cached_in_body(b'{"usage": {"prompt_tokens": 9}}') is None  # details off
+    assert cached_in_body(b'{"cached_tokens": [[[[') is None  # not JSON: no figure, no error
+    stream = sse({"choices": [{"text": "a"}]}, {"choices": [{"text": "b"}]}, usage(640))
+    assert cached_in_stream(stream) == 640
+    assert cached_in_stream(stream.replace(b"\n", b"\r\n")) == 640
+    assert cached_in_stream(stream[-TAIL_BYTES:][5:]) == 640  # a tail cut mid-event first
+    assert cached_in_stream(sse({"choices": [{"text": "a"}]})) is None  # usage not asked for
+
+
+def test_routing_precision_compares_what_was_predicted_with_what_was_reused() -> None:
+    made = Decisions()
+    full = made.made("http://a", "engine hit", 1000, predicted=768)
+    made.answered(full, 768)
+    short = made.made("http://a", "engine hit", 1000, predicted=512)
+    made.answered(short, 256)  # half of it had been evicted
+    surprise = made.made("http://b", "cold", 1000, predicted=0)
+    made.answered(surprise, 128)  # vLLM's prefix cache had a block the router did not know
+    pd = made.made("http://b", "cold", 1000, predicted=0)
+    pd.measured = False  # went through a prefill engine: not counted
+    made.answered(pd, 896)
+    made.answered(full, 0)  # a second report of one request changes nothing
+    state = made.state()
+    assert (state["measured"], state["predicted_tokens"], state["reused_tokens"]) == (3, 1280, 1152)
+    assert state["precision"] == pytest.approx(1024 / 1280)
+    assert state["coverage"] == pytest.approx(1024 / 1152)
+    assert [d["reused"] for d in made.recent_state()] == [768, 256, 128, 896]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,8 +22,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from kvtier.console.history import History, Point
-from kvtier.console.scrape import Scrape, ScrapeError
+from kvtier.console.history import SERIES, History, Point
+from kvtier.console.scrape import Scrape
 
 log = logging.getLogger("kvtier")
 
@@ -65,6 +66,7 @@ class Console:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._round: asyncio.Lock | None = None
+        self._body: str | None = None  # the page's data, made at the last scrape
 
     def mount(self, app: web.Application) -> None:
         app.router.add_get("/console", self._redirect)
@@ -99,11 +101,17 @@ class Console:
             await asyncio.sleep(self.interval_s)
 
     async def scrape(self) -> None:
-        """One round: every engine's page at once, then the router's state."""
+        """One round: every engine's page at once, then the router's state; the page's data
+        made once per round (every viewer gets the same)."""
         assert self._session is not None and self._round is not None, "not started"
         async with self._round:
+            last = self.history.points[-1].mono if self.history.points else None
+            if last is None:
+                last = float("-inf")
+            if time.monotonic() - last < self.interval_s / 2:
+                return  # a round just ended: intervals this short only add noise
             pages = await asyncio.gather(*(self._one(url) for url in self.metrics))
-            point = Point(time.time(), {})
+            point = Point(time.time(), {}, mono=time.monotonic())
             for url, (scrape, error) in zip(self.metrics, pages, strict=True):
                 engine = url.removesuffix("/metrics")
                 point.engines[engine] = scrape
@@ -112,19 +120,25 @@ class Console:
             if self._state is not None:
                 self._router = await self._state()
             self.history.add(point)
+            view = await asyncio.to_thread(self.history.view, self._router)
+            view.update(interval_s=self.interval_s, sources=self.metrics)
+            self._body = json.dumps(view, allow_nan=False)
 
     async def _one(self, url: str) -> tuple[Scrape | None, str | None]:
+        """One engine's page, parsed off the event loop (the router's requests go on)."""
         assert self._session is not None
         try:
             async with self._session.get(url) as response:
                 if response.status != 200:
                     return None, f"HTTP {response.status} from {url}"
-                return Scrape.parse(await response.text()), None
-        except (TimeoutError, aiohttp.ClientError, ScrapeError) as exc:
+                text = await response.text(errors="replace")
+            return await asyncio.to_thread(Scrape.parse, text, SERIES), None
+        except Exception as exc:  # that engine's error, shown; never the whole round's
             return None, f"{type(exc).__name__}: {exc}"
 
     def _watched(self) -> bool:
-        """Note a viewer; True when the console had stopped scraping for want of one."""
+        """Note a viewer (a poll of the data); True when the console had stopped scraping for
+        want of one."""
         if self._linger_s is None:
             return False
         idle = time.monotonic() >= self._wanted_until
@@ -143,13 +157,14 @@ class Console:
                 f" missing in {VENDOR}); run `make install` (scripts/install.sh installs uPlot"
                 " from npm)",
             )
-        self._watched()
         return web.FileResponse(STATIC / "console.html")
 
     async def _data(self, request: web.Request) -> web.StreamResponse:
-        if self._watched() or not self.history.points:
-            await self.scrape()  # a first look, or the first after a pause: no empty page
-        body = self.history.view(self._router)
-        body["interval_s"] = self.interval_s
-        body["sources"] = self.metrics
-        return web.json_response(body)
+        if self._watched():  # the first look after a pause: what was seen before is stale
+            self.history.clear()
+            self._body = None
+        if self._body is None:
+            await self.scrape()  # no empty page: this round's data now
+        if self._body is None:
+            return web.Response(status=503, text="kvtier console: no data yet, try again")
+        return web.Response(text=self._body, content_type="application/json")

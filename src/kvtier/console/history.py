@@ -25,22 +25,27 @@ TIER_FIELDS = ("up", "used_bytes", "capacity_bytes", "chunks")
 TIER_COUNTS = ("loaded_tokens", "bytes_read", "bytes_written", "evictions", "corruptions",
                "errors", "writes_dropped")  # fmt: skip
 TTFT = "vllm:time_to_first_token_seconds"
+# The series the console reads; the rest of an engine's page is not parsed.
+SERIES = ("kvtier:", "vllm:num_requests_running", "vllm:num_requests_waiting", TTFT)
 
 
 @dataclass
 class Point:
-    """One round of scrapes: each engine's page (None where the scrape failed)."""
+    """One round of scrapes: each engine's page (None where the scrape failed), at wall time
+    ``t`` (shown) and monotonic time ``mono`` (intervals: a clock step does not bend them)."""
 
     t: float
     engines: dict[str, Scrape | None]
     errors: dict[str, str] = field(default_factory=dict)
+    mono: float | None = None
 
 
 def _grew(now: float | None, before: float | None) -> float:
+    """A counter's growth: from zero when it is new or went down (its engine restarted)."""
     if now is None:
         return 0.0
-    if before is None or now < before:  # new, or the engine restarted
-        return now if before is not None else 0.0
+    if before is None or now < before:
+        return now
     return now - before
 
 
@@ -50,6 +55,9 @@ class History:
 
     def add(self, point: Point) -> None:
         self.points.append(point)
+
+    def clear(self) -> None:
+        self.points.clear()
 
     def view(self, router: dict[str, Any] | None = None) -> dict[str, Any]:
         """Everything the page shows, as plain JSON."""
@@ -78,7 +86,10 @@ class History:
 
         for i in range(n):
             before, now = points[i], points[i + 1]
-            dt = max(now.t - before.t, 1e-9)
+            if now.mono is not None and before.mono is not None:
+                dt = max(now.mono - before.mono, 1e-3)
+            else:
+                dt = max(now.t - before.t, 1e-3)
             requested, prefix = 0.0, 0.0
             loaded: dict[str, float] = {}
             for url, scrape in now.engines.items():

@@ -7,6 +7,7 @@ charts by (``tier``, ``le``, ``reason``).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -26,12 +27,21 @@ class Scrape:
     samples: dict[str, dict[Labels, float]] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> Scrape:
+    def parse(cls, text: str, keep: tuple[str, ...] | None = None) -> Scrape:
+        """The samples of ``text``; with ``keep``, only series whose names start with one of
+        those (the rest of a vLLM page, some hundreds of samples, is not parsed at all).
+        Samples that are not finite numbers are left out (JSON has no NaN)."""
+        if keep is not None:
+            text = "\n".join(
+                line for line in text.splitlines()
+                if line.startswith(keep) or (line.startswith("#") and _names(line, keep))
+            )  # fmt: skip
         samples: dict[str, dict[Labels, float]] = defaultdict(dict)
         try:
             for family in text_string_to_metric_families(text):
                 for s in family.samples:
-                    samples[s.name][tuple(sorted(s.labels.items()))] = float(s.value)
+                    if math.isfinite(s.value):
+                        samples[s.name][tuple(sorted(s.labels.items()))] = float(s.value)
         except ValueError as exc:
             raise ScrapeError(f"not Prometheus text: {exc}") from None
         return cls(dict(samples))
@@ -59,3 +69,9 @@ class Scrape:
             if key is not None:
                 out[key] = min(value, out.get(key, value))
         return out
+
+
+def _names(comment: str, keep: tuple[str, ...]) -> bool:
+    """A ``# HELP name ...`` or ``# TYPE name ...`` line of a kept series."""
+    words = comment.split(maxsplit=3)
+    return len(words) > 2 and words[2].startswith(keep)

@@ -169,11 +169,11 @@ class EventFeed:
         """:meth:`serve`, or False (logged) when the port cannot be had: routing gets worse
         without the feed, but serving goes on."""
         try:
-            self.serve(host, port)
+            bound = self.serve(host, port)
         except OSError as exc:
             log.error("kvtier: cannot serve the router feed on port %d: %s", port, exc)
             return False
-        log.info("kvtier: router feed on %s:%d", host, port)
+        log.info("kvtier: router feed on %s:%d", host, bound)
         return True
 
     def close(self) -> None:

@@ -3,7 +3,7 @@ what the engine says it reused (``usage.prompt_tokens_details.cached_tokens`` of
 vLLM's prefix cache plus kvtier's loads; `kvtier serve` turns it on).
 
 Precision = predicted tokens that were reused / predicted tokens; coverage = the same / reused
-tokens (what the engine found that the router did not expect). The last :data:`RECENT`
+tokens (the share of what the engines reused that the router had expected). The last :data:`RECENT`
 decisions are kept for the console.
 """
 
@@ -79,9 +79,11 @@ def cached_tokens(answer: dict[str, Any]) -> int | None:
 
 
 def cached_in_body(body: bytes) -> int | None:
+    if b'"cached_tokens"' not in body:  # most answers, when usage details are off: no parse
+        return None
     try:
         answer = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return cached_tokens(answer) if isinstance(answer, dict) else None
 

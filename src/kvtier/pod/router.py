@@ -350,7 +350,7 @@ class Router:
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise _NotStarted(f"{engine.url} dropped the request: {exc}") from None
             self._first_token(engine, routed, sent)
-            self._reused(engine, routed, cached_in_body(body))
+            self._reused(engine, routed, body, stream=False)
             return web.Response(body=body, status=upstream.status, headers=headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         first, tail = True, b""
@@ -370,7 +370,7 @@ class Router:
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
         if first:
             await response.prepare(request)
-        self._reused(engine, routed, cached_in_stream(tail))
+        self._reused(engine, routed, tail, stream=True)
         await response.write_eof()
         return response
 
@@ -410,9 +410,15 @@ class Router:
                     engine.url, why)  # fmt: skip
         return False
 
-    def _reused(self, engine: Engine, routed: Routed | None, cached: int | None) -> None:
-        if routed is not None and routed.decision is not None and routed.engine is engine:
+    def _reused(self, engine: Engine, routed: Routed | None, answer: bytes, stream: bool) -> None:
+        """What the engine reused of the prompt (routing precision); never fails a request."""
+        if routed is None or routed.decision is None or routed.engine is not engine:
+            return
+        try:
+            cached = cached_in_stream(answer) if stream else cached_in_body(answer)
             self.made.answered(routed.decision, cached)
+        except Exception:
+            log.exception("kvtier router: reading an answer's cached tokens failed")
 
     def _first_token(self, engine: Engine, routed: Routed | None, sent: float) -> None:
         if routed is None or routed.engine is not engine or not routed.queued:

@@ -55,6 +55,7 @@ function lineChart(id, t, table, kind, opts = {}) {
       scales: { x: { time: true }, y: opts.y || {} },
       series: [{}, ...labels.map((l) => ({
         label: l, stroke: color(l), width: 2, spanGaps: false,
+        dash: l.endsWith(" written") || l.endsWith(" waiting") ? [6, 4] : undefined,
         fill: opts.fill ? color(l) + "22" : undefined,
         value: (u, v) => fmt(v, kind),
       }))],
