@@ -4,6 +4,7 @@ requests through it, and waiting for things."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -21,6 +22,11 @@ from typing import Any
 import pytest
 
 from kvtier.redis_process import free_port
+
+# What asking a server that is not listening yet raises: refused, or, when the kernel gave
+# the client the server's own port as its source port, a connection to itself that reads back
+# its own request (BadStatusLine).
+NOT_UP = (OSError, http.client.HTTPException, ValueError)
 
 MODEL = "SmolLM2-135M-Instruct"
 README = Path(__file__).parent.parent / "README.md"
@@ -119,7 +125,7 @@ def running_pod(command: list[str], port: int, log: Path) -> Iterator[PodProcess
             assert proc.poll() is None, log.read_text()[-3000:]
             try:
                 return all(e["healthy"] and e["synced"] for e in pod.state()["engines"])
-            except OSError:
+            except NOT_UP:
                 return False
 
         wait_for(up, 400, "the pod to start")

@@ -29,6 +29,7 @@ from kvtier.redis_process import free_port
 from browser import Page, chromium_page
 from pods import (
     MODEL,
+    NOT_UP,
     README,
     PodProcess,
     as_run,
@@ -62,7 +63,7 @@ def test_the_readme_router_alone_serves_through_the_pods_engines(pod: PodProcess
             assert router.poll() is None, router.stderr.read() if router.stderr else ""
             try:
                 engines = get_json(f"{url}/router/state")["engines"]
-            except OSError:
+            except NOT_UP:
                 return False
             return all(e["healthy"] and e["synced"] for e in engines)
 
@@ -258,7 +259,7 @@ def test_the_console_shows_the_pods_metrics_live_in_chromium(
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
                 try:
                     return bool(get_json(f"http://127.0.0.1:{port}/console/api/data"))
-                except OSError:
+                except NOT_UP:
                     return False
 
             wait_for(listening, 60, "kvtier console to listen")

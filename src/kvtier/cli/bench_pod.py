@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -115,7 +116,7 @@ class PodProcess:
             if self.proc.poll() is not None:
                 raise KvtierError(f"kvtier pod exited; its log ({self.log}) ends with:\n"
                                   + self.log.read_text()[-3000:])  # fmt: skip
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
                 state = get_json(f"{self.url}/router/state")
                 if state["engines"] and all(e["healthy"] and e["synced"]
                                             for e in state["engines"]):  # fmt: skip
@@ -159,7 +160,7 @@ def round_robin_router(workers: list[str], log: Path) -> Iterator[str]:
     try:
         deadline = time.monotonic() + 60
         while True:
-            with contextlib.suppress(OSError, ValueError, KeyError):
+            with contextlib.suppress(OSError, ValueError, KeyError, http.client.HTTPException):
                 if all(e["healthy"] for e in get_json(f"{url}/router/state")["engines"]):
                     break
             if proc.poll() is not None or time.monotonic() > deadline:

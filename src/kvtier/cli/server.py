@@ -6,6 +6,7 @@ what users see: requests over HTTP to an engine in its own processes.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -114,7 +115,7 @@ class Server:
         try:
             urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
             return True
-        except OSError:
+        except (OSError, http.client.HTTPException):  # also a self-connect: port not bound yet
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 raise KvtierError(f"server exited ({code}): {self.tail()}") from None
