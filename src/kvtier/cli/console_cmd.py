@@ -76,5 +76,9 @@ def run(args: argparse.Namespace) -> int:
     Console(args.metrics, state).mount(app)
     print(f"kvtier console: http://{args.host}:{args.port}/console/ (scraping "
           f"{', '.join(args.metrics)})", file=sys.stderr, flush=True)  # fmt: skip
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    try:
+        web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        where = f"{args.host}:{args.port}"
+        raise KvtierError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     return 0
