@@ -1,12 +1,19 @@
-"""The console's arithmetic, on Prometheus text as vLLM writes it: what the page shows from two
-engines' scrapes (the page itself is tested in a real browser in test_pod.py)."""
+"""The console's arithmetic, on Prometheus text as vLLM writes it (what the page shows from two
+engines' scrapes), and when the router's console scrapes; the page itself is tested in a real
+browser in test_pod.py."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
+import aiohttp
+import pytest
+from aiohttp import web
+
+from kvtier.console.app import Console
 from kvtier.console.history import PREFIX, SERIES, History, Point
 from kvtier.console.scrape import Scrape, ScrapeError
+from kvtier.redis_process import free_port
 
 
 def page(requested: float, prefix: float, disk: float, read: float, saved: float,
@@ -109,3 +116,48 @@ kvtier:router_overhead_seconds{quantile="0.5"} NaN
     scrape = Scrape.parse(text, SERIES)
     assert set(scrape.samples) == {"kvtier:tier_up", "vllm:num_requests_running"}
     assert Scrape.parse(text).total("vllm:gpu_cache_usage_perc") == 0.5  # all, unfiltered
+
+
+def test_the_router_console_scrapes_only_while_watched_and_starts_afresh_after_a_pause() -> None:
+    """A Console as the router mounts it (``linger_s``), over real HTTP: an engine page that
+    counts its scrapes, the console's own app, a viewer polling its data."""
+    scrapes = 0
+
+    async def engine_metrics(request: web.Request) -> web.Response:
+        nonlocal scrapes
+        scrapes += 1
+        return web.Response(text=f"kvtier:requested_tokens_total {scrapes * 100}\n")
+
+    async def scenario() -> None:
+        engine, console_app = web.Application(), web.Application()
+        engine.router.add_get("/metrics", engine_metrics)
+        port, console_port = free_port(), free_port()
+        console = Console([f"http://127.0.0.1:{port}/metrics"], interval_s=0.1, linger_s=0.5)
+        console.mount(console_app)
+        runners = [web.AppRunner(engine), web.AppRunner(console_app)]
+        for runner, p in zip(runners, (port, console_port), strict=True):
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", p).start()
+        data = f"http://127.0.0.1:{console_port}/console/api/data"
+        try:
+            async with aiohttp.ClientSession() as session:
+                await asyncio.sleep(0.5)
+                assert scrapes == 0  # nobody watched yet
+                async with session.get(data) as r:
+                    first = await r.json()
+                assert first["totals"]["requested_tokens"] == 100  # scraped for this look
+                await asyncio.sleep(0.6)
+                assert scrapes >= 3  # every interval while watched
+                await asyncio.sleep(1.0)  # past the linger: the scraping stops
+                stopped = scrapes
+                await asyncio.sleep(0.5)
+                assert scrapes == stopped
+                async with session.get(data) as r:
+                    back = await r.json()
+                assert back["t"] == []  # a new history: no interval spanning the pause
+                assert back["totals"]["requested_tokens"] == 100 * scrapes
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+    asyncio.run(scenario())

@@ -161,8 +161,10 @@ class Console:
 
     async def _data(self, request: web.Request) -> web.StreamResponse:
         if self._watched():  # the first look after a pause: what was seen before is stale
-            self.history.clear()
-            self._body = None
+            assert self._round is not None, "not started"
+            async with self._round:  # not while a round reads the history
+                self.history.clear()
+                self._body = None
         if self._body is None:
             await self.scrape()  # no empty page: this round's data now
         if self._body is None:
