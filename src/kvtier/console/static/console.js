@@ -52,7 +52,8 @@ function lineChart(id, t, table, kind, opts = {}) {
     const width = Math.max(el.clientWidth, 280);
     const plot = new uPlot({
       width, height: 190,
-      scales: { x: { time: true }, y: opts.y || {} },
+      // From zero, and an idle chart spans 0-1 rather than uPlot's 0-100.
+      scales: { x: { time: true }, y: opts.y || { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] } },
       series: [{}, ...labels.map((l) => ({
         label: l, stroke: color(l), width: 2, spanGaps: false,
         dash: l.endsWith(" written") || l.endsWith(" waiting") ? [6, 4] : undefined,
