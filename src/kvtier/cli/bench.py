@@ -34,13 +34,17 @@ import redis
 from tqdm import tqdm
 
 from kvtier.cli import bench_overlap, bench_pod, bench_ttft, raw_io
+from kvtier.cli.serve import has_gpu
 from kvtier.codec import KVChunk
+from kvtier.integrations.engine_dtype import host_dtype
 from kvtier.keys import Namespace
 from kvtier.redis_process import RedisServer
 from kvtier.store import TieredStore
 from kvtier.tiers import DiskTier, MemoryTier, RedisTier
 
 SMOLLM2 = (30, 2, 256, 3, 64)  # 256 tokens of SmolLM2-135M: 5,898,240 bytes in bf16
+# Stored KV dtypes: (numpy type holding its bits, bytes per value)
+KV_BITS = {"bfloat16": (np.uint16, 2), "float16": (np.uint16, 2), "float32": (np.uint32, 4)}
 TARGETS = {"memory": 0.7, "disk": 0.7, "redis": 0.8}
 RAW = {
     "memory": "numpy memcpy into preallocated buffers",
@@ -62,9 +66,14 @@ def register(sub: Any) -> None:
     s.add_argument(
         "--chunk-mb",
         type=float,
-        default=5.9,
-        help="chunk size in MB (default 5.9: 256 tokens of SmolLM2-135M in bf16;"
-        " 32 is 256 tokens of Llama-3-8B)",
+        help="chunk size in MB (default: 256 tokens of SmolLM2-135M in --dtype, 5.9 in bf16,"
+        " 11.8 in fp32; 32 is 256 tokens of Llama-3-8B in bf16)",
+    )
+    s.add_argument(
+        "--dtype",
+        choices=sorted(KV_BITS),
+        help="KV dtype of the chunks (default: the engine dtype `kvtier serve` picks on this"
+        " host, measured: float32 on CPUs without AVX-512 BF16/AMX, else bfloat16)",
     )
     s.add_argument("--total-mb", type=float, default=1024, help="bytes moved per round (MB)")
     s.add_argument("--repeat", type=int, default=3, help="rounds; the best of each is kept")
@@ -108,23 +117,31 @@ class BenchResult:
     raw: str
     get_view_gbps: float | None = None  # memory: store.get, zero-copy views of the tier
     cold: bool = False
+    kv_dtype: str = "bfloat16"
+    host: str = ""  # the CPU and how the dtype was chosen
 
 
-def _shape_for(chunk_mb: float) -> tuple[int, ...]:
-    layers, kv, tokens, _, dim = SMOLLM2
-    per_head = layers * kv * tokens * dim * 2
-    heads = max(1, round(chunk_mb * 1e6 / per_head))
+def _shape_for(chunk_mb: float | None, dtype: str) -> tuple[int, ...]:
+    layers, kv, tokens, heads, dim = SMOLLM2
+    if chunk_mb is not None:
+        per_head = layers * kv * tokens * dim * KV_BITS[dtype][1]
+        heads = max(1, round(chunk_mb * 1e6 / per_head))
     return (layers, kv, tokens, heads, dim)
 
 
-def _workload(chunk_mb: float, total_mb: float) -> tuple[np.ndarray, list[KVChunk], int]:
-    shape = _shape_for(chunk_mb)
-    chunk_bytes = int(np.prod(shape)) * 2
+def _workload(
+    chunk_mb: float | None, total_mb: float, dtype: str
+) -> tuple[np.ndarray, list[KVChunk], int]:
+    shape = _shape_for(chunk_mb, dtype)
+    bits, itemsize = KV_BITS[dtype]
+    chunk_bytes = int(np.prod(shape)) * itemsize
     n = max(1, round(total_mb * 1e6 / chunk_bytes))
     rng = np.random.default_rng(0)
+    # Random bits: incompressible, as KV is to the lossless codecs (a float32 NaN pattern is
+    # as good as any other value to the store, which moves and checksums bytes).
+    top = 2 ** (8 * itemsize)
     chunks = [
-        KVChunk.from_array(rng.integers(0, 2**16, size=shape, dtype=np.uint16), "bfloat16")
-        for _ in range(n)
+        KVChunk.from_array(rng.integers(0, top, size=shape, dtype=bits), dtype) for _ in range(n)
     ]
     tokens = rng.integers(0, 49152, size=n * shape[2], dtype=np.uint32)
     return tokens, chunks, chunk_bytes
@@ -146,11 +163,13 @@ def _redis_url(url: str | None) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.repeat < 1 or args.chunk_mb <= 0 or args.total_mb <= 0:
+    if args.repeat < 1 or (args.chunk_mb is not None and args.chunk_mb <= 0) or args.total_mb <= 0:
         raise SystemExit("kvtier bench store: --repeat, --chunk-mb and --total-mb must be > 0")
-    tokens, chunks, chunk_bytes = _workload(args.chunk_mb, args.total_mb)
+    choice = host_dtype(args.dtype, has_gpu())
+    dtype = choice.kv_dtype
+    tokens, chunks, chunk_bytes = _workload(args.chunk_mb, args.total_mb, dtype)
     total = chunk_bytes * len(chunks)
-    ns = Namespace("bench/smollm2-shaped", kv_dtype="bfloat16")
+    ns = Namespace("bench/smollm2-shaped", kv_dtype=dtype)
     progress = tqdm(
         total=args.repeat, desc=f"bench {args.tier}", unit="round", file=sys.stderr, disable=None
     )
@@ -174,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
         raw=RAW[args.tier],
         get_view_gbps=gb / best["get_view"] if "get_view" in best else None,
         cold=bool(args.cold and args.tier == "disk"),
+        kv_dtype=dtype,
+        host=choice.summary(),
     )
     if args.json:
         print(json.dumps(asdict(result)))
@@ -185,8 +206,10 @@ def run(args: argparse.Namespace) -> int:
 def _print_table(r: BenchResult) -> None:
     print(
         f"kvtier bench store: tier {r.tier}, {r.chunks} chunks of {r.chunk_bytes / 1e6:.1f} MB"
-        f" ({r.total_bytes / 1e9:.2f} GB), best of {r.repeat}{' (cold reads)' if r.cold else ''}"
+        f" ({r.total_bytes / 1e9:.2f} GB) of {r.kv_dtype} KV, best of {r.repeat}"
+        f"{' (cold reads)' if r.cold else ''}"
     )
+    print(f"  measured on: {r.host}")
     print(f"  {'':<12}{'put GB/s':>10}{'get GB/s':>10}")
     print(f"  {'kvtier':<12}{r.put_gbps:>10.2f}{r.get_gbps:>10.2f}")
     print(f"  {'raw medium':<12}{r.raw_put_gbps:>10.2f}{r.raw_get_gbps:>10.2f}   ({r.raw})")

@@ -34,9 +34,11 @@ import numpy as np
 from tqdm import tqdm
 
 from kvtier.cli.bench_ttft import NO_PREFIX_CACHE, SERVE_OPTIONS, drop_page_cache, prompt
+from kvtier.cli.serve import has_gpu
 from kvtier.cli.server import Server, kvtier_serve_command
 from kvtier.config import LOAD_MODES
 from kvtier.errors import KvtierError
+from kvtier.integrations.engine_dtype import DtypeChoice, host_dtype
 from kvtier.redis_process import RedisServer, free_port
 
 TIERS = ("disk", "redis")
@@ -63,6 +65,10 @@ def register(bsub: Any) -> None:
     p.add_argument("--repeat", type=int, default=3, help="long prompts per tier and mode (3)")
     p.add_argument("--warm-tokens", type=int, default=30, help="stream tokens before the load")
     p.add_argument("--redis", metavar="URL", help="Redis to use (default: a private server)")
+    p.add_argument(
+        "--dtype", metavar="DTYPE",
+        help="the engines' dtype (vLLM's --dtype; default: the faster on this host, measured)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -80,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             "kvtier bench overlap: --tokens in (256, 8192), --repeat >= 1, --warm-tokens >= 2"
         )
+    dtype = host_dtype(args.dtype, has_gpu())
+    print(f"kvtier bench overlap: {dtype.summary()}", file=sys.stderr)
     total = len(modes) * args.repeat * (1 + len(tiers)) + 2 * args.repeat * reference
     bar = tqdm(total=total, desc="bench overlap", unit="request", file=sys.stderr, disable=None)
     rows: list[dict[str, Any]] = []
@@ -92,12 +100,12 @@ def run(args: argparse.Namespace) -> int:
             m: [prompt(f"overlap-{m}", args.tokens, k) for k in range(args.repeat)] for m in modes
         }
         writer = ["--disk", str(work / "disk")] + (["--redis", redis_url] if redis_url else [])
-        with _server(work, "writer", *writer) as first:
+        with _server(work, "writer", dtype, *writer) as first:
             for ids in (ids for m in modes for ids in longs[m]):
                 first.complete(ids, max_tokens=1)
                 bar.update()
         if reference:
-            rows.append(_prefix_row(work, args, bar))
+            rows.append(_prefix_row(work, args, dtype, bar))
         dropped = False
         for tier in tiers:
             options = ["--disk", str(work / "disk")] if tier == "disk" else ["--disk", "none"]
@@ -106,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
                 if tier == "disk":
                     dropped = drop_page_cache()
                 label = f"{tier}-{mode}"
-                with _server(work, label, *options, *NO_PREFIX_CACHE, "--loads", mode) as server:
+                loads = [*options, *NO_PREFIX_CACHE, "--loads", mode]
+                with _server(work, label, dtype, *loads) as server:
                     trials = []
                     for k, ids in enumerate(longs[mode]):
                         trials.append(_trial(server, ids, prompt(label, 64, k), args.warm_tokens))
@@ -119,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         "layers": _layers(),
         "cache_dropped": dropped,
         "repeat": args.repeat,
+        "engine_dtype": dtype.as_dict(),
     }
     if args.json:
         print(json.dumps(result))
@@ -127,11 +137,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prefix_row(work: Path, args: argparse.Namespace, bar: tqdm[Any]) -> dict[str, Any]:
+def _prefix_row(
+    work: Path, args: argparse.Namespace, dtype: DtypeChoice, bar: tqdm[Any]
+) -> dict[str, Any]:
     """The reference: the same trial where the long prompt hits vLLM's own prefix cache, so
     that nothing is loaded; the stream still waits for the step that computes the prompt's
     last tokens over its whole context, as it would after any hit."""
-    with _server(work, "prefix", "--disk", "none") as server:
+    with _server(work, "prefix", dtype, "--disk", "none") as server:
         trials = []
         for k in range(args.repeat):
             long = prompt("overlap-prefix", args.tokens, k)
@@ -142,10 +154,10 @@ def _prefix_row(work: Path, args: argparse.Namespace, bar: tqdm[Any]) -> dict[st
         return _row("-", "prefix", trials, server)
 
 
-def _server(work: Path, label: str, *options: str) -> Server:
+def _server(work: Path, label: str, dtype: DtypeChoice, *options: str) -> Server:
     port = free_port()
     return Server(
-        kvtier_serve_command(port, *SERVE_OPTIONS, *options),
+        kvtier_serve_command(port, *SERVE_OPTIONS, *dtype.serve_options(), *options),
         port,
         work / f"{label}.log",
         warm_up=True,
@@ -227,6 +239,7 @@ def _print(result: dict[str, Any]) -> None:
         f"kvtier bench overlap: a stream decoding while a {result['tokens']}-token prompt loads"
         f" (median of {result['repeat']}; ITL in ms, before the prompt / while it is served)"
     )
+    print(f"  measured on: {DtypeChoice.from_dict(result['engine_dtype']).summary()}")
     print(
         f"  {'tier':<6}{'mode':<6}{'TTFT s':>8}{'load ms':>9}{'ITL p50':>9}{'p99':>7}"
         f"{'p90 during':>12}{'p99 during':>12}{'max during':>12}{'gaps':>6}"

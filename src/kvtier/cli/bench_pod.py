@@ -48,23 +48,25 @@ from typing import Any
 import aiohttp
 from tqdm import tqdm
 
+from kvtier.cli.serve import has_gpu
 from kvtier.config import parse_size
 from kvtier.errors import KvtierError
+from kvtier.integrations.engine_dtype import DtypeChoice, host_dtype
 from kvtier.pod import workload
 from kvtier.redis_process import free_port
 
 MODEL = "SmolLM2-135M-Instruct"
 ENGINE_OPTIONS = ("--num-gpu-blocks-override", "80", "--max-model-len", "8192",
                   "--enable-prompt-tokens-details", "--disk", "none")  # fmt: skip
-KV_BYTES_PER_TOKEN = 23_040  # the embedded model's KV cache per token, in bf16
+KV_VALUES_PER_TOKEN = 11_520  # the embedded model's: 30 layers x K,V x 3 heads x 64 dims
 TURN_TOKENS = 40  # a question and the chat template around a turn, about
 DRAM_SHARE = 0.6  # of all users' contexts, each engine's DRAM tier holds this much (default)
 
 
-def contexts_bytes(args: argparse.Namespace) -> int:
-    """KV bytes of every user's whole conversation."""
+def contexts_bytes(args: argparse.Namespace, dtype: DtypeChoice) -> int:
+    """KV bytes of every user's whole conversation, in the engines' KV dtype."""
     per_user = args.context + args.turns * (args.answer + TURN_TOKENS)
-    return int(args.users * per_user * KV_BYTES_PER_TOKEN)
+    return int(args.users * per_user * KV_VALUES_PER_TOKEN * dtype.kv_itemsize)
 
 
 def register(bsub: Any) -> None:
@@ -92,6 +94,11 @@ def register(bsub: Any) -> None:
         metavar="SIZE",
         help="each engine's DRAM tier (default: 60%% of all users' contexts)",
     )
+    p.add_argument(
+        "--dtype", metavar="DTYPE",
+        help="the engines' dtype (vLLM's --dtype; default: the faster on this host, measured"
+        " once for every pod, as `kvtier pod` does)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=run)
@@ -103,7 +110,8 @@ class PodProcess:
     def __init__(self, args: list[str], state: Path, log: Path, dram: int):
         self.port = free_port()
         command = [sys.executable, "-m", "kvtier.cli.main", "pod", "--port", str(self.port),
-                   "--state", str(state), "--dram", str(dram), *args, *ENGINE_OPTIONS]  # fmt: skip
+                   "--state", str(state), "--dram", str(dram), *args,
+                   *ENGINE_OPTIONS]  # fmt: skip
         self.log = log
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
@@ -273,8 +281,11 @@ def run(args: argparse.Namespace) -> int:
     if not 1000 <= args.overhead_tokens <= 8000 or not 256 <= args.context <= 6000:
         raise KvtierError("--overhead-tokens must be in [1000, 8000] and --context in"
                           " [256, 6000] (the model takes 8,192 tokens)")  # fmt: skip
+    dtype = host_dtype(args.dtype, has_gpu())  # one choice for every pod: comparable runs
+    print(f"kvtier bench pod: {dtype.summary()}", file=sys.stderr)
+    engines = dtype.serve_options()
     dram = (parse_size(args.dram, "--dram") if args.dram
-            else int(DRAM_SHARE * contexts_bytes(args)))  # fmt: skip
+            else int(DRAM_SHARE * contexts_bytes(args, dtype)))  # fmt: skip
     routing: list[dict[str, Any]] = []
     pd: list[dict[str, Any]] = []
     overheads: list[float] = []
@@ -287,11 +298,11 @@ def run(args: argparse.Namespace) -> int:
         work = Path(tmp)
         if "routing" not in args.skip:
             bar.set_postfix_str("round-robin, no shared tier")
-            with pod(["--redis", "none", "--policy", "round-robin"], work, "rr-local",
+            with pod(["--redis", "none", "--policy", "round-robin", *engines], work, "rr-local",
                      dram) as (p, s):  # fmt: skip
                 urls = [e["url"] for e in s["engines"]]
                 routing.append(chat_row("round-robin", p.url, urls, args, bar))
-        with pod([], work, "colocated", dram) as (p, s):
+        with pod(engines, work, "colocated", dram) as (p, s):
             urls = [e["url"] for e in s["engines"]]
             if "routing" not in args.skip:
                 bar.set_postfix_str("round-robin over the shared tier")
@@ -306,7 +317,8 @@ def run(args: argparse.Namespace) -> int:
                 bar.set_postfix_str("colocated, streams + long prompts")
                 pd.append(pd_row("colocated", p.url, args, bar))
         if "pd" not in args.skip:
-            with pod(["--prefill", "1", "--decode", "1"], work, "disaggregated", dram) as (p, s):
+            disaggregated = ["--prefill", "1", "--decode", "1", *engines]
+            with pod(disaggregated, work, "disaggregated", dram) as (p, s):
                 bar.set_postfix_str("disaggregated, streams + long prompts")
                 pd.append(pd_row("disaggregated", p.url, args, bar))
     result = {
@@ -314,10 +326,11 @@ def run(args: argparse.Namespace) -> int:
             f"kvtier pod over HTTP, 2 engines on one core each; {args.users} users x"
             f" {args.turns} turns, {args.context}-token documents, {args.answer}-token answers,"
             f" 2 at a time; each engine's DRAM tier {dram / 2**20:.0f} MiB (no disk tier),"
-            f" {dram / contexts_bytes(args):.0%} of the users' contexts; P/D: {args.streams}"
-            f" streams decoding while {args.long} cold"
-            f" {args.long_tokens}-token prompts arrive every {args.every:g} s"
+            f" {dram / contexts_bytes(args, dtype):.0%} of the users' contexts; P/D:"
+            f" {args.streams} streams decoding while {args.long} cold"
+            f" {args.long_tokens}-token prompts arrive every {args.every:g} s; {dtype.summary()}"
         ),
+        "engine_dtype": dtype.as_dict(),
         "routing": routing,
         "pd": pd,
         "router_overhead_ms_p99": _r(workload.percentile(overheads, 0.99)),

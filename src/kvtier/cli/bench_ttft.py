@@ -42,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kvtier.cli import raw_io
+from kvtier.cli.serve import has_gpu
 from kvtier.cli.server import (
     PLAIN_VLLM_ENV,
     Completion,
@@ -50,6 +51,7 @@ from kvtier.cli.server import (
     plain_vllm_command,
 )
 from kvtier.errors import KvtierError
+from kvtier.integrations.engine_dtype import DtypeChoice, host_dtype
 from kvtier.integrations.ttft_worker import MARK
 from kvtier.redis_process import RedisServer, free_port
 
@@ -81,6 +83,11 @@ def register(bsub: Any) -> None:
     p.add_argument("--rounds", type=int, default=3, help="timed overhead rounds per engine")
     p.add_argument("--engines", type=int, default=3, help="overhead engines per side")
     p.add_argument("--repeat", type=int, default=3, help="requests per path (median reported)")
+    p.add_argument(
+        "--dtype", metavar="DTYPE",
+        help="every engine's dtype (vLLM's --dtype; default: the faster of bfloat16 and float32"
+        " on this host, measured as `kvtier serve` does)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -122,11 +129,14 @@ class _Run:
         return Server(command(port), port, log, env=env, warm_up=True)
 
     def kvtier(self, *options: str) -> Server:
-        return self.server(lambda port: kvtier_serve_command(port, *SERVE_OPTIONS, *options))
+        dtype = self.args.engine_dtype.serve_options()
+        return self.server(
+            lambda port: kvtier_serve_command(port, *SERVE_OPTIONS, *dtype, *options)
+        )
 
     def vllm(self, *options: str) -> Server:
         def command(port: int) -> list[str]:
-            return plain_vllm_command(port, *SERVE_OPTIONS, *options)
+            return plain_vllm_command(port, *SERVE_OPTIONS, *options, dtype=self.args.engine_dtype)
 
         return self.server(command, PLAIN_VLLM_ENV)
 
@@ -177,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
             "kvtier bench ttft: --batch, --rounds, --repeat and --engines must be at least 1"
         )
     args.lengths = lengths
+    args.engine_dtype = host_dtype(args.dtype, has_gpu())
+    print(f"kvtier bench ttft: {args.engine_dtype.summary()}", file=sys.stderr)
     r = args.repeat
     per_length = (
         3 * r + (r + 1) * ("memory" in tiers) + r * (("disk" in tiers) + ("redis" in tiers))
@@ -205,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         "repeat": r,
         "cores": bench.cores,
         "raw": bench.raw,
+        "engine_dtype": args.engine_dtype.as_dict(),
     }
     if args.json:
         print(json.dumps(result))
@@ -295,7 +308,8 @@ def _example_paths(bench: _Run, lengths: list[int]) -> None:
 
 def _overhead(args: argparse.Namespace, work: Path, bar: tqdm[Any]) -> dict[str, Any]:
     """The no-reuse overhead, paired in one engine process (see the module docstring)."""
-    batch = {"batch": args.batch, "rounds": args.rounds, "tokens": 1024, "stats": True}
+    batch = {"batch": args.batch, "rounds": args.rounds, "tokens": 1024, "stats": True,
+             "dtype": args.engine_dtype.dtype}  # fmt: skip
     rounds: dict[str, list[float]] = {"off": [], "on": [], "bypassed": []}
     pairs: list[float] = []  # on / bypassed, each pair in one engine, back to back
     errors: list[str] = []
@@ -344,6 +358,7 @@ def _print(result: dict[str, Any], lengths: list[int]) -> None:
         f" {result['repeat']} requests, in seconds (x = speed-up over cold;"
         " r = prompt tokens the engine recomputed)"
     )
+    print(f"  measured on: {DtypeChoice.from_dict(result['engine_dtype']).summary()}")
     print(f"  {'path':<18}" + "".join(f"{n:>22}" for n in lengths))
     cold = {r["tokens"]: r["ttft_s"] for r in rows if r["path"] == "cold"}
     for path in paths:

@@ -5,7 +5,8 @@ Each engine is a ``kvtier serve`` with its own DRAM and disk tiers; all share on
 (a private redis-server on a free loopback port, or --redis URL for an existing Redis, Valkey,
 Kvrocks or Redis Cluster); the router listens on --port and sends each request to the engine
 where its context already is. On CPU each engine computes on its own cores. Ctrl-C stops
-everything it started. Options kvtier does not know go to every engine's vLLM.
+everything it started. Options kvtier does not know go to every engine's vLLM. The engines'
+dtype (vLLM's --dtype) is measured once for all of them unless given: see `kvtier serve`.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     state = args.state.expanduser()
     logs = state / "logs" / time.strftime("%Y%m%d-%H%M%S")
     logs.mkdir(parents=True, exist_ok=True)
-    options = ["--dram", args.dram, *getattr(args, "extra", [])]
+    extra = list(getattr(args, "extra", []))
+    options = ["--dram", args.dram, *extra, *pod_dtype_options(extra)]
     specs = plan_pod(engines, args.engine_port, state, logs, sorted(os.sched_getaffinity(0)),
                      options, prefill)  # fmt: skip
     pod = Pod(specs, args.redis)
@@ -93,6 +95,18 @@ def run(args: argparse.Namespace) -> int:
         print("kvtier pod: stopping engines", file=sys.stderr, flush=True)
         pod.stop()
     return 0
+
+
+def pod_dtype_options(extra: list[str]) -> list[str]:
+    """The engines' dtype, chosen once for all of them (see :func:`engine_dtype`): the user's
+    ``--dtype`` (already among ``extra``), else measured here and handed to each engine."""
+    from kvtier.cli.serve import HANDED_DTYPE, engine_dtype, option
+
+    choice = engine_dtype(argparse.Namespace(), extra)
+    print(f"kvtier pod: {choice.line()}", file=sys.stderr)
+    if option(extra, "--dtype") is not None or option(extra, HANDED_DTYPE) is not None:
+        return []  # already among the options every engine gets (a benchmark's choice)
+    return choice.serve_options()
 
 
 def _engine_counts(args: argparse.Namespace) -> tuple[int, int]:

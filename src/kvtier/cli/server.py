@@ -24,6 +24,7 @@ from typing import Any
 
 from kvtier.cli.serve import DEFAULT_MODEL_NAME, has_gpu
 from kvtier.errors import KvtierError
+from kvtier.integrations.engine_dtype import DtypeChoice
 
 
 @dataclass(frozen=True)
@@ -53,18 +54,22 @@ def kvtier_serve_command(port: int, *options: str) -> list[str]:
 PLAIN_VLLM_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
-def plain_vllm_command(port: int, *options: str) -> list[str]:
+def plain_vllm_command(port: int, *options: str, dtype: DtypeChoice | None = None) -> list[str]:
     """vLLM's own OpenAI server with the flags ``kvtier serve`` gives it, minus the connector
-    (run it with :data:`PLAIN_VLLM_ENV` for the same cores)."""
+    (run it with :data:`PLAIN_VLLM_ENV` for the same cores), computing in ``dtype`` (the
+    kvtier servers' choice: a comparison runs both in one dtype)."""
     from kvtier.integrations.model import prepare_default_model
 
+    model = prepare_default_model(dtype=dtype.dtype if dtype else "bfloat16")
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(prepare_default_model()), "--served-model-name", DEFAULT_MODEL_NAME,
+        "--model", str(model), "--served-model-name", DEFAULT_MODEL_NAME,
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     if not has_gpu():
         command.append("--enforce-eager")
+    if dtype is not None:
+        command += dtype.vllm_options()
     return command + list(options)
 
 

@@ -3,14 +3,14 @@ kvtier.integrations.ttft_worker '<job JSON>'``. Prints one JSON line (after the 
 measured seconds.
 
 A job names the connector (``none``, or ``kvtier`` with a store configuration) and sends
-``rounds`` batches of ``batch`` distinct prompts of ``tokens`` tokens, reporting the time of
-each (throughput: nothing is ever reused); with ``stats``, vLLM's statistics are on, as in a
-server, and kvtier's metrics with them. With ``paired`` (kvtier only) every
-round is run twice in the same engine, the connector working in one and bypassed in the other
-(every method returns at once, its metrics too, as if no connector were configured), in
-alternating order; the bypassed times come back as ``bypassed``. Identical engine processes
-differ from each other by several percent here, while rounds within one engine agree to about
-one: pairs in one engine measure kvtier's own cost.
+``rounds`` batches of ``batch`` distinct prompts of ``tokens`` tokens in ``dtype`` (the
+engine's), reporting the time of each (throughput: nothing is ever reused); with ``stats``,
+vLLM's statistics are on, as in a server, and kvtier's metrics with them. With ``paired``
+(kvtier only) every round is run twice in the same engine, the connector working in one and
+bypassed in the other (every method returns at once, its metrics too, as if no connector were
+configured), in alternating order; the bypassed times come back as ``bypassed``. Identical
+engine processes differ from each other by several percent here, while rounds within one engine
+agree to about one: pairs in one engine measure kvtier's own cost.
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ def build_llm(job: dict[str, Any]) -> Any:
             kv_load_failure_policy="recompute",
             kv_connector_extra_config=job["store"],
         )
+    dtype = job.get("dtype", "bfloat16")
     return LLM(
-        model=job.get("model") or str(prepare_default_model()),
+        model=job.get("model") or str(prepare_default_model(dtype=dtype)),
+        dtype=dtype,
         enforce_eager=True,
         enable_prefix_caching=False,
         max_model_len=8192,

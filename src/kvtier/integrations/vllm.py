@@ -121,6 +121,7 @@ class KvtierConnector(KVConnectorBase_V1):
         options = ConnectorOptions.take(extra)  # what kvtier serve adds to the store's config
         self._loads, self._feed_port = options.loads, options.feed_port
         self._kv_events, self._write_through = options.kv_events, options.write_through
+        self._engine_dtype = options.engine_dtype
         self._feed: EventFeed | None = None
         self._config = config_from_dict(extra, "kv_connector_extra_config")
         self._block_size = vllm_config.cache_config.block_size
@@ -422,7 +423,7 @@ class KvtierConnector(KVConnectorBase_V1):
         """Publish what this worker's store holds, for ``kvtier router`` (see pod.feed)."""
         per_token = math.prod(chunk_shape) * self._layers[0].element_size() // self._chunk
         feed = store_feed(self._store, self._config, self._namespace(None), self._block_size,
-                          per_token, self._kv_events)  # fmt: skip
+                          per_token, self._kv_events, self._engine_dtype)  # fmt: skip
         self._feed = feed if feed.start("127.0.0.1", port) else None
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:

@@ -23,13 +23,15 @@ requests_log = logging.getLogger("kvtier.requests")
 class ConnectorOptions:
     """The connector's own keys in ``kv_connector_extra_config`` (the rest is the store's
     configuration): how hits load, the router feed's port, where vLLM publishes its KV
-    events, and write-through (a prefill engine's answer must not return before its chunks
-    are in every tier: the decode engine loads them from the shared one)."""
+    events, write-through (a prefill engine's answer must not return before its chunks
+    are in every tier: the decode engine loads them from the shared one), and the engine's
+    dtype as ``kvtier serve`` chose it (reported in ``/kvtier/info``)."""
 
     loads: str = "auto"
     feed_port: int | None = None
     kv_events: dict[str, Any] | None = None
     write_through: bool = False
+    engine_dtype: dict[str, Any] | None = None
 
     @classmethod
     def take(cls, extra: dict[str, Any]) -> ConnectorOptions:
@@ -38,6 +40,7 @@ class ConnectorOptions:
         options = cls(
             extra.pop("loads", "auto"), extra.pop("feed_port", None),
             extra.pop("kv_events", None), extra.pop("write_through", False),
+            extra.pop("engine_dtype", None),
         )  # fmt: skip
         if options.loads not in LOAD_MODES:
             raise ConfigError(f"{where}: loads: expected one of {', '.join(LOAD_MODES)}, got"

@@ -5,7 +5,9 @@ exposes it on the engine's own HTTP port under ``/kvtier/`` (:mod:`kvtier.pod.en
 
 - ``GET /kvtier/info``: epoch, last sequence number, the namespace fields, chunk and block
   sizes, KV bytes per token, the tiers (name, kind) and their read counters, and where vLLM
-  publishes its own KV events (``kv_events``: port and topic; see :mod:`kvtier.pod.blocks`).
+  publishes its own KV events (``kv_events``: port and topic; see :mod:`kvtier.pod.blocks`),
+  and the engine's dtype with the reason for it (``engine_dtype``: dtype, source, reason, CPU,
+  measured GFLOP/s; see :mod:`kvtier.integrations.engine_dtype`).
 - ``GET /kvtier/snapshot``: the keys each local tier holds, as of a sequence number.
 - ``GET /kvtier/events?epoch=E&after=S&wait=W``: the events after S (long-polled up to W
   seconds), or ``{"resync": true}`` when S is gone from the ring or E is not this feed's epoch
@@ -193,11 +195,13 @@ def store_feed(
     block_size: int,
     bytes_per_token: int,
     kv_events: dict[str, Any] | None = None,
+    engine_dtype: dict[str, Any] | None = None,
 ) -> EventFeed:
     """The feed of an engine's ``store``, subscribed to its events (not yet served).
 
     ``namespace``: the engine's, without a salt (the router adds each request's);
-    ``kv_events``: where vLLM publishes its own KV events (``{"port", "topic"}``), if it does.
+    ``kv_events``: where vLLM publishes its own KV events (``{"port", "topic"}``), if it does;
+    ``engine_dtype``: the engine's dtype, who chose it and why (``kvtier serve``'s choice).
     """
     tiers = [(t.name, TIER_KIND.get(t.kind, t.kind), t) for t in config.tiers]
     info = {
@@ -215,6 +219,7 @@ def store_feed(
             if isinstance(t, RedisTierConfig)
         ],
         "kv_events": kv_events,
+        "engine_dtype": engine_dtype,
     }  # fmt: skip
     by_name = {t.name: t for t in store.tiers}
 
