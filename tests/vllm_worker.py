@@ -51,7 +51,7 @@ def main() -> None:
             kv_connector_extra_config=config,
         )
     llm = LLM(
-        model=str(prepare_default_model()),
+        model=str(prepare_default_model(dtype="float32")),  # the fp32 checkpoint: no conversion
         enforce_eager=True,
         dtype="float32",
         enable_prefix_caching=prefix_caching,

@@ -33,7 +33,7 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from kvtier.cli import bench_overlap, bench_pod, bench_ttft, raw_io
+from kvtier.cli import bench_dtype, bench_overlap, bench_pod, bench_ttft, raw_io
 from kvtier.cli.serve import has_gpu
 from kvtier.codec import KVChunk
 from kvtier.integrations.engine_dtype import host_dtype
@@ -98,6 +98,7 @@ def register(sub: Any) -> None:
     bench_ttft.register(bsub)
     bench_overlap.register(bsub)
     bench_pod.register(bsub)
+    bench_dtype.register(bsub)
 
 
 @dataclass
