@@ -38,17 +38,24 @@ def test_bench_store_prints_its_figures(tier: str, tmp_path: Path) -> None:
         "bench", "store", "--tier", tier, "--total-mb", "24", "--repeat", "1", "--json", *extra
     )
     figures = json.loads(result.stdout)
-    assert figures["tier"] == tier and figures["chunks"] == 4
-    assert figures["chunk_bytes"] == 5_898_240  # 256 tokens of SmolLM2-135M in bf16
+    # 256 tokens of SmolLM2-135M in the KV dtype of this host's engine: 5,898,240 bytes in
+    # bf16, twice that in fp32 (a CPU without native bf16)
+    itemsize = {"bfloat16": 2, "float32": 4}[figures["kv_dtype"]]
+    assert figures["chunk_bytes"] == 256 * 30 * 2 * 3 * 64 * itemsize
+    assert figures["tier"] == tier and figures["chunks"] == round(24e6 / figures["chunk_bytes"])
+    assert f"engine dtype {figures['kv_dtype']}" in figures["host"]
     for key in ("put_gbps", "get_gbps", "raw_put_gbps", "raw_get_gbps", "get_ratio"):
         assert figures[key] > 0
     assert figures["get_ratio"] == pytest.approx(figures["get_gbps"] / figures["raw_get_gbps"])
     if tier == "disk":
         assert list(tmp_path.iterdir()) == []  # cleaned up after itself
     table = kvtier(
-        "bench", "store", "--tier", tier, "--total-mb", "12", "--repeat", "1", *extra
-    ).stdout
+        "bench", "store", "--tier", tier, "--total-mb", "12", "--repeat", "1", "--dtype",
+        "bfloat16", *extra,
+    ).stdout  # fmt: skip
     assert "raw medium" in table and "ratio" in table
+    assert "2 chunks of 5.9 MB (0.01 GB) of bfloat16 KV" in table
+    assert "measured on: CPU " in table
 
 
 def _disk_with_chunks(root: Path) -> list[Path]:
