@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KVTIER := $(VENV)/bin/kvtier
 
-.PHONY: install serve test lint typecheck bench clean
+.PHONY: install serve test unit lint typecheck bench clean
 
 install:
 	@bash scripts/install.sh
@@ -15,8 +15,14 @@ serve: install
 test:
 	@bash scripts/install.sh --browser
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q --durations=15
+
+# The edit-test loop: every test that starts no vLLM engine (about 5 minutes on 2 cores).
+unit: install
+	$(PY) -m pytest -q -x --ignore=tests/test_pod.py --ignore=tests/test_vllm.py \
+		--ignore=tests/test_readme_serve.py
 
 lint: install
 	$(VENV)/bin/ruff check src tests

@@ -189,6 +189,7 @@ def test_pod_commands_refuse_bad_combinations_before_starting_anything(
         (("router", "--worker", "127.0.0.1:8001"), "is not an http:// or https:// URL"),
         (("router",), "no engine"),
         (("bench", "pod", "--overhead-tokens", "9000"), "--overhead-tokens must be in"),
+        (("bench", "dtype", "--tokens", "100"), "--tokens in (256, 8192)"),
     ]
     for args, message in cases:
         assert main(list(args)) == 2, args

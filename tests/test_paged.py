@@ -10,14 +10,14 @@ from kvtier.integrations.paged import block_view, blocks_to_chunks, chunks_to_bl
 LAYERS, HEADS, BLOCK, DIM, NBLOCKS = 3, 2, 4, 5, 12
 
 
-def make(layout: str) -> list[torch.Tensor]:
+def make(layout: str, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
     torch.manual_seed(0)
     shape = {
         "cpu": (NBLOCKS, HEADS, BLOCK, 2 * DIM),
         "flash_attn": (2, NBLOCKS, BLOCK, HEADS, DIM),
         "flashinfer": (NBLOCKS, 2, BLOCK, HEADS, DIM),
     }[layout]
-    return [torch.randn(shape, dtype=torch.bfloat16) for _ in range(LAYERS)]
+    return [torch.randn(shape, dtype=dtype) for _ in range(LAYERS)]
 
 
 def k_and_v(layout: str, layer: torch.Tensor, block: int, offset: int) -> tuple[torch.Tensor, ...]:
@@ -29,9 +29,12 @@ def k_and_v(layout: str, layer: torch.Tensor, block: int, offset: int) -> tuple[
     return layer[block, 0, offset], layer[block, 1, offset]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # the engine's, per host
 @pytest.mark.parametrize("layout", ["cpu", "flash_attn", "flashinfer"])
-def test_gather_puts_k_then_v_of_each_token_in_chunk_layout(layout: str) -> None:
-    raw = make(layout)
+def test_gather_puts_k_then_v_of_each_token_in_chunk_layout(
+    layout: str, dtype: torch.dtype
+) -> None:
+    raw = make(layout, dtype)
     views = [block_view(t, HEADS, DIM) for t in raw]
     chunks = blocks_to_chunks(views, [7, 2, 5, 0], 8)  # two chunks of 8 tokens, 2 blocks each
     assert chunks.shape == (2, LAYERS, 2, 8, HEADS, DIM)
@@ -41,9 +44,12 @@ def test_gather_puts_k_then_v_of_each_token_in_chunk_layout(layout: str) -> None
     assert torch.equal(chunks[1, 2, 0, 3], k) and torch.equal(chunks[1, 2, 1, 3], v)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # the engine's, per host
 @pytest.mark.parametrize("layout", ["cpu", "flash_attn", "flashinfer"])
-def test_scatter_round_trips_and_leaves_skipped_blocks_alone(layout: str) -> None:
-    raw = make(layout)
+def test_scatter_round_trips_and_leaves_skipped_blocks_alone(
+    layout: str, dtype: torch.dtype
+) -> None:
+    raw = make(layout, dtype)
     block_ids = [7, 2, 5, 0]
     chunks = blocks_to_chunks([block_view(t, HEADS, DIM) for t in raw], block_ids, 8)
     target = [torch.zeros_like(t) for t in raw]

@@ -374,3 +374,29 @@ def test_a_tail_of_whole_blocks_is_stored_found_and_loaded_from_any_tier(tmp_pat
         assert got.tiers == ["memory"] and same(got.chunks[0], tail)  # promoted by get_into
         with pytest.raises(ValueError, match="tail 2 holds 8 tokens, it must hold 12"):
             store.put(stored, NS, [chunk(1, (*SHAPE[:2], 8, *SHAPE[3:]))], 2, tail=True)
+
+
+def test_kv_of_one_dtype_is_never_served_as_another(tmp_path: Path) -> None:
+    """One disk directory shared by a bf16 engine and an fp32 one (a pod whose hosts picked
+    different dtypes, or a server restarted with another --dtype): each reads back only its own
+    chunks, in its own dtype, for the same tokens."""
+    bf16 = Namespace("m", "r1", "bfloat16")
+    fp32 = Namespace("m", "r1", "float32")
+    tokens = prompt(9, 3)
+    rng = np.random.default_rng(9)
+    values = rng.standard_normal((3, *SHAPE)).astype(np.float32)
+    as_fp32 = [codec.KVChunk.from_array(v) for v in values]
+    as_bf16 = [codec.KVChunk.from_array((v.view(np.uint32) >> 16).astype(np.uint16), "bfloat16")
+               for v in values]  # fmt: skip
+    root = tmp_path / "shared"
+    with TieredStore([DiskTier(root, 1 << 30, fsync=False)], CHUNK_TOKENS) as store:
+        store.put(tokens, bf16, as_bf16)
+        assert store.lookup(tokens, fp32).hit_chunks == 0  # not before fp32 KV is stored
+        assert store.lookup(tokens, bf16).hit_chunks == 3
+        store.put(tokens, fp32, as_fp32)
+    with TieredStore([DiskTier(root, 1 << 30, fsync=False)], CHUNK_TOKENS) as store:
+        for ns, want in ((bf16, as_bf16), (fp32, as_fp32)):
+            got = store.get(tokens, ns)
+            assert len(got.chunks) == 3 and all(c.dtype == ns.kv_dtype for c in got.chunks)
+            assert all(same(a, b) for a, b in zip(got.chunks, want, strict=True))
+        assert store.stats().tiers["disk"].corruptions == 0
