@@ -125,4 +125,7 @@ def _print(result: dict[str, Any]) -> None:
         best = max(rates, key=lambda d: rates[d])
         slow = ", ".join(f"{d} {rates[best] / rate:.1f}x slower" for d, rate in rates.items()
                          if d != best)  # fmt: skip
-        print(f"  forced by hand: {best} fastest in prompt tokens/s; {slow}")
+        lengths = {r["tokens"] for r in result["rows"][1:] if r["ttft_s"]}
+        note = " (prompts of different lengths: a longer one runs fewer tokens/s)"
+        print(f"  forced by hand: {best} fastest in prompt tokens/s; {slow}"
+              f"{note if len(lengths) > 1 else ''}")  # fmt: skip
