@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from kvtier.cli import bench_dtype, bench_overlap, bench_pod, bench_ttft, raw_io
 from kvtier.cli.serve import has_gpu
-from kvtier.codec import KVChunk
+from kvtier.codec import DTYPES, KVChunk
 from kvtier.integrations.engine_dtype import host_dtype
 from kvtier.keys import Namespace
 from kvtier.redis_process import RedisServer
@@ -43,8 +43,7 @@ from kvtier.store import TieredStore
 from kvtier.tiers import DiskTier, MemoryTier, RedisTier
 
 SMOLLM2 = (30, 2, 256, 3, 64)  # 256 tokens of SmolLM2-135M: 5,898,240 bytes in bf16
-# Stored KV dtypes: (numpy type holding its bits, bytes per value)
-KV_BITS = {"bfloat16": (np.uint16, 2), "float16": (np.uint16, 2), "float32": (np.uint32, 4)}
+KV_DTYPES = ("bfloat16", "float16", "float32")  # what an engine stores (bytes: codec.DTYPES)
 TARGETS = {"memory": 0.7, "disk": 0.7, "redis": 0.8}
 RAW = {
     "memory": "numpy memcpy into preallocated buffers",
@@ -71,7 +70,7 @@ def register(sub: Any) -> None:
     )
     s.add_argument(
         "--dtype",
-        choices=sorted(KV_BITS),
+        choices=KV_DTYPES,
         help="KV dtype of the chunks (default: the engine dtype `kvtier serve` picks on this"
         " host, measured: float32 on CPUs without AVX-512 BF16/AMX, else bfloat16)",
     )
@@ -125,7 +124,7 @@ class BenchResult:
 def _shape_for(chunk_mb: float | None, dtype: str) -> tuple[int, ...]:
     layers, kv, tokens, heads, dim = SMOLLM2
     if chunk_mb is not None:
-        per_head = layers * kv * tokens * dim * KV_BITS[dtype][1]
+        per_head = layers * kv * tokens * dim * DTYPES[dtype][1]
         heads = max(1, round(chunk_mb * 1e6 / per_head))
     return (layers, kv, tokens, heads, dim)
 
@@ -134,7 +133,8 @@ def _workload(
     chunk_mb: float | None, total_mb: float, dtype: str
 ) -> tuple[np.ndarray, list[KVChunk], int]:
     shape = _shape_for(chunk_mb, dtype)
-    bits, itemsize = KV_BITS[dtype]
+    itemsize = DTYPES[dtype][1]
+    bits = np.dtype(f"<u{itemsize}")  # random bits of the value's width
     chunk_bytes = int(np.prod(shape)) * itemsize
     n = max(1, round(total_mb * 1e6 / chunk_bytes))
     rng = np.random.default_rng(0)

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvtier.codec import DTYPES
+
 # bf16 halves the KV bytes; it is given up only when its compute is clearly slower.
 BF16_SLOWDOWN_LIMIT = 1.5
 # The flags that decide how fast bf16 runs, reported as the host has them.
@@ -34,6 +36,8 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")
 SHAPE = (128, 576, 1536)
 TIME_BUDGET_S = 0.05  # per dtype: enough repeats for a stable minimum, bounded if bf16 crawls
 MIN_RUNS = 5  # ~25 ms each in bf16 on a CPU with AVX2 alone, ~5 in fp32
+# How `kvtier pod` and the benchmarks hand their one choice to each `kvtier serve` (as JSON).
+HANDED_DTYPE = "--engine-dtype-choice"
 # vLLM's --dtype values -> the KV dtype they make.
 KV_DTYPES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16",
              "bfloat16": "bfloat16"}  # fmt: skip
@@ -104,8 +108,8 @@ class DtypeChoice:
 
     @property
     def kv_itemsize(self) -> int:
-        """Bytes per KV value: 4 in fp32, 2 in bf16 or fp16."""
-        return 4 if self.kv_dtype == "float32" else 2
+        """Bytes per KV value: 4 in fp32, 2 in bf16 or fp16 (as the codec stores them)."""
+        return DTYPES[self.kv_dtype][1]
 
     def line(self) -> str:
         """What ``kvtier serve`` and ``kvtier pod`` print at start."""
@@ -115,7 +119,7 @@ class DtypeChoice:
         """The options that give a ``kvtier serve`` engine this choice."""
         if self.source == "--dtype":
             return ["--dtype", self.dtype]
-        return ["--engine-dtype-choice", json.dumps(self.as_dict())]  # serve's HANDED_DTYPE
+        return [HANDED_DTYPE, json.dumps(self.as_dict())]
 
     def vllm_options(self) -> list[str]:
         """The options that give a plain vLLM server the same dtype (none on an accelerator:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvtier.errors import KvtierError
+from kvtier.integrations.engine_dtype import KV_DTYPES
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,7 +33,7 @@ def prepare_default_model(cache_dir: Path | None = None, dtype: str = "bfloat16"
     exact by upcasting the bf16 ones (~2 s): both dtypes serve one model."""
     models = (cache_dir or default_cache_dir()) / "models"
     bf16 = _prepare_bf16(models / DEFAULT_MODEL_NAME)
-    if dtype not in ("float32", "float"):
+    if KV_DTYPES.get(dtype) != "float32":  # vLLM's names for it: float32, float
         return bf16
     return _prepare_fp32(bf16, models / f"{DEFAULT_MODEL_NAME}-float32")
 
