@@ -1,14 +1,15 @@
 """kvtier inside real vLLM (CPU build), on the real SmolLM2-135M, with a real redis-server.
 
-Each engine runs in its own process (tests/vllm_worker.py), as a served engine would; the
-engines compute in float32 so that "identical output" is exact. The last test drives
-`kvtier serve` over HTTP.
+Each engine runs in its own process (tests/vllm_worker.py), as a served engine would, forked
+from one process that imported vLLM once (tests/zygote.py); the engines compute in float32 so
+that "identical output" is exact. The last tests drive `kvtier serve` over HTTP.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -25,19 +26,41 @@ import pytest
 from kvtier.cli.server import Server, kvtier_serve_command
 from kvtier.redis_process import RedisServer, free_port
 
+import zygote
+
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 
 WORKER = str(Path(__file__).parent / "vllm_worker.py")
 MARK = "KVTIER-RESULT "
-PROMPT = {"seed": 7, "tokens": 1800, "max_tokens": 4}  # 7 whole chunks of 256 tokens
+CHUNK = 128  # kvtier's chunk, here one vLLM block: short prompts still span several chunks
+PROMPT = {"seed": 7, "tokens": 7 * CHUNK + 8, "max_tokens": 4}  # 7 whole chunks and a tail
 
 
-def tiers(*specs: dict[str, Any]) -> dict[str, Any]:
-    return {"chunk_tokens": 256, "tiers": [{"kind": "memory", "capacity": "1GiB"}, *specs]}
+def tiers(*specs: dict[str, Any], chunk: int = CHUNK) -> dict[str, Any]:
+    return {"chunk_tokens": chunk, "tiers": [{"kind": "memory", "capacity": "1GiB"}, *specs]}
 
 
 def disk(path: Path) -> dict[str, Any]:
     return {"kind": "disk", "path": str(path), "capacity": "4GiB"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine_zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Worker runs of this module fork from one process that has imported vLLM."""
+    path = str(tmp_path_factory.mktemp("zygote") / "socket")
+    proc = subprocess.Popen([sys.executable, WORKER, "--zygote", path], stdin=subprocess.DEVNULL)
+    os.environ[zygote.ENV] = path
+    try:
+        deadline = time.monotonic() + 300
+        while not os.path.exists(path):
+            assert proc.poll() is None, "the zygote ended at start"
+            assert time.monotonic() < deadline, "the zygote did not start in 300 s"
+            time.sleep(0.1)
+        yield
+    finally:
+        del os.environ[zygote.ENV]
+        proc.kill()
+        proc.wait()
 
 
 def run_worker(
@@ -97,7 +120,7 @@ def test_a_hit_gives_identical_output_a_new_process_loads_from_disk_and_corrupti
     config = tiers(disk(tmp_path / "chunks"))
     first, again = run_worker(config, [PROMPT, PROMPT])
     assert first["stats"]["hit_tokens"] == 0
-    assert again["stats"]["hit_tokens"] == 7 * 256  # the second request hit every chunk
+    assert again["stats"]["hit_tokens"] == 7 * CHUNK  # the second request hit every chunk
     assert again["tokens"] == first["tokens"]
     files = sorted((tmp_path / "chunks").rglob("*.kvc"), key=lambda p: p.stat().st_mtime_ns)
     assert len(files) == 7
@@ -105,7 +128,7 @@ def test_a_hit_gives_identical_output_a_new_process_loads_from_disk_and_corrupti
     assert fresh["tokens"] == first["tokens"]
     # Prefetched from disk into DRAM when the request arrived, then loaded from DRAM.
     assert fresh["stats"]["tiers"]["disk"]["hits"] == 7
-    assert fresh["stats"]["hit_tokens"] == 7 * 256
+    assert fresh["stats"]["hit_tokens"] == 7 * CHUNK
     # A chunk damaged on disk is detected, deleted and recomputed: same output.
     raw = bytearray(files[3].read_bytes())
     raw[len(raw) // 2] ^= 0x10
@@ -120,16 +143,16 @@ def test_kvtier_recomputes_no_more_than_vllms_own_prefix_cache_at_any_length(
 ) -> None:
     # Lengths that are and are not multiples of vLLM's 128-token block and kvtier's 256-token
     # chunk; the last prompt grows the first past its stored tail (a next turn of a chat).
-    lengths = [(1, 1000), (2, 1024), (3, 1152), (4, 1450), (5, 700)]
+    lengths = [(1, 600), (2, 512), (3, 640), (4, 830), (5, 300)]
     plan = [{"seed": s, "tokens": n, "max_tokens": 2} for s, n in lengths for _ in (0, 1)]
-    plan.append({"seed": 1, "tokens": 1300, "max_tokens": 2})
+    plan.append({"seed": 1, "tokens": 700, "max_tokens": 2})
     vllm_alone = run_worker(None, plan, "prefix-caching")
-    kvtier = run_worker(tiers(disk(tmp_path / "chunks")), plan)  # vLLM's own cache off
+    kvtier = run_worker(tiers(disk(tmp_path / "chunks"), chunk=256), plan)  # vLLM's cache off
     reused = [
         (step["tokens"], v["cached"], k["cached"])
         for step, v, k in zip(plan, vllm_alone, kvtier, strict=True)
     ]
-    assert [v for _, v, _ in reused] == [0, 896, 0, 896, 0, 1024, 0, 1408, 0, 640, 896], reused
+    assert [v for _, v, _ in reused] == [0, 512, 0, 384, 0, 512, 0, 768, 0, 256, 512], reused
     assert all(k >= v for _, v, k in reused), reused
     assert [r["tokens"] for r in kvtier] == [r["tokens"] for r in vllm_alone]
 
@@ -150,7 +173,7 @@ def test_requests_succeed_when_redis_stops_and_the_disk_refuses_writes(
     config = tiers(
         disk(chunks), {"kind": "redis", "url": server.url, "prefix": prefix, "timeout_s": 0.5}
     )
-    other = {"seed": 8, "tokens": 1100, "max_tokens": 4}
+    other = {"seed": 8, "tokens": 550, "max_tokens": 4}
     plan = [PROMPT, {"pause": "break the tiers"}, other, PROMPT, other]
     try:
         with interactive_worker(config, plan) as (proc, results):
@@ -181,9 +204,10 @@ def test_background_loads_give_identical_output_and_recompute_what_fails(tmp_pat
     (first,) = run_worker(config, [PROMPT])
     log: list[str] = []
     (again,) = run_worker(config, [PROMPT], log=log)  # DRAM is empty: from disk
-    assert "loaded 1792 tokens (7 chunks from disk) in the background" in log[0], log[0][-3000:]
+    loaded_all = f"loaded {7 * CHUNK} tokens (7 chunks from disk) in the background"
+    assert loaded_all in log[0], log[0][-3000:]
     assert again["tokens"] == first["tokens"]
-    assert again["cached"] == 7 * 256
+    assert again["cached"] == 7 * CHUNK
     files = sorted((tmp_path / "chunks").rglob("*.kvc"), key=lambda p: p.stat().st_mtime_ns)
     raw = bytearray(files[3].read_bytes())
     raw[len(raw) // 2] ^= 0x10
@@ -193,7 +217,7 @@ def test_background_loads_give_identical_output_and_recompute_what_fails(tmp_pat
     # The load stopped at the damaged chunk; vLLM computed the blocks reported failed.
     loaded = re.search(r"loaded (\d+) tokens \((\d+) chunks from disk\) in the background", log[1])
     assert loaded, log[1][-3000:]
-    assert int(loaded[1]) == 256 * int(loaded[2]) < 7 * 256
+    assert int(loaded[1]) == CHUNK * int(loaded[2]) < 7 * CHUNK
     assert damaged["tokens"] == first["tokens"]
 
 
@@ -202,7 +226,7 @@ def test_cache_salts_never_share_chunks(tmp_path: Path) -> None:
     steps = [{**PROMPT, "salt": salt} for salt in ("tenant-a", "tenant-b", "tenant-a", None)]
     a, b, a_again, unsalted = run_worker(config, steps)
     hits = [r["stats"]["hit_tokens"] for r in (a, b, a_again, unsalted)]
-    assert hits == [0, 0, 7 * 256, 7 * 256]  # b and unsalted add no hits; a again hits all
+    assert hits == [0, 0, 7 * CHUNK, 7 * CHUNK]  # b and unsalted add no hits; a again hits all
     assert a["tokens"] == b["tokens"] == a_again["tokens"] == unsalted["tokens"]
 
 

@@ -7,6 +7,11 @@ from a deterministic prompt and prints {"step", "tokens", "seconds", "cached", "
 JSON line ("cached": prompt tokens vLLM did not compute, from its prefix cache or kvtier);
 {"pause": "label"} prints {"pause": label} and waits for a line on stdin (the test acts in
 between, e.g. stops Redis). Engines use float32 so that "identical output" is exact.
+
+    python vllm_worker.py --zygote SOCKET
+
+imports vLLM once and forks each later run from there (tests/zygote.py): a run started while
+``KVTIER_TEST_ZYGOTE`` names that socket is forked by it, and this process only relays.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ import json
 import os
 import sys
 import time
+
+import zygote
+
+if __name__ == "__main__" and os.environ.get(zygote.ENV) and sys.argv[1:2] != ["--zygote"]:
+    sys.exit(zygote.client(os.environ[zygote.ENV], sys.argv[1:]))  # before vLLM is imported
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -38,10 +48,10 @@ def stats() -> dict[str, object]:
     return stores[0].stats().as_dict() if stores else {}
 
 
-def main() -> None:
-    config = json.loads(sys.argv[1])
-    plan = json.loads(sys.argv[2])
-    prefix_caching = sys.argv[3:] == ["prefix-caching"]  # vLLM's own cache, else off
+def main(argv: list[str]) -> None:
+    config = json.loads(argv[0])
+    plan = json.loads(argv[1])
+    prefix_caching = argv[2:] == ["prefix-caching"]  # vLLM's own cache, else off
     kwargs: dict[str, object] = {}
     if config is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
@@ -86,4 +96,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--zygote"]:
+        zygote.serve(sys.argv[2], main)
+    main(sys.argv[1:])
