@@ -1,4 +1,5 @@
-"""Fixtures: real redis-server processes on loopback, started once per session."""
+"""Fixtures: real redis-server processes on loopback, started once per session (per test
+process when the suite runs in several); and the order in which test files start."""
 
 from __future__ import annotations
 
@@ -26,3 +27,15 @@ def redis_cluster() -> Iterator[RedisClusterProcess]:
 def prefix() -> str:
     """A key prefix of this test's own, so tests sharing one server never see each other."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+# Files that start vLLM engines, longest first: minutes each, where every other file takes
+# seconds. `make test` runs the files in two processes (pytest-xdist, a file to a process, in
+# this order); started first, the long ones end about together and the short ones fill in.
+LONGEST_FIRST = ("test_serve.py", "test_pod.py", "test_vllm.py", "test_pod_pd.py",
+                 "test_readme_serve.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: else as found

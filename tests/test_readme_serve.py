@@ -74,7 +74,7 @@ def test_the_readme_curl_and_openai_examples_work_against_kvtier_serve(tmp_path:
         assert py.stdout.strip()
         # vLLM runs the scheduler and the worker in separate processes here: the scheduler
         # only knows the worker's DRAM through the events the worker sends back.
-        shared = " ".join(f"Line {i} of a document that every request shares." for i in range(200))
+        shared = " ".join(f"Line {i} of a document that every request shares." for i in range(70))
         first = server.complete(shared, max_tokens=4)
         second = server.complete(shared, max_tokens=4)
         metrics = snippet("sh", "/metrics").replace(URL, f"127.0.0.1:{port}")
