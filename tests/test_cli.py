@@ -20,6 +20,9 @@ from kvhelpers import CHUNK_TOKENS, NS, chunks_for, prompt
 KVTIER = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
 
 
+GIVEN_DTYPE = ("--dtype", "float32")
+
+
 def kvtier(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([KVTIER, *args], capture_output=True, text=True, timeout=300, check=check)
 
@@ -135,9 +138,12 @@ def test_serve_checks_kvtier_options_before_starting_vllm(tmp_path: Path) -> Non
     assert bad.returncode == 2 and "--dram: expected a size" in bad.stderr
     bad = kvtier("serve", "--redis", "http://nope", check=False)
     assert bad.returncode == 2 and "--redis: expected redis://" in bad.stderr
+    # With a dtype given nothing is measured (seconds each time): the measured choice is
+    # tested in test_engine_dtype.py and test_readme_serve.py.
     dry = kvtier(
         "serve",
         "--dry-run",
+        *GIVEN_DTYPE,
         "--disk",
         str(tmp_path),
         "--redis",
@@ -161,18 +167,18 @@ def test_serve_checks_kvtier_options_before_starting_vllm(tmp_path: Path) -> Non
     assert command[named + 1] == "SmolLM2-135M-Instruct"
     # vLLM drains on SIGTERM (so kvtier's queued writes land) unless told otherwise.
     assert command[command.index("--shutdown-timeout") + 1] == "30"
-    own = json.loads(kvtier("serve", "--dry-run", "--served-model-name=mine").stdout)
+    own = json.loads(kvtier("serve", "--dry-run", *GIVEN_DTYPE, "--served-model-name=mine").stdout)
     assert "--served-model-name=mine" in own and "--served-model-name" not in own
     # vLLM publishes its KV events where the feed tells the router; a user's own config wins.
     events = json.loads(command[command.index("--kv-events-config") + 1])
     told = transfer["kv_connector_extra_config"]["kv_events"]
     assert events["endpoint"] == f"tcp://*:{told['port']}" and events["enable_kv_cache_events"]
     mine = '{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:7777"}'
-    own = json.loads(kvtier("serve", "--dry-run", "--kv-events-config", mine).stdout)
+    own = json.loads(kvtier("serve", "--dry-run", *GIVEN_DTYPE, "--kv-events-config", mine).stdout)
     assert own.count("--kv-events-config") == 1
     transfer = json.loads(own[own.index("--kv-transfer-config") + 1])
     assert transfer["kv_connector_extra_config"]["kv_events"] == {"port": 7777, "topic": ""}
-    bad = kvtier("serve", "--dry-run", "--kv-events-config", "{nope", check=False)
+    bad = kvtier("serve", "--dry-run", *GIVEN_DTYPE, "--kv-events-config", "{nope", check=False)
     assert bad.returncode == 2 and "--kv-events-config: not JSON" in bad.stderr
 
 
