@@ -43,6 +43,8 @@ def serve(path: str, run: Callable[[list[str]], None]) -> None:
     os.rename(path + ".new", path)  # clients see the socket only once it listens
     listener.listen(16)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the monitors
+    sys.stdout.flush()  # what importing printed must not reach every child's output
+    sys.stderr.flush()
     while True:
         conn, _ = listener.accept()
         if os.fork() == 0:
