@@ -17,6 +17,7 @@ HERE = Path(__file__).parent
 # The toy run: prints its arguments, answers a line of stdin, fails or waits when asked.
 SERVER = """
 import os, sys, time
+import zygote
 
 def run(argv):
     print("args", argv, flush=True)
