@@ -4,8 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 KVTIER := $(VENV)/bin/kvtier
 # Test processes: the engine tests spend much of their time importing vLLM on one core, so two
-# processes finish the suite in about two thirds of the time on two cores. A file to a process
-# (tests that share a pod or a server stay together), the longest files first (tests/conftest.py).
+# processes keep two cores busy. A file to a process (tests that share a pod or a server stay
+# together), the longest files first (tests/conftest.py).
 TEST_JOBS ?= 2
 PYTEST := $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
