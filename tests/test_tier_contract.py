@@ -188,11 +188,14 @@ def test_disk_index_of_100k_chunks_rebuilds_in_under_2s(tmp_path: Path) -> None:
             sub.mkdir(exist_ok=True)
         fd = os.open(sub / f"{hex_key}.kvc", os.O_WRONLY | os.O_CREAT, 0o644)
         os.close(fd)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     tier = DiskTier(root, 1 << 40)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert tier.usage().chunks == 100_000
-    assert elapsed < 2.0, f"rebuilding the index of 100K chunks took {elapsed:.2f}s"
+    # The CPU time it takes (1.1-1.2 s on an idle AVX2 EPYC, where it equals the wall time):
+    # `make test` runs beside an engine test, whose load stretched the wall time to 2.4 s.
+    assert cpu < 2.0, f"rebuilding the index of 100K chunks took {cpu:.2f}s of CPU"
+    assert elapsed < 6.0, f"rebuilding the index of 100K chunks took {elapsed:.2f}s"
 
 
 def test_memory_tier_owns_a_copy_of_mutable_buffers() -> None:
