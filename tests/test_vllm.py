@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,19 +43,12 @@ def disk(path: Path) -> dict[str, Any]:
 def engine_zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Worker runs of this module fork from one process that has imported vLLM."""
     path = str(tmp_path_factory.mktemp("zygote") / "socket")
-    proc = subprocess.Popen([sys.executable, WORKER, "--zygote", path], stdin=subprocess.DEVNULL)
-    os.environ[zygote.ENV] = path
-    try:
-        deadline = time.monotonic() + 300
-        while not os.path.exists(path):
-            assert proc.poll() is None, "the zygote ended at start"
-            assert time.monotonic() < deadline, "the zygote did not start in 300 s"
-            time.sleep(0.1)
-        yield
-    finally:
-        del os.environ[zygote.ENV]
-        proc.kill()
-        proc.wait()
+    with zygote.running([sys.executable, WORKER, "--zygote", path], path, timeout_s=300):
+        os.environ[zygote.ENV] = path
+        try:
+            yield
+        finally:
+            del os.environ[zygote.ENV]
 
 
 def run_worker(

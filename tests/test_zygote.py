@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import zygote
+
 HERE = Path(__file__).parent
 # The toy run: prints its arguments, answers a line of stdin, fails or waits when asked.
 SERVER = """
@@ -39,16 +41,8 @@ CLIENT = "import sys, zygote; sys.exit(zygote.client(sys.argv[1], sys.argv[2:]))
 @pytest.fixture
 def socket_path(tmp_path: Path) -> Iterator[str]:
     path = str(tmp_path / "socket")
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, path], cwd=HERE)
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    with zygote.running([sys.executable, "-c", SERVER, path], path, timeout_s=30, cwd=HERE):
         yield path
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def client(path: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

@@ -10,16 +10,38 @@ exactly as they would drive the worker itself: ``subprocess.run``, pipes, ``kill
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import signal
 import socket
+import subprocess
 import sys
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 ENV = "KVTIER_TEST_ZYGOTE"  # the socket of the running zygote, for the clients
+
+
+@contextlib.contextmanager
+def running(
+    command: list[str], path: str, timeout_s: float, cwd: Path | None = None
+) -> Iterator[str]:
+    """``command`` (a zygote serving ``path``) from the moment its socket listens; ``path``."""
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, cwd=cwd)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not os.path.exists(path):
+            assert proc.poll() is None, f"the zygote ended at start: {command}"
+            assert time.monotonic() < deadline, f"the zygote did not listen in {timeout_s:.0f} s"
+            time.sleep(0.05)
+        yield path
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def client(path: str, argv: list[str]) -> int:

@@ -30,10 +30,10 @@ from kvtier.config import (
 )
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.integrations.engine_dtype import HANDED_DTYPE, DtypeChoice, choose_dtype, given_dtype
+from kvtier.integrations.model import DEFAULT_MODEL_NAME  # what the embedded model is served as
 from kvtier.pod.engine_routes import FEED_PORT_ENV
 from kvtier.redis_process import free_port
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what the embedded model is served as
 SHUTDOWN_TIMEOUT_S = 30  # vLLM's --shutdown-timeout unless given: time to finish writes
 
 

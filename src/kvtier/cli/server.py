@@ -22,9 +22,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kvtier.cli.serve import DEFAULT_MODEL_NAME, has_gpu
+from kvtier.cli.serve import has_gpu
 from kvtier.errors import KvtierError
 from kvtier.integrations.engine_dtype import DtypeChoice
+from kvtier.integrations.model import DEFAULT_MODEL_NAME
 
 
 @dataclass(frozen=True)
