@@ -7,6 +7,9 @@ KVTIER := $(VENV)/bin/kvtier
 # processes keep two cores busy. A file to a process (tests that share a pod or a server stay
 # together), the longest files first (tests/conftest.py).
 TEST_JOBS ?= 2
+# The files that start vLLM engines (minutes each; tests/conftest.py starts them first).
+ENGINE_TESTS := test_pod test_serve test_vllm test_bench_ttft test_pod_pd test_bench_overlap \
+	test_readme_serve
 PYTEST := $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: install serve test unit lint typecheck bench clean
@@ -26,8 +29,7 @@ test:
 
 # The edit-test loop: every test that starts no vLLM engine (under 3 minutes on 2 cores).
 unit: install
-	$(PYTEST) -q -x --ignore=tests/test_pod.py --ignore=tests/test_pod_pd.py \
-		--ignore=tests/test_vllm.py --ignore=tests/test_serve.py --ignore=tests/test_readme_serve.py
+	$(PYTEST) -q -x $(ENGINE_TESTS:%=--ignore=tests/%.py)
 
 lint: install
 	$(VENV)/bin/ruff check src tests

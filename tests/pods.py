@@ -70,7 +70,7 @@ def get_json(url: str) -> dict[str, Any]:
 def engine_pids(url: str) -> list[str]:
     """The vLLM API server of the engine at ``url`` (each leads its own session)."""
     port = url.rsplit(":", 1)[1]
-    found = subprocess.run(["pgrep", "-f", f"api_server.*--port {port}"], capture_output=True,
+    found = subprocess.run(["pgrep", "-f", f"vllm_main.*--port {port}"], capture_output=True,
                            text=True)  # fmt: skip
     return found.stdout.split()
 

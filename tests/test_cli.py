@@ -154,7 +154,7 @@ def test_serve_checks_kvtier_options_before_starting_vllm(tmp_path: Path) -> Non
         "2048",
     )
     command = json.loads(dry.stdout)
-    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert command[1:3] == ["-m", "kvtier.integrations.vllm_main"]  # vLLM's server, light main
     assert command[-2:] == ["--max-model-len", "2048"]  # vLLM's own options pass through
     transfer = json.loads(command[command.index("--kv-transfer-config") + 1])
     assert transfer["kv_connector"] == "KvtierConnector"

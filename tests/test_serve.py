@@ -1,7 +1,7 @@
-"""`kvtier serve` over HTTP, as users run it: a restart that reads from disk, and the
-benchmarks' own commands (`kvtier bench ttft`, `kvtier bench overlap`), end to end.
+"""`kvtier serve` over HTTP, as users run it: a restart that reads from disk.
 
-Each test starts its own servers, so the tests run in parallel with each other.
+The benchmarks that start servers have files of their own (test_bench_ttft.py,
+test_bench_overlap.py), so that the test processes share them out.
 """
 
 from __future__ import annotations
@@ -9,9 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -110,44 +107,3 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
     assert "in the background" in log, log[-3000:]
     assert reply.cached_tokens == 0
     assert reply.text == expected
-
-
-def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:
-    kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
-    proc = subprocess.run(
-        [kvtier, "bench", "ttft", "--tokens", "700", "--tiers", "disk", "--no-example",
-         "--no-overhead", "--repeat", "1", "--json"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
-    paths = {row["path"]: row for row in result["rows"]}
-    assert set(paths) == {"cold_vllm", "cold", "vllm_prefix", "kvtier_disk"}, result
-    assert all(row["ttft_s"] and row["ttft_s"] > 0 for row in paths.values()), result
-    # 700 tokens: vLLM computes at least the last one; whole 128-token blocks are reused.
-    assert paths["cold"]["recomputed_tokens"] == 700
-    assert paths["vllm_prefix"]["recomputed_tokens"] == 700 - 640
-    assert paths["kvtier_disk"]["recomputed_tokens"] == 700 - 640  # chunks and a tail
-    # A hit is a hit: loading 700 tokens' KV from disk takes a fraction of computing them.
-    assert paths["kvtier_disk"]["ttft_s"] < 0.7 * paths["cold"]["ttft_s"], result
-    # Every server computed on the same cores (plain vLLM would keep one for its scheduler).
-    assert len({str(cores) for cores in result["cores"].values()}) == 1, result["cores"]
-    assert result["raw"]["700"]["disk_cold_read_s"] > 0
-
-
-def test_bench_overlap_loads_from_disk_in_the_background_while_a_stream_decodes() -> None:
-    kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
-    proc = subprocess.run(
-        [kvtier, "bench", "overlap", "--tokens", "1200", "--tiers", "disk", "--modes", "auto",
-         "--repeat", "1", "--warm-tokens", "5", "--json"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
-    (row,) = result["rows"]
-    assert (row["tier"], row["mode"]) == ("disk", "auto")
-    assert row["background"], result  # a stream was decoding: the load ran beside it
-    assert row["recomputed_tokens"] == 1200 - 1152  # whole 128-token blocks were loaded
-    assert row["load_ms"] > 0 and row["ttft_s"] > 0
-    assert row["itl_before_p50_ms"] > 0 and row["gaps_during"] >= 1
-    assert result["layers"] == 30  # SmolLM2-135M

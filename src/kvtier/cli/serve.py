@@ -188,7 +188,7 @@ def vllm_command(
         "kv_connector_extra_config": extra_config,
     }
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        sys.executable, "-m", "kvtier.integrations.vllm_main",
         "--model", model, "--host", args.host, "--port", str(args.port),
         "--kv-transfer-config", json.dumps(transfer),
     ]  # fmt: skip

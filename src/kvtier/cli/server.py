@@ -63,7 +63,7 @@ def plain_vllm_command(port: int, *options: str, dtype: DtypeChoice | None = Non
 
     model = prepare_default_model(dtype=dtype.dtype if dtype else "bfloat16")
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        sys.executable, "-m", "kvtier.integrations.vllm_main",
         "--model", str(model), "--served-model-name", DEFAULT_MODEL_NAME,
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip

@@ -1,0 +1,40 @@
+"""`kvtier bench ttft` end to end: the benchmark's own command, through the servers it
+starts (`kvtier serve`, and vLLM's own server for the cold baseline).
+
+Apart from the other engine tests so that the test processes share them out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
+
+
+def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:
+    kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
+    proc = subprocess.run(
+        [kvtier, "bench", "ttft", "--tokens", "700", "--tiers", "disk", "--no-example",
+         "--no-overhead", "--repeat", "1", "--json"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    paths = {row["path"]: row for row in result["rows"]}
+    assert set(paths) == {"cold_vllm", "cold", "vllm_prefix", "kvtier_disk"}, result
+    assert all(row["ttft_s"] and row["ttft_s"] > 0 for row in paths.values()), result
+    # 700 tokens: vLLM computes at least the last one; whole 128-token blocks are reused.
+    assert paths["cold"]["recomputed_tokens"] == 700
+    assert paths["vllm_prefix"]["recomputed_tokens"] == 700 - 640
+    assert paths["kvtier_disk"]["recomputed_tokens"] == 700 - 640  # chunks and a tail
+    # A hit is a hit: loading 700 tokens' KV from disk takes a fraction of computing them.
+    assert paths["kvtier_disk"]["ttft_s"] < 0.7 * paths["cold"]["ttft_s"], result
+    # Every server computed on the same cores (plain vLLM would keep one for its scheduler).
+    assert len({str(cores) for cores in result["cores"].values()}) == 1, result["cores"]
+    assert result["raw"]["700"]["disk_cold_read_s"] > 0
