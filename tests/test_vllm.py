@@ -209,6 +209,25 @@ def test_background_loads_give_identical_output_and_recompute_what_fails(tmp_pat
     assert damaged["tokens"] == first["tokens"]
 
 
+def test_a_request_abandoned_during_its_background_load_leaves_the_next_intact(
+    tmp_path: Path,
+) -> None:
+    # The cache has room for the prompt and one block more: the next request gets the blocks
+    # the abandoned one frees, and they must stay its own until its load has ended.
+    config = {**tiers(disk(tmp_path / "chunks")), "loads": "async"}
+    other = {"seed": 8, "tokens": 300, "max_tokens": 16}
+    _, expected = run_worker(config, [PROMPT, other])  # PROMPT's chunks reach the disk
+    blocks = -(-(PROMPT["tokens"] + PROMPT["max_tokens"]) // 128) + 1
+    log: list[str] = []
+    plan = [{"abandon": PROMPT}, {**other, "salt": "fresh"}]  # a salt of its own: computed
+    abandoned, after = run_worker(config, plan, f"gpu-blocks={blocks}", log=log)
+    assert abandoned["abandoned"]
+    loading = r"request abandon-0\S*: loaded \d+ tokens \(\d+ chunks from disk\) in the background"
+    assert re.search(loading, log[0]), log[0][-3000:]
+    assert after["cached"] == 0
+    assert after["tokens"] == expected["tokens"]
+
+
 def test_cache_salts_never_share_chunks(tmp_path: Path) -> None:
     config = tiers(disk(tmp_path / "chunks"))
     steps = [{**PROMPT, "salt": salt} for salt in ("tenant-a", "tenant-b", "tenant-a", None)]

@@ -1,6 +1,6 @@
 """A vLLM engine with the kvtier connector, driven by a plan; run as a separate process.
 
-    python vllm_worker.py '<kvtier config JSON or null>' '<plan JSON>' [prefix-caching]
+    python vllm_worker.py '<kvtier config JSON or null>' '<plan JSON>' [OPTION...]
 
 Plan steps: {"seed": S, "tokens": N, "salt": str|null, "max_tokens": M} generates greedily
 from a deterministic prompt and prints {"step", "tokens", "seconds", "cached", "stats"} as one
@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import zygote
 
@@ -43,6 +44,17 @@ def prompt(seed: int, n: int) -> list[int]:
     return np.random.default_rng(seed).integers(100, 40000, size=n).tolist()
 
 
+def request_of(step: dict[str, Any]) -> dict[str, Any]:
+    request: dict[str, Any] = {"prompt_token_ids": prompt(step["seed"], step["tokens"])}
+    if step.get("salt") is not None:
+        request["cache_salt"] = step["salt"]
+    return request
+
+
+def params_of(step: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(max_tokens=step.get("max_tokens", 4), temperature=0)
+
+
 def stats() -> dict[str, object]:
     stores = shared_stores.open_stores()
     return stores[0].stats().as_dict() if stores else {}
@@ -51,8 +63,12 @@ def stats() -> dict[str, object]:
 def main(argv: list[str]) -> None:
     config = json.loads(argv[0])
     plan = json.loads(argv[1])
-    prefix_caching = argv[2:] == ["prefix-caching"]  # vLLM's own cache, else off
-    kwargs: dict[str, object] = {}
+    options = argv[2:]
+    kwargs: dict[str, object] = {"max_model_len": 4096}
+    for option in options:
+        if option.startswith("gpu-blocks="):
+            blocks = int(option.split("=")[1])
+            kwargs.update(num_gpu_blocks_override=blocks, max_model_len=128 * (blocks - 1))
     if config is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KvtierConnector",
@@ -64,8 +80,7 @@ def main(argv: list[str]) -> None:
         model=str(prepare_default_model(dtype="float32")),  # the fp32 checkpoint: no conversion
         enforce_eager=True,
         dtype="float32",
-        enable_prefix_caching=prefix_caching,
-        max_model_len=4096,
+        enable_prefix_caching="prefix-caching" in options,
         **kwargs,
     )
     for i, step in enumerate(plan):
@@ -73,10 +88,15 @@ def main(argv: list[str]) -> None:
             print(MARK + json.dumps({"pause": step["pause"]}), flush=True)
             sys.stdin.readline()
             continue
-        request = {"prompt_token_ids": prompt(step["seed"], step["tokens"])}
-        if step.get("salt") is not None:
-            request["cache_salt"] = step["salt"]
-        params = SamplingParams(max_tokens=step.get("max_tokens", 4), temperature=0)
+        if "abandon" in step:
+            engine = llm.llm_engine
+            given = step["abandon"]
+            engine.add_request(f"abandon-{i}", request_of(given), params_of(given))
+            engine.step()  # scheduled: a hit from disk starts loading
+            engine.abort_request([f"abandon-{i}"])
+            print(MARK + json.dumps({"step": i, "abandoned": True}), flush=True)
+            continue
+        request, params = request_of(step), params_of(step)
         start = time.perf_counter()
         out = llm.generate([request], params, use_tqdm=False)[0]
         seconds = time.perf_counter() - start
