@@ -2,6 +2,9 @@
 
 - ``write DIR FIRST COUNT``: put prompts FIRST..FIRST+COUNT-1 (4 chunks each, 256 KiB chunks)
   into a disk tier at DIR, forever if COUNT is 0; prints "ready" first.
+- ``writers DIR``: for each number FIRST read from stdin, forks a process that opens a disk
+  tier at DIR, prints "ready PID" and puts prompts from FIRST on, forever: writers that start
+  in a millisecond, for a test that kills many (``write`` spends a second importing).
 - ``read DIR FIRST COUNT SECONDS``: for SECONDS, read those prompts back from DIR, checking
   every chunk it gets; also rewrites them; prints a JSON summary.
 - ``fullput DIR LIMIT``: a store with DRAM + disk under RLIMIT_FSIZE=LIMIT bytes (the disk
@@ -11,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import sys
@@ -47,6 +51,18 @@ def write(root: str, first: int, count: int) -> None:
         seed += 1
     store.close()
     print(json.dumps({"written": seed - first}))
+
+
+def writers(root: str) -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the killed writers are reaped at once
+    for line in sys.stdin:
+        if os.fork() == 0:
+            store = open_store(root)
+            print(f"ready {os.getpid()}", flush=True)
+            seed = int(line)
+            while True:
+                store.put(prompt(seed, N_CHUNKS), NS, [big_chunk(seed, j) for j in range(N_CHUNKS)])
+                seed += 1
 
 
 def read(root: str, first: int, count: int, seconds: float) -> None:
@@ -115,6 +131,8 @@ if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "write":
         write(args[0], int(args[1]), int(args[2]))
+    elif mode == "writers":
+        writers(args[0])
     elif mode == "read":
         read(args[0], int(args[1]), int(args[2]), float(args[3]))
     elif mode == "fullput":

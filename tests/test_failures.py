@@ -43,35 +43,42 @@ def test_sigkilled_writer_never_leaves_a_servable_partial_chunk(tmp_path: Path) 
     root = tmp_path / "crash"
     rng = random.Random(1234)
     first, interrupted_writes = 0, 0
-    for round_ in range(50):
-        writer = subprocess.Popen(
-            [sys.executable, PROCS, "write", str(root), str(first), "0"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 0.25))
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
-        writer.stdout.close()
-        interrupted_writes += bool(list((root / ".tmp").iterdir()))
-        # Reopen as a new process would: every chunk is either whole and correct, or absent.
-        store = TieredStore([DiskTier(root, 1 << 34)], chunk_tokens=CHUNK_TOKENS)
-        seed, served = first, 0
-        while True:
-            got = store.get(prompt(seed, N_CHUNKS), NS)
-            if not got.chunks:
-                break
-            for j, c in enumerate(got.chunks):
-                assert bytes(c.data) == bytes(big_chunk(seed, j).data), (round_, seed, j)
-            served += len(got.chunks)
-            seed += 1
-        assert store.stats().tiers["disk"].corruptions == 0
-        assert list((root / ".tmp").iterdir()) == []  # the dead writer's temp files are gone
-        store.close()
-        first = seed + 1  # the next writer starts after what is known to be there
+    forks = subprocess.Popen(
+        [sys.executable, PROCS, "writers", str(root)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert forks.stdin is not None and forks.stdout is not None
+    try:
+        for round_ in range(50):
+            forks.stdin.write(f"{first}\n")
+            forks.stdin.flush()
+            ready, pid = forks.stdout.readline().split()
+            assert ready == "ready"
+            time.sleep(rng.uniform(0.0, 0.25))
+            os.kill(int(pid), signal.SIGKILL)
+            while Path(f"/proc/{pid}").exists():  # gone once dead (its parent reaps at once)
+                time.sleep(0.001)
+            interrupted_writes += bool(list((root / ".tmp").iterdir()))
+            # Reopen as a new process would: every chunk is either whole and correct, or absent.
+            store = TieredStore([DiskTier(root, 1 << 34)], chunk_tokens=CHUNK_TOKENS)
+            seed, served = first, 0
+            while True:
+                got = store.get(prompt(seed, N_CHUNKS), NS)
+                if not got.chunks:
+                    break
+                for j, c in enumerate(got.chunks):
+                    assert bytes(c.data) == bytes(big_chunk(seed, j).data), (round_, seed, j)
+                served += len(got.chunks)
+                seed += 1
+            assert store.stats().tiers["disk"].corruptions == 0
+            assert list((root / ".tmp").iterdir()) == []  # the dead writer's temp files are gone
+            store.close()
+            first = seed + 1  # the next writer starts after what is known to be there
+    finally:
+        forks.kill()
+        forks.wait()
     # The kills did land in the middle of writes (a temp file was left behind), often.
-    assert interrupted_writes >= 5, interrupted_writes
+    assert interrupted_writes >= 3, interrupted_writes  # about one kill in four
     from kvtier.cli.main import main
 
     assert main(["inspect", "--disk", str(root), "--verify"]) == 0

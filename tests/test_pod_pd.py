@@ -63,7 +63,8 @@ def test_disaggregated_prefill_decodes_what_one_engine_computes(pd_pod: PodProce
     try:
         assert stream.engine == decode
         wait_for(lambda: stream.events > 3, 60, "the stream to decode")
-        messages = [{"role": "user", "content": text("pd", 450) + " Which item came last?"}]
+        # 1,150 tokens: four 256-token chunks and a tail
+        messages = [{"role": "user", "content": text("pd", 250) + " Which item came last?"}]
         request = {"model": MODEL, "messages": messages, "max_tokens": 16, "temperature": 0}
         # A cold prompt with a stream running on the decode engine: prefilled elsewhere.
         split, engine = post(pd_pod.url, "/v1/chat/completions", request)
