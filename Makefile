@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 KVTIER := $(VENV)/bin/kvtier
 # Test processes: the engine tests spend much of their time importing vLLM on one core, so two
 # processes keep two cores busy. A file to a process (tests that share a pod or a server stay
-# together), the longest files first (tests/conftest.py).
+# together), the longest files first (tests/conftest.py). Three on 2 cores were slower: the
+# restart test (then three servers) took 14 minutes, against 6.5-7 with two processes.
 TEST_JOBS ?= 2
 # The files that start vLLM engines (minutes each; tests/conftest.py starts them first).
 ENGINE_TESTS := test_pod test_serve test_vllm test_bench_ttft test_pod_pd test_bench_overlap \
