@@ -1,10 +1,10 @@
 """Worker processes for the multi-process tests, run as ``python procs.py MODE ...``.
 
 - ``write DIR FIRST COUNT``: put prompts FIRST..FIRST+COUNT-1 (4 chunks each, 256 KiB chunks)
-  into a disk tier at DIR, forever if COUNT is 0; prints "ready" first.
-- ``writers DIR``: for each number FIRST read from stdin, forks a process that opens a disk
-  tier at DIR, prints "ready PID" and puts prompts from FIRST on, forever: writers that start
-  in a millisecond, for a test that kills many (``write`` spends a second importing).
+  into a disk tier at DIR, forever if COUNT is 0; prints "ready PID" first.
+- ``writers DIR``: for each number FIRST read from stdin, forks a ``write DIR FIRST 0``:
+  writers that start in a millisecond, for a test that kills many (a new interpreter spends
+  a second importing).
 - ``read DIR FIRST COUNT SECONDS``: for SECONDS, read those prompts back from DIR, checking
   every chunk it gets; also rewrites them; prints a JSON summary.
 - ``fullput DIR LIMIT``: a store with DRAM + disk under RLIMIT_FSIZE=LIMIT bytes (the disk
@@ -44,7 +44,7 @@ def open_store(root: str) -> TieredStore:
 
 def write(root: str, first: int, count: int) -> None:
     store = open_store(root)
-    print("ready", flush=True)
+    print(f"ready {os.getpid()}", flush=True)
     seed = first
     while count == 0 or seed < first + count:
         store.put(prompt(seed, N_CHUNKS), NS, [big_chunk(seed, j) for j in range(N_CHUNKS)])
@@ -57,12 +57,7 @@ def writers(root: str) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the killed writers are reaped at once
     for line in sys.stdin:
         if os.fork() == 0:
-            store = open_store(root)
-            print(f"ready {os.getpid()}", flush=True)
-            seed = int(line)
-            while True:
-                store.put(prompt(seed, N_CHUNKS), NS, [big_chunk(seed, j) for j in range(N_CHUNKS)])
-                seed += 1
+            write(root, int(line), 0)
 
 
 def read(root: str, first: int, count: int, seconds: float) -> None:

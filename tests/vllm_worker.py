@@ -69,6 +69,8 @@ def main(argv: list[str]) -> None:
         if option.startswith("gpu-blocks="):
             blocks = int(option.split("=")[1])
             kwargs.update(num_gpu_blocks_override=blocks, max_model_len=128 * (blocks - 1))
+        elif option != "prefix-caching":
+            raise SystemExit(f"vllm_worker.py: unknown option {option!r}")
     if config is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KvtierConnector",
