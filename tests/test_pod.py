@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kvtier.integrations.engine_layout import parse_cpu_list
 from kvtier.integrations.model import prepare_default_model
 from kvtier.keys import Namespace, chunk_keys
 from kvtier.pod.prompts import Prompter
@@ -138,6 +139,37 @@ def test_returning_turns_go_where_their_context_is(pod: PodProcess) -> None:
     up = re.findall(r'^kvtier:router_engine_up\{[^}]*role="serve"\} (\S+)$', metrics, re.M)
     assert up == ["1.0", "1.0"], metrics
     assert re.search(r'^kvtier:router_index_chunks_held\{[^}]*tier="gpu"\} [1-9]', metrics, re.M)
+
+
+def allowed_cores(pid: str) -> set[int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    listed = re.search(r"^Cpus_allowed_list:\s*(\S+)$", status, re.M)
+    assert listed, status
+    return set(parse_cpu_list(listed.group(1)))
+
+
+def test_each_engine_computes_in_its_engine_core_on_its_own_cores(pod: PodProcess) -> None:
+    """kvtier pod gives each engine its cores; the model runs inside the engine-core process
+    there (no worker process to start), bound to them, and the API server answers on any."""
+    everywhere = os.sched_getaffinity(0)
+    bound = []
+    for url in pod.engines():
+        [api] = engine_pids(url)
+        children = subprocess.run(["pgrep", "-P", api], capture_output=True, text=True)
+        names = {pid: Path(f"/proc/{pid}/comm").read_text().strip()
+                 for pid in children.stdout.split()}  # fmt: skip
+        cores = [allowed_cores(pid) for pid, name in names.items() if name.startswith("VLLM::")]
+        assert len(cores) == 1 and "VLLM::EngineCor" in names.values(), names  # 15 characters
+        assert not any(pgrep_children(pid) for pid in names), "a worker process under it"
+        assert allowed_cores(api) == everywhere
+        bound.append(cores[0])
+    assert all(len(c) == len(everywhere) // 2 for c in bound) and not bound[0] & bound[1], bound
+
+
+def pgrep_children(pid: str) -> list[str]:
+    """The processes ``pid`` started that are vLLM's (its resource tracker is not)."""
+    found = subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True).stdout.split()
+    return [c for c in found if Path(f"/proc/{c}/comm").read_text().startswith("VLLM::")]
 
 
 def test_a_burst_of_cold_prompts_is_spread(pod: PodProcess) -> None:

@@ -1,11 +1,12 @@
 """The README's first examples, the curl command, the openai client snippet and the engine
 dtype's line, run as written against a real `kvtier serve` with the dtype it picks on this host
-(extracted from README.md, so the README cannot drift); the same server then serves a repeated
-prompt from the DRAM tier of its worker process."""
+(extracted from README.md, so the README cannot drift), and the engine's process layout; the
+same server then serves a repeated prompt from the DRAM tier of its worker."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from kvtier.cli.serve import has_gpu
 from kvtier.cli.server import Server, kvtier_serve_command
+from kvtier.integrations.engine_layout import choose_layout
 from kvtier.redis_process import free_port
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
@@ -28,6 +31,17 @@ URL = "127.0.0.1:8000"  # where the README's snippets send their requests
 def snippet(language: str, marker: str) -> str:
     blocks = re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
     return next(b for b in blocks if marker in b)
+
+
+def vllm_processes(pid: int) -> list[str]:
+    """The names of vLLM's processes under ``pid`` (its API server), outermost first."""
+    names = []
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                text=True).stdout.split():  # fmt: skip
+        name = Path(f"/proc/{child}/comm").read_text().strip()
+        if name.startswith("VLLM::"):
+            names += [name, *vllm_processes(int(child))]
+    return names
 
 
 def port_8000_free() -> bool:
@@ -54,6 +68,15 @@ def test_the_readme_curl_and_openai_examples_work_against_kvtier_serve(tmp_path:
         dtype = out.stdout.strip()
         assert out.returncode == 0 and dtype in ("float32", "bfloat16"), (out.stdout, out.stderr)
         assert f"kvtier serve: engine dtype {dtype} (measured: bf16 matmul" in server.tail(1 << 20)
+        # The process layout, as the README shows it where vLLM would keep no core back.
+        assert server.pid is not None
+        expected = choose_layout([], os.environ, 2, has_gpu())
+        said = re.search(r"^kvtier serve: engine in .*$", server.tail(1 << 20), re.M)
+        assert said and said.group(0) == f"kvtier serve: {expected.line()}", said
+        if expected.one_process:
+            assert said.group(0) == snippet("text", "kvtier serve: engine in").strip()
+        layout = ["VLLM::EngineCor"] + ([] if expected.one_process else ["VLLM::Worker"])
+        assert vllm_processes(server.pid) == layout  # (a process's name: 15 characters)
         # Before any request, kvtier's series are there at 0 and its capacity is known
         # (rate() sees the first increment; a console shows an idle engine's tiers).
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -72,8 +95,9 @@ def test_the_readme_curl_and_openai_examples_work_against_kvtier_serve(tmp_path:
         )
         assert py.returncode == 0, py.stderr[-3000:]
         assert py.stdout.strip()
-        # vLLM runs the scheduler and the worker in separate processes here: the scheduler
-        # only knows the worker's DRAM through the events the worker sends back.
+        # The connector's scheduler half (in the engine core) only knows the DRAM of its
+        # worker half (in the engine core too, or in vLLM's worker process) through the
+        # events the worker sends back.
         shared = " ".join(f"Line {i} of a document that every request shares." for i in range(70))
         first = server.complete(shared, max_tokens=4)
         second = server.complete(shared, max_tokens=4)

@@ -44,11 +44,11 @@ from tqdm import tqdm
 from kvtier.cli import raw_io
 from kvtier.cli.serve import has_gpu
 from kvtier.cli.server import (
-    PLAIN_VLLM_ENV,
     Completion,
     Server,
     kvtier_serve_command,
     plain_vllm_command,
+    plain_vllm_env,
 )
 from kvtier.errors import KvtierError
 from kvtier.integrations.engine_dtype import DtypeChoice, host_dtype
@@ -138,7 +138,7 @@ class _Run:
         def command(port: int) -> list[str]:
             return plain_vllm_command(port, *SERVE_OPTIONS, *options, dtype=self.args.engine_dtype)
 
-        return self.server(command, PLAIN_VLLM_ENV)
+        return self.server(command, plain_vllm_env(*SERVE_OPTIONS, *options))
 
     def send(self, server: Server, ids: list[int]) -> Completion:
         reply = server.complete(ids, max_tokens=1)

@@ -30,6 +30,7 @@ from kvtier.config import (
 )
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.integrations.engine_dtype import HANDED_DTYPE, DtypeChoice, choose_dtype, given_dtype
+from kvtier.integrations.engine_layout import EngineLayout, choose_layout
 from kvtier.integrations.model import DEFAULT_MODEL_NAME  # what the embedded model is served as
 from kvtier.pod.engine_routes import FEED_PORT_ENV
 from kvtier.redis_process import free_port
@@ -164,7 +165,11 @@ def dtype_options(choice: DtypeChoice) -> list[str]:
 
 
 def vllm_command(
-    args: argparse.Namespace, model: str, extra: list[str], dtype: DtypeChoice | None = None
+    args: argparse.Namespace,
+    model: str,
+    extra: list[str],
+    dtype: DtypeChoice | None = None,
+    layout: EngineLayout | None = None,
 ) -> list[str]:
     extra_config = connector_config(build_config(args))
     if dtype is not None:
@@ -208,6 +213,8 @@ def vllm_command(
         command += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
     if dtype is not None:
         command += dtype_options(dtype)
+    if layout is not None:
+        command += layout.options()
     return command + extra
 
 
@@ -276,8 +283,13 @@ def run(args: argparse.Namespace) -> int:
         args.feed_port = free_port()
     elif not 0 < args.feed_port < 65536:
         raise ConfigError(f"--feed-port: {args.feed_port} is not a port number")
-    command = vllm_command(args, model, extra, dtype)
+    # vLLM keeps two cores from the worker with a KV connector (one without).
+    layout = choose_layout(extra, os.environ, reserved_by_default=2, gpu=has_gpu())
+    print(f"kvtier serve: {layout.line()}", file=sys.stderr)
+    command = vllm_command(args, model, extra, dtype, layout)
     env = dict(os.environ)
+    for name, value in layout.env().items():
+        env.setdefault(name, value)
     env[FEED_PORT_ENV] = str(args.feed_port)  # for the middleware in vLLM's API process
     if not has_gpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of RAM for vLLM's own KV cache

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +26,7 @@ from typing import Any
 from kvtier.cli.serve import has_gpu
 from kvtier.errors import KvtierError
 from kvtier.integrations.engine_dtype import DtypeChoice
+from kvtier.integrations.engine_layout import EngineLayout, choose_layout
 from kvtier.integrations.model import DEFAULT_MODEL_NAME
 
 
@@ -52,13 +54,24 @@ def kvtier_serve_command(port: int, *options: str) -> list[str]:
 # does not have, so it keeps none and computes on both. A plain server would prefill with half
 # the cores of a server with any connector (measured here: ~1.9x slower cold prefills); this
 # gives it the same cores, so that cold_vllm and cold compare like with like.
-PLAIN_VLLM_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+# With no core kept back, it also runs in the layout `kvtier serve` picks on such a host (the
+# worker inside the engine core, kvtier.integrations.engine_layout): same processes, same cores.
+PLAIN_RESERVED = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def plain_layout(options: Sequence[str]) -> EngineLayout:
+    return choose_layout(options, {**os.environ, **PLAIN_RESERVED}, 1, has_gpu())
+
+
+def plain_vllm_env(*options: str) -> dict[str, str]:
+    """The environment for :func:`plain_vllm_command` with ``options``."""
+    return {**PLAIN_RESERVED, **plain_layout(options).env()}
 
 
 def plain_vllm_command(port: int, *options: str, dtype: DtypeChoice | None = None) -> list[str]:
     """vLLM's own OpenAI server with the flags ``kvtier serve`` gives it, minus the connector
-    (run it with :data:`PLAIN_VLLM_ENV` for the same cores), computing in ``dtype`` (the
-    kvtier servers' choice: a comparison runs both in one dtype)."""
+    (run it with :func:`plain_vllm_env` for the same cores and processes), computing in
+    ``dtype`` (the kvtier servers' choice: a comparison runs both in one dtype)."""
     from kvtier.integrations.model import prepare_default_model
 
     model = prepare_default_model(dtype=dtype.dtype if dtype else "bfloat16")
@@ -71,7 +84,7 @@ def plain_vllm_command(port: int, *options: str, dtype: DtypeChoice | None = Non
         command.append("--enforce-eager")
     if dtype is not None:
         command += dtype.vllm_options()
-    return command + list(options)
+    return command + plain_layout(options).options() + list(options)
 
 
 class Server:
@@ -172,8 +185,9 @@ class Server:
             os.killpg(proc.pid, signal.SIGKILL)
 
     def cores(self) -> list[int] | None:
-        """The cores vLLM bound its compute threads to, as its log says (None: not said)."""
-        found = re.findall(r"core ids=\[([\d, ]*)\]", self.tail(1 << 20))
+        """The cores the engine computes on, as its log says (vLLM's worker process, or
+        kvtier.integrations.vllm_main for a worker inside the engine core; None: not said)."""
+        found = re.findall(r"(?:core ids=|computes on cores )\[([\d, ]*)\]", self.tail(1 << 20))
         return [int(c) for c in found[-1].split(",") if c.strip()] if found else None
 
     def tail(self, chars: int = 3000) -> str:
