@@ -37,4 +37,6 @@ def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:
     assert paths["kvtier_disk"]["ttft_s"] < 0.7 * paths["cold"]["ttft_s"], result
     # Every server computed on the same cores (plain vLLM would keep one for its scheduler).
     assert len({str(cores) for cores in result["cores"].values()}) == 1, result["cores"]
+    # ... in one process layout (kvtier serve's on this host; plain vLLM follows it).
+    assert len(set(result["model_in"].values())) == 1, result["model_in"]
     assert result["raw"]["700"]["disk_cold_read_s"] > 0

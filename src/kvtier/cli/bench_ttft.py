@@ -116,6 +116,7 @@ class _Run:
         self.args, self.work, self.bar = args, work, bar
         self.rows: list[dict[str, Any]] = []
         self.cores: dict[str, list[int] | None] = {}  # path -> cores vLLM computed on
+        self.model_in: dict[str, str] = {}  # path -> "engine core" or "worker process"
         # length -> the raw medium reading the same bytes as that length's hit
         self.raw: dict[int, dict[str, float | None]] = {n: {} for n in args.lengths}
         self._logs = 0
@@ -169,6 +170,7 @@ class _Run:
     def measure(self, server: Server, path: str, requests: dict[int, list[list[int]]]) -> None:
         """Send each length's prompts in order; a failure (a dead server) fails that length."""
         self.cores[path] = server.cores()
+        self.model_in[path] = server.model_process()
         for n, prompts in requests.items():
             try:
                 self.record(n, path, [self.send(server, ids) for ids in prompts])
@@ -216,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         "cache_dropped": cache_dropped,
         "repeat": r,
         "cores": bench.cores,
+        "model_in": bench.model_in,
         "raw": bench.raw,
         "engine_dtype": args.engine_dtype.as_dict(),
     }
@@ -383,10 +386,14 @@ def _print(result: dict[str, Any], lengths: list[int]) -> None:
     )
     print(f"  kvtier_disk: {disk}")
     cores = {str(c) for c in result["cores"].values()}
+    places = set(result["model_in"].values())
+    place = f"the model in its {places.pop()}" if len(places) == 1 else str(result["model_in"])
     if len(cores) == 1:
-        print(f"  every server's engine computed on cores {cores.pop()}")
+        print(f"  every server's engine computed on cores {cores.pop()}, {place}")
     else:
-        print(f"  cores each server's engine computed on: {result['cores']} (NOT the same)")
+        print(
+            f"  cores each server's engine computed on: {result['cores']} (NOT the same), {place}"
+        )
     _print_targets(result, lengths)
     for row in rows:
         if row.get("error"):

@@ -48,6 +48,9 @@ def register(sub: Any) -> None:
         "--dtype (vLLM's) defaults to the faster of bfloat16 and float32 on this host,\n"
         "measured at start (bf16 is ~50x slower on CPUs without AVX-512 BF16/AMX); the\n"
         "choice and its reason are printed and reported in /kvtier/info.\n"
+        "On CPU, where vLLM would give its worker every core anyway (one NUMA node, no core\n"
+        "kept back), the model runs inside vLLM's engine-core process: one process and one\n"
+        "start fewer (--distributed-executor-backend mp keeps vLLM's own layout).\n"
         "Example: kvtier serve --port 8000 --redis redis://127.0.0.1:6379/0",
     )
     p.add_argument(

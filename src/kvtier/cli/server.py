@@ -190,6 +190,12 @@ class Server:
         found = re.findall(r"(?:core ids=|computes on cores )\[([\d, ]*)\]", self.tail(1 << 20))
         return [int(c) for c in found[-1].split(",") if c.strip()] if found else None
 
+    def model_process(self) -> str:
+        """Where the model ran: "engine core" (the worker inside it, said by
+        kvtier.integrations.vllm_main) or "worker process" (vLLM's own layout)."""
+        return "engine core" if "engine core computes on cores" in self.tail(1 << 20) else (
+            "worker process")  # fmt: skip
+
     def tail(self, chars: int = 3000) -> str:
         try:
             return self.log.read_text(errors="replace")[-chars:]
