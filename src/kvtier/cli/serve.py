@@ -30,7 +30,7 @@ from kvtier.config import (
 )
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.integrations.engine_dtype import HANDED_DTYPE, DtypeChoice, choose_dtype, given_dtype
-from kvtier.integrations.engine_layout import EngineLayout, choose_layout
+from kvtier.integrations.engine_layout import EngineLayout, choose_layout, option
 from kvtier.integrations.model import DEFAULT_MODEL_NAME  # what the embedded model is served as
 from kvtier.pod.engine_routes import FEED_PORT_ENV
 from kvtier.redis_process import free_port
@@ -219,16 +219,6 @@ def vllm_command(
     if layout is not None:
         command += layout.options()
     return command + extra
-
-
-def option(extra: list[str], name: str) -> str | None:
-    """The value of vLLM option ``name`` among ``extra`` (``--name V`` or ``--name=V``)."""
-    for i, arg in enumerate(extra):
-        if arg == name and i + 1 < len(extra):
-            return extra[i + 1]
-        if arg.startswith(name + "="):
-            return arg.partition("=")[2]
-    return None
 
 
 def kv_events_config(

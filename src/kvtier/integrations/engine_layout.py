@@ -113,7 +113,8 @@ def parse_cpu_list(text: str) -> list[int]:
     return ids
 
 
-def given(extra: Sequence[str], name: str) -> str | None:
+def option(extra: Sequence[str], name: str) -> str | None:
+    """The value of vLLM option ``name`` among ``extra`` (``--name V`` or ``--name=V``)."""
     for i, arg in enumerate(extra):
         if arg == name and i + 1 < len(extra):
             return extra[i + 1]
@@ -134,10 +135,10 @@ def choose_layout(
     ``VLLM_CPU_NUM_OF_RESERVED_CPU`` says (2 with a KV connector, 1 without)."""
     if gpu:
         return EngineLayout(False, None, "a GPU host")
-    if given(extra, "--distributed-executor-backend") is not None:
+    if option(extra, "--distributed-executor-backend") is not None:
         return EngineLayout(False, None, "--distributed-executor-backend given")
     for name in PARALLEL_OPTIONS:
-        size = given(extra, name)
+        size = option(extra, name)
         if size is not None and size.strip() != "1":
             return EngineLayout(False, None, f"{name} {size}")
     bind = env.get("VLLM_CPU_OMP_THREADS_BIND", "auto").strip()
