@@ -1,7 +1,8 @@
 """``kvtier bench ttft``: time to first token as users see it, with and without kvtier.
 
 Every request goes over HTTP to a real server (``kvtier serve``, or vLLM's own server with the
-same flags), engine core and worker in their own processes, as in production. Prompts are
+same flags), the engine in processes of its own laid out as ``kvtier serve`` lays them out (the
+output says where the model ran), as in production. Prompts are
 random token ids of the given lengths (by default not multiples of vLLM's 128-token blocks or
 kvtier's 256-token chunks), sent with ``max_tokens=1``: the response time is the TTFT. Paths,
 side by side in one run:
