@@ -44,11 +44,11 @@ def metric_values(text: str) -> dict[tuple[str, str], float]:
 
 def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: Path) -> None:
     chunks = tmp_path / "chunks"
-    prompt = " ".join(f"The {i}th line of a long shared document." for i in range(170))
+    prompt = " ".join(f"The {i}th line of a long shared document." for i in range(100))
     other = " ".join(f"Another text, sentence {i}." for i in range(50))
     with serve(chunks, tmp_path / "first.log") as server:
         first = server.complete(prompt, max_tokens=4)
-    assert first.prompt_tokens > 2000  # 2,100: 16 blocks and a tail
+    assert first.prompt_tokens > 1100  # 1,190: 9 blocks and a tail, 5 chunks (the last partial)
     # Stopped with SIGTERM, as a service manager stops it: every chunk reached the disk.
     with serve(chunks, tmp_path / "second.log") as server:
         second = server.complete(prompt, max_tokens=4)
