@@ -3,12 +3,20 @@ process when the suite runs in several); and the order in which test files start
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from kvtier.redis_process import RedisClusterProcess, RedisServer
+
+# Two test processes run engines side by side on the same cores, and an OpenMP thread that
+# spins while it waits takes the core from the other engine's threads (a 60-token prefill took
+# 2.3-4.8 s spinning, 0.7-0.8 s asleep, under a second engine's load on 2 cores). The engines
+# of `kvtier serve` wait asleep anyway where they share cores (engine_layout); these are the
+# tests' own (tests/vllm_worker.py) and the test processes' torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from kvtier.cli.server import plain_vllm_env
+from kvtier.integrations.engine_fork import ForkContext
 from kvtier.integrations.engine_layout import (
     CORES_ENV,
     Cpu,
@@ -31,7 +33,8 @@ def test_a_host_where_vllm_keeps_no_core_back_runs_the_worker_in_the_engine_core
     assert layout.one_process and layout.cores == (0, 1), layout
     assert layout.options() == ["--distributed-executor-backend", "uni"]
     assert layout.env() == {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2", CORES_ENV: "0,1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2",
+        "OMP_WAIT_POLICY": "PASSIVE", CORES_ENV: "0,1",
     }  # fmt: skip
     # One logical CPU per physical core, the higher-numbered sibling, as vLLM binds.
     smt = choose_layout([], {}, 2, gpu=False, cpus=host(2, threads=2))
@@ -105,13 +108,22 @@ def test_kvtier_serve_and_the_plain_baseline_say_and_pass_the_layout() -> None:
     assert plain.get(CORES_ENV) == layout.env().get(CORES_ENV)
 
 
-def test_the_engine_core_binds_itself_before_it_imports_anything() -> None:
-    """vllm_main reads the cores under the name engine_layout sets, before any import that
-    could start threads (numpy's BLAS starts them at import)."""
-    import kvtier.integrations.vllm_main as main
+def report_affinity(out: Any) -> None:
+    out.send(sorted(os.sched_getaffinity(0)))
 
-    source = Path(main.__file__).read_text()
-    spawned = source[source.index('if __name__ == "__mp_main__"') :]
-    spawned = spawned[: spawned.index('if __name__ == "__main__"')]
-    assert f'os.environ.get("{CORES_ENV}")' in spawned and "os.sched_setaffinity" in spawned
-    assert [line.strip() for line in spawned.splitlines() if "import" in line] == ["import os"]
+
+def test_the_forked_engine_core_binds_itself_and_leaves_its_parent_free() -> None:
+    """The context engine_fork hands vLLM forks (no fresh interpreter: the same main module
+    and modules already imported) a process bound to the engine's cores; the parent (the API
+    server) keeps all of its own."""
+    mine = os.sched_getaffinity(0)
+    core = min(mine)
+    context = ForkContext({core})
+    assert context.get_start_method() == "fork"
+    ours, theirs = context.Pipe()
+    child = context.Process(target=report_affinity, args=(theirs,), name="EngineCore")
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0 and ours.poll(5)
+    assert ours.recv() == [core]
+    assert os.sched_getaffinity(0) == mine

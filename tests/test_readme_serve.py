@@ -44,6 +44,12 @@ def vllm_processes(pid: int) -> list[str]:
     return names
 
 
+def engine_cores(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(c) for c in children.stdout.split()
+            if Path(f"/proc/{c}/comm").read_text().strip() == "VLLM::EngineCor"]  # fmt: skip
+
+
 def port_8000_free() -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", 8000)) != 0
@@ -77,6 +83,11 @@ def test_the_readme_curl_and_openai_examples_work_against_kvtier_serve(tmp_path:
             assert said.group(0) == snippet("text", "kvtier serve: engine in").strip()
         layout = ["VLLM::EngineCor"] + ([] if expected.one_process else ["VLLM::Worker"])
         assert vllm_processes(server.pid) == layout  # (a process's name: 15 characters)
+        if expected.one_process:  # the engine core forked from the API server, not spawned
+            forked = re.findall(r"^kvtier: the engine core computes on cores \[[\d, ]+\] "
+                                r"\(pid (\d+), forked from the API server\)$",
+                                server.tail(1 << 20), re.M)  # fmt: skip
+            assert [int(pid) for pid in forked] == engine_cores(server.pid), forked
         # Before any request, kvtier's series are there at 0 and its capacity is known
         # (rate() sees the first increment; a console shows an idle engine's tiers).
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:

@@ -3,21 +3,24 @@ the engine-core process, where the scheduler runs.
 
 vLLM on CPU runs three processes: the API server, the engine core (the scheduler) and one
 worker (the model), each a fresh interpreter that imports torch and vLLM (spawned: forking a
-process that holds OpenMP threads is not safe). The worker's compute threads are bound to cores
-of one NUMA node, and by default vLLM keeps some of that node's physical cores out of it for the
-other processes: one for the engine core, one more with a KV connector. When the node has no
-more cores than that, vLLM keeps none and the worker computes on every core anyway; and since
-the CPU engine schedules synchronously (the scheduler waits for each step), a process of its
-own buys the worker nothing there. It costs a third start (measured on 2-core AMD EPYC: the
-server answered 39-43 s after start with the worker inside the engine core, 53-57 s with a
-worker process) and a third copy of torch and vLLM in memory (~650 MB).
+process that holds OpenMP threads is not safe; see :mod:`kvtier.integrations.engine_fork`).
+The worker's compute threads are bound to cores of one NUMA node, and by default vLLM keeps
+some of that node's physical cores out of it for the other processes: one for the engine core,
+one more with a KV connector. When the node has no more cores than that, vLLM keeps none and
+the worker computes on every core anyway; and since the CPU engine schedules synchronously (the
+scheduler waits for each step), a process of its own buys the worker nothing there. It costs a
+third start (measured on 2-core AMD EPYC: the server answered 39-43 s after start with the
+worker inside the engine core, 53-57 s with a worker process) and a third copy of torch and
+vLLM in memory (~650 MB).
 
 So :func:`choose_layout` puts the worker inside the engine-core process (vLLM's ``uni``
 executor) exactly when vLLM would give the worker every core the engine may use: one NUMA
 node and no core kept back, or an explicit one-rank core list
 (``VLLM_CPU_OMP_THREADS_BIND=0,1``, what ``kvtier pod`` gives each engine). The compute
 threads then run on the cores vLLM would have bound them to (``OMP_NUM_THREADS`` and the CPU
-affinity of the engine's processes, set by :mod:`kvtier.integrations.vllm_main`). Anything
+affinity of the engine core, forked from the API server by
+:mod:`kvtier.integrations.engine_fork`), and wait for each other asleep, not spinning
+(``OMP_WAIT_POLICY=PASSIVE``: they share those cores with the scheduler). Anything
 else (several NUMA nodes, cores kept for the scheduler, tensor or pipeline parallelism, a
 GPU, ``--distributed-executor-backend`` given) keeps vLLM's own layout.
 """
@@ -60,6 +63,13 @@ class EngineLayout:
             # that the engine core itself may hold the model.
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "OMP_NUM_THREADS": str(len(self.cores)),
+            # The compute threads share their cores with the scheduler (same process) and the
+            # API server: an OpenMP thread that spins at a barrier takes the core from the
+            # thread it waits for. Under another engine's load on the same 2 cores, spinning
+            # (the default) took a 700-token prompt's 60-token tail 2.3-4.8 s, sleeping 0.7-0.8
+            # s, and the cold prompt 10.2-11.9 s against 5.9-7.8. Idle, both were within the
+            # host's noise (cold 3.1-4.5 s either way; 8.5-10.8 decoded tokens/s).
+            "OMP_WAIT_POLICY": "PASSIVE",
             CORES_ENV: ",".join(str(c) for c in self.cores),
         }
 

@@ -4,36 +4,28 @@
 entry point (that module is deprecated, warns on every start and may go; ``vllm serve`` would
 do, but the CPU build's CLI looks up a package named ``vllm`` and stops).
 
-It imports nothing unless it is the main module: vLLM starts its engine core, and on CPU its
-worker, with multiprocessing's *spawn*, and a spawned process imports its parent's main module
-first (as ``__mp_main__``). (Measured, 2-core EPYC: this start and the deprecated module's took
-the same time to /health, A/B 0.996 over 4 pairs; the engine processes import mostly what they
-need anyway.)
+It imports nothing unless it is the main module: vLLM starts its processes on CPU with
+multiprocessing's *spawn*, and a spawned process imports its parent's main module first (as
+``__mp_main__``). (Measured, 2-core EPYC: this start and the deprecated module's took the same
+time to /health, A/B 0.996 over 4 pairs.)
 
-That first import is also where the engine core takes its cores when the worker computes
-inside it (``KVTIER_ENGINE_CORES``, see :mod:`kvtier.integrations.engine_layout`): the engine
-core binds itself before torch starts a thread, as vLLM binds a worker process, and the API
-server stays free to answer on any core (`/health` and the router's polls must not queue
-behind the model's threads).
+When the model runs inside the engine core (``KVTIER_ENGINE_CORES`` set, see
+:mod:`kvtier.integrations.engine_layout`), the engine core is forked instead
+(:mod:`kvtier.integrations.engine_fork`) and binds itself to those cores; the API server stays
+free to answer on any core (`/health` and the router's polls must not queue behind the model's
+threads).
 """
 
 from __future__ import annotations
 
-if __name__ == "__mp_main__":  # a process vLLM spawned: the engine core
-    import os
-
-    _cores = os.environ.get("KVTIER_ENGINE_CORES")
-    if _cores:
-        os.sched_setaffinity(0, {int(c) for c in _cores.split(",")})
-
 if __name__ == "__main__":
     import os
-    import sys
 
     _cores = os.environ.get("KVTIER_ENGINE_CORES")
-    if _cores:
-        print(f"kvtier: the engine core computes on cores [{_cores.replace(',', ', ')}]",
-              file=sys.stderr, flush=True)  # fmt: skip
+    if _cores:  # the engine core says where it computes (a line Server.cores() reads)
+        from kvtier.integrations.engine_fork import fork_engine_core
+
+        fork_engine_core({int(c) for c in _cores.split(",")})
 
     from vllm.entrypoints.launchers.api_server.entry import main
 
