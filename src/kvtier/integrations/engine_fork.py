@@ -1,15 +1,16 @@
 """The engine core forked from the API server, not spawned, when the model runs inside it.
 
 vLLM on CPU starts its engine core with multiprocessing's *spawn*: a fresh interpreter that
-imports torch and vLLM again, 20-25 s of one core on a 2-core EPYC (half of the time to the
-first answer). vLLM forks it elsewhere (its default off CPU) and spawns on CPU because a
-process that holds OpenMP threads cannot be forked safely. The API server holds none: it
-imports torch but never computes with it; its threads (ZMQ's, asyncio's) are not OpenMP's, and
-vLLM forks the same API server on GPU hosts. So in the one-process layout
-(:mod:`kvtier.integrations.engine_layout`), where kvtier knows the engine's cores,
-:func:`fork_engine_core` makes vLLM fork the engine core, which binds itself to those cores
-before torch starts a thread there. A worker process the engine core may start (vLLM's own
-layout) is still spawned: that path is left as vLLM has it.
+imports torch and vLLM again before it can load the model. Off CPU vLLM forks it (its default,
+unless CUDA is already initialized); forking is unsafe for a process that holds OpenMP threads,
+but the API server holds none: it imports torch and never computes with it, and its own threads
+(ZMQ's, asyncio's) are not used in the child. Measured on a 2-core EPYC, forked: the server
+answered 28.5-30.7 s after start against 42.2-43.2 s spawned, computing the same.
+
+So in the one-process layout (:mod:`kvtier.integrations.engine_layout`), where kvtier knows the
+engine's cores, :func:`fork_engine_core` makes vLLM fork the engine core, which binds itself to
+those cores before torch starts a thread there. A worker process the engine core may start
+(vLLM's own layout) is still spawned: that path is left as vLLM has it.
 """
 
 from __future__ import annotations
