@@ -26,6 +26,7 @@ test:
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(PYTEST) -q --durations=15
 
 # The edit-test loop: every test that starts no vLLM engine (under 3 minutes on 2 cores).
@@ -35,6 +36,7 @@ unit: install
 lint: install
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/lint-imports
 
 typecheck: install
 	$(VENV)/bin/mypy

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 
-from kvtier.cli.serve import has_gpu
 from kvtier.integrations.engine_dtype import choose_dtype, matmul_gflops
+from kvtier.integrations.engine_layout import has_gpu
 
 FLOP_PER_TOKEN = 2 * 135e6  # SmolLM2-135M's forward pass, per token (attention aside)
 # The share of one linear layer's rate a whole engine step reaches, per core: measured on an

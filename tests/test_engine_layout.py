@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvtier.cli.server import plain_vllm_env
 from kvtier.integrations.engine_fork import ForkContext
 from kvtier.integrations.engine_layout import (
     CORES_ENV,
@@ -19,6 +18,7 @@ from kvtier.integrations.engine_layout import (
     choose_layout,
     parse_cpu_list,
 )
+from kvtier.runtime.engine_process import plain_vllm_env
 
 
 def host(cores: int, threads: int = 1, nodes: int = 1) -> list[Cpu]:

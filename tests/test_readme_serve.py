@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.cli.serve import has_gpu
-from kvtier.cli.server import Server, kvtier_serve_command
-from kvtier.integrations.engine_layout import choose_layout
+from kvtier.integrations.engine_layout import choose_layout, has_gpu
 from kvtier.redis_process import free_port
+from kvtier.runtime.engine_process import Server, kvtier_serve_command
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 

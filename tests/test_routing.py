@@ -1,4 +1,4 @@
-"""The router's decisions (kvtier.pod.policy) and its index (kvtier.pod.index), on their own."""
+"""The router's decisions (kvtier.policy.routing) and its index (kvtier.pod.index), on their own."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from kvtier.pod.index import ChunkIndex
-from kvtier.pod.policy import (
+from kvtier.pod.reuse import TAIL_BYTES, Decisions, cached_in_body, cached_in_stream
+from kvtier.policy.routing import (
     DEFAULT_BANDWIDTH,
     PREFILL_HOP_S,
     CostRouting,
@@ -16,7 +17,6 @@ from kvtier.pod.policy import (
     leading_hits,
     split_cost,
 )
-from kvtier.pod.reuse import TAIL_BYTES, Decisions, cached_in_body, cached_in_stream
 
 BPT = 23_040  # KV bytes per token of the demo model in bf16
 RATE = 1000.0  # prefill tokens/s
@@ -190,9 +190,9 @@ def test_the_shared_tier_answers_within_a_budget_and_late_answers_are_kept(
 
 
 def test_a_long_new_chat_is_keyed_from_its_exact_leading_tokens() -> None:
+    from kvtier.bench.workload import document
     from kvtier.integrations.model import prepare_default_model
     from kvtier.pod.prompts import Prompter
-    from kvtier.pod.workload import document
 
     prompter = Prompter(prepare_default_model())
     for seed in range(2):

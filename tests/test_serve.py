@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.cli.server import Server, kvtier_serve_command
 from kvtier.redis_process import free_port
+from kvtier.runtime.engine_process import Server, kvtier_serve_command
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 

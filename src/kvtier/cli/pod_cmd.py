@@ -66,7 +66,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvtier.pod.launcher import Pod, plan_pod
+    from kvtier.runtime.pod import Pod, plan_pod
 
     engines, prefill = _engine_counts(args)
     if prefill and args.redis == "none":

@@ -13,7 +13,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -30,9 +29,9 @@ from kvtier.config import (
 )
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.integrations.engine_dtype import HANDED_DTYPE, DtypeChoice, choose_dtype, given_dtype
-from kvtier.integrations.engine_layout import EngineLayout, choose_layout, option
+from kvtier.integrations.engine_layout import EngineLayout, choose_layout, has_gpu, option
+from kvtier.integrations.engine_routes import FEED_PORT_ENV
 from kvtier.integrations.model import DEFAULT_MODEL_NAME  # what the embedded model is served as
-from kvtier.pod.engine_routes import FEED_PORT_ENV
 from kvtier.redis_process import free_port
 
 SHUTDOWN_TIMEOUT_S = 30  # vLLM's --shutdown-timeout unless given: time to finish writes
@@ -202,7 +201,7 @@ def vllm_command(
     ]  # fmt: skip
     command += events_args
     if feed_port:  # the feed on the server's own port, under /kvtier/
-        command += ["--middleware", "kvtier.pod.engine_routes.forward"]
+        command += ["--middleware", "kvtier.integrations.engine_routes.forward"]
     if "--enforce-eager" not in extra and not has_gpu():
         command.append("--enforce-eager")  # no graph capture on CPU: faster start
     if not any("prompt-tokens-details" in a for a in extra):
@@ -250,10 +249,6 @@ def kv_events_config(
         "endpoint": f"tcp://*:{port}", "topic": "kvtier",
     }  # fmt: skip
     return {"port": port, "topic": "kvtier"}, ["--kv-events-config", json.dumps(config)]
-
-
-def has_gpu() -> bool:
-    return shutil.which("nvidia-smi") is not None
 
 
 def run(args: argparse.Namespace) -> int:

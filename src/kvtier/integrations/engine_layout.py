@@ -28,6 +28,7 @@ GPU, ``--distributed-executor-backend`` given) keeps vLLM's own layout.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,11 @@ class Cpu:
     id: int
     core: tuple[int, int]  # (package, core id): the physical core
     node: int  # NUMA node
+
+
+def has_gpu() -> bool:
+    """Whether this host has an NVIDIA GPU (vLLM then computes there, not on CPU cores)."""
+    return shutil.which("nvidia-smi") is not None
 
 
 def allowed_cpus(sys_cpu: Path = SYS_CPU, sys_node: Path = SYS_NODE) -> list[Cpu]:

@@ -47,6 +47,7 @@ from kvtier.config import DiskTierConfig, MemoryTierConfig, config_from_dict
 from kvtier.errors import ConfigError
 from kvtier.integrations import shared_stores
 from kvtier.integrations.chunk_pool import ChunkPool
+from kvtier.integrations.feed import EventFeed, store_feed
 from kvtier.integrations.loader import Loader
 from kvtier.integrations.metrics import (
     RATE_FILE,
@@ -67,7 +68,6 @@ from kvtier.integrations.vllm_meta import (
     Tracked,
 )
 from kvtier.keys import ChunkKey, Namespace, tail_candidates
-from kvtier.pod.feed import EventFeed, store_feed
 from kvtier.results import LookupResult
 from kvtier.stats import ChunkEvent
 
@@ -420,7 +420,7 @@ class KvtierConnector(KVConnectorBase_V1):
             self._start_feed(self._feed_port, shape)
 
     def _start_feed(self, port: int, chunk_shape: tuple[int, ...]) -> None:
-        """Publish what this worker's store holds, for ``kvtier router`` (see pod.feed)."""
+        """Publish what this worker's store holds, for ``kvtier router`` (see integrations.feed)."""
         per_token = math.prod(chunk_shape) * self._layers[0].element_size() // self._chunk
         feed = store_feed(self._store, self._config, self._namespace(None), self._block_size,
                           per_token, self._kv_events, self._engine_dtype)  # fmt: skip

@@ -2,7 +2,7 @@
 
 Each engine is polled for ``/health`` every :data:`HEALTH_EVERY_S`; two failures in a row (or
 a refused connection while forwarding) take it out of rotation, so a dead engine is gone
-within a second. Its feed (``/kvtier/...``, see :mod:`kvtier.pod.feed`) is read with long
+within a second. Its feed (``/kvtier/...``, see :mod:`kvtier.integrations.feed`) is read with long
 polls: a snapshot first, then events in sequence; a gap or a new epoch (a restart) means a
 fresh snapshot. vLLM's own KV events (its ZMQ publisher, named by the feed's ``kv_events``) say
 which chunks are in the engine's KV cache itself: tier kind "gpu" (:mod:`kvtier.pod.blocks`).
@@ -26,7 +26,7 @@ import zmq.asyncio
 from kvtier.keys import ChunkKey, Namespace
 from kvtier.pod.blocks import BlockKeys
 from kvtier.pod.index import ChunkIndex
-from kvtier.pod.policy import DEFAULT_PREFILL_TOKENS_PER_S
+from kvtier.policy.routing import DEFAULT_PREFILL_TOKENS_PER_S
 
 log = logging.getLogger("kvtier.router")
 

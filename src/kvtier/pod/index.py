@@ -1,10 +1,10 @@
 """The router's index: chunk key -> {engine: tier kinds}, fed by every engine's feed.
 
 Each engine's part is replaced whole by a snapshot and then kept by its events, in sequence
-order (the feed reader resyncs on a gap or a new epoch; see :mod:`kvtier.pod.feed`). Requests
-routed to an engine but not yet reported by its events count as *predicted* residency there,
-so that a burst of requests sharing a prefix follows the first one instead of scattering, and
-a user's next turn finds the engine its last turn went to.
+order (the feed reader resyncs on a gap or a new epoch; see :mod:`kvtier.integrations.feed`).
+Requests routed to an engine but not yet reported by its events count as *predicted* residency
+there, so that a burst of requests sharing a prefix follows the first one instead of
+scattering, and a user's next turn finds the engine its last turn went to.
 """
 
 from __future__ import annotations

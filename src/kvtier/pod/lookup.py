@@ -13,7 +13,7 @@ from typing import Any
 from kvtier.health import TierHealth
 from kvtier.keys import Namespace, chunk_keys, tail_candidates, token_array
 from kvtier.pod.index import ChunkIndex
-from kvtier.pod.policy import leading_hits
+from kvtier.policy.routing import leading_hits
 
 SHARED_TIMEOUT_S = 0.25  # a shared tier slower than this is failing (health)
 SHARED_BUDGET_S = 0.003  # what a request waits for the shared tier's answer

@@ -4,7 +4,7 @@ where its context already is.
 For each request: the prompt's tokens as the engine will see them (:mod:`.prompts`), its chunk
 keys in the engines' namespace (reported by their feeds), where those chunks are (the index fed
 by every engine, plus the shared tier, asked directly), then the engine with the lowest
-expected time to first token (:class:`~kvtier.pod.policy.CostRouting`). The request is
+expected time to first token (:class:`~kvtier.policy.routing.CostRouting`). The request is
 forwarded unchanged; the engine's answer, errors included, comes back unchanged.
 
 A request that has not produced a byte yet is retried on the next engine when the one chosen
@@ -32,9 +32,9 @@ from kvtier.pod.engines import Engine, EngineSet
 from kvtier.pod.index import ChunkIndex, quantile
 from kvtier.pod.lookup import PromptKeys, SharedTier, held_hits
 from kvtier.pod.metrics import router_metrics
-from kvtier.pod.policy import CostRouting, EngineView, Split, reason, split_cost
 from kvtier.pod.prompts import Leading, Prompter, PromptError
 from kvtier.pod.reuse import TAIL_BYTES, Decision, Decisions, cached_in_body, cached_in_stream
+from kvtier.policy.routing import CostRouting, EngineView, Split, reason, split_cost
 
 log = logging.getLogger("kvtier.router")
 

@@ -323,7 +323,7 @@ class _CostRouter:
     it that has not finished at the request's arrival, at its prefill rate."""
 
     def __init__(self, tiers: Sequence[TierSpec], nodes: int, cost: CostModel):
-        from kvtier.pod.policy import CostRouting
+        from kvtier.policy.routing import CostRouting
 
         self.policy = CostRouting(cost.bytes_per_token)
         local = [s for s in tiers if not s.shared]
@@ -337,7 +337,7 @@ class _CostRouter:
         self.cost = cost
 
     def route(self, request: Request, chains: Sequence[Sequence[_Tier]], cost: CostModel) -> int:
-        from kvtier.pod.policy import EngineView, leading_hits
+        from kvtier.policy.routing import EngineView, leading_hits
 
         now = request.timestamp_ms
         length = max(request.input_length, 1)

@@ -1,5 +1,5 @@
 """One engine process of ``kvtier bench ttft``'s no-reuse overhead: ``python -m
-kvtier.integrations.ttft_worker '<job JSON>'``. Prints one JSON line (after the mark) with the
+kvtier.bench.ttft_worker '<job JSON>'``. Prints one JSON line (after the mark) with the
 measured seconds.
 
 A job names the connector (``none``, or ``kvtier`` with a store configuration) and sends

@@ -33,44 +33,18 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kvtier.cli.bench_ttft import NO_PREFIX_CACHE, SERVE_OPTIONS, drop_page_cache, prompt
-from kvtier.cli.serve import has_gpu
-from kvtier.cli.server import Server, kvtier_serve_command
+from kvtier.bench.common import NO_PREFIX_CACHE, SERVE_OPTIONS, drop_page_cache, prompt
 from kvtier.config import LOAD_MODES
 from kvtier.errors import KvtierError
 from kvtier.integrations.engine_dtype import DtypeChoice, host_dtype
+from kvtier.integrations.engine_layout import has_gpu
 from kvtier.redis_process import RedisServer, free_port
+from kvtier.runtime.engine_process import Server, kvtier_serve_command
 
 TIERS = ("disk", "redis")
 _LOADED = re.compile(
     r"request (\S+): loaded (\d+) tokens \(([^)]*)\) (in the background )?in (\d+) ms"
 )
-
-
-def register(bsub: Any) -> None:
-    p = bsub.add_parser(
-        "overlap",
-        help="inter-token latency of a running stream while another request loads from disk/Redis",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--tokens", type=int, default=8000, help="long prompt length (8000)")
-    p.add_argument("--tiers", default=",".join(TIERS), help="tiers to load from (disk,redis)")
-    p.add_argument(
-        "--modes",
-        default="prefix,sync,auto",
-        help="what to compare (prefix,sync,auto): prefix = a hit from vLLM's own prefix cache,"
-        " the reference with nothing to load; sync, auto, async = kvtier serve --loads MODE",
-    )
-    p.add_argument("--repeat", type=int, default=3, help="long prompts per tier and mode (3)")
-    p.add_argument("--warm-tokens", type=int, default=30, help="stream tokens before the load")
-    p.add_argument("--redis", metavar="URL", help="Redis to use (default: a private server)")
-    p.add_argument(
-        "--dtype", metavar="DTYPE",
-        help="the engines' dtype (vLLM's --dtype; default: the faster on this host, measured)",
-    )  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

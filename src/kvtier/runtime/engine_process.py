@@ -23,10 +23,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kvtier.cli.serve import has_gpu
 from kvtier.errors import KvtierError
 from kvtier.integrations.engine_dtype import DtypeChoice
-from kvtier.integrations.engine_layout import EngineLayout, choose_layout
+from kvtier.integrations.engine_layout import EngineLayout, choose_layout, has_gpu
 from kvtier.integrations.model import DEFAULT_MODEL_NAME
 
 

@@ -1,9 +1,9 @@
 """``/kvtier/...`` on an engine's own HTTP port: vLLM middleware that forwards to the feed.
 
-The store, and so its :class:`~kvtier.pod.feed.EventFeed`, lives in vLLM's worker process; the
-OpenAI server runs in another. ``kvtier serve`` gives vLLM ``--middleware`` with this function
-and tells both processes the feed's loopback port (``KVTIER_FEED_PORT``, set at that edge
-only), so a router needs nothing but the engine's URL.
+The store, and so its :class:`~kvtier.integrations.feed.EventFeed`, lives in vLLM's worker
+process (or its engine core); the OpenAI server runs in another. ``kvtier serve`` gives vLLM
+``--middleware`` with this function and tells both processes the feed's loopback port
+(``KVTIER_FEED_PORT``, set at that edge only), so a router needs nothing but the engine's URL.
 """
 
 from __future__ import annotations

@@ -39,75 +39,26 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 from tqdm import tqdm
 
-from kvtier.cli import raw_io
-from kvtier.cli.serve import has_gpu
-from kvtier.cli.server import (
+from kvtier.bench import raw_io
+from kvtier.bench.common import NO_PREFIX_CACHE, SERVE_OPTIONS, drop_page_cache, prompt
+from kvtier.bench.ttft_worker import MARK
+from kvtier.errors import KvtierError
+from kvtier.integrations.engine_dtype import DtypeChoice, host_dtype
+from kvtier.integrations.engine_layout import has_gpu
+from kvtier.redis_process import RedisServer, free_port
+from kvtier.runtime.engine_process import (
     Completion,
     Server,
     kvtier_serve_command,
     plain_vllm_command,
     plain_vllm_env,
 )
-from kvtier.errors import KvtierError
-from kvtier.integrations.engine_dtype import DtypeChoice, host_dtype
-from kvtier.integrations.ttft_worker import MARK
-from kvtier.redis_process import RedisServer, free_port
 
 TIERS = ("memory", "disk", "redis")
 CHUNK_TOKENS = 256  # kvtier serve's default chunk
 T = TypeVar("T")
-# Usage with cached tokens, so that every row says how much was recomputed.
-SERVE_OPTIONS = ("--enable-prompt-tokens-details", "--max-model-len", "8192")
-NO_PREFIX_CACHE = ("--no-enable-prefix-caching",)
-
-
-def register(bsub: Any) -> None:
-    p = bsub.add_parser(
-        "ttft",
-        help="time to first token through kvtier serve: cold, vLLM prefix cache, kvtier tiers",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--tokens",
-        default="1000,5000,8000",
-        help="prompt lengths, comma-separated, 256 < n < 8192 (default 1000,5000,8000)",
-    )
-    p.add_argument("--tiers", default=",".join(TIERS), help="kvtier tiers to measure")
-    p.add_argument("--redis", metavar="URL", help="Redis to use (default: a private server)")
-    p.add_argument("--no-example", action="store_true", help="skip vLLM's ExampleConnector")
-    p.add_argument("--no-overhead", action="store_true", help="skip the no-reuse overhead")
-    p.add_argument("--batch", type=int, default=6, help="distinct prompts per overhead round")
-    p.add_argument("--rounds", type=int, default=3, help="timed overhead rounds per engine")
-    p.add_argument("--engines", type=int, default=3, help="overhead engines per side")
-    p.add_argument("--repeat", type=int, default=3, help="requests per path (median reported)")
-    p.add_argument(
-        "--dtype", metavar="DTYPE",
-        help="every engine's dtype (vLLM's --dtype; default: the faster of bfloat16 and float32"
-        " on this host, measured as `kvtier serve` does)",
-    )  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(run=run)
-
-
-def prompt(kind: str, tokens: int, repeat: int) -> list[int]:
-    """Random token ids, distinct for every (kind, length, repeat)."""
-    seed = [ord(c) for c in kind] + [tokens, repeat]
-    ids: list[int] = np.random.default_rng(seed).integers(100, 40000, size=tokens).tolist()
-    return ids
-
-
-def drop_page_cache() -> bool:
-    """Drop the kernel's page cache (root only); False when this process may not."""
-    subprocess.run(["sync"], check=False)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
 
 
 class _Run:
@@ -343,7 +294,7 @@ def _overhead(args: argparse.Namespace, work: Path, bar: tqdm[Any]) -> dict[str,
 def _job_times(job: dict[str, Any]) -> tuple[dict[str, list[float]] | None, str | None]:
     """An overhead engine's timings (``seconds``, and ``bypassed`` when paired), or an error."""
     proc = subprocess.run(
-        [sys.executable, "-m", "kvtier.integrations.ttft_worker", json.dumps(job)],
+        [sys.executable, "-m", "kvtier.bench.ttft_worker", json.dumps(job)],
         capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     for line in proc.stdout.splitlines():

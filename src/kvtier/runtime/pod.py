@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvtier.cli.serve import has_gpu
-from kvtier.cli.server import Server, kvtier_serve_command
 from kvtier.errors import KvtierError
+from kvtier.integrations.engine_layout import has_gpu
 from kvtier.redis_process import RedisServer, free_port
+from kvtier.runtime.engine_process import Server, kvtier_serve_command
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,11 @@ from typing import Any
 import aiohttp
 from tqdm import tqdm
 
-from kvtier.cli.serve import has_gpu
+from kvtier.bench import workload
 from kvtier.config import parse_size
 from kvtier.errors import KvtierError
 from kvtier.integrations.engine_dtype import DtypeChoice, host_dtype
-from kvtier.pod import workload
+from kvtier.integrations.engine_layout import has_gpu
 from kvtier.redis_process import free_port
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -67,41 +67,6 @@ def contexts_bytes(args: argparse.Namespace, dtype: DtypeChoice) -> int:
     """KV bytes of every user's whole conversation, in the engines' KV dtype."""
     per_user = args.context + args.turns * (args.answer + TURN_TOKENS)
     return int(args.users * per_user * KV_VALUES_PER_TOKEN * dtype.kv_itemsize)
-
-
-def register(bsub: Any) -> None:
-    p = bsub.add_parser(
-        "pod",
-        help="KV-aware routing and disaggregated prefill/decode, through kvtier pod",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--users", type=int, default=6, help="chat users (6)")
-    p.add_argument("--turns", type=int, default=6, help="turns per user (6)")
-    p.add_argument("--context", type=int, default=4000,
-                   help="tokens of each user's document (4000)")  # fmt: skip
-    p.add_argument("--answer", type=int, default=24, help="tokens of each answer (24)")
-    p.add_argument("--streams", type=int, default=2, help="decoding streams in the P/D runs (2)")
-    p.add_argument("--long", type=int, default=6, help="long prompts in the P/D runs (6)")
-    p.add_argument("--long-tokens", type=int, default=2000, help="tokens of a long prompt")
-    p.add_argument("--every", type=float, default=6.0, help="seconds between long prompts (6)")
-    p.add_argument("--overhead-tokens", type=int, default=8000,
-                   help="prompt tokens of the router-overhead chat (8000)")  # fmt: skip
-    p.add_argument("--skip", choices=("routing", "pd"), action="append", default=[],
-                   help="leave out a part")  # fmt: skip
-    p.add_argument(
-        "--dram",
-        metavar="SIZE",
-        help="each engine's DRAM tier (default: 60%% of all users' contexts)",
-    )
-    p.add_argument(
-        "--dtype", metavar="DTYPE",
-        help="the engines' dtype (vLLM's --dtype; default: the faster on this host, measured"
-        " once for every pod, as `kvtier pod` does)",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(run=run)
 
 
 class PodProcess:

@@ -23,31 +23,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvtier.cli.bench_ttft import NO_PREFIX_CACHE, SERVE_OPTIONS, prompt
-from kvtier.cli.serve import has_gpu
-from kvtier.cli.server import Server, kvtier_serve_command
+from kvtier.bench.common import NO_PREFIX_CACHE, SERVE_OPTIONS, prompt
 from kvtier.errors import KvtierError
 from kvtier.integrations.engine_dtype import DtypeChoice, choose_dtype
+from kvtier.integrations.engine_layout import has_gpu
 from kvtier.redis_process import free_port
-
-
-def register(bsub: Any) -> None:
-    p = bsub.add_parser(
-        "dtype",
-        help="cold TTFT with the engine dtype kvtier picks against each dtype forced",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--tokens", type=int, default=2003, help="prompt tokens (2003)")
-    p.add_argument("--dtypes", default="float32,bfloat16",
-                   help="dtypes to force by hand, comma-separated (float32,bfloat16)")  # fmt: skip
-    p.add_argument("--repeat", type=int, default=2, help="cold prompts per server (2)")
-    p.add_argument(
-        "--slow-tokens", type=int, metavar="N",
-        help="prompt tokens for a forced dtype that is not the one picked (default: --tokens)",
-    )  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(run=run)
+from kvtier.runtime.engine_process import Server, kvtier_serve_command
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """An engine's feed for the router: what its store holds, and every change, in order.
 
 Runs in the process that owns the store (vLLM's worker), on a loopback port; ``kvtier serve``
-exposes it on the engine's own HTTP port under ``/kvtier/`` (:mod:`kvtier.pod.engine_routes`).
+exposes it on the engine's own HTTP port under ``/kvtier/``
+(:mod:`kvtier.integrations.engine_routes`).
 
 - ``GET /kvtier/info``: epoch, last sequence number, the namespace fields, chunk and block
   sizes, KV bytes per token, the tiers (name, kind) and their read counters, and where vLLM

@@ -33,10 +33,10 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from kvtier.cli import bench_dtype, bench_overlap, bench_pod, bench_ttft, raw_io
-from kvtier.cli.serve import has_gpu
+from kvtier.bench import raw_io
 from kvtier.codec import DTYPES, KVChunk
 from kvtier.integrations.engine_dtype import host_dtype
+from kvtier.integrations.engine_layout import has_gpu
 from kvtier.keys import Namespace
 from kvtier.redis_process import RedisServer
 from kvtier.store import TieredStore
@@ -50,54 +50,6 @@ RAW = {
     "disk": "a file per chunk: O_DIRECT write + fsync, parallel O_DIRECT reads (as the tier)",
     "redis": "plain redis-py SET/GET, one call per chunk",
 }
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser("bench", help="benchmarks: store throughput, time to first token")
-    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    s = bsub.add_parser(
-        "store",
-        help="put/get throughput of one tier vs the raw medium",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    s.add_argument("--tier", choices=sorted(TARGETS), required=True, help="tier to measure")
-    s.add_argument(
-        "--chunk-mb",
-        type=float,
-        help="chunk size in MB (default: 256 tokens of SmolLM2-135M in --dtype, 5.9 in bf16,"
-        " 11.8 in fp32; 32 is 256 tokens of Llama-3-8B in bf16)",
-    )
-    s.add_argument(
-        "--dtype",
-        choices=KV_DTYPES,
-        help="KV dtype of the chunks (default: the engine dtype `kvtier serve` picks on this"
-        " host, measured: float32 on CPUs without AVX-512 BF16/AMX, else bfloat16)",
-    )
-    s.add_argument("--total-mb", type=float, default=1024, help="bytes moved per round (MB)")
-    s.add_argument("--repeat", type=int, default=3, help="rounds; the best of each is kept")
-    s.add_argument(
-        "--dir",
-        help="disk: directory to write in (default: a temporary directory"
-        " under ~/.cache/kvtier, removed afterwards)",
-    )
-    s.add_argument(
-        "--cold",
-        action="store_true",
-        help="disk: drop the files from the page cache before every read",
-    )
-    s.add_argument("--no-fsync", action="store_true", help="disk: skip fsync on both sides")
-    s.add_argument(
-        "--redis",
-        metavar="URL",
-        help="redis: server to use (default: a private redis-server on loopback)",
-    )
-    s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.set_defaults(run=run)
-    bench_ttft.register(bsub)
-    bench_overlap.register(bsub)
-    bench_pod.register(bsub)
-    bench_dtype.register(bsub)
 
 
 @dataclass
