@@ -25,13 +25,14 @@ REFERENCE_RATE = 500.0  # tokens/s per core on the host the suite's time-outs we
 @functools.cache
 def engine_dtype() -> str:
     """The dtype kvtier serve and kvtier pod pick here (the same measurement)."""
-    return choose_dtype(has_gpu()).dtype
+    dtype: str = choose_dtype(has_gpu()).dtype
+    return dtype
 
 
 @functools.cache
 def tokens_per_s(dtype: str | None = None, cores: int = 1) -> float:
     """Prompt tokens per second an engine on ``cores`` cores computes here, estimated."""
-    rate = matmul_gflops(dtype or engine_dtype()) * 1e9 / FLOP_PER_TOKEN * EFFICIENCY
+    rate: float = matmul_gflops(dtype or engine_dtype()) * 1e9 / FLOP_PER_TOKEN * EFFICIENCY
     return rate * cores
 
 

@@ -20,7 +20,8 @@ def chunk(seed: int, shape: tuple[int, ...] = SHAPE) -> KVChunk:
 def prompt(seed: int, n_chunks: int, extra: int = 0) -> list[int]:
     """Token ids of ``n_chunks`` full chunks plus ``extra`` tokens."""
     rng = np.random.default_rng(10_000 + seed)
-    return rng.integers(0, 49152, size=n_chunks * CHUNK_TOKENS + extra).tolist()
+    ids: list[int] = rng.integers(0, 49152, size=n_chunks * CHUNK_TOKENS + extra).tolist()
+    return ids
 
 
 def chunks_for(seed: int, n: int, shape: tuple[int, ...] = SHAPE) -> list[KVChunk]:

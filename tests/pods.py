@@ -89,7 +89,7 @@ def wait_for(check: Any, timeout_s: float, what: str) -> None:
 
 def readme_line(command: str) -> str:
     """The README's ``command`` line (the pod's or the router's), comment dropped."""
-    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
+    blocks: list[str] = re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
     line = next(ln for b in blocks for ln in b.splitlines() if ln.startswith(command))
     return line.split("#", 1)[0]
 

@@ -12,7 +12,7 @@ from kvtier.keys import ChunkKey
 
 from kvhelpers import chunk, same
 
-KEY = bytes(range(16))
+KEY = ChunkKey(bytes(range(16)))
 
 
 @pytest.mark.parametrize("compression", list(Compression))
@@ -42,7 +42,7 @@ def test_uncompressed_decode_does_not_copy() -> None:
     [("bfloat16", np.uint16), ("float32", np.float32), ("float8_e4m3fn", np.uint8)],
 )
 def test_dtypes_without_numpy_support_round_trip_as_raw_bits(dtype: str, np_dtype: type) -> None:
-    arr = np.arange(2 * 2 * 16 * 2 * 8).astype(np_dtype).reshape(2, 2, 16, 2, 8)
+    arr: np.ndarray = np.arange(2 * 2 * 16 * 2 * 8).astype(np_dtype).reshape(2, 2, 16, 2, 8)
     c = KVChunk.from_array(arr, dtype)
     back = codec.decode(codec.encode(KEY, c)).chunk
     assert back.dtype == dtype and np.array_equal(back.numpy(), arr)
@@ -80,12 +80,12 @@ def test_decode_into_copies_and_verifies(compression: Compression) -> None:
     original = chunk(4)
     blob = codec.encode(KEY, original, compression=compression)
     dest = np.empty(original.nbytes, dtype=np.uint8)
-    codec.decode_into(blob, memoryview(dest), expected_key=KEY)
+    codec.decode_into(blob, memoryview(dest.data), expected_key=KEY)
     assert dest.tobytes() == bytes(original.data)
     damaged = bytearray(blob)
     damaged[-3] ^= 1
     with pytest.raises(CorruptChunk):
-        codec.decode_into(bytes(damaged), memoryview(dest), expected_key=KEY)
+        codec.decode_into(bytes(damaged), memoryview(dest.data), expected_key=KEY)
     with pytest.raises(ValueError, match="buffer"):
         codec.decode_into(blob, memoryview(bytearray(10)), expected_key=KEY)
 
@@ -124,7 +124,7 @@ def test_a_chunk_built_in_place_is_the_encoded_chunk() -> None:
 
 def test_blank_refuses_what_encode_refuses() -> None:
     with pytest.raises(ValueError, match="16 bytes"):
-        codec.blank(b"short", "float16", (1, 2, 4, 1, 8))
+        codec.blank(ChunkKey(b"short"), "float16", (1, 2, 4, 1, 8))
     with pytest.raises(ValueError, match="unknown KV dtype"):
         codec.blank(KEY, "float64", (1, 2, 4, 1, 8))
     with pytest.raises(ValueError, match="5 positive sizes"):
@@ -154,4 +154,5 @@ def test_pool_chunks_match_blank_and_the_pool_falls_back_when_dry() -> None:
 
 
 def got_created(blob: bytes | bytearray) -> float:
-    return codec.read_header(blob).created_at
+    created: float = codec.read_header(blob).created_at
+    return created

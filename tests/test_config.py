@@ -190,4 +190,5 @@ def test_environment_never_adds_a_second_tier_of_a_kind_by_accident(tmp_path: Pa
         load_config(path, env={"KVTIER_MEMORY_CAPACITY": "1GiB"})
     with pytest.raises(ConfigError, match="KVTIER_SSD_KIND: a tier's kind cannot be set"):
         load_config(path, env={"KVTIER_SSD_KIND": "memory"})
-    assert load_config(path, env={"KVTIER_DRAM_CAPACITY": "1GiB"}).tiers[0].capacity == 2**30
+    dram = load_config(path, env={"KVTIER_DRAM_CAPACITY": "1GiB"}).tiers[0]
+    assert isinstance(dram, MemoryTierConfig) and dram.capacity == 2**30

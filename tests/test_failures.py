@@ -22,6 +22,7 @@ import redis
 from kvtier import TieredStore
 from kvtier.redis_process import RedisServer
 from kvtier.tiers import DiskTier, MemoryTier, RedisTier
+from kvtier.tiers.base import Tier
 
 from kvhelpers import CHUNK_TOKENS, NS, SHAPE, chunk, chunks_for, prompt, same
 
@@ -113,7 +114,7 @@ def test_flipped_bytes_in_redis_are_a_miss_removed_and_counted(
         name = tier.redis_key(store.keys(tokens, NS)[0])
         client = redis.Redis.from_url(redis_server.url)
         value = client.get(name)
-        assert value is not None
+        assert isinstance(value, bytes)
         client.setrange(name, 300, bytes([value[300] ^ 0x80]))
         dests = [np.zeros(SHAPE, dtype=np.float16) for _ in range(2)]
         assert store.get_into(tokens, NS, dests).chunks == 0
@@ -190,7 +191,7 @@ def test_two_processes_share_one_directory_without_torn_reads(tmp_path: Path) ->
 
 def test_permission_denied_is_a_skipped_write(tmp_path: Path) -> None:
     root = tmp_path / "ro"
-    tiers = [MemoryTier(1 << 20), DiskTier(root, 1 << 30)]
+    tiers: list[Tier] = [MemoryTier(1 << 20), DiskTier(root, 1 << 30)]
     with TieredStore(tiers, CHUNK_TOKENS) as store, _unwritable(root / ".tmp"):
         tokens = prompt(6, 1)
         store.put(tokens, NS, chunks_for(6, 1))

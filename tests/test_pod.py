@@ -18,13 +18,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from kvtier.integrations.engine_layout import parse_cpu_list
 from kvtier.integrations.model import prepare_default_model
-from kvtier.keys import Namespace, chunk_keys
+from kvtier.keys import ChunkKey, Namespace, chunk_keys
 from kvtier.pod.prompts import Prompter
 from kvtier.redis_process import free_port
 
@@ -85,7 +86,7 @@ def test_the_readme_router_alone_serves_through_the_pods_engines(pod: PodProcess
 
 def test_router_keys_are_the_engines_keys(pod: PodProcess) -> None:
     prompter = Prompter(prepare_default_model())
-    cases = [
+    cases: list[tuple[str, dict[str, Any], str | None]] = [
         ("/v1/completions", {"prompt": text("keys-completion", 90)}, None),
         ("/v1/completions", {"prompt": text("keys-completion", 90)}, "tenant-a"),
         ("/v1/chat/completions",
@@ -107,14 +108,14 @@ def test_router_keys_are_the_engines_keys(pod: PodProcess) -> None:
         assert seen.isdisjoint(keys), "a salt or a chat template must change the keys"
         seen.update(keys)
 
-        def stored(engine: str = engine, keys: list[bytes] = keys) -> bool:
+        def stored(engine: str = engine, keys: list[ChunkKey] = keys) -> bool:
             held = set(get_json(f"{engine}/kvtier/snapshot")["entries"]["memory"])
             return all(k.hex() in held for k in keys)
 
         wait_for(stored, 10, f"{path} (salt {salt}) keys in {engine}'s DRAM")
 
         # vLLM's own KV events, keyed by the router, name the same chunks on that engine.
-        def in_vllm(engine: str = engine, keys: list[bytes] = keys) -> bool:
+        def in_vllm(engine: str = engine, keys: list[ChunkKey] = keys) -> bool:
             where = get_json(f"{pod.url}/router/chunks?keys={','.join(k.hex() for k in keys)}")
             return all("gpu" in where[k.hex()].get(engine, ()) for k in keys)
 
@@ -317,7 +318,9 @@ def test_the_grafana_dashboard_and_monitoring_doc_name_series_the_pod_serves(
     dashboard = json.loads((docs / "grafana-kvtier.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", ()))
     guide = (docs / "monitoring.md").read_text()
-    scrape = yaml.safe_load(re.search(r"```yaml\n(.*?)```", guide, re.S).group(1))
+    block = re.search(r"```yaml\n(.*?)```", guide, re.S)
+    assert block, "no YAML block in docs/monitoring.md"
+    scrape = yaml.safe_load(block.group(1))
     assert [job["job_name"] for job in scrape["scrape_configs"]] == [
         "kvtier-engines",
         "kvtier-router",

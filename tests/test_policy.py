@@ -71,8 +71,8 @@ def test_every_policy_respects_capacity_pins_and_sizes(name: str) -> None:
         p.pin(key)
     victims = p.victims(1, 10)
     assert victims is not None and not set(victims) & set(pinned)
-    for key in victims:
-        p.remove(key)
+    for victim in victims:
+        p.remove(victim)
     p.insert("new", 1)
     assert p.victims(2, 10) is None  # only pinned entries and "new" are left: 1 unit free
     assert all(key in p for key in pinned)

@@ -28,7 +28,7 @@ URL = "127.0.0.1:8000"  # where the README's snippets send their requests
 
 
 def snippet(language: str, marker: str) -> str:
-    blocks = re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+    blocks: list[str] = re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
     return next(b for b in blocks if marker in b)
 
 

@@ -177,7 +177,7 @@ def test_the_shared_tier_answers_within_a_budget_and_late_answers_are_kept(
         # does not come within the budget, and the request goes on without it.
         other = b"\x03" * 16
         plain.set(f"{prefix}:v1:{other.hex()}".encode(), b"x")
-        plain.execute_command("CLIENT", "PAUSE", "600", "ALL")
+        plain.execute_command("CLIENT", "PAUSE", "600", "ALL")  # type: ignore[no-untyped-call]
         began = time.perf_counter()
         assert await shared.holds([held, other]) == [True, False]  # held: remembered
         assert time.perf_counter() - began < 0.3  # not the 0.6 s the server is busy
@@ -242,8 +242,9 @@ def test_vllm_block_events_become_the_engines_chunk_keys() -> None:
     def send(seq: int, *events: Any) -> int:
         payload = msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=list(events)))
         frames = [b"kvtier", seq.to_bytes(8, "big"), payload]
-        last[0] = engines._apply_blocks(engine, blocks, frames, last[0])
-        return last[0]
+        last[0] = seen = engines._apply_blocks(engine, blocks, frames, last[0])
+        assert seen is not None
+        return seen
 
     def gpu(keys: list[Any]) -> int:
         return sum("gpu" in k for k in engines.index.kinds(url, [k.hex() for k in keys]))

@@ -241,7 +241,9 @@ def test_the_conversation_trace_replays_within_its_bounds() -> None:
     }
     for r in results.values():
         assert r.requests == 12_031 and r.blocks == 288_500
-        assert 0 < r.hit_rate_blocks <= r.belady_hit_rate_blocks <= r.infinite_hit_rate_blocks
+        belady, infinite = r.belady_hit_rate_blocks, r.infinite_hit_rate_blocks
+        assert belady is not None and infinite is not None
+        assert 0 < r.hit_rate_blocks <= belady <= infinite
 
 
 @pytest.mark.skipif(not TRACE.exists(), reason="the shared conversation trace is not here")

@@ -94,7 +94,8 @@ def test_get_into_loads_straight_into_buffers_from_any_tier(tmp_path: Path) -> N
         keys = store.keys(tokens, NS)
         held = store.tiers[0].get_many(keys[1:])
         assert sum(blob is given for blob in held) == 1 and not spare
-        assert all(same(codec.decode(b).chunk, chunk(4001 + i)) for i, b in enumerate(held))
+        assert all(b is not None and same(codec.decode(b).chunk, chunk(4001 + i))
+                   for i, b in enumerate(held))  # fmt: skip
         with pytest.raises(ValueError, match="writable"):
             store.get_into(tokens, NS, [bytes(CHUNK_BYTES)])
 

@@ -28,7 +28,8 @@ pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 WORKER = str(Path(__file__).parent / "vllm_worker.py")
 MARK = "KVTIER-RESULT "
 CHUNK = 128  # kvtier's chunk, here one vLLM block: short prompts still span several chunks
-PROMPT = {"seed": 7, "tokens": 7 * CHUNK + 8, "max_tokens": 4}  # 7 whole chunks and a tail
+# 7 whole chunks and a tail
+PROMPT: dict[str, Any] = {"seed": 7, "tokens": 7 * CHUNK + 8, "max_tokens": 4}
 
 
 def tiers(*specs: dict[str, Any], chunk: int = CHUNK) -> dict[str, Any]:
@@ -215,7 +216,7 @@ def test_a_request_abandoned_during_its_background_load_leaves_the_next_intact(
     # The cache has room for the prompt and one block more: the next request gets the blocks
     # the abandoned one frees, and they must stay its own until its load has ended.
     config = {**tiers(disk(tmp_path / "chunks")), "loads": "async"}
-    other = {"seed": 8, "tokens": 300, "max_tokens": 16}
+    other: dict[str, Any] = {"seed": 8, "tokens": 300, "max_tokens": 16}
     _, expected = run_worker(config, [PROMPT, other])  # PROMPT's chunks reach the disk
     blocks = -(-(PROMPT["tokens"] + PROMPT["max_tokens"]) // 128) + 1
     log: list[str] = []

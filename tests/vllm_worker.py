@@ -41,7 +41,8 @@ MARK = "KVTIER-RESULT "  # vLLM prints to stdout too: our lines carry this mark
 
 
 def prompt(seed: int, n: int) -> list[int]:
-    return np.random.default_rng(seed).integers(100, 40000, size=n).tolist()
+    ids: list[int] = np.random.default_rng(seed).integers(100, 40000, size=n).tolist()
+    return ids
 
 
 def request_of(step: dict[str, Any]) -> dict[str, Any]:
