@@ -4,8 +4,8 @@ headers, checksums or bookkeeping."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
-import mmap
 import os
 import time
 from collections.abc import Sequence
@@ -22,22 +22,25 @@ from kvtier.tiers import disk as disk_tier
 
 def write_direct(paths: Sequence[Path], payloads: Sequence[Any], fsync: bool) -> None:
     """Each payload to its own file with O_DIRECT (buffered where refused), as the disk tier
-    writes large chunks: through one reused page-aligned buffer, the file then cut back to the
-    data's length."""
-    views = [memoryview(p).cast("B") for p in payloads]
-    buffer = mmap.mmap(-1, -(-max(v.nbytes for v in views) // 4096) * 4096)
-    for path, view in zip(paths, views, strict=True):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0))
+    writes large chunks (:func:`kvtier.tiers.direct_io.write_from`)."""
+    buffer = direct_io.AlignedBuffer()
+    for path, payload in zip(paths, payloads, strict=True):
+        view = memoryview(payload).cast("B")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
-            n = view.nbytes
-            buffer[:n] = view
+            flags = direct_io.enable(fd) if hasattr(os, "O_DIRECT") else None
             try:
-                os.write(fd, memoryview(buffer)[: -(-n // 4096) * 4096])
-            except OSError:  # no O_DIRECT here: write the bytes plainly
-                os.close(fd)
-                fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-                os.write(fd, view)
-            os.ftruncate(fd, n)
+                if flags is None:
+                    raise OSError(errno.EINVAL, "O_DIRECT refused")
+                with memoryview(buffer.get()) as piece:
+                    direct_io.write_from(fd, view, piece)
+            except OSError as exc:  # no O_DIRECT here: write the bytes plainly
+                if exc.errno != errno.EINVAL:
+                    raise
+                if flags is not None:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, view, 0)
             if fsync:
                 os.fsync(fd)
         finally:

@@ -2,8 +2,9 @@
 and writes from that buffer, bypassing the page cache, and one copy moves the bytes between it
 and the caller's (unaligned) buffers.
 
-Used by the disk tier for large chunks and by the benchmarks' raw baseline, which must read the
-same way. Why O_DIRECT: see :mod:`kvtier.tiers.disk`.
+Used by the disk tier for large chunks and by the benchmarks' raw baseline, which must read and
+write the same way: every O_DIRECT read and write in kvtier is here. Why O_DIRECT: see
+:mod:`kvtier.tiers.disk`.
 """
 
 from __future__ import annotations
@@ -63,3 +64,20 @@ def read_into(fd: int, buffers: Sequence[memoryview], piece: memoryview) -> bool
             if not todo[0].nbytes:
                 todo.pop(0)
     return True
+
+
+def write_from(fd: int, view: memoryview, piece: memoryview) -> None:
+    """Write ``view`` to the empty file ``fd`` (O_DIRECT on) from its start through the aligned
+    ``piece``, in aligned pieces, the last one zero-padded; the file is then cut back to the
+    data's length. Raises OSError(EINVAL) where the filesystem refuses O_DIRECT writes."""
+    total = view.nbytes
+    for start in range(0, total, piece.nbytes):
+        n = min(piece.nbytes, total - start)
+        piece[:n] = view[start : start + n]
+        padded = -(-n // ALIGN) * ALIGN
+        piece[n:padded] = bytes(padded - n)
+        done = 0
+        while done < padded:
+            done += os.pwrite(fd, piece[done:padded], start + done)
+    if total % ALIGN:
+        os.ftruncate(fd, total)

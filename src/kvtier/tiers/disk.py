@@ -425,18 +425,9 @@ class DiskTier:
         """
         if (flags := self._set_direct(fd)) is None:
             return False
-        buf = self._direct_buffer.get()
-        total = view.nbytes
         try:
-            with memoryview(buf) as out:
-                for start in range(0, total, direct_io.PIECE):
-                    n = min(direct_io.PIECE, total - start)
-                    out[:n] = view[start : start + n]
-                    padded = -(-n // direct_io.ALIGN) * direct_io.ALIGN
-                    out[n:padded] = bytes(padded - n)
-                    done = 0
-                    while done < padded:
-                        done += os.pwrite(fd, out[done:padded], start + done)
+            with memoryview(self._direct_buffer.get()) as piece:
+                direct_io.write_from(fd, view, piece)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -446,8 +437,6 @@ class DiskTier:
             os.lseek(fd, 0, os.SEEK_SET)
             return False
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-        if total % direct_io.ALIGN:
-            os.ftruncate(fd, total)
         return True
 
     def _unlink(self, key: ChunkKey) -> bool:
