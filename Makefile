@@ -8,12 +8,12 @@ KVTIER := $(VENV)/bin/kvtier
 # together), the longest files first (tests/conftest.py). Three on 2 cores were slower: the
 # restart test (then three servers) took 14 minutes, against 6.5-7 with two processes.
 TEST_JOBS ?= 2
-# The files that start vLLM engines (minutes each; tests/conftest.py starts them first).
-ENGINE_TESTS := test_pod test_serve test_vllm test_bench_ttft test_pod_pd test_bench_overlap \
-	test_readme_serve
+# tests/unit: seconds, no processes; tests/integration: real redis-server, CLI and worker
+# processes; tests/e2e: vLLM engines, pods and Chromium (minutes each; started first, see
+# tests/conftest.py).
 PYTEST := $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: install serve test unit lint typecheck bench clean
+.PHONY: install serve test test-fast unit lint typecheck bench clean
 
 install:
 	@bash scripts/install.sh
@@ -29,9 +29,13 @@ test:
 	$(VENV)/bin/lint-imports
 	$(PYTEST) -q --durations=15
 
-# The edit-test loop: every test that starts no vLLM engine (under 3 minutes on 2 cores).
+# The edit-test loop: the unit tests (seconds, no processes).
+test-fast: install
+	$(PY) -m pytest -q -x tests/unit
+
+# Every test that starts no vLLM engine: unit and integration.
 unit: install
-	$(PYTEST) -q -x $(ENGINE_TESTS:%=--ignore=tests/%.py)
+	$(PYTEST) -q -x tests/unit tests/integration
 
 lint: install
 	$(VENV)/bin/ruff check src tests

@@ -1,4 +1,4 @@
-"""The storage-tier contract. Every tier passes tests/test_tier_contract.py.
+"""The storage-tier contract. Every tier passes tests/integration/test_tier_contract.py.
 
 A tier is a bounded or unbounded map from :data:`ChunkKey` to the encoded bytes of a chunk
 (see :mod:`kvtier.codec`). Tiers move bytes; they do not decode or verify them — the store

@@ -14,8 +14,9 @@ from kvtier.policy import POLICY_NAMES
 from kvtier.sim.engine import TierSpec, belady_hits, infinite_hits, simulate
 from kvtier.sim.synthetic import Workload, generate
 from kvtier.sim.trace import Request
+from paths import TRACES
 
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "conversation_trace.jsonl"
+TRACE = TRACES / "conversation_trace.jsonl"
 
 
 def req(ids: list[int], tokens: int | None = None, t: float = 0.0) -> Request:

@@ -2,7 +2,7 @@
 
 Each engine runs in its own process (tests/vllm_worker.py), as a served engine would, forked
 from one process that imported vLLM once (tests/zygote.py); the engines compute in float32 so
-that "identical output" is exact. `kvtier serve` over HTTP: tests/test_serve.py.
+that "identical output" is exact. `kvtier serve` over HTTP: tests/e2e/test_serve.py.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 
 from kvtier.redis_process import RedisServer
+from paths import TESTS
 
 import zygote
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 
-WORKER = str(Path(__file__).parent / "vllm_worker.py")
+WORKER = str(TESTS / "vllm_worker.py")
 MARK = "KVTIER-RESULT "
 CHUNK = 128  # kvtier's chunk, here one vLLM block: short prompts still span several chunks
 # 7 whole chunks and a tail

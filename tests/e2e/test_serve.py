@@ -83,4 +83,4 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
     assert line["kvtier_hit_tokens"] == second.cached_tokens and line["reported"]
     assert line["recomputed_tokens"] == second.prompt_tokens - second.cached_tokens
     assert line["load_s"] > 0 and line["failed_tokens"] == 0
-    # A request abandoned during its background load: tests/test_vllm.py.
+    # A request abandoned during its background load: tests/e2e/test_vllm.py.

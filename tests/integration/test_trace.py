@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from kvtier.sim.trace import Request, TraceError, parse_lines, read_trace
+from paths import TRACES
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+SHARED = TRACES
 GOOD = '{"timestamp": 5, "input_length": 1100, "output_length": 7, "hash_ids": [0, 1, 2]}'
 
 

@@ -23,10 +23,11 @@ from kvtier import TieredStore
 from kvtier.redis_process import RedisServer
 from kvtier.tiers import DiskTier, MemoryTier, RedisTier
 from kvtier.tiers.base import Tier
+from paths import TESTS
 
 from kvhelpers import CHUNK_TOKENS, NS, SHAPE, chunk, chunks_for, prompt, same
 
-PROCS = str(Path(__file__).parent / "procs.py")
+PROCS = str(TESTS / "procs.py")
 
 
 def run_proc(*args: str, timeout: float = 60) -> dict[str, object]:
@@ -38,7 +39,7 @@ def run_proc(*args: str, timeout: float = 60) -> dict[str, object]:
 
 
 def test_sigkilled_writer_never_leaves_a_servable_partial_chunk(tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(TESTS))
     from procs import N_CHUNKS, big_chunk
 
     root = tmp_path / "crash"
@@ -178,7 +179,7 @@ def test_two_processes_share_one_directory_without_torn_reads(tmp_path: Path) ->
     assert summary["mismatched"] == 0 and summary["corruptions"] == 0
     assert summary["errors"] == 0
     # This process sees everything the others wrote.
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(TESTS))
     from procs import big_chunk
 
     with TieredStore([DiskTier(root, 1 << 34)], CHUNK_TOKENS) as store:

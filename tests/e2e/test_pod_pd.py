@@ -1,5 +1,5 @@
 """`kvtier pod --prefill` end to end: a prefill engine, a decode engine, a real redis-server
-and the router, over HTTP. A file of its own, so that it runs beside tests/test_pod.py when the
+and the router, over HTTP. A file of its own, so that it runs beside tests/e2e/test_pod.py when the
 suite runs in several processes."""
 
 from __future__ import annotations

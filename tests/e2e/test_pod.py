@@ -1,7 +1,7 @@
 """`kvtier pod` end to end: two real engines, a real redis-server and the router, over HTTP.
 
 One pod serves every test here, in order (the last one stops it with SIGINT, as Ctrl-C does).
-The disaggregated pod: tests/test_pod_pd.py.
+The disaggregated pod: tests/e2e/test_pod_pd.py.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ from kvtier.runtime.engine_process import Server, kvtier_serve_command
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 
-README = Path(__file__).parent.parent / "README.md"
+from paths import README
+
 URL = "127.0.0.1:8000"  # where the README's snippets send their requests
 
 

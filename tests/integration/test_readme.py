@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.cli.main import main
-
-README = Path(__file__).parent.parent / "README.md"
+from paths import README
 
 
 def test_readme_example_runs(tmp_path: Path) -> None:
@@ -50,7 +49,7 @@ def test_every_command_line_synopsis_names_real_commands_and_options() -> None:
         assert words[0] == "kvtier", line
         command = [w for w in words[1:3] if re.fullmatch(r"[a-z]+", w)]
         # In this process: a dozen `kvtier ... --help` processes would spend half a minute
-        # importing (tests/test_cli.py runs the command itself).
+        # importing (tests/integration/test_cli.py runs the command itself).
         helped = io.StringIO()
         with contextlib.redirect_stdout(helped), pytest.raises(SystemExit) as exited:
             main([*command, "--help"])

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from paths import TESTS
+
 import zygote
 
-HERE = Path(__file__).parent
+HERE = TESTS
 # The toy run: prints its arguments, answers a line of stdin, fails or waits when asked.
 SERVER = """
 import os, sys, time
