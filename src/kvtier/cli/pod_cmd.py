@@ -100,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
 def pod_dtype_options(extra: list[str]) -> list[str]:
     """The engines' dtype, chosen once for all of them (see :func:`engine_dtype`): the user's
     ``--dtype`` (already among ``extra``), else measured here and handed to each engine."""
-    from kvtier.cli.serve import engine_dtype
     from kvtier.integrations.engine_dtype import HANDED_DTYPE
     from kvtier.integrations.engine_layout import option
+    from kvtier.runtime.engine_command import engine_dtype
 
     choice = engine_dtype(argparse.Namespace(), extra)
     print(f"kvtier pod: {choice.line()}", file=sys.stderr)

@@ -1,0 +1,175 @@
+"""The vLLM command ``kvtier serve`` runs, and what goes into it: the store's configuration
+from kvtier's options (checked before vLLM starts), the connector's configuration, the engine's
+dtype, its process layout and KV events (the arguments: :mod:`kvtier.cli.serve`; ``kvtier pod``
+starts its engines through that command too)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from kvtier.config import (
+    DiskTierConfig,
+    MemoryTierConfig,
+    RedisTierConfig,
+    StoreConfig,
+    TierConfig,
+    config_from_dict,
+    load_config,
+    parse_size,
+)
+from kvtier.errors import ConfigError
+from kvtier.integrations.engine_dtype import HANDED_DTYPE, DtypeChoice, choose_dtype, given_dtype
+from kvtier.integrations.engine_layout import EngineLayout, has_gpu, option
+from kvtier.redis_process import free_port
+
+SHUTDOWN_TIMEOUT_S = 30  # vLLM's --shutdown-timeout unless given: time to finish writes
+
+
+def build_config(args: argparse.Namespace) -> StoreConfig:
+    """The store configuration: file/env, then the command-line overrides."""
+    config = load_config(args.config)
+    tiers: list[TierConfig] = list(config.tiers)
+
+    def replace(kind: type, **changes: Any) -> None:
+        for i, tier in enumerate(tiers):
+            if isinstance(tier, kind):
+                tiers[i] = dataclasses.replace(tier, **changes)
+                return
+        tiers.append(kind(**changes))
+
+    if args.dram:
+        replace(MemoryTierConfig, capacity=parse_size(args.dram, "--dram"))
+    if args.disk and args.disk.lower() == "none":
+        tiers = [t for t in tiers if not isinstance(t, DiskTierConfig)]
+    elif args.disk or args.disk_size:
+        changes: dict[str, Any] = {}
+        if args.disk:
+            changes["path"] = args.disk
+        if args.disk_size:
+            changes["capacity"] = parse_size(args.disk_size, "--disk-size")
+        replace(DiskTierConfig, **changes)
+    if args.redis:
+        try:
+            replace(RedisTierConfig, url=args.redis)
+        except ConfigError as exc:
+            raise ConfigError(f"--redis: {str(exc).partition(': ')[2]}") from None
+    return dataclasses.replace(config, tiers=tuple(tiers))
+
+
+def connector_config(config: StoreConfig) -> dict[str, Any]:
+    """The kv_connector_extra_config that carries ``config`` (round-trips exactly)."""
+    data = dataclasses.asdict(config)
+    data["tiers"] = [dataclasses.asdict(t) for t in config.tiers]
+    if config_from_dict(data, "kvtier") != config:  # a bug here would silently change tiers
+        raise AssertionError("kvtier configuration does not round-trip")
+    return data
+
+
+def engine_dtype(args: argparse.Namespace, extra: list[str]) -> DtypeChoice:
+    """The engine's dtype: the user's ``--dtype``, else the one handed over by ``kvtier pod``
+    or a benchmark, else measured on this host."""
+    given = option(extra, "--dtype")
+    if given is not None:
+        return given_dtype(given)
+    handed = getattr(args, "engine_dtype_choice", None) or option(extra, HANDED_DTYPE)
+    if handed:
+        try:
+            return DtypeChoice.from_dict(json.loads(handed))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{HANDED_DTYPE}: not a dtype choice ({exc})") from None
+    return choose_dtype(has_gpu())
+
+
+def dtype_options(choice: DtypeChoice) -> list[str]:
+    """vLLM's options for ``choice``: none for the user's own --dtype (already among the
+    options) or on an accelerator (the checkpoint's dtype, vLLM's default)."""
+    return ["--dtype", choice.dtype] if choice.source == "measured" else []
+
+
+def vllm_command(
+    args: argparse.Namespace,
+    model: str,
+    extra: list[str],
+    dtype: DtypeChoice | None = None,
+    layout: EngineLayout | None = None,
+) -> list[str]:
+    extra_config = connector_config(build_config(args))
+    if dtype is not None:
+        extra_config["engine_dtype"] = dtype.as_dict()  # for /kvtier/info
+    loads = getattr(args, "loads", "auto")
+    if loads != "auto":
+        extra_config["loads"] = loads
+    if getattr(args, "write_through", False):
+        extra_config["write_through"] = True
+    feed_port = getattr(args, "feed_port", None)
+    if feed_port:
+        extra_config["feed_port"] = feed_port
+    kv_events, events_args = kv_events_config(args, extra)
+    if kv_events:
+        extra_config["kv_events"] = kv_events
+    transfer = {
+        "kv_connector": "KvtierConnector",
+        "kv_connector_module_path": "kvtier.integrations.vllm",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": extra_config,
+    }
+    command = [
+        sys.executable, "-m", "kvtier.integrations.vllm_main",
+        "--model", model, "--host", args.host, "--port", str(args.port),
+        "--kv-transfer-config", json.dumps(transfer),
+    ]  # fmt: skip
+    command += events_args
+    if feed_port:  # the feed on the server's own port, under /kvtier/
+        command += ["--middleware", "kvtier.integrations.engine_routes.forward"]
+    if "--enforce-eager" not in extra and not has_gpu():
+        command.append("--enforce-eager")  # no graph capture on CPU: faster start
+    if not any("prompt-tokens-details" in a for a in extra):
+        # Each answer's usage says how many prompt tokens were cached (vLLM's prefix cache
+        # and kvtier's loads): the router compares them with what it predicted.
+        command.append("--enable-prompt-tokens-details")
+    if not any(a.split("=")[0] == "--shutdown-timeout" for a in extra):
+        # vLLM's default (0) kills the engine processes at once on SIGTERM, and with them
+        # the chunks still queued for disk or Redis: a restart would miss the last prompts.
+        # Draining lets the worker exit normally, and kvtier flush its writes.
+        command += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    if dtype is not None:
+        command += dtype_options(dtype)
+    if layout is not None:
+        command += layout.options()
+    return command + extra
+
+
+def kv_events_config(
+    args: argparse.Namespace, extra: list[str]
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """Where vLLM publishes its KV events, for the router (``{"port", "topic"}``, or None),
+    and the vLLM options that make it so (none when the user gave ``--kv-events-config``)."""
+    given = option(extra, "--kv-events-config")
+    if given is not None:
+        try:
+            config = json.loads(given)
+        except ValueError as exc:
+            raise ConfigError(f"--kv-events-config: not JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise ConfigError("--kv-events-config: expected a JSON object")
+        if not config.get("enable_kv_cache_events") or config.get("publisher") != "zmq":
+            return None, []
+        endpoint = str(config.get("endpoint", "tcp://*:5557"))
+        given_port = endpoint.rpartition(":")[2]
+        if not endpoint.startswith("tcp://") or not given_port.isdigit():
+            return None, []  # ipc:// or inproc://: not reachable by a router
+        return {"port": int(given_port), "topic": str(config.get("topic", ""))}, []
+    port = getattr(args, "kv_events_port", None) or free_port()
+    if not 0 < port < 65536:
+        raise ConfigError(f"--kv-events-port: {port} is not a port number")
+    # vLLM binds only a wildcard endpoint (it connects to any other): all interfaces.
+    config = {
+        "enable_kv_cache_events": True, "publisher": "zmq",
+        "endpoint": f"tcp://*:{port}", "topic": "kvtier",
+    }  # fmt: skip
+    return {"port": port, "topic": "kvtier"}, ["--kv-events-config", json.dumps(config)]
