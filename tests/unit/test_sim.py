@@ -11,7 +11,8 @@ import pytest
 from kvtier.cli.main import main
 from kvtier.errors import ConfigError
 from kvtier.policy import POLICY_NAMES
-from kvtier.sim.engine import TierSpec, belady_hits, infinite_hits, simulate
+from kvtier.sim.bounds import belady_hits, infinite_hits
+from kvtier.sim.engine import TierSpec, simulate
 from kvtier.sim.synthetic import Workload, generate
 from kvtier.sim.trace import Request
 from paths import TRACES

@@ -23,22 +23,21 @@ semantics cost it nothing: it is the optimum for this replay.
 
 from __future__ import annotations
 
-import heapq
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvtier.errors import ConfigError
 from kvtier.policy.eviction import POLICY_NAMES, EvictionPolicy, make_eviction_policy
+from kvtier.sim.bounds import belady_hits, infinite_hits
 from kvtier.sim.trace import BLOCK_TOKENS, Request
 
 ROUTINGS = ("cache-aware", "round-robin", "random", "kvtier")
 LOAD_WINDOW_MS = 60_000.0  # cache-aware routing balances the requests of the last minute
 LOAD_SLACK = 0.25  # ... letting a node be this fraction of the mean above the least loaded
-_NEVER = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -376,61 +375,3 @@ def _rates(hits: tuple[int, int], total: SimResult) -> tuple[float, float]:
         blocks / total.blocks if total.blocks else 0.0,
         tokens / total.tokens if total.tokens else 0.0,
     )
-
-
-def _leading(ids: Sequence[int], held: Container[int]) -> int:
-    """How many of ``ids``, from the first, are all in ``held``."""
-    n = 0
-    for key in ids:
-        if key not in held:
-            break
-        n += 1
-    return n
-
-
-def infinite_hits(requests: Sequence[Request]) -> tuple[int, int]:
-    """(blocks, tokens) hit by a cache that never forgets."""
-    seen: set[int] = set()
-    blocks = tokens = 0
-    for request in requests:
-        ids = request.hash_ids
-        n = _leading(ids, seen)
-        blocks += n
-        tokens += min(request.input_length, n * BLOCK_TOKENS)
-        seen.update(ids)
-    return blocks, tokens
-
-
-def belady_hits(requests: Sequence[Request], capacity: int) -> tuple[int, int]:
-    """(blocks, tokens) hit by Belady's policy with room for ``capacity`` blocks."""
-    flat = [key for request in requests for key in request.hash_ids]
-    next_use = [_NEVER] * len(flat)
-    last: dict[int, int] = {}
-    for pos in range(len(flat) - 1, -1, -1):
-        key = flat[pos]
-        next_use[pos] = last.get(key, _NEVER)
-        last[key] = pos
-    held: dict[int, int] = {}  # key -> its next use
-    heap: list[tuple[int, int]] = []  # (-next use, key); stale entries skipped lazily
-    blocks = tokens = 0
-    pos = 0
-    for request in requests:
-        ids = request.hash_ids
-        n = _leading(ids, held)
-        blocks += n
-        tokens += min(request.input_length, n * BLOCK_TOKENS)
-        for key in ids:
-            nxt = next_use[pos]
-            pos += 1
-            if nxt == _NEVER:  # never needed again: free its room, never admit it
-                held.pop(key, None)
-                continue
-            if key not in held and len(held) >= capacity:
-                while -heap[0][0] != held.get(heap[0][1]):
-                    heapq.heappop(heap)
-                if -heap[0][0] < nxt:
-                    continue  # everything held is needed sooner: do not admit
-                del held[heapq.heappop(heap)[1]]
-            held[key] = nxt
-            heapq.heappush(heap, (-nxt, key))
-    return blocks, tokens

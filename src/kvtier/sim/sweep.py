@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvtier.sim.engine import TierSpec, belady_hits, infinite_hits, simulate
+from kvtier.sim.bounds import belady_hits, infinite_hits
+from kvtier.sim.engine import TierSpec, simulate
 from kvtier.sim.trace import Request
 
 
