@@ -132,7 +132,7 @@ def test_blank_refuses_what_encode_refuses() -> None:
 
 
 def test_pool_chunks_match_blank_and_the_pool_falls_back_when_dry() -> None:
-    from kvtier.integrations.chunk_pool import ChunkPool
+    from kvtier.integrations.vllm.chunk_pool import ChunkPool
 
     shape = (2, 2, 4, 1, 8)
     size = codec.HEADER_BYTES + codec.payload_bytes("float16", shape)

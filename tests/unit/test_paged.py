@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.integrations.paged import block_view, blocks_to_chunks, chunks_to_blocks, gather_chunks
+from kvtier.integrations.vllm.paged import (
+    block_view,
+    blocks_to_chunks,
+    chunks_to_blocks,
+    gather_chunks,
+)
 
 LAYERS, HEADS, BLOCK, DIM, NBLOCKS = 3, 2, 4, 5, 12
 

@@ -108,7 +108,7 @@ def _bypassed(bypass: bool) -> Iterator[None]:
         yield
         return
     from kvtier.integrations.vllm import KvtierConnector
-    from kvtier.integrations.vllm_meta import KvtierConnectorMetadata
+    from kvtier.integrations.vllm.messages import KvtierConnectorMetadata
 
     idle: dict[str, Any] = {
         "get_num_new_matched_tokens": lambda self, request, computed: (0, False),

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from kvtier.codec import KVChunk
-from kvtier.integrations.paged import TORCH_DTYPES, chunks_to_blocks
-from kvtier.integrations.vllm_meta import LoadSpec
+from kvtier.integrations.vllm.messages import LoadSpec
+from kvtier.integrations.vllm.paged import TORCH_DTYPES, chunks_to_blocks
 from kvtier.keys import ChunkKey, Namespace
 from kvtier.results import GetResult
 from kvtier.store import TieredStore

@@ -14,9 +14,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from kvtier import codec
-from kvtier.integrations.chunk_pool import ChunkPool
-from kvtier.integrations.paged import gather_chunks
-from kvtier.integrations.vllm_meta import SaveSpec
+from kvtier.integrations.vllm.chunk_pool import ChunkPool
+from kvtier.integrations.vllm.messages import SaveSpec
+from kvtier.integrations.vllm.paged import gather_chunks
 from kvtier.keys import ChunkKey, Namespace
 from kvtier.store import TieredStore
 from kvtier.threads import background_priority

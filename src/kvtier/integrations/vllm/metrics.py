@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from collections import deque
@@ -31,9 +32,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 
 from kvtier.config import config_from_dict
 from kvtier.errors import ConfigError
-from kvtier.integrations.vllm_meta import REPORT_STEPS, ConnectorOptions, RequestAccount
+from kvtier.integrations.vllm.context import ConnectorOptions
 from kvtier.stats import StoreStats
 from kvtier.store import TieredStore
+
+requests_log = logging.getLogger("kvtier.requests")
 
 TIER_COUNTERS = ("loaded_tokens", "bytes_read", "bytes_written", "evictions", "corruptions",
                  "errors", "writes_dropped")  # fmt: skip
@@ -261,6 +264,47 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
         for times, histogram in self._times.items():
             for seconds in transfer_stats_data.get(times, ()):
                 histogram.labels(*labels).observe(seconds)
+
+
+REPORT_STEPS = 8  # steps a finished request's line waits for its load report
+
+
+@dataclass
+class RequestAccount:
+    """One request's tokens, for the line it logs when it ends (``kvtier.requests``): prompt
+    tokens, those vLLM's own prefix cache had, those kvtier was to load and what the worker
+    loaded from each tier in how long, and what was left to compute."""
+
+    request: str
+    prompt_tokens: int
+    vllm_prefix_tokens: int
+    planned: int  # tokens kvtier was to load
+    loaded: dict[str, int] = field(default_factory=dict)
+    load_s: float = 0.0
+    failed_tokens: int = 0
+    reported: bool = False
+    waited: int = 0
+
+    def add(self, report: dict[str, Any]) -> None:
+        for tier, tokens in report.get("loaded", {}).items():
+            self.loaded[tier] = self.loaded.get(tier, 0) + int(tokens)
+        self.load_s += float(report.get("load_s", 0.0))
+        self.failed_tokens += int(report.get("failed_tokens", 0))
+        self.reported = True
+
+    def line(self) -> dict[str, Any]:
+        loaded = sum(self.loaded.values())
+        return {
+            "request": self.request, "prompt_tokens": self.prompt_tokens,
+            "vllm_prefix_tokens": self.vllm_prefix_tokens, "kvtier_hit_tokens": self.planned,
+            "loaded_tokens": self.loaded, "load_s": round(self.load_s, 4),
+            "failed_tokens": self.failed_tokens,
+            "recomputed_tokens": self.prompt_tokens - self.vllm_prefix_tokens - loaded,
+            "reported": self.reported or not self.planned,
+        }  # fmt: skip
+
+    def log(self) -> None:
+        requests_log.info("kvtier request %s", json.dumps(self.line(), sort_keys=True))
 
 
 class ConnectorMetrics:

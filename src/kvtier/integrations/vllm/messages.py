@@ -1,0 +1,70 @@
+"""The messages between the connector's two sides: what the scheduler side tells the worker
+side each step (:class:`KvtierConnectorMetadata`: loads, saves, prefetches) and what it hears back
+(:class:`KvtierWorkerMetadata`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+
+@dataclass
+class LoadSpec:
+    """Load tokens [start, end) of a prompt into its blocks. Both ends are block-aligned; the
+    chunk holding ``end`` is read whole and only its blocks before ``end`` are written. With
+    ``tail``, that chunk is the tail of ``tokens`` (a partial chunk, see kvtier.keys). With
+    ``background``, the request waits in WAITING_FOR_REMOTE_KVS while the load runs."""
+
+    req_id: str
+    tokens: list[int]  # prompt tokens of every chunk touched: [0, ceil(end / chunk) * chunk)
+    salt: str | None
+    block_ids: list[int]  # blocks covering [0, end)
+    start: int
+    end: int
+    tail: bool = False
+    background: bool = False
+
+
+@dataclass
+class SaveSpec:
+    """Save prompt chunks [first_chunk, len(tokens) // chunk) from the request's blocks; with
+    ``tail``, the partial chunk after them too (``tokens`` then ends on a block boundary)."""
+
+    req_id: str
+    tokens: list[int]
+    salt: str | None
+    block_ids: list[int]
+    first_chunk: int
+    tail: bool = False
+
+
+@dataclass
+class KvtierConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+    prefetches: list[tuple[list[int], str | None]] = field(default_factory=list)
+
+
+@dataclass
+class KvtierWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler: chunks that entered or left the worker's top (DRAM) tier, and
+    what each load read (for the request's log line).
+
+    When vLLM runs the worker in another process, the scheduler's own store cannot see the
+    worker's DRAM; this keeps a mirror of it on the scheduler side.
+    """
+
+    stored: list[bytes] = field(default_factory=list)
+    dropped: list[bytes] = field(default_factory=list)
+    loads: list[dict[str, Any]] = field(default_factory=list)  # what each load read (Loader)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, KvtierWorkerMetadata)
+        return KvtierWorkerMetadata(
+            self.stored + other.stored, self.dropped + other.dropped, self.loads + other.loads
+        )

@@ -1,0 +1,197 @@
+"""The connector's worker side: the KV cache's tensors, and the loads and saves each step's
+metadata lists.
+
+Loads (:mod:`.loader`) copy each chunk once, from where kvtier holds it into the request's
+blocks; a background load starts as soon as the step's metadata is bound, a step before the
+forward pass that does not need it. Saves (:mod:`.saver`) gather the blocks straight into
+encoded chunks, leaving checksums and tier writes to a background thread (with
+``write_through``, every tier is written inline). What entered or left the worker's DRAM tier
+and what each load read go back to the scheduler side with the step's output
+(:class:`~.messages.KvtierWorkerMetadata`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import re
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvtier.config import MemoryTierConfig
+from kvtier.errors import ConfigError
+from kvtier.integrations import shared_stores
+from kvtier.integrations.feed import EventFeed, store_feed
+from kvtier.integrations.vllm.chunk_pool import ChunkPool
+from kvtier.integrations.vllm.context import ConnectorContext
+from kvtier.integrations.vllm.loader import Loader
+from kvtier.integrations.vllm.messages import KvtierConnectorMetadata, KvtierWorkerMetadata
+from kvtier.integrations.vllm.metrics import ConnectorMetrics, KvtierStats
+from kvtier.integrations.vllm.paged import TORCH_DTYPES, block_view
+from kvtier.integrations.vllm.saver import Saver
+from kvtier.keys import ChunkKey
+from kvtier.stats import ChunkEvent
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+
+_workers: weakref.WeakSet[WorkerSide] = weakref.WeakSet()  # this process's worker sides
+
+
+def in_process_saves() -> list[Saver]:
+    """The savers of this process's worker sides."""
+    return [worker.saver for worker in list(_workers)]
+
+
+def flush_all(timeout: float | None = None) -> None:
+    """Wait for every connector's pending saves and the stores' lower-tier writes."""
+    for saver in in_process_saves():
+        saver.wait()
+    for store in shared_stores.open_stores():
+        store.flush(timeout)
+
+
+@atexit.register
+def _close_all() -> None:
+    # vLLM does not always call shutdown() before the interpreter exits; queued writes to
+    # lower tiers would be lost with the write-behind threads.
+    try:
+        flush_all(timeout=30)
+    finally:
+        shared_stores.close_all()
+
+
+def _layer_index(name: str) -> tuple[int, str]:
+    match = re.search(r"layers\.(\d+)\.", name)
+    return (int(match.group(1)) if match else 0, name)
+
+
+class WorkerSide:
+    """The connector's worker-side calls, for :class:`~.connector.KvtierConnector`."""
+
+    def __init__(self, ctx: ConnectorContext, vllm_config: VllmConfig):
+        self.ctx = ctx
+        self._vllm_config = vllm_config
+        self._metrics = ConnectorMetrics(None)
+        self._layers: list[torch.Tensor] = []
+        self._loader: Loader | None = None  # made once the KV cache is known
+        self._feed: EventFeed | None = None
+        self._pool = ChunkPool()
+        self.saver = Saver(
+            ctx.store,
+            self._pool,
+            ctx.namespace,
+            ctx.block_size,
+            ctx.kv_dtype,
+            ctx.options.write_through,
+            self._announce,
+        )
+        self._events_lock = threading.Lock()
+        self._events = KvtierWorkerMetadata()
+        _workers.add(self)
+        top = ctx.store.tiers[0].name
+        ctx.store.subscribe(lambda e: self._on_event(e) if e.tier == top else None)
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """vLLM's ``register_kv_caches``: every layer's cache, viewed as blocks."""
+        ctx = self.ctx
+        model = self._vllm_config.model_config
+        heads = model.get_num_kv_heads(self._vllm_config.parallel_config)
+        head_dim = model.get_head_size()
+        ordered = [kv_caches[name] for name in sorted(kv_caches, key=_layer_index)]
+        try:
+            self._layers = [block_view(t, heads, head_dim) for t in ordered]
+        except ValueError as exc:
+            raise ConfigError(f"kvtier cannot use this KV cache: {exc}") from None
+        if self._layers[0].shape[2] != ctx.block_size:
+            raise ConfigError(
+                f"KV cache blocks hold {self._layers[0].shape[2]} tokens, vLLM's block size"
+                f" is {ctx.block_size}"
+            )
+        if TORCH_DTYPES.get(ordered[0].dtype) != ctx.kv_dtype:
+            raise ConfigError(
+                f"KV cache is {ordered[0].dtype}, the configuration said {ctx.kv_dtype}"
+            )
+        self._loader = Loader(ctx.store, self._layers, ctx.chunk, ctx.namespace, self.saver.wait)
+        self.saver.bind(self._layers, self._loader.chunk_shape)
+        shape = self._loader.chunk_shape()
+        top = ctx.config.tiers[0] if ctx.config.tiers else None
+        fill = top.capacity if isinstance(top, MemoryTierConfig) and top.prefault else 0
+        self._pool.reserve(ctx.kv_dtype, shape, fill)  # the DRAM tier's first fill
+        ctx.store.use_blanks(self._pool.spare)  # promotions from disk/Redis too
+        if ctx.options.feed_port is not None:
+            self._start_feed(ctx.options.feed_port, shape)
+
+    def _start_feed(self, port: int, chunk_shape: tuple[int, ...]) -> None:
+        """Publish what this worker's store holds, for ``kvtier router`` (see integrations.feed)."""
+        ctx = self.ctx
+        per_token = math.prod(chunk_shape) * self._layers[0].element_size() // ctx.chunk
+        feed = store_feed(
+            ctx.store,
+            ctx.config,
+            ctx.namespace(None),
+            ctx.block_size,
+            per_token,
+            ctx.options.kv_events,
+            ctx.options.engine_dtype,
+        )
+        self._feed = feed if feed.start("127.0.0.1", port) else None
+
+    def bound(self, meta: KvtierConnectorMetadata) -> None:
+        """The step's metadata: background loads start now, not after the forward pass."""
+        if self._loader is not None:
+            for spec in meta.loads:
+                if spec.background:
+                    self._loader.start(spec)
+            meta.loads = [s for s in meta.loads if not s.background]
+
+    def load(self, meta: KvtierConnectorMetadata) -> None:
+        """Before the forward pass: the loads it needs, and prefetches for waiting requests."""
+        for tokens, salt in meta.prefetches:
+            self.ctx.store.prefetch(tokens, self.ctx.namespace(salt))
+        if self._loader is not None:
+            for spec in meta.loads:
+                self._loader.load(spec)
+
+    def _announce(self, keys: Sequence[ChunkKey]) -> None:
+        """Chunks a save is about to store: told to the scheduler with this step's output."""
+        with self._events_lock:
+            self._events.stored.extend(keys)
+
+    def _on_event(self, event: ChunkEvent) -> None:
+        if event.kind == "stored":
+            self._announce(event.keys)
+            return
+        with self._events_lock:
+            self._events.dropped.extend(event.keys)
+
+    def report(self) -> KvtierWorkerMetadata | None:
+        """What the scheduler side hears with this step's output (None: nothing new)."""
+        reports = self._loader.reports() if self._loader is not None else []
+        with self._events_lock:
+            self._events.loads.extend(reports)
+            if not self._events.stored and not self._events.dropped and not self._events.loads:
+                return None
+            events, self._events = self._events, KvtierWorkerMetadata()
+        return events
+
+    def finished_loads(self) -> set[str]:
+        return self._loader.finished() if self._loader is not None else set()
+
+    def failed_blocks(self) -> set[int]:
+        return self._loader.failed_blocks() if self._loader is not None else set()
+
+    def stats(self) -> KvtierStats | None:
+        return self._metrics.worker_stats(self.ctx.store, self.saver.took())
+
+    def close(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
+        if self._loader is not None:
+            self._loader.close()
+        self.saver.close()
