@@ -255,7 +255,7 @@ def test_a_waiting_request_is_prefetched_once_and_a_scheduled_one_never(
 def test_the_mirror_of_the_worker_dram_counts_as_hits(store: TieredStore) -> None:
     s = side(store)
     tokens = prompt(16, 2, extra=2)
-    keys = store.keys(tokens, s.ctx.namespace(None))
+    keys: list[bytes] = list(store.keys(tokens, s.ctx.namespace(None)))
     s.worker_reported(KVConnectorOutput(kv_connector_worker_meta=KvtierWorkerMetadata(stored=keys)))
     assert s.matched(request("m", tokens), 0) == (32, False)
     s.worker_reported(
