@@ -26,8 +26,8 @@ import yaml
 from kvtier.integrations.engine_layout import parse_cpu_list
 from kvtier.integrations.model import prepare_default_model
 from kvtier.keys import ChunkKey, Namespace, chunk_keys
-from kvtier.pod.prompts import Prompter
 from kvtier.redis_process import free_port
+from kvtier.router.prompts import Prompter
 
 from browser import Page, chromium_page
 from hostspeed import patience, words_for

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kvtier.pod.index import ChunkIndex
+from kvtier.router.index import ChunkIndex
 
 BPT = 23_040  # KV bytes per token of the demo model in bf16
 RATE = 1000.0  # prefill tokens/s
@@ -22,8 +22,8 @@ def test_the_shared_tier_answers_within_a_budget_and_late_answers_are_kept(
 
     import redis
 
-    from kvtier.pod import lookup
-    from kvtier.pod.lookup import SharedTier
+    from kvtier.router import lookup
+    from kvtier.router.lookup import SharedTier
 
     monkeypatch.setattr(lookup, "SHARED_TIMEOUT_S", 5.0)  # slow, not failing
     held, missing = b"\x01" * 16, b"\x02" * 16
@@ -61,7 +61,7 @@ def test_vllm_block_events_become_the_engines_chunk_keys() -> None:
     from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch
 
     from kvtier.keys import Namespace, chunk_keys, tail_key
-    from kvtier.pod.engines import EngineSet
+    from kvtier.router.engines import EngineSet
 
     url = "http://engine"
     engines = EngineSet([url], ChunkIndex())

@@ -1,4 +1,4 @@
-"""The router's decisions (kvtier.policy.routing) and its index (kvtier.pod.index), on their own."""
+"""The router's decisions (kvtier.policy.routing) and its index (kvtier.router.index)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from typing import Any
 
 import pytest
 
-from kvtier.pod.index import ChunkIndex
-from kvtier.pod.reuse import TAIL_BYTES, Decisions, cached_in_body, cached_in_stream
 from kvtier.policy.routing import (
     DEFAULT_BANDWIDTH,
     PREFILL_HOP_S,
@@ -17,6 +15,8 @@ from kvtier.policy.routing import (
     leading_hits,
     split_cost,
 )
+from kvtier.router.index import ChunkIndex
+from kvtier.router.reuse import TAIL_BYTES, Decisions, cached_in_body, cached_in_stream
 
 BPT = 23_040  # KV bytes per token of the demo model in bf16
 RATE = 1000.0  # prefill tokens/s
@@ -110,7 +110,7 @@ def test_index_predictions_stand_until_confirmed_or_expired() -> None:
 
 def test_chat_pieces_tokenize_as_the_whole_text() -> None:
     from kvtier.integrations.model import prepare_default_model
-    from kvtier.pod.prompts import Prompter
+    from kvtier.router.prompts import Prompter
 
     prompter = Prompter(prepare_default_model())
     tok = prompter._tok
@@ -134,7 +134,7 @@ def test_chat_pieces_tokenize_as_the_whole_text() -> None:
 
 
 def test_an_engine_with_few_samples_is_priced_at_the_pods_prefill_rate() -> None:
-    from kvtier.pod.engines import EngineSet
+    from kvtier.router.engines import EngineSet
 
     engines = EngineSet(["http://a:1", "http://b:1"], ChunkIndex())
     a, b = engines.engines
@@ -153,7 +153,7 @@ def test_an_engine_with_few_samples_is_priced_at_the_pods_prefill_rate() -> None
 def test_a_long_new_chat_is_keyed_from_its_exact_leading_tokens() -> None:
     from kvtier.bench.workload import document
     from kvtier.integrations.model import prepare_default_model
-    from kvtier.pod.prompts import Prompter
+    from kvtier.router.prompts import Prompter
 
     prompter = Prompter(prepare_default_model())
     for seed in range(2):

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from kvtier.pod.router import ENGINE_HEADER, OVERHEAD_HEADER
+from kvtier.router.app import ENGINE_HEADER, OVERHEAD_HEADER
 
 WORDS = [
     "tier",

@@ -70,8 +70,8 @@ def add_router_options(p: argparse.ArgumentParser) -> None:
 
 def make_router(workers: list[str], args: argparse.Namespace, prefill: Sequence[str] = ()) -> Any:
     """The router; it finds the shared tier in the engines' feeds (``/kvtier/info``)."""
-    from kvtier.pod.prompts import Prompter
-    from kvtier.pod.router import Router
+    from kvtier.router.app import Router
+    from kvtier.router.prompts import Prompter
 
     tokenizer = args.tokenizer
     if tokenizer is None:

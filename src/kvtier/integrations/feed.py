@@ -6,7 +6,7 @@ exposes it on the engine's own HTTP port under ``/kvtier/``
 
 - ``GET /kvtier/info``: epoch, last sequence number, the namespace fields, chunk and block
   sizes, KV bytes per token, the tiers (name, kind) and their read counters, and where vLLM
-  publishes its own KV events (``kv_events``: port and topic; see :mod:`kvtier.pod.blocks`),
+  publishes its own KV events (``kv_events``: port and topic; see :mod:`kvtier.router.blocks`),
   and the engine's dtype with the reason for it (``engine_dtype``: dtype, source, reason, CPU,
   measured GFLOP/s; see :mod:`kvtier.integrations.engine_dtype`).
 - ``GET /kvtier/snapshot``: the keys each local tier holds, as of a sequence number.

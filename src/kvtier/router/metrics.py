@@ -1,4 +1,4 @@
-"""The router's ``/metrics``: its state (:meth:`kvtier.pod.router.Router.state`) as Prometheus
+"""The router's ``/metrics``: its state (:meth:`kvtier.router.app.Router.state`) as Prometheus
 series named ``kvtier:router_*``, made at each scrape from the same numbers ``/router/state``
 shows, so the two never disagree.
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from kvtier.health import TierHealth
 from kvtier.keys import Namespace, chunk_keys, tail_candidates, token_array
-from kvtier.pod.index import ChunkIndex
 from kvtier.policy.routing import leading_hits
+from kvtier.router.index import ChunkIndex
 
 SHARED_TIMEOUT_S = 0.25  # a shared tier slower than this is failing (health)
 SHARED_BUDGET_S = 0.003  # what a request waits for the shared tier's answer

@@ -5,7 +5,7 @@ a refused connection while forwarding) take it out of rotation, so a dead engine
 within a second. Its feed (``/kvtier/...``, see :mod:`kvtier.integrations.feed`) is read with long
 polls: a snapshot first, then events in sequence; a gap or a new epoch (a restart) means a
 fresh snapshot. vLLM's own KV events (its ZMQ publisher, named by the feed's ``kv_events``) say
-which chunks are in the engine's KV cache itself: tier kind "gpu" (:mod:`kvtier.pod.blocks`).
+which chunks are in the engine's KV cache itself: tier kind "gpu" (:mod:`kvtier.router.blocks`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import zmq
 import zmq.asyncio
 
 from kvtier.keys import ChunkKey, Namespace
-from kvtier.pod.blocks import BlockKeys
-from kvtier.pod.index import ChunkIndex
 from kvtier.policy.routing import DEFAULT_PREFILL_TOKENS_PER_S
+from kvtier.router.blocks import BlockKeys
+from kvtier.router.index import ChunkIndex
 
 log = logging.getLogger("kvtier.router")
 

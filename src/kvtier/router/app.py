@@ -28,13 +28,13 @@ from aiohttp import web
 
 from kvtier.console.app import LINGER_S, Console
 from kvtier.keys import Namespace
-from kvtier.pod.engines import Engine, EngineSet
-from kvtier.pod.index import ChunkIndex, quantile
-from kvtier.pod.lookup import PromptKeys, SharedTier, held_hits
-from kvtier.pod.metrics import router_metrics
-from kvtier.pod.prompts import Leading, Prompter, PromptError
-from kvtier.pod.reuse import TAIL_BYTES, Decision, Decisions, cached_in_body, cached_in_stream
 from kvtier.policy.routing import CostRouting, EngineView, Split, reason, split_cost
+from kvtier.router.engines import Engine, EngineSet
+from kvtier.router.index import ChunkIndex, quantile
+from kvtier.router.lookup import PromptKeys, SharedTier, held_hits
+from kvtier.router.metrics import router_metrics
+from kvtier.router.prompts import Leading, Prompter, PromptError
+from kvtier.router.reuse import TAIL_BYTES, Decision, Decisions, cached_in_body, cached_in_stream
 
 log = logging.getLogger("kvtier.router")
 
