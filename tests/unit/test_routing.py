@@ -195,13 +195,13 @@ def test_the_reused_tokens_come_from_an_answer_or_the_end_of_a_stream() -> None:
 
 def test_routing_precision_compares_what_was_predicted_with_what_was_reused() -> None:
     made = Decisions()
-    full = made.made("http://a", "engine hit", 1000, predicted=768)
+    full = made.record("http://a", "engine hit", 1000, predicted=768)
     made.answered(full, 768)
-    short = made.made("http://a", "engine hit", 1000, predicted=512)
+    short = made.record("http://a", "engine hit", 1000, predicted=512)
     made.answered(short, 256)  # half of it had been evicted
-    surprise = made.made("http://b", "cold", 1000, predicted=0)
+    surprise = made.record("http://b", "cold", 1000, predicted=0)
     made.answered(surprise, 128)  # vLLM's prefix cache had a block the router did not know
-    pd = made.made("http://b", "cold", 1000, predicted=0)
+    pd = made.record("http://b", "cold", 1000, predicted=0)
     pd.measured = False  # went through a prefill engine: not counted
     made.answered(pd, 896)
     made.answered(full, 0)  # a second report of one request changes nothing

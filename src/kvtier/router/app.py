@@ -1,11 +1,10 @@
 """``kvtier router``: an OpenAI-compatible front for several engines that sends each request
 where its context already is.
 
-For each request: the prompt's tokens as the engine will see them (:mod:`.prompts`), its chunk
-keys in the engines' namespace (reported by their feeds), where those chunks are (the index fed
-by every engine, plus the shared tier, asked directly), then the engine with the lowest
-expected time to first token (:class:`~kvtier.policy.routing.CostRouting`). The request is
-forwarded unchanged; the engine's answer, errors included, comes back unchanged.
+This is the HTTP layer: each request is handed to :class:`~.route.Routing` (tokenize, key, find
+the chunks, price the engines, choose), then forwarded unchanged; the engine's answer, errors
+included, comes back unchanged. A request's queued prefill tokens are its :class:`~.route.Route`'s
+to count, from the moment it is forwarded until its first token.
 
 A request that has not produced a byte yet is retried on the next engine when the one chosen
 fails (connection refused or dropped); a stream already started ends with an error event. The
@@ -20,47 +19,31 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from contextlib import nullcontext
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from kvtier.console.app import LINGER_S, Console
-from kvtier.keys import Namespace
-from kvtier.policy.routing import CostRouting, EngineView, Split, reason, split_cost
 from kvtier.router.engines import Engine, EngineSet
 from kvtier.router.index import ChunkIndex, quantile
-from kvtier.router.lookup import PromptKeys, SharedTier, held_hits
+from kvtier.router.lookup import SharedTier
 from kvtier.router.metrics import router_metrics
-from kvtier.router.prompts import Leading, Prompter, PromptError
-from kvtier.router.reuse import TAIL_BYTES, Decision, Decisions, cached_in_body, cached_in_stream
+from kvtier.router.prompts import Prompter
+from kvtier.router.reuse import TAIL_BYTES, cached_in_body, cached_in_stream
+from kvtier.router.route import POLICIES, Route, Routing
 
 log = logging.getLogger("kvtier.router")
 
-POLICIES = ("kvtier", "round-robin")
+__all__ = ["POLICIES", "Router"]
 ENGINE_HEADER = "x-kvtier-engine"
 OVERHEAD_HEADER = "x-kvtier-router-ms"  # tokenize, key, score, until the request left
 OVERHEAD_WINDOW = 2048
-INLINE_CHARS = 32_000  # longer completion texts are tokenized off the event loop
 # What a prefill engine's one-token request leaves out of the client's request.
 _DECODE_ONLY = {"stream", "stream_options", "max_tokens", "max_completion_tokens", "min_tokens",
                 "n", "best_of", "logprobs", "top_logprobs", "echo"}  # fmt: skip
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "host"}
-
-
-@dataclass
-class Routed:
-    """One request's routing: what was predicted, for accounting when it comes back."""
-
-    engine: Engine
-    queued: int  # prefill tokens it adds to the engine's queue
-    idle: bool  # nothing else was queued there (its TTFT measures the prefill rate)
-    load_s: float
-    prefill: Routed | None = None  # the prefill engine to go through first (disaggregated)
-    counted: bool = False  # its queued tokens are in its engine's queue
-    split: Split | None = None  # what the disaggregation decision weighed
-    decision: Decision | None = None  # for the console, and routing precision
 
 
 class Router:
@@ -72,24 +55,14 @@ class Router:
         shared: SharedTier | None = None,
         prefill: list[str] | None = None,
     ):
-        if policy not in POLICIES:
-            raise ValueError(f"unknown routing policy {policy!r}; allowed: {', '.join(POLICIES)}")
         self.index = ChunkIndex()
         self.engines = EngineSet(workers, self.index, prefill)
-        self.prompter = prompter
-        self.policy = policy
-        self.shared = shared
-        self._cost: CostRouting | None = None
-        self._turn = 0
+        self.routing = Routing(self.engines, self.index, prompter, policy, shared)
         self._session: aiohttp.ClientSession | None = None
         self.overhead_s: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
         self.retries = 0
         self.decisions: Counter[str] = Counter()
-        self.reasons: Counter[str] = Counter()  # why each request went where it went
-        self.made = Decisions()  # recent decisions, predicted vs reused tokens
-        self.phases: dict[str, deque[float]] = {}  # where the overhead goes
         self._warming: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -118,21 +91,14 @@ class Router:
 
     async def _find_shared(self) -> None:
         """The shared tier the engines report, connected before the first request needs it."""
-        while self.shared is None:
+        while self.routing.shared is None:
             info = next((e.info for e in self.engines.engines if e.info), None)
             if info is not None:
-                shared = self._shared_tier(info)
+                shared = self.routing.shared_tier(info)
                 if shared is not None:
                     await shared.warm()
                 return
             await asyncio.sleep(0.25)
-
-    def _shared_tier(self, info: dict[str, Any]) -> SharedTier | None:
-        """The tier the engines say they share (from an engine's /kvtier/info), once."""
-        if self.shared is None and info.get("shared"):
-            first = info["shared"][0]
-            self.shared = SharedTier(first["url"], first["prefix"], bool(first.get("cluster")))
-        return self.shared
 
     async def _stop(self, app: web.Application) -> None:
         if self._warming is not None:
@@ -142,123 +108,8 @@ class Router:
         await self.engines.stop()
         if self._session is not None:
             await self._session.close()
-        if self.shared is not None:
-            await self.shared.close()
-
-    # -- routing ---------------------------------------------------------------------------
-
-    async def route(self, path: str, body: dict[str, Any]) -> tuple[list[Engine], Routed | None]:
-        """Engines to try, best first, and the accounting of the first (with the prefill
-        engine to go through first, in a disaggregated pod)."""
-        healthy = self.engines.healthy()
-        if not healthy:
-            return [], None
-        if self.policy == "round-robin" or self.prompter is None:
-            self._turn += 1
-            start = self._turn % len(healthy)
-            return healthy[start:] + healthy[:start], None
-        info = next((e.info for e in self.engines.engines if e.healthy and e.info), None)
-        if info is None:  # no feed yet: balance on the queues alone
-            return sorted(healthy, key=lambda e: e.queued_tokens), None
-        chunk, block = int(info["chunk_tokens"]), int(info["block_size"])
-        began = time.perf_counter()
-        try:
-            prompt_text = body.get("prompt")
-            if isinstance(prompt_text, str) and len(prompt_text) > INLINE_CHARS:
-                lead = Leading.of(await asyncio.to_thread(self.prompter.tokens, path, body))
-            else:  # a chat tokenizes only its new pieces (their head, when long): no hop
-                lead = self.prompter.leading(path, body, chunk)
-        except PromptError:
-            return sorted(healthy, key=lambda e: e.queued_tokens), None
-        salt = body.get("cache_salt")
-        namespace = Namespace(**info["namespace"], tenant_salt=salt or None)
-        prompt = PromptKeys(lead.tokens, namespace, chunk, block, lead.complete)
-        shared = self._shared_tier(info)
-        keyed = time.perf_counter()
-        if shared is not None:
-            prompt.in_shared(await shared.holds(prompt.all_keys))
-        if not lead.complete and (
-            self._held_anywhere(prompt.hexes[-1:]) or prompt.shared[-1:] == [True]
-        ):  # seen before after all: key all of it
-            lead = lead.whole()
-            prompt = PromptKeys(lead.tokens, namespace, chunk, block)
-            if shared is not None:
-                prompt.in_shared(await shared.holds(prompt.all_keys))
-        asked = time.perf_counter()
-        tokens = lead.total
-        if self._cost is None:
-            self._cost = CostRouting(int(info["bytes_per_token"]))
-        views = [self._view(e, prompt) for e in healthy]
-        decision = self._cost.choose(tokens, views)
-        best = decision.best
-        engine = healthy[decision.chosen]
-        why = reason(views, decision.chosen)
-        self.reasons[why] += 1
-        rest = sorted(
-            (e for e in healthy if e is not engine),
-            key=lambda e: decision.estimates[healthy.index(e)].ttft_s,
-        )
-        order = [engine, *rest]
-        self.index.predict(engine.url, prompt.saved)
-        recompute = tokens - best.hit_tokens
-        # Its TTFT measures the engine's prefill rate when nothing else was queued there and
-        # the response's end is its first token (a stream, or a single token).
-        one = body.get("stream") or 1 in (body.get("max_tokens"), body.get("max_completion_tokens"))
-        idle = engine.queued_tokens == 0 and bool(one)
-        routed = Routed(engine, recompute, idle, best.load_s)
-        routed.decision = self.made.made(engine.url, why, tokens, best.hit_tokens)
-        prefills = self.engines.healthy(prefill_only=True)
-        if prefills:
-            pviews = [self._view(e, prompt) for e in prefills]
-            split = split_cost(self._cost, tokens, views[decision.chosen],
-                               engine.in_flight, pviews, block)  # fmt: skip
-            routed.split = split
-            if split.prefill is not None:
-                routed.decision.measured = False  # the decode engine reuses what P computed
-                on = prefills[split.prefill]
-                estimate = self._cost.estimate(tokens, pviews[split.prefill])
-                self.index.predict(on.url, prompt.saved)
-                routed.prefill = Routed(on, tokens - estimate.hit_tokens,
-                                        on.queued_tokens == 0, estimate.load_s)  # fmt: skip
-        done = time.perf_counter()
-        for phase, seconds in (("tokenize_key", keyed - began), ("shared_tier", asked - keyed),
-                               ("score", done - asked)):  # fmt: skip
-            self.phases.setdefault(phase, deque(maxlen=OVERHEAD_WINDOW)).append(seconds)
-        if not lead.complete:  # the rest, off the request's path
-            task = asyncio.create_task(self._complete(lead, namespace, chunk, block, routed))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        return order, routed
-
-    def _held_anywhere(self, hexes: list[str]) -> bool:
-        return any(self.index.kinds(e.url, hexes) for e in self.engines.engines)
-
-    async def _complete(
-        self, lead: Leading, namespace: Namespace, chunk: int, block: int, routed: Routed
-    ) -> None:
-        """A prompt routed on its leading tokens: all its tokens now, for the predictions
-        (a burst of the same prompt follows the first) and the queue accounting."""
-        assert lead.finish is not None
-        try:
-            whole = await asyncio.to_thread(lead.finish)
-        except Exception:  # routing was done already; only its bookkeeping is coarser
-            log.exception("kvtier router: tokenizing a prompt failed")
-            return
-        prompt = PromptKeys(whole, namespace, chunk, block)
-        for part in (routed, routed.prefill):
-            if part is None:
-                continue
-            self.index.predict(part.engine.url, prompt.saved)
-            if part.queued > 0:
-                delta = max(len(whole) - lead.total, -part.queued)
-                part.queued += delta
-                if part.counted:
-                    part.engine.queued_tokens += delta
-
-    def _view(self, engine: Engine, prompt: PromptKeys) -> EngineView:
-        hits = held_hits(self.index, engine.url, prompt)
-        return EngineView(engine.url, hits, engine.queued_tokens, self.engines.prefill_rate(engine),
-                          engine.bandwidth)  # fmt: skip
+        if self.routing.shared is not None:
+            await self.routing.shared.close()
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -271,37 +122,28 @@ class Router:
             body = None
         if not isinstance(body, dict):
             body = {}  # the engine answers a malformed request itself
-        order, routed = await self.route(request.path, body)
+        order, route = await self.routing.route(request.path, body)
         if not order:
             return _error(503, "no engine is available (all failed their health checks)")
-        if routed is not None and routed.split is not None:
-            self.decisions["prefill engine" if routed.prefill else "prefill skipped"] += 1
+        if route is not None and route.split is not None:
+            self.decisions["prefill engine" if route.prefill else "prefill skipped"] += 1
         overhead: float | None = None  # measured when the first engine is asked
-        if routed is not None and routed.prefill is not None:
+        if route is not None and route.prefill is not None:
             overhead = time.perf_counter() - started
             self.overhead_s.append(overhead)
             hop = time.perf_counter()
-            if await self._prefill(request, body, routed.prefill):
-                routed.queued = 0  # the decode engine loads the prompt, computes nothing
-            self.phases.setdefault("prefill_engine", deque(maxlen=OVERHEAD_WINDOW)).append(
-                time.perf_counter() - hop
-            )
-        if routed is not None:
-            routed.engine.queued_tokens += routed.queued
-            routed.counted = True
-        try:
-            return await self._try(request, raw, order, routed, started, overhead)
-        finally:
-            if routed is not None and routed.queued:
-                routed.engine.queued_tokens -= routed.queued
-                routed.queued = 0
+            if await self._prefill(request, body, route.prefill):
+                route.computes_nothing()  # the decode engine loads the prompt
+            self.routing.phase("prefill_engine", time.perf_counter() - hop)
+        with route.in_queue() if route is not None else nullcontext():
+            return await self._try(request, raw, order, route, started, overhead)
 
     async def _try(
         self,
         request: web.Request,
         raw: bytes,
         order: list[Engine],
-        routed: Routed | None,
+        route: Route | None,
         started: float,
         overhead: float | None,
     ) -> web.StreamResponse:
@@ -321,7 +163,7 @@ class Router:
                 async with self._session.post(
                     engine.url + request.path, data=raw, headers=headers
                 ) as upstream:
-                    return await self._relay(request, upstream, engine, routed, sent, overhead)
+                    return await self._relay(request, upstream, engine, route, sent, overhead)
             except _NotStarted as exc:
                 last_error = str(exc)
                 self.engines.down(engine, last_error)
@@ -337,7 +179,7 @@ class Router:
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         engine: Engine,
-        routed: Routed | None,
+        route: Route | None,
         sent: float,
         overhead: float,
     ) -> web.StreamResponse:
@@ -349,8 +191,9 @@ class Router:
                 body = await upstream.read()
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise _NotStarted(f"{engine.url} dropped the request: {exc}") from None
-            self._first_token(engine, routed, sent)
-            self._reused(engine, routed, body, stream=False)
+            if route is not None:
+                route.first_token(engine, sent)
+            self._reused(engine, route, body, stream=False)
             return web.Response(body=body, status=upstream.status, headers=headers)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         first, tail = True, b""
@@ -358,7 +201,8 @@ class Router:
             async for piece in upstream.content.iter_any():
                 if first:
                     await response.prepare(request)
-                    self._first_token(engine, routed, sent)
+                    if route is not None:
+                        route.first_token(engine, sent)
                     first = False
                 await response.write(piece)
                 tail = (tail + piece)[-TAIL_BYTES:]
@@ -370,63 +214,54 @@ class Router:
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
         if first:
             await response.prepare(request)
-        self._reused(engine, routed, tail, stream=True)
+        self._reused(engine, route, tail, stream=True)
         await response.write_eof()
         return response
 
-    async def _prefill(self, request: web.Request, body: dict[str, Any], routed: Routed) -> bool:
+    async def _prefill(self, request: web.Request, body: dict[str, Any], route: Route) -> bool:
         """The prompt on a prefill engine, for one token: its answer returns once the prompt's
         chunks are in the shared tier. False when that failed: the decode engine then
         computes the prompt itself (a request never fails for its prefill engine)."""
         assert self._session is not None
-        engine = routed.engine
+        engine = route.engine
         one = {k: v for k, v in body.items() if k not in _DECODE_ONLY}
         one["max_tokens"], one["stream"] = 1, False
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in _HOP_HEADERS and k.lower() != "content-type"}  # fmt: skip
-        engine.queued_tokens += routed.queued
-        routed.counted = True
+        skip = _HOP_HEADERS | {"content-type"}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
         engine.in_flight += 1
         engine.routed += 1
         sent = time.perf_counter()
         why = ""
         try:
-            async with self._session.post(engine.url + request.path, json=one,
-                                          headers=headers) as upstream:  # fmt: skip
-                answer = await upstream.read()
-                if upstream.status == 200:
-                    self._first_token(engine, routed, sent)
-                    return True
-                why = f"HTTP {upstream.status}: {answer[:200]!r}"
+            with route.in_queue():
+                async with self._session.post(
+                    engine.url + request.path, json=one, headers=headers
+                ) as upstream:
+                    answer = await upstream.read()
+                    if upstream.status == 200:
+                        route.first_token(engine, sent)
+                        return True
+                    why = f"HTTP {upstream.status}: {answer[:200]!r}"
         except (TimeoutError, aiohttp.ClientError) as exc:
             why = f"{type(exc).__name__}: {exc}"
             self.engines.down(engine, why)
         finally:
             engine.in_flight -= 1
-            engine.queued_tokens -= routed.queued
-            routed.queued = 0
         self.decisions["prefill failed"] += 1
-        log.warning("kvtier router: prefill on %s failed (%s); decoding engine computes it",
-                    engine.url, why)  # fmt: skip
+        log.warning(
+            "kvtier router: prefill on %s failed (%s); decoding engine computes it", engine.url, why
+        )
         return False
 
-    def _reused(self, engine: Engine, routed: Routed | None, answer: bytes, stream: bool) -> None:
+    def _reused(self, engine: Engine, route: Route | None, answer: bytes, stream: bool) -> None:
         """What the engine reused of the prompt (routing precision); never fails a request."""
-        if routed is None or routed.decision is None or routed.engine is not engine:
+        if route is None or route.decision is None or route.engine is not engine:
             return
         try:
             cached = cached_in_stream(answer) if stream else cached_in_body(answer)
-            self.made.answered(routed.decision, cached)
+            self.routing.reuse.answered(route.decision, cached)
         except Exception:
             log.exception("kvtier router: reading an answer's cached tokens failed")
-
-    def _first_token(self, engine: Engine, routed: Routed | None, sent: float) -> None:
-        if routed is None or routed.engine is not engine or not routed.queued:
-            return
-        if routed.idle:
-            engine.measured_prefill(routed.queued, time.perf_counter() - sent - routed.load_s)
-        engine.queued_tokens -= routed.queued
-        routed.queued = 0
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
@@ -465,30 +300,36 @@ class Router:
         return web.json_response({key: self.index.holders(key) for key in keys})
 
     def state(self) -> dict[str, Any]:
+        routing, shared = self.routing, self.routing.shared
         ordered = sorted(self.overhead_s)
         p50, p99 = quantile(ordered, 0.5), quantile(ordered, 0.99)
+        phases = {name: sorted(v) for name, v in routing.phases.items()}
+        index = {
+            "chunks": len(self.index),
+            "per_engine": self.index.counts(),
+            "staleness": self.index.staleness.summary(),
+            "resyncs": self.index.resyncs,
+        }
         return {
-            "policy": self.policy,
+            "policy": routing.policy,
             "engines": [e.state() for e in self.engines.engines],
-            "index": {"chunks": len(self.index), "per_engine": self.index.counts(),
-                      "staleness": self.index.staleness.summary(),
-                      "resyncs": self.index.resyncs},
-            "shared": self.shared.url if self.shared else None,
-            "shared_late_answers": self.shared.late if self.shared else 0,
+            "index": index,
+            "shared": shared.url if shared else None,
+            "shared_late_answers": shared.late if shared else 0,
             "overhead_ms_p50": round(p50 * 1000, 3),
             "overhead_ms_p99": round(p99 * 1000, 3),
             "overhead_phases_ms_p50": {
-                name: round(quantile(sorted(v), 0.5) * 1000, 3) for name, v in self.phases.items()
+                name: round(quantile(v, 0.5) * 1000, 3) for name, v in phases.items()
             },
             "overhead_phases_ms_p99": {
-                name: round(quantile(sorted(v), 0.99) * 1000, 3) for name, v in self.phases.items()
+                name: round(quantile(v, 0.99) * 1000, 3) for name, v in phases.items()
             },
             "retries": self.retries,
-            "reasons": dict(self.reasons),
+            "reasons": dict(routing.reasons),
             "decisions": dict(self.decisions),
-            "reuse": self.made.state(),
-            "recent": self.made.recent_state(),
-        }  # fmt: skip
+            "reuse": routing.reuse.state(),
+            "recent": routing.reuse.recent_state(),
+        }
 
 
 class _NotStarted(Exception):

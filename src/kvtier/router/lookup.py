@@ -38,7 +38,7 @@ class PromptKeys:
         """``complete``: ``tokens`` are the whole prompt (not only its leading tokens, after
         which no tail is known)."""
         ids = token_array(tokens)
-        self.chunk = chunk
+        self.chunk, self.block = chunk, block
         self.keys = chunk_keys(ids, namespace, chunk)
         self.hexes = [k.hex() for k in self.keys]
         self.shared: list[bool] = []

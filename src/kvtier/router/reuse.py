@@ -40,7 +40,7 @@ class Decisions:
         self.reused_tokens = 0
         self.matched_tokens = 0  # sum of min(predicted, reused)
 
-    def made(self, engine: str, reason: str, tokens: int, predicted: int) -> Decision:
+    def record(self, engine: str, reason: str, tokens: int, predicted: int) -> Decision:
         decision = Decision(time.time(), engine, reason, tokens, predicted)
         self.recent.append(decision)
         return decision
