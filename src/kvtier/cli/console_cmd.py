@@ -9,7 +9,6 @@ router serves the same page at its own ``/console/`` (with its routing decisions
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from kvtier.errors import KvtierError
@@ -42,9 +41,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aiohttp import ClientError, ClientSession, ClientTimeout, web
-
-    from kvtier.console.app import Console, StateSource, missing_vendor
+    from kvtier.console.app import missing_vendor, serve_console
 
     if not args.metrics:
         raise KvtierError("no engine: give --metrics URL (an engine's /metrics; repeat for each)")
@@ -57,27 +54,8 @@ def run(args: argparse.Namespace) -> int:
             f"the console's charting library is not installed ({', '.join(missing)}):"
             " run `make install` (scripts/install.sh installs uPlot from npm)"
         )
-    state: StateSource | None = None
-    if args.router:
-        url = args.router.rstrip("/") + "/router/state"
-
-        async def router_state() -> dict[str, Any] | None:
-            try:
-                async with (
-                    ClientSession(timeout=ClientTimeout(total=1.5)) as session,
-                    session.get(url) as response,
-                ):
-                    return dict(await response.json()) if response.status == 200 else None
-            except (TimeoutError, ClientError, ValueError):
-                return None
-
-        state = router_state
-    app = web.Application()
-    Console(args.metrics, state).mount(app)
-    print(f"kvtier console: http://{args.host}:{args.port}/console/ (scraping "
-          f"{', '.join(args.metrics)})", file=sys.stderr, flush=True)  # fmt: skip
     try:
-        web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+        serve_console(args.metrics, args.router, args.host, args.port)
     except OSError as exc:  # the port is taken, or the address is not this machine's
         where = f"{args.host}:{args.port}"
         raise KvtierError(f"cannot listen on {where}: {exc.strerror or exc}") from None

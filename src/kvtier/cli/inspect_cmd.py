@@ -11,18 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict
 from typing import Any
 
-from tqdm import tqdm
-
-from kvtier import codec
-from kvtier.config import format_size
-from kvtier.errors import CorruptChunk
-from kvtier.keys import ChunkKey
 from kvtier.tiers import DiskTier, RedisTier
+from kvtier.tiers.inspect import inspect, print_report
 
 
 def register(sub: Any) -> None:
@@ -43,24 +36,6 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-@dataclass
-class Report:
-    tier: str
-    location: str
-    chunks: int = 0
-    bytes: int = 0
-    namespaces: dict[str, int] = field(default_factory=dict)
-    oldest: str | None = None
-    newest: str | None = None
-    verified: bool = False
-    bad: list[dict[str, str]] = field(default_factory=list)
-    repaired: int = 0
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-
-
 def run(args: argparse.Namespace) -> int:
     tier: DiskTier | RedisTier
     if args.disk:
@@ -70,75 +45,16 @@ def run(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             print(f"kvtier inspect: no such directory: {args.disk}", file=sys.stderr)
             return 2
-        report = Report("disk", str(tier.root))
+        kind, location = "disk", str(tier.root)
     else:
         tier = RedisTier(args.redis, prefix=args.prefix, cluster=args.cluster)
-        report = Report("redis", args.redis)
+        kind, location = "redis", args.redis
     try:
-        keys = list(tier.scan())
-        namespaces: Counter[str] = Counter()
-        times: list[float] = []
-        for key in tqdm(keys, desc="inspect", unit="chunk", file=sys.stderr, disable=None):
-            problem = _check(tier, key, args.verify, namespaces, times, report)
-            if problem is None:
-                continue
-            report.bad.append({"key": key.hex(), "problem": problem})
-            if args.repair:
-                report.repaired += int(tier.delete(key))
-        report.chunks = len(keys)
-        report.namespaces = dict(namespaces.most_common())
-        report.verified = bool(args.verify)
-        if times:
-            report.oldest, report.newest = _iso(min(times)), _iso(max(times))
+        report = inspect(tier, kind, location, verify=args.verify, repair=args.repair)
     finally:
         tier.close()
     if args.json:
         print(json.dumps(asdict(report)))
     else:
-        _print(report)
+        print_report(report)
     return 1 if report.bad and not args.repair else 0
-
-
-def _check(
-    tier: DiskTier | RedisTier,
-    key: ChunkKey,
-    verify: bool,
-    namespaces: Counter[str],
-    times: list[float],
-    report: Report,
-) -> str | None:
-    """Account one chunk in the report; return what is wrong with it, or None."""
-    try:
-        if verify:
-            blob = tier.get_many([key])[0]
-            if blob is None:
-                return None  # deleted meanwhile: not a corruption
-            header = codec.decode(blob, expected_key=key).header
-        else:
-            head = tier.header_of(key, codec.HEADER_BYTES)
-            if head is None:
-                return None
-            header = codec.read_header(head)
-            if header.key != key:
-                raise CorruptChunk(f"chunk {header.key.hex()} stored under key {key.hex()}")
-    except CorruptChunk as exc:
-        return str(exc)
-    namespaces[header.namespace_id or "(none)"] += 1
-    times.append(header.created_at)
-    report.bytes += codec.HEADER_BYTES + header.stored_bytes
-    return None
-
-
-def _print(r: Report) -> None:
-    print(f"{r.tier} tier at {r.location}")
-    print(f"  chunks      {r.chunks}")
-    print(f"  bytes       {r.bytes} ({format_size(r.bytes)})")
-    print(f"  oldest      {r.oldest or '-'}")
-    print(f"  newest      {r.newest or '-'}")
-    print(f"  namespaces  {len(r.namespaces)}")
-    for ns, n in r.namespaces.items():
-        print(f"    {ns}  {n} chunks")
-    checked = "checksums verified" if r.verified else "headers checked (add --verify)"
-    print(f"  {checked}: {len(r.bad)} bad" + (f", {r.repaired} removed" if r.repaired else ""))
-    for bad in r.bad:
-        print(f"    {bad['key']}  {bad['problem']}")

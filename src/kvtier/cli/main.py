@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         plan_cmd,
         pod_cmd,
         router_cmd,
-        serve,
+        serve_cmd,
         sim_cmd,
     )
 
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (bench_cmd, inspect_cmd, config_cmd, serve, router_cmd, pod_cmd, console_cmd,
+    for module in (bench_cmd, inspect_cmd, config_cmd, serve_cmd, router_cmd, pod_cmd, console_cmd,
                    plan_cmd, sim_cmd):  # fmt: skip
         module.register(sub)
     return parser

@@ -12,14 +12,10 @@ dtype (vLLM's --dtype) is measured once for all of them unless given: see `kvtie
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from kvtier.cli.router_cmd import add_router_options, make_router, serve_router
+from kvtier.cli.router_cmd import add_router_options
 from kvtier.errors import KvtierError
 
 EXAMPLE = """\
@@ -66,49 +62,16 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvtier.runtime.pod import Pod, plan_pod
+    from kvtier.runtime.pod import run_pod
 
     engines, prefill = _engine_counts(args)
     if prefill and args.redis == "none":
-        raise KvtierError("a disaggregated pod hands prompts over through the shared tier:"
-                          " --redis none is not possible with --prefill")  # fmt: skip
-    state = args.state.expanduser()
-    logs = state / "logs" / time.strftime("%Y%m%d-%H%M%S")
-    logs.mkdir(parents=True, exist_ok=True)
-    extra = list(getattr(args, "extra", []))
-    options = ["--dram", args.dram, *extra, *pod_dtype_options(extra)]
-    specs = plan_pod(engines, args.engine_port, state, logs, sorted(os.sched_getaffinity(0)),
-                     options, prefill)  # fmt: skip
-    pod = Pod(specs, args.redis)
-    for spec in specs:
-        print(f"kvtier pod: {spec.log.stem} on port {spec.port}, cores {list(spec.cores)},"
-              f" log {spec.log}", file=sys.stderr)  # fmt: skip
-    stopping = threading.Event()
-    try:
-        pod.start()
-        print(f"kvtier pod: shared tier {pod.shared_url}", file=sys.stderr)
-        pod.supervise(stopping)
-        router = make_router(pod.urls, args, pod.prefill_urls)
-        serve_router(router, args.host, args.port)
-    finally:
-        stopping.set()
-        print("kvtier pod: stopping engines", file=sys.stderr, flush=True)
-        pod.stop()
+        raise KvtierError(
+            "a disaggregated pod hands prompts over through the shared tier:"
+            " --redis none is not possible with --prefill"
+        )
+    run_pod(args, engines, prefill, list(getattr(args, "extra", [])))
     return 0
-
-
-def pod_dtype_options(extra: list[str]) -> list[str]:
-    """The engines' dtype, chosen once for all of them (see :func:`engine_dtype`): the user's
-    ``--dtype`` (already among ``extra``), else measured here and handed to each engine."""
-    from kvtier.integrations.engine_dtype import HANDED_DTYPE
-    from kvtier.integrations.engine_layout import option
-    from kvtier.runtime.engine_command import engine_dtype
-
-    choice = engine_dtype(argparse.Namespace(), extra)
-    print(f"kvtier pod: {choice.line()}", file=sys.stderr)
-    if option(extra, "--dtype") is not None or option(extra, HANDED_DTYPE) is not None:
-        return []  # already among the options every engine gets (a benchmark's choice)
-    return choice.serve_options()
 
 
 def _engine_counts(args: argparse.Namespace) -> tuple[int, int]:

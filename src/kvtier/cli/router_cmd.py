@@ -9,9 +9,6 @@ request to the engine with the lowest expected time to first token.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-from collections.abc import Sequence
 from typing import Any
 
 from kvtier.errors import KvtierError
@@ -68,33 +65,6 @@ def add_router_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def make_router(workers: list[str], args: argparse.Namespace, prefill: Sequence[str] = ()) -> Any:
-    """The router; it finds the shared tier in the engines' feeds (``/kvtier/info``)."""
-    from kvtier.router.app import Router
-    from kvtier.router.prompts import Prompter
-
-    tokenizer = args.tokenizer
-    if tokenizer is None:
-        from kvtier.integrations.model import prepare_default_model
-
-        tokenizer = prepare_default_model()
-    if prefill and args.policy != "kvtier":
-        raise KvtierError("prefill engines need --policy kvtier (it decides what to prefill where)")
-    prompter = Prompter(tokenizer) if args.policy == "kvtier" else None
-    return Router(workers, prompter, args.policy, prefill=list(prefill))
-
-
-def serve_router(router: Any, host: str, port: int) -> None:
-    """Run ``router`` until SIGINT/SIGTERM."""
-    from aiohttp import web
-
-    logging.getLogger("kvtier.router").setLevel(logging.INFO)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    print(f"kvtier router: listening on http://{host}:{port}", file=sys.stderr, flush=True)
-    web.run_app(router.app(), host=host, port=port, print=None, access_log=None)
-
-
 def run(args: argparse.Namespace) -> int:
     for option, urls in (("--worker", args.worker), ("--prefill", args.prefill),
                          ("--decode", args.decode)):  # fmt: skip
@@ -107,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise KvtierError("give --worker (colocated engines) or --prefill/--decode, not both")
     if not args.worker and not args.decode:
         raise KvtierError("no engine: give --worker URL (repeat for each engine)")
-    router = make_router(args.worker or args.decode, args, args.prefill)
+    from kvtier.router.serve import make_router, serve_router
+
+    router = make_router(args.worker or args.decode, args.policy, args.tokenizer, args.prefill)
     serve_router(router, args.host, args.port)
     return 0

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -170,3 +171,33 @@ class Console:
         if self._body is None:
             return web.Response(status=503, text="kvtier console: no data yet, try again")
         return web.Response(text=self._body, content_type="application/json")
+
+
+def router_state_source(router: str) -> StateSource:
+    """The state of the router at ``router`` (its ``/router/state``); None while it is down."""
+    url = router.rstrip("/") + "/router/state"
+
+    async def router_state() -> dict[str, Any] | None:
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.5)) as session,
+                session.get(url) as response,
+            ):
+                return dict(await response.json()) if response.status == 200 else None
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            return None
+
+    return router_state
+
+
+def serve_console(metrics: list[str], router: str | None, host: str, port: int) -> None:
+    """``kvtier console``: the console alone, scraping ``metrics`` (and ``router``'s state),
+    until SIGINT/SIGTERM."""
+    app = web.Application()
+    Console(metrics, router_state_source(router) if router else None).mount(app)
+    print(
+        f"kvtier console: http://{host}:{port}/console/ (scraping {', '.join(metrics)})",
+        file=sys.stderr,
+        flush=True,
+    )
+    web.run_app(app, host=host, port=port, print=None, access_log=None)

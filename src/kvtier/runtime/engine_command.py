@@ -1,6 +1,6 @@
 """The vLLM command ``kvtier serve`` runs, and what goes into it: the store's configuration
 from kvtier's options (checked before vLLM starts), the connector's configuration, the engine's
-dtype, its process layout and KV events (the arguments: :mod:`kvtier.cli.serve`; ``kvtier pod``
+dtype, its process layout and KV events (the arguments: :mod:`kvtier.cli.serve_cmd`; ``kvtier pod``
 starts its engines through that command too)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Any
 
@@ -23,7 +24,9 @@ from kvtier.config import (
 )
 from kvtier.errors import ConfigError
 from kvtier.integrations.engine_dtype import HANDED_DTYPE, DtypeChoice, choose_dtype, given_dtype
-from kvtier.integrations.engine_layout import EngineLayout, has_gpu, option
+from kvtier.integrations.engine_layout import EngineLayout, choose_layout, has_gpu, option
+from kvtier.integrations.engine_routes import FEED_PORT_ENV
+from kvtier.integrations.model import DEFAULT_MODEL_NAME  # what the embedded model is served as
 from kvtier.redis_process import free_port
 
 SHUTDOWN_TIMEOUT_S = 30  # vLLM's --shutdown-timeout unless given: time to finish writes
@@ -173,3 +176,38 @@ def kv_events_config(
         "endpoint": f"tcp://*:{port}", "topic": "kvtier",
     }  # fmt: skip
     return {"port": port, "topic": "kvtier"}, ["--kv-events-config", json.dumps(config)]
+
+
+def launch(args: argparse.Namespace, extra: list[str]) -> int:
+    """``kvtier serve`` with its checked options: the engine's dtype and layout chosen and
+    printed, then vLLM's server takes over this process (``--dry-run``: print its command)."""
+    dtype = engine_dtype(args, extra)
+    print(f"kvtier serve: {dtype.line()}", file=sys.stderr)
+    if args.model:
+        model = args.model
+    else:
+        from kvtier.integrations.model import prepare_default_model
+
+        model = str(prepare_default_model(dtype=dtype.dtype))
+        if not any(a.split("=")[0] == "--served-model-name" for a in extra):
+            # vLLM would name the model by its directory; the README calls it by this name.
+            extra = ["--served-model-name", DEFAULT_MODEL_NAME, *extra]
+    if args.feed_port is None:
+        args.feed_port = free_port()
+    # vLLM keeps two cores from the worker with a KV connector (one without).
+    layout = choose_layout(extra, os.environ, reserved_by_default=2, gpu=has_gpu())
+    print(f"kvtier serve: {layout.line()}", file=sys.stderr)
+    command = vllm_command(args, model, extra, dtype, layout)
+    env = dict(os.environ)
+    for name, value in layout.env().items():
+        env.setdefault(name, value)
+    env[FEED_PORT_ENV] = str(args.feed_port)  # for the middleware in vLLM's API process
+    if not has_gpu():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of RAM for vLLM's own KV cache
+    print("kvtier serve: " + " ".join(command[:8]) + " ...", file=sys.stderr)
+    if args.dry_run:
+        print(json.dumps(command))
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(command[0], command, env)  # vLLM takes over this process (and its signals)

@@ -11,6 +11,7 @@ shared tier) and calls the others ``decode-<i>``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -196,3 +197,48 @@ def plan_pod(
         spec = EngineSpec(port, mine, disk, log_dir / f"{name}.log", tuple(options), i < prefill)
         specs.append(spec)
     return specs
+
+
+def run_pod(args: argparse.Namespace, engines: int, prefill: int, extra: list[str]) -> None:
+    """``kvtier pod`` with its parsed options: the engines, the shared tier and the router,
+    until SIGINT/SIGTERM; then everything it started is stopped."""
+    from kvtier.router.serve import make_router, serve_router
+
+    state = args.state.expanduser()
+    logs = state / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    logs.mkdir(parents=True, exist_ok=True)
+    options = ["--dram", args.dram, *extra, *pod_dtype_options(extra)]
+    cores = sorted(os.sched_getaffinity(0))
+    specs = plan_pod(engines, args.engine_port, state, logs, cores, options, prefill)
+    pod = Pod(specs, args.redis)
+    for spec in specs:
+        print(
+            f"kvtier pod: {spec.log.stem} on port {spec.port}, cores {list(spec.cores)},"
+            f" log {spec.log}",
+            file=sys.stderr,
+        )
+    stopping = threading.Event()
+    try:
+        pod.start()
+        print(f"kvtier pod: shared tier {pod.shared_url}", file=sys.stderr)
+        pod.supervise(stopping)
+        router = make_router(pod.urls, args.policy, args.tokenizer, pod.prefill_urls)
+        serve_router(router, args.host, args.port)
+    finally:
+        stopping.set()
+        print("kvtier pod: stopping engines", file=sys.stderr, flush=True)
+        pod.stop()
+
+
+def pod_dtype_options(extra: list[str]) -> list[str]:
+    """The engines' dtype, chosen once for all of them (see :func:`engine_dtype`): the user's
+    ``--dtype`` (already among ``extra``), else measured here and handed to each engine."""
+    from kvtier.integrations.engine_dtype import HANDED_DTYPE
+    from kvtier.integrations.engine_layout import option
+    from kvtier.runtime.engine_command import engine_dtype
+
+    choice = engine_dtype(argparse.Namespace(), extra)
+    print(f"kvtier pod: {choice.line()}", file=sys.stderr)
+    if option(extra, "--dtype") is not None or option(extra, HANDED_DTYPE) is not None:
+        return []  # already among the options every engine gets (a benchmark's choice)
+    return choice.serve_options()

