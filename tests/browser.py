@@ -76,11 +76,21 @@ def chromium_page(url: str, width: int = 1400, height: int = 1000) -> Iterator[P
     profiles = tempfile.TemporaryDirectory(prefix="kvtier-chromium-", ignore_cleanup_errors=True)
     with profiles as profile:
         proc = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--remote-debugging-port=0", f"--user-data-dir={profile}",
-             f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             active = Path(profile) / "DevToolsActivePort"
             deadline = time.monotonic() + 30

@@ -40,8 +40,15 @@ def prefix() -> str:
 # Files that start vLLM engines, longest first: minutes each, where every other file takes
 # seconds. `make test` runs the files in several processes (pytest-xdist, a file to a process, in
 # this order); started first, the long ones end about together and the short ones fill in.
-LONGEST_FIRST = ("test_pod.py", "test_vllm.py", "test_serve.py", "test_bench_ttft.py",
-                 "test_pod_pd.py", "test_bench_overlap.py", "test_readme_serve.py")  # fmt: skip
+LONGEST_FIRST = (
+    "test_pod.py",
+    "test_vllm.py",
+    "test_serve.py",
+    "test_bench_ttft.py",
+    "test_pod_pd.py",
+    "test_bench_overlap.py",
+    "test_readme_serve.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

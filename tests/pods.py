@@ -70,8 +70,9 @@ def get_json(url: str) -> dict[str, Any]:
 def engine_pids(url: str) -> list[str]:
     """The vLLM API server of the engine at ``url`` (each leads its own session)."""
     port = url.rsplit(":", 1)[1]
-    found = subprocess.run(["pgrep", "-f", f"vllm_main.*--port {port}"], capture_output=True,
-                           text=True)  # fmt: skip
+    found = subprocess.run(
+        ["pgrep", "-f", f"vllm_main.*--port {port}"], capture_output=True, text=True
+    )
     return found.stdout.split()
 
 
@@ -116,8 +117,9 @@ def as_run(line: str, engine_port: int, router_port: int) -> list[str]:
 def running_pod(command: list[str], port: int, log: Path) -> Iterator[PodProcess]:
     """``command`` (a pod listening on ``port``) until every engine is up and synced."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     pod = PodProcess(proc, port, log)
     try:
 
@@ -148,8 +150,14 @@ def readme_pod(factory: pytest.TempPathFactory, line: str, *options: str) -> Ite
     port, engine_port = free_port(), two_free_ports()
     command = [
         *as_run(readme_line(line), engine_port, 0),
-        "--port", str(port), "--state", str(state), "--dram", "512MiB", *options,
-    ]  # fmt: skip
+        "--port",
+        str(port),
+        "--state",
+        str(state),
+        "--dram",
+        "512MiB",
+        *options,
+    ]
     with running_pod(command, port, state / "pod.log") as started:
         started.engine_port = engine_port
         yield started

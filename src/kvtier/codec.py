@@ -179,8 +179,10 @@ def stamp(
         raise ValueError(f"a chunk key is {KEY_BYTES} bytes, got {len(key)}")
     nbytes = payload_bytes(dtype, shape)
     if len(blob) != HEADER_BYTES + nbytes:
-        raise ValueError(f"a {dtype} chunk of shape {shape} is {HEADER_BYTES + nbytes} bytes,"
-                         f" the buffer {len(blob)}")  # fmt: skip
+        raise ValueError(
+            f"a {dtype} chunk of shape {shape} is {HEADER_BYTES + nbytes} bytes,"
+            f" the buffer {len(blob)}"
+        )
     fields = _prefix_fields(key, dtype, shape, namespace_id, Compression.NONE, created_at, nbytes)
     _PREFIX.pack_into(blob, 0, *fields)
     return blob

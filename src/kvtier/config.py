@@ -37,10 +37,17 @@ from kvtier.policy.eviction import POLICY_NAMES
 COMPRESSIONS = ("none", "zstd", "lz4")
 EVICTIONS = POLICY_NAMES
 _SIZE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 SIZE = {"size": True}
 
@@ -146,8 +153,10 @@ class RedisTierConfig:
 
 TierConfig = MemoryTierConfig | DiskTierConfig | RedisTierConfig
 TIER_KINDS: dict[str, type[Any]] = {
-    "memory": MemoryTierConfig, "disk": DiskTierConfig, "redis": RedisTierConfig,
-}  # fmt: skip
+    "memory": MemoryTierConfig,
+    "disk": DiskTierConfig,
+    "redis": RedisTierConfig,
+}
 
 
 # The vLLM connector's `loads` option (kv_connector_extra_config, `kvtier serve --loads`):

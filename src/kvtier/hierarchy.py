@@ -81,8 +81,9 @@ class Hierarchy:
             state: dict[str, int | None] = {"up": int(slot.health.available())}
             try:
                 usage = slot.tier.usage()
-                state.update(used_bytes=usage.bytes, chunks=usage.chunks,
-                             capacity_bytes=usage.capacity)  # fmt: skip
+                state.update(
+                    used_bytes=usage.bytes, chunks=usage.chunks, capacity_bytes=usage.capacity
+                )
             except Exception:  # a tier that is down: its health says so
                 pass
             out[slot.tier.name] = state

@@ -71,10 +71,21 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         assert self.binary is not None
         args = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", self._dir,
-            "--logfile", str(Path(self._dir) / "redis.log"), *self.extra_args,
-        ]  # fmt: skip
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir,
+            "--logfile",
+            str(Path(self._dir) / "redis.log"),
+            *self.extra_args,
+        ]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
@@ -147,10 +158,19 @@ class RedisClusterProcess:
             server.start()
         addrs = [f"127.0.0.1:{s.port}" for s in self.servers]
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0",
-             "--cluster-yes"],
-            check=True, capture_output=True, timeout=timeout_s,
-        )  # fmt: skip
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *addrs,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=timeout_s,
+        )
         deadline = time.monotonic() + timeout_s
         for server in self.servers:
             client = redis.Redis(port=server.port)

@@ -20,10 +20,26 @@ pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 def test_bench_overlap_loads_from_disk_in_the_background_while_a_stream_decodes() -> None:
     kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
     proc = subprocess.run(
-        [kvtier, "bench", "overlap", "--tokens", "1200", "--tiers", "disk", "--modes", "auto",
-         "--repeat", "1", "--warm-tokens", "5", "--json"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            kvtier,
+            "bench",
+            "overlap",
+            "--tokens",
+            "1200",
+            "--tiers",
+            "disk",
+            "--modes",
+            "auto",
+            "--repeat",
+            "1",
+            "--warm-tokens",
+            "5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     (row,) = result["rows"]

@@ -20,10 +20,24 @@ pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:
     kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
     proc = subprocess.run(
-        [kvtier, "bench", "ttft", "--tokens", "700", "--tiers", "disk", "--no-example",
-         "--no-overhead", "--repeat", "1", "--json"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            kvtier,
+            "bench",
+            "ttft",
+            "--tokens",
+            "700",
+            "--tiers",
+            "disk",
+            "--no-example",
+            "--no-overhead",
+            "--repeat",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     paths = {row["path"]: row for row in result["rows"]}

@@ -16,8 +16,15 @@ from kvtier.console.scrape import Scrape, ScrapeError
 from kvtier.redis_process import free_port
 
 
-def page(requested: float, prefix: float, disk: float, read: float, saved: float,
-         up: float = 1.0, ttft: tuple[float, float, float] = (0, 0, 0)) -> Scrape:  # fmt: skip
+def page(
+    requested: float,
+    prefix: float,
+    disk: float,
+    read: float,
+    saved: float,
+    up: float = 1.0,
+    ttft: tuple[float, float, float] = (0, 0, 0),
+) -> Scrape:
     labels = 'engine="0",model_name="m"'
     return Scrape.parse(f"""\
 # TYPE kvtier:requested_tokens counter
@@ -51,10 +58,8 @@ vllm:time_to_first_token_seconds_sum{{{labels}}} 3.0
 
 def test_hit_rate_per_tier_is_tokens_loaded_over_tokens_looked_up_in_each_interval() -> None:
     history = History()
-    history.add(Point(100.0, {"a": page(1000, 100, 200, 4096, 1.0),
-                              "b": page(0, 0, 0, 0, 0.0)}))  # fmt: skip
-    history.add(Point(102.0, {"a": page(2000, 300, 700, 8192, 2.5),
-                              "b": page(1000, 0, 0, 0, 0.0)}))  # fmt: skip
+    history.add(Point(100.0, {"a": page(1000, 100, 200, 4096, 1.0), "b": page(0, 0, 0, 0, 0.0)}))
+    history.add(Point(102.0, {"a": page(2000, 300, 700, 8192, 2.5), "b": page(1000, 0, 0, 0, 0.0)}))
     view = history.view()
     assert view["t"] == [102.0]
     # 2000 tokens looked up in the interval: 200 from vLLM's prefix cache, 500 from disk.
@@ -89,8 +94,12 @@ def test_a_down_engine_and_a_down_tier_show_as_such() -> None:
 
 def test_ttft_buckets_become_counts_per_bucket_over_all_engines() -> None:
     history = History()
-    history.add(Point(0.0, {"a": page(0, 0, 0, 0, 0, ttft=(1, 3, 4)),
-                            "b": page(0, 0, 0, 0, 0, ttft=(0, 2, 2))}))  # fmt: skip
+    history.add(
+        Point(
+            0.0,
+            {"a": page(0, 0, 0, 0, 0, ttft=(1, 3, 4)), "b": page(0, 0, 0, 0, 0, ttft=(0, 2, 2))},
+        )
+    )
     ttft = history.view()["ttft"]
     assert ttft["le"] == [0.1, 1.0, None]  # None: +Inf (JSON has no infinity)
     assert ttft["counts"] == [1, 4, 1] and ttft["count"] == 6 and ttft["mean_s"] == 1.0

@@ -89,12 +89,22 @@ def test_router_keys_are_the_engines_keys(pod: PodProcess) -> None:
     cases: list[tuple[str, dict[str, Any], str | None]] = [
         ("/v1/completions", {"prompt": text("keys-completion", 90)}, None),
         ("/v1/completions", {"prompt": text("keys-completion", 90)}, "tenant-a"),
-        ("/v1/chat/completions",
-         {"messages": [{"role": "system", "content": "Be brief."},
-                       {"role": "user", "content": text("keys-chat", 90)}]}, None),
-        ("/v1/chat/completions",
-         {"messages": [{"role": "user", "content": text("keys-chat", 90)}]}, "tenant-b"),
-    ]  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": text("keys-chat", 90)},
+                ]
+            },
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": text("keys-chat", 90)}]},
+            "tenant-b",
+        ),
+    ]
     seen: set[bytes] = set()
     for path, body, salt in cases:
         request = {"model": MODEL, "max_tokens": 1, **body}
@@ -128,8 +138,7 @@ def test_returning_turns_go_where_their_context_is(pod: PodProcess) -> None:
         _, first[user] = complete(pod, text(user, CONTEXT_WORDS))
     assert len(set(first.values())) == 2, f"cold users all went to one engine: {first}"
     for user in ("ann", "bob", "cyd", "dee"):
-        body = {"model": MODEL, "prompt": text(user, CONTEXT_WORDS) + " and then",
-                "max_tokens": 1}  # fmt: skip
+        body = {"model": MODEL, "prompt": text(user, CONTEXT_WORDS) + " and then", "max_tokens": 1}
         _, engine = post(pod.url, "/v1/completions", body)
         assert engine == first[user], f"{user}'s second turn left the engine holding it"
     # The router's /metrics says so too, beside each engine's state.
@@ -157,8 +166,9 @@ def test_each_engine_computes_in_its_engine_core_on_its_own_cores(pod: PodProces
     for url in pod.engines():
         [api] = engine_pids(url)
         children = subprocess.run(["pgrep", "-P", api], capture_output=True, text=True)
-        names = {pid: Path(f"/proc/{pid}/comm").read_text().strip()
-                 for pid in children.stdout.split()}  # fmt: skip
+        names = {
+            pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in children.stdout.split()
+        }
         cores = [allowed_cores(pid) for pid, name in names.items() if name.startswith("VLLM::")]
         assert len(cores) == 1 and "VLLM::EngineCor" in names.values(), names  # 15 characters
         assert not any(pgrep_children(pid) for pid in names), "a worker process under it"
@@ -233,10 +243,16 @@ def first_visit_ms(page: Page) -> float:
 def test_the_console_shows_the_pods_metrics_live_in_chromium(
     pod: PodProcess, tmp_path: Path
 ) -> None:
-    body = {"model": MODEL, "prompt": text("console", 100), "max_tokens": 2,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    request = urllib.request.Request(pod.url + "/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": text("console", 100),
+        "max_tokens": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    request = urllib.request.Request(
+        pod.url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=120) as r:  # a stream, its usage asked for
         assert b"cached_tokens" in r.read()
     metrics = [f"{e}/metrics" for e in pod.engines()]
@@ -260,8 +276,11 @@ def test_the_console_shows_the_pods_metrics_live_in_chromium(
             first_ms = first_visit_ms(page)
             print(f"the console's first render: {first_ms:.0f} ms")
             assert first_ms < 1000, f"first render took {first_ms:.0f} ms"
-            page.wait_for("+document.getElementById('hit').dataset.points >= 5", 60,
-                          "the charts to hold five intervals of live data")  # fmt: skip
+            page.wait_for(
+                "+document.getElementById('hit').dataset.points >= 5",
+                60,
+                "the charts to hold five intervals of live data",
+            )
             wait_for(lambda: len(turns) >= 6, patience(60), "every user's second turn")
             stop.set()
             traffic.join()
@@ -277,8 +296,10 @@ def test_the_console_shows_the_pods_metrics_live_in_chromium(
             page_precision = page.evaluate(PAGE_NUMBERS)["routing.reuse.precision"]
             assert float(page_precision) == pytest.approx(reuse["precision"]), page_precision
             assert page.evaluate("document.querySelectorAll('#recent tbody tr').length") > 0
-            tiers = page.evaluate("[...document.querySelectorAll('#tiers tbody tr')]"
-                                  ".map(r => r.children[2].textContent)")  # fmt: skip
+            tiers = page.evaluate(
+                "[...document.querySelectorAll('#tiers tbody tr')]"
+                ".map(r => r.children[2].textContent)"
+            )
             assert tiers == ["up"] * 6, tiers  # memory, disk and the shared redis, per engine
             shot = Path(os.environ.get("CONSOLE_SCREENSHOT") or tmp_path / "console.png")
             page.screenshot(shot)
@@ -303,8 +324,11 @@ def test_the_console_shows_the_pods_metrics_live_in_chromium(
 
             wait_for(listening, 60, "kvtier console to listen")
             with chromium_page(f"http://127.0.0.1:{port}/console/") as page:
-                page.wait_for("+document.getElementById('hit').dataset.points >= 1", 30,
-                              "the single engine's console to chart")  # fmt: skip
+                page.wait_for(
+                    "+document.getElementById('hit').dataset.points >= 1",
+                    30,
+                    "the single engine's console to chart",
+                )
                 wait_for(lambda: numbers_match(page, metrics[:1]), 20, "its numbers")
                 assert page.evaluate("document.getElementById('routing-panel').hidden")
         finally:
@@ -340,9 +364,10 @@ def test_the_grafana_dashboard_and_monitoring_doc_name_series_the_pod_serves(
             with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
                 pages += r.read().decode()
         missing[:] = [
-            name for name in sorted(names)
+            name
+            for name in sorted(names)
             if not re.search(rf"^{re.escape(name)}(?:_bucket|_total)?[{{ ]", pages, re.M)
-        ]  # fmt: skip
+        ]
         return not missing
 
     with contextlib.suppress(AssertionError):

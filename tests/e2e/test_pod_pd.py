@@ -31,12 +31,18 @@ class Stream:
     """A user decoding through the router until stopped (closing the stream aborts it)."""
 
     def __init__(self, base: str):
-        body = {"model": MODEL, "prompt": "Count slowly: one, two,", "max_tokens": 3000,
-                "ignore_eos": True, "stream": True}  # fmt: skip
+        body = {
+            "model": MODEL,
+            "prompt": "Count slowly: one, two,",
+            "max_tokens": 3000,
+            "ignore_eos": True,
+            "stream": True,
+        }
         request = urllib.request.Request(
-            base + "/v1/completions", json.dumps(body).encode(),
+            base + "/v1/completions",
+            json.dumps(body).encode(),
             {"Content-Type": "application/json"},
-        )  # fmt: skip
+        )
         self.response = urllib.request.urlopen(request, timeout=300)
         self.engine = self.response.headers.get("x-kvtier-engine", "")
         self.events = 0

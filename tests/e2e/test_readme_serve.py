@@ -36,8 +36,9 @@ def snippet(language: str, marker: str) -> str:
 def vllm_processes(pid: int) -> list[str]:
     """The names of vLLM's processes under ``pid`` (its API server), outermost first."""
     names = []
-    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                                text=True).stdout.split():  # fmt: skip
+    for child in subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True
+    ).stdout.split():
         name = Path(f"/proc/{child}/comm").read_text().strip()
         if name.startswith("VLLM::"):
             names += [name, *vllm_processes(int(child))]
@@ -46,8 +47,11 @@ def vllm_processes(pid: int) -> list[str]:
 
 def engine_cores(pid: int) -> list[int]:
     children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [int(c) for c in children.stdout.split()
-            if Path(f"/proc/{c}/comm").read_text().strip() == "VLLM::EngineCor"]  # fmt: skip
+    return [
+        int(c)
+        for c in children.stdout.split()
+        if Path(f"/proc/{c}/comm").read_text().strip() == "VLLM::EngineCor"
+    ]
 
 
 def port_8000_free() -> bool:
@@ -64,9 +68,15 @@ def test_the_readme_curl_and_openai_examples_work_against_kvtier_serve(tmp_path:
     curl, client = (s.replace(URL, f"127.0.0.1:{port}") for s in (curl, client))
     # No --dtype: the server picks the engine's dtype for this host, as `make serve` does.
     command = kvtier_serve_command(
-        port, "--disk", "none", "--dram", "512MiB", "--max-model-len", "4096",
+        port,
+        "--disk",
+        "none",
+        "--dram",
+        "512MiB",
+        "--max-model-len",
+        "4096",
         "--no-enable-prefix-caching",
-    )  # fmt: skip
+    )
     with Server(command, port, tmp_path / "serve.log") as server:
         # The choice, said at start and by the README's /kvtier/info line.
         info = snippet("sh", "/kvtier/info").replace(URL, f"127.0.0.1:{port}")
@@ -84,9 +94,12 @@ def test_the_readme_curl_and_openai_examples_work_against_kvtier_serve(tmp_path:
         layout = ["VLLM::EngineCor"] + ([] if expected.one_process else ["VLLM::Worker"])
         assert vllm_processes(server.pid) == layout  # (a process's name: 15 characters)
         if expected.one_process:  # the engine core forked from the API server, not spawned
-            forked = re.findall(r"^kvtier: the engine core computes on cores \[[\d, ]+\] "
-                                r"\(pid (\d+), forked from the API server\)$",
-                                server.tail(1 << 20), re.M)  # fmt: skip
+            forked = re.findall(
+                r"^kvtier: the engine core computes on cores \[[\d, ]+\] "
+                r"\(pid (\d+), forked from the API server\)$",
+                server.tail(1 << 20),
+                re.M,
+            )
             assert [int(pid) for pid in forked] == engine_cores(server.pid), forked
         # Before any request, kvtier's series are there at 0 and its capacity is known
         # (rate() sees the first increment; a console shows an idle engine's tiers).

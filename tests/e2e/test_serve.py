@@ -23,10 +23,19 @@ pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 def serve(chunks: Path, log: Path, *options: str) -> Server:
     port = free_port()
     command = kvtier_serve_command(
-        port, "--disk", str(chunks), "--dram", "512MiB", "--max-model-len", "4096",
-        "--no-enable-prefix-caching", "--dtype", "float32", "--enable-prompt-tokens-details",
+        port,
+        "--disk",
+        str(chunks),
+        "--dram",
+        "512MiB",
+        "--max-model-len",
+        "4096",
+        "--no-enable-prefix-caching",
+        "--dtype",
+        "float32",
+        "--enable-prompt-tokens-details",
         *options,
-    )  # fmt: skip
+    )
     return Server(command, port, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 

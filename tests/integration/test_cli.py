@@ -53,9 +53,18 @@ def test_bench_store_prints_its_figures(tier: str, tmp_path: Path) -> None:
     if tier == "disk":
         assert list(tmp_path.iterdir()) == []  # cleaned up after itself
     table = kvtier(
-        "bench", "store", "--tier", tier, "--total-mb", "12", "--repeat", "1", "--dtype",
-        "bfloat16", *extra,
-    ).stdout  # fmt: skip
+        "bench",
+        "store",
+        "--tier",
+        tier,
+        "--total-mb",
+        "12",
+        "--repeat",
+        "1",
+        "--dtype",
+        "bfloat16",
+        *extra,
+    ).stdout
     assert "raw medium" in table and "ratio" in table
     assert "2 chunks of 5.9 MB (0.01 GB) of bfloat16 KV" in table
     assert "measured on: CPU " in table

@@ -59,8 +59,12 @@ def test_an_accelerator_keeps_the_checkpoints_dtype_without_measuring() -> None:
 
 
 def test_a_users_dtype_is_kept_as_given() -> None:
-    for given, kv in (("float32", "float32"), ("bfloat16", "bfloat16"), ("half", "float16"),
-                      ("auto", "bfloat16")):  # fmt: skip
+    for given, kv in (
+        ("float32", "float32"),
+        ("bfloat16", "bfloat16"),
+        ("half", "float16"),
+        ("auto", "bfloat16"),
+    ):
         choice = given_dtype(given)
         assert (choice.dtype, choice.source, choice.kv_dtype) == (given, "--dtype", kv)
         assert choice.serve_options() == ["--dtype", given]
@@ -83,8 +87,10 @@ def test_this_hosts_measurement_agrees_with_its_cpu_flags() -> None:
 def dry_run(*args: str) -> tuple[list[str], str]:
     out = subprocess.run(
         [sys.executable, "-m", "kvtier.cli.main", "serve", "--dry-run", "--disk", "none", *args],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout), out.stderr
 
@@ -123,10 +129,19 @@ def test_a_handed_over_choice_is_used_as_is_and_a_bad_one_is_refused() -> None:
     assert connector_extra(command)["engine_dtype"] == handed.as_dict()
     assert "bf16 matmul 1.0 GFLOP/s against fp32 60.0" in err
     bad = subprocess.run(
-        [sys.executable, "-m", "kvtier.cli.main", "serve", "--dry-run",
-         "--engine-dtype-choice", '{"dtype": 1}'],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kvtier.cli.main",
+            "serve",
+            "--dry-run",
+            "--engine-dtype-choice",
+            '{"dtype": 1}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "--engine-dtype-choice: not a dtype choice" in bad.stderr
 
 

@@ -33,9 +33,11 @@ def test_a_host_where_vllm_keeps_no_core_back_runs_the_worker_in_the_engine_core
     assert layout.one_process and layout.cores == (0, 1), layout
     assert layout.options() == ["--distributed-executor-backend", "uni"]
     assert layout.env() == {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2",
-        "OMP_WAIT_POLICY": "PASSIVE", CORES_ENV: "0,1",
-    }  # fmt: skip
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": "2",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        CORES_ENV: "0,1",
+    }
     # One logical CPU per physical core, the higher-numbered sibling, as vLLM binds.
     smt = choose_layout([], {}, 2, gpu=False, cpus=host(2, threads=2))
     assert smt.one_process and smt.cores == (2, 3), smt
@@ -51,8 +53,11 @@ def test_vllms_own_layout_stays_wherever_it_differs() -> None:
     numa = choose_layout([], {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, 2, False, host(4, nodes=2))
     assert not numa.one_process and "2 NUMA nodes" in numa.reason
     assert not choose_layout([], {}, 2, gpu=True, cpus=host(2)).one_process
-    for options in (["--distributed-executor-backend", "mp"], ["-tp", "2"],
-                    ["--pipeline-parallel-size=2"]):  # fmt: skip
+    for options in (
+        ["--distributed-executor-backend", "mp"],
+        ["-tp", "2"],
+        ["--pipeline-parallel-size=2"],
+    ):
         assert not choose_layout(options, {}, 2, False, host(2)).one_process, options
     assert choose_layout(["--tensor-parallel-size", "1"], {}, 2, False, host(2)).one_process
     for bind in ("nobind", "0-1|2-3", "", "x"):
@@ -88,10 +93,23 @@ def test_the_cpus_are_read_from_sys(tmp_path: Path) -> None:
 def test_kvtier_serve_and_the_plain_baseline_say_and_pass_the_layout() -> None:
     def dry_run(*args: str, **env: str) -> tuple[list[str], str]:
         out = subprocess.run(
-            [sys.executable, "-m", "kvtier.cli.main", "serve", "--dry-run", "--disk", "none",
-             "--dtype", "float32", *args],
-            capture_output=True, text=True, timeout=300, env={**os.environ, **env},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "kvtier.cli.main",
+                "serve",
+                "--dry-run",
+                "--disk",
+                "none",
+                "--dtype",
+                "float32",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, **env},
+        )
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout), out.stderr
 

@@ -47,8 +47,10 @@ def test_sigkilled_writer_never_leaves_a_servable_partial_chunk(tmp_path: Path) 
     first, interrupted_writes = 0, 0
     forks = subprocess.Popen(
         [sys.executable, PROCS, "writers", str(root)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert forks.stdin is not None and forks.stdout is not None
     try:
         for round_ in range(50):

@@ -75,10 +75,14 @@ def test_vllm_block_events_become_the_engines_chunk_keys() -> None:
     def stored(first: int, count: int, parent: Any, salt: bool = False) -> BlockStored:
         return BlockStored(
             block_hashes=[f"h{i}".encode() for i in range(first, first + count)],
-            parent_block_hash=parent, token_ids=tokens[first * BLOCK : (first + count) * BLOCK],
-            block_size=BLOCK, lora_id=None, medium="GPU", lora_name=None,
+            parent_block_hash=parent,
+            token_ids=tokens[first * BLOCK : (first + count) * BLOCK],
+            block_size=BLOCK,
+            lora_id=None,
+            medium="GPU",
+            lora_name=None,
             extra_keys=[("tenant-a",) if salt and i == 0 else None for i in range(count)],
-        )  # fmt: skip
+        )
 
     last: list[int | None] = [None]
 

@@ -250,12 +250,16 @@ def test_disk_open_keeps_a_live_writers_temp_file_and_removes_a_dead_ones(tmp_pa
     DiskTier(tmp_path, 1 << 20)
     temp = tmp_path / ".tmp" / "0123.otherhost.1.0.tmp"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT);"
-         " fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
-         str(temp)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT);"
+            " fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+            str(temp),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         DiskTier(tmp_path, 1 << 20)
@@ -303,8 +307,12 @@ def test_disk_large_chunks_bypass_the_page_cache_byte_exact(tmp_path: Path) -> N
     assert [bytes(h + b) for h, b in bufs] == payloads
     # Large chunks were read from the device, not through the page cache; small ones were not.
     assert [_cached_pages(tier.path_of(k(i))) > 0 for i in range(len(sizes))] == [
-        True, False, False, False, False
-    ]  # fmt: skip
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
 
 
 def _cached_pages(path: Path) -> int:
@@ -314,8 +322,14 @@ def _cached_pages(path: Path) -> int:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
     size = path.stat().st_size
     pages = -(-size // mmap.PAGESIZE)
     vec = (ctypes.c_ubyte * pages)()

@@ -75,11 +75,29 @@ def test_kvtier_routing_hits_as_much_as_cache_aware_with_balanced_nodes(nodes: i
     results = {}
     for routing in ("cache-aware", "kvtier"):
         out = subprocess.run(
-            [sys.executable, "-m", "kvtier.cli.main", "sim", str(path), "--nodes", str(nodes),
-             "--routing", routing, "--dram", "500GB", "--ssd", "2TB", "--shared", "10TB",
-             "--json"],
-            capture_output=True, text=True, check=True, timeout=300,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "kvtier.cli.main",
+                "sim",
+                str(path),
+                "--nodes",
+                str(nodes),
+                "--routing",
+                routing,
+                "--dram",
+                "500GB",
+                "--ssd",
+                "2TB",
+                "--shared",
+                "10TB",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        )
         results[routing] = json.loads(out.stdout)
     ours, theirs = results["kvtier"], results["cache-aware"]
     assert ours["hit_rate_tokens"] >= theirs["hit_rate_tokens"]

@@ -48,8 +48,14 @@ def socket_path(tmp_path: Path) -> Iterator[str]:
 
 
 def client(path: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", CLIENT, path, *args], cwd=HERE, input=stdin,
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", CLIENT, path, *args],
+        cwd=HERE,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_a_client_gets_its_runs_output_input_and_status(socket_path: str) -> None:
@@ -64,8 +70,12 @@ def test_a_client_gets_its_runs_output_input_and_status(socket_path: str) -> Non
 
 
 def test_a_killed_client_kills_its_run(socket_path: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", CLIENT, socket_path, "wait"], cwd=HERE,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, socket_path, "wait"],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     proc.stdout.readline()  # "args ['wait']": the run has started
     pid = int(proc.stdout.readline().split()[1])

@@ -158,8 +158,12 @@ def test_a_long_new_chat_is_keyed_from_its_exact_leading_tokens() -> None:
     prompter = Prompter(prepare_default_model())
     for seed in range(2):
         doc = document(seed, 6000, seed) + " tail  with   odd\\tspacing, 12345 and ünïcödé!"
-        body = {"messages": [{"role": "system", "content": "Be brief."},
-                             {"role": "user", "content": doc}]}  # fmt: skip
+        body = {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": doc},
+            ]
+        }
         whole = prompter._tok.encode(prompter.chat_text(body), add_special_tokens=False)
         lead = prompter.leading("/v1/chat/completions", body, 256)
         assert not lead.complete and lead.finish is not None

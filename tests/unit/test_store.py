@@ -93,8 +93,10 @@ def test_get_into_loads_straight_into_buffers_from_any_tier(tmp_path: Path) -> N
         keys = store.keys(tokens, NS)
         held = store.tiers[0].get_many(keys[1:])
         assert sum(blob is given for blob in held) == 1 and not spare
-        assert all(b is not None and same(codec.decode(b).chunk, chunk(4001 + i))
-                   for i, b in enumerate(held))  # fmt: skip
+        assert all(
+            b is not None and same(codec.decode(b).chunk, chunk(4001 + i))
+            for i, b in enumerate(held)
+        )
         with pytest.raises(ValueError, match="writable"):
             store.get_into(tokens, NS, [bytes(CHUNK_BYTES)])
 
@@ -356,8 +358,10 @@ def test_kv_of_one_dtype_is_never_served_as_another(tmp_path: Path) -> None:
     rng = np.random.default_rng(9)
     values = rng.standard_normal((3, *SHAPE)).astype(np.float32)
     as_fp32 = [codec.KVChunk.from_array(v) for v in values]
-    as_bf16 = [codec.KVChunk.from_array((v.view(np.uint32) >> 16).astype(np.uint16), "bfloat16")
-               for v in values]  # fmt: skip
+    as_bf16 = [
+        codec.KVChunk.from_array((v.view(np.uint32) >> 16).astype(np.uint16), "bfloat16")
+        for v in values
+    ]
     root = tmp_path / "shared"
     with TieredStore([DiskTier(root, 1 << 30, fsync=False)], CHUNK_TOKENS) as store:
         store.put(tokens, bf16, as_bf16)

@@ -43,8 +43,13 @@ def run(args: argparse.Namespace) -> int:
         tokens = args.tokens if dtype == picked.dtype else slow_tokens
         runs.append((f"--dtype {dtype}", dtype, ["--dtype", dtype], tokens))
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(runs) * args.repeat, desc="bench dtype", unit="request",
-               file=sys.stderr, disable=None)  # fmt: skip
+    bar = tqdm(
+        total=len(runs) * args.repeat,
+        desc="bench dtype",
+        unit="request",
+        file=sys.stderr,
+        disable=None,
+    )
     with tempfile.TemporaryDirectory(prefix="kvtier-dtype-") as tmp:
         for label, dtype, options, tokens in runs:
             rows.append(_measure(Path(tmp), label, dtype, options, tokens, args.repeat, bar))
@@ -60,11 +65,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure(work: Path, label: str, dtype: str, options: list[str], tokens: int, repeat: int,
-             bar: tqdm[Any]) -> dict[str, Any]:  # fmt: skip
+def _measure(
+    work: Path, label: str, dtype: str, options: list[str], tokens: int, repeat: int, bar: tqdm[Any]
+) -> dict[str, Any]:
     port = free_port()
-    command = kvtier_serve_command(port, *SERVE_OPTIONS, "--disk", "none", *NO_PREFIX_CACHE,
-                                   *options)  # fmt: skip
+    command = kvtier_serve_command(
+        port, *SERVE_OPTIONS, "--disk", "none", *NO_PREFIX_CACHE, *options
+    )
     row: dict[str, Any] = {"server": label, "dtype": dtype, "tokens": tokens, "ttft_s": None}
     try:
         with Server(command, port, work / f"{dtype}.log", warm_up=True) as server:
@@ -86,27 +93,36 @@ def _measure(work: Path, label: str, dtype: str, options: list[str], tokens: int
 
 def _print(result: dict[str, Any]) -> None:
     picked = DtypeChoice.from_dict(result["picked"])
-    print(f"kvtier bench dtype: cold TTFT through kvtier serve over HTTP, median of"
-          f" {result['repeat']} distinct prompts, prefix cache off")  # fmt: skip
+    print(
+        f"kvtier bench dtype: cold TTFT through kvtier serve over HTTP, median of"
+        f" {result['repeat']} distinct prompts, prefix cache off"
+    )
     print(f"  measured on: {picked.summary()}")
     print(f"  picked: {picked.reason}")
     print(f"  {'server':<20}{'dtype':<10}{'tokens':>7}{'TTFT s':>10}{'tokens/s':>10}")
     for row in result["rows"]:
         if row["ttft_s"] is None:
-            print(f"  {row['server']:<20}{row['dtype']:<10}{row['tokens']:>7}  failed:"
-                  f" {row.get('error', '')}")  # fmt: skip
+            print(
+                f"  {row['server']:<20}{row['dtype']:<10}{row['tokens']:>7}  failed:"
+                f" {row.get('error', '')}"
+            )
             continue
-        print(f"  {row['server']:<20}{row['dtype']:<10}{row['tokens']:>7}"
-              f"{row['ttft_s']:>10.2f}{row['tokens_per_s']:>10.0f}")  # fmt: skip
+        print(
+            f"  {row['server']:<20}{row['dtype']:<10}{row['tokens']:>7}"
+            f"{row['ttft_s']:>10.2f}{row['tokens_per_s']:>10.0f}"
+        )
     ratio = result.get("picked_over_by_hand")
     if ratio is not None:
         print(f"  picked / the same dtype forced by hand: {ratio:.2f}x (target <= 1.2x)")
     rates = {r["dtype"]: r["tokens_per_s"] for r in result["rows"][1:] if r["ttft_s"]}
     if len(rates) > 1:
         best = max(rates, key=lambda d: rates[d])
-        slow = ", ".join(f"{d} {rates[best] / rate:.1f}x slower" for d, rate in rates.items()
-                         if d != best)  # fmt: skip
+        slow = ", ".join(
+            f"{d} {rates[best] / rate:.1f}x slower" for d, rate in rates.items() if d != best
+        )
         lengths = {r["tokens"] for r in result["rows"][1:] if r["ttft_s"]}
         note = " (prompts of different lengths: a longer one runs fewer tokens/s)"
-        print(f"  forced by hand: {best} fastest in prompt tokens/s; {slow}"
-              f"{note if len(lengths) > 1 else ''}")  # fmt: skip
+        print(
+            f"  forced by hand: {best} fastest in prompt tokens/s; {slow}"
+            f"{note if len(lengths) > 1 else ''}"
+        )

@@ -56,8 +56,15 @@ from kvtier.integrations.engine_layout import has_gpu
 from kvtier.redis_process import free_port
 
 MODEL = "SmolLM2-135M-Instruct"
-ENGINE_OPTIONS = ("--num-gpu-blocks-override", "80", "--max-model-len", "8192",
-                  "--enable-prompt-tokens-details", "--disk", "none")  # fmt: skip
+ENGINE_OPTIONS = (
+    "--num-gpu-blocks-override",
+    "80",
+    "--max-model-len",
+    "8192",
+    "--enable-prompt-tokens-details",
+    "--disk",
+    "none",
+)
 KV_VALUES_PER_TOKEN = 11_520  # the embedded model's: 30 layers x K,V x 3 heads x 64 dims
 TURN_TOKENS = 40  # a question and the chat template around a turn, about
 DRAM_SHARE = 0.6  # of all users' contexts, each engine's DRAM tier holds this much (default)
@@ -74,25 +81,38 @@ class PodProcess:
 
     def __init__(self, args: list[str], state: Path, log: Path, dram: int):
         self.port = free_port()
-        command = [sys.executable, "-m", "kvtier.cli.main", "pod", "--port", str(self.port),
-                   "--state", str(state), "--dram", str(dram), *args,
-                   *ENGINE_OPTIONS]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "kvtier.cli.main",
+            "pod",
+            "--port",
+            str(self.port),
+            "--state",
+            str(state),
+            "--dram",
+            str(dram),
+            *args,
+            *ENGINE_OPTIONS,
+        ]
         self.log = log
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait(self, timeout_s: float = 600) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise KvtierError(f"kvtier pod exited; its log ({self.log}) ends with:\n"
-                                  + self.log.read_text()[-3000:])  # fmt: skip
+                raise KvtierError(
+                    f"kvtier pod exited; its log ({self.log}) ends with:\n"
+                    + self.log.read_text()[-3000:]
+                )
             with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
                 state = get_json(f"{self.url}/router/state")
-                if state["engines"] and all(e["healthy"] and e["synced"]
-                                            for e in state["engines"]):  # fmt: skip
+                if state["engines"] and all(e["healthy"] and e["synced"] for e in state["engines"]):
                     return dict(state)
             time.sleep(1.0)
         raise KvtierError(f"kvtier pod did not start in {timeout_s:.0f} s; see {self.log}")
@@ -115,8 +135,10 @@ def pod(
     try:
         state = running.wait()
         for engine in state["engines"]:  # the first request of an engine is slow: not measured
-            post(engine["url"] + "/v1/completions",
-                 {"model": MODEL, "prompt": "Warm up.", "max_tokens": 2})  # fmt: skip
+            post(
+                engine["url"] + "/v1/completions",
+                {"model": MODEL, "prompt": "Warm up.", "max_tokens": 2},
+            )
         yield running, state
     finally:
         running.stop()
@@ -125,8 +147,17 @@ def pod(
 @contextlib.contextmanager
 def round_robin_router(workers: list[str], log: Path) -> Iterator[str]:
     port = free_port()
-    command = [sys.executable, "-m", "kvtier.cli.main", "router", "--policy", "round-robin",
-               "--port", str(port), *(a for w in workers for a in ("--worker", w))]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "kvtier.cli.main",
+        "router",
+        "--policy",
+        "round-robin",
+        "--port",
+        str(port),
+        *(a for w in workers for a in ("--worker", w)),
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -169,12 +200,23 @@ def loaded_tokens(engines: list[str]) -> dict[str, int]:
     return out
 
 
-def chat_row(policy: str, url: str, engines: list[str], args: argparse.Namespace,
-             bar: tqdm) -> dict[str, Any]:  # fmt: skip
+def chat_row(
+    policy: str, url: str, engines: list[str], args: argparse.Namespace, bar: tqdm
+) -> dict[str, Any]:
     before = loaded_tokens(engines)
-    turns = asyncio.run(workload.chat(url, MODEL, args.users, args.turns, args.context,
-                                      args.answer, f"bench-{policy}-{time.time()}", args.seed,
-                                      progress=bar))  # fmt: skip
+    turns = asyncio.run(
+        workload.chat(
+            url,
+            MODEL,
+            args.users,
+            args.turns,
+            args.context,
+            args.answer,
+            f"bench-{policy}-{time.time()}",
+            args.seed,
+            progress=bar,
+        )
+    )
     after = loaded_tokens(engines)
     ok = [t for t in turns if t.ttft_s is not None]
     ttfts = [t.ttft_s for t in ok if t.ttft_s is not None]
@@ -185,15 +227,16 @@ def chat_row(policy: str, url: str, engines: list[str], args: argparse.Namespace
     return {
         "policy": policy,
         "ttft_mean_s": _r(sum(ttfts) / len(ttfts)) if ttfts else None,
-        "ttft_first_p50_s": _r(workload.percentile(
-            [t.ttft_s for t in ok if t.turn == 0 and t.ttft_s is not None], 0.5)),
+        "ttft_first_p50_s": _r(
+            workload.percentile([t.ttft_s for t in ok if t.turn == 0 and t.ttft_s is not None], 0.5)
+        ),
         "ttft_returning_p50_s": _r(workload.percentile(back, 0.5)),
         "ttft_p99_s": _r(workload.percentile(ttfts, 0.99)),
         "requests": len(turns),
         "errors": len(turns) - len(ok),
         "prompt_tokens": sum(t.prompt_tokens for t in ok),
         "hit_tokens": hits,
-    }  # fmt: skip
+    }
 
 
 def overhead_ms(url: str, args: argparse.Namespace) -> tuple[list[float], list[int]]:
@@ -222,9 +265,19 @@ def overhead_ms(url: str, args: argparse.Namespace) -> tuple[list[float], list[i
 
 
 def pd_row(mode: str, url: str, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:
-    mix = asyncio.run(workload.pd_mix(url, MODEL, args.streams, args.long, args.every,
-                                      args.long_tokens, f"bench-{mode}-{time.time()}", args.seed,
-                                      progress=bar))  # fmt: skip
+    mix = asyncio.run(
+        workload.pd_mix(
+            url,
+            MODEL,
+            args.streams,
+            args.long,
+            args.every,
+            args.long_tokens,
+            f"bench-{mode}-{time.time()}",
+            args.seed,
+            progress=bar,
+        )
+    )
     return {
         "mode": mode,
         "ttft_p50_s": _r(workload.percentile(mix.long_ttft_s, 0.5)),
@@ -244,13 +297,18 @@ def run(args: argparse.Namespace) -> int:
     if min(args.users, args.turns, args.streams, args.long) < 1:
         raise KvtierError("--users, --turns, --streams and --long must be at least 1")
     if not 1000 <= args.overhead_tokens <= 8000 or not 256 <= args.context <= 6000:
-        raise KvtierError("--overhead-tokens must be in [1000, 8000] and --context in"
-                          " [256, 6000] (the model takes 8,192 tokens)")  # fmt: skip
+        raise KvtierError(
+            "--overhead-tokens must be in [1000, 8000] and --context in"
+            " [256, 6000] (the model takes 8,192 tokens)"
+        )
     dtype = host_dtype(args.dtype, has_gpu())  # one choice for every pod: comparable runs
     print(f"kvtier bench pod: {dtype.summary()}", file=sys.stderr)
     engines = dtype.serve_options()
-    dram = (parse_size(args.dram, "--dram") if args.dram
-            else int(DRAM_SHARE * contexts_bytes(args, dtype)))  # fmt: skip
+    dram = (
+        parse_size(args.dram, "--dram")
+        if args.dram
+        else int(DRAM_SHARE * contexts_bytes(args, dtype))
+    )
     routing: list[dict[str, Any]] = []
     pd: list[dict[str, Any]] = []
     overheads: list[float] = []
@@ -258,13 +316,16 @@ def run(args: argparse.Namespace) -> int:
     phases: dict[str, float] = {}
     parts = ("routing" not in args.skip) * 3 * args.users * args.turns
     parts += ("pd" not in args.skip) * 2 * args.long
-    with tempfile.TemporaryDirectory(prefix="kvtier-bench-pod-") as tmp, \
-            tqdm(total=parts, desc="bench pod", unit="req") as bar:  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory(prefix="kvtier-bench-pod-") as tmp,
+        tqdm(total=parts, desc="bench pod", unit="req") as bar,
+    ):
         work = Path(tmp)
         if "routing" not in args.skip:
             bar.set_postfix_str("round-robin, no shared tier")
-            with pod(["--redis", "none", "--policy", "round-robin", *engines], work, "rr-local",
-                     dram) as (p, s):  # fmt: skip
+            with pod(
+                ["--redis", "none", "--policy", "round-robin", *engines], work, "rr-local", dram
+            ) as (p, s):
                 urls = [e["url"] for e in s["engines"]]
                 routing.append(chat_row("round-robin", p.url, urls, args, bar))
         with pod(engines, work, "colocated", dram) as (p, s):
@@ -312,18 +373,24 @@ def run(args: argparse.Namespace) -> int:
 
 def print_table(result: dict[str, Any]) -> None:
     print(result["measured"])
-    print(f"{'policy':<20}{'mean TTFT':>11}{'first p50':>11}{'return p50':>12}{'p99':>9}"
-          f"{'errors':>8}  hit tokens")  # fmt: skip
+    print(
+        f"{'policy':<20}{'mean TTFT':>11}{'first p50':>11}{'return p50':>12}{'p99':>9}"
+        f"{'errors':>8}  hit tokens"
+    )
     for row in result["routing"]:
-        print(f"{row['policy']:<20}{row['ttft_mean_s'] or 0:>10.3f}s"
-              f"{row['ttft_first_p50_s'] or 0:>10.3f}s{row['ttft_returning_p50_s'] or 0:>11.3f}s"
-              f"{row['ttft_p99_s'] or 0:>8.3f}s{row['errors']:>8}"
-              f"  {row['hit_tokens']}")  # fmt: skip
+        print(
+            f"{row['policy']:<20}{row['ttft_mean_s'] or 0:>10.3f}s"
+            f"{row['ttft_first_p50_s'] or 0:>10.3f}s{row['ttft_returning_p50_s'] or 0:>11.3f}s"
+            f"{row['ttft_p99_s'] or 0:>8.3f}s{row['errors']:>8}"
+            f"  {row['hit_tokens']}"
+        )
     if result["pd"]:
         print(f"{'mode':<20}{'TTFT p50':>11}{'ITL p50':>11}{'ITL p99':>11}{'errors':>8}")
         for row in result["pd"]:
-            print(f"{row['mode']:<20}{row['ttft_p50_s'] or 0:>10.3f}s"
-                  f"{row['itl_p50_s'] or 0:>10.3f}s{row['itl_p99_s'] or 0:>10.3f}s"
-                  f"{row['errors']:>8}")  # fmt: skip
+            print(
+                f"{row['mode']:<20}{row['ttft_p50_s'] or 0:>10.3f}s"
+                f"{row['itl_p50_s'] or 0:>10.3f}s{row['itl_p99_s'] or 0:>10.3f}s"
+                f"{row['errors']:>8}"
+            )
     if result["router_overhead_ms_p99"] is not None:
         print(f"router overhead p99: {result['router_overhead_ms_p99']} ms")

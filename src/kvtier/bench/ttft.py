@@ -263,8 +263,13 @@ def _example_paths(bench: _Run, lengths: list[int]) -> None:
 
 def _overhead(args: argparse.Namespace, work: Path, bar: tqdm[Any]) -> dict[str, Any]:
     """The no-reuse overhead, paired in one engine process (see the module docstring)."""
-    batch = {"batch": args.batch, "rounds": args.rounds, "tokens": 1024, "stats": True,
-             "dtype": args.engine_dtype.dtype}  # fmt: skip
+    batch = {
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "tokens": 1024,
+        "stats": True,
+        "dtype": args.engine_dtype.dtype,
+    }
     rounds: dict[str, list[float]] = {"off": [], "on": [], "bypassed": []}
     pairs: list[float] = []  # on / bypassed, each pair in one engine, back to back
     errors: list[str] = []
@@ -295,8 +300,10 @@ def _job_times(job: dict[str, Any]) -> tuple[dict[str, list[float]] | None, str 
     """An overhead engine's timings (``seconds``, and ``bypassed`` when paired), or an error."""
     proc = subprocess.run(
         [sys.executable, "-m", "kvtier.bench.ttft_worker", json.dumps(job)],
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
             times: dict[str, list[float]] = json.loads(line[len(MARK) :])

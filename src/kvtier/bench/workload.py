@@ -177,10 +177,15 @@ async def chat(
                     question = f"Question {turn}: what does the note say about {WORDS[turn]}?"
                 messages = [*histories[user], {"role": "user", "content": question}]
                 body = {
-                    "model": model, "messages": messages, "max_tokens": answer_tokens,
-                    "temperature": 0, "ignore_eos": True, "stream": True, "cache_salt": salt,
+                    "model": model,
+                    "messages": messages,
+                    "max_tokens": answer_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "cache_salt": salt,
                     "stream_options": {"include_usage": True},
-                }  # fmt: skip
+                }
                 result = Turn(user, turn)
                 try:
                     ttft, answer, usage, engine, overhead = await _stream(
@@ -244,9 +249,12 @@ async def pd_mix(
             nonlocal errors, requests
             await asyncio.sleep(i * every_s)
             body = {
-                "model": model, "prompt": document(1000 + i, long_tokens, seed) + "\nSummary:",
-                "max_tokens": 4, "stream": True, "cache_salt": salt,
-            }  # fmt: skip
+                "model": model,
+                "prompt": document(1000 + i, long_tokens, seed) + "\nSummary:",
+                "max_tokens": 4,
+                "stream": True,
+                "cache_salt": salt,
+            }
             requests += 1
             try:
                 ttft, _, _, engine, _ = await _stream(session, url + "/v1/completions", body)
@@ -282,9 +290,13 @@ async def decode_until(
     while not stop.is_set():
         sent += 1
         body = {
-            "model": model, "prompt": f"Stream {i}.{sent}: count the {WORDS[sent % 30]}s:",
-            "max_tokens": 48, "ignore_eos": True, "stream": True, "cache_salt": salt,
-        }  # fmt: skip
+            "model": model,
+            "prompt": f"Stream {i}.{sent}: count the {WORDS[sent % 30]}s:",
+            "max_tokens": 48,
+            "ignore_eos": True,
+            "stream": True,
+            "cache_salt": salt,
+        }
         try:
             await _stream(session, url + "/v1/completions", body, gaps)
         except (RuntimeError, aiohttp.ClientError, TimeoutError, ValueError):

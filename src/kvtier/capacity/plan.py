@@ -100,15 +100,21 @@ def make_plan(
 def human_bytes(n: float) -> str:
     """``51.6 GB (48.1 GiB)``: decimal and binary, as vendors and operating systems count."""
     dec = next(
-        (f"{n / f:.1f} {u}" for f, u in ((1e15, "PB"), (1e12, "TB"), (1e9, "GB"), (1e6, "MB"))
-         if n >= f),
+        (
+            f"{n / f:.1f} {u}"
+            for f, u in ((1e15, "PB"), (1e12, "TB"), (1e9, "GB"), (1e6, "MB"))
+            if n >= f
+        ),
         f"{n:.0f} B",
-    )  # fmt: skip
+    )
     binary = next(
-        (f"{n / f:.1f} {u}" for f, u in ((2**50, "PiB"), (2**40, "TiB"), (2**30, "GiB"),
-                                         (2**20, "MiB")) if n >= f),
+        (
+            f"{n / f:.1f} {u}"
+            for f, u in ((2**50, "PiB"), (2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"))
+            if n >= f
+        ),
         f"{n:.0f} B",
-    )  # fmt: skip
+    )
     return f"{dec} ({binary})"
 
 

@@ -65,12 +65,17 @@ def register_dtype(bsub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--tokens", type=int, default=2003, help="prompt tokens (2003)")
-    p.add_argument("--dtypes", default="float32,bfloat16",
-                   help="dtypes to force by hand, comma-separated (float32,bfloat16)")  # fmt: skip
+    p.add_argument(
+        "--dtypes",
+        default="float32,bfloat16",
+        help="dtypes to force by hand, comma-separated (float32,bfloat16)",
+    )
     p.add_argument("--repeat", type=int, default=2, help="cold prompts per server (2)")
     p.add_argument(
-        "--slow-tokens", type=int, metavar="N",
+        "--slow-tokens",
+        type=int,
+        metavar="N",
         help="prompt tokens for a forced dtype that is not the one picked (default: --tokens)",
-    )  # fmt: skip
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=dtype.run)

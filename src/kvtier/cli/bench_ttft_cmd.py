@@ -35,10 +35,11 @@ def register_ttft(bsub: Any) -> None:
     p.add_argument("--engines", type=int, default=3, help="overhead engines per side")
     p.add_argument("--repeat", type=int, default=3, help="requests per path (median reported)")
     p.add_argument(
-        "--dtype", metavar="DTYPE",
+        "--dtype",
+        metavar="DTYPE",
         help="every engine's dtype (vLLM's --dtype; default: the faster of bfloat16 and float32"
         " on this host, measured as `kvtier serve` does)",
-    )  # fmt: skip
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=ttft.run)
 
@@ -64,8 +65,9 @@ def register_overlap(bsub: Any) -> None:
     p.add_argument("--warm-tokens", type=int, default=30, help="stream tokens before the load")
     p.add_argument("--redis", metavar="URL", help="Redis to use (default: a private server)")
     p.add_argument(
-        "--dtype", metavar="DTYPE",
+        "--dtype",
+        metavar="DTYPE",
         help="the engines' dtype (vLLM's --dtype; default: the faster on this host, measured)",
-    )  # fmt: skip
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=overlap.run)

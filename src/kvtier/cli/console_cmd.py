@@ -31,10 +31,16 @@ def register(sub: Any) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--metrics", action="append", default=[], metavar="URL",
-                   help="an engine's /metrics URL (repeat for each engine)")  # fmt: skip
-    p.add_argument("--router", metavar="URL",
-                   help="a kvtier router's base URL: show its routing decisions too")  # fmt: skip
+    p.add_argument(
+        "--metrics",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an engine's /metrics URL (repeat for each engine)",
+    )
+    p.add_argument(
+        "--router", metavar="URL", help="a kvtier router's base URL: show its routing decisions too"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=9000, help="port to listen on (9000)")
     p.set_defaults(run=run)

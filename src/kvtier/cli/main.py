@@ -48,8 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (bench_cmd, inspect_cmd, config_cmd, serve_cmd, router_cmd, pod_cmd, console_cmd,
-                   plan_cmd, sim_cmd):  # fmt: skip
+    for module in (
+        bench_cmd,
+        inspect_cmd,
+        config_cmd,
+        serve_cmd,
+        router_cmd,
+        pod_cmd,
+        console_cmd,
+        plan_cmd,
+        sim_cmd,
+    ):
         module.register(sub)
     return parser
 

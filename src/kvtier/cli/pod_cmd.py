@@ -39,24 +39,32 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--engines", type=int, help="number of engines (2)")
     p.add_argument(
-        "--prefill", type=int, metavar="P",
+        "--prefill",
+        type=int,
+        metavar="P",
         help="disaggregated: P prefill engines; a new prompt is computed on one, written to the"
         " shared tier, and decoded on a --decode engine (unless that one holds most of it)",
-    )  # fmt: skip
+    )
     p.add_argument("--decode", type=int, metavar="D", help="disaggregated: D decode engines")
     p.add_argument(
-        "--redis", metavar="URL",
+        "--redis",
+        metavar="URL",
         help="shared tier (default: a private redis-server; 'none': engines share no tier)",
-    )  # fmt: skip
+    )
     p.add_argument("--dram", metavar="SIZE", default="1GiB", help="DRAM tier per engine (1GiB)")
     p.add_argument(
-        "--engine-port", type=int, metavar="PORT",
+        "--engine-port",
+        type=int,
+        metavar="PORT",
         help="first engine's port; the others follow (default: free ports)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--state", type=Path, default=DEFAULT_STATE, metavar="DIR",
+        "--state",
+        type=Path,
+        default=DEFAULT_STATE,
+        metavar="DIR",
         help=f"engines' disk tiers and logs ({DEFAULT_STATE})",
-    )  # fmt: skip
+    )
     add_router_options(p)
     p.set_defaults(run=run, passthrough=True)
 
@@ -83,6 +91,7 @@ def _engine_counts(args: argparse.Namespace) -> tuple[int, int]:
     if args.prefill is None or args.decode is None:
         raise KvtierError("a disaggregated pod needs both --prefill P and --decode D")
     if args.prefill < 1 or args.decode < 1:
-        raise KvtierError(f"--prefill and --decode must be at least 1, got {args.prefill}"
-                          f" and {args.decode}")  # fmt: skip
+        raise KvtierError(
+            f"--prefill and --decode must be at least 1, got {args.prefill} and {args.decode}"
+        )
     return args.decode, args.prefill

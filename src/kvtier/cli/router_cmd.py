@@ -31,17 +31,28 @@ def register(sub: Any) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--worker", action="append", default=[], metavar="URL",
-                   help="an engine's base URL (repeat for each engine)")  # fmt: skip
     p.add_argument(
-        "--prefill", action="append", default=[], metavar="URL",
+        "--worker",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an engine's base URL (repeat for each engine)",
+    )
+    p.add_argument(
+        "--prefill",
+        action="append",
+        default=[],
+        metavar="URL",
         help="a prefill engine (`kvtier serve --write-through`): new prompts are computed"
         " there, written to the shared tier, and decoded on a --decode engine",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--decode", action="append", default=[], metavar="URL",
+        "--decode",
+        action="append",
+        default=[],
+        metavar="URL",
         help="a decode engine of a disaggregated pod (it also prefills what it mostly holds)",
-    )  # fmt: skip
+    )
     add_router_options(p)
     p.set_defaults(run=run)
 
@@ -66,8 +77,11 @@ def add_router_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for option, urls in (("--worker", args.worker), ("--prefill", args.prefill),
-                         ("--decode", args.decode)):  # fmt: skip
+    for option, urls in (
+        ("--worker", args.worker),
+        ("--prefill", args.prefill),
+        ("--decode", args.decode),
+    ):
         for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise KvtierError(f"{option}: {url!r} is not an http:// or https:// URL")

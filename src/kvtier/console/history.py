@@ -19,11 +19,24 @@ from kvtier.console.scrape import Scrape
 
 POINTS = 300  # 10 minutes at one scrape every 2 s
 PREFIX = "vllm prefix"  # vLLM's own prefix cache, charted as a tier beside kvtier's
-COUNTERS = ("lookups", "requested_tokens", "vllm_prefix_tokens", "hit_tokens",
-            "recomputed_tokens", "prefill_seconds_saved")  # fmt: skip
+COUNTERS = (
+    "lookups",
+    "requested_tokens",
+    "vllm_prefix_tokens",
+    "hit_tokens",
+    "recomputed_tokens",
+    "prefill_seconds_saved",
+)
 TIER_FIELDS = ("up", "used_bytes", "capacity_bytes", "chunks")
-TIER_COUNTS = ("loaded_tokens", "bytes_read", "bytes_written", "evictions", "corruptions",
-               "errors", "writes_dropped")  # fmt: skip
+TIER_COUNTS = (
+    "loaded_tokens",
+    "bytes_read",
+    "bytes_written",
+    "evictions",
+    "corruptions",
+    "errors",
+    "writes_dropped",
+)
 TTFT = "vllm:time_to_first_token_seconds"
 # The series the console reads; the rest of an engine's page is not parsed.
 SERIES = ("kvtier:", "vllm:num_requests_running", "vllm:num_requests_waiting", TTFT)
@@ -102,10 +115,14 @@ class History:
                 column(load, f"{url} waiting", None)[i] = waiting
                 if old is None:
                     continue
-                requested += _grew(scrape.total("kvtier:requested_tokens_total"),
-                                   old.total("kvtier:requested_tokens_total"))  # fmt: skip
-                prefix += _grew(scrape.total("kvtier:vllm_prefix_tokens_total"),
-                                old.total("kvtier:vllm_prefix_tokens_total"))  # fmt: skip
+                requested += _grew(
+                    scrape.total("kvtier:requested_tokens_total"),
+                    old.total("kvtier:requested_tokens_total"),
+                )
+                prefix += _grew(
+                    scrape.total("kvtier:vllm_prefix_tokens_total"),
+                    old.total("kvtier:vllm_prefix_tokens_total"),
+                )
                 for what, label in (("bytes_read", "read"), ("bytes_written", "written")):
                     olds = old.by(f"kvtier:tier_{what}_total", "tier")
                     for tier, v in scrape.by(f"kvtier:tier_{what}_total", "tier").items():
@@ -178,15 +195,27 @@ def _ttft(point: Point) -> dict[str, Any]:
         counts.append(cumulative[le] - below)
         below = cumulative[le]
     upper = [None if b == "+Inf" else float(b) for b in bounds]  # JSON has no infinity
-    return {"le": upper, "counts": counts, "count": count,
-            "mean_s": total / count if count else None}  # fmt: skip
+    return {
+        "le": upper,
+        "counts": counts,
+        "count": count,
+        "mean_s": total / count if count else None,
+    }
 
 
 def _routing(state: dict[str, Any] | None) -> dict[str, Any] | None:
     if state is None:
         return None
-    keep = ("policy", "reasons", "decisions", "retries", "recent", "reuse",
-            "overhead_ms_p50", "overhead_ms_p99")  # fmt: skip
+    keep = (
+        "policy",
+        "reasons",
+        "decisions",
+        "retries",
+        "recent",
+        "reuse",
+        "overhead_ms_p50",
+        "overhead_ms_p99",
+    )
     out = {k: state.get(k) for k in keep}
     out["engines"] = [
         {k: e.get(k) for k in ("url", "role", "healthy", "queued_tokens", "in_flight", "routed")}

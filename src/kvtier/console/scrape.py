@@ -33,9 +33,10 @@ class Scrape:
         Samples that are not finite numbers are left out (JSON has no NaN)."""
         if keep is not None:
             text = "\n".join(
-                line for line in text.splitlines()
+                line
+                for line in text.splitlines()
                 if line.startswith(keep) or (line.startswith("#") and _names(line, keep))
-            )  # fmt: skip
+            )
         samples: dict[str, dict[Labels, float]] = defaultdict(dict)
         try:
             for family in text_string_to_metric_families(text):

@@ -39,8 +39,13 @@ MIN_RUNS = 5  # ~25 ms each in bf16 on a CPU with AVX2 alone, ~5 in fp32
 # How `kvtier pod` and the benchmarks hand their one choice to each `kvtier serve` (as JSON).
 HANDED_DTYPE = "--engine-dtype-choice"
 # vLLM's --dtype values -> the KV dtype they make.
-KV_DTYPES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16",
-             "bfloat16": "bfloat16"}  # fmt: skip
+KV_DTYPES = {
+    "float32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+}
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,9 @@ class HostCpu:
         parts = [self.model or "unknown CPU"]
         if self.capability:
             parts.append(f"torch {self.capability}")
-        parts.append("native bf16 (AVX-512 BF16/AMX)" if self.native_bf16 else
-                     "no AVX-512 BF16/AMX")  # fmt: skip
+        parts.append(
+            "native bf16 (AVX-512 BF16/AMX)" if self.native_bf16 else "no AVX-512 BF16/AMX"
+        )
         return ", ".join(parts)
 
 
@@ -133,8 +139,9 @@ class DtypeChoice:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["cpu"] = None if self.cpu is None else {**asdict(self.cpu),
-                                                     "flags": list(self.cpu.flags)}  # fmt: skip
+        data["cpu"] = (
+            None if self.cpu is None else {**asdict(self.cpu), "flags": list(self.cpu.flags)}
+        )
         data["kv_dtype"] = self.kv_dtype
         return data
 
@@ -142,10 +149,12 @@ class DtypeChoice:
     def from_dict(cls, data: dict[str, Any]) -> DtypeChoice:
         cpu = data.get("cpu")
         return cls(
-            str(data["dtype"]), str(data["source"]), str(data.get("reason", "")),
+            str(data["dtype"]),
+            str(data["source"]),
+            str(data.get("reason", "")),
             HostCpu(cpu["model"], cpu["capability"], tuple(cpu["flags"])) if cpu else None,
             {k: float(v) for k, v in (data.get("gflops") or {}).items()},
-        )  # fmt: skip
+        )
 
 
 def given_dtype(dtype: str) -> DtypeChoice:
@@ -197,8 +206,10 @@ def choose_dtype(
     cpu = cpu or HostCpu.read()
     rates = {"bfloat16": measure("bfloat16"), "float32": measure("float32")}
     slowdown = rates["float32"] / rates["bfloat16"]
-    figures = (f"bf16 matmul {rates['bfloat16']:.1f} GFLOP/s against fp32"
-               f" {rates['float32']:.1f} on {cpu.describe()}")  # fmt: skip
+    figures = (
+        f"bf16 matmul {rates['bfloat16']:.1f} GFLOP/s against fp32"
+        f" {rates['float32']:.1f} on {cpu.describe()}"
+    )
     if slowdown > BF16_SLOWDOWN_LIMIT:
         reason = f"{figures}: bf16 is {slowdown:.1f}x slower, so fp32 (twice the KV bytes)"
         return DtypeChoice("float32", "measured", reason, cpu, rates)

@@ -35,8 +35,12 @@ class ForkContext:
         def bound(*args: Any, **kw: Any) -> Any:
             os.sched_setaffinity(0, cores)
             listed = ", ".join(str(c) for c in sorted(cores))
-            print(f"kvtier: the engine core computes on cores [{listed}] (pid {os.getpid()}, "
-                  "forked from the API server)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"kvtier: the engine core computes on cores [{listed}] (pid {os.getpid()}, "
+                "forked from the API server)",
+                file=sys.stderr,
+                flush=True,
+            )
             return target(*args, **kw)
 
         return self._fork.Process(target=bound, **kwargs)

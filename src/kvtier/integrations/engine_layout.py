@@ -38,8 +38,14 @@ CORES_ENV = "KVTIER_ENGINE_CORES"
 SYS_CPU = Path("/sys/devices/system/cpu")
 SYS_NODE = Path("/sys/devices/system/node")
 # Options that make more than one worker rank: vLLM's layout is then left alone.
-PARALLEL_OPTIONS = ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp",
-                    "--data-parallel-size", "-dp")  # fmt: skip
+PARALLEL_OPTIONS = (
+    "--tensor-parallel-size",
+    "-tp",
+    "--pipeline-parallel-size",
+    "-pp",
+    "--data-parallel-size",
+    "-dp",
+)
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,10 @@ class EngineLayout:
 
     def line(self) -> str:
         if self.one_process:
-            return (f"engine in two processes (API server; engine core with the worker inside), "
-                    f"computing on cores {list(self.cores or ())}: {self.reason}")  # fmt: skip
+            return (
+                f"engine in two processes (API server; engine core with the worker inside), "
+                f"computing on cores {list(self.cores or ())}: {self.reason}"
+            )
         return f"engine in vLLM's own layout (a worker process): {self.reason}"
 
 
@@ -110,8 +118,10 @@ def allowed_cpus(sys_cpu: Path = SYS_CPU, sys_node: Path = SYS_NODE) -> list[Cpu
     for cpu in sorted(os.sched_getaffinity(0)):
         topology = sys_cpu / f"cpu{cpu}" / "topology"
         try:
-            core = (int((topology / "physical_package_id").read_text()),
-                    int((topology / "core_id").read_text()))  # fmt: skip
+            core = (
+                int((topology / "physical_package_id").read_text()),
+                int((topology / "core_id").read_text()),
+            )
         except (OSError, ValueError):
             core = (0, cpu)
         cpus.append(Cpu(cpu, core, nodes.get(cpu, 0)))
@@ -182,8 +192,12 @@ def choose_layout(
     reserved_text = env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "").strip()
     reserved = int(reserved_text) if reserved_text.isdigit() else reserved_by_default
     if reserved and len(cores) > reserved:
-        return EngineLayout(False, None, f"vLLM keeps {reserved} of {len(cores)} cores for "
-                            "its other processes")  # fmt: skip
-    why = ("no core kept for the scheduler" if not reserved else
-           f"{len(cores)} cores, no more than vLLM would keep back, so it keeps none")  # fmt: skip
+        return EngineLayout(
+            False, None, f"vLLM keeps {reserved} of {len(cores)} cores for its other processes"
+        )
+    why = (
+        "no core kept for the scheduler"
+        if not reserved
+        else f"{len(cores)} cores, no more than vLLM would keep back, so it keeps none"
+    )
     return EngineLayout(True, cores, f"the worker would compute on every core anyway ({why})")

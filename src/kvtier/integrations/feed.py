@@ -54,9 +54,12 @@ class FeedEvent:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "seq": self.seq, "t": self.time, "kind": self.kind, "tier": self.tier,
+            "seq": self.seq,
+            "t": self.time,
+            "kind": self.kind,
+            "tier": self.tier,
             "keys": list(self.keys),
-        }  # fmt: skip
+        }
 
 
 class EventFeed:
@@ -207,11 +210,14 @@ def store_feed(
     tiers = [(t.name, TIER_KIND.get(t.kind, t.kind), t) for t in config.tiers]
     info = {
         "namespace": {
-            "model": namespace.model, "model_revision": namespace.model_revision,
-            "kv_dtype": namespace.kv_dtype, "kv_layout": namespace.kv_layout,
+            "model": namespace.model,
+            "model_revision": namespace.model_revision,
+            "kv_dtype": namespace.kv_dtype,
+            "kv_layout": namespace.kv_layout,
             "adapter": namespace.adapter,
         },
-        "chunk_tokens": config.chunk_tokens, "block_size": block_size,
+        "chunk_tokens": config.chunk_tokens,
+        "block_size": block_size,
         "bytes_per_token": bytes_per_token,
         "tiers": [{"name": name, "kind": kind} for name, kind, _ in tiers],
         "shared": [
@@ -221,7 +227,7 @@ def store_feed(
         ],
         "kv_events": kv_events,
         "engine_dtype": engine_dtype,
-    }  # fmt: skip
+    }
     by_name = {t.name: t for t in store.tiers}
 
     def lister(tier: Tier) -> Callable[[], list[bytes]]:

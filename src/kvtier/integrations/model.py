@@ -79,8 +79,10 @@ def _prepare_fp32(bf16: Path, target: Path) -> Path:
     """The bf16 checkpoint with its tensors upcast to fp32 (exact) and its config saying so."""
     if _ready(target):
         return target
-    print(f"kvtier: preparing {DEFAULT_MODEL_NAME} in float32 (once) into {target} ...",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"kvtier: preparing {DEFAULT_MODEL_NAME} in float32 (once) into {target} ...",
+        file=sys.stderr,
+    )
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -89,8 +91,11 @@ def _prepare_fp32(bf16: Path, target: Path) -> Path:
             if item.name not in ("model.safetensors", "config.json") and item.is_file():
                 shutil.copy2(item, work / item.name)
         tensors = load_file(bf16 / "model.safetensors")
-        save_file({name: t.to(torch.float32) for name, t in tensors.items()},
-                  work / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
+        save_file(
+            {name: t.to(torch.float32) for name, t in tensors.items()},
+            work / "model.safetensors",
+            metadata={"format": "pt"},
+        )
         config = json.loads((bf16 / "config.json").read_text())
         for key in ("dtype", "torch_dtype"):
             if key in config:

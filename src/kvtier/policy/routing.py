@@ -185,8 +185,9 @@ def split_cost(
     whole = max(prompt_tokens - 1, 0) // block_tokens * block_tokens
     loaded = dict(decode.hits)
     loaded["shared"] = loaded.get("shared", 0) + max(whole - decode.hit_tokens, 0)
-    view = EngineView(decode.name, loaded, decode.queued_tokens, decode.prefill_tokens_per_s,
-                      decode.bandwidth)  # fmt: skip
+    view = EngineView(
+        decode.name, loaded, decode.queued_tokens, decode.prefill_tokens_per_s, decode.bandwidth
+    )
     after = routing.estimate(prompt_tokens, view)
     split_s = best_s + PREFILL_HOP_S + after.ttft_s + running * after.recompute_s
     chosen = split_s < direct_s

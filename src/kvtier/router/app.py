@@ -41,8 +41,18 @@ ENGINE_HEADER = "x-kvtier-engine"
 OVERHEAD_HEADER = "x-kvtier-router-ms"  # tokenize, key, score, until the request left
 OVERHEAD_WINDOW = 2048
 # What a prefill engine's one-token request leaves out of the client's request.
-_DECODE_ONLY = {"stream", "stream_options", "max_tokens", "max_completion_tokens", "min_tokens",
-                "n", "best_of", "logprobs", "top_logprobs", "echo"}  # fmt: skip
+_DECODE_ONLY = {
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "min_tokens",
+    "n",
+    "best_of",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+}
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "host"}
 
 
@@ -270,8 +280,12 @@ class Router:
                 async with self._session.get(engine.url + "/v1/models") as upstream:
                     body = await upstream.read()
                     ctype = upstream.headers.get("Content-Type", "application/json")
-                    return web.Response(body=body, status=upstream.status, content_type=None,
-                                        headers={"Content-Type": ctype})  # fmt: skip
+                    return web.Response(
+                        body=body,
+                        status=upstream.status,
+                        content_type=None,
+                        headers={"Content-Type": ctype},
+                    )
             except aiohttp.ClientError as exc:
                 self.engines.down(engine, str(exc))
         return _error(503, "no engine is available")

@@ -65,10 +65,14 @@ class BlockKeys:
         tokens: Sequence[int] = event.get("token_ids") or ()
         extra: Sequence[Any] = event.get("extra_keys") or [None] * len(hashes)
         if (
-            not hashes or size <= 0 or self._chunk % size or len(tokens) != size * len(hashes)
-            or event.get("lora_id") is not None or event.get("lora_name")
+            not hashes
+            or size <= 0
+            or self._chunk % size
+            or len(tokens) != size * len(hashes)
+            or event.get("lora_id") is not None
+            or event.get("lora_name")
             or event.get("group_idx") not in (None, 0)
-        ):  # fmt: skip
+        ):
             self.unkeyed += len(hashes)
             return []
         parent = event.get("parent_block_hash")

@@ -76,16 +76,23 @@ class Engine:
 
     def state(self) -> dict[str, Any]:
         return {
-            "url": self.url, "role": "prefill" if self.prefill_only else "serve",
-            "healthy": self.healthy, "synced": self.synced,
-            "queued_tokens": self.queued_tokens, "in_flight": self.in_flight,
-            "routed": self.routed, "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
+            "url": self.url,
+            "role": "prefill" if self.prefill_only else "serve",
+            "healthy": self.healthy,
+            "synced": self.synced,
+            "queued_tokens": self.queued_tokens,
+            "in_flight": self.in_flight,
+            "routed": self.routed,
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
             "bandwidth_bytes_per_s": {k: round(v) for k, v in self.bandwidth.items()},
-            "vllm_blocks": None if self.blocks is None else {
-                "tracked": len(self.blocks), "unkeyed": self.blocks.unkeyed,
+            "vllm_blocks": None
+            if self.blocks is None
+            else {
+                "tracked": len(self.blocks),
+                "unkeyed": self.blocks.unkeyed,
                 "gaps": self.block_gaps,
             },
-        }  # fmt: skip
+        }
 
 
 class EngineSet:

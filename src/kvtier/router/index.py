@@ -34,9 +34,11 @@ class Staleness:
             return {"n": 0}
         ordered = sorted(self.samples)
         return {
-            "n": len(ordered), "p50_s": quantile(ordered, 0.5), "p99_s": quantile(ordered, 0.99),
+            "n": len(ordered),
+            "p50_s": quantile(ordered, 0.5),
+            "p99_s": quantile(ordered, 0.99),
             "max_s": ordered[-1],
-        }  # fmt: skip
+        }
 
 
 def quantile(ordered: Sequence[float], q: float) -> float:

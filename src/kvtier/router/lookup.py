@@ -85,8 +85,10 @@ class SharedTier:
 
         self.url = url
         self._prefix = f"{prefix}:v1:".encode()
-        options: dict[str, Any] = {"socket_timeout": SHARED_TIMEOUT_S,
-                                   "socket_connect_timeout": SHARED_TIMEOUT_S}  # fmt: skip
+        options: dict[str, Any] = {
+            "socket_timeout": SHARED_TIMEOUT_S,
+            "socket_connect_timeout": SHARED_TIMEOUT_S,
+        }
         self._client: Any = (
             redis.asyncio.RedisCluster.from_url(url, **options)
             if cluster
@@ -154,8 +156,9 @@ def held_hits(index: ChunkIndex, engine: str, prompt: PromptKeys) -> dict[str, i
     run = next((i for i, k in enumerate(kinds) if not k), len(kinds))
     hits = leading_hits([sorted(k) for k in kinds[:run]], [prompt.chunk] * run)
     for tokens, key, on_shared in prompt.tails[run]:
-        tail = {"dram" if k == "predicted" else k for k in
-                (index.kinds(engine, [key]) or [set()])[0]}  # fmt: skip
+        tail = {
+            "dram" if k == "predicted" else k for k in (index.kinds(engine, [key]) or [set()])[0]
+        }
         if on_shared:
             tail.add("shared")
         if tail:

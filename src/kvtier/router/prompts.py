@@ -74,10 +74,13 @@ class Prompter:
         self._splitter: re.Pattern[str] | None = None
         added = getattr(self._tok, "added_tokens_decoder", {}) or {}
         plain = all(
-            not (getattr(t, "lstrip", False) or getattr(t, "rstrip", False)
-                 or getattr(t, "normalized", False))
+            not (
+                getattr(t, "lstrip", False)
+                or getattr(t, "rstrip", False)
+                or getattr(t, "normalized", False)
+            )
             for t in added.values()
-        )  # fmt: skip
+        )
         if added and plain and getattr(self._tok, "is_fast", False):
             self._special = {t.content: i for i, t in added.items()}
             longest_first = sorted(self._special, key=len, reverse=True)
@@ -149,7 +152,7 @@ class Prompter:
                 and at + 1 < len(piece)
                 and not piece[at + 1].isspace()
             ):
-                at -= 1  # fmt: skip
+                at -= 1
             if at > 1:
                 head = list(self._tok.encode(piece[:at], add_special_tokens=False))
                 if len(head) >= want:

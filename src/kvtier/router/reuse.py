@@ -62,9 +62,10 @@ class Decisions:
             "reused_tokens": self.reused_tokens,
             "matched_tokens": self.matched_tokens,
             "precision": self.matched_tokens / self.predicted_tokens
-            if self.predicted_tokens else None,
+            if self.predicted_tokens
+            else None,
             "coverage": self.matched_tokens / self.reused_tokens if self.reused_tokens else None,
-        }  # fmt: skip
+        }
 
     def recent_state(self) -> list[dict[str, Any]]:
         return [asdict(d) for d in self.recent]

@@ -122,10 +122,18 @@ def vllm_command(
         "kv_connector_extra_config": extra_config,
     }
     command = [
-        sys.executable, "-m", "kvtier.integrations.vllm_main",
-        "--model", model, "--host", args.host, "--port", str(args.port),
-        "--kv-transfer-config", json.dumps(transfer),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "kvtier.integrations.vllm_main",
+        "--model",
+        model,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--kv-transfer-config",
+        json.dumps(transfer),
+    ]
     command += events_args
     if feed_port:  # the feed on the server's own port, under /kvtier/
         command += ["--middleware", "kvtier.integrations.engine_routes.forward"]
@@ -172,9 +180,11 @@ def kv_events_config(
         raise ConfigError(f"--kv-events-port: {port} is not a port number")
     # vLLM binds only a wildcard endpoint (it connects to any other): all interfaces.
     config = {
-        "enable_kv_cache_events": True, "publisher": "zmq",
-        "endpoint": f"tcp://*:{port}", "topic": "kvtier",
-    }  # fmt: skip
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{port}",
+        "topic": "kvtier",
+    }
     return {"port": port, "topic": "kvtier"}, ["--kv-events-config", json.dumps(config)]
 
 

@@ -75,10 +75,18 @@ def plain_vllm_command(port: int, *options: str, dtype: DtypeChoice | None = Non
 
     model = prepare_default_model(dtype=dtype.dtype if dtype else "bfloat16")
     command = [
-        sys.executable, "-m", "kvtier.integrations.vllm_main",
-        "--model", str(model), "--served-model-name", DEFAULT_MODEL_NAME,
-        "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "kvtier.integrations.vllm_main",
+        "--model",
+        str(model),
+        "--served-model-name",
+        DEFAULT_MODEL_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if not has_gpu():
         command.append("--enforce-eager")
     if dtype is not None:
@@ -122,9 +130,12 @@ class Server:
         with open(self.log, "ab") as out:
             # A session of its own: stopping it reaches vLLM's engine processes too.
             self._proc = subprocess.Popen(
-                self.command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                self.command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         self._deadline = time.monotonic() + self.start_timeout_s
 
     def ready(self) -> bool:
@@ -192,8 +203,11 @@ class Server:
     def model_process(self) -> str:
         """Where the model ran: "engine core" (the worker inside it, said by
         kvtier.integrations.vllm_main) or "worker process" (vLLM's own layout)."""
-        return "engine core" if "engine core computes on cores" in self.tail(1 << 20) else (
-            "worker process")  # fmt: skip
+        return (
+            "engine core"
+            if "engine core computes on cores" in self.tail(1 << 20)
+            else ("worker process")
+        )
 
     def tail(self, chars: int = 3000) -> str:
         try:

@@ -103,9 +103,12 @@ class Pod:
                 if not has_gpu():
                     env["VLLM_CPU_OMP_THREADS_BIND"] = core_list(spec.cores)
                 server = Server(
-                    kvtier_serve_command(spec.port, *options), spec.port, spec.log, env,
+                    kvtier_serve_command(spec.port, *options),
+                    spec.port,
+                    spec.log,
+                    env,
                     self.start_timeout_s,
-                )  # fmt: skip
+                )
                 server.start()
                 self.servers.append(server)
             self._wait(progress)
@@ -144,8 +147,12 @@ class Pod:
                         code = server.exit_code()
                         if code is None or self._stopped:
                             continue
-                        print(f"kvtier pod: engine {i} exited ({code}); restarting it, log"
-                              f" {server.log}", file=sys.stderr, flush=True)  # fmt: skip
+                        print(
+                            f"kvtier pod: engine {i} exited ({code}); restarting it, log"
+                            f" {server.log}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         server.stop(timeout_s=5)  # whatever is left of its process group
                         server.start()
 

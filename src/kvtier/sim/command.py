@@ -173,15 +173,15 @@ def _render(r: dict[str, Any]) -> str:
     block = r["block_bytes"]
     lines = [
         f"{r['source']}: {r['requests']:,} requests, {r['blocks']:,} blocks, {r['tokens']:,}"
-        f" prompt tokens" + (f" ({r['skipped_lines']} bad lines skipped)" if r["skipped_lines"]
-                             else ""),
+        f" prompt tokens"
+        + (f" ({r['skipped_lines']} bad lines skipped)" if r["skipped_lines"] else ""),
         f"{r['model']} KV in {r['kv_dtype']}: {human_bytes(block)} per 512-token block;"
         f" policy {r['policy']}, {r['nodes']} node(s)"
         + (f", {r['routing']} routing" if r["nodes"] > 1 else ""),
         "",
         f"  {'tier':<8}{'capacity':>30}{'hits (blocks)':>15}{'(tokens)':>10}"
         f"{'read':>12}{'written':>12}{'evictions':>11}",
-    ]  # fmt: skip
+    ]
     for t in r["tiers"]:
         where = "pod" if t["shared"] else "node"
         cap = f"{_decimal(t['capacity_blocks'] * block)}/{where}"

@@ -330,8 +330,9 @@ class _CostRouter:
         self.kinds = [
             "shared" if s.shared else ("dram" if local.index(s) == 0 else "disk") for s in tiers
         ]
-        self.bandwidth = {k: s.bandwidth for k, s in zip(self.kinds, tiers, strict=True)
-                          if s.bandwidth > 0}  # fmt: skip
+        self.bandwidth = {
+            k: s.bandwidth for k, s in zip(self.kinds, tiers, strict=True) if s.bandwidth > 0
+        }
         self.busy_until_ms = [0.0] * nodes
         self.cost = cost
 

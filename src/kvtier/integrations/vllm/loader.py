@@ -178,9 +178,11 @@ class Loader:
             per_tier[tier] = per_tier.get(tier, 0) + max(hi - lo, 0)
         got = sum(per_tier.values())
         report = {
-            "request": spec.req_id, "loaded": per_tier, "load_s": round(took / 1000, 6),
+            "request": spec.req_id,
+            "loaded": per_tier,
+            "load_s": round(took / 1000, 6),
             "failed_tokens": spec.end - spec.start - got,
-        }  # fmt: skip
+        }
         with self._lock:
             self._reports.append(report)
         if tiers:

@@ -38,8 +38,15 @@ from kvtier.store import TieredStore
 
 requests_log = logging.getLogger("kvtier.requests")
 
-TIER_COUNTERS = ("loaded_tokens", "bytes_read", "bytes_written", "evictions", "corruptions",
-                 "errors", "writes_dropped")  # fmt: skip
+TIER_COUNTERS = (
+    "loaded_tokens",
+    "bytes_read",
+    "bytes_written",
+    "evictions",
+    "corruptions",
+    "errors",
+    "writes_dropped",
+)
 TIER_GAUGES = ("up", "used_bytes", "chunks", "capacity_bytes")
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RATE_STEPS = 64  # steps the prefill rate is measured over
@@ -218,16 +225,19 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
         }
         self._times = {
             "load_s": histogram(
-                "kvtier:load_seconds", documentation="time to load one request's hit",
-                labelnames=labelnames, buckets=LOAD_BUCKETS,
+                "kvtier:load_seconds",
+                documentation="time to load one request's hit",
+                labelnames=labelnames,
+                buckets=LOAD_BUCKETS,
             ),
             "save_s": histogram(
                 "kvtier:save_seconds",
                 documentation="time to store one request's new chunks, from gathered to held by"
                 " the top tier and queued for the others (held by all with write-through)",
-                labelnames=labelnames, buckets=LOAD_BUCKETS,
+                labelnames=labelnames,
+                buckets=LOAD_BUCKETS,
             ),
-        }  # fmt: skip
+        }
         self._declare(vllm_config)
 
     def _declare(self, vllm_config: Any) -> None:
@@ -295,13 +305,16 @@ class RequestAccount:
     def line(self) -> dict[str, Any]:
         loaded = sum(self.loaded.values())
         return {
-            "request": self.request, "prompt_tokens": self.prompt_tokens,
-            "vllm_prefix_tokens": self.vllm_prefix_tokens, "kvtier_hit_tokens": self.planned,
-            "loaded_tokens": self.loaded, "load_s": round(self.load_s, 4),
+            "request": self.request,
+            "prompt_tokens": self.prompt_tokens,
+            "vllm_prefix_tokens": self.vllm_prefix_tokens,
+            "kvtier_hit_tokens": self.planned,
+            "loaded_tokens": self.loaded,
+            "load_s": round(self.load_s, 4),
             "failed_tokens": self.failed_tokens,
             "recomputed_tokens": self.prompt_tokens - self.vllm_prefix_tokens - loaded,
             "reported": self.reported or not self.planned,
-        }  # fmt: skip
+        }
 
     def log(self) -> None:
         requests_log.info("kvtier request %s", json.dumps(self.line(), sort_keys=True))
@@ -353,11 +366,13 @@ class ConnectorMetrics:
         loaded = sum(account.loaded.values())
         rate = self.rate.tokens_per_s
         counters = {
-            "lookups": 1, "requested_tokens": account.prompt_tokens,
-            "vllm_prefix_tokens": account.vllm_prefix_tokens, "hit_tokens": account.planned,
+            "lookups": 1,
+            "requested_tokens": account.prompt_tokens,
+            "vllm_prefix_tokens": account.vllm_prefix_tokens,
+            "hit_tokens": account.planned,
             "recomputed_tokens": account.line()["recomputed_tokens"],
             "prefill_seconds_saved": loaded / rate if rate else 0.0,
-        }  # fmt: skip
+        }
         tiers = {tier: {"loaded_tokens": n} for tier, n in account.loaded.items()}
         load_s = [account.load_s] if account.loaded else []
         self._stats = merge(self._stats, {"counters": counters, "tiers": tiers, "load_s": load_s})
