@@ -1,5 +1,6 @@
 """The ordered tiers under a :class:`~kvtier.store.TieredStore`: failure containment,
-where each chunk is, pins and lifecycle. The read and write paths live in the store."""
+where each chunk is, pins, events and lifecycle. The read path (:mod:`kvtier.reads`) and the
+write path (:mod:`kvtier.writes`) work on it."""
 
 from __future__ import annotations
 
@@ -53,31 +54,30 @@ class Hierarchy:
         if len(comps) != len(tiers):
             raise ValueError("give one compression per tier")
         self.chunk_tokens = chunk_tokens
-        self._recorder = Recorder(names)
-        self._slots = [
+        self.recorder = Recorder(names)
+        self.slots = [
             Slot(t, c, TierHealth(t.name, retry_after_s)) for t, c in zip(tiers, comps, strict=True)
         ]
-        for slot in self._slots[1:]:
-            slot.writer = WriteBehind(slot.tier.name, self._writer_for(slot), write_queue)
-        self._prefetcher = Prefetcher()
-        self._blanks: Callable[[int], SealedChunk | None] = lambda nbytes: None
+        self.write_queue = write_queue  # batches each lower tier's write-behind holds
+        self.prefetcher = Prefetcher()
+        self.blanks: Callable[[int], SealedChunk | None] = lambda nbytes: None
 
     def use_blanks(self, source: Callable[[int], SealedChunk | None]) -> None:
         """Take the DRAM copies of chunks read from lower tiers from ``source(nbytes)`` (a
         blank of that many bytes, or None): :meth:`get_into` promotes into them, a sized
         :meth:`get` reads straight into them. Memory touched ahead of time costs a tenth of
         fresh pages here, and both are on the loading request's path."""
-        self._blanks = source
+        self.blanks = source
 
     @property
     def tiers(self) -> list[Tier]:
-        return [s.tier for s in self._slots]
+        return [s.tier for s in self.slots]
 
     def tier_states(self) -> dict[str, dict[str, int | None]]:
         """Per tier: up (1, or 0 while taken out), used bytes, chunks, capacity (None when
         the tier does not bound itself). A tier that cannot say reports only ``up``."""
         out: dict[str, dict[str, int | None]] = {}
-        for slot in self._slots:
+        for slot in self.slots:
             state: dict[str, int | None] = {"up": int(slot.health.available())}
             try:
                 usage = slot.tier.usage()
@@ -91,30 +91,30 @@ class Hierarchy:
 
     # -- failure containment ---------------------------------------------------------------
 
-    def _guard(self, slot: Slot, default: Any, call: Callable[..., T], *args: Any) -> T:
+    def guard(self, slot: Slot, default: Any, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)``, or ``default`` if the tier is marked down or the call fails."""
         if not slot.health.available():
             return cast(T, default)
         try:
             result = call(*args)
         except Exception as exc:
-            self._recorder.add(slot.tier.name, errors=1)
+            self.recorder.add(slot.tier.name, errors=1)
             slot.health.failed(exc)
             return cast(T, default)
         slot.health.succeeded()
         return result
 
     # -- read path -------------------------------------------------------------------------
-    def _where(self, keys: Sequence[ChunkKey], count_misses: bool = True) -> list[int | None]:
+    def where(self, keys: Sequence[ChunkKey], count_misses: bool = True) -> list[int | None]:
         """Index of the first tier holding each key, None where no tier does.
 
         ``count_misses=False`` for probes whose misses are expected (tail candidates)."""
         where: list[int | None] = [None] * len(keys)
-        for t, slot in enumerate(self._slots):
+        for t, slot in enumerate(self.slots):
             todo = [i for i, w in enumerate(where) if w is None]
             if not todo:
                 break
-            present = self._guard(
+            present = self.guard(
                 slot, [False] * len(todo), slot.tier.contains_many, [keys[i] for i in todo]
             )
             missing = 0
@@ -124,7 +124,7 @@ class Hierarchy:
                 else:
                     missing += 1
             if count_misses:
-                self._recorder.add(slot.tier.name, misses=missing)
+                self.recorder.add(slot.tier.name, misses=missing)
         return where
 
     def locate(self, keys: Sequence[ChunkKey]) -> list[str | None]:
@@ -133,41 +133,44 @@ class Hierarchy:
         For callers that combine kvtier with what they know from elsewhere (a connector's
         mirror of another process's DRAM tier); :meth:`lookup` is the usual entry point.
         """
-        return [None if t is None else self._slots[t].tier.name for t in self._where(keys)]
+        return [None if t is None else self.slots[t].tier.name for t in self.where(keys)]
 
-    def _locate(self, keys: Sequence[ChunkKey]) -> list[int]:
+    def leading(self, keys: Sequence[ChunkKey]) -> list[int]:
         """Index of the first tier holding each leading key, up to the first key none holds."""
-        return [t for t in takewhile(lambda t: t is not None, self._where(keys)) if t is not None]
+        return [t for t in takewhile(lambda t: t is not None, self.where(keys)) if t is not None]
 
-    def _corrupt(self, slot: Slot, key: ChunkKey, exc: CorruptChunk) -> None:
+    def corrupt(self, slot: Slot, key: ChunkKey, exc: CorruptChunk) -> None:
         log.warning(
             "kvtier: corrupt chunk %s in tier %r removed: %s", key.hex(), slot.tier.name, exc
         )
-        self._recorder.add(slot.tier.name, corruptions=1)
-        self._guard(slot, False, slot.tier.delete, key)
-        self._recorder.emit("removed", slot.tier.name, [key])
+        self.recorder.add(slot.tier.name, corruptions=1)
+        self.guard(slot, False, slot.tier.delete, key)
+        self.recorder.emit("removed", slot.tier.name, [key])
 
-    def _find_below(self, key: ChunkKey, tier_index: int) -> int | None:
-        for t in range(tier_index + 1, len(self._slots)):
-            slot = self._slots[t]
-            if self._guard(slot, [False], slot.tier.contains_many, [key])[0]:
+    def find_below(self, key: ChunkKey, tier_index: int) -> int | None:
+        for t in range(tier_index + 1, len(self.slots)):
+            slot = self.slots[t]
+            if self.guard(slot, [False], slot.tier.contains_many, [key])[0]:
                 return t
         return None
 
-    def _writer_for(self, slot: Slot) -> Callable[[WriteBatch], None]:
-        raise NotImplementedError  # the store's write path
+    def attach_writers(self, write: Callable[[Slot, WriteBatch], None]) -> None:
+        """Give every tier below the top a write-behind queue whose batches ``write`` takes."""
+        for slot in self.slots[1:]:
+            queued = lambda batch, slot=slot: write(slot, batch)  # noqa: E731
+            slot.writer = WriteBehind(slot.tier.name, queued, self.write_queue)
 
     # -- pins, stats, lifecycle ------------------------------------------------------------
 
     @contextmanager
     def pinned(self, keys: Sequence[ChunkKey]) -> Iterator[None]:
         """Keep ``keys`` from being evicted by this process while the block runs."""
-        for slot in self._slots:
+        for slot in self.slots:
             slot.tier.pin(keys)
         try:
             yield
         finally:
-            for slot in self._slots:
+            for slot in self.slots:
                 slot.tier.unpin(keys)
 
     def subscribe(self, listener: Callable[[ChunkEvent], None]) -> None:
@@ -176,19 +179,19 @@ class Hierarchy:
         Listeners run on whichever thread caused the event (a caller's, a write-behind
         worker, the prefetcher) and must return quickly; they must not wait on the store.
         """
-        self._recorder.subscribe(listener)
+        self.recorder.subscribe(listener)
 
     def stats(self) -> StoreStats:
-        return self._recorder.snapshot()
+        return self.recorder.snapshot()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued lower-tier writes are done. False if ``timeout`` ran out."""
-        return all(s.writer.flush(timeout) for s in self._slots[1:] if s.writer is not None)
+        return all(s.writer.flush(timeout) for s in self.slots[1:] if s.writer is not None)
 
     def close(self) -> None:
         """Finish queued writes (bounded wait), stop workers, close tiers."""
-        self._prefetcher.shutdown()
-        for slot in self._slots:
+        self.prefetcher.shutdown()
+        for slot in self.slots:
             if slot.writer is not None:
                 slot.writer.close()
             try:

@@ -3,7 +3,7 @@ lower tiers through their write-behind queues (see :class:`kvtier.store.TieredSt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from kvtier import codec
@@ -14,8 +14,14 @@ from kvtier.results import PutReport
 from kvtier.writeback import WriteBatch
 
 
-class StoreWrites(Hierarchy):
-    """Chunk keys and the write path of the hierarchy."""
+class Writes:
+    """Chunk keys and the write path of the hierarchy ``h``; its lower tiers' write-behind
+    queues write through :meth:`write_to`."""
+
+    def __init__(self, h: Hierarchy):
+        self.h = h
+        self.chunk_tokens = h.chunk_tokens
+        h.attach_writers(lambda slot, batch: self.write_to(slot, batch, skip_held=True))
 
     def keys(
         self, tokens: Sequence[int] | Any, namespace: Namespace, tail: bool = False
@@ -39,7 +45,7 @@ class StoreWrites(Hierarchy):
         """
         sizes = [c.tokens for c in chunks]
         keys = self._put_keys(tokens, namespace, start_chunk, sizes, tail)
-        top = self._slots[0]
+        top = self.h.slots[0]
         ns_id = namespace.id(self.chunk_tokens)
         items: WriteBatch = [
             (key, codec.encode(key, chunk, ns_id, top.compression))
@@ -102,53 +108,50 @@ class StoreWrites(Hierarchy):
         return self.keys(tokens, namespace, tail)[start : start + len(sizes)]
 
     def _held(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        top = self._slots[0]
-        return self._guard(top, [False] * len(keys), top.tier.contains_many, keys)
+        top = self.h.slots[0]
+        return self.h.guard(top, [False] * len(keys), top.tier.contains_many, keys)
 
     def _put_items(self, items: WriteBatch, through: bool = False) -> PutReport:
-        self._write_to(self._slots[0], items)
+        self.write_to(self.h.slots[0], items)
         if through:
-            for slot in self._slots[1:]:
-                self._write_to(slot, items, skip_held=True)
-            return PutReport(len(items), len(items) * (len(self._slots) - 1), 0)
-        dropped = sum(self._enqueue(slot, items) for slot in self._slots[1:])
-        queued = len(items) * (len(self._slots) - 1) - dropped
+            for slot in self.h.slots[1:]:
+                self.write_to(slot, items, skip_held=True)
+            return PutReport(len(items), len(items) * (len(self.h.slots) - 1), 0)
+        dropped = sum(self.enqueue(slot, items) for slot in self.h.slots[1:])
+        queued = len(items) * (len(self.h.slots) - 1) - dropped
         return PutReport(len(items), queued, dropped)
 
-    def _enqueue(self, slot: Slot, items: WriteBatch) -> int:
+    def enqueue(self, slot: Slot, items: WriteBatch) -> int:
         assert slot.writer is not None
         dropped = slot.writer.submit(items)
         if dropped:
-            self._recorder.add(slot.tier.name, writes_dropped=dropped)
+            self.h.recorder.add(slot.tier.name, writes_dropped=dropped)
         return dropped
 
-    def _writer_for(self, slot: Slot) -> Callable[[WriteBatch], None]:
-        return lambda batch: self._write_to(slot, batch, skip_held=True)
-
-    def _write_to(self, slot: Slot, items: WriteBatch, skip_held: bool = False) -> None:
+    def write_to(self, slot: Slot, items: WriteBatch, skip_held: bool = False) -> None:
         if not items:
             return
         name = slot.tier.name
         if not slot.health.available():
-            self._recorder.add(name, writes_dropped=len(items))
+            self.h.recorder.add(name, writes_dropped=len(items))
             return
         if skip_held:  # write-behind: don't rewrite what the tier has (saves SSD writes)
-            held = self._guard(slot, None, slot.tier.contains_many, [k for k, _ in items])
+            held = self.h.guard(slot, None, slot.tier.contains_many, [k for k, _ in items])
             if held is None:
-                self._recorder.add(name, writes_dropped=len(items))
+                self.h.recorder.add(name, writes_dropped=len(items))
                 return
             items = [item for item, h in zip(items, held, strict=True) if not h]
         items = [(k, codec.recode(blob, slot.compression)) for k, blob in items]
-        result = self._guard(slot, None, slot.tier.put_many, items)
+        result = self.h.guard(slot, None, slot.tier.put_many, items)
         if result is None:
-            self._recorder.add(name, writes_dropped=len(items))
+            self.h.recorder.add(name, writes_dropped=len(items))
             return
         written = [(k, b) for (k, b), ok in zip(items, result.stored, strict=True) if ok]
         unwritten = len(items) - len(written)
         if result.error is not None:  # failed part-way: what it did still counts
-            self._recorder.add(name, errors=1)
+            self.h.recorder.add(name, errors=1)
             slot.health.failed(result.error)
-        self._recorder.add(
+        self.h.recorder.add(
             name,
             chunks_written=len(written),
             bytes_written=sum(memoryview(b).nbytes for _, b in written),
@@ -156,5 +159,5 @@ class StoreWrites(Hierarchy):
             writes_dropped=unwritten if result.error else 0,
             evictions=len(result.evicted),
         )
-        self._recorder.emit("stored", name, [k for k, _ in written])
-        self._recorder.emit("evicted", name, result.evicted)
+        self.h.recorder.emit("stored", name, [k for k, _ in written])
+        self.h.recorder.emit("evicted", name, result.evicted)
