@@ -154,8 +154,10 @@ class TieredStore:
 _PARTS = (
     (Writes, ("keys", "put", "put_encoded")),
     (Reads, ("lookup", "get", "get_into", "prefetch")),
-    (Hierarchy, ("locate", "pinned", "use_blanks", "tier_states", "subscribe", "stats", "flush")),
-    (Hierarchy, ("close",)),
+    (
+        Hierarchy,
+        ("locate", "pinned", "use_blanks", "tier_states", "subscribe", "stats", "flush", "close"),
+    ),
 )
 for _part, _names in _PARTS:  # each operation's docstring is its implementation's
     for _name in _names:
