@@ -60,11 +60,20 @@ def writers(root: str) -> None:
             write(root, int(line), 0)
 
 
-def read(root: str, first: int, count: int, seconds: float) -> None:
+def read(root: str, first: int, count: int, stop_file: str) -> None:
+    """Read (and rename over) the chunks of `count` prompts until `stop_file` exists.
+
+    Says "ready" once its store is open, so the test starts the writers only then; it
+    reads on until told to stop, so it reads while every writer runs, however slow the
+    host is. A last pass after the stop reads what the writers left.
+    """
     store = open_store(root)
     checked = mismatched = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    print("ready", flush=True)
+    deadline = time.monotonic() + 300  # a lost test must not leave this running forever
+    last_pass = False
+    while not last_pass:
+        last_pass = os.path.exists(stop_file) or time.monotonic() > deadline
         for seed in range(first, first + count):
             tokens = prompt(seed, N_CHUNKS)
             got = store.get(tokens, NS)
@@ -129,7 +138,7 @@ if __name__ == "__main__":
     elif mode == "writers":
         writers(args[0])
     elif mode == "read":
-        read(args[0], int(args[1]), int(args[2]), float(args[3]))
+        read(args[0], int(args[1]), int(args[2]), args[3])
     elif mode == "fullput":
         fullput(args[0], int(args[1]))
     else:

@@ -170,14 +170,19 @@ def test_full_disk_skips_the_write_and_keeps_serving_from_dram(tmp_path: Path) -
 def test_two_processes_share_one_directory_without_torn_reads(tmp_path: Path) -> None:
     root = str(tmp_path / "shared")
     DiskTier(root, 1 << 34)
+    stop = tmp_path / "stop"
     reader = subprocess.Popen(
-        [sys.executable, PROCS, "read", root, "0", "6", "4"], stdout=subprocess.PIPE, text=True
+        [sys.executable, PROCS, "read", root, "0", "6", str(stop)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
+    assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
     run_proc("write", root, "0", "6")
     run_proc("write", root, "0", "6")  # rewrite the same chunks while they are being read
-    out, _ = reader.communicate(timeout=60)
+    stop.touch()
+    out, _ = reader.communicate(timeout=120)
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["checked"] > 0
+    assert summary["checked"] >= 6 * 4  # at least the last pass read every chunk
     assert summary["mismatched"] == 0 and summary["corruptions"] == 0
     assert summary["errors"] == 0
     # This process sees everything the others wrote.
