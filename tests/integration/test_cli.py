@@ -13,6 +13,7 @@ import pytest
 
 from kvtier import TieredStore
 from kvtier.redis_process import RedisServer
+from kvtier.runtime.engine_command import HITS_FIRST_CLASS
 from kvtier.tiers import DiskTier, RedisTier
 
 from kvhelpers import CHUNK_TOKENS, NS, chunks_for, prompt
@@ -189,6 +190,19 @@ def test_serve_checks_kvtier_options_before_starting_vllm(tmp_path: Path) -> Non
     assert transfer["kv_connector_extra_config"]["kv_events"] == {"port": 7777, "topic": ""}
     bad = kvtier("serve", "--dry-run", *GIVEN_DTYPE, "--kv-events-config", "{nope", check=False)
     assert bad.returncode == 2 and "--kv-events-config: not JSON" in bad.stderr
+    # Hits first by default: kvtier's scheduler class under vLLM's priority policy; the step
+    # target rides in the connector's configuration; --scheduling vllm leaves vLLM's own.
+    assert command[command.index("--scheduler-cls") + 1] == HITS_FIRST_CLASS
+    assert command[command.index("--scheduling-policy") + 1] == "priority"
+    assert "scheduling" not in transfer["kv_connector_extra_config"]
+    timed = json.loads(kvtier("serve", "--dry-run", *GIVEN_DTYPE, "--step-s", "0.8").stdout)
+    extra = json.loads(timed[timed.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
+    assert extra["scheduling"] == {"step_s": 0.8}
+    plain = json.loads(kvtier("serve", "--dry-run", *GIVEN_DTYPE, "--scheduling", "vllm").stdout)
+    assert "--scheduler-cls" not in plain and "--scheduling-policy" not in plain
+    for args in (("--scheduling-policy", "fcfs"), ("--step-s", "0"), ("--scheduling", "x")):
+        bad = kvtier("serve", "--dry-run", *GIVEN_DTYPE, *args, check=False)
+        assert bad.returncode == 2 and args[0] in bad.stderr, bad.stderr
 
 
 def test_pod_commands_refuse_bad_combinations_before_starting_anything(

@@ -111,6 +111,7 @@ def vllm_command(
     feed_port = getattr(args, "feed_port", None)
     if feed_port:
         extra_config["feed_port"] = feed_port
+    scheduling_args = scheduling_options(args, extra, extra_config)
     kv_events, events_args = kv_events_config(args, extra)
     if kv_events:
         extra_config["kv_events"] = kv_events
@@ -134,7 +135,7 @@ def vllm_command(
         "--kv-transfer-config",
         json.dumps(transfer),
     ]
-    command += events_args
+    command += events_args + scheduling_args
     if feed_port:  # the feed on the server's own port, under /kvtier/
         command += ["--middleware", "kvtier.integrations.engine_routes.forward"]
     if "--enforce-eager" not in extra and not has_gpu():
@@ -153,6 +154,30 @@ def vllm_command(
     if layout is not None:
         command += layout.options()
     return command + extra
+
+
+HITS_FIRST_CLASS = "kvtier.integrations.vllm.hits_first.scheduler"
+
+
+def scheduling_options(
+    args: argparse.Namespace, extra: list[str], extra_config: dict[str, Any]
+) -> list[str]:
+    """vLLM's options for ``--scheduling`` (hits-first: kvtier's scheduler class, vLLM's
+    priority policy), and the scheduler's own in ``extra_config``."""
+    if getattr(args, "scheduling", "hits-first") != "hits-first":
+        return []
+    for name in ("--scheduler-cls", "--scheduling-policy"):
+        if option(extra, name) is not None:
+            raise ConfigError(
+                f"{name}: --scheduling hits-first (the default) sets it; add --scheduling vllm"
+                " to use vLLM's scheduling with your own options"
+            )
+    step_s = getattr(args, "step_s", None)
+    if step_s is not None:
+        if not 0.01 <= step_s <= 60:
+            raise ConfigError(f"--step-s: expected seconds between 0.01 and 60, got {step_s}")
+        extra_config["scheduling"] = {"step_s": step_s}
+    return ["--scheduler-cls", HITS_FIRST_CLASS, "--scheduling-policy", "priority"]
 
 
 def kv_events_config(

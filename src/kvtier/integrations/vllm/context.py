@@ -35,14 +35,16 @@ class ConnectorOptions:
     """The connector's own keys in ``kv_connector_extra_config`` (the rest is the store's
     configuration): how hits load, the router feed's port, where vLLM publishes its KV
     events, write-through (a prefill engine's answer must not return before its chunks
-    are in every tier: the decode engine loads them from the shared one), and the engine's
-    dtype as ``kvtier serve`` chose it (reported in ``/kvtier/info``)."""
+    are in every tier: the decode engine loads them from the shared one), the engine's
+    dtype as ``kvtier serve`` chose it (reported in ``/kvtier/info``), and the options of the
+    hits-first scheduler (read by :mod:`.hits_first`, which runs without the connector too)."""
 
     loads: str = "auto"
     feed_port: int | None = None
     kv_events: dict[str, Any] | None = None
     write_through: bool = False
     engine_dtype: dict[str, Any] | None = None
+    scheduling: dict[str, Any] | None = None  # the hits-first scheduler's (see .hits_first)
 
     @classmethod
     def take(cls, extra: dict[str, Any]) -> ConnectorOptions:
@@ -53,6 +55,7 @@ class ConnectorOptions:
             kv_events=extra.pop("kv_events", None),
             write_through=extra.pop("write_through", False),
             engine_dtype=extra.pop("engine_dtype", None),
+            scheduling=extra.pop("scheduling", None),
         )
         if options.loads not in LOAD_MODES:
             expected = ", ".join(LOAD_MODES)

@@ -129,6 +129,12 @@ class SchedulerSide:
         # though the worker may hold it in DRAM too: the mirror of the worker's DRAM decides.
         return all(tier in (dram, "elsewhere") or key in self.worker_top for key, tier in wanted)
 
+    def held_tokens(self, request: Request) -> int:
+        """Leading prompt tokens kvtier holds for ``request`` now (the hits-first scheduler's
+        estimate of its work; loading is decided later, in :meth:`matched`)."""
+        state = self._state(request)
+        return self._lookup(state.prompt, state.salt).hit_tokens
+
     def matched(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         """vLLM's ``get_num_new_matched_tokens``: tokens kvtier can load beyond vLLM's own
         prefix hit, and whether the load runs in the background."""

@@ -1,0 +1,209 @@
+"""The hits-first scheduler: vLLM's scheduler, with requests ordered by the work they still need
+and steps kept short (the rules are :mod:`kvtier.policy.scheduling`'s).
+
+``kvtier serve`` runs vLLM with ``--scheduler-cls kvtier.integrations.vllm.hits_first.scheduler``
+and ``--scheduling-policy priority``. What this adds to vLLM's own scheduler:
+
+- At arrival, a request's priority (:func:`~kvtier.policy.scheduling.priority_ms`) from the
+  tokens it would compute: its prompt less the longest prefix held by vLLM's prefix cache or by
+  kvtier (the connector's lookup, before any scheduling). vLLM's priority queue then serves
+  waiting requests in that order; a ``priority`` the client gave still comes first.
+- At each step, the token budget of a step that lasts ``step_s`` (the step model, fitted to
+  the steps this engine ran), unless a request is alone; and prefills already under way that
+  rank behind a waiting request sit the step out. vLLM serves running requests before waiting
+  ones, so without that a cold prompt's next chunk would take the step a hit waits for, and a
+  hit whose background load just ended would still wait behind cold prefills queued before it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from kvtier.errors import ConfigError
+from kvtier.integrations.vllm.context import WHERE, log
+from kvtier.policy.scheduling import SchedulingOptions, StepModel, priority_ms
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import ModelRunnerOutput
+
+CLIENT_PRIORITY = 10**13  # ms: a client's own priority outranks any kvtier gives (300 years)
+READY = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+
+
+def scheduling_options(vllm_config: VllmConfig) -> SchedulingOptions:
+    """The ``scheduling`` key of ``kv_connector_extra_config`` (defaults without one)."""
+    transfer = vllm_config.kv_transfer_config
+    extra = (transfer.kv_connector_extra_config or {}) if transfer else {}
+    given = extra.get("scheduling") or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{WHERE}: scheduling: expected an object, got {given!r}")
+    try:
+        return SchedulingOptions(**given)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{WHERE}: scheduling: {exc}") from None
+
+
+class HitsFirst:
+    """What the hits-first scheduler adds to vLLM's; mixed in before vLLM's class."""
+
+    # vLLM's Scheduler attributes this class uses (set by its __init__).
+    running: list[Request]
+    waiting: Any
+    kv_holding_waiting: Any
+    finished_recving_kv_req_ids: set[str]
+    kv_cache_manager: Any
+    connector: Any
+    max_num_scheduled_tokens: int
+    max_num_active_reqs: int
+    requests: dict[str, Request]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        vllm_config: VllmConfig = kwargs["vllm_config"]
+        self.options = scheduling_options(vllm_config)
+        policy = vllm_config.scheduler_config.policy
+        if self.options.hits_first and policy != "priority":
+            raise ConfigError(
+                "kvtier's hits-first scheduler needs vLLM's --scheduling-policy priority"
+                f" (got {policy}); kvtier serve sets it"
+            )
+        super().__init__(*args, **kwargs)
+        assert not self.options.hits_first or self.policy == SchedulingPolicy.PRIORITY  # type: ignore[attr-defined]
+        self.model = StepModel()
+        self.clock: Callable[[], float] = time.monotonic  # tests drive a simulated one
+        self._epoch = time.time()  # vLLM's arrival times are time.time()
+        self._full_budget = int(self.max_num_scheduled_tokens)
+        self._steps: deque[tuple[int, float]] = deque()  # (id of an output, when scheduled)
+        self._last_done = 0.0
+        if self.options.hits_first:
+            log.info(
+                "kvtier: hits-first scheduling (steps of about %.2fs, patience %.1fx)",
+                self.options.step_s,
+                self.options.patience,
+            )
+
+    # -- arrival: the priority ------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if self.options.hits_first and request.request_id not in self.requests:
+            work = request.num_prompt_tokens - self._held(request)
+            arrival = request.arrival_time - self._epoch
+            ours = priority_ms(arrival, work, self.model, self.options.patience)
+            request.priority = request.priority * CLIENT_PRIORITY + ours
+        super().add_request(request)  # type: ignore[misc]
+
+    def _held(self, request: Request) -> int:
+        """The longest prefix of the prompt held by vLLM's prefix cache or by kvtier."""
+        held = 0
+        manager = self.kv_cache_manager
+        if manager.prefix_cache_lookup_enabled(request):
+            hit = manager.coordinator.find_longest_cache_hit(
+                request.block_hashes, request.num_tokens - 1
+            )
+            held = int(hit[1])
+        side = getattr(self.connector, "scheduler", None)
+        if side is not None and hasattr(side, "held_tokens"):
+            held = max(held, int(side.held_tokens(request)))
+        return min(held, int(request.num_prompt_tokens))
+
+    # -- each step: the budget, and who sits it out -----------------------------------------
+
+    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        if not self.options.hits_first:
+            return self._timed(super().schedule(*args, **kwargs))  # type: ignore[misc]
+        held = self._sitting_out()
+        budget = self._budget()
+        full_budget, active = self.max_num_scheduled_tokens, self.max_num_active_reqs
+        if held:
+            self.running = [r for r in self.running if r not in held]
+            self.max_num_active_reqs -= len(held)  # they keep their slots
+        self.max_num_scheduled_tokens = budget
+        try:
+            output = super().schedule(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self.max_num_scheduled_tokens, self.max_num_active_reqs = full_budget, active
+            self.running.extend(held)
+        return self._timed(output)
+
+    def _best_waiting(self) -> int | None:
+        """The priority of the first waiting request that could be scheduled now."""
+        best: int | None = None
+        for queue in (self.kv_holding_waiting, self.waiting):
+            for request in queue:  # in priority order
+                loaded = request.request_id in self.finished_recving_kv_req_ids
+                if request.status in READY or (
+                    request.status == RequestStatus.WAITING_FOR_REMOTE_KVS and loaded
+                ):
+                    if best is None or request.priority < best:
+                        best = request.priority
+                    break
+        return best
+
+    def _sitting_out(self) -> list[Request]:
+        """Prefills under way that rank behind a waiting request: they skip this step."""
+        best = self._best_waiting()
+        if best is None:
+            return []
+        return [
+            r
+            for r in self.running
+            if r.num_computed_tokens < r.num_prompt_tokens and r.priority > best
+        ]
+
+    def _budget(self) -> int:
+        """This step's token budget: what fits in ``step_s``, plus one token per decode; the
+        whole of vLLM's when a request is alone."""
+        if len(self.running) + len(self.waiting) + len(self.kv_holding_waiting) <= 1:
+            return self._full_budget
+        decodes = sum(1 for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens)
+        prefill = self.model.tokens_within(self.options.step_s)
+        return max(1, min(int(self._full_budget), prefill + decodes))
+
+    # -- after each step: the step model ----------------------------------------------------
+
+    def _timed(self, output: SchedulerOutput) -> SchedulerOutput:
+        self._steps.append((id(output), self.clock()))
+        return output
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> Any:
+        now = self.clock()
+        scheduled_at = now
+        while self._steps:
+            key, at = self._steps.popleft()
+            if key == id(scheduler_output):
+                scheduled_at = at
+                break
+        # With async scheduling the next step is scheduled while this one runs: it starts
+        # when this one ends.
+        started = max(scheduled_at, self._last_done)
+        self._last_done = now
+        self.model.observe(scheduler_output.total_num_scheduled_tokens, now - started)
+        return super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
+
+
+class HitsFirstScheduler(HitsFirst, Scheduler):
+    """vLLM's scheduler, hits first."""
+
+
+class HitsFirstAsyncScheduler(HitsFirst, AsyncScheduler):
+    """vLLM's async scheduler (the default where the executor supports it), hits first."""
+
+
+def scheduler(**kwargs: Any) -> Scheduler:
+    """What ``--scheduler-cls`` names: builds the hits-first form of the scheduler vLLM would
+    have used (async scheduling or not)."""
+    vllm_config: VllmConfig = kwargs["vllm_config"]
+    if vllm_config.scheduler_config.async_scheduling:
+        return HitsFirstAsyncScheduler(**kwargs)
+    return HitsFirstScheduler(**kwargs)

@@ -1,0 +1,101 @@
+"""Hits first: the order an engine serves requests in, and how many tokens one step computes.
+
+A request whose context is cached has little left to compute; one that is cold has its whole
+prompt. Served in arrival order, a hit that arrives with a cold prompt waits for the cold
+prompt's prefill step (seconds on a CPU), so the cache saves it nothing. Two rules fix that:
+
+- **Short steps.** An engine step computes at most the tokens that fit in ``step_s`` seconds,
+  as the engine measures itself (:class:`StepModel`: a step takes ``a + b x tokens``). Nobody
+  waits long for the step under way to end. A request alone gets the whole budget vLLM was
+  given: no one waits for it.
+- **Least work first, with aging.** A request's priority is its arrival time plus ``patience``
+  times its expected prefill time (:func:`priority_ms`; smaller runs first). In a burst the
+  request with the least to compute goes first; a cold request is overtaken only by requests
+  that arrive within ``patience`` times its own prefill time after it, so its wait is bounded:
+  it never starves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+STEP_S = 0.5  # the default step target: a hit waits at most about this for the step under way
+PATIENCE = 2.0  # a cold request yields to what arrives within 2x its own prefill time after it
+MIN_STEP_TOKENS = 64  # below this a step's fixed cost dominates and prefill crawls
+
+
+@dataclass(frozen=True)
+class SchedulingOptions:
+    """The scheduler's options (``kv_connector_extra_config["scheduling"]``).
+
+    Attributes:
+        hits_first: order requests by :func:`priority_ms` and keep steps short; False keeps
+            vLLM's own scheduling.
+        step_s: the target duration of an engine step, in seconds.
+        patience: how long a request lets later, smaller ones go first, in multiples of its
+            own expected prefill time.
+    """
+
+    hits_first: bool = True
+    step_s: float = STEP_S
+    patience: float = PATIENCE
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.step_s, int | float) and 0.01 <= self.step_s <= 60):
+            raise ValueError(f"step_s: expected seconds between 0.01 and 60, got {self.step_s!r}")
+        if not (isinstance(self.patience, int | float) and 0 <= self.patience <= 1000):
+            raise ValueError(f"patience: expected 0 to 1000, got {self.patience!r}")
+
+
+class StepModel:
+    """An engine step's duration as ``a + b x tokens``, fitted to the steps the engine ran.
+
+    A weighted least-squares fit that forgets old steps (``memory`` steps' half-life), so it
+    follows a host whose speed changes. Until it has seen steps of two different sizes it
+    uses ``tokens_per_s`` and no fixed cost.
+    """
+
+    def __init__(self, tokens_per_s: float = 300.0, memory: int = 64):
+        self._decay = 0.5 ** (1 / memory)
+        self._n = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self.fixed_s = 0.0
+        self.per_token_s = 1 / tokens_per_s
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """One step that computed ``tokens`` tokens in ``seconds``."""
+        if tokens <= 0 or not (0 < seconds < 600):
+            return
+        d = self._decay
+        self._n = self._n * d + 1
+        self._sx = self._sx * d + tokens
+        self._sy = self._sy * d + seconds
+        self._sxx = self._sxx * d + tokens * tokens
+        self._sxy = self._sxy * d + tokens * seconds
+        spread = self._n * self._sxx - self._sx**2
+        if spread > 1e-9 * max(1.0, self._sxx * self._n):  # two sizes at least: fit a and b
+            b = (self._n * self._sxy - self._sx * self._sy) / spread
+            a = (self._sy - b * self._sx) / self._n
+            if b > 0:
+                self.per_token_s, self.fixed_s = b, max(0.0, a)
+                return
+        self.per_token_s, self.fixed_s = self._sy / self._sx, 0.0  # one size: a rate
+
+    def seconds(self, tokens: int) -> float:
+        """The expected duration of a step of ``tokens`` tokens."""
+        return self.fixed_s + self.per_token_s * tokens
+
+    def tokens_within(self, seconds: float) -> int:
+        """The most tokens a step may compute to last about ``seconds``."""
+        return max(MIN_STEP_TOKENS, math.floor((seconds - self.fixed_s) / self.per_token_s))
+
+
+def priority_ms(arrival_s: float, work_tokens: int, model: StepModel, patience: float) -> int:
+    """A request's priority, smaller first: its arrival plus ``patience`` times the time its
+    prefill takes, in milliseconds since the scheduler's start (``arrival_s`` counts from it).
+
+    Two requests arriving together go in the order of their work; a request yields to one
+    arriving ``dt`` later only when the other's extra patience is worth more than ``dt``, so a
+    cold request waits for at most what arrives within ``patience x its prefill`` after it.
+    """
+    return round(1000 * (arrival_s + patience * model.per_token_s * max(0, work_tokens)))

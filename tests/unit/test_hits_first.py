@@ -1,0 +1,284 @@
+"""The hits-first scheduler, driven as vLLM's engine core drives it, with no model: vLLM's own
+Scheduler and KV cache manager (prefix caching on) in this process, steps timed by a simulated
+clock (a step of n tokens lasts FIXED_S + n x PER_TOKEN_S, about this host's fp32 speed), and
+each step's sampled token made up. The same arrivals run through vLLM's own FCFS scheduler
+and through kvtier's, side by side: hits go first in a burst, steps stay short while requests
+share the engine, a lone request keeps the whole budget, a cold request waits a bounded time
+under a flood of hits, and a hit whose background load ends is served ahead of cold prefills
+queued before it."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+from vllm.v1.request import Request, RequestStatus
+from vllm.v1.structured_output import StructuredOutputManager
+
+from kvtier.integrations.model import prepare_default_model
+from kvtier.integrations.vllm.hits_first import HitsFirstScheduler
+from kvtier.policy.scheduling import MIN_STEP_TOKENS
+
+from kvhelpers import chunk
+
+BLOCK = 16
+FIXED_S = 0.05  # a step's fixed cost
+PER_TOKEN_S = 0.003  # ~330 tokens/s of prefill, as a 2-core AVX2 host in fp32
+BUDGET = 2048  # vLLM's max_num_batched_tokens on CPU
+STEP_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    return str(prepare_default_model())
+
+
+def config(model: str, policy: str, extra: dict[str, Any] | None = None) -> VllmConfig:
+    transfer = None
+    if extra is not None:
+        transfer = KVTransferConfig(
+            kv_connector="KvtierConnector",
+            kv_connector_module_path="kvtier.integrations.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config=extra,
+        )
+    return VllmConfig(
+        model_config=ModelConfig(model=model, dtype="float32", max_model_len=8192),
+        cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=True),
+        scheduler_config=SchedulerConfig(
+            max_num_batched_tokens=BUDGET,
+            max_num_seqs=64,
+            max_model_len=8192,
+            policy=policy,  # type: ignore[arg-type]
+            is_encoder_decoder=False,
+        ),
+        kv_transfer_config=transfer,
+    )
+
+
+def scheduler(
+    model: str, hits_first: bool, extra: dict[str, Any] | None = None, num_blocks: int = 4000
+) -> Scheduler:
+    vllm_config = config(model, "priority" if hits_first else "fcfs", extra)
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=8, dtype=torch.float32)
+    kv = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)],
+    )
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
+    cls = HitsFirstScheduler if hits_first else Scheduler
+    return cls(
+        vllm_config=vllm_config,
+        kv_cache_config=kv,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        log_stats=False,
+        block_size=BLOCK,
+    )
+
+
+@dataclass
+class Engine:
+    """A scheduler and a simulated clock: each step lasts FIXED_S + tokens x PER_TOKEN_S."""
+
+    sched: Scheduler
+    now: float = 0.0
+    first_token: dict[str, float] = field(default_factory=dict)
+    arrived: dict[str, float] = field(default_factory=dict)
+    steps: list[tuple[int, int]] = field(default_factory=list)  # (tokens, requests present)
+    loaded: set[str] = field(default_factory=set)  # background loads to report done
+    ids: Iterator[int] = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        init_none_hash(digest)
+        self.hasher = get_request_block_hasher(BLOCK, digest)
+        if isinstance(self.sched, HitsFirstScheduler):
+            self.sched.clock = lambda: self.now  # the step model learns the simulated speed
+
+    def add(self, tokens: list[int], name: str | None = None, max_tokens: int = 1) -> str:
+        req_id = name or f"r{next(self.ids)}"
+        epoch = getattr(self.sched, "_epoch", 0.0)
+        request = Request(
+            req_id,
+            tokens,
+            SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+            None,
+            arrival_time=epoch + self.now,
+            block_hasher=self.hasher,
+        )
+        self.sched.add_request(request)
+        self.arrived[req_id] = self.now
+        return req_id
+
+    def step(self) -> int:
+        present = len(self.sched.running) + len(self.sched.waiting)
+        out = self.sched.schedule()
+        tokens = int(out.total_num_scheduled_tokens)
+        self.steps.append((tokens, present))
+        self.now += FIXED_S + PER_TOKEN_S * tokens if tokens else 0.01
+        sampled: list[list[int]] = []
+        ids = list(out.num_scheduled_tokens)
+        for req_id in ids:
+            request = self.sched.requests[req_id]
+            done = request.num_computed_tokens >= request.num_prompt_tokens
+            sampled.append([7] if done else [])
+            if done and req_id not in self.first_token:
+                self.first_token[req_id] = self.now
+        loaded, self.loaded = self.loaded, set()
+        self.sched.update_from_output(
+            out,
+            ModelRunnerOutput(
+                req_ids=ids,
+                req_id_to_index={r: i for i, r in enumerate(ids)},
+                sampled_token_ids=sampled,
+                kv_connector_output=KVConnectorOutput(finished_recving=loaded) if loaded else None,
+            ),
+        )
+        return tokens
+
+    def run(self, until: float | None = None) -> None:
+        """Steps until nothing is left (or the clock passes ``until``)."""
+        while self.sched.has_unfinished_requests() and (until is None or self.now < until):
+            self.step()
+
+    def ttft(self, req_id: str) -> float:
+        return self.first_token[req_id] - self.arrived[req_id]
+
+
+def digest(value: Any) -> bytes:
+    return hashlib.sha256(pickle.dumps(value)).digest()
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    return [(seed * 7919 + i * 104729) % 49000 + 100 for i in range(n)]
+
+
+def burst(engine: Engine, users: int = 3, cold: bool = True) -> tuple[str, list[str]]:
+    """Users with a 1,500-token history each, then a burst: a cold 2,000-token first turn
+    arrives first, then each user's next turn (the history and 40 new tokens)."""
+    histories = [tokens(u, 1500) for u in range(users)]
+    for h in histories:
+        engine.add(h)
+    engine.run()
+    first = engine.add(tokens(99, 2000)) if cold else ""
+    hits = [engine.add(h + tokens(50 + u, 40)) for u, h in enumerate(histories)]
+    engine.run()
+    return first, hits
+
+
+def test_a_burst_serves_the_hits_first_and_the_cold_prompt_barely_later(model: str) -> None:
+    alone = Engine(scheduler(model, hits_first=False))
+    fcfs = Engine(scheduler(model, hits_first=False))
+    ours = Engine(scheduler(model, hits_first=True))
+    _, hits_a = burst(alone, cold=False)
+    cold_f, hits_f = burst(fcfs)
+    cold_o, hits_o = burst(ours)
+    isolated = max(alone.ttft(h) for h in hits_a)  # the three hits, no cold prompt
+    # FCFS: the hits wait for the cold prompt's first step (2,048 tokens, ~6 s).
+    assert min(fcfs.ttft(h) for h in hits_f) > 2000 * PER_TOKEN_S
+    # Hits first: as fast as without the cold prompt (the median), at most twice as slow
+    # (the last, which the step budget leaves to the next step), 1/5 of FCFS's at most.
+    got = sorted(ours.ttft(h) for h in hits_o)
+    assert got[1] <= 1.25 * isolated and got[-1] <= 2 * isolated
+    assert got[-1] * 5 < min(fcfs.ttft(h) for h in hits_f)
+    # The cold prompt: at most 25% later than under FCFS (it gets vLLM's whole budget again
+    # once alone).
+    assert ours.ttft(cold_o) <= 1.25 * fcfs.ttft(cold_f)
+
+
+def test_steps_stay_short_while_requests_share_and_a_lone_one_gets_the_whole_budget(
+    model: str,
+) -> None:
+    engine = Engine(scheduler(model, hits_first=True))
+    alone = engine.add(tokens(1, 3000))
+    engine.run()
+    assert engine.steps[0] == (BUDGET, 1)  # alone: vLLM's whole budget, nobody waits
+    assert engine.ttft(alone) == pytest.approx(2 * FIXED_S + 3000 * PER_TOKEN_S)
+    engine.steps.clear()
+    a, b = engine.add(tokens(2, 3000)), engine.add(tokens(3, 3000))
+    engine.run()
+    fit = engine.sched.model  # type: ignore[attr-defined]
+    assert fit.per_token_s == pytest.approx(PER_TOKEN_S) and fit.fixed_s == pytest.approx(FIXED_S)
+    limit = max(MIN_STEP_TOKENS, int((STEP_S - FIXED_S) / PER_TOKEN_S))
+    shared = [t for t, present in engine.steps if present > 1]
+    assert shared and max(shared) <= limit + 2  # +1 token per decode
+    assert engine.ttft(a) < engine.ttft(b)  # the same work: in arrival order
+
+
+def flood(engine: Engine, until: float) -> str:
+    """A cold 2,000-token prompt, then a user's hits of ~160 tokens of work each, one every
+    0.4 s: more than the engine can serve (one takes ~0.53 s). The cold prompt's id."""
+    history = tokens(5, 1200)
+    engine.add(history)
+    engine.run()
+    cold = engine.add(tokens(6, 2000))
+    start, sent = engine.now, 0
+    while cold not in engine.first_token and engine.now < start + until:
+        while start + 0.4 * sent <= engine.now:
+            engine.add(history + tokens(100 + sent, 160))
+            sent += 1
+        engine.step()
+    return cold
+
+
+def test_a_cold_request_under_a_flood_of_hits_waits_a_bounded_time(model: str) -> None:
+    engine = Engine(scheduler(model, hits_first=True))
+    cold = flood(engine, until=120)
+    alone_s = FIXED_S + 2000 * PER_TOKEN_S
+    waited = engine.ttft(cold)
+    # It yielded to the hits (served first, it would have answered in alone_s)...
+    assert waited > 2 * alone_s
+    # ...but only to those that arrived within its patience (2x its prefill, 12 s): their
+    # work (~0.53 s each, 30 of them) and its own in short steps, with room to spare.
+    patience_s = 2 * alone_s
+    assert waited <= patience_s + patience_s / 0.4 * 0.53 + 1.5 * alone_s
+    # Without aging (least work first alone) the same cold prompt starves.
+    greedy = Engine(scheduler(model, hits_first=True))
+    greedy.sched.options = replace(greedy.sched.options, patience=1000)  # type: ignore[attr-defined]
+    starved = flood(greedy, until=60)
+    assert starved not in greedy.first_token
+
+
+def test_a_hit_whose_background_load_ends_goes_before_cold_prefills(
+    model: str, tmp_path: Path
+) -> None:
+    extra = {
+        "chunk_tokens": 256,
+        "loads": "async",  # every hit loads in the background
+        "tiers": [{"kind": "memory", "capacity": "64MiB", "prefault": False}],
+    }
+    fcfs = Engine(scheduler(model, hits_first=False, extra=extra))
+    ours = Engine(scheduler(model, hits_first=True, extra=extra))
+    results = []
+    for engine in (fcfs, ours):
+        side = engine.sched.connector.scheduler  # type: ignore[union-attr]
+        store, ns = side.ctx.store, side.ctx.namespace(None)
+        held = tokens(7, 1024)  # four chunks kvtier holds
+        store.put(held, ns, [chunk(i, (2, 2, 256, 2, 8)) for i in range(4)])
+        store.flush()
+        colds = [engine.add(tokens(10 + i, 3000)) for i in range(2)]
+        engine.step()  # the cold prompts are under way
+        hit = engine.add(held + tokens(8, 30))
+        waiting = RequestStatus.WAITING_FOR_REMOTE_KVS
+        while engine.sched.requests[hit].status != waiting:  # until vLLM looks it up
+            engine.step()
+        engine.loaded.add(hit)  # the worker reports it loaded with the next step
+        engine.step()
+        engine.run()
+        results.append((engine.ttft(hit), max(engine.ttft(c) for c in colds)))
+    (hit_f, cold_f), (hit_o, cold_o) = results
+    assert hit_o < STEP_S * 3 < hit_f  # FCFS: behind the cold prefills' steps
+    assert cold_o <= 1.25 * cold_f
