@@ -194,12 +194,13 @@ def test_serve_checks_kvtier_options_before_starting_vllm(tmp_path: Path) -> Non
     # target rides in the connector's configuration; --scheduling vllm leaves vLLM's own.
     assert command[command.index("--scheduler-cls") + 1] == HITS_FIRST_CLASS
     assert command[command.index("--scheduling-policy") + 1] == "priority"
-    assert "scheduling" not in transfer["kv_connector_extra_config"]
+    assert transfer["kv_connector_extra_config"]["scheduling"] == {"hits_first": True}
     timed = json.loads(kvtier("serve", "--dry-run", *GIVEN_DTYPE, "--step-s", "0.8").stdout)
     extra = json.loads(timed[timed.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
-    assert extra["scheduling"] == {"step_s": 0.8}
+    assert extra["scheduling"] == {"hits_first": True, "step_s": 0.8}
     plain = json.loads(kvtier("serve", "--dry-run", *GIVEN_DTYPE, "--scheduling", "vllm").stdout)
     assert "--scheduler-cls" not in plain and "--scheduling-policy" not in plain
+    assert "scheduling" not in plain[plain.index("--kv-transfer-config") + 1]
     for args in (("--scheduling-policy", "fcfs"), ("--step-s", "0"), ("--scheduling", "x")):
         bad = kvtier("serve", "--dry-run", *GIVEN_DTYPE, *args, check=False)
         assert bad.returncode == 2 and args[0] in bad.stderr, bad.stderr

@@ -93,13 +93,17 @@ def test_a_burst_of_one_prompt_counts_each_request_once(prompter: Prompter) -> N
     ] * 2
     assert [x.queued for x in routes] == [len(burst), len(burst), 10, 10]
     assert a.queued_tokens + b.queued_tokens == 2 * len(burst) + 20
+    # Per request too (what a hits-first engine's wait is priced from).
+    assert sorted([*a.queued_work.elements(), *b.queued_work.elements()]) == sorted(
+        x.queued for x in routes
+    )
     assert {x.engine.url for x in routes[2:]} == {a.url, b.url}  # still balanced
     for x in routes:
         x.first_token(x.engine, sent=0.0)
         x.first_token(x.engine, sent=0.0)  # a second first token changes nothing
     assert a.queued_tokens == b.queued_tokens == 0
     queues.close()
-    assert a.queued_tokens == b.queued_tokens == 0
+    assert a.queued_tokens == b.queued_tokens == 0 and not a.queued_work and not b.queued_work
 
 
 def test_a_retry_and_an_engine_that_dies_leave_no_queued_tokens(prompter: Prompter) -> None:
@@ -143,9 +147,12 @@ def test_resize_follows_the_whole_prompt_and_never_goes_negative(prompter: Promp
     got.resize(+400)  # not in the queue yet: the route alone grows
     assert (got.queued, a.queued_tokens) == (1000, 0)
     with got.in_queue():
+        assert a.queued_work == {1000: 1}
+        got.resize(-300)
+        assert (got.queued, a.queued_tokens, a.queued_work) == (700, 700, {700: 1})
         got.resize(-5000)
-        assert (got.queued, a.queued_tokens) == (0, 0)
-    assert a.queued_tokens == 0
+        assert (got.queued, a.queued_tokens) == (0, 0) and not a.queued_work
+    assert a.queued_tokens == 0 and not a.queued_work
 
 
 def test_a_prefill_engine_computes_and_the_decode_engine_loads(prompter: Prompter) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -44,6 +45,24 @@ def test_the_engine_holding_the_context_wins_unless_its_queue_costs_more() -> No
     assert routing.choose(4000, [other, holder]).chosen == 1
     busy = view("holder", queued=8000, dram=3840)  # 8 s of queue > 3.8 s of recompute
     assert routing.choose(4000, [other, busy]).chosen == 0
+
+
+def test_on_hits_first_engines_a_hit_waits_only_for_smaller_work_and_a_cold_one_for_all() -> None:
+    """A cold 8,000-token prompt queued on the engine holding a user's context: served in
+    arrival order the user's hit would wait 8 s there and goes elsewhere to recompute; on a
+    hits-first engine it goes first (at most one step of the cold prompt's: 0.5 s) and stays."""
+    routing = CostRouting(BPT)
+    holder = EngineView("holder", {"dram": 3840}, 8000, RATE, queued=(8000,))
+    other = view("other")
+    assert routing.choose(4000, [other, holder]).chosen == 0  # FCFS: 8 s of queue first
+    first = replace(holder, hits_first=True)
+    got = routing.estimate(4000, first)
+    assert got.wait_s == pytest.approx(0.5)  # the step under way (STEP_S at RATE)
+    assert routing.choose(4000, [other, first]).chosen == 1
+    # A cold prompt waits for everything queued with no more work than its own.
+    small = replace(first, queued=(100, 200, 8000), queued_tokens=8300)
+    assert routing.estimate(4000, replace(small, hits={})).wait_s == pytest.approx(0.8)
+    assert routing.estimate(9000, replace(small, hits={})).wait_s == pytest.approx(8.3)
 
 
 def test_ties_go_to_the_least_queued_then_take_turns() -> None:

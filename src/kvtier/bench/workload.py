@@ -96,7 +96,7 @@ def interleaving(users: int, turns: int, seed: int) -> list[tuple[int, int]]:
     return order
 
 
-async def _stream(
+async def stream(
     session: aiohttp.ClientSession,
     url: str,
     body: dict[str, Any],
@@ -188,7 +188,7 @@ async def chat(
                 }
                 result = Turn(user, turn)
                 try:
-                    ttft, answer, usage, engine, overhead = await _stream(
+                    ttft, answer, usage, engine, overhead = await stream(
                         session, url + "/v1/chat/completions", body
                     )
                     result.ttft_s, result.engine, result.router_ms = ttft, engine, overhead
@@ -257,7 +257,7 @@ async def pd_mix(
             }
             requests += 1
             try:
-                ttft, _, _, engine, _ = await _stream(session, url + "/v1/completions", body)
+                ttft, _, _, engine, _ = await stream(session, url + "/v1/completions", body)
                 ttfts.append(ttft)
                 where[engine] = where.get(engine, 0) + 1
             except (RuntimeError, aiohttp.ClientError, TimeoutError, ValueError):
@@ -298,7 +298,7 @@ async def decode_until(
             "cache_salt": salt,
         }
         try:
-            await _stream(session, url + "/v1/completions", body, gaps)
+            await stream(session, url + "/v1/completions", body, gaps)
         except (RuntimeError, aiohttp.ClientError, TimeoutError, ValueError):
             failed += 1
     return sent, failed

@@ -1,17 +1,18 @@
-"""The arguments of ``kvtier bench ttft`` and ``kvtier bench overlap`` (the benchmarks:
-:mod:`kvtier.bench.ttft`, :mod:`kvtier.bench.overlap`)."""
+"""The arguments of ``kvtier bench ttft``, ``bench overlap`` and ``bench chat`` (the
+benchmarks: :mod:`kvtier.bench.ttft`, :mod:`kvtier.bench.overlap`, :mod:`kvtier.bench.chat`)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from kvtier.bench import overlap, ttft
+from kvtier.bench import chat, overlap, ttft
 
 
 def register(bsub: Any) -> None:
     register_ttft(bsub)
     register_overlap(bsub)
+    register_chat(bsub)
 
 
 def register_ttft(bsub: Any) -> None:
@@ -71,3 +72,35 @@ def register_overlap(bsub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=overlap.run)
+
+
+def register_chat(bsub: Any) -> None:
+    p = bsub.add_parser(
+        "chat",
+        help="multi-round chat in bursts through kvtier serve: hits first vs FCFS vs no cache",
+        description=chat.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--users", type=int, default=11, help="users, each with a document (11)")
+    p.add_argument("--burst", type=int, default=4, help="requests per burst, one cold (4)")
+    p.add_argument("--history", type=int, default=2000, help="tokens of each document (2000)")
+    p.add_argument("--answer", type=int, default=16, help="tokens of each answer (16)")
+    p.add_argument(
+        "--isolated", type=int, default=3, help="users whose next turn is then sent alone (3)"
+    )
+    p.add_argument(
+        "--modes",
+        default=",".join(chat.MODES),
+        help="paths to run, comma-separated (baseline,fcfs,hits-first)",
+    )
+    p.add_argument(
+        "--step-s", type=float, metavar="SECONDS", help="hits-first's step target (serve's)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype",
+        metavar="DTYPE",
+        help="the engines' dtype (vLLM's --dtype; default: the faster on this host, measured)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=chat.run)

@@ -200,12 +200,15 @@ def store_feed(
     bytes_per_token: int,
     kv_events: dict[str, Any] | None = None,
     engine_dtype: dict[str, Any] | None = None,
+    scheduling: dict[str, Any] | None = None,
 ) -> EventFeed:
     """The feed of an engine's ``store``, subscribed to its events (not yet served).
 
     ``namespace``: the engine's, without a salt (the router adds each request's);
     ``kv_events``: where vLLM publishes its own KV events (``{"port", "topic"}``), if it does;
-    ``engine_dtype``: the engine's dtype, who chose it and why (``kvtier serve``'s choice).
+    ``engine_dtype``: the engine's dtype, who chose it and why (``kvtier serve``'s choice);
+    ``scheduling``: the hits-first scheduler's options, when the engine runs it (the router
+    prices a request's wait by what would go before it).
     """
     tiers = [(t.name, TIER_KIND.get(t.kind, t.kind), t) for t in config.tiers]
     info = {
@@ -227,6 +230,7 @@ def store_feed(
         ],
         "kv_events": kv_events,
         "engine_dtype": engine_dtype,
+        "scheduling": scheduling,
     }
     by_name = {t.name: t for t in store.tiers}
 

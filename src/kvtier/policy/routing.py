@@ -17,7 +17,9 @@ engine shares: a prompt held only there costs the same load everywhere, and the 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from kvtier.policy.scheduling import STEP_S
 
 # Bandwidths assumed for a tier before an engine has measured its own (bytes/s). "gpu" is the
 # engine's own prefix cache: nothing to load.
@@ -42,6 +44,10 @@ class EngineView:
         queued_tokens: prefill tokens routed to it whose first token has not come back yet.
         prefill_tokens_per_s: its measured prefill rate.
         bandwidth: its measured load bandwidth per tier kind, bytes/s (defaults otherwise).
+        queued: the prefill tokens of each of those requests (they sum to ``queued_tokens``).
+        hits_first: it serves the requests with the least to compute first
+            (:mod:`kvtier.policy.scheduling`): a request waits only for the queued ones with
+            no more work than its own, and for the step under way.
     """
 
     name: str
@@ -49,6 +55,8 @@ class EngineView:
     queued_tokens: int = 0
     prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S
     bandwidth: Mapping[str, float] = field(default_factory=dict)
+    queued: tuple[int, ...] = ()
+    hits_first: bool = False
 
     @property
     def hit_tokens(self) -> int:
@@ -98,7 +106,7 @@ class CostRouting:
             bandwidth = view.bandwidth.get(kind) or DEFAULT_BANDWIDTH.get(kind, 1e9)
             load += tokens * self.bytes_per_token / bandwidth
         hit = min(view.hit_tokens, prompt_tokens)
-        wait = view.queued_tokens / rate
+        wait = _queued_ahead(prompt_tokens - hit, view) / rate
         recompute = (prompt_tokens - hit) / rate
         return Estimate(view.name, wait + load + recompute, wait, load, recompute, hit)
 
@@ -113,6 +121,17 @@ class CostRouting:
         tied = [i for i in close if views[i].queued_tokens == least]
         self._turn += 1
         return Decision(tied[self._turn % len(tied)], estimates)
+
+
+def _queued_ahead(work: int, view: EngineView) -> float:
+    """The queued prefill tokens a request with ``work`` tokens to compute waits for: all of
+    them in arrival order; on a hits-first engine, those of requests with no more work than
+    its own, and at most one step (:data:`~kvtier.policy.scheduling.STEP_S`) of the others."""
+    if not view.hits_first or not view.queued:
+        return float(view.queued_tokens)
+    ahead = sum(q for q in view.queued if q <= work)
+    behind = view.queued_tokens - ahead
+    return ahead + min(behind, STEP_S * view.prefill_tokens_per_s)
 
 
 def leading_hits(tiers_of: Sequence[Sequence[str]], tokens_of: Sequence[int]) -> dict[str, int]:
@@ -185,9 +204,7 @@ def split_cost(
     whole = max(prompt_tokens - 1, 0) // block_tokens * block_tokens
     loaded = dict(decode.hits)
     loaded["shared"] = loaded.get("shared", 0) + max(whole - decode.hit_tokens, 0)
-    view = EngineView(
-        decode.name, loaded, decode.queued_tokens, decode.prefill_tokens_per_s, decode.bandwidth
-    )
+    view = replace(decode, hits=loaded)
     after = routing.estimate(prompt_tokens, view)
     split_s = best_s + PREFILL_HOP_S + after.ttft_s + running * after.recompute_s
     chosen = split_s < direct_s

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -52,12 +53,31 @@ class Engine:
     epoch: str = ""
     seq: int = 0
     queued_tokens: int = 0  # prefill tokens routed here whose first token is not back yet
+    queued_work: Counter[int] = field(default_factory=Counter)  # those tokens, per request
     in_flight: int = 0
     routed: int = 0
     samples: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds)
     bandwidth: dict[str, float] = field(default_factory=dict)  # tier kind -> bytes/s
     blocks: BlockKeys | None = None  # vLLM's blocks -> chunk keys, while its events are read
     block_gaps: int = 0  # times vLLM's events were lost (or it restarted) and were dropped
+
+    def enqueue(self, tokens: int) -> None:
+        """A request adds ``tokens`` to compute to its queue (a route's own call)."""
+        self.queued_tokens += tokens
+        self.queued_work[tokens] += 1
+
+    def dequeue(self, tokens: int) -> None:
+        """A request's ``tokens`` leave its queue (a route's own call)."""
+        self.queued_tokens -= tokens
+        self.queued_work[tokens] -= 1
+        if self.queued_work[tokens] <= 0:
+            del self.queued_work[tokens]
+
+    @property
+    def hits_first(self) -> bool:
+        """It serves the requests with the least to compute first (its /kvtier/info says)."""
+        scheduling = (self.info or {}).get("scheduling") or {}
+        return bool(scheduling.get("hits_first"))
 
     def measured_prefill(self, tokens: int, seconds: float) -> None:
         """A request that found this engine idle computed ``tokens`` in ``seconds``."""

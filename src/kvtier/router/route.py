@@ -39,8 +39,9 @@ INLINE_CHARS = 32_000  # longer completion texts are tokenized off the event loo
 class Route:
     """Where one request goes, and what was predicted of it there.
 
-    ``queued`` is the prefill tokens it adds to its engine's queue (``Engine.queued_tokens``,
-    which the routing of later requests weighs). Only these methods change that count: the
+    ``queued`` is the prefill tokens it adds to its engine's queue (``Engine.queued_tokens``
+    and, per request, ``Engine.queued_work``, which the routing of later requests weighs).
+    Only these methods change them, through ``Engine.enqueue``/``dequeue``: the
     request is in the queue inside :meth:`in_queue`, leaves it at its first token
     (:meth:`first_token`) or at the end of :meth:`in_queue` at the latest, whatever happens in
     between (a retry, an engine that dies mid-request), so no path leaks or counts twice.
@@ -59,7 +60,8 @@ class Route:
     def in_queue(self) -> Iterator[Route]:
         """Its tokens in its engine's queue for the time of the block (entered once)."""
         assert not self.counted, "a route enters its engine's queue once"
-        self.engine.queued_tokens += self.queued
+        if self.queued:
+            self.engine.enqueue(self.queued)
         self.counted = True
         try:
             yield self
@@ -84,13 +86,15 @@ class Route:
         """The prompt turned out ``delta`` tokens longer (or shorter) than routed on."""
         if self.queued > 0:
             delta = max(delta, -self.queued)
-            self.queued += delta
             if self.counted:
-                self.engine.queued_tokens += delta
+                self.engine.dequeue(self.queued)
+                if self.queued + delta:
+                    self.engine.enqueue(self.queued + delta)
+            self.queued += delta
 
     def _leave(self) -> None:
         if self.counted and self.queued:
-            self.engine.queued_tokens -= self.queued
+            self.engine.dequeue(self.queued)
         self.queued = 0
 
 
@@ -239,4 +243,12 @@ class Routing:
     def _view(self, engine: Engine, prompt: PromptKeys) -> EngineView:
         hits = held_hits(self.index, engine.url, prompt)
         rate = self.engines.prefill_rate(engine)
-        return EngineView(engine.url, hits, engine.queued_tokens, rate, engine.bandwidth)
+        return EngineView(
+            engine.url,
+            hits,
+            engine.queued_tokens,
+            rate,
+            engine.bandwidth,
+            tuple(engine.queued_work.elements()),
+            engine.hits_first,
+        )

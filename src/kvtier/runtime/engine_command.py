@@ -172,11 +172,13 @@ def scheduling_options(
                 f"{name}: --scheduling hits-first (the default) sets it; add --scheduling vllm"
                 " to use vLLM's scheduling with your own options"
             )
+    scheduling: dict[str, Any] = {"hits_first": True}  # also tells routers (/kvtier/info)
     step_s = getattr(args, "step_s", None)
     if step_s is not None:
         if not 0.01 <= step_s <= 60:
             raise ConfigError(f"--step-s: expected seconds between 0.01 and 60, got {step_s}")
-        extra_config["scheduling"] = {"step_s": step_s}
+        scheduling["step_s"] = step_s
+    extra_config["scheduling"] = scheduling
     return ["--scheduler-cls", HITS_FIRST_CLASS, "--scheduling-policy", "priority"]
 
 

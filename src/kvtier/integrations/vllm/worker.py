@@ -139,6 +139,7 @@ class WorkerSide:
             per_token,
             ctx.options.kv_events,
             ctx.options.engine_dtype,
+            ctx.options.scheduling,
         )
         self._feed = feed if feed.start("127.0.0.1", port) else None
 

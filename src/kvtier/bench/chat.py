@@ -1,0 +1,261 @@
+"""``kvtier bench chat``: a multi-round chat whose users arrive in bursts, through ``kvtier serve``.
+
+Each user's first turn carries a document of their own (``--history`` tokens, text, so no
+prompt is a multiple of a block or a chunk); each later turn adds the previous answer
+(``--answer`` tokens) and a short question. Requests come in bursts of ``--burst``: one new
+user's first turn (cold) and the next turns of users met before (returning: their context is
+cached), all sent at once, the next burst when the last answer of this one is in. Before the
+first burst, ``--burst`` - 1 users have their first turn alone, so that every burst mixes one
+cold prompt with returning turns. Every request streams over HTTP (``/v1/chat/completions``);
+its TTFT is the first content byte, on the client side.
+
+The same conversations, each in a server of its own started as users start it (engine in its
+own processes, vLLM's KV cache made small with ``--num-gpu-blocks-override`` so that returning
+turns' contexts come from kvtier's DRAM rather than from vLLM's own cache):
+
+  baseline    the fair baseline: the same server, kvtier holding nothing (a 1 MiB DRAM tier
+              holds no chunk, no disk tier), vLLM's scheduling
+  fcfs        kvtier, vLLM's first-come first-served scheduling (``--scheduling vllm``)
+  hits-first  kvtier as ``kvtier serve`` runs by default
+
+Then, on each kvtier server, each of ``--isolated`` users' next turn alone: an isolated hit of
+the same length as the returning turns. Per path: mean TTFT over all turns, first and returning
+turns' medians, the longest wait of a first turn, the prompt tokens the engine computed per
+second of the run (prefill throughput), and the ratios the targets are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from tqdm import tqdm
+
+from kvtier.bench.workload import WORDS, document, stream
+from kvtier.integrations.engine_dtype import DtypeChoice, host_dtype
+from kvtier.integrations.engine_layout import has_gpu
+from kvtier.integrations.model import DEFAULT_MODEL_NAME
+from kvtier.redis_process import free_port
+from kvtier.runtime.engine_process import Server, kvtier_serve_command
+
+MODES = {
+    "baseline": ("--scheduling", "vllm", "--dram", "1MiB"),
+    "fcfs": ("--scheduling", "vllm"),
+    "hits-first": (),
+}
+# vLLM's own KV cache: 48 blocks of 128 tokens (on CPU), a burst's four prompts and little
+# more, so that a user's context is gone from it by their next turn.
+SMALL_VLLM_CACHE = ("--num-gpu-blocks-override", "48", "--max-model-len", "8192")
+
+
+@dataclass
+class Turn:
+    user: int
+    turn: int
+    burst: int
+    ttft_s: float | None = None  # None: failed
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str = ""
+
+
+class Conversations:
+    """Each user's messages so far; the question of each turn."""
+
+    def __init__(self, history_tokens: int, seed: int):
+        self.history_tokens, self.seed = history_tokens, seed
+        self.messages: dict[int, list[dict[str, str]]] = {}
+
+    def next_turn(self, user: int) -> tuple[int, list[dict[str, str]]]:
+        past = self.messages.get(user, [])
+        turn = len(past) // 2
+        if turn == 0:
+            question = document(user, self.history_tokens, self.seed) + "\nWhat is this about?"
+        else:
+            question = f"Question {turn}: what does the note say about {WORDS[turn % 30]}?"
+        return turn, [*past, {"role": "user", "content": question}]
+
+    def answered(self, user: int, messages: list[dict[str, str]], answer: str) -> None:
+        self.messages[user] = [*messages, {"role": "assistant", "content": answer}]
+
+
+def bursts(users: int, size: int) -> list[list[int]]:
+    """The users of each burst: one new user, then ``size`` - 1 returning ones in turn."""
+    plan, seen, turn = [], list(range(size - 1)), 0
+    for new in range(size - 1, users):
+        returning = [seen[(turn + i) % len(seen)] for i in range(size - 1)]
+        turn += size - 1
+        plan.append([new, *returning])
+        seen.append(new)
+    return plan
+
+
+async def _turn(
+    session: aiohttp.ClientSession,
+    url: str,
+    chats: Conversations,
+    user: int,
+    burst: int,
+    answer_tokens: int,
+) -> Turn:
+    turn, messages = chats.next_turn(user)
+    body = {
+        "model": DEFAULT_MODEL_NAME,
+        "messages": messages,
+        "max_tokens": answer_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    result = Turn(user, turn, burst)
+    try:
+        ttft, answer, usage, _, _ = await stream(session, url + "/v1/chat/completions", body)
+        result.ttft_s = ttft
+        result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        result.cached_tokens = int(details.get("cached_tokens") or 0)
+    except (RuntimeError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        result.error, answer = str(exc)[:300], "(no answer)"
+    chats.answered(user, messages, answer)
+    return result
+
+
+async def play(url: str, args: argparse.Namespace, bar: Any) -> dict[str, Any]:
+    """The whole workload against ``url``: warm-up users, the bursts, then isolated turns."""
+    chats = Conversations(args.history, args.seed)
+    plan = bursts(args.users, args.burst)
+    timeout = aiohttp.ClientTimeout(total=1800)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for user in range(args.burst - 1):  # met before the first burst
+            await _turn(session, url, chats, user, -1, args.answer)
+            bar.update()
+        turns: list[Turn] = []
+        started = time.perf_counter()
+        for k, users in enumerate(plan):
+            done = await asyncio.gather(
+                *(_turn(session, url, chats, u, k, args.answer) for u in users)
+            )
+            turns += done
+            bar.update(len(users))
+        elapsed = time.perf_counter() - started
+        isolated = []
+        for user in range(min(args.isolated, args.users)):
+            isolated.append(await _turn(session, url, chats, user, -2, args.answer))
+            bar.update()
+    return {"turns": turns, "elapsed_s": elapsed, "isolated": isolated}
+
+
+def summary(played: dict[str, Any]) -> dict[str, Any]:
+    turns: list[Turn] = played["turns"]
+    ok = [t for t in turns if t.ttft_s is not None]
+    first = [t.ttft_s for t in ok if t.turn == 0 and t.ttft_s is not None]
+    returning = [t.ttft_s for t in ok if t.turn > 0 and t.ttft_s is not None]
+    isolated = [t.ttft_s for t in played["isolated"] if t.ttft_s is not None]
+    cached = sum(t.cached_tokens for t in ok)
+    computed = sum(t.prompt_tokens for t in ok) - cached
+    return {
+        "requests": len(turns),
+        "failed": len(turns) - len(ok),
+        "mean_s": statistics.mean(t.ttft_s for t in ok if t.ttft_s is not None) if ok else None,
+        "first_median_s": statistics.median(first) if first else None,
+        "first_max_s": max(first) if first else None,
+        "returning_median_s": statistics.median(returning) if returning else None,
+        "returning_p90_s": sorted(returning)[int(0.9 * (len(returning) - 1))]
+        if returning
+        else None,
+        "isolated_hit_s": statistics.median(isolated) if isolated else None,
+        "computed_tokens": computed,
+        "prefill_tokens_per_s": computed / played["elapsed_s"] if played["elapsed_s"] else None,
+        "cached_fraction": cached / max(1, sum(t.prompt_tokens for t in ok)),
+        "elapsed_s": played["elapsed_s"],
+        "turns": [asdict(t) for t in turns],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    modes = [m for m in args.modes.split(",") if m.strip()]
+    if set(modes) - set(MODES) or not modes:
+        raise SystemExit(f"kvtier bench chat: --modes from {', '.join(MODES)}")
+    if args.burst < 2 or args.users < args.burst or not 256 < args.history < 7000:
+        raise SystemExit(
+            "kvtier bench chat: --burst >= 2, --users >= --burst, --history in (256, 7000)"
+        )
+    dtype = host_dtype(args.dtype, has_gpu())
+    print(f"kvtier bench chat: {dtype.summary()}", file=sys.stderr)
+    per_mode = args.burst - 1 + len(bursts(args.users, args.burst)) * args.burst + args.isolated
+    bar = tqdm(total=per_mode * len(modes), desc="bench chat", unit="req", file=sys.stderr)
+    rows: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="kvtier-chat-") as work:
+        for mode in modes:
+            bar.set_postfix_str(mode)
+            with _server(Path(work), mode, dtype, args) as server:
+                rows[mode] = summary(asyncio.run(play(server.url, args, bar)))
+                rows[mode]["model_in"] = server.model_process()
+    bar.close()
+    result = {"rows": rows, "engine_dtype": dtype.as_dict(), **_options(args)}
+    print(json.dumps(result) if args.json else report(result))
+    return 0
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("users", "burst", "history", "answer", "isolated", "step_s", "seed")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _server(work: Path, mode: str, dtype: DtypeChoice, args: argparse.Namespace) -> Server:
+    port = free_port()
+    options = [*MODES[mode], "--disk", "none", *SMALL_VLLM_CACHE, *dtype.serve_options()]
+    if mode == "hits-first" and args.step_s is not None:
+        options += ["--step-s", str(args.step_s)]
+    return Server(kvtier_serve_command(port, *options), port, work / f"{mode}.log", warm_up=True)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def report(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    out = [
+        "kvtier bench chat: bursts of {burst} (one first turn, the rest returning turns), {users}"
+        " users, {history}-token documents, {answer}-token answers; TTFT over HTTP through"
+        " kvtier serve, in seconds".format(**result),
+        f"  measured on: {result['engine_dtype']['summary']}",
+        f"  {'path':<11}{'mean':>8}{'first':>8}{'first max':>10}{'return':>8}{'ret p90':>8}"
+        f"{'isolated':>9}{'tok/s':>8}{'cached':>8}{'failed':>7}",
+    ]
+    for mode, r in rows.items():
+        cells = [r["mean_s"], r["first_median_s"], r["first_max_s"], r["returning_median_s"]]
+        cells += [r["returning_p90_s"], r["isolated_hit_s"]]
+        text = [f"{c:8.2f}" if c is not None else f"{'-':>8}" for c in cells]
+        out.append(
+            f"  {mode:<11}{text[0]}{text[1]}{text[2]:>10}{text[3]}{text[4]}{text[5]:>9}"
+            f"{r['prefill_tokens_per_s'] or 0:8.0f}{r['cached_fraction']:8.0%}{r['failed']:7d}"
+        )
+    hf, fc, base = rows.get("hits-first"), rows.get("fcfs"), rows.get("baseline")
+    if hf:
+        got = _ratio(hf["returning_median_s"], hf["isolated_hit_s"])
+        out.append(f"  hits-first: returning median / isolated hit {got} (target <= 2x)")
+    if hf and base:
+        got = _ratio(base["mean_s"], hf["mean_s"])
+        out.append(f"  mean TTFT, baseline / hits-first: {got} (target >= 5x)")
+    if hf and fc:
+        first = _ratio(hf["first_median_s"], fc["first_median_s"])
+        rate = _ratio(hf["prefill_tokens_per_s"], fc["prefill_tokens_per_s"])
+        out.append(
+            f"  first turns' median, hits-first / fcfs: {first} (target <= 1.25x);"
+            f" prefill throughput, hits-first / fcfs: {rate} (target >= 0.9x)"
+        )
+    if fc and base:
+        out.append(f"  mean TTFT, baseline / fcfs: {_ratio(base['mean_s'], fc['mean_s'])}")
+    return "\n".join(out)
