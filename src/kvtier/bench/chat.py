@@ -52,9 +52,9 @@ MODES = {
     "fcfs": ("--scheduling", "vllm"),
     "hits-first": (),
 }
-# vLLM's own KV cache: 48 blocks of 128 tokens (on CPU), a burst's four prompts and little
-# more, so that a user's context is gone from it by their next turn.
-SMALL_VLLM_CACHE = ("--num-gpu-blocks-override", "48", "--max-model-len", "8192")
+# vLLM's own KV cache: 80 blocks of 128 tokens (on CPU), a burst's four prompts and little
+# more, so that most users' contexts are gone from it by their next turn.
+SMALL_VLLM_CACHE = ("--num-gpu-blocks-override", "80", "--max-model-len", "8192")
 
 
 @dataclass
@@ -201,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
             with _server(Path(work), mode, dtype, args) as server:
                 rows[mode] = summary(asyncio.run(play(server.url, args, bar)))
                 rows[mode]["model_in"] = server.model_process()
+                rows[mode]["hits_first"] = "hits-first scheduling" in server.tail(1 << 20)
     bar.close()
     result = {"rows": rows, "engine_dtype": dtype.as_dict(), **_options(args)}
     print(json.dumps(result) if args.json else report(result))

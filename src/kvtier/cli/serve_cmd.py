@@ -61,16 +61,16 @@ def register(sub: Any) -> None:
         choices=("hits-first", "vllm"),
         default="hits-first",
         help="hits-first (default): requests with the least left to compute (their context"
-        " cached) go first, older ones gain rank as they wait so none starves, and steps are"
-        " kept to about --step-s while requests share the engine; vllm: vLLM's own first-come"
-        " first-served scheduling",
+        " cached) go first, older ones gain rank as they wait so none starves, and each step"
+        " is kept to about --step-s; vllm: vLLM's own first-come first-served scheduling",
     )
     p.add_argument(
         "--step-s",
         type=float,
         metavar="SECONDS",
-        help="hits-first: how long an engine step may take while requests share the engine"
-        " (default 0.5); the engine measures its own speed and sizes each step to fit",
+        help="hits-first: how long an engine step may take (default 0.5): what a request"
+        " arriving meanwhile waits at most; the engine measures its own speed and sizes each"
+        " step to fit",
     )
     p.add_argument(
         "--feed-port",

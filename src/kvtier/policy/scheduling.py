@@ -6,8 +6,9 @@ prompt's prefill step (seconds on a CPU), so the cache saves it nothing. Two rul
 
 - **Short steps.** An engine step computes at most the tokens that fit in ``step_s`` seconds,
   as the engine measures itself (:class:`StepModel`: a step takes ``a + b x tokens``). Nobody
-  waits long for the step under way to end. A request alone gets the whole budget vLLM was
-  given: no one waits for it.
+  waits long for the step under way to end, even the companions of a burst's first request,
+  which arrive milliseconds after it. The cost: the fixed part of each extra step, ``a``,
+  which a cold prompt pays about ``b x tokens / step_s`` times.
 - **Least work first, with aging.** A request's priority is its arrival time plus ``patience``
   times its expected prefill time (:func:`priority_ms`; smaller runs first). In a burst the
   request with the least to compute goes first; a cold request is overtaken only by requests

@@ -9,10 +9,12 @@ and ``--scheduling-policy priority``. What this adds to vLLM's own scheduler:
   kvtier (the connector's lookup, before any scheduling). vLLM's priority queue then serves
   waiting requests in that order; a ``priority`` the client gave still comes first.
 - At each step, the token budget of a step that lasts ``step_s`` (the step model, fitted to
-  the steps this engine ran), unless a request is alone; and prefills already under way that
-  rank behind a waiting request sit the step out. vLLM serves running requests before waiting
-  ones, so without that a cold prompt's next chunk would take the step a hit waits for, and a
-  hit whose background load just ended would still wait behind cold prefills queued before it.
+  the steps this engine ran), also for a request alone: requests arrive at any time, and the
+  first of a burst is alone for the few milliseconds its companions take to arrive. Prefills
+  already under way that rank behind a waiting request sit the step out: vLLM serves running
+  requests before waiting ones, so without that a cold prompt's next chunk would take the step
+  a hit waits for, and a hit whose background load just ended would still wait behind cold
+  prefills queued before it.
 """
 
 from __future__ import annotations
@@ -160,10 +162,7 @@ class HitsFirst:
         ]
 
     def _budget(self) -> int:
-        """This step's token budget: what fits in ``step_s``, plus one token per decode; the
-        whole of vLLM's when a request is alone."""
-        if len(self.running) + len(self.waiting) + len(self.kv_holding_waiting) <= 1:
-            return self._full_budget
+        """This step's token budget: what fits in ``step_s``, plus one token per decode."""
         decodes = sum(1 for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens)
         prefill = self.model.tokens_within(self.options.step_s)
         return max(1, min(int(self._full_budget), prefill + decodes))
