@@ -86,7 +86,6 @@ class HitsFirst:
         self._full_budget = int(self.max_num_scheduled_tokens)
         self._steps: deque[tuple[int, float]] = deque()  # (id of an output, when scheduled)
         self._last_done = 0.0
-        self._blocked = False  # sitting out let no waiting request in at the last step
         if self.options.hits_first:
             log.info(
                 "kvtier: hits-first scheduling (steps of about %.2fs, patience %.1fx)",
@@ -123,10 +122,7 @@ class HitsFirst:
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         if not self.options.hits_first:
             return self._timed(super().schedule(*args, **kwargs))  # type: ignore[misc]
-        # A waiting request that ranks first but finds no free blocks would leave the prefills
-        # holding them sitting out forever: after a step where sitting out let no waiting
-        # request in, nobody sits out the next.
-        held = [] if self._blocked else self._sitting_out()
+        held = self._sitting_out()
         budget = self._budget()
         full_budget, active = self.max_num_scheduled_tokens, self.max_num_active_reqs
         if held:
@@ -138,8 +134,6 @@ class HitsFirst:
         finally:
             self.max_num_scheduled_tokens, self.max_num_active_reqs = full_budget, active
             self.running.extend(held)
-        admitted = output.scheduled_new_reqs or output.scheduled_cached_reqs.resumed_req_ids
-        self._blocked = bool(held) and not admitted
         return self._timed(output)
 
     def _best_waiting(self) -> int | None:
