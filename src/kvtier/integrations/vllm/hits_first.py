@@ -124,7 +124,7 @@ class HitsFirst:
             return self._timed(super().schedule(*args, **kwargs))  # type: ignore[misc]
         held = self._sitting_out()
         budget = self._budget()
-        full_budget, active = self.max_num_scheduled_tokens, self.max_num_active_reqs
+        active = self.max_num_active_reqs
         if held:
             self.running = [r for r in self.running if r not in held]
             self.max_num_active_reqs -= len(held)  # they keep their slots
@@ -132,7 +132,7 @@ class HitsFirst:
         try:
             output = super().schedule(*args, **kwargs)  # type: ignore[misc]
         finally:
-            self.max_num_scheduled_tokens, self.max_num_active_reqs = full_budget, active
+            self.max_num_scheduled_tokens, self.max_num_active_reqs = self._full_budget, active
             self.running.extend(held)
         return self._timed(output)
 
