@@ -150,8 +150,12 @@ class Engine:
 
     def run(self, until: float | None = None) -> None:
         """Steps until nothing is left (or the clock passes ``until``)."""
-        while self.sched.has_unfinished_requests() and (until is None or self.now < until):
+        for _ in range(5000):  # a stalled scheduler fails the test instead of hanging it
+            past = until is not None and self.now >= until
+            if past or not self.sched.has_unfinished_requests():
+                return
             self.step()
+        raise AssertionError(f"still unfinished after 5000 steps: {list(self.sched.requests)}")
 
     def ttft(self, req_id: str) -> float:
         return self.first_token[req_id] - self.arrived[req_id]
@@ -255,29 +259,59 @@ def test_a_cold_request_under_a_flood_of_hits_waits_a_bounded_time(model: str) -
     assert starved not in greedy.first_token
 
 
+def test_a_hit_that_finds_no_free_blocks_does_not_stall_the_prefill_holding_them(
+    model: str,
+) -> None:
+    """vLLM's cache holds 2,400 tokens: a cold 2,000-token prompt 1,800 tokens in holds most
+    of it when a user's hit arrives, its 1,536-token history in kvtier (not in vLLM's cache):
+    it ranks first, but cannot get blocks to load into until the cold prompt is done, so the
+    cold prompt must go on rather than sit out every step for it."""
+    extra = {"chunk_tokens": 256, "loads": "sync", "tiers": [MEMORY_TIER]}
+    engine = Engine(scheduler(model, hits_first=True, extra=extra, num_blocks=150))
+    history = tokens(31, 1536)  # seeds no other test uses: kvtier's store is the process's
+    put_chunks(engine, history)
+    cold = engine.add(tokens(32, 2000))
+    while engine.sched.requests[cold].num_computed_tokens < 1800:
+        engine.step()
+    hit = engine.add(history + tokens(33, 40))
+    assert engine.sched.requests[hit].priority < engine.sched.requests[cold].priority
+    engine.run(until=engine.now + 60)
+    assert cold in engine.first_token and hit in engine.first_token
+    assert engine.first_token[cold] < engine.first_token[hit]  # it had to wait for the blocks
+    assert engine.ttft(cold) < 10  # ~14 steps of 0.5 s: it lost no more than a step or two
+
+
+MEMORY_TIER = {"kind": "memory", "capacity": "64MiB", "prefault": False}
+
+
+def put_chunks(engine: Engine, prompt: list[int]) -> None:
+    """kvtier holds ``prompt``'s whole chunks (random bytes: no model reads them here)."""
+    side = engine.sched.connector.scheduler  # type: ignore[union-attr]
+    store, ns = side.ctx.store, side.ctx.namespace(None)
+    n = len(prompt) // 256
+    store.put(prompt[: n * 256], ns, [chunk(i, (2, 2, 256, 2, 8)) for i in range(n)])
+    store.flush()
+
+
 def test_a_hit_whose_background_load_ends_goes_before_cold_prefills(
     model: str, tmp_path: Path
 ) -> None:
-    extra = {
-        "chunk_tokens": 256,
-        "loads": "async",  # every hit loads in the background
-        "tiers": [{"kind": "memory", "capacity": "64MiB", "prefault": False}],
-    }
+    extra = {"chunk_tokens": 256, "loads": "async", "tiers": [MEMORY_TIER]}  # all background
     fcfs = Engine(scheduler(model, hits_first=False, extra=extra))
     ours = Engine(scheduler(model, hits_first=True, extra=extra))
     results = []
     for engine in (fcfs, ours):
-        side = engine.sched.connector.scheduler  # type: ignore[union-attr]
-        store, ns = side.ctx.store, side.ctx.namespace(None)
         held = tokens(7, 1024)  # four chunks kvtier holds
-        store.put(held, ns, [chunk(i, (2, 2, 256, 2, 8)) for i in range(4)])
-        store.flush()
+        put_chunks(engine, held)
         colds = [engine.add(tokens(10 + i, 3000)) for i in range(2)]
         engine.step()  # the cold prompts are under way
         hit = engine.add(held + tokens(8, 30))
         waiting = RequestStatus.WAITING_FOR_REMOTE_KVS
-        while engine.sched.requests[hit].status != waiting:  # until vLLM looks it up
+        for _ in range(20):  # until vLLM looks it up (the first step it ranks first)
+            if engine.sched.requests[hit].status == waiting:
+                break
             engine.step()
+        assert engine.sched.requests[hit].status == waiting
         engine.loaded.add(hit)  # the worker reports it loaded with the next step
         engine.step()
         engine.run()

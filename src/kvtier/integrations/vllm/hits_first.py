@@ -86,6 +86,7 @@ class HitsFirst:
         self._full_budget = int(self.max_num_scheduled_tokens)
         self._steps: deque[tuple[int, float]] = deque()  # (id of an output, when scheduled)
         self._last_done = 0.0
+        self._stalled_on: str | None = None  # a first-ranked request that found no room
         if self.options.hits_first:
             log.info(
                 "kvtier: hits-first scheduling (steps of about %.2fs, patience %.1fx)",
@@ -122,7 +123,8 @@ class HitsFirst:
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         if not self.options.hits_first:
             return self._timed(super().schedule(*args, **kwargs))  # type: ignore[misc]
-        held = self._sitting_out()
+        best = self._best_waiting()
+        held = self._sitting_out(best)
         budget = self._budget()
         active = self.max_num_active_reqs
         if held:
@@ -134,31 +136,35 @@ class HitsFirst:
         finally:
             self.max_num_scheduled_tokens, self.max_num_active_reqs = self._full_budget, active
             self.running.extend(held)
+        if held and best is not None and best.status in READY:
+            # It found no room (most often no free blocks: the prefills that sat out hold
+            # them). Sitting out for it again would stall them forever; they go on until it
+            # is in, and sit out again for whoever ranks first after it.
+            self._stalled_on = best.request_id
         return self._timed(output)
 
-    def _best_waiting(self) -> int | None:
-        """The priority of the first waiting request that could be scheduled now."""
-        best: int | None = None
+    def _best_waiting(self) -> Request | None:
+        """The first waiting request that could be scheduled now."""
+        best: Request | None = None
         for queue in (self.kv_holding_waiting, self.waiting):
             for request in queue:  # in priority order
                 loaded = request.request_id in self.finished_recving_kv_req_ids
                 if request.status in READY or (
                     request.status == RequestStatus.WAITING_FOR_REMOTE_KVS and loaded
                 ):
-                    if best is None or request.priority < best:
-                        best = request.priority
+                    if best is None or request.priority < best.priority:
+                        best = request
                     break
         return best
 
-    def _sitting_out(self) -> list[Request]:
-        """Prefills under way that rank behind a waiting request: they skip this step."""
-        best = self._best_waiting()
-        if best is None:
+    def _sitting_out(self, best: Request | None) -> list[Request]:
+        """Prefills under way that rank behind ``best``: they skip this step."""
+        if best is None or best.request_id == self._stalled_on:
             return []
         return [
             r
             for r in self.running
-            if r.num_computed_tokens < r.num_prompt_tokens and r.priority > best
+            if r.num_computed_tokens < r.num_prompt_tokens and r.priority > best.priority
         ]
 
     def _budget(self) -> int:
