@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from kvtier.bench.chat import report
+
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 
 
@@ -43,3 +45,5 @@ def test_bench_chat_serves_the_returning_turns_of_a_burst_before_its_cold_one() 
         assert max(t["ttft_s"] for t in returning) < cold["ttft_s"], these
     assert row["isolated_hit_s"] > 0 and row["prefill_tokens_per_s"] > 0
     assert row["returning_median_s"] < row["first_median_s"]
+    text = report(result)  # what the command prints without --json
+    assert "measured on: " in text and "returning median / isolated hit" in text, text

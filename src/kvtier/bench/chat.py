@@ -231,7 +231,7 @@ def report(result: dict[str, Any]) -> str:
         "kvtier bench chat: bursts of {burst} (one first turn, the rest returning turns), {users}"
         " users, {history}-token documents, {answer}-token answers; TTFT over HTTP through"
         " kvtier serve, in seconds".format(**result),
-        f"  measured on: {result['engine_dtype']['summary']}",
+        f"  measured on: {DtypeChoice.from_dict(result['engine_dtype']).summary()}",
         f"  {'path':<11}{'mean':>8}{'first':>8}{'first max':>10}{'return':>8}{'ret p90':>8}"
         f"{'isolated':>9}{'tok/s':>8}{'cached':>8}{'failed':>7}",
     ]
