@@ -22,17 +22,24 @@ Then, on each kvtier server, each of ``--isolated`` users' next turn alone: an i
 the same length as the returning turns. Per path: mean TTFT over all turns, first and returning
 turns' medians, the longest wait of a first turn, the prompt tokens the engine computed per
 second of the run (prefill throughput), and the ratios the targets are stated in.
+
+With ``--pod N`` each path runs on a ``kvtier pod --engines N`` instead (each engine on its own
+cores, the pod's shared Redis tier, its router in front; the baseline's pod has no shared
+tier): the router sends returning turns where their context is and prices the wait on a
+hits-first engine as the queued work smaller than the request's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +47,9 @@ from typing import Any
 import aiohttp
 from tqdm import tqdm
 
+from kvtier.bench.pod import get_json, pod
 from kvtier.bench.workload import WORDS, document, stream
+from kvtier.config import parse_size
 from kvtier.integrations.engine_dtype import DtypeChoice, host_dtype
 from kvtier.integrations.engine_layout import has_gpu
 from kvtier.integrations.model import DEFAULT_MODEL_NAME
@@ -190,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             "kvtier bench chat: --burst >= 2, --users >= --burst, --history in (256, 7000)"
         )
+    if not 0 <= args.pod <= 16:
+        raise SystemExit("kvtier bench chat: --pod from 0 (one kvtier serve) to 16 engines")
     dtype = host_dtype(args.dtype, has_gpu())
     print(f"kvtier bench chat: {dtype.summary()}", file=sys.stderr)
     per_mode = args.burst - 1 + len(bursts(args.users, args.burst)) * args.burst + args.isolated
@@ -198,27 +209,57 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kvtier-chat-") as work:
         for mode in modes:
             bar.set_postfix_str(mode)
-            with _server(Path(work), mode, dtype, args) as server:
-                rows[mode] = summary(asyncio.run(play(server.url, args, bar)))
-                rows[mode]["model_in"] = server.model_process()
-                rows[mode]["hits_first"] = "hits-first scheduling" in server.tail(1 << 20)
+            with _deployment(Path(work), mode, dtype, args) as (url, hits_first, model_in):
+                rows[mode] = summary(asyncio.run(play(url, args, bar)))
+                rows[mode]["model_in"] = model_in()
+                rows[mode]["hits_first"] = hits_first()
     bar.close()
     result = {"rows": rows, "engine_dtype": dtype.as_dict(), **_options(args)}
     print(json.dumps(result) if args.json else report(result))
     return 0
 
 
+Deployment = tuple[str, Callable[[], bool], Callable[[], str]]
+
+
+@contextlib.contextmanager
+def _deployment(
+    work: Path, mode: str, dtype: DtypeChoice, args: argparse.Namespace
+) -> Iterator[Deployment]:
+    """The server a path runs on: its URL, whether it scheduled hits first (it says so), and
+    where the model ran."""
+    options = [*MODES[mode], "--disk", "none", *dtype.serve_options()]
+    if mode == "hits-first" and args.step_s is not None:
+        options += ["--step-s", str(args.step_s)]
+    if not args.pod:
+        with _server(work, options, mode) as server:
+            yield (
+                server.url,
+                lambda: "hits-first scheduling" in server.tail(1 << 20),
+                server.model_process,
+            )
+        return
+    if mode == "baseline":
+        options += ["--redis", "none"]  # nor a shared tier
+    dram = parse_size(options[options.index("--dram") + 1]) if "--dram" in options else 1 << 30
+    with pod(["--engines", str(args.pod), *options], work, mode, dram) as (running, state):
+
+        def hits_first() -> bool:
+            engines = get_json(f"{running.url}/router/state")["engines"]
+            return all(e.get("hits_first") for e in engines)
+
+        yield running.url, hits_first, lambda: f"kvtier pod, {len(state['engines'])} engines"
+
+
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("users", "burst", "history", "answer", "isolated", "step_s", "seed")
+    keys = ("users", "burst", "history", "answer", "isolated", "step_s", "seed", "pod")
     return {k: getattr(args, k) for k in keys}
 
 
-def _server(work: Path, mode: str, dtype: DtypeChoice, args: argparse.Namespace) -> Server:
+def _server(work: Path, options: list[str], mode: str) -> Server:
     port = free_port()
-    options = [*MODES[mode], "--disk", "none", *SMALL_VLLM_CACHE, *dtype.serve_options()]
-    if mode == "hits-first" and args.step_s is not None:
-        options += ["--step-s", str(args.step_s)]
-    return Server(kvtier_serve_command(port, *options), port, work / f"{mode}.log", warm_up=True)
+    command = kvtier_serve_command(port, *options, *SMALL_VLLM_CACHE)
+    return Server(command, port, work / f"{mode}.log", warm_up=True)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -230,7 +271,12 @@ def report(result: dict[str, Any]) -> str:
     out = [
         "kvtier bench chat: bursts of {burst} (one first turn, the rest returning turns), {users}"
         " users, {history}-token documents, {answer}-token answers; TTFT over HTTP through"
-        " kvtier serve, in seconds".format(**result),
+        " {through}, in seconds".format(
+            through=f"kvtier pod ({result['pod']} engines, router)"
+            if result.get("pod")
+            else "kvtier serve",
+            **result,
+        ),
         f"  measured on: {DtypeChoice.from_dict(result['engine_dtype']).summary()}",
         f"  {'path':<11}{'mean':>8}{'first':>8}{'first max':>10}{'return':>8}{'ret p90':>8}"
         f"{'isolated':>9}{'tok/s':>8}{'cached':>8}{'failed':>7}",

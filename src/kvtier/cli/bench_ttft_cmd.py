@@ -96,6 +96,14 @@ def register_chat(bsub: Any) -> None:
     p.add_argument(
         "--step-s", type=float, metavar="SECONDS", help="hits-first's step target (serve's)"
     )
+    p.add_argument(
+        "--pod",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run each path through `kvtier pod --engines N` (its router, a shared tier;"
+        " each engine on its own cores) instead of one `kvtier serve` (0)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--dtype",

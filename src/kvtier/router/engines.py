@@ -100,6 +100,7 @@ class Engine:
             "role": "prefill" if self.prefill_only else "serve",
             "healthy": self.healthy,
             "synced": self.synced,
+            "hits_first": self.hits_first,
             "queued_tokens": self.queued_tokens,
             "in_flight": self.in_flight,
             "routed": self.routed,
