@@ -61,16 +61,25 @@ def register(sub: Any) -> None:
         choices=("hits-first", "vllm"),
         default="hits-first",
         help="hits-first (default): requests with the least left to compute (their context"
-        " cached) go first, older ones gain rank as they wait so none starves, and each step"
-        " is kept to about --step-s; vllm: vLLM's own first-come first-served scheduling",
+        " cached) go first, older ones gain rank as they wait so none starves, and steps are"
+        " short (--step-s) when requests arrive; vllm: vLLM's own first-come first-served"
+        " scheduling",
     )
     p.add_argument(
         "--step-s",
         type=float,
         metavar="SECONDS",
-        help="hits-first: how long an engine step may take (default 0.5): what a request"
-        " arriving meanwhile waits at most; the engine measures its own speed and sizes each"
-        " step to fit",
+        help="hits-first: how long an engine step takes right after a request arrives"
+        " (default 0.5), so that a burst's requests wait little for the step under way; the"
+        " engine measures its own speed and sizes each step to fit",
+    )
+    p.add_argument(
+        "--max-step-s",
+        type=float,
+        metavar="SECONDS",
+        help="hits-first: while no request arrives, each step may last twice the one before,"
+        " up to this (default 4 x --step-s): fewer, longer steps cost a cold prompt less; a"
+        " request arriving meanwhile waits at most this for the step under way",
     )
     p.add_argument(
         "--feed-port",

@@ -4,11 +4,16 @@ A request whose context is cached has little left to compute; one that is cold h
 prompt. Served in arrival order, a hit that arrives with a cold prompt waits for the cold
 prompt's prefill step (seconds on a CPU), so the cache saves it nothing. Two rules fix that:
 
-- **Short steps.** An engine step computes at most the tokens that fit in ``step_s`` seconds,
-  as the engine measures itself (:class:`StepModel`: a step takes ``a + b x tokens``). Nobody
-  waits long for the step under way to end, even the companions of a burst's first request,
-  which arrive milliseconds after it. The cost: the fixed part of each extra step, ``a``,
-  which a cold prompt pays about ``b x tokens / step_s`` times.
+- **Short steps when someone may be waiting.** Right after a request arrives (or while one
+  ranks ahead of a prefill under way), an engine step computes at most the tokens that fit in
+  ``step_s`` seconds, as the engine measures itself (:class:`StepModel`: a step takes
+  ``a + b x tokens``), so that the companions of a burst's first request, which arrive
+  milliseconds after it, wait little for the step under way. Each step after that with no
+  new arrival may last twice as long as the one before, up to ``max_step_s``: short steps
+  cost a cold prompt their fixed part ``a`` each, and on a CPU more (chunked prefill's
+  attention reads the whole prefix again each step), a price worth paying only while a
+  step holds someone up. A request that arrives during a long step waits at most
+  ``max_step_s`` for it.
 - **Least work first, with aging.** A request's priority is its arrival time plus ``patience``
   times its expected prefill time (:func:`priority_ms`; smaller runs first). In a burst the
   request with the least to compute goes first; a cold request is overtaken only by requests
@@ -21,7 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-STEP_S = 0.5  # the default step target: a hit waits at most about this for the step under way
+STEP_S = 0.5  # the step target right after an arrival: a burst's hits wait about this
+MAX_STEP_S_FACTOR = 4  # with no arrival, steps grow up to 4 x step_s (a late hit's worst wait)
 PATIENCE = 2.0  # a cold request yields to what arrives within 2x its own prefill time after it
 MIN_STEP_TOKENS = 64  # below this a step's fixed cost dominates and prefill crawls
 
@@ -33,20 +39,40 @@ class SchedulingOptions:
     Attributes:
         hits_first: order requests by :func:`priority_ms` and keep steps short; False keeps
             vLLM's own scheduling.
-        step_s: the target duration of an engine step, in seconds.
+        step_s: the target duration of an engine step right after a request arrives, in
+            seconds.
+        max_step_s: the longest a step may grow to while no request arrives (default: 4 x
+            ``step_s``); ``step_s`` itself keeps every step short.
         patience: how long a request lets later, smaller ones go first, in multiples of its
             own expected prefill time.
     """
 
     hits_first: bool = True
     step_s: float = STEP_S
+    max_step_s: float | None = None
     patience: float = PATIENCE
 
     def __post_init__(self) -> None:
         if not (isinstance(self.step_s, int | float) and 0.01 <= self.step_s <= 60):
             raise ValueError(f"step_s: expected seconds between 0.01 and 60, got {self.step_s!r}")
+        if self.max_step_s is not None and not (
+            isinstance(self.max_step_s, int | float) and self.step_s <= self.max_step_s <= 600
+        ):
+            raise ValueError(
+                f"max_step_s: expected seconds from step_s ({self.step_s}) to 600,"
+                f" got {self.max_step_s!r}"
+            )
         if not (isinstance(self.patience, int | float) and 0 <= self.patience <= 1000):
             raise ValueError(f"patience: expected 0 to 1000, got {self.patience!r}")
+
+    def step_seconds(self, calm_steps: int) -> float:
+        """How long the next step may last after ``calm_steps`` steps with no arrival (and
+        nobody waiting ahead of a prefill under way): ``step_s``, doubling each calm step up
+        to ``max_step_s``."""
+        longest = (
+            self.max_step_s if self.max_step_s is not None else MAX_STEP_S_FACTOR * self.step_s
+        )
+        return float(min(longest, self.step_s * 2.0 ** min(calm_steps, 30)))
 
 
 class StepModel:

@@ -27,6 +27,7 @@ from kvtier.integrations.engine_dtype import HANDED_DTYPE, DtypeChoice, choose_d
 from kvtier.integrations.engine_layout import EngineLayout, choose_layout, has_gpu, option
 from kvtier.integrations.engine_routes import FEED_PORT_ENV
 from kvtier.integrations.model import DEFAULT_MODEL_NAME  # what the embedded model is served as
+from kvtier.policy.scheduling import SchedulingOptions
 from kvtier.redis_process import free_port
 
 SHUTDOWN_TIMEOUT_S = 30  # vLLM's --shutdown-timeout unless given: time to finish writes
@@ -173,11 +174,13 @@ def scheduling_options(
                 " to use vLLM's scheduling with your own options"
             )
     scheduling: dict[str, Any] = {"hits_first": True}  # also tells routers (/kvtier/info)
-    step_s = getattr(args, "step_s", None)
-    if step_s is not None:
-        if not 0.01 <= step_s <= 60:
-            raise ConfigError(f"--step-s: expected seconds between 0.01 and 60, got {step_s}")
-        scheduling["step_s"] = step_s
+    for name in ("step_s", "max_step_s"):
+        if getattr(args, name, None) is not None:
+            scheduling[name] = getattr(args, name)
+    try:
+        SchedulingOptions(**scheduling)
+    except ValueError as exc:
+        raise ConfigError(f"--{str(exc).replace('_', '-')}") from None
     extra_config["scheduling"] = scheduling
     return ["--scheduler-cls", HITS_FIRST_CLASS, "--scheduling-policy", "priority"]
 

@@ -9,12 +9,13 @@ and ``--scheduling-policy priority``. What this adds to vLLM's own scheduler:
   kvtier (the connector's lookup, before any scheduling). vLLM's priority queue then serves
   waiting requests in that order; a ``priority`` the client gave still comes first.
 - At each step, the token budget of a step that lasts ``step_s`` (the step model, fitted to
-  the steps this engine ran), also for a request alone: requests arrive at any time, and the
-  first of a burst is alone for the few milliseconds its companions take to arrive. Prefills
-  already under way that rank behind a waiting request sit the step out: vLLM serves running
-  requests before waiting ones, so without that a cold prompt's next chunk would take the step
-  a hit waits for, and a hit whose background load just ended would still wait behind cold
-  prefills queued before it.
+  the steps this engine ran) right after an arrival, also for a request alone: the first of a
+  burst is alone for the few milliseconds its companions take to arrive. With no arrival the
+  steps grow, twice as long each, up to ``max_step_s``. Prefills already under way that rank
+  behind a waiting request sit the step out: vLLM serves running requests before waiting
+  ones, so without that a cold prompt's next chunk would take the step a hit waits for, and a
+  hit whose background load just ended would still wait behind cold prefills queued before
+  it.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class HitsFirst:
         self._steps: deque[tuple[int, float]] = deque()  # (id of an output, when scheduled)
         self._last_done = 0.0
         self._stalled_on: str | None = None  # a first-ranked request that found no room
+        self._calm = 0  # steps since a request arrived or waited ahead of a prefill
+        self._work: dict[str, int] = {}  # a waiting request's expected prefill, in tokens
         if self.options.hits_first:
             log.info(
                 "kvtier: hits-first scheduling (steps of about %.2fs, patience %.1fx)",
@@ -99,9 +102,11 @@ class HitsFirst:
     def add_request(self, request: Request) -> None:
         if self.options.hits_first and request.request_id not in self.requests:
             work = request.num_prompt_tokens - self._held(request)
+            self._work[request.request_id] = work
             arrival = request.arrival_time - self._epoch
             ours = priority_ms(arrival, work, self.model, self.options.patience)
             request.priority = request.priority * CLIENT_PRIORITY + ours
+            self._calm = 0
         super().add_request(request)  # type: ignore[misc]
 
     def _held(self, request: Request) -> int:
@@ -125,6 +130,8 @@ class HitsFirst:
             return self._timed(super().schedule(*args, **kwargs))  # type: ignore[misc]
         best = self._best_waiting()
         held = self._sitting_out(best)
+        if held or self._answer_soon():
+            self._calm = 0  # someone's first token waits for this step: a short one
         budget = self._budget()
         active = self.max_num_active_reqs
         if held:
@@ -141,6 +148,8 @@ class HitsFirst:
             # them). Sitting out for it again would stall them forever; they go on until it
             # is in, and sit out again for whoever ranks first after it.
             self._stalled_on = best.request_id
+        if output.total_num_scheduled_tokens:
+            self._calm += 1
         return self._timed(output)
 
     def _best_waiting(self) -> Request | None:
@@ -167,10 +176,27 @@ class HitsFirst:
             if r.num_computed_tokens < r.num_prompt_tokens and r.priority > best.priority
         ]
 
+    def _answer_soon(self) -> bool:
+        """Whether a request would finish its prefill within a short step: its first token
+        waits for the end of the step, which must not grow."""
+        short = self.model.tokens_within(self.options.step_s)
+        for r in self.running:
+            if 0 < r.num_prompt_tokens - r.num_computed_tokens <= short:
+                return True
+        for queue in (self.kv_holding_waiting, self.waiting):
+            for r in queue:
+                # (one loading in the background will be ready at the end of some step)
+                ready = r.status in READY or r.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+                if ready and self._work.get(r.request_id, short + 1) <= short:
+                    return True
+        if len(self._work) > 2 * len(self.requests) + 64:  # forget the finished
+            self._work = {k: v for k, v in self._work.items() if k in self.requests}
+        return False
+
     def _budget(self) -> int:
-        """This step's token budget: what fits in ``step_s``, plus one token per decode."""
+        """This step's token budget: what fits in the step's time, plus one token per decode."""
         decodes = sum(1 for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens)
-        prefill = self.model.tokens_within(self.options.step_s)
+        prefill = self.model.tokens_within(self.options.step_seconds(self._calm))
         return max(1, min(int(self._full_budget), prefill + decodes))
 
     # -- after each step: the step model ----------------------------------------------------
