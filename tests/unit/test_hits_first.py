@@ -239,6 +239,29 @@ def test_steps_are_short_after_an_arrival_and_grow_while_none_comes(model: str) 
     assert engine.steps[0][0] <= short + 2
 
 
+def test_hits_whose_prefills_outlast_a_step_go_in_turn_before_the_cold_prompt(
+    model: str,
+) -> None:
+    """Three hits (1,536 tokens in kvtier, ~200 to compute) arrive while a cold prompt runs,
+    with steps of ~66 tokens: each needs several steps. The first takes the steps while the
+    others wait; they must still go before the cold prompt (a hit that found no tokens left in
+    a step is not one that found no room)."""
+    extra = {"chunk_tokens": 256, "loads": "sync", "tiers": [MEMORY_TIER]}
+    engine = Engine(scheduler(model, hits_first=True, extra=extra))
+    sched: Any = engine.sched
+    sched.options = replace(sched.options, step_s=0.25, max_step_s=2.0)
+    history = tokens(51, 1536)
+    put_chunks(engine, history)
+    cold = engine.add(tokens(52, 3000))
+    engine.step()
+    engine.step()
+    hits = [engine.add(history + tokens(53 + i, 200)) for i in range(3)]
+    engine.run()
+    waits = sorted(engine.ttft(h) for h in hits)
+    assert waits[-1] < 3.0, waits  # ~10 steps of ~0.25 s, not the cold prompt's ~10 s
+    assert waits[-1] * 3 < engine.ttft(cold)
+
+
 def flood(engine: Engine, until: float) -> str:
     """A cold 2,000-token prompt, then a user's hits of ~160 tokens of work each, one every
     0.4 s: more than the engine can serve (one takes ~0.53 s). The cold prompt's id."""

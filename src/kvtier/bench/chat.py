@@ -229,8 +229,9 @@ def _deployment(
     """The server a path runs on: its URL, whether it scheduled hits first (it says so), and
     where the model ran."""
     options = [*MODES[mode], "--disk", "none", *dtype.serve_options()]
-    if mode == "hits-first" and args.step_s is not None:
-        options += ["--step-s", str(args.step_s)]
+    for name in ("step_s", "max_step_s"):
+        if mode == "hits-first" and getattr(args, name, None) is not None:
+            options += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if not args.pod:
         with _server(work, options, mode) as server:
             yield (
@@ -252,7 +253,17 @@ def _deployment(
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("users", "burst", "history", "answer", "isolated", "step_s", "seed", "pod")
+    keys = (
+        "users",
+        "burst",
+        "history",
+        "answer",
+        "isolated",
+        "step_s",
+        "max_step_s",
+        "seed",
+        "pod",
+    )
     return {k: getattr(args, k) for k in keys}
 
 

@@ -97,6 +97,9 @@ def register_chat(bsub: Any) -> None:
         "--step-s", type=float, metavar="SECONDS", help="hits-first's step target (serve's)"
     )
     p.add_argument(
+        "--max-step-s", type=float, metavar="SECONDS", help="hits-first's longest step (serve's)"
+    )
+    p.add_argument(
         "--pod",
         type=int,
         default=0,

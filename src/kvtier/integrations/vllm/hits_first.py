@@ -128,6 +128,10 @@ class HitsFirst:
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         if not self.options.hits_first:
             return self._timed(super().schedule(*args, **kwargs))  # type: ignore[misc]
+        # vLLM gives the budget to running requests in the order they were admitted: a cold
+        # prompt admitted first would take it from a hit admitted after it, whose prefill did
+        # not fit its first step. By rank instead.
+        self.running.sort(key=lambda r: (r.priority, r.arrival_time))
         best = self._best_waiting()
         held = self._sitting_out(best)
         if held or self._answer_soon():
@@ -143,10 +147,13 @@ class HitsFirst:
         finally:
             self.max_num_scheduled_tokens, self.max_num_active_reqs = self._full_budget, active
             self.running.extend(held)
-        if held and best is not None and best.status in READY:
-            # It found no room (most often no free blocks: the prefills that sat out hold
-            # them). Sitting out for it again would stall them forever; they go on until it
-            # is in, and sit out again for whoever ranks first after it.
+        spare = output.total_num_scheduled_tokens < budget
+        if held and best is not None and best.status in READY and spare:
+            # The step had tokens to spare and it still found no room (most often no free
+            # blocks: the prefills that sat out hold them). Sitting out for it again would
+            # stall them forever; they go on until it is in, and sit out again for whoever
+            # ranks first after it. (With no tokens to spare, requests running ahead of it
+            # took the step: its turn comes.)
             self._stalled_on = best.request_id
         if output.total_num_scheduled_tokens:
             self._calm += 1
