@@ -106,6 +106,8 @@ class Engine:
         self.hasher = get_request_block_hasher(BLOCK, digest)
         if isinstance(self.sched, HitsFirstScheduler):
             self.sched.clock = lambda: self.now  # the step model learns the simulated speed
+            epoch = self.sched._epoch
+            self.sched.wall = lambda: epoch + self.now  # arrival times' clock
 
     def add(self, tokens: list[int], name: str | None = None, max_tokens: int = 1) -> str:
         req_id = name or f"r{next(self.ids)}"
@@ -147,6 +149,17 @@ class Engine:
             ),
         )
         return tokens
+
+    def start(self, req_id: str, steps: int = 1) -> None:
+        """Steps until ``req_id`` has run ``steps`` steps (an idle engine first waits a
+        moment for the companions of a cold prompt)."""
+        for _ in range(100):
+            if self.sched.requests[req_id].num_computed_tokens:
+                break
+            self.step()
+        for _ in range(steps - 1):
+            self.step()
+        assert self.sched.requests[req_id].num_computed_tokens, "it never started"
 
     def run(self, until: float | None = None) -> None:
         """Steps until nothing is left (or the clock passes ``until``)."""
@@ -215,15 +228,19 @@ def test_steps_are_short_after_an_arrival_and_grow_while_none_comes(model: str) 
     # tokens/s and no fixed cost, until the engine has measured its own), up to 2 s.
     sizes = [t for t, _ in engine.steps if t > 1]
     assert sizes[:2] == [150, 300] and sizes[2] >= longest - 1 and max(sizes) <= longest + 1
-    # What it costs a cold prompt: the fixed cost of the extra steps, a few percent.
-    extra = (len(engine.steps) - len(fcfs.steps)) * FIXED_S
-    assert engine.ttft("r0") == pytest.approx(fcfs.ttft("r0") + extra, abs=0.01)
+    # Before its first step the idle engine waited 50 ms (GATHER_S) for companions; none came.
+    empty = next(i for i, (t, _) in enumerate(engine.steps) if t)
+    assert 0.05 <= empty * 0.01 <= 0.06
+    # What it costs a cold prompt: that, and the fixed cost of the extra steps: a few percent.
+    extra = (len([t for t, _ in engine.steps if t]) - len(fcfs.steps)) * FIXED_S
+    assert engine.ttft("r0") == pytest.approx(fcfs.ttft("r0") + extra + empty * 0.01, abs=0.01)
     assert engine.ttft("r0") <= 1.1 * fcfs.ttft("r0")
     # Two arrive: the first steps after the arrival fit STEP_S (now that the engine knows
     # its speed), then they grow again.
     engine.steps.clear()
     a, b = engine.add(tokens(2, 3000)), engine.add(tokens(3, 3000))
     engine.run()
+    engine.steps[:] = [s for s in engine.steps if s[0]]  # less the wait for companions
     short = int((STEP_S - FIXED_S) / PER_TOKEN_S)
     twice = int((2 * STEP_S - FIXED_S) / PER_TOKEN_S)
     assert engine.steps[0][0] <= short + 1 and engine.steps[1][0] <= twice + 2
@@ -253,13 +270,38 @@ def test_hits_whose_prefills_outlast_a_step_go_in_turn_before_the_cold_prompt(
     history = tokens(51, 1536)
     put_chunks(engine, history)
     cold = engine.add(tokens(52, 3000))
-    engine.step()
-    engine.step()
+    engine.start(cold, steps=2)
     hits = [engine.add(history + tokens(53 + i, 200)) for i in range(3)]
     engine.run()
     waits = sorted(engine.ttft(h) for h in hits)
     assert waits[-1] < 3.0, waits  # ~10 steps of ~0.25 s, not the cold prompt's ~10 s
     assert waits[-1] * 3 < engine.ttft(cold)
+
+
+def test_an_idle_engine_waits_a_moment_for_a_cold_prompts_companions(model: str) -> None:
+    """A burst's requests reach the engine milliseconds apart. A cold prompt that arrives
+    alone waits up to 50 ms (GATHER_S) before its first step; a hit 20 ms behind it then goes
+    first. Without that wait the hit waits for the cold prompt's first step."""
+    results = {}
+    for gather in (0.0, 0.05):
+        engine = Engine(scheduler(model, hits_first=True))
+        sched: Any = engine.sched
+        sched.options = replace(sched.options, gather_s=gather)
+        history = tokens(61, 1500)
+        engine.add(history)
+        engine.run()
+        cold = engine.add(tokens(62, 2000))
+        # The hit arrives 20 ms later: two empty steps of 10 ms while the engine waits, or
+        # during the cold prompt's first step (the simulated clock lets it in after).
+        for _ in range(2 if gather else 1):
+            engine.step()
+        hit = engine.add(history + tokens(63, 40))
+        engine.run()
+        t0 = engine.arrived[cold]
+        results[gather] = (engine.first_token[hit] - t0, engine.ttft(cold))
+    (hit_now, cold_now), (hit_gathered, cold_gathered) = results[0.0], results[0.05]
+    assert hit_gathered < 0.3 < STEP_S < hit_now  # it waited for the cold prompt's first step
+    assert cold_gathered < cold_now + 0.1  # what the cold prompt lost: the wait, and a step
 
 
 def flood(engine: Engine, until: float) -> str:
@@ -343,7 +385,7 @@ def test_a_hit_whose_background_load_ends_goes_before_cold_prefills(
         held = tokens(7, 1024)  # four chunks kvtier holds
         put_chunks(engine, held)
         colds = [engine.add(tokens(10 + i, 3000)) for i in range(2)]
-        engine.step()  # the cold prompts are under way
+        engine.start(colds[0])  # the cold prompts are under way
         hit = engine.add(held + tokens(8, 30))
         waiting = RequestStatus.WAITING_FOR_REMOTE_KVS
         for _ in range(20):  # until vLLM looks it up (the first step it ranks first)

@@ -32,7 +32,13 @@ from vllm.v1.request import Request, RequestStatus
 
 from kvtier.errors import ConfigError
 from kvtier.integrations.vllm.context import WHERE, log
-from kvtier.policy.scheduling import SchedulingOptions, StepModel, priority_ms
+from kvtier.policy.scheduling import (
+    GATHER_SHARE,
+    MIN_STEP_TOKENS,
+    SchedulingOptions,
+    StepModel,
+    priority_ms,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -69,6 +75,7 @@ class HitsFirst:
     max_num_scheduled_tokens: int
     max_num_active_reqs: int
     requests: dict[str, Request]
+    block_size: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         vllm_config: VllmConfig = kwargs["vllm_config"]
@@ -84,6 +91,7 @@ class HitsFirst:
         self.model = StepModel()
         self.clock: Callable[[], float] = time.monotonic  # tests drive a simulated one
         self._epoch = time.time()  # vLLM's arrival times are time.time()
+        self.wall: Callable[[], float] = time.time  # the clock of arrival times
         self._full_budget = int(self.max_num_scheduled_tokens)
         self._steps: deque[tuple[int, float]] = deque()  # (id of an output, when scheduled)
         self._last_done = 0.0
@@ -121,7 +129,9 @@ class HitsFirst:
         side = getattr(self.connector, "scheduler", None)
         if side is not None and hasattr(side, "held_tokens"):
             held = max(held, int(side.held_tokens(request)))
-        return min(held, int(request.num_prompt_tokens))
+        # vLLM computes the last prompt token itself, and loads whole blocks.
+        block = int(self.block_size)
+        return min(held, (int(request.num_prompt_tokens) - 1) // block * block)
 
     # -- each step: the budget, and who sits it out -----------------------------------------
 
@@ -134,13 +144,16 @@ class HitsFirst:
         self.running.sort(key=lambda r: (r.priority, r.arrival_time))
         best = self._best_waiting()
         held = self._sitting_out(best)
-        if held or self._answer_soon():
+        answering = self._answer_soon()
+        if held or answering:
             self._calm = 0  # someone's first token waits for this step: a short one
-        budget = self._budget()
+        budget = self._budget(answering)
         active = self.max_num_active_reqs
         if held:
             self.running = [r for r in self.running if r not in held]
             self.max_num_active_reqs -= len(held)  # they keep their slots
+        if self._gathering():
+            budget = 0  # an empty step: vLLM's engine loop comes back within a millisecond
         self.max_num_scheduled_tokens = budget
         try:
             output = super().schedule(*args, **kwargs)  # type: ignore[misc]
@@ -183,27 +196,55 @@ class HitsFirst:
             if r.num_computed_tokens < r.num_prompt_tokens and r.priority > best.priority
         ]
 
-    def _answer_soon(self) -> bool:
-        """Whether a request would finish its prefill within a short step: its first token
-        waits for the end of the step, which must not grow."""
+    def _gathering(self) -> bool:
+        """Whether an idle engine whose waiting requests are all cold prompts should wait a
+        moment before the first step: the requests of a burst arrive some milliseconds apart,
+        and a hit that arrives just after a cold prompt would otherwise wait for its first
+        step. The wait is at most ``gather_s`` and 5% of the shortest prompt's prefill."""
+        if self.running or not self.options.gather_s:
+            return False
         short = self.model.tokens_within(self.options.step_s)
+        first, work = None, None
+        for r in self.waiting:
+            if r.status not in READY:
+                continue
+            w = self._work.get(r.request_id, r.num_prompt_tokens)
+            if w <= short:
+                return False  # a hit is there: go
+            first = r.arrival_time if first is None else min(first, r.arrival_time)
+            work = w if work is None else min(work, w)
+        if first is None or work is None:
+            return False
+        limit = min(self.options.gather_s, GATHER_SHARE * self.model.seconds(work))
+        return bool(self.wall() - first < limit)
+
+    def _answer_soon(self) -> int:
+        """The prefill tokens left to the requests that would finish their prefill within a
+        short step (0: none): their first tokens wait for the end of the step, which must
+        neither grow nor be filled up with another prompt's chunk."""
+        short = self.model.tokens_within(self.options.step_s)
+        left = 0
         for r in self.running:
             if 0 < r.num_prompt_tokens - r.num_computed_tokens <= short:
-                return True
+                left += r.num_prompt_tokens - r.num_computed_tokens
         for queue in (self.kv_holding_waiting, self.waiting):
             for r in queue:
                 # (one loading in the background will be ready at the end of some step)
                 ready = r.status in READY or r.status == RequestStatus.WAITING_FOR_REMOTE_KVS
-                if ready and self._work.get(r.request_id, short + 1) <= short:
-                    return True
+                work = self._work.get(r.request_id, short + 1)
+                if ready and work <= short:
+                    left += work
         if len(self._work) > 2 * len(self.requests) + 64:  # forget the finished
             self._work = {k: v for k, v in self._work.items() if k in self.requests}
-        return False
+        return left
 
-    def _budget(self) -> int:
-        """This step's token budget: what fits in the step's time, plus one token per decode."""
+    def _budget(self, answering: int) -> int:
+        """This step's token budget: what fits in the step's time, or only what the requests
+        about to answer need if that is less; plus one token per decode."""
         decodes = sum(1 for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens)
         prefill = self.model.tokens_within(self.options.step_seconds(self._calm))
+        if answering:
+            prefill = min(prefill, max(answering, MIN_STEP_TOKENS))
         return max(1, min(int(self._full_budget), prefill + decodes))
 
     # -- after each step: the step model ----------------------------------------------------
