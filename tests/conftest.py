@@ -46,6 +46,8 @@ LONGEST_FIRST = (
     "test_serve.py",
     "test_bench_ttft.py",
     "test_pod_pd.py",
+    "test_bench_chat_pod.py",
+    "test_bench_chat.py",
     "test_bench_overlap.py",
     "test_readme_serve.py",
 )

@@ -1,0 +1,44 @@
+"""`kvtier bench chat --pod 2` end to end: the same bursts through a `kvtier pod` of two
+engines behind its router, as the README runs it (here one path and one burst). The pod's
+engines schedule hits first (the router's state says so), and the burst's returning turns,
+whose contexts are cached in the pod, answer before its cold first turn.
+
+Apart from the other engine tests so that the test processes share them out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvtier.bench.chat import report
+
+pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
+
+
+def test_bench_chat_through_a_pod_serves_the_returning_turns_first() -> None:
+    kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
+    args = ["--pod", "2", "--users", "3", "--burst", "3", "--history", "1500", "--answer", "4"]
+    proc = subprocess.run(
+        [kvtier, "bench", "chat", *args, "--isolated", "1", "--modes", "hits-first", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    row = result["rows"]["hits-first"]
+    assert result["pod"] == 2 and row["model_in"] == "kvtier pod, 2 engines"
+    assert row["hits_first"] is True  # both engines, from the router's /router/state
+    assert row["failed"] == 0 and row["requests"] == 3  # one burst of three
+    (cold,) = [t for t in row["turns"] if t["turn"] == 0]
+    returning = [t for t in row["turns"] if t["turn"] > 0]
+    assert all(t["cached_tokens"] > 1000 for t in returning), returning  # their contexts hit
+    assert max(t["ttft_s"] for t in returning) < cold["ttft_s"], row["turns"]
+    text = report(result)
+    assert "through kvtier pod (2 engines, router)" in text, text
