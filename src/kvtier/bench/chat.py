@@ -199,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             "kvtier bench chat: --burst >= 2, --users >= --burst, --history in (256, 7000)"
         )
+    if args.block_size is not None and (args.pod or not 16 <= args.block_size <= 1024):
+        raise SystemExit("kvtier bench chat: --block-size from 16 to 1024, without --pod")
     if not 0 <= args.pod <= 16:
         raise SystemExit("kvtier bench chat: --pod from 0 (one kvtier serve) to 16 engines")
     dtype = host_dtype(args.dtype, has_gpu())
@@ -229,6 +231,10 @@ def _deployment(
     """The server a path runs on: its URL, whether it scheduled hits first (it says so), and
     where the model ran."""
     options = [*MODES[mode], "--disk", "none", *dtype.serve_options()]
+    if args.block_size:  # vLLM's cache keeps its size in tokens (80 blocks of 128)
+        blocks = 80 * 128 // args.block_size
+        options += ["--block-size", str(args.block_size)]
+        options += ["--num-gpu-blocks-override", str(blocks)]
     for name in ("step_s", "max_step_s"):
         if mode == "hits-first" and getattr(args, name, None) is not None:
             options += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
@@ -269,7 +275,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _server(work: Path, options: list[str], mode: str) -> Server:
     port = free_port()
-    command = kvtier_serve_command(port, *options, *SMALL_VLLM_CACHE)
+    command = kvtier_serve_command(port, *SMALL_VLLM_CACHE, *options)  # options last: they win
     return Server(command, port, work / f"{mode}.log", warm_up=True)
 
 

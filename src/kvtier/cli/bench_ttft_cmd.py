@@ -100,6 +100,13 @@ def register_chat(bsub: Any) -> None:
         "--max-step-s", type=float, metavar="SECONDS", help="hits-first's longest step (serve's)"
     )
     p.add_argument(
+        "--block-size",
+        type=int,
+        metavar="TOKENS",
+        help="vLLM's KV block size on every path (vLLM's default: 128 on CPU); a returning"
+        " turn recomputes the partial block before its new tokens",
+    )
+    p.add_argument(
         "--pod",
         type=int,
         default=0,
