@@ -219,28 +219,28 @@ class HitsFirst:
         return bool(self.wall() - first < limit)
 
     def _answer_soon(self) -> int:
-        """The prefill tokens left to the first request, in the order vLLM will serve them,
-        that would finish its prefill within a short step (0: none). Its first token waits
-        for the end of the step, which must neither grow nor carry anyone else's prefill:
-        hits answer one after another (the first sooner, the last no later)."""
+        """The prefill tokens left to the requests that would finish their prefill within a
+        short step (0: none): their first tokens wait for the end of the step, which must
+        neither grow nor be filled up with another prompt's chunk."""
         short = self.model.tokens_within(self.options.step_s)
-        if len(self._work) > 2 * len(self.requests) + 64:  # forget the finished
-            self._work = {k: v for k, v in self._work.items() if k in self.requests}
-        for r in self.running:  # in rank order (schedule sorted them)
+        left = 0
+        for r in self.running:
             if 0 < r.num_prompt_tokens - r.num_computed_tokens <= short:
-                return int(r.num_prompt_tokens - r.num_computed_tokens)
+                left += r.num_prompt_tokens - r.num_computed_tokens
         for queue in (self.kv_holding_waiting, self.waiting):
             for r in queue:
                 # (one loading in the background will be ready at the end of some step)
                 ready = r.status in READY or r.status == RequestStatus.WAITING_FOR_REMOTE_KVS
                 work = self._work.get(r.request_id, short + 1)
                 if ready and work <= short:
-                    return work
-        return 0
+                    left += work
+        if len(self._work) > 2 * len(self.requests) + 64:  # forget the finished
+            self._work = {k: v for k, v in self._work.items() if k in self.requests}
+        return left
 
     def _budget(self, answering: int) -> int:
-        """This step's token budget: what fits in the step's time, or only what the request
-        about to answer needs if that is less; plus one token per decode."""
+        """This step's token budget: what fits in the step's time, or only what the requests
+        about to answer need if that is less; plus one token per decode."""
         decodes = sum(1 for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens)
         prefill = self.model.tokens_within(self.options.step_seconds(self._calm))
         if answering:
