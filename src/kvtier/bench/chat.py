@@ -63,7 +63,13 @@ MODES = {
 }
 # vLLM's own KV cache: 80 blocks of 128 tokens (on CPU), a burst's four prompts and little
 # more, so that most users' contexts are gone from it by their next turn.
-SMALL_VLLM_CACHE = ("--num-gpu-blocks-override", "80", "--max-model-len", "8192")
+SMALL_VLLM_CACHE_BLOCKS = 80  # of vLLM's 128-token blocks on CPU
+SMALL_VLLM_CACHE = (
+    "--num-gpu-blocks-override",
+    str(SMALL_VLLM_CACHE_BLOCKS),
+    "--max-model-len",
+    "8192",
+)
 
 
 @dataclass
@@ -232,7 +238,7 @@ def _deployment(
     where the model ran."""
     options = [*MODES[mode], "--disk", "none", *dtype.serve_options()]
     if args.block_size:  # vLLM's cache keeps its size in tokens (80 blocks of 128)
-        blocks = 80 * 128 // args.block_size
+        blocks = SMALL_VLLM_CACHE_BLOCKS * 128 // args.block_size
         options += ["--block-size", str(args.block_size)]
         options += ["--num-gpu-blocks-override", str(blocks)]
     for name in ("step_s", "max_step_s"):

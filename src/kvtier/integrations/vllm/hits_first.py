@@ -110,6 +110,8 @@ class HitsFirst:
     def add_request(self, request: Request) -> None:
         if self.options.hits_first and request.request_id not in self.requests:
             work = request.num_prompt_tokens - self._held(request)
+            if len(self._work) > 2 * len(self.requests) + 64:  # forget the finished
+                self._work = {k: v for k, v in self._work.items() if k in self.requests}
             self._work[request.request_id] = work
             arrival = request.arrival_time - self._epoch
             ours = priority_ms(arrival, work, self.model, self.options.patience)
@@ -234,8 +236,6 @@ class HitsFirst:
                 work = self._work.get(r.request_id, short + 1)
                 if ready and work <= short:
                     left += work
-        if len(self._work) > 2 * len(self.requests) + 64:  # forget the finished
-            self._work = {k: v for k, v in self._work.items() if k in self.requests}
         return left
 
     def _budget(self, answering: int) -> int:
