@@ -16,10 +16,13 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -143,3 +146,14 @@ if __name__ == "__main__":
         fullput(args[0], int(args[1]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+
+
+def kvtier_json(*args: str, timeout: float = 900) -> dict[str, Any]:
+    """``kvtier ARGS --json`` run as a user runs it (the venv's console script): its JSON."""
+    kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
+    proc = subprocess.run(
+        [kvtier, *args, "--json"], capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result

@@ -9,30 +9,19 @@ Apart from the other engine tests so that the test processes share them out.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from kvtier.bench.chat import report
+
+from procs import kvtier_json
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 
 
 def test_bench_chat_serves_the_returning_turns_of_a_burst_before_its_cold_one() -> None:
-    kvtier = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
     args = ["--users", "4", "--burst", "3", "--history", "1500", "--answer", "4"]
-    proc = subprocess.run(
-        [kvtier, "bench", "chat", *args, "--isolated", "1", "--modes", "hits-first", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    more = ["--isolated", "1", "--modes", "hits-first"]
+    result = kvtier_json("bench", "chat", *args, *more)
     row = result["rows"]["hits-first"]
     assert row["failed"] == 0 and row["requests"] == 6  # two bursts of three
     turns = row["turns"]
