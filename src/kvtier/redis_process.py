@@ -26,9 +26,12 @@ _MISSING = (
 
 
 def free_port() -> int:
-    """A free loopback port below 55536 (a cluster node also uses port + 10000)."""
+    """A free loopback port below 55536 (a cluster node also uses port + 10000), outside the
+    kernel's ephemeral range where it can: a server started on it (vLLM takes half a minute to
+    bind) would otherwise find it taken by some process's outgoing connection."""
+    candidates = _outside_ephemeral()
     for _ in range(200):
-        port = random.randint(20000, 55000)
+        port = random.choice(candidates) if candidates else random.randint(20000, 55000)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -36,7 +39,17 @@ def free_port() -> int:
                 continue
         if _port_free(port + 10000):
             return port
-    raise KvtierError("no free loopback port found for redis-server")
+    raise KvtierError("no free loopback port found")
+
+
+def _outside_ephemeral() -> range:
+    """Ports p with p and p + 10000 both outside the ephemeral range (empty if none)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    below = range(10000, max(10000, low - 10000))
+    return below if len(below) >= 1000 else range(max(high + 1, 10000), 55536)
 
 
 def _port_free(port: int) -> bool:

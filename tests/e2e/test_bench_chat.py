@@ -19,7 +19,7 @@ pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 
 
 def test_bench_chat_serves_the_returning_turns_of_a_burst_before_its_cold_one() -> None:
-    args = ["--users", "4", "--burst", "3", "--history", "1500", "--answer", "4"]
+    args = ["--bursts", "2", "--burst", "3", "--met", "2", "--history", "1500", "--answer", "4"]
     more = ["--isolated", "1", "--modes", "hits-first"]
     result = kvtier_json("bench", "chat", *args, *more)
     row = result["rows"]["hits-first"]

@@ -18,7 +18,8 @@ pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 
 
 def test_bench_chat_through_a_pod_serves_the_returning_turns_first() -> None:
-    args = ["--pod", "2", "--users", "3", "--burst", "3", "--history", "1500", "--answer", "4"]
+    args = ["--pod", "2", "--bursts", "1", "--met", "2", "--burst", "3"]
+    args += ["--history", "1500", "--answer", "4"]
     more = ["--isolated", "1", "--modes", "hits-first"]
     result = kvtier_json("bench", "chat", *args, *more)
     row = result["rows"]["hits-first"]

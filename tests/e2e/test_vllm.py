@@ -192,14 +192,17 @@ def test_requests_succeed_when_redis_stops_and_the_disk_refuses_writes(
 def test_background_loads_give_identical_output_and_recompute_what_fails(tmp_path: Path) -> None:
     config = {**tiers(disk(tmp_path / "chunks")), "loads": "async"}
     (first,) = run_worker(config, [PROMPT])
+    # In the order they were written, one writer thread taking the chunks in prompt order
+    # (a read refreshes a file's mtime, and background loads read in no fixed order).
+    files = sorted((tmp_path / "chunks").rglob("*.kvc"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) == 7
     log: list[str] = []
     (again,) = run_worker(config, [PROMPT], log=log)  # DRAM is empty: from disk
     loaded_all = f"loaded {7 * CHUNK} tokens (7 chunks from disk) in the background"
     assert loaded_all in log[0], log[0][-3000:]
     assert again["tokens"] == first["tokens"]
     assert again["cached"] == 7 * CHUNK
-    files = sorted((tmp_path / "chunks").rglob("*.kvc"), key=lambda p: p.stat().st_mtime_ns)
-    raw = bytearray(files[3].read_bytes())
+    raw = bytearray(files[3].read_bytes())  # the fourth chunk of the prompt
     raw[len(raw) // 2] ^= 0x10
     files[3].write_bytes(bytes(raw))
     (damaged,) = run_worker(config, [PROMPT], log=log)

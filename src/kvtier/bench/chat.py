@@ -2,12 +2,14 @@
 
 Each user's first turn carries a document of their own (``--history`` tokens, text, so no
 prompt is a multiple of a block or a chunk); each later turn adds the previous answer
-(``--answer`` tokens) and a short question. Requests come in bursts of ``--burst``: one new
-user's first turn (cold) and the next turns of users met before (returning: their context is
-cached), all sent at once, the next burst when the last answer of this one is in. Before the
-first burst, ``--burst`` - 1 users have their first turn alone, so that every burst mixes one
-cold prompt with returning turns. Every request streams over HTTP (``/v1/chat/completions``);
-its TTFT is the first content byte, on the client side.
+(``--answer`` tokens) and a short question. Requests come in ``--bursts`` bursts of ``--burst``:
+one new user's first turn (cold) and the next turns of the users met before whose last turn is
+the oldest (returning: their context is cached by kvtier, and gone from vLLM's own cache), all
+sent at once, the next burst when the last answer of this one is in. Before the first burst,
+``--met`` users have their first turn, all at once and not measured: enough of them (by
+default) that every returning user's context has left vLLM's KV cache by the time they
+return, as it has on a busy server. Every request streams over HTTP
+(``/v1/chat/completions``); its TTFT is the first content byte, on the client side.
 
 The same conversations, each in a server of its own started as users start it (engine in its
 own processes, vLLM's KV cache made small with ``--num-gpu-blocks-override`` so that returning
@@ -18,10 +20,12 @@ turns' contexts come from kvtier's DRAM rather than from vLLM's own cache):
   fcfs        kvtier, vLLM's first-come first-served scheduling (``--scheduling vllm``)
   hits-first  kvtier as ``kvtier serve`` runs by default
 
-Then, on each kvtier server, each of ``--isolated`` users' next turn alone: an isolated hit of
-the same length as the returning turns. Per path: mean TTFT over all turns, first and returning
-turns' medians, the longest wait of a first turn, the prompt tokens the engine computed per
-second of the run (prefill throughput), and the ratios the targets are stated in.
+Then, on each server, the next turn of each of ``--isolated`` users (those whose last turn is
+the oldest), one at a time: an isolated hit of the same length as the returning turns. Per
+path: mean TTFT over all turns, first and returning turns' medians, the longest wait of a first
+turn, the prompt tokens the engine computed per second of the run (prefill throughput), the
+share of prompt tokens found cached (in vLLM's cache or kvtier's), and the ratios the targets
+are stated in.
 
 With ``--pod N`` each path runs on a ``kvtier pod --engines N`` instead (each engine on its own
 cores, the pod's shared Redis tier, its router in front; the baseline's pod has no shared
@@ -62,7 +66,7 @@ MODES = {
     "hits-first": (),
 }
 # vLLM's own KV cache: 80 blocks of 128 tokens (on CPU), a burst's four prompts and little
-# more, so that most users' contexts are gone from it by their next turn.
+# more, so that users' contexts are gone from it by their next turn (see users_met).
 SMALL_VLLM_CACHE_BLOCKS = 80  # of vLLM's 128-token blocks on CPU
 SMALL_VLLM_CACHE = (
     "--num-gpu-blocks-override",
@@ -103,15 +107,25 @@ class Conversations:
         self.messages[user] = [*messages, {"role": "assistant", "content": answer}]
 
 
-def bursts(users: int, size: int) -> list[list[int]]:
-    """The users of each burst: one new user, then ``size`` - 1 returning ones in turn."""
-    plan, seen, turn = [], list(range(size - 1)), 0
-    for new in range(size - 1, users):
-        returning = [seen[(turn + i) % len(seen)] for i in range(size - 1)]
-        turn += size - 1
+def users_met(size: int, history: int, engines: int = 1) -> int:
+    """Users to meet before the first burst so that, with returning users taken oldest first,
+    more contexts than vLLM's cache holds (on every engine) are served between two turns of a
+    user: a user returns every ``met / (size - 1)`` bursts, ``size`` contexts each."""
+    held = -(-SMALL_VLLM_CACHE_BLOCKS * 128 // history)  # contexts vLLM's cache holds, rounded up
+    return (size - 1) * (-(-engines * held // size) + 1)
+
+
+def bursts(count: int, size: int, met: int) -> tuple[list[list[int]], list[int]]:
+    """The users of each burst (one new user, then ``size`` - 1 returning ones, those whose last
+    turn is the oldest), and all users, oldest last turn first, after the last burst."""
+    if met < size - 1:
+        raise ValueError(f"{met} users met before cannot fill bursts of {size}")
+    oldest_first, plan = list(range(met)), []
+    for new in range(met, met + count):
+        returning, oldest_first = oldest_first[: size - 1], oldest_first[size - 1 :]
         plan.append([new, *returning])
-        seen.append(new)
-    return plan
+        oldest_first += [*returning, new]
+    return plan, oldest_first
 
 
 async def _turn(
@@ -148,12 +162,15 @@ async def _turn(
 async def play(url: str, args: argparse.Namespace, bar: Any) -> dict[str, Any]:
     """The whole workload against ``url``: warm-up users, the bursts, then isolated turns."""
     chats = Conversations(args.history, args.seed)
-    plan = bursts(args.users, args.burst)
+    plan, oldest_first = bursts(args.bursts, args.burst, args.met)
     timeout = aiohttp.ClientTimeout(total=1800)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        for user in range(args.burst - 1):  # met before the first burst
+
+        async def met(user: int) -> None:
             await _turn(session, url, chats, user, -1, args.answer)
             bar.update()
+
+        await asyncio.gather(*(met(user) for user in range(args.met)))
         turns: list[Turn] = []
         started = time.perf_counter()
         for k, users in enumerate(plan):
@@ -164,7 +181,7 @@ async def play(url: str, args: argparse.Namespace, bar: Any) -> dict[str, Any]:
             bar.update(len(users))
         elapsed = time.perf_counter() - started
         isolated = []
-        for user in range(min(args.isolated, args.users)):
+        for user in oldest_first[: args.isolated]:  # gone from vLLM's cache, as returning turns
             isolated.append(await _turn(session, url, chats, user, -2, args.answer))
             bar.update()
     return {"turns": turns, "elapsed_s": elapsed, "isolated": isolated}
@@ -201,17 +218,19 @@ def run(args: argparse.Namespace) -> int:
     modes = [m for m in args.modes.split(",") if m.strip()]
     if set(modes) - set(MODES) or not modes:
         raise SystemExit(f"kvtier bench chat: --modes from {', '.join(MODES)}")
-    if args.burst < 2 or args.users < args.burst or not 256 < args.history < 7000:
-        raise SystemExit(
-            "kvtier bench chat: --burst >= 2, --users >= --burst, --history in (256, 7000)"
-        )
+    if args.burst < 2 or args.bursts < 1 or not 256 < args.history < 7000:
+        raise SystemExit("kvtier bench chat: --burst >= 2, --bursts >= 1, --history in (256, 7000)")
     if args.block_size is not None and (args.pod or not 16 <= args.block_size <= 1024):
         raise SystemExit("kvtier bench chat: --block-size from 16 to 1024, without --pod")
     if not 0 <= args.pod <= 16:
         raise SystemExit("kvtier bench chat: --pod from 0 (one kvtier serve) to 16 engines")
+    if args.met is None:
+        args.met = users_met(args.burst, args.history, max(1, args.pod))
+    if args.met < args.burst - 1:
+        raise SystemExit(f"kvtier bench chat: --met >= --burst - 1 ({args.burst - 1})")
     dtype = host_dtype(args.dtype, has_gpu())
     print(f"kvtier bench chat: {dtype.summary()}", file=sys.stderr)
-    per_mode = args.burst - 1 + len(bursts(args.users, args.burst)) * args.burst + args.isolated
+    per_mode = args.met + args.bursts * args.burst + args.isolated
     bar = tqdm(total=per_mode * len(modes), desc="bench chat", unit="req", file=sys.stderr)
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="kvtier-chat-") as work:
@@ -266,8 +285,9 @@ def _deployment(
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
-        "users",
+        "bursts",
         "burst",
+        "met",
         "history",
         "answer",
         "isolated",
@@ -292,8 +312,9 @@ def _ratio(a: float | None, b: float | None) -> str:
 def report(result: dict[str, Any]) -> str:
     rows = result["rows"]
     out = [
-        "kvtier bench chat: bursts of {burst} (one first turn, the rest returning turns), {users}"
-        " users, {history}-token documents, {answer}-token answers; TTFT over HTTP through"
+        "kvtier bench chat: {bursts} bursts of {burst} (one first turn, the rest returning turns"
+        " of users met before, oldest first; {met} met before the first),"
+        " {history}-token documents, {answer}-token answers; TTFT over HTTP through"
         " {through}, in seconds".format(
             through=f"kvtier pod ({result['pod']} engines, router)"
             if result.get("pod")

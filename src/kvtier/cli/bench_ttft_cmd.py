@@ -81,12 +81,22 @@ def register_chat(bsub: Any) -> None:
         description=chat.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--users", type=int, default=11, help="users, each with a document (11)")
+    p.add_argument("--bursts", type=int, default=8, help="bursts, each with a new user (8)")
     p.add_argument("--burst", type=int, default=4, help="requests per burst, one cold (4)")
+    p.add_argument(
+        "--met",
+        type=int,
+        metavar="USERS",
+        help="users whose first turn comes before the bursts (default: enough that returning"
+        " users' contexts are gone from vLLM's cache when they return: 9 at the defaults)",
+    )
     p.add_argument("--history", type=int, default=2000, help="tokens of each document (2000)")
     p.add_argument("--answer", type=int, default=16, help="tokens of each answer (16)")
     p.add_argument(
-        "--isolated", type=int, default=3, help="users whose next turn is then sent alone (3)"
+        "--isolated",
+        type=int,
+        default=3,
+        help="users whose next turn is then sent alone, an isolated hit (3)",
     )
     p.add_argument(
         "--modes",
