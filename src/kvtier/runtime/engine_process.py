@@ -216,10 +216,18 @@ class Server:
             return "(no log)"
 
     def complete(
-        self, prompt: str | list[int], max_tokens: int = 1, timeout_s: float = 600, **extra: Any
+        self,
+        prompt: str | list[int],
+        max_tokens: int = 1,
+        timeout_s: float = 600,
+        api_key: str | None = None,
+        **extra: Any,
     ) -> Completion:
-        """A greedy completion of ``prompt`` (text, or token ids sent as they are)."""
+        """A greedy completion of ``prompt`` (text, or token ids sent as they are), with
+        ``api_key`` as ``Authorization: Bearer`` if given."""
         request = self._request(prompt, max_tokens, **extra)
+        if api_key:
+            request.add_header("Authorization", f"Bearer {api_key}")
         start = time.perf_counter()
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
