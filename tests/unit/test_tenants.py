@@ -1,6 +1,6 @@
 """Tenants come from the server: the tenants file, API keys as hashes, the derived cache salt,
 and the gate in front of vLLM's API server (driven here as the ASGI app it is, in front of a
-small app that records what reaches it). Through the real server: tests/e2e/test_tenants.py."""
+small app that records what reaches it). Through the real server: tests/e2e/test_serve_tenants.py."""
 
 from __future__ import annotations
 
