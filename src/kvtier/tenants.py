@@ -173,4 +173,4 @@ def _tenant(entry: Any, where: str) -> Tenant:
     if not isinstance(quota, dict):
         raise ConfigError(f"{where} ({name}): quota: a mapping of tier name to size")
     sizes = {str(t): parse_size(v, f"{where} ({name}): quota.{t}") for t, v in quota.items()}
-    return Tenant(name, tuple(keys), sizes)
+    return Tenant(str(name), tuple(keys), sizes)

@@ -9,6 +9,7 @@ Apart from the other engine tests so that the test processes share them out.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,7 @@ def serve(tmp_path: Path, log: str) -> Server:
 
 
 def cached(server: Server, key: str | None, salt: str | None = "acme-project") -> int:
-    extra = {"cache_salt": salt} if salt else {}
+    extra: dict[str, Any] = {"cache_salt": salt} if salt else {}
     done = server.complete(PROMPT, max_tokens=2, api_key=key, **extra)
     assert done.prompt_tokens > 600 and done.cached_tokens is not None
     return done.cached_tokens

@@ -1,11 +1,13 @@
 """Tenants come from the server: the tenants file, API keys as hashes, the derived cache salt,
 and the gate in front of vLLM's API server (driven here as the ASGI app it is, in front of a
-small app that records what reaches it). Through the real server: tests/e2e/test_serve_tenants.py."""
+small app that records what reaches it). Through the real server:
+tests/e2e/test_serve_tenants.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -112,15 +114,15 @@ def _call(gate: TenantGate, path: str, body: Any = None, key: str | None = None)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     if key:
         headers.append((b"authorization", f"Bearer {key}".encode()))
-    scope = {"type": "http", "method": "POST" if body is not None else "GET", "path": path}
-    scope["headers"] = headers
+    method = "POST" if body is not None else "GET"
+    scope: dict[str, Any] = {"type": "http", "method": method, "path": path, "headers": headers}
     parts = [raw[:5], raw[5:]]  # a body in two messages, as a client may send it
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> MutableMapping[str, Any]:
         return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     asyncio.run(gate(scope, receive, send))
