@@ -1,13 +1,18 @@
-"""Tenants through `kvtier serve --tenants FILE`, the real server over HTTP: a prompt a tenant
-sent before hits for that tenant (from vLLM's cache, then after a restart from kvtier's disk
-tier) and never for another tenant, even one that sends the victim's own `cache_salt`, nor for
-a request without a key; an unknown key is refused with 401.
+"""Tenants through `kvtier serve --tenants FILE`, the real server over HTTP, with the tenants
+file and keys made by the README's commands and its client snippet run as written: a prompt a
+tenant sent before hits for that tenant (from vLLM's cache, then after a restart from kvtier's
+disk tier) and never for another tenant, even one that sends the victim's own `cache_salt`,
+nor for a request without a key; an unknown key is refused with 401.
 
 Apart from the other engine tests so that the test processes share them out.
 """
 
 from __future__ import annotations
 
+import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +21,36 @@ import pytest
 from kvtier.errors import KvtierError
 from kvtier.redis_process import free_port
 from kvtier.runtime.engine_process import Server, kvtier_serve_command
-from kvtier.tenants import hash_key, new_key
+from kvtier.tenants import new_key
+from paths import README
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 
-ACME, GLOBEX, INITECH = new_key(), new_key(), new_key()
 PROMPT = " ".join(f"Line {i} of acme's confidential design notes." for i in range(60))
 
 
+def readme_block(language: str, marker: str) -> str:
+    blocks: list[str] = re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+    return next(b for b in blocks if marker in b)
+
+
+def make_tenants(where: Path) -> dict[str, str]:
+    """The README's commands, run as written in ``where``, and a third tenant the same way;
+    each tenant's key, from its key file."""
+    lines = readme_block("sh", "kvtier tenants key").splitlines()
+    setup = [ln for ln in lines if not ln.startswith("kvtier serve")]
+    assert len(setup) == 3 and any(ln.startswith("kvtier serve --tenants") for ln in lines)
+    setup.append("kvtier tenants key initech --key-file initech.key >> tenants.yaml")
+    kvtier = shlex.quote(str(Path(sys.executable).parent / "kvtier"))
+    script = "\n".join(["set -e", *(ln.replace("kvtier ", f"{kvtier} ", 1) for ln in setup)])
+    subprocess.run(["bash", "-c", script], cwd=where, check=True, timeout=120)
+    assert (where / "acme.key").stat().st_mode & 0o077 == 0  # the owner's alone
+    return {t: (where / f"{t}.key").read_text().strip() for t in ("acme", "globex", "initech")}
+
+
 def serve(tmp_path: Path, log: str) -> Server:
-    tenants = tmp_path / "tenants.yaml"
-    tenants.write_text(
-        "tenants:\n"
-        f"  - name: acme\n    keys: [{hash_key(ACME)}]\n"
-        f"  - name: globex\n    keys: [{hash_key(GLOBEX)}]\n"
-        f"  - name: initech\n    keys: [{hash_key(INITECH)}]\n"
-    )
     port = free_port()
+    tenants = tmp_path / "tenants.yaml"
     options = ["--disk", str(tmp_path / "chunks"), "--dram", "256MiB", "--tenants", str(tenants)]
     command = kvtier_serve_command(port, *options, "--max-model-len", "4096", "--dtype", "float32")
     return Server(command, port, tmp_path / log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
@@ -46,19 +64,26 @@ def cached(server: Server, key: str | None, salt: str | None = "acme-project") -
 
 
 def test_a_tenants_context_hits_for_it_alone_before_and_after_a_restart(tmp_path: Path) -> None:
+    keys = make_tenants(tmp_path)
+    acme, globex, initech = keys["acme"], keys["globex"], keys["initech"]
     with serve(tmp_path, "first.log") as server:
-        assert cached(server, ACME) == 0
-        assert cached(server, ACME) > 500  # the same tenant hits: caching is on
-        assert cached(server, GLOBEX) == 0  # the victim's cache_salt, another key
+        client = readme_block("python", "api_key=Path(").replace("127.0.0.1:8000", server.url[7:])
+        run = subprocess.run(
+            [sys.executable, "-c", client], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]
+        assert cached(server, acme) == 0
+        assert cached(server, acme) > 500  # the same tenant hits: caching is on
+        assert cached(server, globex) == 0  # the victim's cache_salt, another key
         assert cached(server, None) == 0  # anonymous: a tenant of its own
         assert cached(server, None) > 500  # ... that hits its own
-        assert cached(server, ACME, salt=None) == 0  # a client salt divides its own cache
+        assert cached(server, acme, salt=None) == 0  # a client salt divides its own cache
         with pytest.raises(KvtierError, match="HTTP 401"):
             cached(server, new_key())
     with serve(tmp_path, "second.log") as server:  # vLLM's cache is empty: kvtier's disk
-        assert cached(server, INITECH) == 0  # a tenant that never sent it
-        assert cached(server, ACME) > 500
+        assert cached(server, initech) == 0  # a tenant that never sent it
+        assert cached(server, acme) > 500
         log = server.tail(1 << 20)
     assert "from disk" in log, log[-3000:]
-    for key in (ACME, GLOBEX, INITECH):
+    for key in (acme, globex, initech):
         assert key not in (tmp_path / "first.log").read_text() + log  # no key in a log

@@ -73,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
     from kvtier.runtime.pod import run_pod
 
     engines, prefill = _engine_counts(args)
+    if args.tenants:
+        from kvtier.tenants import load_tenants
+
+        load_tenants(args.tenants)  # a bad file fails before any engine starts
     if prefill and args.redis == "none":
         raise KvtierError(
             "a disaggregated pod hands prompts over through the shared tier:"

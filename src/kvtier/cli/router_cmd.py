@@ -69,6 +69,13 @@ def add_router_options(p: argparse.ArgumentParser) -> None:
         " chunks are and each engine's queue; round-robin: in turn, ignoring the cache",
     )
     p.add_argument(
+        "--tenants",
+        metavar="FILE",
+        help="tenants file (YAML, as given to every engine's `kvtier serve --tenants`):"
+        " requests are authenticated by their API key and routed on their own tenant's"
+        " cached context only (docs/tenants.md)",
+    )
+    p.add_argument(
         "--tokenizer",
         metavar="DIR",
         help="the engines' model directory, for the tokenizer and chat template"
@@ -93,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise KvtierError("no engine: give --worker URL (repeat for each engine)")
     from kvtier.router.serve import make_router, serve_router
 
-    router = make_router(args.worker or args.decode, args.policy, args.tokenizer, args.prefill)
+    engines = args.worker or args.decode
+    router = make_router(engines, args.policy, args.tokenizer, args.prefill, args.tenants)
     serve_router(router, args.host, args.port)
     return 0

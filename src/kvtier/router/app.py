@@ -33,6 +33,7 @@ from kvtier.router.metrics import router_metrics
 from kvtier.router.prompts import Prompter
 from kvtier.router.reuse import TAIL_BYTES, cached_in_body, cached_in_stream
 from kvtier.router.route import POLICIES, Route, Routing
+from kvtier.tenants import Tenants, Unauthorized, derive_salt
 
 log = logging.getLogger("kvtier.router")
 
@@ -64,7 +65,9 @@ class Router:
         policy: str = "kvtier",
         shared: SharedTier | None = None,
         prefill: list[str] | None = None,
+        tenants: Tenants | None = None,
     ):
+        self.tenants = tenants  # None: one trust domain, the client's cache_salt as it is
         self.index = ChunkIndex()
         self.engines = EngineSet(workers, self.index, prefill)
         self.routing = Routing(self.engines, self.index, prompter, policy, shared)
@@ -132,7 +135,18 @@ class Router:
             body = None
         if not isinstance(body, dict):
             body = {}  # the engine answers a malformed request itself
-        order, route = await self.routing.route(request.path, body)
+        keyed = body
+        if self.tenants is not None:
+            # The engine authenticates the same key and derives the same salt from the body
+            # it receives unchanged; the router keys the prompt as the engine will.
+            try:
+                tenant = self.tenants.identify(request.headers.get("Authorization"))
+            except Unauthorized as exc:
+                return _error(401, str(exc))
+            salt = body.get("cache_salt")
+            salt = derive_salt(tenant, salt if isinstance(salt, str) else None)
+            keyed = {**body, "cache_salt": salt}
+        order, route = await self.routing.route(request.path, keyed)
         if not order:
             return _error(503, "no engine is available (all failed their health checks)")
         if route is not None and route.split is not None:

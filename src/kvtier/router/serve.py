@@ -10,13 +10,19 @@ from pathlib import Path
 
 from kvtier.errors import KvtierError
 from kvtier.router.app import Router
+from kvtier.tenants import load_tenants
 
 
 def make_router(
-    workers: list[str], policy: str, tokenizer: str | Path | None, prefill: Sequence[str] = ()
+    workers: list[str],
+    policy: str,
+    tokenizer: str | Path | None,
+    prefill: Sequence[str] = (),
+    tenants: str | Path | None = None,
 ) -> Router:
     """The router; it finds the shared tier in the engines' feeds (``/kvtier/info``).
-    ``tokenizer``: the engines' model directory (None: the embedded model's)."""
+    ``tokenizer``: the engines' model directory (None: the embedded model's); ``tenants``:
+    the tenants file the engines were given too (None: one trust domain)."""
     from kvtier.router.prompts import Prompter
 
     if tokenizer is None:
@@ -26,7 +32,8 @@ def make_router(
     if prefill and policy != "kvtier":
         raise KvtierError("prefill engines need --policy kvtier (it decides what to prefill where)")
     prompter = Prompter(tokenizer) if policy == "kvtier" else None
-    return Router(workers, prompter, policy, prefill=list(prefill))
+    known = load_tenants(tenants) if tenants else None
+    return Router(workers, prompter, policy, prefill=list(prefill), tenants=known)
 
 
 def serve_router(router: Router, host: str, port: int) -> None:

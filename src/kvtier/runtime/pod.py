@@ -215,6 +215,8 @@ def run_pod(args: argparse.Namespace, engines: int, prefill: int, extra: list[st
     logs = state / "logs" / time.strftime("%Y%m%d-%H%M%S")
     logs.mkdir(parents=True, exist_ok=True)
     options = ["--dram", args.dram, *extra, *pod_dtype_options(extra)]
+    if args.tenants:  # every engine authenticates too: one may be reached on its own port
+        options += ["--tenants", str(Path(args.tenants).resolve())]
     cores = sorted(os.sched_getaffinity(0))
     specs = plan_pod(engines, args.engine_port, state, logs, cores, options, prefill)
     pod = Pod(specs, args.redis)
@@ -229,7 +231,7 @@ def run_pod(args: argparse.Namespace, engines: int, prefill: int, extra: list[st
         pod.start()
         print(f"kvtier pod: shared tier {pod.shared_url}", file=sys.stderr)
         pod.supervise(stopping)
-        router = make_router(pod.urls, args.policy, args.tokenizer, pod.prefill_urls)
+        router = make_router(pod.urls, args.policy, args.tokenizer, pod.prefill_urls, args.tenants)
         serve_router(router, args.host, args.port)
     finally:
         stopping.set()

@@ -1,0 +1,69 @@
+"""Tenants through `kvtier pod --tenants FILE`: the router authenticates each request and keys
+its prompt with the tenant's salt, as the engines do; the engines authenticate too (one can be
+reached on its own port). A tenant's context hits for that tenant through the pod (vLLM's
+cache or the shared tier), never for another tenant sending the victim's own `cache_salt`, nor
+for a request without a key; unknown keys are refused by the router and by an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtier.tenants import hash_key, new_key
+
+from pods import MODEL, readme_pod
+
+pytestmark = pytest.mark.slow
+ACME, GLOBEX, INITECH = new_key(), new_key(), new_key()
+PROMPT = " ".join(f"Entry {i} of acme's quarterly plan, not for anyone else." for i in range(50))
+
+
+def ask(base: str, key: str | None, salt: str | None = "plans") -> dict[str, Any]:
+    body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "temperature": 0}
+    if salt:
+        body["cache_salt"] = salt
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(request, timeout=300) as r:
+        return dict(json.load(r))
+
+
+def cached(reply: dict[str, Any]) -> int:
+    usage = reply["usage"]
+    assert usage["prompt_tokens"] > 500
+    return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
+def test_through_a_pod_a_tenants_context_hits_for_it_alone(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(
+        f"tenants:\n  - name: acme\n    keys: [{hash_key(ACME)}]\n"
+        f"  - name: globex\n    keys: [{hash_key(GLOBEX)}]\n"
+        f"  - name: initech\n    keys: [{hash_key(INITECH)}]\n"
+    )
+    with readme_pod(tmp_path_factory, "kvtier pod", "--tenants", str(tenants)) as pod:
+        assert cached(ask(pod.url, ACME)) == 0
+        assert cached(ask(pod.url, ACME)) > 256  # the same tenant hits: caching is on
+        assert cached(ask(pod.url, GLOBEX)) == 0  # the victim's cache_salt, another key
+        assert cached(ask(pod.url, None)) == 0  # anonymous
+        assert cached(ask(pod.url, None)) > 256  # ... which hits its own
+        engine = f"http://127.0.0.1:{pod.engine_port}"
+        assert cached(ask(engine, INITECH)) == 0  # on an engine's own port: the same rules
+        assert cached(ask(engine, ACME)) > 256
+        for base in (pod.url, engine):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                ask(base, new_key())
+            assert refused.value.code == 401
+            assert "unknown API key" in refused.value.read().decode()
+        log = pod.log.read_text()
+    assert all(key not in log for key in (ACME, GLOBEX, INITECH))
