@@ -138,12 +138,20 @@ class RedisTierConfig:
     cluster: bool = False
     timeout_s: float = 2.0
     compression: str = "none"
+    username: str = ""  # an ACL user ("": the default user)
+    password_file: str = ""  # a file holding the user's password ("": none)
 
     def __post_init__(self) -> None:
         _choice("compression", self.compression, COMPRESSIONS)
         if not re.match(r"^(redis|rediss|unix)://", self.url):
             raise ConfigError(
                 f"url: expected redis://host:port[/db] (or rediss://, unix://), got {self.url!r}"
+            )
+        if "@" in self.url.split("://", 1)[1].split("/", 1)[0]:
+            raise ConfigError(
+                "url: no user or password in the URL (a URL shows in command lines, logs and"
+                " /kvtier/info): give username, and password_file naming a file that holds"
+                " the password (kvtier serve --redis-user, --redis-password-file)"
             )
         if self.ttl_s is not None and self.ttl_s <= 0:
             raise ConfigError(f"ttl_s: must be a positive number of seconds, got {self.ttl_s}")
@@ -361,3 +369,16 @@ def load_config(
             raise ConfigError(f"config file {file}: not valid YAML: {exc}") from None
         config = config_from_dict(data or {}, str(file))
     return _apply_env(config, env)
+
+
+def read_secret(path: str, what: str) -> str:
+    """The secret held by the file ``path`` (its first line, stripped); errors name the file
+    and never its content."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not secret:
+        raise ConfigError(f"{what}: {path} is empty")
+    return secret

@@ -35,6 +35,8 @@ def make_tier(config: TierConfig) -> Tier:
             ttl_s=config.ttl_s,
             cluster=config.cluster,
             timeout_s=config.timeout_s,
+            username=config.username,
+            password_file=config.password_file,
         )
     raise TypeError(f"not a tier configuration: {config!r}")
 

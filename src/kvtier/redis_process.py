@@ -6,7 +6,10 @@ given. Nothing is persisted: no RDB snapshots, no AOF, a temporary working direc
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -14,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -61,17 +65,60 @@ def _port_free(port: int) -> bool:
     return True
 
 
-class RedisServer:
-    """One redis-server process bound to 127.0.0.1. Restartable on the same port."""
+# What kvtier's tiers and router send (RedisTier, BulkReader, SharedTier): nothing else, not
+# even SCAN, which key patterns would not restrict. (redis-py's CLIENT SETINFO greeting, on
+# servers that know it, is refused and ignored.)
+KVTIER_COMMANDS = ("get", "set", "exists", "del", "getrange", "strlen", "ping", "select")
 
-    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()):
+
+class RedisServer:
+    """One redis-server process bound to 127.0.0.1. Restartable on the same port.
+
+    ``acl_user``: the default user is off, and this user alone, with a password made at
+    start, may run :data:`KVTIER_COMMANDS` on the keys under ``acl_prefix``. The password is
+    in :attr:`password_file` (readable by this user alone), passed to redis-server in a
+    configuration file of the same kind: never on a command line.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+        acl_user: str = "",
+        acl_prefix: str = "kvtier",
+    ):
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise KvtierError(_MISSING)
         self.port = port or free_port()
         self.extra_args = extra_args
-        self._dir = tempfile.mkdtemp(prefix="kvtier-redis-")
+        self._dir = tempfile.mkdtemp(prefix="kvtier-redis-")  # 0700
         self._proc: subprocess.Popen[bytes] | None = None
+        self.username = acl_user
+        self.password_file = ""
+        self._conf: list[str] = []
+        if acl_user:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", acl_user + acl_prefix):
+                raise KvtierError("acl_user and acl_prefix: letters, digits, '_' and '-'")
+            password = secrets.token_urlsafe(32)
+            self.password_file = self._private("password", password + "\n")
+            rules = " ".join(f"+{c}" for c in KVTIER_COMMANDS)
+            acl = f"user {acl_user} on >{password} ~{acl_prefix}:* resetchannels -@all {rules}"
+            self._conf = [self._private("redis.conf", f"user default off\n{acl}\n")]
+
+    def _private(self, name: str, text: str) -> str:
+        path = Path(self._dir) / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return str(path)
+
+    def client(self, **options: Any) -> redis.Redis:
+        """A client of this server, as its ACL user if it has one."""
+        if self.password_file:
+            options["username"] = self.username
+            options["password"] = Path(self.password_file).read_text().strip()
+        return redis.Redis(port=self.port, **options)
 
     @property
     def url(self) -> str:
@@ -85,6 +132,7 @@ class RedisServer:
         assert self.binary is not None
         args = [
             self.binary,
+            *self._conf,  # a configuration file first, if any
             "--port",
             str(self.port),
             "--bind",
@@ -100,7 +148,7 @@ class RedisServer:
             *self.extra_args,
         ]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = self.client(socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         try:
             while True:

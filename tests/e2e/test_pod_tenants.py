@@ -8,6 +8,7 @@ for a request without a key; unknown keys are refused by the router and by an en
 from __future__ import annotations
 
 import json
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from kvtier.tenants import hash_key, new_key
 
-from pods import MODEL, readme_pod
+from pods import MODEL, get_json, readme_pod
 
 pytestmark = pytest.mark.slow
 ACME, GLOBEX, INITECH = new_key(), new_key(), new_key()
@@ -65,5 +66,14 @@ def test_through_a_pod_a_tenants_context_hits_for_it_alone(
                 ask(base, new_key())
             assert refused.value.code == 401
             assert "unknown API key" in refused.value.read().decode()
-        log = pod.log.read_text()
-    assert all(key not in log for key in (ACME, GLOBEX, INITECH))
+        # The pod's redis-server: an ACL user whose password is in a file, never on a
+        # command line or in a log (the engines and the router read the file).
+        shared = get_json(engine + "/kvtier/info")["shared"][0]
+        assert "@" not in shared["url"] and shared["username"] == "kvtier"
+        password = Path(shared["password_file"]).read_text().strip()
+        assert len(password) >= 32
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert password not in ps and "--redis-password-file" in ps
+        logs = [pod.log, *pod.log.parent.rglob("*.log")]
+        text = "".join(p.read_text(errors="replace") for p in logs)
+    assert all(secret not in text for secret in (ACME, GLOBEX, INITECH, password))

@@ -46,6 +46,12 @@ def register(sub: Any) -> None:
     p.add_argument("--disk", metavar="DIR", help="disk tier directory ('none' for no disk tier)")
     p.add_argument("--disk-size", metavar="SIZE", help="disk tier capacity, e.g. 20GiB")
     p.add_argument("--redis", metavar="URL", help="add a Redis tier, redis://host:port/db")
+    p.add_argument("--redis-user", metavar="NAME", help="the Redis tier's ACL user")
+    p.add_argument(
+        "--redis-password-file",
+        metavar="FILE",
+        help="a file holding the Redis user's password (never in the URL or on a command line)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
     p.add_argument("--config", metavar="FILE", help="kvtier YAML configuration")

@@ -224,7 +224,15 @@ def store_feed(
         "bytes_per_token": bytes_per_token,
         "tiers": [{"name": name, "kind": kind} for name, kind, _ in tiers],
         "shared": [
-            {"name": name, "url": t.url, "prefix": t.prefix, "cluster": t.cluster}
+            {
+                "name": name,
+                "url": t.url,
+                "prefix": t.prefix,
+                "cluster": t.cluster,
+                # where the password is, on this host (a router beside the engines reads it)
+                "username": t.username,
+                "password_file": t.password_file,
+            }
             for name, _, t in tiers
             if isinstance(t, RedisTierConfig)
         ],

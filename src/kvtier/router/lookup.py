@@ -14,6 +14,7 @@ from kvtier.health import TierHealth
 from kvtier.keys import Namespace, chunk_keys, tail_candidates, token_array
 from kvtier.policy.routing import leading_hits
 from kvtier.router.index import ChunkIndex
+from kvtier.tiers.redis import credentials
 
 SHARED_TIMEOUT_S = 0.25  # a shared tier slower than this is failing (health)
 SHARED_BUDGET_S = 0.003  # what a request waits for the shared tier's answer
@@ -80,7 +81,14 @@ class SharedTier:
     a returning prompt asks only about its new chunks; a late answer still fills that memory.
     """
 
-    def __init__(self, url: str, prefix: str, cluster: bool = False):
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        cluster: bool = False,
+        username: str = "",
+        password_file: str = "",
+    ):
         import redis.asyncio
 
         self.url = url
@@ -88,6 +96,7 @@ class SharedTier:
         options: dict[str, Any] = {
             "socket_timeout": SHARED_TIMEOUT_S,
             "socket_connect_timeout": SHARED_TIMEOUT_S,
+            **credentials(username, password_file),
         }
         self._client: Any = (
             redis.asyncio.RedisCluster.from_url(url, **options)

@@ -125,7 +125,13 @@ class Routing:
         """The tier the engines say they share (from an engine's /kvtier/info), once."""
         if self.shared is None and info.get("shared"):
             first = info["shared"][0]
-            self.shared = SharedTier(first["url"], first["prefix"], bool(first.get("cluster")))
+            self.shared = SharedTier(
+                first["url"],
+                first["prefix"],
+                bool(first.get("cluster")),
+                first.get("username") or "",
+                first.get("password_file") or "",
+            )
         return self.shared
 
     def phase(self, name: str, seconds: float) -> None:

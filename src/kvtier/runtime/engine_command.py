@@ -22,6 +22,7 @@ from kvtier.config import (
     config_from_dict,
     load_config,
     parse_size,
+    read_secret,
 )
 from kvtier.errors import ConfigError
 from kvtier.integrations.engine_dtype import HANDED_DTYPE, DtypeChoice, choose_dtype, given_dtype
@@ -58,9 +59,18 @@ def build_config(args: argparse.Namespace) -> StoreConfig:
         if args.disk_size:
             changes["capacity"] = parse_size(args.disk_size, "--disk-size")
         replace(DiskTierConfig, **changes)
+    user, secret = getattr(args, "redis_user", None), getattr(args, "redis_password_file", None)
+    if (user or secret) and not args.redis:
+        raise ConfigError("--redis-user and --redis-password-file go with --redis URL")
     if args.redis:
+        redis_changes: dict[str, Any] = {"url": args.redis}
+        if user:
+            redis_changes["username"] = user
+        if secret:
+            read_secret(secret, "--redis-password-file")  # a bad file fails before vLLM starts
+            redis_changes["password_file"] = str(Path(secret).resolve())
         try:
-            replace(RedisTierConfig, url=args.redis)
+            replace(RedisTierConfig, **redis_changes)
         except ConfigError as exc:
             raise ConfigError(f"--redis: {str(exc).partition(': ')[2]}") from None
     return dataclasses.replace(config, tiers=tuple(tiers))

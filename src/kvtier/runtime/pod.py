@@ -90,14 +90,21 @@ class Pod:
     def start(self, progress: bool = True) -> None:
         try:
             if self.redis_url is None:
-                self.redis = RedisServer().start()
+                # Its own ACL user, password in a file: no engine or router has more rights
+                # than kvtier needs, and the password shows in no command line or log.
+                self.redis = RedisServer(acl_user="kvtier").start()
             for spec in self.engines:
                 if spec.disk is not None:
                     spec.disk.mkdir(parents=True, exist_ok=True)
                 disk = ("--disk", str(spec.disk) if spec.disk else "none")
                 # A prefill engine's answer returns once the shared tier holds the prompt.
                 role = ("--write-through",) if spec.prefill else ()
-                shared = () if self.shared_url == "none" else ("--redis", self.shared_url)
+                shared: tuple[str, ...] = ()
+                if self.shared_url != "none":
+                    shared = ("--redis", self.shared_url)
+                if self.redis is not None and self.redis.password_file:
+                    shared += ("--redis-user", self.redis.username)
+                    shared += ("--redis-password-file", self.redis.password_file)
                 options = (*disk, *role, *shared, *spec.options)
                 env = {}
                 if not has_gpu():

@@ -15,6 +15,7 @@ from typing import Any
 import redis
 import redis.cluster
 
+from kvtier.config import read_secret
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.tiers.base import Blob, PutResult, TierUsage, scatter
 from kvtier.tiers.resp import BulkReader
@@ -40,6 +41,14 @@ def _batches(
         yield items[start:]
 
 
+def credentials(username: str, password_file: str) -> dict[str, str]:
+    """redis-py's ``username``/``password`` options: the password read from its file."""
+    given: dict[str, str] = {"username": username} if username else {}
+    if password_file:
+        given["password"] = read_secret(password_file, "redis password_file")
+    return given
+
+
 class RedisTier:
     def __init__(
         self,
@@ -49,6 +58,8 @@ class RedisTier:
         ttl_s: int | None = None,
         cluster: bool = False,
         timeout_s: float = 2.0,
+        username: str = "",
+        password_file: str = "",
     ):
         self.name = name
         self.zero_copy_reads = False
@@ -58,6 +69,7 @@ class RedisTier:
         options: dict[str, Any] = {
             "socket_timeout": timeout_s,
             "socket_connect_timeout": min(timeout_s, 1.0),
+            **credentials(username, password_file),
         }
         self._client: redis.Redis | redis.cluster.RedisCluster
         # Values are received straight into callers' buffers over a plain TCP connection;
