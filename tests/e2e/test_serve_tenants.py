@@ -22,6 +22,7 @@ from kvtier.errors import KvtierError
 from kvtier.redis_process import free_port
 from kvtier.runtime.engine_process import Server, kvtier_serve_command
 from kvtier.tenants import new_key
+
 from paths import README
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")

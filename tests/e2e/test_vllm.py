@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from kvtier.redis_process import RedisServer
-from paths import TESTS
 
 import zygote
+from paths import TESTS
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 

@@ -23,9 +23,9 @@ from kvtier import TieredStore
 from kvtier.redis_process import RedisServer
 from kvtier.tiers import DiskTier, MemoryTier, RedisTier
 from kvtier.tiers.base import Tier
-from paths import TESTS
 
 from kvhelpers import CHUNK_TOKENS, NS, SHAPE, chunk, chunks_for, prompt, same
+from paths import TESTS
 
 PROCS = str(TESTS / "procs.py")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.cli.main import main
+
 from paths import README
 
 

@@ -48,7 +48,7 @@ def test_only_the_kvtier_user_gets_in_and_only_to_what_kvtier_needs(locked: Redi
             client.execute_command(*command)  # type: ignore[no-untyped-call]
     with pytest.raises(redis.exceptions.NoPermissionError):
         client.set("other:secret", b"x")  # outside kvtier's prefix
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
     assert password not in ps and f"redis-server 127.0.0.1:{locked.port}" in ps
 
 

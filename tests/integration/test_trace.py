@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.sim.trace import Request, TraceError, parse_lines, read_trace
+
 from paths import TRACES
 
 SHARED = TRACES

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from paths import TESTS
-
 import zygote
+from paths import TESTS
 
 HERE = TESTS
 # The toy run: prints its arguments, answers a line of stdin, fails or waits when asked.

@@ -15,6 +15,7 @@ from kvtier.sim.bounds import belady_hits, infinite_hits
 from kvtier.sim.engine import TierSpec, simulate
 from kvtier.sim.synthetic import Workload, generate
 from kvtier.sim.trace import Request
+
 from paths import TRACES
 
 TRACE = TRACES / "conversation_trace.jsonl"
