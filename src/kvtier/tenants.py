@@ -4,6 +4,7 @@ salt that keeps each tenant's chunks apart.
 A tenants file (YAML) lists the tenants, each with the hashes of its API keys (never the keys)
 and optional quotas::
 
+    secret_file: tenants.secret  # the key of every salt (`kvtier tenants init` makes both)
     anonymous: isolated          # requests without a key: a tenant of their own (or: refuse)
     tenants:
       - name: acme
@@ -12,9 +13,11 @@ and optional quotas::
 
 A request's tenant comes from its ``Authorization: Bearer KEY`` header only. The salt of its
 chunks (vLLM's ``cache_salt``, which also divides vLLM's own prefix cache) is derived from the
-tenant and the client's own ``cache_salt``, length-prefixed and hashed: a client salt can
-divide its tenant's cache but never name another tenant's, and no pair of tenant and client
-salt gives another pair's salt. The derived salt shows no tenant name.
+tenant and the client's own ``cache_salt``, length-prefixed and hashed with the secret of
+``secret_file`` (HMAC-SHA256): a client salt can divide its tenant's cache but never name
+another tenant's, no pair of tenant and client salt gives another pair's salt, and without the
+secret nobody can compute a tenant's chunk keys (so the keys the engines' feeds list reveal
+nothing). The derived salt shows no tenant name.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from kvtier.config import parse_size
+from kvtier.config import parse_size, read_secret
 from kvtier.errors import ConfigError
 
 ANONYMOUS = "anonymous"  # the tenant of requests without a key (a reserved name)
@@ -86,6 +89,7 @@ class Tenants:
     tenants: tuple[Tenant, ...]
     refuse_anonymous: bool = False
     source: str = "(built in code)"
+    secret: bytes = b""  # the salts' key (b"": salts a public function of the tenant's name)
     _by_hash: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -103,10 +107,27 @@ class Tenants:
                 self._by_hash[h] = tenant.name
 
     @property
+    def unkeyed_warning(self) -> str | None:
+        """What a server says at start when the salts have no secret (None: they do)."""
+        if self.secret:
+            return None
+        return (
+            f"{self.source} has no secret_file: a tenant's cache salt is a public function of"
+            " its name, so whoever reads the chunk keys an engine lists (/kvtier/) can test a"
+            " guessed prompt of a named tenant; `kvtier tenants init` makes a file with one"
+        )
+
+    @property
     def names(self) -> list[str]:
         """Every tenant a request can be, anonymous included unless refused."""
         named = [t.name for t in self.tenants]
         return named if self.refuse_anonymous else [*named, ANONYMOUS]
+
+    def salt(self, tenant: str, client_salt: object) -> str:
+        """The cache salt of ``tenant``'s request with ``client_salt`` (its ``cache_salt``;
+        anything but a string counts as none)."""
+        given = client_salt if isinstance(client_salt, str) else None
+        return derive_salt(tenant, given, self.secret)
 
     def identify(self, authorization: str | None) -> str:
         """The tenant named by an ``Authorization`` header's value (None: no header); raises
@@ -136,9 +157,15 @@ def load_tenants(path: str | Path) -> Tenants:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with a 'tenants' list")
-    unknown = set(raw) - {"tenants", "anonymous"}
+    unknown = set(raw) - {"tenants", "anonymous", "secret_file"}
     if unknown:
-        raise ConfigError(f"{source}: unknown keys {sorted(unknown)} (known: anonymous, tenants)")
+        raise ConfigError(
+            f"{source}: unknown keys {sorted(unknown)} (known: secret_file, anonymous, tenants)"
+        )
+    secret = b""
+    if raw.get("secret_file"):  # relative to the tenants file
+        secret_path = Path(path).parent / str(raw["secret_file"])
+        secret = bytes.fromhex(_secret(secret_path, source))
     anonymous = raw.get("anonymous", "isolated")
     if anonymous not in ("isolated", "refuse"):
         raise ConfigError(f"{source}: anonymous: 'isolated' or 'refuse', got {anonymous!r}")
@@ -146,7 +173,21 @@ def load_tenants(path: str | Path) -> Tenants:
     if not isinstance(entries, list):
         raise ConfigError(f"{source}: tenants: expected a list")
     tenants = tuple(_tenant(entry, f"{source}: tenants[{i}]") for i, entry in enumerate(entries))
-    return Tenants(tenants, refuse_anonymous=anonymous == "refuse", source=source)
+    return Tenants(tenants, anonymous == "refuse", source, secret)
+
+
+def _secret(path: Path, source: str) -> str:
+    text = read_secret(str(path), f"{source}: secret_file")
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise ConfigError(
+            f"{source}: secret_file {path}: expected 64 hex digits (kvtier tenants init)"
+        )
+    return text
+
+
+def new_secret() -> str:
+    """A fresh salt key: 256 random bits, as 64 hex digits."""
+    return secrets.token_hex(32)
 
 
 def _tenant(entry: Any, where: str) -> Tenant:

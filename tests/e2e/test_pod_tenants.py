@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kvtier.tenants import hash_key, new_key
+from kvtier.tenants import hash_key, new_key, new_secret
 
 from pods import MODEL, get_json, readme_pod
 
@@ -56,7 +56,9 @@ def test_through_a_pod_a_tenants_context_hits_for_it_alone(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
     tenants = tmp_path / "tenants.yaml"
+    (tmp_path / "salts.secret").write_text(new_secret() + "\n")  # router and engines read it
     tenants.write_text(
+        "secret_file: salts.secret\n"
         f"tenants:\n  - name: acme\n    keys: [{hash_key(ACME)}]\n"
         f"  - name: globex\n    keys: [{hash_key(GLOBEX)}]\n"
         f"  - name: initech\n    keys: [{hash_key(INITECH)}]\n"

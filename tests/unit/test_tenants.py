@@ -22,6 +22,7 @@ from kvtier.tenants import (
     hash_key,
     load_tenants,
     new_key,
+    new_secret,
 )
 
 KEY_A, KEY_B = new_key(), new_key()
@@ -173,3 +174,27 @@ def test_without_a_tenants_file_the_gate_changes_nothing(monkeypatch: pytest.Mon
     app = Recorder()
     assert _call(TenantGate(app), "/v1/completions", {"prompt": "hi", "cache_salt": "s"}) == 200
     assert app.seen[0][1] == {"prompt": "hi", "cache_salt": "s"}
+
+
+def test_a_secret_file_keys_every_salt(tmp_path: Path) -> None:
+    secret = tmp_path / "tenants.yaml.secret"
+    secret.write_text(new_secret() + "\n")
+    path = _file(
+        tmp_path,
+        f"secret_file: {secret.name}\ntenants:\n  - name: acme\n    keys: [{hash_key(KEY_A)}]\n",
+    )
+    keyed = load_tenants(path)
+    assert keyed.unkeyed_warning is None
+    assert keyed.salt("acme", "x") == derive_salt("acme", "x", bytes.fromhex(secret.read_text()))
+    assert keyed.salt("acme", "x") != derive_salt("acme", "x")  # nobody can compute it without
+    assert keyed.salt("acme", 7) == keyed.salt("acme", None)  # not a string: no client salt
+    (tmp_path / "plain").mkdir()
+    plain = load_tenants(_two(tmp_path / "plain"))
+    assert plain.unkeyed_warning and "public function of its name" in plain.unkeyed_warning
+    secret.write_text("not hex\n")
+    with pytest.raises(ConfigError, match="expected 64 hex digits"):
+        load_tenants(path)
+    secret.unlink()
+    with pytest.raises(ConfigError, match="cannot read") as err:
+        load_tenants(path)
+    assert str(secret) in str(err.value)

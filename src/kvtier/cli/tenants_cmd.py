@@ -1,13 +1,16 @@
 """``kvtier tenants``: API keys for a tenants file (``kvtier serve --tenants FILE``).
 
-The file holds each key's hash, never the key: ``kvtier tenants key NAME`` makes a key, writes
+``kvtier tenants init FILE`` starts a tenants file, with a secret file beside it (the key of
+every tenant's cache salt: without it, whoever reads the chunk keys an engine lists could test
+a guessed prompt of a named tenant). The file holds each key's hash, never the key:
+``kvtier tenants key NAME`` makes a key, writes
 it to ``--key-file`` (readable by you alone; without it, to stderr) for you to give to the
 tenant, and prints the file entry with its hash. ``kvtier tenants hash`` reads keys you already
 have from standard input, one per line, never from the command line (a command line is
 visible to every user of the machine), and prints their hashes.
 
 examples:
-  echo "tenants:" > tenants.yaml
+  kvtier tenants init tenants.yaml
   kvtier tenants key acme --key-file acme.key >> tenants.yaml
   kvtier tenants hash < keys.txt
 """
@@ -17,10 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from kvtier.errors import ConfigError
-from kvtier.tenants import hash_key, new_key, valid_name
+from kvtier.tenants import hash_key, new_key, new_secret, valid_name
 
 
 def register(sub: Any) -> None:
@@ -31,6 +35,11 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tsub = p.add_subparsers(dest="tenants_command", metavar="COMMAND", required=True)
+    init = tsub.add_parser(
+        "init", help="start a tenants file, with a secret file beside it (FILE.secret)"
+    )
+    init.add_argument("file", help="the tenants file to create (not overwritten)")
+    init.set_defaults(run=_init)
     key = tsub.add_parser(
         "key", help="make a new API key: the key on stderr, the file entry on stdout"
     )
@@ -45,6 +54,30 @@ def register(sub: Any) -> None:
     hashed.set_defaults(run=_hash)
 
 
+def _private(path: Path, text: str, mode: int) -> None:
+    """Create ``path`` (never over an existing file) holding ``text``."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise ConfigError(f"{path}: exists; not overwritten") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def _init(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    secret = path.with_name(path.name + ".secret")
+    if path.exists():
+        raise ConfigError(f"{path}: exists; not overwritten")
+    _private(secret, new_secret() + "\n", 0o600)
+    header = f"# kvtier tenants file (kvtier serve --tenants {path.name})\n"
+    _private(path, f"{header}secret_file: {secret.name}\nanonymous: isolated\ntenants:\n", 0o644)
+    print(f"kvtier tenants: {path} and its secret {secret} (yours alone)", file=sys.stderr)
+    return 0
+
+
 def _key(args: argparse.Namespace) -> int:
     if not valid_name(args.name):
         raise ConfigError(
@@ -53,14 +86,7 @@ def _key(args: argparse.Namespace) -> int:
         )
     key = new_key()
     if args.key_file:
-        try:
-            fd = os.open(args.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise ConfigError(f"--key-file {args.key_file}: exists; not overwritten") from None
-        except OSError as exc:
-            raise ConfigError(f"--key-file {args.key_file}: {exc.strerror}") from None
-        with os.fdopen(fd, "w") as out:
-            out.write(key + "\n")
+        _private(Path(args.key_file), key + "\n", 0o600)
     else:
         print(
             f"kvtier tenants: API key of {args.name} (shown once; keep it secret):", file=sys.stderr

@@ -8,7 +8,7 @@ file's path in ``KVTIER_TENANTS_FILE`` (set at that edge only). What it does, pe
   cache). Everything else needs a key the file lists (401 otherwise), or comes from the
   ``anonymous`` tenant if the file admits requests without a key.
 - ``/v1/completions`` and ``/v1/chat/completions``: the JSON body's ``cache_salt`` becomes the
-  salt derived from the tenant and the client's own salt (:func:`kvtier.tenants.derive_salt`):
+  salt derived from the tenant and the client's own salt (:meth:`kvtier.tenants.Tenants.salt`):
   it divides vLLM's prefix cache and kvtier's chunks alike, so a client can never name another
   tenant's salt. ``/tokenize`` and ``/detokenize``: authenticated, as they are.
 - Any other path is refused (404): an endpoint that runs the model without this salt, or keeps
@@ -18,11 +18,12 @@ file's path in ``KVTIER_TENANTS_FILE`` (set at that edge only). What it does, pe
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from kvtier.tenants import Tenants, Unauthorized, derive_salt, load_tenants
+from kvtier.tenants import Tenants, Unauthorized, load_tenants
 
 TENANTS_ENV = "KVTIER_TENANTS_FILE"
 OPEN = frozenset({"/health", "/ping", "/version", "/v1/models", "/metrics"})
@@ -43,6 +44,8 @@ class TenantGate:
         self.app = app
         path = os.environ.get(TENANTS_ENV)
         self.tenants: Tenants | None = load_tenants(path) if path else None
+        if self.tenants is not None and self.tenants.unkeyed_warning:
+            logging.getLogger("kvtier").warning("kvtier: %s", self.tenants.unkeyed_warning)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.tenants is None or scope["type"] == "lifespan":
@@ -73,7 +76,7 @@ class TenantGate:
         client_salt = request.get("cache_salt")
         if client_salt is not None and not isinstance(client_salt, str):
             return await _reply(send, 400, "cache_salt: expected a string")
-        request["cache_salt"] = derive_salt(tenant, client_salt)
+        request["cache_salt"] = self.tenants.salt(tenant, client_salt)
         raw = json.dumps(request).encode()
         await self.app(_with_length(scope, len(raw)), _once(raw, receive), send)
         return None

@@ -33,7 +33,7 @@ from kvtier.router.metrics import router_metrics
 from kvtier.router.prompts import Prompter
 from kvtier.router.reuse import TAIL_BYTES, cached_in_body, cached_in_stream
 from kvtier.router.route import POLICIES, Route, Routing
-from kvtier.tenants import Tenants, Unauthorized, derive_salt
+from kvtier.tenants import Tenants, Unauthorized
 
 log = logging.getLogger("kvtier.router")
 
@@ -143,9 +143,7 @@ class Router:
                 tenant = self.tenants.identify(request.headers.get("Authorization"))
             except Unauthorized as exc:
                 return _error(401, str(exc))
-            salt = body.get("cache_salt")
-            salt = derive_salt(tenant, salt if isinstance(salt, str) else None)
-            keyed = {**body, "cache_salt": salt}
+            keyed = {**body, "cache_salt": self.tenants.salt(tenant, body.get("cache_salt"))}
         order, route = await self.routing.route(request.path, keyed)
         if not order:
             return _error(503, "no engine is available (all failed their health checks)")

@@ -33,6 +33,8 @@ def make_router(
         raise KvtierError("prefill engines need --policy kvtier (it decides what to prefill where)")
     prompter = Prompter(tokenizer) if policy == "kvtier" else None
     known = load_tenants(tenants) if tenants else None
+    if known is not None and known.unkeyed_warning:
+        print(f"kvtier router: warning: {known.unkeyed_warning}", file=sys.stderr)
     return Router(workers, prompter, policy, prefill=list(prefill), tenants=known)
 
 
