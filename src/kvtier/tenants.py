@@ -38,10 +38,12 @@ from kvtier.errors import ConfigError
 
 ANONYMOUS = "anonymous"  # the tenant of requests without a key (a reserved name)
 KEY_HASH = "sha256:"
-SALT_PREFIX = "kvt1-"  # a derived salt: "kvt1-" and 64 hex digits
+SALT_PREFIX = "kvt1-"  # a derived salt: "kvt1-", the tenant's id (16 hex), "-", 64 hex
+_SALT = re.compile(r"kvt1-[0-9a-f]{16}-[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _SALT_DOMAIN = b"kvtier tenant salt v1"
+_ID_DOMAIN = b"kvtier tenant id v1"
 
 
 def valid_name(name: object) -> bool:
@@ -64,15 +66,36 @@ def new_key() -> str:
     return "kvt-" + secrets.token_urlsafe(32)
 
 
+def _lp(*parts: bytes) -> bytes:
+    """Each part length-prefixed: no two lists of parts encode alike."""
+    return b"".join(struct.pack("<I", len(p)) + p for p in parts)
+
+
+def _digest(secret: bytes, encoded: bytes) -> str:
+    digest = hmac.new(secret, encoded, hashlib.sha256) if secret else hashlib.sha256(encoded)
+    return digest.hexdigest()
+
+
+def tenant_id(tenant: str, secret: bytes = b"") -> str:
+    """16 hex digits that name ``tenant`` inside the server (its salts begin with them, so
+    the engine counts a request's tokens for its tenant without knowing its name)."""
+    return _digest(secret, _lp(_ID_DOMAIN, tenant.encode("utf-8")))[:16]
+
+
 def derive_salt(tenant: str, client_salt: str | None, secret: bytes = b"") -> str:
     """The cache salt of ``tenant``'s requests with the client's ``cache_salt`` (None or "":
-    none). Each part is length-prefixed, so no two (tenant, client salt) pairs encode alike;
-    with a ``secret`` (the pod's, shared by router and engines) nobody without it can compute
-    a tenant's chunk keys."""
-    parts = (_SALT_DOMAIN, tenant.encode("utf-8"), (client_salt or "").encode("utf-8"))
-    encoded = b"".join(struct.pack("<I", len(p)) + p for p in parts)
-    digest = hmac.new(secret, encoded, hashlib.sha256) if secret else hashlib.sha256(encoded)
-    return SALT_PREFIX + digest.hexdigest()
+    none): ``kvt1-``, the tenant's id, ``-`` and the digest of the length-prefixed tenant and
+    client salt, so no two (tenant, client salt) pairs give one salt; keyed with ``secret``
+    (the tenants file's), nobody without it can compute a tenant's chunk keys."""
+    encoded = _lp(_SALT_DOMAIN, tenant.encode("utf-8"), (client_salt or "").encode("utf-8"))
+    return f"{SALT_PREFIX}{tenant_id(tenant, secret)}-{_digest(secret, encoded)}"
+
+
+def salt_tenant(salt: str | None) -> str | None:
+    """The tenant id a derived salt begins with (None: not a derived salt)."""
+    if salt and _SALT.fullmatch(salt):
+        return salt[len(SALT_PREFIX) : len(SALT_PREFIX) + 16]
+    return None
 
 
 @dataclass(frozen=True)
@@ -122,6 +145,10 @@ class Tenants:
         """Every tenant a request can be, anonymous included unless refused."""
         named = [t.name for t in self.tenants]
         return named if self.refuse_anonymous else [*named, ANONYMOUS]
+
+    def by_id(self) -> dict[str, str]:
+        """Each tenant's name by its id (:func:`tenant_id`), anonymous included."""
+        return {tenant_id(name, self.secret): name for name in [*self.names, ANONYMOUS]}
 
     def salt(self, tenant: str, client_salt: object) -> str:
         """The cache salt of ``tenant``'s request with ``client_salt`` (its ``cache_salt``;

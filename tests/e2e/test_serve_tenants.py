@@ -13,6 +13,8 @@ import re
 import shlex
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,35 @@ def serve(tmp_path: Path, log: str) -> Server:
     return Server(command, port, tmp_path / log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
+def tenant_hits(
+    server: Server, kinds: tuple[str, ...] = ("hit", "vllm_prefix")
+) -> dict[str, float]:
+    """Cached prompt tokens by tenant, from the engine's /metrics: kvtier's hits
+    (kvtier:tenant_hit_tokens_total) and vLLM's own prefix cache's."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found: dict[str, float] = {}
+    names = "|".join(kinds)
+    series = re.compile(
+        rf'^kvtier:tenant_(?:{names})_tokens_total\{{[^}}]*tenant="([^"]+)"[^}}]*\}} (\S+)$', re.M
+    )
+    for match in series.finditer(text):
+        found[match[1]] = found.get(match[1], 0.0) + float(match[2])
+    return found
+
+
+def wait_for_tenant_hits(
+    server: Server, tenants: tuple[str, ...], kinds: tuple[str, ...] = ("hit", "vllm_prefix")
+) -> dict[str, float]:
+    """The counts once every one of ``tenants`` has some (stats come every few steps)."""
+    deadline = time.monotonic() + 20
+    while True:
+        hits = tenant_hits(server, kinds)
+        if all(hits.get(t) for t in tenants) or time.monotonic() > deadline:
+            return hits
+        time.sleep(0.5)
+
+
 def cached(server: Server, key: str | None, salt: str | None = "acme-project") -> int:
     extra: dict[str, Any] = {"cache_salt": salt} if salt else {}
     done = server.complete(PROMPT, max_tokens=2, api_key=key, **extra)
@@ -81,10 +112,17 @@ def test_a_tenants_context_hits_for_it_alone_before_and_after_a_restart(tmp_path
         assert cached(server, acme, salt=None) == 0  # a client salt divides its own cache
         with pytest.raises(KvtierError, match="HTTP 401"):
             cached(server, new_key())
+        # Per tenant, on the engine's /metrics: acme and anonymous hit (vLLM's cache), globex
+        # never did.
+        hits = wait_for_tenant_hits(server, ("acme", "anonymous"))
+        assert hits["acme"] > 500 and hits["anonymous"] > 500 and hits["globex"] == 0, hits
+        assert hits["initech"] == 0 and "other" not in hits  # declared at 0; no stray id
     with serve(tmp_path, "second.log") as server:  # vLLM's cache is empty: kvtier's disk
         assert cached(server, initech) == 0  # a tenant that never sent it
         assert cached(server, acme) > 500
         log = server.tail(1 << 20)
+        from_kvtier = wait_for_tenant_hits(server, ("acme",), ("hit",))  # from disk, acme's
+        assert from_kvtier["acme"] > 500 and from_kvtier["initech"] == 0, from_kvtier
     assert "from disk" in log, log[-3000:]
     for key in (acme, globex, initech):
         assert key not in (tmp_path / "first.log").read_text() + log  # no key in a log

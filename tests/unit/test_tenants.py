@@ -23,6 +23,8 @@ from kvtier.tenants import (
     load_tenants,
     new_key,
     new_secret,
+    salt_tenant,
+    tenant_id,
 )
 
 KEY_A, KEY_B = new_key(), new_key()
@@ -48,7 +50,12 @@ def test_the_salt_is_the_servers_and_no_pair_collides() -> None:
     salts = [derive_salt(t, s) for t, s in pairs]
     assert len(set(salts[:5])) == 5  # length-prefixed: no concatenation collides
     assert salts[4] == salts[5]  # no salt and an empty one are the same (vLLM's view)
-    assert all(s.startswith("kvt1-") and len(s) == 69 for s in salts)
+    assert all(s.startswith("kvt1-") and len(s) == 5 + 16 + 1 + 64 for s in salts)
+    # Every salt of a tenant begins with its id, whatever the client salt: the engine counts
+    # a request for its tenant from the salt alone.
+    assert {salt_tenant(s) for s in salts[4:]} == {tenant_id("a")}
+    assert salt_tenant(salts[0]) == tenant_id("a") != salt_tenant(salts[1])
+    assert salt_tenant("victims-salt") is None and salt_tenant(None) is None
     assert "acme" not in derive_salt("acme", "acme-secret-project")
     assert derive_salt("acme", None, b"pod secret") != derive_salt("acme", None)
     assert derive_salt("acme", "x") == derive_salt("acme", "x")  # every process agrees
@@ -188,6 +195,8 @@ def test_a_secret_file_keys_every_salt(tmp_path: Path) -> None:
     assert keyed.salt("acme", "x") == derive_salt("acme", "x", bytes.fromhex(secret.read_text()))
     assert keyed.salt("acme", "x") != derive_salt("acme", "x")  # nobody can compute it without
     assert keyed.salt("acme", 7) == keyed.salt("acme", None)  # not a string: no client salt
+    assert keyed.by_id()[salt_tenant(keyed.salt("acme", "x")) or ""] == "acme"
+    assert keyed.by_id()[tenant_id(ANONYMOUS, keyed.secret)] == ANONYMOUS
     (tmp_path / "plain").mkdir()
     plain = load_tenants(_two(tmp_path / "plain"))
     assert plain.unkeyed_warning and "public function of its name" in plain.unkeyed_warning

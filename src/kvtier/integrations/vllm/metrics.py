@@ -32,9 +32,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 
 from kvtier.config import config_from_dict
 from kvtier.errors import ConfigError
+from kvtier.integrations.tenant_gate import TENANTS_ENV
 from kvtier.integrations.vllm.context import ConnectorOptions
 from kvtier.stats import StoreStats
 from kvtier.store import TieredStore
+from kvtier.tenants import load_tenants
 
 requests_log = logging.getLogger("kvtier.requests")
 
@@ -101,6 +103,11 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
                     mine[name] = value
                 else:
                     mine[name] = mine.get(name, 0) + value
+    for tenants in (a.get("tenants", {}), b.get("tenants", {})):
+        for tenant, values in tenants.items():
+            theirs = out.setdefault("tenants", {}).setdefault(tenant, {})
+            for name, value in values.items():
+                theirs[name] = theirs.get(name, 0) + value
     return out
 
 
@@ -194,6 +201,21 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             name: counter(f"kvtier:{name}", documentation=text, labelnames=labelnames)
             for name, text in helps.items()
         }
+        # Per tenant (with --tenants): the label is the tenant's name, from the tenants file
+        # this API server was given; any other id counts as "other" (a bounded label set).
+        self._tenant_names = _tenant_names()
+        tenant_helps = {
+            "requested_tokens": "prompt tokens of the tenant's requests looked up",
+            "vllm_prefix_tokens": "the tenant's prompt tokens vLLM's own prefix cache had",
+            "hit_tokens": "prompt tokens kvtier held for the tenant and was to load",
+            "loaded_tokens": "prompt tokens loaded for the tenant",
+        }
+        self._tenant_counters = {
+            name: counter(
+                f"kvtier:tenant_{name}", documentation=text, labelnames=[*labelnames, "tenant"]
+            )
+            for name, text in tenant_helps.items()
+        }
         tier_helps = {
             "loaded_tokens": "prompt tokens loaded from the tier",
             "bytes_read": "bytes read from the tier",
@@ -253,6 +275,9 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             labels = [str(v) for v in values]
             for series in [*self._counters.values(), *self._times.values()]:
                 series.labels(*labels)
+            for name in self._tenant_names.values():
+                for counter in self._tenant_counters.values():
+                    counter.labels(*labels, name)
             for tier in tiers:
                 for counter in self._tier_counters.values():
                     counter.labels(*labels, tier.name)
@@ -274,9 +299,22 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
         for times, histogram in self._times.items():
             for seconds in transfer_stats_data.get(times, ()):
                 histogram.labels(*labels).observe(seconds)
+        for tenant, values in transfer_stats_data.get("tenants", {}).items():
+            name = self._tenant_names.get(tenant, "other")
+            for counter_name, value in values.items():
+                if counter_name in self._tenant_counters and value > 0:
+                    self._tenant_counters[counter_name].labels(*labels, name).inc(value)
 
 
 REPORT_STEPS = 8  # steps a finished request's line waits for its load report
+# Also per tenant, with loaded_tokens.
+TENANT_COUNTERS = ("requested_tokens", "vllm_prefix_tokens", "hit_tokens")
+
+
+def _tenant_names() -> dict[str, str]:
+    """Tenant names by id, from the tenants file of this API server (none without one)."""
+    path = os.environ.get(TENANTS_ENV)
+    return load_tenants(path).by_id() if path else {}
 
 
 @dataclass
@@ -294,6 +332,7 @@ class RequestAccount:
     failed_tokens: int = 0
     reported: bool = False
     waited: int = 0
+    tenant: str | None = None  # its tenant's id (kvtier.tenants.tenant_id), with --tenants
 
     def add(self, report: dict[str, Any]) -> None:
         for tier, tokens in report.get("loaded", {}).items():
@@ -375,7 +414,11 @@ class ConnectorMetrics:
         }
         tiers = {tier: {"loaded_tokens": n} for tier, n in account.loaded.items()}
         load_s = [account.load_s] if account.loaded else []
-        self._stats = merge(self._stats, {"counters": counters, "tiers": tiers, "load_s": load_s})
+        payload: dict[str, Any] = {"counters": counters, "tiers": tiers, "load_s": load_s}
+        if account.tenant is not None:
+            mine = {name: counters[name] for name in TENANT_COUNTERS if name in counters}
+            payload["tenants"] = {account.tenant: {**mine, "loaded_tokens": loaded}}
+        self._stats = merge(self._stats, payload)
 
     def scheduler_stats(self) -> KvtierStats | None:
         if not self._stats:

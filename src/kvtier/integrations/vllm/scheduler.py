@@ -32,6 +32,7 @@ from kvtier.integrations.vllm.messages import (
 from kvtier.integrations.vllm.metrics import RATE_FILE, ConnectorMetrics, RequestAccount
 from kvtier.keys import ChunkKey, tail_candidates
 from kvtier.results import LookupResult
+from kvtier.tenants import salt_tenant
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -148,9 +149,9 @@ class SchedulerSide:
         block = self.ctx.block_size
         usable = min(found.hit_tokens, (len(state.prompt) - 1) // block * block)
         planned = max(usable - num_computed_tokens, 0)
-        self.metrics.looked_up(
-            RequestAccount(req_id, len(state.prompt), num_computed_tokens, planned)
-        )
+        account = RequestAccount(req_id, len(state.prompt), num_computed_tokens, planned)
+        account.tenant = salt_tenant(state.salt)  # None without --tenants
+        self.metrics.looked_up(account)
         state.background = False
         if usable <= num_computed_tokens:
             return 0, False
