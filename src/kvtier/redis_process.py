@@ -78,6 +78,9 @@ class RedisServer:
     start, may run :data:`KVTIER_COMMANDS` on the keys under ``acl_prefix``. The password is
     in :attr:`password_file` (readable by this user alone), passed to redis-server in a
     configuration file of the same kind: never on a command line.
+
+    ``tls``: (certificate, key, CA certificate) files: it then speaks TLS only, and
+    :attr:`url` is ``rediss://`` with the CA for clients to check it against.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class RedisServer:
         extra_args: tuple[str, ...] = (),
         acl_user: str = "",
         acl_prefix: str = "kvtier",
+        tls: tuple[str, str, str] | None = None,
     ):
         self.binary = shutil.which("redis-server")
         if self.binary is None:
@@ -96,6 +100,7 @@ class RedisServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self.username = acl_user
         self.password_file = ""
+        self.tls = tls
         self._conf: list[str] = []
         if acl_user:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", acl_user + acl_prefix):
@@ -118,10 +123,12 @@ class RedisServer:
         if self.password_file:
             options["username"] = self.username
             options["password"] = Path(self.password_file).read_text().strip()
-        return redis.Redis(port=self.port, **options)
+        return redis.Redis.from_url(self.url, **options)
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[2]}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
@@ -130,11 +137,15 @@ class RedisServer:
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         assert self.binary is not None
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            cert, key, ca = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert]
+            ports += ["--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no"]
         args = [
             self.binary,
             *self._conf,  # a configuration file first, if any
-            "--port",
-            str(self.port),
+            *ports,
             "--bind",
             "127.0.0.1",
             "--save",
