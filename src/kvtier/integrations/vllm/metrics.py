@@ -8,6 +8,11 @@ every few seconds, how full each tier is and whether it is up. vLLM aggregates t
 them to the API server's Prometheus logger, which :class:`KvtierPromMetrics` turns into
 ``kvtier:*`` series (label ``tier``), next to vLLM's ``vllm:*``.
 
+With a tenants file (``kvtier serve --tenants``), the scheduler side also counts tokens per
+tenant id (the head of each request's derived salt), and the API server names the ids from
+the same file (label ``tenant``). The per-request bookkeeping is
+:mod:`kvtier.integrations.vllm.accounts`'s.
+
 Prefill seconds saved = tokens loaded / the prefill rate this engine measures: tokens scheduled
 per second of wall time over recent steps that computed at least :data:`RATE_MIN_TOKENS`
 (kept in the disk tier's directory across restarts).
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import time
 from collections import deque
@@ -35,10 +39,7 @@ from kvtier.errors import ConfigError
 from kvtier.integrations.tenant_gate import TENANTS_ENV
 from kvtier.integrations.vllm.context import ConnectorOptions
 from kvtier.stats import StoreStats
-from kvtier.store import TieredStore
 from kvtier.tenants import load_tenants
-
-requests_log = logging.getLogger("kvtier.requests")
 
 TIER_COUNTERS = (
     "loaded_tokens",
@@ -197,10 +198,14 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             "prefill_seconds_saved": "prefill seconds the loaded tokens saved, at the prefill"
             " rate measured on this engine",
         }
-        self._counters = {
-            name: counter(f"kvtier:{name}", documentation=text, labelnames=labelnames)
-            for name, text in helps.items()
-        }
+
+        def counters(prefix: str, texts: dict[str, str], labels: list[str]) -> dict[str, Any]:
+            return {
+                name: counter(f"{prefix}{name}", documentation=text, labelnames=labels)
+                for name, text in texts.items()
+            }
+
+        self._counters = counters("kvtier:", helps, labelnames)
         # Per tenant (with --tenants): the label is the tenant's name, from the tenants file
         # this API server was given; any other id counts as "other" (a bounded label set).
         self._tenant_names = _tenant_names()
@@ -210,12 +215,7 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             "hit_tokens": "prompt tokens kvtier held for the tenant and was to load",
             "loaded_tokens": "prompt tokens loaded for the tenant",
         }
-        self._tenant_counters = {
-            name: counter(
-                f"kvtier:tenant_{name}", documentation=text, labelnames=[*labelnames, "tenant"]
-            )
-            for name, text in tenant_helps.items()
-        }
+        self._tenant_counters = counters("kvtier:tenant_", tenant_helps, [*labelnames, "tenant"])
         tier_helps = {
             "loaded_tokens": "prompt tokens loaded from the tier",
             "bytes_read": "bytes read from the tier",
@@ -226,10 +226,7 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             "writes_dropped": "writes skipped (queue full or tier down)",
         }
         tiered = [*labelnames, "tier"]
-        self._tier_counters = {
-            name: counter(f"kvtier:tier_{name}", documentation=text, labelnames=tiered)
-            for name, text in tier_helps.items()
-        }
+        self._tier_counters = counters("kvtier:tier_", tier_helps, tiered)
         gauge_helps = {
             "up": "1 while the tier answers, 0 while it is taken out (recompute instead)",
             "used_bytes": "bytes the tier holds",
@@ -306,133 +303,7 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
                     self._tenant_counters[counter_name].labels(*labels, name).inc(value)
 
 
-REPORT_STEPS = 8  # steps a finished request's line waits for its load report
-# Also per tenant, with loaded_tokens.
-TENANT_COUNTERS = ("requested_tokens", "vllm_prefix_tokens", "hit_tokens")
-
-
 def _tenant_names() -> dict[str, str]:
     """Tenant names by id, from the tenants file of this API server (none without one)."""
     path = os.environ.get(TENANTS_ENV)
     return load_tenants(path).by_id() if path else {}
-
-
-@dataclass
-class RequestAccount:
-    """One request's tokens, for the line it logs when it ends (``kvtier.requests``): prompt
-    tokens, those vLLM's own prefix cache had, those kvtier was to load and what the worker
-    loaded from each tier in how long, and what was left to compute."""
-
-    request: str
-    prompt_tokens: int
-    vllm_prefix_tokens: int
-    planned: int  # tokens kvtier was to load
-    loaded: dict[str, int] = field(default_factory=dict)
-    load_s: float = 0.0
-    failed_tokens: int = 0
-    reported: bool = False
-    waited: int = 0
-    tenant: str | None = None  # its tenant's id (kvtier.tenants.tenant_id), with --tenants
-
-    def add(self, report: dict[str, Any]) -> None:
-        for tier, tokens in report.get("loaded", {}).items():
-            self.loaded[tier] = self.loaded.get(tier, 0) + int(tokens)
-        self.load_s += float(report.get("load_s", 0.0))
-        self.failed_tokens += int(report.get("failed_tokens", 0))
-        self.reported = True
-
-    def line(self) -> dict[str, Any]:
-        loaded = sum(self.loaded.values())
-        return {
-            "request": self.request,
-            "prompt_tokens": self.prompt_tokens,
-            "vllm_prefix_tokens": self.vllm_prefix_tokens,
-            "kvtier_hit_tokens": self.planned,
-            "loaded_tokens": self.loaded,
-            "load_s": round(self.load_s, 4),
-            "failed_tokens": self.failed_tokens,
-            "recomputed_tokens": self.prompt_tokens - self.vllm_prefix_tokens - loaded,
-            "reported": self.reported or not self.planned,
-        }
-
-    def log(self) -> None:
-        requests_log.info("kvtier request %s", json.dumps(self.line(), sort_keys=True))
-
-
-class ConnectorMetrics:
-    """A connector's bookkeeping for its log lines and metrics: the account of each running
-    request (scheduler side), what the worker's loads reported, this interval's counts, the
-    measured prefill rate, and the worker's last store snapshot."""
-
-    def __init__(self, rate_file: Path | None):
-        self.rate = PrefillRate(rate_file)
-        self._accounts: dict[str, RequestAccount] = {}  # running requests
-        self._unreported: dict[str, RequestAccount] = {}  # ended, load report still to come
-        self._stats: dict[str, Any] = {}  # this interval's payload (KvtierStats)
-        self._seen: StoreStats | None = None  # the worker's store stats last reported
-        self._states_at = float("-inf")  # when the worker last reported occupancy
-
-    def looked_up(self, account: RequestAccount) -> None:
-        self._accounts[account.request] = account
-
-    def reported(self, loads: list[dict[str, Any]]) -> None:
-        """The worker's load reports (KvtierWorkerMetadata.loads)."""
-        for report in loads:
-            request = report["request"]
-            account = self._accounts.get(request) or self._unreported.get(request)
-            if account is not None:
-                account.add(report)
-
-    def finished(self, request: str) -> None:
-        account = self._accounts.pop(request, None)
-        if account is None:
-            return
-        if account.planned and not account.reported:  # the worker's word comes later
-            self._unreported[request] = account
-        else:
-            self._count(account)
-
-    def tick(self) -> None:
-        """A step ended: accounts whose report came, or waited long enough, are counted."""
-        for request, account in list(self._unreported.items()):
-            account.waited += 1
-            if account.reported or account.waited > REPORT_STEPS:
-                del self._unreported[request]
-                self._count(account)
-
-    def _count(self, account: RequestAccount) -> None:
-        account.log()
-        loaded = sum(account.loaded.values())
-        rate = self.rate.tokens_per_s
-        counters = {
-            "lookups": 1,
-            "requested_tokens": account.prompt_tokens,
-            "vllm_prefix_tokens": account.vllm_prefix_tokens,
-            "hit_tokens": account.planned,
-            "recomputed_tokens": account.line()["recomputed_tokens"],
-            "prefill_seconds_saved": loaded / rate if rate else 0.0,
-        }
-        tiers = {tier: {"loaded_tokens": n} for tier, n in account.loaded.items()}
-        load_s = [account.load_s] if account.loaded else []
-        payload: dict[str, Any] = {"counters": counters, "tiers": tiers, "load_s": load_s}
-        if account.tenant is not None:
-            mine = {name: counters[name] for name in TENANT_COUNTERS if name in counters}
-            payload["tenants"] = {account.tenant: {**mine, "loaded_tokens": loaded}}
-        self._stats = merge(self._stats, payload)
-
-    def scheduler_stats(self) -> KvtierStats | None:
-        if not self._stats:
-            return None
-        stats, self._stats = KvtierStats(self._stats), {}
-        return stats
-
-    def worker_stats(self, store: TieredStore, save_s: list[float]) -> KvtierStats | None:
-        """The store's per-tier counters since the last call and the saves' times
-        (``save_s``); occupancy and health every :data:`STATES_EVERY_S`."""
-        now = store.stats()
-        payload: dict[str, Any] = {"tiers": tier_deltas(now, self._seen), "save_s": save_s}
-        self._seen = now
-        if time.monotonic() - self._states_at >= STATES_EVERY_S:
-            self._states_at = time.monotonic()
-            payload = merge(payload, {"tiers": store.tier_states()})
-        return KvtierStats(payload) if payload["tiers"] or save_s else None

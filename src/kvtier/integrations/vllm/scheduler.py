@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from kvtier.config import DiskTierConfig, MemoryTierConfig
+from kvtier.integrations.vllm.accounts import ConnectorMetrics, RequestAccount
 from kvtier.integrations.vllm.context import ConnectorContext
 from kvtier.integrations.vllm.messages import (
     KvtierConnectorMetadata,
@@ -29,7 +30,7 @@ from kvtier.integrations.vllm.messages import (
     LoadSpec,
     SaveSpec,
 )
-from kvtier.integrations.vllm.metrics import RATE_FILE, ConnectorMetrics, RequestAccount
+from kvtier.integrations.vllm.metrics import RATE_FILE
 from kvtier.keys import ChunkKey, tail_candidates
 from kvtier.results import LookupResult
 from kvtier.tenants import salt_tenant
@@ -149,9 +150,10 @@ class SchedulerSide:
         block = self.ctx.block_size
         usable = min(found.hit_tokens, (len(state.prompt) - 1) // block * block)
         planned = max(usable - num_computed_tokens, 0)
-        account = RequestAccount(req_id, len(state.prompt), num_computed_tokens, planned)
-        account.tenant = salt_tenant(state.salt)  # None without --tenants
-        self.metrics.looked_up(account)
+        tenant = salt_tenant(state.salt)  # None without --tenants
+        self.metrics.looked_up(
+            RequestAccount(req_id, len(state.prompt), num_computed_tokens, planned, tenant)
+        )
         state.background = False
         if usable <= num_computed_tokens:
             return 0, False

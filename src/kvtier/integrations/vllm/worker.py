@@ -26,11 +26,12 @@ from kvtier.config import MemoryTierConfig
 from kvtier.errors import ConfigError
 from kvtier.integrations import shared_stores
 from kvtier.integrations.feed import EventFeed, store_feed
+from kvtier.integrations.vllm.accounts import ConnectorMetrics
 from kvtier.integrations.vllm.chunk_pool import ChunkPool
 from kvtier.integrations.vllm.context import ConnectorContext
 from kvtier.integrations.vllm.loader import Loader
 from kvtier.integrations.vllm.messages import KvtierConnectorMetadata, KvtierWorkerMetadata
-from kvtier.integrations.vllm.metrics import ConnectorMetrics, KvtierStats
+from kvtier.integrations.vllm.metrics import KvtierStats
 from kvtier.integrations.vllm.paged import TORCH_DTYPES, block_view
 from kvtier.integrations.vllm.saver import Saver
 from kvtier.keys import ChunkKey
