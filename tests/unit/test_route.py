@@ -139,6 +139,30 @@ def test_an_idle_engine_measures_its_prefill_rate_at_the_first_token(prompter: P
     assert busy is not None and not busy.idle  # its answer's end is not its first token
 
 
+def test_an_idle_engines_measure_counts_the_requests_that_went_ahead_of_it(
+    prompter: Prompter,
+) -> None:
+    """A prompt that finds the engine idle, joined by others before its first token: on a
+    hits-first engine the smaller ones went first, and their work is in its time; a larger
+    one waited behind it and is not. (Counting only its own tokens measured a burst of twelve
+    prompts on two engines at 44 tokens/s, a quarter of the rate of one prompt alone.)"""
+    r = routing(prompter, ["http://a"])
+    (a,) = r.engines.engines
+    a.info = {**INFO, "scheduling": {"hits_first": True}}
+    _, cold = route(r, {"prompt": tokens(11, 2000), "stream": True})
+    assert cold is not None and cold.idle
+    with cold.in_queue():
+        _, hit = route(r, {"prompt": tokens(12, 300), "stream": True})
+        _, big = route(r, {"prompt": tokens(13, 3000), "stream": True})
+        assert hit is not None and big is not None and not hit.idle and not big.idle
+        with hit.in_queue(), big.in_queue():
+            hit.first_token(a, sent=0.0)  # it is no idle request: it measures nothing
+            assert not a.samples
+            cold.first_token(a, sent=-1.0)
+    assert a.samples and a.samples[0][0] == 2300
+    assert a.timing is None  # the next idle request measures afresh
+
+
 def test_resize_follows_the_whole_prompt_and_never_goes_negative(prompter: Prompter) -> None:
     r = routing(prompter, ["http://a"])
     (a,) = r.engines.engines

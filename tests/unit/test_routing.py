@@ -65,6 +65,27 @@ def test_on_hits_first_engines_a_hit_waits_only_for_smaller_work_and_a_cold_one_
     assert routing.estimate(9000, replace(small, hits={})).wait_s == pytest.approx(8.3)
 
 
+def test_a_hit_goes_where_it_overtakes_no_one_if_that_costs_it_little() -> None:
+    """An engine computes a cold prompt; a returning user's context is in its DRAM and in the
+    shared tier. On the cold prompt's engine the hit would go first and delay the cold prompt
+    by its own prefill; on the idle engine it loads from the shared tier at a small cost and
+    delays no one: it goes there. With a long queue on the idle engine it stays."""
+    routing = CostRouting(BPT)
+    computing = EngineView("computing", {"dram": 1920}, 2000, 170.0, queued=(2000,))
+    computing = replace(computing, hits_first=True)
+    slow = {"shared": 1920 * BPT / 1.0}  # the shared tier loads it in 1 s
+    idle = EngineView("idle", {"shared": 1920}, 0, 170.0, slow, hits_first=True)
+    on_computing, on_idle = routing.estimate(2070, computing), routing.estimate(2070, idle)
+    assert on_computing.imposed_s == pytest.approx(on_computing.load_s + 150 / 170)
+    assert on_idle.imposed_s == 0
+    assert on_computing.ttft_s < on_idle.ttft_s < on_computing.cost_s  # faster for it alone
+    assert routing.choose(2070, [computing, idle]).chosen == 1
+    busy = replace(idle, queued=(150, 150), queued_tokens=300)
+    assert routing.choose(2070, [computing, busy]).chosen == 0
+    # On an engine serving in arrival order nobody is overtaken.
+    assert routing.estimate(2070, replace(computing, hits_first=False)).imposed_s == 0
+
+
 def test_ties_go_to_the_least_queued_then_take_turns() -> None:
     routing = CostRouting(BPT)
     assert routing.choose(1000, [view("a", queued=100), view("b")]).chosen == 1

@@ -9,6 +9,13 @@ Expected TTFT on an engine = queued prefill tokens / its prefill rate (the wait)
                            + sum over tiers of hit bytes / that tier's bandwidth (the load)
                            + tokens it would recompute / its prefill rate.
 
+The engine chosen is the one where the request costs least: its expected TTFT, plus, on an
+engine that schedules hits first, the delay it imposes on the queued requests it overtakes
+(each waits for its load and prefill). Without that term a hit would go to the engine
+computing a cold prompt whenever it is a little faster there, and every such hit delays the
+cold prompt by a whole step; with it, hits spread to engines where they delay no one, and a
+cold prompt goes where few hits wait (they would overtake it).
+
 Unlike fixed discounts (a host hit worth 0.75 of a GPU hit, a disk hit 0.25), this prices a
 hit in a slow tier against recomputing it *on that engine*, and it credits the tier every
 engine shares: a prompt held only there costs the same load everywhere, and the queue decides.
@@ -73,6 +80,12 @@ class Estimate:
     load_s: float
     recompute_s: float
     hit_tokens: int
+    imposed_s: float = 0.0  # the delay it adds to queued requests it would overtake
+
+    @property
+    def cost_s(self) -> float:
+        """What routing it there costs the pod: its TTFT and the delay it imposes."""
+        return self.ttft_s + self.imposed_s
 
 
 @dataclass(frozen=True)
@@ -108,15 +121,24 @@ class CostRouting:
         hit = min(view.hit_tokens, prompt_tokens)
         wait = _queued_ahead(prompt_tokens - hit, view) / rate
         recompute = (prompt_tokens - hit) / rate
-        return Estimate(view.name, wait + load + recompute, wait, load, recompute, hit)
+        overtaken = _overtaken(prompt_tokens - hit, view)
+        return Estimate(
+            view.name,
+            wait + load + recompute,
+            wait,
+            load,
+            recompute,
+            hit,
+            overtaken * (load + recompute),
+        )
 
     def choose(self, prompt_tokens: int, views: Sequence[EngineView]) -> Decision:
         if not views:
             raise ValueError("no engine to route to")
         estimates = tuple(self.estimate(prompt_tokens, v) for v in views)
-        best = min(e.ttft_s for e in estimates)
+        best = min(e.cost_s for e in estimates)
         slack = max(TIE_S, TIE_FRACTION * best)
-        close = [i for i, e in enumerate(estimates) if e.ttft_s <= best + slack]
+        close = [i for i, e in enumerate(estimates) if e.cost_s <= best + slack]
         least = min(views[i].queued_tokens for i in close)
         tied = [i for i in close if views[i].queued_tokens == least]
         self._turn += 1
@@ -132,6 +154,14 @@ def _queued_ahead(work: int, view: EngineView) -> float:
     ahead = sum(q for q in view.queued if q <= work)
     behind = view.queued_tokens - ahead
     return ahead + min(behind, STEP_S * view.prefill_tokens_per_s)
+
+
+def _overtaken(work: int, view: EngineView) -> int:
+    """How many queued requests one with ``work`` tokens to compute would go ahead of: on a
+    hits-first engine, those with more work; elsewhere none (it queues behind them)."""
+    if not view.hits_first:
+        return 0
+    return sum(1 for q in view.queued if q > work)
 
 
 def leading_hits(tiers_of: Sequence[Sequence[str]], tokens_of: Sequence[int]) -> dict[str, int]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from kvtier.keys import Namespace
 from kvtier.policy.routing import CostRouting, EngineView, Split, reason, split_cost
-from kvtier.router.engines import Engine, EngineSet
+from kvtier.router.engines import Engine, EngineSet, Timing
 from kvtier.router.index import ChunkIndex
 from kvtier.router.lookup import PromptKeys, SharedTier, held_hits
 from kvtier.router.prompts import Leading, Prompter, PromptError
@@ -55,6 +55,7 @@ class Route:
     split: Split | None = None  # what the disaggregation decision weighed
     decision: Decision | None = None  # for the console, and routing precision
     counted: bool = field(default=False, init=False)  # its tokens are in the engine's queue
+    _timing: Timing | None = field(default=None, init=False)  # it found the engine idle
 
     @contextmanager
     def in_queue(self) -> Iterator[Route]:
@@ -62,6 +63,8 @@ class Route:
         assert not self.counted, "a route enters its engine's queue once"
         if self.queued:
             self.engine.enqueue(self.queued)
+            if self.idle and self.engine.timing is None:
+                self._timing = self.engine.timing = Timing(self.queued)
         self.counted = True
         try:
             yield self
@@ -73,8 +76,9 @@ class Route:
         left: out of the queue, and the engine's prefill rate measured if it was idle."""
         if engine is not self.engine or not self.queued:
             return
-        if self.idle:
-            engine.measured_prefill(self.queued, time.perf_counter() - sent - self.load_s)
+        timing = self._timing
+        if timing is not None and engine.timing is timing:
+            engine.measured_prefill(timing.tokens, time.perf_counter() - sent - self.load_s)
         self._leave()
 
     def computes_nothing(self) -> None:
@@ -87,14 +91,20 @@ class Route:
         if self.queued > 0:
             delta = max(delta, -self.queued)
             if self.counted:
+                timing, self.engine.timing = self.engine.timing, None  # not a joiner
                 self.engine.dequeue(self.queued)
                 if self.queued + delta:
                     self.engine.enqueue(self.queued + delta)
+                self.engine.timing = timing
+                if timing is not None and timing is self._timing:
+                    timing.grew(delta)
             self.queued += delta
 
     def _leave(self) -> None:
         if self.counted and self.queued:
             self.engine.dequeue(self.queued)
+            if self._timing is not None and self.engine.timing is self._timing:
+                self.engine.timing = None
         self.queued = 0
 
 
@@ -202,7 +212,7 @@ class Routing:
         engine = healthy[decision.chosen]
         why = reason(views, decision.chosen)
         self.reasons[why] += 1
-        ttft = {id(e): decision.estimates[i].ttft_s for i, e in enumerate(healthy)}
+        ttft = {id(e): decision.estimates[i].cost_s for i, e in enumerate(healthy)}
         rest = sorted((e for e in healthy if e is not engine), key=lambda e: ttft[id(e)])
         self.index.predict(engine.url, prompt.saved)
         # Its TTFT measures the engine's prefill rate when nothing else was queued there and
