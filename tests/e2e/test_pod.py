@@ -7,8 +7,10 @@ The disaggregated pod: tests/e2e/test_pod_pd.py.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -373,6 +375,71 @@ def test_the_grafana_dashboard_and_monitoring_doc_name_series_the_pod_serves(
     with contextlib.suppress(AssertionError):
         wait_for(served, 20, "every series to be served")
     assert not missing, f"no such series on the pod's /metrics: {missing}"
+
+
+def fuzz_requests(count: int, seed: int) -> Iterator[tuple[str, bytes]]:
+    """Malformed (and some well-formed) requests: (path, raw body)."""
+    rng = random.Random(seed)
+    salts: list[Any] = [7, ["x"], {"a": 1}, "", "a/b", "at@x", "x" * 200, True, 1.5, "ok", None]
+    prompts: list[Any] = ["Hello there", 7, [1, 2, 3], [[1]], [-1], None, {"x": 1}, "", ["a", 3]]
+    messages: list[Any] = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user"}],
+        [{"content": 5}],
+        "hello",
+        [None],
+        [],
+        [{"role": "user", "content": [{"type": "text", "text": 3}]}],
+    ]
+    maxes: list[Any] = [1, 2, 0, -1, "2", 10**9, None, 1.5]
+    raw = [b"{", b"[]", b'"text"', b"12", b"null", b"\xff\xfe", b"", b'{"model": }']
+    for i in range(count):
+        path = rng.choice(("/v1/completions", "/v1/chat/completions"))
+        if i % 10 == 0:
+            yield path, rng.choice(raw)
+            continue
+        body: dict[str, Any] = {"model": rng.choice([MODEL, MODEL, 5, "no-such-model"])}
+        if path == "/v1/completions":
+            body["prompt"] = rng.choice(prompts)
+        else:
+            body["messages"] = rng.choice(messages)
+        for field, choices in (("cache_salt", salts), ("max_tokens", maxes)):
+            value = rng.choice(choices)
+            if value is not None:
+                body[field] = value
+        if rng.random() < 0.2:
+            body["stream"] = rng.choice([True, "yes", 1])
+        yield path, json.dumps(body).encode()
+
+
+def test_malformed_requests_get_4xx_from_the_router_never_5xx(pod: PodProcess) -> None:
+    """300 malformed requests through the router (bad JSON, a cache_salt that is not a string
+    or breaks vLLM's rule, bad prompts, messages, models, max_tokens): whatever the engine
+    refuses with 400, the router refuses with 4xx too, and nothing answers 5xx. Some of them
+    are well formed and are answered: the test would see a router that refused everything."""
+    host, port = pod.url.split("//")[1].split(":")
+    statuses: dict[int, int] = {}
+    failures = []
+    for path, body in fuzz_requests(300, seed=23):
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        try:
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            reply.read()
+        finally:
+            conn.close()
+        statuses[reply.status] = statuses.get(reply.status, 0) + 1
+        if reply.status >= 500:
+            failures.append((reply.status, path, body[:200]))
+    assert not failures, f"{len(failures)} answered 5xx, for example {failures[:3]}"
+    assert statuses.get(200, 0) >= 5 and statuses.get(400, 0) >= 100, statuses
+    # The one the issue found: a salt that is not a string is refused by the router itself.
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1, "cache_salt": 7}
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        post(pod.url, "/v1/completions", body)
+    assert refused.value.code == 400
+    reply = json.load(refused.value)
+    assert reply["error"]["type"] == "router_error" and "cache_salt" in reply["error"]["message"]
 
 
 def test_a_killed_engine_fails_no_request_and_resyncs_when_back(pod: PodProcess) -> None:

@@ -135,6 +135,9 @@ class Router:
             body = None
         if not isinstance(body, dict):
             body = {}  # the engine answers a malformed request itself
+        problem = _salt_problem(body.get("cache_salt"), derived=self.tenants is not None)
+        if problem:
+            return _error(400, problem)
         keyed = body
         if self.tenants is not None:
             # The engine authenticates the same key and derives the same salt from the body
@@ -144,7 +147,11 @@ class Router:
             except Unauthorized as exc:
                 return _error(401, str(exc))
             keyed = {**body, "cache_salt": self.tenants.salt(tenant, body.get("cache_salt"))}
-        order, route = await self.routing.route(request.path, keyed)
+        try:
+            order, route = await self.routing.route(request.path, keyed)
+        except Exception:  # a fault in routing costs the request its placement, not an answer
+            log.exception("kvtier router: routing %s failed; sent by queue length", request.path)
+            order, route = sorted(self.engines.healthy(), key=lambda e: e.queued_tokens), None
         if not order:
             return _error(503, "no engine is available (all failed their health checks)")
         if route is not None and route.split is not None:
@@ -360,6 +367,29 @@ class Router:
 
 class _NotStarted(Exception):
     """The engine failed before anything reached the client: another may serve it."""
+
+
+# vLLM's own rule for a client's cache_salt (vllm/entrypoints/generate/base/protocol.py).
+SALT_MAX_CHARS = 128
+SALT_FORBIDDEN = "@/\\\0"
+
+
+def _salt_problem(salt: object, derived: bool) -> str | None:
+    """Why the router refuses a request's ``cache_salt`` (None: it does not), before any key
+    is derived from it: what the engine would refuse with 400, the router refuses with 400.
+    With tenants the salt the engine sees is derived from it, so any string goes."""
+    if salt is None:
+        return None
+    if not isinstance(salt, str):
+        return f"cache_salt: expected a string, got {type(salt).__name__}"
+    if derived:
+        return None
+    if not salt or len(salt) > SALT_MAX_CHARS or any(c in SALT_FORBIDDEN for c in salt):
+        return (
+            f"cache_salt: a non-empty string of at most {SALT_MAX_CHARS} characters,"
+            " without '@', '/', '\\' or NUL"
+        )
+    return None
 
 
 def _error(status: int, message: str) -> web.Response:
