@@ -36,6 +36,7 @@ from kvtier.errors import CorruptChunk
 from kvtier.keys import KEY_BYTES, ChunkKey
 
 MAGIC = b"KVTC"
+SEALED_MAGIC = b"KVTE"  # kvtier.sealing's form, returned by a tier when it fails to open
 FORMAT_VERSION = 1
 HEADER_BYTES = 96
 MAX_NDIM = 6
@@ -218,6 +219,11 @@ def read_header(blob: bytes | bytearray | memoryview) -> ChunkHeader:
     fields = _PREFIX.unpack_from(view)
     magic, version, comp, dcode, key, ns, created, tokens, ndim = fields[:9]
     dims, stored, raw = fields[9:15], fields[15], fields[16]
+    if magic == SEALED_MAGIC:
+        raise CorruptChunk(
+            "a sealed chunk that does not open: tampered with, moved to another key, or"
+            " sealed under a master key this server does not hold (see kvtier.sealing)"
+        )
     if magic != MAGIC:
         raise CorruptChunk(f"bad magic {magic!r}")
     if version != FORMAT_VERSION:

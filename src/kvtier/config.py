@@ -4,6 +4,7 @@ YAML::
 
     chunk_tokens: 256
     write_queue: 64
+    master_key_file: /etc/kvtier/master.key   # encryption at rest below DRAM (optional)
     tiers:
       - {kind: memory, capacity: 2GiB}
       - {kind: disk, path: ~/.cache/kvtier/chunks, capacity: 20GiB}
@@ -13,6 +14,8 @@ Environment (applied over the file): ``KVTIER_CONFIG`` names the file; ``KVTIER_
 ``KVTIER_WRITE_QUEUE``, ``KVTIER_RETRY_AFTER_S`` set store fields; ``KVTIER_<TIER>_<FIELD>``
 sets a field of the tier named TIER (``KVTIER_DISK_CAPACITY=50GiB``), adding a tier of that
 kind when none has that name (``KVTIER_REDIS_URL=redis://...`` adds a Redis tier).
+``KVTIER_MASTER_KEY`` holds master keys (hex, comma-separated) and turns on encryption at rest
+(:mod:`kvtier.sealing`); ``KVTIER_MASTER_KEY_FILE`` names a file of them instead.
 
 Unknown keys and bad values raise ConfigError naming the key and what is allowed.
 """
@@ -35,6 +38,7 @@ from kvtier.errors import ConfigError
 from kvtier.policy.eviction import POLICY_NAMES
 
 COMPRESSIONS = ("none", "zstd", "lz4")
+MASTER_KEY_VAR = "KVTIER_MASTER_KEY"  # master keys in the environment (kvtier.sealing)
 EVICTIONS = POLICY_NAMES
 _SIZE_UNITS = {
     "": 1,
@@ -182,8 +186,18 @@ class StoreConfig:
     write_queue: int = 64
     retry_after_s: float = 1.0
     tiers: tuple[TierConfig, ...] = field(default_factory=_default_tiers)
+    # Encryption at rest (kvtier.sealing): the master keys' file, or the variable holding
+    # them (its name, never a key); neither: chunks are stored in clear. encrypt_dram seals
+    # the DRAM tier's chunks too (off: they live and die with the process).
+    master_key_file: str = ""
+    master_key_env: str = ""
+    encrypt_dram: bool = False
 
     def __post_init__(self) -> None:
+        if self.master_key_file and self.master_key_env:
+            raise ConfigError("master_key_file and master_key_env: give one of them")
+        if self.encrypt_dram and not (self.master_key_file or self.master_key_env):
+            raise ConfigError("encrypt_dram: needs master_key_file or master_key_env")
         if not 16 <= self.chunk_tokens <= 65536:
             raise ConfigError(f"chunk_tokens: must be in [16, 65536], got {self.chunk_tokens}")
         if self.write_queue <= 0:
@@ -301,8 +315,20 @@ def config_from_dict(data: Mapping[str, Any], source: str = "config") -> StoreCo
 
 
 def _apply_env(config: StoreConfig, env: Mapping[str, str]) -> StoreConfig:
-    store_fields = {"CHUNK_TOKENS", "WRITE_QUEUE", "RETRY_AFTER_S"}
+    store_fields = {
+        "CHUNK_TOKENS",
+        "WRITE_QUEUE",
+        "RETRY_AFTER_S",
+        "MASTER_KEY_FILE",
+        "MASTER_KEY_ENV",
+        "ENCRYPT_DRAM",
+    }
     top: dict[str, Any] = {}
+    # The master keys themselves in the environment: they turn encryption on (read by
+    # kvtier.sealing, never copied into the configuration).
+    named = config.master_key_file or env.get("KVTIER_MASTER_KEY_FILE")
+    if env.get(MASTER_KEY_VAR) and not named:
+        top["master_key_env"] = MASTER_KEY_VAR
     tiers = list(config.tiers)
     # Longest names first, so a tier named "disk_fast" wins over the kind "disk".
     targets = sorted(
@@ -310,7 +336,7 @@ def _apply_env(config: StoreConfig, env: Mapping[str, str]) -> StoreConfig:
     )
     per_tier: dict[str, dict[str, str]] = {}
     for var in sorted(env):
-        if not var.startswith("KVTIER_") or var == "KVTIER_CONFIG":
+        if not var.startswith("KVTIER_") or var in ("KVTIER_CONFIG", MASTER_KEY_VAR):
             continue
         rest = var[len("KVTIER_") :]
         if rest in store_fields:

@@ -11,8 +11,10 @@ from kvtier.config import (
     TierConfig,
 )
 from kvtier.policy.eviction import make_eviction_policy
+from kvtier.sealing import MasterKeys, Sealer
 from kvtier.store import TieredStore
 from kvtier.tiers import DiskTier, MemoryTier, RedisTier, Tier
+from kvtier.tiers.sealed import SealedTier
 
 
 def make_tier(config: TierConfig) -> Tier:
@@ -42,11 +44,18 @@ def make_tier(config: TierConfig) -> Tier:
 
 
 def open_store(config: StoreConfig) -> TieredStore:
-    """Build the tiers ``config`` lists and a store over them."""
+    """Build the tiers ``config`` lists and a store over them; with master keys, every tier
+    below DRAM (DRAM too with ``encrypt_dram``) seals its chunks."""
+    keys = MasterKeys.load(config.master_key_file, config.master_key_env)
+    sealer = Sealer(keys) if keys is not None else None
     tiers: list[Tier] = []
     try:
         for tier_config in config.tiers:
-            tiers.append(make_tier(tier_config))
+            tier = make_tier(tier_config)
+            in_dram = isinstance(tier_config, MemoryTierConfig)
+            if sealer is not None and (config.encrypt_dram or not in_dram):
+                tier = SealedTier(tier, sealer)
+            tiers.append(tier)
     except Exception:
         for tier in tiers:
             tier.close()
@@ -57,4 +66,5 @@ def open_store(config: StoreConfig) -> TieredStore:
         compression=[Compression.named(t.compression) for t in config.tiers],
         write_queue=config.write_queue,
         retry_after_s=config.retry_after_s,
+        sealer=sealer,
     )

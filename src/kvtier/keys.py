@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,18 @@ KEY_SCHEME_VERSION = 1
 _ROOT_TAG = b"kvtier/namespace/v1"
 _TAIL_PERSON = b"kvtier-tail"
 _MAX_TOKEN_ID = 2**32 - 1
+
+
+# A salt derived by kvtier.tenants: "kvt1-", the tenant's id (16 hex digits), "-", 64 hex digits.
+SALT_PREFIX = "kvt1-"
+_DERIVED_SALT = re.compile(r"kvt1-[0-9a-f]{16}-[0-9a-f]{64}")
+
+
+def salt_tenant(salt: str | None) -> str | None:
+    """The tenant id a derived salt begins with (None: not a derived salt)."""
+    if salt and _DERIVED_SALT.fullmatch(salt):
+        return salt[len(SALT_PREFIX) : len(SALT_PREFIX) + 16]
+    return None
 
 
 @dataclass(frozen=True)

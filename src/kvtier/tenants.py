@@ -35,11 +35,11 @@ import yaml
 
 from kvtier.config import parse_size, read_secret
 from kvtier.errors import ConfigError
+from kvtier.keys import SALT_PREFIX as SALT_PREFIX
+from kvtier.keys import salt_tenant as salt_tenant
 
 ANONYMOUS = "anonymous"  # the tenant of requests without a key (a reserved name)
 KEY_HASH = "sha256:"
-SALT_PREFIX = "kvt1-"  # a derived salt: "kvt1-", the tenant's id (16 hex), "-", 64 hex
-_SALT = re.compile(r"kvt1-[0-9a-f]{16}-[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _SALT_DOMAIN = b"kvtier tenant salt v1"
@@ -89,13 +89,6 @@ def derive_salt(tenant: str, client_salt: str | None, secret: bytes = b"") -> st
     (the tenants file's), nobody without it can compute a tenant's chunk keys."""
     encoded = _lp(_SALT_DOMAIN, tenant.encode("utf-8"), (client_salt or "").encode("utf-8"))
     return f"{SALT_PREFIX}{tenant_id(tenant, secret)}-{_digest(secret, encoded)}"
-
-
-def salt_tenant(salt: str | None) -> str | None:
-    """The tenant id a derived salt begins with (None: not a derived salt)."""
-    if salt and _SALT.fullmatch(salt):
-        return salt[len(SALT_PREFIX) : len(SALT_PREFIX) + 16]
-    return None
 
 
 @dataclass(frozen=True)

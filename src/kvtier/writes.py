@@ -9,8 +9,9 @@ from typing import Any
 from kvtier import codec
 from kvtier.codec import KVChunk
 from kvtier.hierarchy import Hierarchy, Slot
-from kvtier.keys import ChunkKey, Namespace, chunk_keys
+from kvtier.keys import ChunkKey, Namespace, chunk_keys, salt_tenant
 from kvtier.results import PutReport
+from kvtier.sealing import Sealer
 from kvtier.writeback import WriteBatch
 
 
@@ -18,9 +19,10 @@ class Writes:
     """Chunk keys and the write path of the hierarchy ``h``; its lower tiers' write-behind
     queues write through :meth:`write_to`."""
 
-    def __init__(self, h: Hierarchy):
+    def __init__(self, h: Hierarchy, sealer: Sealer | None = None):
         self.h = h
         self.chunk_tokens = h.chunk_tokens
+        self.sealer = sealer  # told each namespace's tenant, whose key seals its chunks
         h.attach_writers(lambda slot, batch: self.write_to(slot, batch, skip_held=True))
 
     def keys(
@@ -46,7 +48,7 @@ class Writes:
         sizes = [c.tokens for c in chunks]
         keys = self._put_keys(tokens, namespace, start_chunk, sizes, tail)
         top = self.h.slots[0]
-        ns_id = namespace.id(self.chunk_tokens)
+        ns_id = self._noted(namespace)
         items: WriteBatch = [
             (key, codec.encode(key, chunk, ns_id, top.compression))
             for key, chunk, held in zip(keys, chunks, self._held(keys), strict=True)
@@ -71,6 +73,7 @@ class Writes:
         returns, every tier that could take the chunks holds them (a prefill engine's answer
         must not return before the shared tier has its chunks)."""
         headers = [codec.read_header(blob) for blob in blobs]
+        self._noted(namespace)
         keys = self._put_keys(tokens, namespace, start_chunk, [h.tokens for h in headers], tail)
         for j, (key, header) in enumerate(zip(keys, headers, strict=True)):
             if header.key != key:
@@ -81,6 +84,13 @@ class Writes:
             if not held
         ]
         return self._put_items(items, through)
+
+    def _noted(self, namespace: Namespace) -> str:
+        """The namespace's id, its tenant told to the sealer."""
+        ns_id = namespace.id(self.chunk_tokens)
+        if self.sealer is not None:
+            self.sealer.note(ns_id, salt_tenant(namespace.tenant_salt))
+        return ns_id
 
     def _put_keys(
         self,

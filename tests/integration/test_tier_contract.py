@@ -1,4 +1,5 @@
-"""The Tier contract, run against every tier: memory, disk, Redis and a 3-node Redis Cluster.
+"""The Tier contract, run against every tier: memory, disk, Redis and a 3-node Redis Cluster,
+and disk and Redis sealed at rest (kvtier.sealing).
 
 Each case gets a factory ``make(capacity)`` for a fresh, empty tier and ``reopen(tier)`` for
 a new instance over the same storage (persistent tiers only).
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from kvtier.keys import ChunkKey
+from kvtier.sealing import OVERHEAD, MasterKeys, Sealer, new_master_key
 from kvtier.tiers import DiskTier, MemoryTier, RedisTier, Tier
+from kvtier.tiers.sealed import SealedTier
 
 
 @dataclass
@@ -25,19 +28,26 @@ class TierKind:
     make: Callable[[int | None], Tier]
     reopen: Callable[[Tier], Tier] | None  # None: not persistent
     bounded: bool  # enforces its own capacity
+    overhead: int = 0  # bytes a tier stores beyond each value (a sealed tier's header, tag)
 
 
-@pytest.fixture(params=["memory", "disk", "redis", "redis_cluster"])
+SEALER = Sealer(MasterKeys.parse(new_master_key(), "test"))
+
+
+@pytest.fixture(params=["memory", "disk", "redis", "redis_cluster", "sealed_disk", "sealed_redis"])
 def kind(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> Iterator[TierKind]:
     opened: list[Tier] = []
+    sealed = request.param.startswith("sealed_")
+    param = request.param.removeprefix("sealed_")
+    extra = OVERHEAD if sealed else 0
 
     def track(tier: Tier) -> Tier:
         opened.append(tier)
-        return tier
+        return SealedTier(tier, SEALER) if sealed else tier
 
-    if request.param == "memory":
-        yield TierKind("memory", lambda cap: track(MemoryTier(cap or 1 << 30)), None, True)
-    elif request.param == "disk":
+    if param == "memory":
+        yield TierKind("memory", lambda cap: track(MemoryTier(cap or 1 << 30)), None, True, extra)
+    elif param == "disk":
         caps: dict[str, int] = {}
 
         def make_disk(cap: int | None) -> Tier:
@@ -47,11 +57,11 @@ def kind(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> Iterato
         def reopen_disk(tier: Tier) -> Tier:
             return track(DiskTier(tmp_path / "disk", caps["cap"], fsync=False))
 
-        yield TierKind("disk", make_disk, reopen_disk, True)
+        yield TierKind("disk", make_disk, reopen_disk, True, extra)
     else:
-        fixture = "redis_server" if request.param == "redis" else "redis_cluster"
+        fixture = "redis_server" if param == "redis" else "redis_cluster"
         server = request.getfixturevalue(fixture)
-        cluster = request.param == "redis_cluster"
+        cluster = param == "redis_cluster"
 
         def make_redis(cap: int | None) -> Tier:
             return track(RedisTier(server.url, prefix=prefix, cluster=cluster))
@@ -59,7 +69,7 @@ def kind(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> Iterato
         def reopen_redis(tier: Tier) -> Tier:
             return make_redis(None)
 
-        yield TierKind(request.param, make_redis, reopen_redis, False)
+        yield TierKind(param, make_redis, reopen_redis, False, extra)
     for tier in opened:
         tier.close()
 
@@ -89,7 +99,7 @@ def test_put_get_contains_delete(kind: TierKind) -> None:
     assert tier.contains_many([k(1)]) == [False]
     assert sorted(tier.scan()) == [k(2)]
     usage = tier.usage()
-    assert usage.chunks == 1 and usage.bytes == 1000
+    assert usage.chunks == 1 and usage.bytes == 1000 + kind.overhead
 
 
 def test_put_replaces_an_existing_value(kind: TierKind) -> None:
@@ -97,7 +107,7 @@ def test_put_replaces_an_existing_value(kind: TierKind) -> None:
     tier.put_many([(k(1), blob(1))])
     tier.put_many([(k(1), blob(9, 500))])
     assert bytes(tier.get_many([k(1)])[0] or b"") == blob(9, 500)
-    assert tier.usage().bytes == 500
+    assert tier.usage().bytes == 500 + kind.overhead
 
 
 def test_read_into_fills_buffers_only_when_the_size_fits(kind: TierKind) -> None:
@@ -116,19 +126,20 @@ def test_read_into_fills_buffers_only_when_the_size_fits(kind: TierKind) -> None
 def test_eviction_is_lru_and_reported(kind: TierKind) -> None:
     if not kind.bounded:
         pytest.skip(f"{kind.name} leaves capacity to the server (maxmemory)")
-    tier = kind.make(3000)
+    capacity = 3 * (1000 + kind.overhead)
+    tier = kind.make(capacity)
     tier.put_many([(k(i), blob(i)) for i in (1, 2, 3)])
     tier.get_many([k(1)])  # 1 is now more recent than 2
     result = tier.put_many([(k(4), blob(4))])
     assert result.stored == [True] and result.evicted == [k(2)]
     assert tier.contains_many([k(1), k(2), k(3), k(4)]) == [True, False, True, True]
-    assert tier.usage().bytes <= 3000
+    assert tier.usage().bytes <= capacity
 
 
 def test_pinned_chunks_are_not_evicted_and_oversized_puts_are_rejected(kind: TierKind) -> None:
     if not kind.bounded:
         pytest.skip(f"{kind.name} leaves capacity to the server (maxmemory)")
-    tier = kind.make(3000)
+    tier = kind.make(3 * (1000 + kind.overhead))
     tier.put_many([(k(i), blob(i)) for i in (1, 2, 3)])
     tier.pin([k(1), k(2), k(3)])
     result = tier.put_many([(k(4), blob(4))])

@@ -4,16 +4,23 @@ Read-only unless ``--repair``: it opens the disk tier read-only (no temp-file cl
 mtime updates) and only reads from Redis. With ``--verify`` every chunk is read in full and
 its checksum checked; bad chunks are listed and the exit status is 1. ``--repair`` deletes
 the bad chunks (and, on disk, temp files left by dead writers).
+
+Chunks sealed at rest (``kvtier serve --master-key-file``) are counted as sealed; with
+``--master-key-file`` and ``--verify`` each is opened and checked too (one that does not open
+is bad). Without the key they are never called bad, so ``--repair`` leaves them alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from typing import Any
 
+from kvtier.config import MASTER_KEY_VAR
+from kvtier.sealing import MasterKeys, Sealer
 from kvtier.tiers import DiskTier, RedisTier
 from kvtier.tiers.inspect import inspect, print_report
 
@@ -32,11 +39,18 @@ def register(sub: Any) -> None:
     p.add_argument("--cluster", action="store_true", help="redis: the URL is a Redis Cluster")
     p.add_argument("--verify", action="store_true", help="read every chunk and check it")
     p.add_argument("--repair", action="store_true", help="delete the bad chunks found")
+    p.add_argument(
+        "--master-key-file",
+        metavar="FILE",
+        help="the master keys the chunks were sealed with (or set KVTIER_MASTER_KEY)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    env = MASTER_KEY_VAR if os.environ.get(MASTER_KEY_VAR) and not args.master_key_file else ""
+    keys = MasterKeys.load(args.master_key_file or "", env)
     tier: DiskTier | RedisTier
     if args.disk:
         try:
@@ -50,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         tier = RedisTier(args.redis, prefix=args.prefix, cluster=args.cluster)
         kind, location = "redis", args.redis
     try:
-        report = inspect(tier, kind, location, verify=args.verify, repair=args.repair)
+        sealer = Sealer(keys) if keys is not None else None
+        report = inspect(tier, kind, location, args.verify, args.repair, sealer)
     finally:
         tier.close()
     if args.json:

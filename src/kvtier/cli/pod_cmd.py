@@ -65,6 +65,12 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help=f"engines' disk tiers and logs ({DEFAULT_STATE})",
     )
+    p.add_argument(
+        "--master-key-file",
+        metavar="FILE",
+        help="encryption at rest in every engine's disk tier and the shared tier (see"
+        " `kvtier serve --help`)",
+    )
     add_router_options(p)
     p.set_defaults(run=run, passthrough=True)
 
@@ -77,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         from kvtier.tenants import load_tenants
 
         load_tenants(args.tenants)  # a bad file fails before any engine starts
+    if args.master_key_file:
+        from kvtier.sealing import MasterKeys
+
+        MasterKeys.load(args.master_key_file)  # so does a bad key file
     if prefill and args.redis == "none":
         raise KvtierError(
             "a disaggregated pod hands prompts over through the shared tier:"

@@ -120,6 +120,13 @@ def register(sub: Any) -> None:
         " context; without it the server is one trust domain (docs/tenants.md)",
     )
     p.add_argument(
+        "--master-key-file",
+        metavar="FILE",
+        help="encryption at rest: every chunk below DRAM (disk, Redis) sealed with AES-256-GCM"
+        " under a key per tenant derived from the master key in FILE (`kvtier tenants"
+        " master-key FILE` writes one; or set KVTIER_MASTER_KEY); docs/tenants.md",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print the vLLM command instead of running it"
     )
     # `kvtier pod` and the benchmarks measure the host once and hand every engine the same

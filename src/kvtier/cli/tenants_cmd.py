@@ -9,10 +9,17 @@ tenant, and prints the file entry with its hash. ``kvtier tenants hash`` reads k
 have from standard input, one per line, never from the command line (a command line is
 visible to every user of the machine), and prints their hashes.
 
+``kvtier tenants master-key FILE`` writes a master key for encryption at rest (``kvtier serve
+--master-key-file FILE``: every chunk below DRAM sealed with AES-256-GCM, a key per tenant
+derived from it); ``--rotate`` puts a new key first in an existing file: new chunks are sealed
+with it, chunks sealed with the older keys still open. Remove an old key from the file and
+its chunks become misses.
+
 examples:
   kvtier tenants init tenants.yaml
   kvtier tenants key acme --key-file acme.key >> tenants.yaml
   kvtier tenants hash < keys.txt
+  kvtier tenants master-key master.key
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.errors import ConfigError
+from kvtier.sealing import MasterKeys, new_master_key
 from kvtier.tenants import hash_key, new_key, new_secret, valid_name
+
+MASTER_HEADER = "# kvtier master keys: the first seals, all open (keep this file secret)\n"
 
 
 def register(sub: Any) -> None:
@@ -52,6 +62,16 @@ def register(sub: Any) -> None:
     key.set_defaults(run=_key)
     hashed = tsub.add_parser("hash", help="the hash of each key read from stdin, one per line")
     hashed.set_defaults(run=_hash)
+    master = tsub.add_parser(
+        "master-key", help="write a master key for encryption at rest (readable by you alone)"
+    )
+    master.add_argument("file", help="the key file (a new one, unless --rotate)")
+    master.add_argument(
+        "--rotate",
+        action="store_true",
+        help="put a new key first in an existing file (older keys stay, to open old chunks)",
+    )
+    master.set_defaults(run=_master_key)
 
 
 def _private(path: Path, text: str, mode: int) -> None:
@@ -102,4 +122,25 @@ def _hash(args: argparse.Namespace) -> int:
         raise ConfigError("no key on standard input (one per line)")
     for key in keys:
         print(hash_key(key))
+    return 0
+
+
+def _master_key(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not args.rotate:
+        _private(path, f"{MASTER_HEADER}{new_master_key()}\n", 0o600)
+        print(f"kvtier tenants: master key in {path} (yours alone)", file=sys.stderr)
+        return 0
+    old = MasterKeys.load(str(path))  # an unreadable or malformed file fails here, unchanged
+    assert old is not None
+    kept = "".join(f"{k.hex()}\n" for k in old.keys)
+    fresh = path.with_name(path.name + ".new")
+    fresh.unlink(missing_ok=True)
+    _private(fresh, f"{MASTER_HEADER}{new_master_key()}\n{kept}", 0o600)
+    os.replace(fresh, path)
+    print(
+        f"kvtier tenants: {path} seals with a new key now; its {len(old.keys)} older key(s)"
+        " still open what they sealed (restart the servers to use it)",
+        file=sys.stderr,
+    )
     return 0

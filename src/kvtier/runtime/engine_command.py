@@ -32,6 +32,7 @@ from kvtier.integrations.model import DEFAULT_MODEL_NAME  # what the embedded mo
 from kvtier.integrations.tenant_gate import TENANTS_ENV
 from kvtier.policy.scheduling import SchedulingOptions
 from kvtier.redis_process import free_port
+from kvtier.sealing import MasterKeys
 
 SHUTDOWN_TIMEOUT_S = 30  # vLLM's --shutdown-timeout unless given: time to finish writes
 
@@ -73,6 +74,13 @@ def build_config(args: argparse.Namespace) -> StoreConfig:
             replace(RedisTierConfig, **redis_changes)
         except ConfigError as exc:
             raise ConfigError(f"--redis: {str(exc).partition(': ')[2]}") from None
+    key_file = getattr(args, "master_key_file", None)
+    if key_file:
+        key_file = str(Path(key_file).expanduser().resolve())
+        MasterKeys.load(key_file)  # a bad file fails before vLLM starts, naming no key
+        config = dataclasses.replace(config, master_key_file=key_file, master_key_env="")
+    elif config.master_key_file or config.master_key_env:
+        MasterKeys.load(config.master_key_file, config.master_key_env)
     return dataclasses.replace(config, tiers=tuple(tiers))
 
 

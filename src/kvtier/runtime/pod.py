@@ -224,6 +224,8 @@ def run_pod(args: argparse.Namespace, engines: int, prefill: int, extra: list[st
     options = ["--dram", args.dram, *extra, *pod_dtype_options(extra)]
     if args.tenants:  # every engine authenticates too: one may be reached on its own port
         options += ["--tenants", str(Path(args.tenants).resolve())]
+    if getattr(args, "master_key_file", None):  # every engine seals with the same keys
+        options += ["--master-key-file", str(Path(args.master_key_file).resolve())]
     cores = sorted(os.sched_getaffinity(0))
     specs = plan_pod(engines, args.engine_port, state, logs, cores, options, prefill)
     pod = Pod(specs, args.redis)

@@ -14,6 +14,7 @@ from kvtier import codec
 from kvtier.config import format_size
 from kvtier.errors import CorruptChunk
 from kvtier.keys import ChunkKey
+from kvtier.sealing import Sealer
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.redis import RedisTier
 
@@ -28,6 +29,8 @@ class Report:
     oldest: str | None = None
     newest: str | None = None
     verified: bool = False
+    sealed: int = 0  # chunks sealed at rest (kvtier.sealing)
+    opened: bool = False  # they were opened and verified (a master key was given)
     bad: list[dict[str, str]] = field(default_factory=list)
     repaired: int = 0
 
@@ -37,16 +40,22 @@ def _iso(ts: float) -> str:
 
 
 def inspect(
-    tier: DiskTier | RedisTier, kind: str, location: str, verify: bool, repair: bool
+    tier: DiskTier | RedisTier,
+    kind: str,
+    location: str,
+    verify: bool,
+    repair: bool,
+    sealer: Sealer | None = None,
 ) -> Report:
     """Count, size and check every chunk of ``tier`` (``verify``: read each whole and check
-    its checksum); ``repair`` deletes the bad ones. A progress bar on stderr."""
-    report = Report(kind, location)
+    its checksum; a sealed chunk is opened with ``sealer`` first, and is never bad without
+    one); ``repair`` deletes the bad ones. A progress bar on stderr."""
+    report = Report(kind, location, opened=verify and sealer is not None)
     keys = list(tier.scan())
     namespaces: Counter[str] = Counter()
     times: list[float] = []
     for key in tqdm(keys, desc="inspect", unit="chunk", file=sys.stderr, disable=None):
-        problem = _check(tier, key, verify, namespaces, times, report)
+        problem = _check(tier, key, verify, namespaces, times, report, sealer)
         if problem is None:
             continue
         report.bad.append({"key": key.hex(), "problem": problem})
@@ -67,18 +76,26 @@ def _check(
     namespaces: Counter[str],
     times: list[float],
     report: Report,
+    sealer: Sealer | None,
 ) -> str | None:
     """Account one chunk in the report; return what is wrong with it, or None."""
     try:
+        head = tier.header_of(key, codec.HEADER_BYTES)
+        if head is None:
+            return None  # deleted meanwhile: not a corruption
+        if bytes(head[:4]) == codec.SEALED_MAGIC:
+            report.sealed += 1
+            if not (verify and sealer is not None):  # nothing to check it with
+                namespaces[bytes(head[20:28]).hex()] += 1
+                return None
         if verify:
             blob = tier.get_many([key])[0]
             if blob is None:
-                return None  # deleted meanwhile: not a corruption
+                return None
+            if sealer is not None and bytes(memoryview(blob)[:4]) == codec.SEALED_MAGIC:
+                blob = sealer.open(key, blob) or blob  # unopened: decode says why
             header = codec.decode(blob, expected_key=key).header
         else:
-            head = tier.header_of(key, codec.HEADER_BYTES)
-            if head is None:
-                return None
             header = codec.read_header(head)
             if header.key != key:
                 raise CorruptChunk(f"chunk {header.key.hex()} stored under key {key.hex()}")
@@ -99,6 +116,9 @@ def print_report(r: Report) -> None:
     print(f"  namespaces  {len(r.namespaces)}")
     for ns, n in r.namespaces.items():
         print(f"    {ns}  {n} chunks")
+    if r.sealed:
+        how = "opened and verified" if r.opened else "not opened (give --master-key-file)"
+        print(f"  sealed      {r.sealed} chunks, {how}")
     checked = "checksums verified" if r.verified else "headers checked (add --verify)"
     print(f"  {checked}: {len(r.bad)} bad" + (f", {r.repaired} removed" if r.repaired else ""))
     for bad in r.bad:
