@@ -5,6 +5,7 @@ dies mid-request, a prefill engine, a prompt that turns out longer than routed o
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import ExitStack
 from typing import Any
 
@@ -161,6 +162,37 @@ def test_an_idle_engines_measure_counts_the_requests_that_went_ahead_of_it(
             cold.first_token(a, sent=-1.0)
     assert a.samples and a.samples[0][0] == 2300
     assert a.timing is None  # the next idle request measures afresh
+
+
+def test_a_cold_prompt_is_routed_after_the_hits_of_its_burst(prompter: Prompter) -> None:
+    """Two hits-first engines; each burst: a cold prompt, and 5 ms later a returning turn whose
+    context is on one engine. The cold prompt waits (GATHER_S) for its companions, so the hit
+    is placed first, on the engine holding its context, and the cold prompt on the other. (Routed
+    at once, the cold prompt took an engine by turns, half the time the hit's.) A hit never
+    waits."""
+    r = routing(prompter, ["http://a", "http://b"])
+    for engine in r.engines.engines:
+        engine.info = {**INFO, "scheduling": {"hits_first": True}}
+
+    async def burst(n: int) -> tuple[Route, Route]:
+        held = tokens(20 + n, 4 * CHUNK + 30)
+        holder = r.engines.engines[n % 2]
+        r.index.replace(holder.url, {"dram": hexes(held)})
+        cold_task = asyncio.create_task(r.route(PATH, {"prompt": tokens(30 + n, 3000)}))
+        await asyncio.sleep(0.005)
+        began = time.perf_counter()
+        _, hit = await r.route(PATH, {"prompt": held})
+        assert time.perf_counter() - began < 0.04  # the hit did not wait
+        assert hit is not None and hit.engine is holder
+        with hit.in_queue():
+            _, cold = await cold_task
+        assert cold is not None
+        return hit, cold
+
+    for n in range(2):
+        hit, cold = asyncio.run(burst(n))
+        assert cold.engine is not hit.engine and cold.waited_s >= 0.04
+    assert r.gathered == 2
 
 
 def test_resize_follows_the_whole_prompt_and_never_goes_negative(prompter: Prompter) -> None:

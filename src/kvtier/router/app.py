@@ -142,8 +142,11 @@ class Router:
         if self.tenants is not None:
             # The engine authenticates the same key and derives the same salt from the body
             # it receives unchanged; the router keys the prompt as the engine will.
+            given = request.headers.getall("Authorization", [])
+            if len(given) > 1:  # which one names the tenant? Neither is trusted.
+                return _error(401, "more than one Authorization header")
             try:
-                tenant = self.tenants.identify(request.headers.get("Authorization"))
+                tenant = self.tenants.identify(given[0] if given else None)
             except Unauthorized as exc:
                 return _error(401, str(exc))
             keyed = {**body, "cache_salt": self.tenants.salt(tenant, body.get("cache_salt"))}
@@ -186,7 +189,7 @@ class Router:
             engine.in_flight += 1
             sent = time.perf_counter()
             if overhead is None:  # tokenize, key, score: until the request leaves
-                overhead = sent - started
+                overhead = sent - started - (route.waited_s if route is not None else 0.0)
                 self.overhead_s.append(overhead)
             try:
                 async with self._session.post(

@@ -22,6 +22,7 @@ from typing import Any
 
 from kvtier.keys import Namespace
 from kvtier.policy.routing import CostRouting, EngineView, Split, reason, split_cost
+from kvtier.policy.scheduling import GATHER_S, GATHER_SHARE
 from kvtier.router.engines import Engine, EngineSet, Timing
 from kvtier.router.index import ChunkIndex
 from kvtier.router.lookup import PromptKeys, SharedTier, held_hits
@@ -54,6 +55,7 @@ class Route:
     prefill: Route | None = None  # the prefill engine to go through first (disaggregated)
     split: Split | None = None  # what the disaggregation decision weighed
     decision: Decision | None = None  # for the console, and routing precision
+    waited_s: float = 0.0  # a cold prompt's wait for its burst's companions (not overhead)
     counted: bool = field(default=False, init=False)  # its tokens are in the engine's queue
     _timing: Timing | None = field(default=None, init=False)  # it found the engine idle
 
@@ -129,6 +131,7 @@ class Routing:
         self.reasons: Counter[str] = Counter()  # why each request went where it went
         self.reuse = Decisions()  # recent decisions, predicted vs reused tokens
         self.phases: dict[str, deque[float]] = {}  # where the overhead goes
+        self.gathered = 0  # cold prompts that waited for their burst's companions
         self._background: set[asyncio.Task[None]] = set()
 
     def shared_tier(self, info: dict[str, Any]) -> SharedTier | None:
@@ -185,10 +188,17 @@ class Routing:
             if shared is not None:
                 prompt.in_shared(await shared.holds(prompt.all_keys))
         asked = time.perf_counter()
+        scoring = asked
+        if self._gathers(healthy, prompt, lead.total, int(info["bytes_per_token"])):
+            await asyncio.sleep(GATHER_S)  # a wait chosen, not overhead: not in the phases
+            self.gathered += 1
+            healthy = self.engines.healthy() or healthy
+            scoring = time.perf_counter()
         order, route = self._choose(healthy, prompt, lead.total, body, int(info["bytes_per_token"]))
+        route.waited_s = scoring - asked
         self.phase("tokenize_key", keyed - began)
         self.phase("shared_tier", asked - keyed)
-        self.phase("score", time.perf_counter() - asked)
+        self.phase("score", time.perf_counter() - scoring)
         if not lead.complete:  # the rest, off the request's path
             task = asyncio.create_task(self._complete(lead, namespace, chunk, block, route))
             self._background.add(task)
@@ -235,6 +245,25 @@ class Routing:
                 queued = tokens - estimate.hit_tokens
                 route.prefill = Route(on, queued, on.queued_tokens == 0, estimate.load_s)
         return [engine, *rest], route
+
+    def _gathers(
+        self, healthy: list[Engine], prompt: PromptKeys, tokens: int, bytes_per_token: int
+    ) -> bool:
+        """Whether a cold prompt waits a moment before it is routed: nothing holds any of it,
+        the engines schedule hits first, and its prefill takes long enough that the wait is
+        at most GATHER_SHARE of it. A burst's requests reach the router milliseconds apart;
+        routed first, the cold prompt would take an engine before the burst's hits are
+        placed, and those whose context is on that engine would load it elsewhere or delay
+        it. Routed after them, it goes where the fewest of them wait."""
+        if self._cost is None:
+            self._cost = CostRouting(bytes_per_token)
+        views = [self._view(e, prompt) for e in healthy]
+        if len(views) < 2 or not all(v.hits_first for v in views):
+            return False
+        if any(v.hit_tokens for v in views):
+            return False
+        fastest = min(self._cost.estimate(tokens, v).recompute_s for v in views)
+        return fastest * GATHER_SHARE >= GATHER_S
 
     def _held_anywhere(self, hexes: list[str]) -> bool:
         return any(self.index.kinds(e.url, hexes) for e in self.engines.engines)
