@@ -11,11 +11,14 @@ whole, behind a 40-byte header of its own (little-endian)::
 The associated data is that header and the chunk key the reader asked for, so a chunk moved
 to another key, given another tenant's or namespace's header, truncated or flipped fails
 authentication (and is a miss, counted as a corruption, never served). The data key of each
-tenant is HKDF-SHA256 of a master key with the tenant id as its info: one tenant's key opens
-no other tenant's chunks. Master keys come from a key file (one 64-hex-digit key per line,
-the first one seals, the others still open what they sealed: rotation) or an environment
-variable, never from a command line; the id in each header names which master key sealed it
-(the first 4 bytes of a hash of the key, which reveals nothing of it).
+tenant is HKDF-SHA256 of a master key with the tenant id and the tenant's epoch as its info:
+one tenant's key opens no other tenant's chunks. The epoch is 16 random bytes each tier keeps
+per tenant (:class:`kvtier.tiers.sealed.Keyring`); forgetting a tenant deletes it, and every
+chunk sealed under it becomes unreadable at once, even to whoever holds the master key and a
+copy of the chunks (crypto-shredding). Master keys come from a key file (one 64-hex-digit
+key per line, the first one seals, the others still open what they sealed: rotation) or an
+environment variable, never from a command line; the id in each header names which master
+key sealed it (the first 4 bytes of a hash of the key, which reveals nothing of it).
 
 What it protects: chunks on disk, in Redis and in any tier added later, from whoever reads
 the medium or the wire without the master key (a stolen disk, a Redis dump, another tenant
@@ -55,6 +58,7 @@ NO_TENANT = bytes(8)
 _KDF_SALT = b"kvtier at-rest data key v1"
 _KEY_LINE = re.compile(r"[0-9a-fA-F]{64}")
 assert HEAD_BYTES == 40
+_BLOCK = 256 * 1024  # in-place decryption's scratch: stays in L2 between decrypt and copy
 
 
 def key_id(master: bytes) -> bytes:
@@ -142,26 +146,35 @@ class Sealer:
         tenant = bytes.fromhex(tenant_id) if tenant_id else NO_TENANT
         self._tenants[_ns_bytes(namespace_id)] = tenant
 
-    def _data_key(self, master_id: bytes, tenant: bytes) -> bytes | None:
-        got = self._data_keys.get((master_id, tenant))
+    def _data_key(self, master_id: bytes, tenant: bytes, epoch: bytes) -> bytes | None:
+        got = self._data_keys.get((master_id, tenant + epoch))
         if got is None:
             master = self._by_id.get(master_id)
             if master is None:
                 return None
-            kdf = HKDF(hashes.SHA256(), 32, _KDF_SALT, b"kvtier tenant " + tenant)
+            kdf = HKDF(hashes.SHA256(), 32, _KDF_SALT, b"kvtier tenant " + tenant + epoch)
             got = kdf.derive(master)
             with self._lock:
-                self._data_keys[(master_id, tenant)] = got
+                self._data_keys[(master_id, tenant + epoch)] = got
         return got
 
-    def seal(self, key: ChunkKey, blob: bytes | bytearray | memoryview) -> bytearray:
-        """The sealed form of the stored chunk ``blob`` under ``key``."""
+    def tenant_of(self, blob: bytes | bytearray | memoryview) -> bytes:
+        """The tenant (8 bytes; zero: none) whose key seals the stored chunk ``blob``."""
+        plain = memoryview(blob).cast("B")
+        namespace = bytes(plain[24:32]) if plain.nbytes >= 32 else bytes(8)
+        return self._tenants.get(namespace, NO_TENANT)
+
+    def seal(
+        self, key: ChunkKey, blob: bytes | bytearray | memoryview, epoch: bytes = b""
+    ) -> bytearray:
+        """The sealed form of the stored chunk ``blob`` under ``key``, with its tenant's
+        ``epoch`` (:meth:`tenant_of` says which tenant)."""
         plain = memoryview(blob).cast("B")
         namespace = bytes(plain[24:32]) if plain.nbytes >= 32 else bytes(8)
         tenant = self._tenants.get(namespace, NO_TENANT)
         nonce = os.urandom(12)
         head = _HEAD.pack(MAGIC, VERSION, 0, self._sealing_id, tenant, namespace, nonce)
-        data_key = self._data_key(self._sealing_id, tenant)
+        data_key = self._data_key(self._sealing_id, tenant, epoch)
         assert data_key is not None
         encryptor = Cipher(algorithms.AES(data_key), modes.GCM(nonce)).encryptor()
         encryptor.authenticate_additional_data(head + key)
@@ -178,16 +191,18 @@ class Sealer:
         key: ChunkKey,
         sealed: bytes | bytearray | memoryview,
         buffers: Sequence[memoryview],
+        epoch: bytes = b"",
     ) -> bool:
         """Decrypt ``sealed`` (stored under ``key``) into ``buffers`` in order (their sizes
-        must add up to the plain form's: :func:`plain_bytes`); False if it fails to
-        authenticate, and then the buffers hold garbage."""
+        must add up to the plain form's: :func:`plain_bytes`), with the epoch of its tenant
+        (:func:`sealed_tenant` says which); False if it fails to authenticate, and then the
+        buffers hold garbage."""
         view = memoryview(sealed).cast("B")
         size = plain_bytes(view)
         if size is None or size != sum(b.nbytes for b in buffers):
             return False
         _, _, _, master_id, tenant, namespace, nonce = _HEAD.unpack_from(view)
-        data_key = self._data_key(master_id, tenant)
+        data_key = self._data_key(master_id, tenant, epoch)
         if data_key is None:
             return False  # sealed under a master key this server does not hold
         tag = view[HEAD_BYTES + size :]
@@ -204,13 +219,49 @@ class Sealer:
         self._tenants.setdefault(namespace, tenant)  # promoted elsewhere, it keeps its tenant
         return True
 
-    def open(self, key: ChunkKey, sealed: bytes | bytearray | memoryview) -> bytearray | None:
+    def open_in_place(
+        self,
+        key: ChunkKey,
+        head: bytes | bytearray | memoryview,
+        buffers: Sequence[memoryview],
+        tag: bytes | bytearray | memoryview,
+        epoch: bytes = b"",
+    ) -> bool:
+        """Decrypt a sealed chunk read in pieces (its header, its ciphertext into
+        ``buffers``, its tag) where it lies: what a tier read straight into the caller's
+        buffers. The cipher cannot write over its own input, so each block goes through a
+        scratch buffer small enough to stay in cache. False if it fails to authenticate."""
+        head = memoryview(head).cast("B")
+        if head.nbytes != HEAD_BYTES or bytes(head[:4]) != MAGIC:
+            return False
+        _, version, _, master_id, tenant, namespace, nonce = _HEAD.unpack_from(head)
+        data_key = self._data_key(master_id, tenant, epoch)
+        if version != VERSION or data_key is None:
+            return False
+        decryptor = Cipher(algorithms.AES(data_key), modes.GCM(nonce, bytes(tag))).decryptor()
+        decryptor.authenticate_additional_data(bytes(head) + key)
+        scratch = memoryview(bytearray(_BLOCK))
+        for buf in buffers:
+            for start in range(0, buf.nbytes, _BLOCK):
+                block = buf[start : start + _BLOCK]
+                done = decryptor.update_into(block, scratch)
+                block[:] = scratch[:done]
+        try:
+            decryptor.finalize()
+        except InvalidTag:
+            return False
+        self._tenants.setdefault(namespace, tenant)
+        return True
+
+    def open(
+        self, key: ChunkKey, sealed: bytes | bytearray | memoryview, epoch: bytes = b""
+    ) -> bytearray | None:
         """The plain stored form of ``sealed``, or None if it fails to authenticate."""
         size = plain_bytes(sealed)
         if size is None:
             return None
         out = bytearray(size)
-        return out if self.open_into(key, sealed, [memoryview(out)]) else None
+        return out if self.open_into(key, sealed, [memoryview(out)], epoch) else None
 
 
 def plain_bytes(sealed: bytes | bytearray | memoryview) -> int | None:
@@ -221,6 +272,13 @@ def plain_bytes(sealed: bytes | bytearray | memoryview) -> int | None:
     if struct.unpack_from("<H", view, 4)[0] != VERSION:
         return None
     return view.nbytes - OVERHEAD
+
+
+def sealed_tenant(sealed: bytes | bytearray | memoryview) -> bytes | None:
+    """The tenant id (8 bytes) in a sealed chunk's clear header (None: not a sealed chunk)."""
+    if plain_bytes(sealed) is None:
+        return None
+    return bytes(memoryview(sealed).cast("B")[12:20])
 
 
 def _ns_bytes(namespace_id: str) -> bytes:

@@ -153,7 +153,7 @@ class Tenants:
         """The tenant named by an ``Authorization`` header's value (None: no header); raises
         :class:`Unauthorized` for a key the file does not list, or no key where the file
         refuses anonymous requests. The message never repeats the key."""
-        if not authorization:
+        if authorization is None:
             if self.refuse_anonymous:
                 raise Unauthorized("this server needs an API key: send Authorization: Bearer KEY")
             return ANONYMOUS

@@ -9,6 +9,8 @@ Apart from the other engine tests so that the test processes share them out.
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
 import shlex
 import subprocess
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 
 from kvtier.errors import KvtierError
+from kvtier.integrations.model import DEFAULT_MODEL_NAME
 from kvtier.redis_process import free_port
 from kvtier.runtime.engine_process import Server, kvtier_serve_command
 from kvtier.tenants import new_key
@@ -88,11 +91,64 @@ def wait_for_tenant_hits(
         time.sleep(0.5)
 
 
-def cached(server: Server, key: str | None, salt: str | None = "acme-project") -> int:
+def cached(
+    server: Server, key: str | None, salt: str | None = "acme-project", prompt: str = PROMPT
+) -> int:
     extra: dict[str, Any] = {"cache_salt": salt} if salt else {}
-    done = server.complete(PROMPT, max_tokens=2, api_key=key, **extra)
-    assert done.prompt_tokens > 600 and done.cached_tokens is not None
+    done = server.complete(prompt, max_tokens=2, api_key=key, **extra)
+    assert done.prompt_tokens > 300 and done.cached_tokens is not None
     return done.cached_tokens
+
+
+def fuzz_authentication(server: Server, acme: str, globex: str) -> None:
+    """Bad, empty, huge and repeated Authorization headers, through the real server: never a
+    5xx, and a request is served as acme exactly when its one header carries acme's key. Each
+    case sends a prompt acme alone sent just before: a hit says acme's cache served it."""
+    valid = [f"Bearer {acme}", f"bearer {acme}", f"Bearer   {acme}  "]
+    invalid: list[list[str]] = [
+        [""],
+        ["Bearer"],
+        ["Bearer "],
+        [f"Basic {acme}"],
+        [acme],
+        [f"Bearer {acme}x"],
+        [f"Bearer {acme} {acme}"],
+        [f"Bearer {acme[:-1]}"],
+        ["Bearer " + "a" * 20_000],
+        ["Bearer \u00e9\u00e8"],
+        [f"Bearer {acme}", f"Bearer {globex}"],
+        [f"Bearer {globex}", f"Bearer {acme}"],
+        [f"Bearer {acme}", f"Bearer {acme}"],
+        [f"Bearer {acme}", ""],
+    ]
+    host, port = server.url[len("http://") :].split(":")
+    for n, headers in enumerate([[v] for v in valid] + invalid):
+        prompt = " ".join(f"Case {n}, line {i} of acme's private notes." for i in range(40))
+        assert cached(server, acme, prompt=prompt) == 0  # now in acme's cache alone
+        body = {"model": DEFAULT_MODEL_NAME, "prompt": prompt, "max_tokens": 1}
+        body["cache_salt"] = "acme-project"
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        try:
+            conn.putrequest("POST", "/v1/completions")
+            conn.putheader("Content-Type", "application/json")
+            for value in headers:
+                conn.putheader("Authorization", value.encode("latin-1", "replace"))
+            raw = json.dumps(body).encode()
+            conn.putheader("Content-Length", str(len(raw)))
+            conn.endheaders(raw)
+            reply = conn.getresponse()
+            answer = reply.read()
+        finally:
+            conn.close()
+        assert reply.status < 500, (headers[:1], reply.status, answer[:300])
+        if n < len(valid):
+            assert reply.status == 200, (n, answer[:300])
+        else:
+            assert reply.status in (400, 401, 431), (n, reply.status, answer[:300])
+        if reply.status == 200:
+            details = json.loads(answer)["usage"].get("prompt_tokens_details") or {}
+            hit = int(details.get("cached_tokens") or 0)
+            assert hit > 0, f"case {n} was served, not as acme"
 
 
 def test_a_tenants_context_hits_for_it_alone_before_and_after_a_restart(tmp_path: Path) -> None:
@@ -112,6 +168,7 @@ def test_a_tenants_context_hits_for_it_alone_before_and_after_a_restart(tmp_path
         assert cached(server, acme, salt=None) == 0  # a client salt divides its own cache
         with pytest.raises(KvtierError, match="HTTP 401"):
             cached(server, new_key())
+        fuzz_authentication(server, acme, globex)
         # Per tenant, on the engine's /metrics: acme and anonymous hit (vLLM's cache), globex
         # never did.
         hits = wait_for_tenant_hits(server, ("acme", "anonymous"))

@@ -403,3 +403,25 @@ def test_disk_falls_back_to_buffered_reads_when_o_direct_is_refused(
     buf = bytearray(len(payload))
     assert tier.read_into_many([(k(1), [memoryview(buf)])]) == [len(payload)]
     assert bytes(buf) == payload and len(refused) == 1
+
+
+def test_records_beside_the_chunks(kind: TierKind) -> None:
+    """Small records (a sealed tier's keyring): never chunks, never scanned or counted,
+    created only if absent when asked, and they survive a restart."""
+    tier = kind.make(None)
+    assert tier.read_record("keyring-00") is None
+    assert tier.write_record("keyring-00", b"first", only_new=True) is True
+    assert tier.write_record("keyring-00", b"second", only_new=True) is False  # the first stays
+    assert tier.read_record("keyring-00") == b"first"
+    assert tier.write_record("keyring-00", b"third") is True
+    assert tier.read_record("keyring-00") == b"third"
+    assert list(tier.scan()) == [] and tier.usage().chunks == 0
+    with pytest.raises(ValueError, match="record name"):
+        tier.read_record("../escape")
+    if kind.reopen is not None:
+        tier.close()
+        tier = kind.reopen(tier)
+        assert tier.read_record("keyring-00") == b"third"
+    assert tier.delete_record("keyring-00") is True
+    assert tier.delete_record("keyring-00") is False
+    assert tier.read_record("keyring-00") is None

@@ -18,7 +18,8 @@ from kvtier.sealing import HEAD_BYTES, MasterKeys, Sealer, new_master_key, plain
 from kvtier.store import TieredStore
 from kvtier.tenants import derive_salt, salt_tenant
 from kvtier.tiers import DiskTier, MemoryTier
-from kvtier.tiers.sealed import SealedTier
+from kvtier.tiers.inspect import inspect
+from kvtier.tiers.sealed import Forgotten, SealedTier
 
 KEY_A, KEY_B = ChunkKey(bytes(range(16))), ChunkKey(bytes(range(1, 17)))
 
@@ -143,3 +144,71 @@ def test_a_tampered_chunk_in_a_sealed_disk_tier_is_a_counted_miss(tmp_path: Path
     with pytest.raises(CorruptChunk, match="sealed chunk"):
         codec.decode(flipped)
     below.close()
+
+
+def test_forgetting_a_tenant_shreds_its_chunks_in_every_copy(tmp_path: Path) -> None:
+    """Two engines share a disk directory. Forgetting acme deletes its epoch: none of its
+    chunks opens any more, neither in the tier nor from a copy taken before (even with the
+    master key), and they are removed; globex's chunks still read, and acme's next chunk
+    starts a new epoch that both engines agree on."""
+    keys = MasterKeys.parse(new_master_key(), "test")
+    engines = [Sealer(keys), Sealer(keys)]
+    acme_ns, globex_ns = "aa" * 8, "bb" * 8
+    for s in engines:
+        s.note(acme_ns, salt_tenant(derive_salt("acme", None, b"k")))
+        s.note(globex_ns, salt_tenant(derive_salt("globex", None, b"k")))
+    first, second = (SealedTier(DiskTier(tmp_path, 1 << 30, fsync=False), s) for s in engines)
+    first.put_many([(KEY_A, chunk_blob(KEY_A, acme_ns)), (KEY_B, chunk_blob(KEY_B, globex_ns))])
+    assert codec.decode(bytes(second.get_many([KEY_A])[0] or b"")).header.key == KEY_A
+    acme = bytes.fromhex(salt_tenant(derive_salt("acme", None, b"k")) or "")
+    copy = (tmp_path / KEY_A.hex()[:2] / (KEY_A.hex() + ".kvc")).read_bytes()
+    assert first.forget(acme) == Forgotten(True, 1)
+    second.keyring.ttl_s = 0  # the other engine trusts what it read for KEYRING_TTL_S
+    assert second.get_many([KEY_A]) == [None]  # removed
+    (tmp_path / KEY_A.hex()[:2] / (KEY_A.hex() + ".kvc")).write_bytes(copy)  # restored
+    restored = second.get_many([KEY_A])[0]
+    assert restored is not None and bytes(restored[:4]) == b"KVTE"  # does not open
+    assert Sealer(keys).open(KEY_A, copy, b"") is None  # nor with the master key alone
+    assert codec.decode(bytes(second.get_many([KEY_B])[0] or b"")).header.key == KEY_B
+    second.put_many([(KEY_A, chunk_blob(KEY_A, acme_ns))])  # a new epoch
+    first.keyring.ttl_s = 0
+    assert codec.decode(bytes(first.get_many([KEY_A])[0] or b"")).header.key == KEY_A
+    with pytest.raises(ValueError, match="no tenant"):
+        first.forget(bytes(8))
+
+
+def test_inspect_counts_sealed_chunks_and_opens_them_only_with_the_key(tmp_path: Path) -> None:
+    s = sealer()
+    SealedTier(DiskTier(tmp_path, 1 << 30, fsync=False), s).put_many(
+        [(KEY_A, chunk_blob(KEY_A)), (KEY_B, chunk_blob(KEY_B))]
+    )
+    raw = DiskTier(tmp_path, 1 << 30, read_only=True)
+    blind = inspect(raw, "disk", str(tmp_path), verify=True, repair=False)
+    assert blind.sealed == 2 and not blind.bad and not blind.opened  # never bad without a key
+    opened = inspect(raw, "disk", str(tmp_path), verify=True, repair=False, sealer=s)
+    assert opened.sealed == 2 and not opened.bad and opened.opened
+    path = tmp_path / KEY_B.hex()[:2] / (KEY_B.hex() + ".kvc")
+    flipped = bytearray(path.read_bytes())
+    flipped[-5] ^= 1
+    path.write_bytes(flipped)
+    checked = inspect(raw, "disk", str(tmp_path), verify=True, repair=False, sealer=s)
+    assert [b["key"] for b in checked.bad] == [KEY_B.hex()]
+    assert "does not open" in checked.bad[0]["problem"]
+
+
+def test_a_read_into_the_callers_buffers_decrypts_in_place_and_catches_tampering() -> None:
+    inner = MemoryTier(1 << 30)
+    tier = SealedTier(inner, sealer())
+    plain = [chunk_blob(KEY_A, seed=1), chunk_blob(KEY_B, seed=2)]
+    tier.put_many([(KEY_A, plain[0]), (KEY_B, plain[1])])
+    bufs = [(bytearray(codec.HEADER_BYTES), bytearray(len(p) - codec.HEADER_BYTES)) for p in plain]
+    keys = (KEY_A, KEY_B)
+    items = [(k, [memoryview(h), memoryview(b)]) for k, (h, b) in zip(keys, bufs, strict=True)]
+    assert tier.read_into_many(items) == [len(plain[0]), len(plain[1])]
+    assert [bytes(h) + bytes(b) for h, b in bufs] == plain
+    sealed = bytearray(inner.get_many([KEY_B])[0] or b"")
+    sealed[HEAD_BYTES + 4000] ^= 0x10
+    inner.put_many([(KEY_B, bytes(sealed))])
+    assert tier.read_into_many(items)[1] == -1  # read whole next: a counted corruption
+    short = [(KEY_A, [memoryview(bytearray(10))])]
+    assert tier.read_into_many(short) == [len(plain[0])]  # another size: read it whole

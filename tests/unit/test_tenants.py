@@ -68,7 +68,7 @@ def test_keys_identify_their_tenant_and_only_theirs(tmp_path: Path) -> None:
     assert tenants.identify(None) == ANONYMOUS
     assert tenants.names == ["acme", "globex", ANONYMOUS]
     assert tenants.tenants[0].quota == {"memory": 512 << 20}
-    for header in (f"Bearer {new_key()}", f"Bearer {hash_key(KEY_A)}", KEY_A, "Bearer "):
+    for header in (f"Bearer {new_key()}", f"Bearer {hash_key(KEY_A)}", KEY_A, "Bearer ", ""):
         with pytest.raises(Unauthorized) as err:
             tenants.identify(header)
         assert KEY_A not in str(err.value) and "sha256" not in str(err.value)

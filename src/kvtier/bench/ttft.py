@@ -16,6 +16,10 @@ side by side in one run:
                      may (root), and every repeat reads a distinct prompt whose files were
                      never read, so each hit reads the device;
 - kvtier_redis:      a restarted kvtier server (DRAM + Redis) reading what the first one wrote;
+- kvtier_disk_sealed, kvtier_redis_sealed (``--encrypt``): the same hits, the chunks sealed at
+                     rest (AES-256-GCM, ``kvtier serve --master-key-file``); the no-reuse
+                     overhead is then measured with the disk tier sealed, and AES-GCM's speed
+                     printed beside memcpy's;
 - example_connector: vLLM's ExampleConnector, written by one server and read by a restarted one
                      (its failures are recorded for that length).
 
@@ -43,6 +47,7 @@ from tqdm import tqdm
 
 from kvtier.bench import raw_io
 from kvtier.bench.common import NO_PREFIX_CACHE, SERVE_OPTIONS, drop_page_cache, prompt
+from kvtier.bench.sealed import crypto_speed, print_sealed, sealed_paths, sealed_store_spec
 from kvtier.bench.ttft_worker import MARK
 from kvtier.errors import KvtierError
 from kvtier.integrations.engine_dtype import DtypeChoice, host_dtype
@@ -71,6 +76,7 @@ class _Run:
         self.model_in: dict[str, str] = {}  # path -> "engine core" or "worker process"
         # length -> the raw medium reading the same bytes as that length's hit
         self.raw: dict[int, dict[str, float | None]] = {n: {} for n in args.lengths}
+        self.fill: dict[int, list[list[int]]] = {}  # the prompts the cold path stored
         self._logs = 0
 
     def server(
@@ -148,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
         3 * r + (r + 1) * ("memory" in tiers) + r * (("disk" in tiers) + ("redis" in tiers))
     )
     per_length += 0 if args.no_example else 1 + r
+    if args.encrypt:
+        per_length += r * (("disk" in tiers) + ("redis" in tiers))
     total = len(lengths) * per_length + (0 if args.no_overhead else 2 * args.engines)
     bar = tqdm(total=total, desc="bench ttft", unit="step", file=sys.stderr, disable=None)
     with ExitStack() as stack:
@@ -157,12 +165,14 @@ def run(args: argparse.Namespace) -> int:
             redis_url = stack.enter_context(RedisServer()).url
         bench = _Run(args, work, bar)
         cache_dropped = _hit_paths(bench, lengths, tiers, redis_url)
+        if args.encrypt:
+            sealed_paths(bench, tiers, redis_url)
         if not args.no_example:
             _example_paths(bench, lengths)
         overhead = {} if args.no_overhead else _overhead(args, work, bar)
         bar.close()
     order = ["cold_vllm", "cold", "vllm_prefix", "kvtier_memory", "kvtier_disk", "kvtier_redis"]
-    order.append("example_connector")
+    order += ["kvtier_disk_sealed", "kvtier_redis_sealed", "example_connector"]
     rows = sorted(bench.rows, key=lambda row: (row["tokens"], order.index(row["path"])))
     result = {
         "rows": rows,
@@ -173,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         "model_in": bench.model_in,
         "raw": bench.raw,
         "engine_dtype": args.engine_dtype.as_dict(),
+        "crypto_gb_s": crypto_speed() if args.encrypt else None,
     }
     if args.json:
         print(json.dumps(result))
@@ -184,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
 def _hit_paths(bench: _Run, lengths: list[int], tiers: list[str], redis_url: str | None) -> bool:
     """cold_vllm, cold, vllm_prefix and the kvtier tiers; whether the page cache was dropped."""
     r = bench.args.repeat
-    fill = {n: [prompt("shared", n, k) for k in range(r)] for n in lengths}
+    fill = bench.fill = {n: [prompt("shared", n, k) for k in range(r)] for n in lengths}
     with bench.vllm() as plain:
         bench.measure(
             plain, "cold_vllm", {n: [prompt("plain", n, k) for k in range(r)] for n in lengths}
@@ -279,7 +290,10 @@ def _overhead(args: argparse.Namespace, work: Path, bar: tqdm[Any]) -> dict[str,
         if side == "on":  # the serve default: DRAM, then a local disk (fresh each time)
             memory = {"kind": "memory", "capacity": "4GiB"}
             disk = {"kind": "disk", "path": str(work / f"overhead{k}"), "fsync": False}
-            spec = {"connector": "kvtier", "store": {"tiers": [memory, disk]}, "paired": True}
+            store: dict[str, Any] = {"tiers": [memory, disk]}
+            if args.encrypt:  # the disk tier sealed, as kvtier serve --master-key-file does
+                store.update(sealed_store_spec(work))
+            spec = {"connector": "kvtier", "store": store, "paired": True}
         times, err = _job_times({**spec, **batch})
         bar.update()
         if times:
@@ -354,6 +368,7 @@ def _print(result: dict[str, Any], lengths: list[int]) -> None:
             f"  cores each server's engine computed on: {result['cores']} (NOT the same), {place}"
         )
     _print_targets(result, lengths)
+    print_sealed(result, lengths)
     for row in rows:
         if row.get("error"):
             print(f"  {row['path']} at {row['tokens']} tokens failed: {row['error']}")

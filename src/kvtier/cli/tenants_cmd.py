@@ -20,6 +20,7 @@ examples:
   kvtier tenants key acme --key-file acme.key >> tenants.yaml
   kvtier tenants hash < keys.txt
   kvtier tenants master-key master.key
+  kvtier tenants forget acme --tenants tenants.yaml --disk ~/.cache/kvtier/chunks
 """
 
 from __future__ import annotations
@@ -30,9 +31,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from kvtier.errors import ConfigError
 from kvtier.sealing import MasterKeys, new_master_key
-from kvtier.tenants import hash_key, new_key, new_secret, valid_name
+from kvtier.tenants import (
+    ANONYMOUS,
+    hash_key,
+    load_tenants,
+    new_key,
+    new_secret,
+    tenant_id,
+    valid_name,
+)
+from kvtier.tiers import DiskTier, RedisTier, Tier
+from kvtier.tiers.sealed import forget
 
 MASTER_HEADER = "# kvtier master keys: the first seals, all open (keep this file secret)\n"
 
@@ -72,6 +85,22 @@ def register(sub: Any) -> None:
         help="put a new key first in an existing file (older keys stay, to open old chunks)",
     )
     master.set_defaults(run=_master_key)
+    forget = tsub.add_parser(
+        "forget",
+        help="crypto-shred a tenant's sealed chunks in a disk tier and/or Redis",
+        description=FORGET_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    forget.add_argument("name", help="the tenant (as the tenants file names it)")
+    forget.add_argument("--tenants", required=True, metavar="FILE", help="the tenants file")
+    forget.add_argument("--disk", metavar="DIR", action="append", help="a disk tier's directory")
+    forget.add_argument("--redis", metavar="URL", help="a Redis tier, redis://host:port/db")
+    forget.add_argument("--prefix", default="kvtier", help="redis: key prefix (kvtier)")
+    forget.add_argument("--redis-user", metavar="NAME", help="redis: the ACL user")
+    forget.add_argument(
+        "--redis-password-file", metavar="FILE", help="redis: a file holding its password"
+    )
+    forget.set_defaults(run=_forget)
 
 
 def _private(path: Path, text: str, mode: int) -> None:
@@ -143,4 +172,46 @@ def _master_key(args: argparse.Namespace) -> int:
         " still open what they sealed (restart the servers to use it)",
         file=sys.stderr,
     )
+    return 0
+
+
+FORGET_HELP = """Crypto-shred a tenant's chunks sealed at rest (kvtier serve --master-key-file):
+in each tier given, the tenant's epoch is deleted first (every chunk sealed under it is then
+unreadable, in the tier and in any copy, even with the master key; servers using the tier
+stop reading them within a second), then every chunk whose header names the tenant is
+removed. No master key is needed. Copies in a running server's DRAM tier and vLLM's own
+cache are not reached: restart the servers (or let them evict) to drop those.
+
+examples:
+  kvtier tenants forget acme --tenants tenants.yaml --disk ~/.cache/kvtier/chunks
+  kvtier tenants forget acme --tenants tenants.yaml --redis redis://127.0.0.1:6379/0
+"""
+
+
+def _forget(args: argparse.Namespace) -> int:
+    tenants = load_tenants(args.tenants)
+    if args.name not in tenants.names and args.name != ANONYMOUS:
+        raise ConfigError(f"{args.tenants}: no tenant named {args.name!r}")
+    if not args.disk and not args.redis:
+        raise ConfigError("name the tiers to forget the tenant in: --disk DIR, --redis URL")
+    tenant = bytes.fromhex(tenant_id(args.name, tenants.secret))
+    tiers: list[tuple[str, Tier]] = []
+    for path in args.disk or ():
+        if not Path(path).expanduser().is_dir():
+            raise ConfigError(f"--disk {path}: no such directory")
+        tiers.append((f"disk {path}", DiskTier(path, 2**62)))
+    if args.redis:
+        user, secret = args.redis_user or "", args.redis_password_file or ""
+        redis = RedisTier(args.redis, prefix=args.prefix, username=user, password_file=secret)
+        tiers.append((f"redis {args.redis}", redis))
+    try:
+        for where, tier in tiers:
+            bar = tqdm(desc=f"forget {args.name}", unit="chunk", file=sys.stderr, disable=None)
+            with bar:
+                done = forget(tier, tenant, progress=bar.update)
+            state = "epoch deleted" if done.epoch_deleted else "no epoch there"
+            print(f"kvtier tenants: {args.name} in {where}: {state}, {done.removed} chunks removed")
+    finally:
+        for _, tier in tiers:
+            tier.close()
     return 0

@@ -58,8 +58,11 @@ class TenantGate:
             return await self.app(scope, receive, send)
         if path not in SALTED and path not in AS_IS:
             return await _reply(send, 404, f"{path} is not served by a server with tenants")
+        given = _headers(scope, b"authorization")
+        if len(given) > 1:  # which one names the tenant? Neither is trusted.
+            return await _reply(send, 401, "more than one Authorization header", "authentication")
         try:
-            tenant = self.tenants.identify(_header(scope, b"authorization"))
+            tenant = self.tenants.identify(given[0] if given else None)
         except Unauthorized as exc:
             return await _reply(send, 401, str(exc), "authentication")
         if path in AS_IS or scope.get("method") != "POST":
@@ -82,11 +85,13 @@ class TenantGate:
         return None
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
+def _headers(scope: Scope, name: bytes) -> list[str]:
+    """Every value of header ``name`` (lower case) the request carries."""
+    return [
+        bytes(value).decode("latin-1")
+        for key, value in scope.get("headers", [])
+        if bytes(key).lower() == name
+    ]
 
 
 async def _body(receive: Receive) -> bytes | None:

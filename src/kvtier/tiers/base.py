@@ -11,6 +11,7 @@ never leave a partial value visible under the key.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -105,6 +106,31 @@ class Tier(Protocol):
 
     def usage(self) -> TierUsage: ...
 
+    def read_record(self, name: str) -> bytes | None:
+        """A small record kept beside the chunks (``name``: letters, digits, ``-``, ``.``;
+        never a chunk, never evicted, outside scan and usage): encryption at rest keeps its
+        per-tenant keyring there. None if absent."""
+        ...
+
+    def write_record(self, name: str, value: bytes, only_new: bool = False) -> bool:
+        """Store a record, replacing it atomically; with ``only_new``, only if it does not
+        exist yet (False then: another writer's record stays)."""
+        ...
+
+    def delete_record(self, name: str) -> bool:
+        """Remove a record; True if it was there."""
+        ...
+
     def close(self) -> None:
         """Release connections and files. Data of persistent tiers stays."""
         ...
+
+
+RECORD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,127}")
+
+
+def record_name(name: str) -> str:
+    """``name`` if it is a valid record name (ValueError otherwise)."""
+    if not RECORD_NAME.fullmatch(name):
+        raise ValueError(f"bad record name {name!r}: letters, digits, '-', '.'")
+    return name

@@ -26,7 +26,7 @@ from kvtier.codec import SealedChunk
 from kvtier.keys import ChunkKey
 from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
 from kvtier.threads import any_core, load_priority
-from kvtier.tiers.base import Blob, PutResult, TierUsage
+from kvtier.tiers.base import Blob, PutResult, TierUsage, record_name
 from kvtier.tiers.chunk_files import ChunkFiles
 
 T = TypeVar("T")
@@ -37,6 +37,7 @@ R = TypeVar("R")
 # release the GIL; what CPU they take yields to the engine's compute threads
 # (threads.load_priority).
 READERS = 4
+RECORDS = "records"  # a directory beside the chunks' (not two hex digits: never scanned)
 
 
 class DiskTier:
@@ -242,6 +243,40 @@ class DiskTier:
     def scan(self) -> Iterator[ChunkKey]:
         for key, _ in self.files.entries():
             yield key
+
+    def read_record(self, name: str) -> bytes | None:
+        try:
+            return (self.root / RECORDS / record_name(name)).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_record(self, name: str, value: bytes, only_new: bool = False) -> bool:
+        if self.read_only:
+            raise PermissionError(f"disk tier {self.name!r} at {self.root} is read-only")
+        path = self.root / RECORDS / record_name(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        fresh.write_bytes(value)
+        os.chmod(fresh, 0o600)
+        if only_new:  # link: fails if the record exists, never leaves a partial one
+            try:
+                os.link(fresh, path)
+            except FileExistsError:
+                return False
+            finally:
+                fresh.unlink()
+            return True
+        os.replace(fresh, path)
+        return True
+
+    def delete_record(self, name: str) -> bool:
+        if self.read_only:
+            raise PermissionError(f"disk tier {self.name!r} at {self.root} is read-only")
+        try:
+            (self.root / RECORDS / record_name(name)).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def usage(self) -> TierUsage:
         with self._lock:

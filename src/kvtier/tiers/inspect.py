@@ -17,6 +17,7 @@ from kvtier.keys import ChunkKey
 from kvtier.sealing import Sealer
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.redis import RedisTier
+from kvtier.tiers.sealed import SealedTier
 
 
 @dataclass
@@ -93,7 +94,9 @@ def _check(
             if blob is None:
                 return None
             if sealer is not None and bytes(memoryview(blob)[:4]) == codec.SEALED_MAGIC:
-                blob = sealer.open(key, blob) or blob  # unopened: decode says why
+                # Opened as a server opens it (its tenant's epoch from the tier's keyring);
+                # unopened, it stays sealed and decode says why.
+                blob = SealedTier(tier, sealer).get_many([key])[0] or blob
             header = codec.decode(blob, expected_key=key).header
         else:
             header = codec.read_header(head)

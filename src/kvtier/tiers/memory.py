@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from kvtier.codec import SealedChunk
 from kvtier.keys import ChunkKey
 from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
-from kvtier.tiers.base import Blob, PutResult, TierUsage, scatter
+from kvtier.tiers.base import Blob, PutResult, TierUsage, record_name, scatter
 
 
 class MemoryTier:
@@ -29,6 +29,7 @@ class MemoryTier:
         self._data: dict[ChunkKey, bytes | SealedChunk] = {}
         self._policy: EvictionPolicy = policy or LRUPolicy()
         self._lock = threading.Lock()
+        self._records: dict[str, bytes] = {}
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         data = self._data
@@ -77,6 +78,20 @@ class MemoryTier:
                 self._policy.insert(key, size)
             stored.append(True)
         return PutResult(stored, evicted)
+
+    def read_record(self, name: str) -> bytes | None:
+        return self._records.get(record_name(name))
+
+    def write_record(self, name: str, value: bytes, only_new: bool = False) -> bool:
+        with self._lock:
+            if only_new and record_name(name) in self._records:
+                return False
+            self._records[record_name(name)] = bytes(value)
+            return True
+
+    def delete_record(self, name: str) -> bool:
+        with self._lock:
+            return self._records.pop(record_name(name), None) is not None
 
     def delete(self, key: ChunkKey) -> bool:
         with self._lock:

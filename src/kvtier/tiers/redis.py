@@ -17,7 +17,7 @@ import redis.cluster
 
 from kvtier.config import read_secret
 from kvtier.keys import KEY_BYTES, ChunkKey
-from kvtier.tiers.base import Blob, PutResult, TierUsage, scatter
+from kvtier.tiers.base import Blob, PutResult, TierUsage, record_name, scatter
 from kvtier.tiers.resp import BulkReader
 
 _GET_BATCH = 16  # chunks per pipeline round trip on reads (bounds client memory per batch)
@@ -66,6 +66,7 @@ class RedisTier:
         self.url = url
         self.ttl_s = ttl_s
         self._prefix = f"{prefix}:v1:".encode()
+        self._records = f"{prefix}:record:"  # outside the chunks' prefix: not scanned
         options: dict[str, Any] = {
             "socket_timeout": timeout_s,
             "socket_connect_timeout": min(timeout_s, 1.0),
@@ -137,6 +138,18 @@ class RedisTier:
         if pending:
             pipe.execute()
         return PutResult([True] * len(items))
+
+    def read_record(self, name: str) -> bytes | None:
+        value = self._client.get(self._records + record_name(name))
+        return None if value is None else bytes(value)  # type: ignore[arg-type]
+
+    def write_record(self, name: str, value: bytes, only_new: bool = False) -> bool:
+        # Never given the chunks' TTL: a record outlives every chunk it concerns.
+        done = self._client.set(self._records + record_name(name), value, nx=only_new)
+        return bool(done)
+
+    def delete_record(self, name: str) -> bool:
+        return bool(self._client.delete(self._records + record_name(name)))
 
     def delete(self, key: ChunkKey) -> bool:
         return bool(self._client.delete(self.redis_key(key)))
