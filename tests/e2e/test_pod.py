@@ -434,9 +434,9 @@ def test_malformed_requests_get_4xx_from_the_router_never_5xx(pod: PodProcess) -
     assert not failures, f"{len(failures)} answered 5xx, for example {failures[:3]}"
     assert statuses.get(200, 0) >= 5 and statuses.get(400, 0) >= 100, statuses
     # The one the issue found: a salt that is not a string is refused by the router itself.
-    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1, "cache_salt": 7}
+    salted: dict[str, Any] = {"model": MODEL, "prompt": "Hello", "max_tokens": 1, "cache_salt": 7}
     with pytest.raises(urllib.error.HTTPError) as refused:
-        post(pod.url, "/v1/completions", body)
+        post(pod.url, "/v1/completions", salted)
     assert refused.value.code == 400
     reply = json.load(refused.value)
     assert reply["error"]["type"] == "router_error" and "cache_salt" in reply["error"]["message"]
