@@ -14,8 +14,7 @@ Environment (applied over the file): ``KVTIER_CONFIG`` names the file; ``KVTIER_
 ``KVTIER_WRITE_QUEUE``, ``KVTIER_RETRY_AFTER_S`` set store fields; ``KVTIER_<TIER>_<FIELD>``
 sets a field of the tier named TIER (``KVTIER_DISK_CAPACITY=50GiB``), adding a tier of that
 kind when none has that name (``KVTIER_REDIS_URL=redis://...`` adds a Redis tier).
-``KVTIER_MASTER_KEY`` holds master keys (hex, comma-separated) and turns on encryption at rest
-(:mod:`kvtier.sealing`); ``KVTIER_MASTER_KEY_FILE`` names a file of them instead.
+``KVTIER_MASTER_KEY`` (master keys, hex, comma-separated) turns encryption at rest on.
 
 Unknown keys and bad values raise ConfigError naming the key and what is allowed.
 """
@@ -186,9 +185,8 @@ class StoreConfig:
     write_queue: int = 64
     retry_after_s: float = 1.0
     tiers: tuple[TierConfig, ...] = field(default_factory=_default_tiers)
-    # Encryption at rest (kvtier.sealing): the master keys' file, or the variable holding
-    # them (its name, never a key); neither: chunks are stored in clear. encrypt_dram seals
-    # the DRAM tier's chunks too (off: they live and die with the process).
+    # Encryption at rest (kvtier.sealing): a file of master keys, or the variable holding them
+    # (its name, never a key); neither: in clear. encrypt_dram seals the DRAM tier's too.
     master_key_file: str = ""
     master_key_env: str = ""
     encrypt_dram: bool = False
@@ -315,17 +313,9 @@ def config_from_dict(data: Mapping[str, Any], source: str = "config") -> StoreCo
 
 
 def _apply_env(config: StoreConfig, env: Mapping[str, str]) -> StoreConfig:
-    store_fields = {
-        "CHUNK_TOKENS",
-        "WRITE_QUEUE",
-        "RETRY_AFTER_S",
-        "MASTER_KEY_FILE",
-        "MASTER_KEY_ENV",
-        "ENCRYPT_DRAM",
-    }
+    store_fields = {f.name.upper() for f in dataclasses.fields(StoreConfig)} - {"TIERS"}
     top: dict[str, Any] = {}
-    # The master keys themselves in the environment: they turn encryption on (read by
-    # kvtier.sealing, never copied into the configuration).
+    # Master keys in the environment turn encryption on (kvtier.sealing reads them there).
     named = config.master_key_file or env.get("KVTIER_MASTER_KEY_FILE")
     if env.get(MASTER_KEY_VAR) and not named:
         top["master_key_env"] = MASTER_KEY_VAR

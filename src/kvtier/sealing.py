@@ -36,6 +36,7 @@ import struct
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -59,6 +60,13 @@ _KDF_SALT = b"kvtier at-rest data key v1"
 _KEY_LINE = re.compile(r"[0-9a-fA-F]{64}")
 assert HEAD_BYTES == 40
 _BLOCK = 256 * 1024  # in-place decryption's scratch: stays in L2 between decrypt and copy
+
+
+@dataclass(frozen=True)
+class _Opening:
+    decryptor: Any  # cryptography's AEADDecryptionContext
+    namespace: bytes
+    tenant: bytes
 
 
 def key_id(master: bytes) -> bytes:
@@ -201,23 +209,14 @@ class Sealer:
         size = plain_bytes(view)
         if size is None or size != sum(b.nbytes for b in buffers):
             return False
-        _, _, _, master_id, tenant, namespace, nonce = _HEAD.unpack_from(view)
-        data_key = self._data_key(master_id, tenant, epoch)
-        if data_key is None:
-            return False  # sealed under a master key this server does not hold
-        tag = view[HEAD_BYTES + size :]
-        decryptor = Cipher(algorithms.AES(data_key), modes.GCM(nonce, bytes(tag))).decryptor()
-        decryptor.authenticate_additional_data(bytes(view[:HEAD_BYTES]) + key)
+        opening = self._decryptor(key, view[:HEAD_BYTES], view[HEAD_BYTES + size :], epoch)
+        if opening is None:
+            return False
         offset = HEAD_BYTES
         for buf in buffers:
-            decryptor.update_into(view[offset : offset + buf.nbytes], buf)
+            opening.decryptor.update_into(view[offset : offset + buf.nbytes], buf)
             offset += buf.nbytes
-        try:
-            decryptor.finalize()
-        except InvalidTag:
-            return False
-        self._tenants.setdefault(namespace, tenant)  # promoted elsewhere, it keeps its tenant
-        return True
+        return self._finish(opening)
 
     def open_in_place(
         self,
@@ -231,26 +230,40 @@ class Sealer:
         ``buffers``, its tag) where it lies: what a tier read straight into the caller's
         buffers. The cipher cannot write over its own input, so each block goes through a
         scratch buffer small enough to stay in cache. False if it fails to authenticate."""
-        head = memoryview(head).cast("B")
-        if head.nbytes != HEAD_BYTES or bytes(head[:4]) != MAGIC:
+        opening = self._decryptor(key, memoryview(head).cast("B"), tag, epoch)
+        if opening is None:
             return False
-        _, version, _, master_id, tenant, namespace, nonce = _HEAD.unpack_from(head)
-        data_key = self._data_key(master_id, tenant, epoch)
-        if version != VERSION or data_key is None:
-            return False
-        decryptor = Cipher(algorithms.AES(data_key), modes.GCM(nonce, bytes(tag))).decryptor()
-        decryptor.authenticate_additional_data(bytes(head) + key)
         scratch = memoryview(bytearray(_BLOCK))
         for buf in buffers:
             for start in range(0, buf.nbytes, _BLOCK):
                 block = buf[start : start + _BLOCK]
-                done = decryptor.update_into(block, scratch)
+                done = opening.decryptor.update_into(block, scratch)
                 block[:] = scratch[:done]
+        return self._finish(opening)
+
+    def _decryptor(
+        self, key: ChunkKey, head: memoryview, tag: bytes | bytearray | memoryview, epoch: bytes
+    ) -> _Opening | None:
+        """A decryptor for the sealed chunk whose clear header is ``head`` (None: not a
+        sealed header of this version, or a master key this server does not hold)."""
+        if head.nbytes != HEAD_BYTES or bytes(head[:4]) != MAGIC:
+            return None
+        _, version, _, master_id, tenant, namespace, nonce = _HEAD.unpack_from(head)
+        data_key = self._data_key(master_id, tenant, epoch)
+        if version != VERSION or data_key is None:
+            return None
+        decryptor = Cipher(algorithms.AES(data_key), modes.GCM(nonce, bytes(tag))).decryptor()
+        decryptor.authenticate_additional_data(bytes(head) + key)
+        return _Opening(decryptor, namespace, tenant)
+
+    def _finish(self, opening: _Opening) -> bool:
+        """Whether the tag authenticated what was decrypted; then the chunk's namespace keeps
+        its tenant here (a chunk promoted to another sealed tier is sealed for it)."""
         try:
-            decryptor.finalize()
+            opening.decryptor.finalize()
         except InvalidTag:
             return False
-        self._tenants.setdefault(namespace, tenant)
+        self._tenants.setdefault(opening.namespace, opening.tenant)
         return True
 
     def open(

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from kvtier.bench import raw_io
 from kvtier.bench.common import NO_PREFIX_CACHE, SERVE_OPTIONS, drop_page_cache, prompt
+from kvtier.bench.example import example_paths
 from kvtier.bench.sealed import crypto_speed, print_sealed, sealed_paths, sealed_store_spec
 from kvtier.bench.ttft_worker import MARK
 from kvtier.errors import KvtierError
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         if args.encrypt:
             sealed_paths(bench, tiers, redis_url)
         if not args.no_example:
-            _example_paths(bench, lengths)
+            example_paths(bench, lengths)
         overhead = {} if args.no_overhead else _overhead(args, work, bar)
         bar.close()
     order = ["cold_vllm", "cold", "vllm_prefix", "kvtier_memory", "kvtier_disk", "kvtier_redis"]
@@ -248,28 +249,6 @@ def _same_bytes(items: list[tuple[T, int]], loaded: int | None) -> list[T]:
         if rest:
             picked.append(items[min(rest)[1]][0])
     return picked
-
-
-def _example_paths(bench: _Run, lengths: list[int]) -> None:
-    r = bench.args.repeat
-    path = str(bench.work / "example")
-    transfer = json.dumps(
-        {
-            "kv_connector": "ExampleConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"shared_storage_path": path},
-        }
-    )
-    options = ("--kv-transfer-config", transfer, *NO_PREFIX_CACHE)
-    for n in lengths:  # a server per length: the connector crashes the engine on long prompts
-        ids = prompt("example", n, 0)
-        try:
-            with bench.vllm(*options) as writer:
-                bench.send(writer, ids)
-            with bench.vllm(*options) as reader:
-                bench.measure(reader, "example_connector", {n: [ids] * r})
-        except (KvtierError, OSError) as exc:
-            bench.record(n, "example_connector", [], str(exc))
 
 
 def _overhead(args: argparse.Namespace, work: Path, bar: tqdm[Any]) -> dict[str, Any]:

@@ -52,11 +52,13 @@ def inspect(
     its checksum; a sealed chunk is opened with ``sealer`` first, and is never bad without
     one); ``repair`` deletes the bad ones. A progress bar on stderr."""
     report = Report(kind, location, opened=verify and sealer is not None)
+    # Opens sealed chunks as a server does (their tenant's epoch from the tier's keyring).
+    opener = SealedTier(tier, sealer) if sealer is not None else None
     keys = list(tier.scan())
     namespaces: Counter[str] = Counter()
     times: list[float] = []
     for key in tqdm(keys, desc="inspect", unit="chunk", file=sys.stderr, disable=None):
-        problem = _check(tier, key, verify, namespaces, times, report, sealer)
+        problem = _check(tier, key, verify, namespaces, times, report, opener)
         if problem is None:
             continue
         report.bad.append({"key": key.hex(), "problem": problem})
@@ -77,7 +79,7 @@ def _check(
     namespaces: Counter[str],
     times: list[float],
     report: Report,
-    sealer: Sealer | None,
+    opener: SealedTier | None,
 ) -> str | None:
     """Account one chunk in the report; return what is wrong with it, or None."""
     try:
@@ -86,17 +88,15 @@ def _check(
             return None  # deleted meanwhile: not a corruption
         if bytes(head[:4]) == codec.SEALED_MAGIC:
             report.sealed += 1
-            if not (verify and sealer is not None):  # nothing to check it with
+            if not (verify and opener is not None):  # nothing to check it with
                 namespaces[bytes(head[20:28]).hex()] += 1
                 return None
         if verify:
             blob = tier.get_many([key])[0]
             if blob is None:
                 return None
-            if sealer is not None and bytes(memoryview(blob)[:4]) == codec.SEALED_MAGIC:
-                # Opened as a server opens it (its tenant's epoch from the tier's keyring);
-                # unopened, it stays sealed and decode says why.
-                blob = SealedTier(tier, sealer).get_many([key])[0] or blob
+            if opener is not None and bytes(memoryview(blob)[:4]) == codec.SEALED_MAGIC:
+                blob = opener.get_many([key])[0] or blob  # unopened: decode says why
             header = codec.decode(blob, expected_key=key).header
         else:
             header = codec.read_header(head)
