@@ -190,6 +190,8 @@ class StoreConfig:
     master_key_file: str = ""
     master_key_env: str = ""
     encrypt_dram: bool = False
+    # A tenants file (kvtier.tenants): each tenant's quota per tier, or an equal share.
+    tenants_file: str = ""
 
     def __post_init__(self) -> None:
         if self.master_key_file and self.master_key_env:

@@ -47,6 +47,8 @@ from kvtier.codec import SEALED_MAGIC as MAGIC
 from kvtier.config import MASTER_KEY_VAR as MASTER_KEY_VAR
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
+from kvtier.owners import NO_TENANT as NO_TENANT
+from kvtier.owners import Owners
 
 log = logging.getLogger("kvtier")
 
@@ -55,7 +57,6 @@ _HEAD = struct.Struct("<4sHH4s8s8s12s")
 HEAD_BYTES = _HEAD.size
 TAG_BYTES = 16
 OVERHEAD = HEAD_BYTES + TAG_BYTES
-NO_TENANT = bytes(8)
 _KDF_SALT = b"kvtier at-rest data key v1"
 _KEY_LINE = re.compile(r"[0-9a-fA-F]{64}")
 assert HEAD_BYTES == 40
@@ -140,19 +141,18 @@ class Sealer:
     chunks it opens, so a chunk promoted from one sealed tier to another keeps its tenant).
     """
 
-    def __init__(self, keys: MasterKeys):
+    def __init__(self, keys: MasterKeys, owners: Owners | None = None):
         self.keys = keys
         self._by_id = {key_id(k): k for k in keys.keys}
         self._sealing_id = key_id(keys.keys[0])
         self._data_keys: dict[tuple[bytes, bytes], bytes] = {}
-        self._tenants: dict[bytes, bytes] = {}  # namespace id -> tenant id
+        self.owners = owners or Owners()  # each namespace's tenant
         self._lock = threading.Lock()
 
     def note(self, namespace_id: str, tenant_id: str | None) -> None:
         """Chunks of namespace ``namespace_id`` (hex) belong to ``tenant_id`` (16 hex digits;
         None: the server has no tenants)."""
-        tenant = bytes.fromhex(tenant_id) if tenant_id else NO_TENANT
-        self._tenants[_ns_bytes(namespace_id)] = tenant
+        self.owners.note(namespace_id, tenant_id)
 
     def _data_key(self, master_id: bytes, tenant: bytes, epoch: bytes) -> bytes | None:
         got = self._data_keys.get((master_id, tenant + epoch))
@@ -168,9 +168,7 @@ class Sealer:
 
     def tenant_of(self, blob: bytes | bytearray | memoryview) -> bytes:
         """The tenant (8 bytes; zero: none) whose key seals the stored chunk ``blob``."""
-        plain = memoryview(blob).cast("B")
-        namespace = bytes(plain[24:32]) if plain.nbytes >= 32 else bytes(8)
-        return self._tenants.get(namespace, NO_TENANT)
+        return self.owners.of(blob)
 
     def seal(
         self, key: ChunkKey, blob: bytes | bytearray | memoryview, epoch: bytes = b""
@@ -179,7 +177,7 @@ class Sealer:
         ``epoch`` (:meth:`tenant_of` says which tenant)."""
         plain = memoryview(blob).cast("B")
         namespace = bytes(plain[24:32]) if plain.nbytes >= 32 else bytes(8)
-        tenant = self._tenants.get(namespace, NO_TENANT)
+        tenant = self.owners.of_namespace(namespace)
         nonce = os.urandom(12)
         head = _HEAD.pack(MAGIC, VERSION, 0, self._sealing_id, tenant, namespace, nonce)
         data_key = self._data_key(self._sealing_id, tenant, epoch)
@@ -263,7 +261,7 @@ class Sealer:
             opening.decryptor.finalize()
         except InvalidTag:
             return False
-        self._tenants.setdefault(opening.namespace, opening.tenant)
+        self.owners.note_bytes(opening.namespace, opening.tenant)
         return True
 
     def open(
@@ -292,8 +290,3 @@ def sealed_tenant(sealed: bytes | bytearray | memoryview) -> bytes | None:
     if plain_bytes(sealed) is None:
         return None
     return bytes(memoryview(sealed).cast("B")[12:20])
-
-
-def _ns_bytes(namespace_id: str) -> bytes:
-    """A namespace id (hex) as the 8 bytes a chunk header holds."""
-    return (bytes.fromhex(namespace_id) if namespace_id else b"").ljust(8, b"\0")[:8]

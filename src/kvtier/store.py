@@ -28,9 +28,9 @@ from kvtier import codec
 from kvtier.codec import Compression, KVChunk
 from kvtier.hierarchy import Hierarchy
 from kvtier.keys import ChunkKey, Namespace
+from kvtier.owners import Owners
 from kvtier.reads import Reads
 from kvtier.results import GetResult, LoadResult, LookupResult, PutReport
-from kvtier.sealing import Sealer
 from kvtier.stats import ChunkEvent, StoreStats
 from kvtier.tiers.base import Tier
 from kvtier.writes import Writes
@@ -46,10 +46,10 @@ class TieredStore:
         compression: Sequence[Compression] | None = None,
         write_queue: int = 64,
         retry_after_s: float = 1.0,
-        sealer: Sealer | None = None,
+        owners: Owners | None = None,
     ):
         self._h = Hierarchy(tiers, chunk_tokens, compression, write_queue, retry_after_s)
-        self._writes = Writes(self._h, sealer)
+        self._writes = Writes(self._h, owners)
         self._reads = Reads(self._h, self._writes)
         self.chunk_tokens = chunk_tokens
 

@@ -10,8 +10,8 @@ from kvtier import codec
 from kvtier.codec import KVChunk
 from kvtier.hierarchy import Hierarchy, Slot
 from kvtier.keys import ChunkKey, Namespace, chunk_keys, salt_tenant
+from kvtier.owners import Owners
 from kvtier.results import PutReport
-from kvtier.sealing import Sealer
 from kvtier.writeback import WriteBatch
 
 
@@ -19,16 +19,18 @@ class Writes:
     """Chunk keys and the write path of the hierarchy ``h``; its lower tiers' write-behind
     queues write through :meth:`write_to`."""
 
-    def __init__(self, h: Hierarchy, sealer: Sealer | None = None):
+    def __init__(self, h: Hierarchy, owners: Owners | None = None):
         self.h = h
         self.chunk_tokens = h.chunk_tokens
-        self.sealer = sealer  # told each namespace's tenant, whose key seals its chunks
+        # Told each namespace's tenant: whose key seals its chunks, whose quota they count in.
+        self.owners = owners
         h.attach_writers(lambda slot, batch: self.write_to(slot, batch, skip_held=True))
 
     def keys(
         self, tokens: Sequence[int] | Any, namespace: Namespace, tail: bool = False
     ) -> list[ChunkKey]:
         """Chunk keys of ``tokens``; with ``tail``, the trailing partial chunk's key too."""
+        self._noted(namespace)  # a chunk read from below keeps its owner when promoted
         return chunk_keys(tokens, namespace, self.chunk_tokens, tail=tail)
 
     def put(
@@ -86,10 +88,10 @@ class Writes:
         return self._put_items(items, through)
 
     def _noted(self, namespace: Namespace) -> str:
-        """The namespace's id, its tenant told to the sealer."""
+        """The namespace's id, its tenant told to the owners."""
         ns_id = namespace.id(self.chunk_tokens)
-        if self.sealer is not None:
-            self.sealer.note(ns_id, salt_tenant(namespace.tenant_salt))
+        if self.owners is not None:
+            self.owners.note(ns_id, salt_tenant(namespace.tenant_salt))
         return ns_id
 
     def _put_keys(

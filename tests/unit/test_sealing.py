@@ -119,7 +119,7 @@ def test_a_tampered_chunk_in_a_sealed_disk_tier_is_a_counted_miss(tmp_path: Path
     are misses counted as corruptions; the untouched chunk still reads."""
     s = sealer()
     disk = SealedTier(DiskTier(tmp_path / "disk", 1 << 30, fsync=False), s)
-    store = TieredStore([MemoryTier(1 << 30), disk], chunk_tokens=16, sealer=s)
+    store = TieredStore([MemoryTier(1 << 30), disk], chunk_tokens=16, owners=s.owners)
     ns = Namespace("m", kv_dtype="float32", tenant_salt=derive_salt("acme", None, b"x"))
     tokens = list(range(48))
     data = np.random.default_rng(1).standard_normal((2, 2, 16, 2, 8), dtype=np.float32)
@@ -138,7 +138,7 @@ def test_a_tampered_chunk_in_a_sealed_disk_tier_is_a_counted_miss(tmp_path: Path
     files[keys[2]].write_bytes(second)
     store.close()
     reopened = SealedTier(DiskTier(tmp_path / "disk", 1 << 30, fsync=False), s)
-    below = TieredStore([MemoryTier(1 << 30), reopened], chunk_tokens=16, sealer=s)
+    below = TieredStore([MemoryTier(1 << 30), reopened], chunk_tokens=16, owners=s.owners)
     got = below.get(tokens, ns)
     assert got.tokens == 0  # the first chunk failed: nothing leads
     assert below.stats().tiers[reopened.name].corruptions >= 1

@@ -28,8 +28,10 @@ class EvictionPolicy(Protocol):
 
     def __contains__(self, key: Hashable) -> bool: ...
 
-    def insert(self, key: Hashable, size: int) -> None:
-        """Track ``key`` with ``size`` bytes as just used (replaces an earlier size)."""
+    def insert(self, key: Hashable, size: int, owner: Hashable = None) -> None:
+        """Track ``key`` with ``size`` bytes as just used (replaces an earlier size).
+        ``owner``: whose entry it is (a tenant), for a policy that divides the tier among
+        owners (:class:`kvtier.policy.quota.QuotaPolicy`); the others ignore it."""
 
     def size_of(self, key: Hashable) -> int | None:
         """The tracked size of ``key``, or None if it is not tracked."""
@@ -46,8 +48,11 @@ class EvictionPolicy(Protocol):
     def unpin(self, key: Hashable) -> None:
         """Release one pin of ``key``."""
 
-    def victims(self, need_bytes: int, capacity: int) -> list[Hashable] | None:
-        """Keys to evict so that ``need_bytes`` more fit in ``capacity``, least valuable first.
+    def victims(
+        self, need_bytes: int, capacity: int, owner: Hashable = None
+    ) -> list[Hashable] | None:
+        """Keys to evict so that ``need_bytes`` more (``owner``'s) fit in ``capacity``, least
+        valuable first.
 
         Returns [] when they already fit, and None when they cannot fit even after evicting
         every unpinned entry (the caller must then reject the write, not evict anything).
@@ -92,7 +97,7 @@ class LRUPolicy(_Pins):
     def __contains__(self, key: Hashable) -> bool:
         return key in self._order
 
-    def insert(self, key: Hashable, size: int) -> None:
+    def insert(self, key: Hashable, size: int, owner: Hashable = None) -> None:
         old = self._order.pop(key, None)
         if old is not None:
             self._used -= old
@@ -111,7 +116,9 @@ class LRUPolicy(_Pins):
         if size is not None:
             self._used -= size
 
-    def victims(self, need_bytes: int, capacity: int) -> list[Hashable] | None:
+    def victims(
+        self, need_bytes: int, capacity: int, owner: Hashable = None
+    ) -> list[Hashable] | None:
         excess = self._used + need_bytes - capacity
         if excess <= 0:
             return []
@@ -166,7 +173,7 @@ class S3FIFOPolicy(_Pins):
     def __contains__(self, key: Hashable) -> bool:
         return key in self._sizes
 
-    def insert(self, key: Hashable, size: int) -> None:
+    def insert(self, key: Hashable, size: int, owner: Hashable = None) -> None:
         old = self._sizes.get(key)
         if old is not None:  # a replacement counts as a use
             self._used += size - old
@@ -205,7 +212,9 @@ class S3FIFOPolicy(_Pins):
         else:  # in the main queue, or already taken out of its queue by victims()
             self._main.pop(key, None)
 
-    def victims(self, need_bytes: int, capacity: int) -> list[Hashable] | None:
+    def victims(
+        self, need_bytes: int, capacity: int, owner: Hashable = None
+    ) -> list[Hashable] | None:
         excess = self._used + need_bytes - capacity
         if excess <= 0:
             return []

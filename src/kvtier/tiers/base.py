@@ -12,11 +12,12 @@ never leave a partial value visible under the key.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvtier.keys import ChunkKey
+from kvtier.policy.quota import OwnerUsage
 
 Blob = bytes | bytearray | memoryview  # bytearray: a codec.SealedChunk, never written again
 
@@ -105,6 +106,11 @@ class Tier(Protocol):
         ...
 
     def usage(self) -> TierUsage: ...
+
+    def owner_usage(self) -> dict[Hashable, OwnerUsage]:
+        """Each owner's (tenant's) part of a tier that divides its room among them (quotas,
+        :mod:`kvtier.policy.quota`); empty for a tier that does not."""
+        ...
 
     def read_record(self, name: str) -> bytes | None:
         """A small record kept beside the chunks (``name``: letters, digits, ``-``, ``.``;

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -25,6 +25,7 @@ from typing import TypeVar
 from kvtier.codec import SealedChunk
 from kvtier.keys import ChunkKey
 from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
+from kvtier.policy.quota import OwnerUsage, owner_usage
 from kvtier.threads import any_core, load_priority
 from kvtier.tiers.base import Blob, PutResult, TierUsage, record_name
 from kvtier.tiers.chunk_files import ChunkFiles
@@ -37,6 +38,7 @@ R = TypeVar("R")
 # release the GIL; what CPU they take yields to the engine's compute threads
 # (threads.load_priority).
 READERS = 4
+OWNER_BYTES = 64  # enough of a chunk's head to tell its owner (kvtier.owners)
 RECORDS = "records"  # a directory beside the chunks' (not two hex digits: never scanned)
 
 
@@ -50,7 +52,11 @@ class DiskTier:
         policy: EvictionPolicy | None = None,
         read_only: bool = False,
         direct: bool = True,
+        owner_of: Callable[[Blob], Hashable] | None = None,
     ):
+        """``owner_of``: the owner (tenant) of a stored chunk, for a policy that divides the
+        tier among owners (:class:`kvtier.policy.quota.QuotaPolicy`); chunks found on disk
+        are attributed from their first bytes."""
         if capacity <= 0:
             raise ValueError(f"disk tier capacity must be positive, got {capacity}")
         self.name = name
@@ -62,6 +68,7 @@ class DiskTier:
         self.path_of = self.files.path_of
         self.header_of = self.files.header_of
         self._policy: EvictionPolicy = policy or LRUPolicy()
+        self._owner_of = owner_of
         self._lock = threading.Lock()
         # Keys whose file this process is writing, and victims chosen but not yet unlinked:
         # while a key is in one of them, what the filesystem shows of it is in flux and must
@@ -82,9 +89,18 @@ class DiskTier:
 
     def _rebuild_index(self) -> None:
         found = self.files.by_age()
+        owners = [self._file_owner(key) for _, key, _ in found]
         with self._lock:
-            for _, key, size in found:
-                self._policy.insert(key, size)
+            for (_, key, size), owner in zip(found, owners, strict=True):
+                self._policy.insert(key, size, owner)
+
+    def _file_owner(self, key: ChunkKey) -> Hashable:
+        """The owner of a chunk already on disk, from its first bytes (None without
+        ``owner_of``, or when it cannot be read)."""
+        if self._owner_of is None:
+            return None
+        head = self.header_of(key, OWNER_BYTES)
+        return self._owner_of(head) if head is not None else None
 
     def _sync(self, key: ChunkKey, used: bool = False) -> int | None:
         """Bring the index in line with the key's file; return its size, None if absent.
@@ -104,7 +120,7 @@ class DiskTier:
             if size is None:
                 self._policy.remove(key)
             elif key not in self._policy:
-                self._policy.insert(key, size)
+                self._policy.insert(key, size, self._file_owner(key))
             elif used:
                 self._policy.touch(key)
             return size
@@ -173,13 +189,14 @@ class DiskTier:
         evicted: list[ChunkKey] = []
         for n, (key, blob) in enumerate(items):
             size = memoryview(blob).nbytes
+            owner = self._owner_of(blob) if self._owner_of is not None else None
             with self._lock:
                 old = self._policy.size_of(key)
                 self._policy.remove(key)
-                victims = self._policy.victims(size, self.capacity)
+                victims = self._policy.victims(size, self.capacity, owner)
                 if victims is None:
                     if old is not None:  # the old file stays: keep it indexed
-                        self._policy.insert(key, old)
+                        self._policy.insert(key, old, owner)
                     stored.append(False)
                     continue
                 sizes = [self._policy.size_of(v) or 0 for v in victims]
@@ -188,7 +205,7 @@ class DiskTier:
                     self._deleting.add(victim)  # type: ignore[arg-type]
                 # Account for the file before writing it, pinned while in flight, so that
                 # concurrent puts neither overshoot the capacity nor evict it half-written.
-                self._policy.insert(key, size)
+                self._policy.insert(key, size, owner)
                 self._policy.pin(key)
                 self._writing.add(key)
             try:
@@ -198,7 +215,7 @@ class DiskTier:
                 with self._lock:
                     self._policy.remove(key)
                     if old is not None:  # a failed write leaves the old file in place
-                        self._policy.insert(key, old)
+                        self._policy.insert(key, old, owner)
                 stored.extend([False] * (len(items) - n))
                 return PutResult(stored, evicted, exc)
             finally:
@@ -214,10 +231,11 @@ class DiskTier:
             try:
                 self.files.unlink(victim)
             except BaseException:
+                owners = [self._file_owner(v) for v in victims[i:]]
                 with self._lock:
-                    for v, s in zip(victims[i:], sizes[i:], strict=True):
+                    for v, s, o in zip(victims[i:], sizes[i:], owners, strict=True):
                         self._deleting.discard(v)
-                        self._policy.insert(v, s)
+                        self._policy.insert(v, s, o)
                 raise
             with self._lock:
                 self._deleting.discard(victim)
@@ -281,6 +299,11 @@ class DiskTier:
     def usage(self) -> TierUsage:
         with self._lock:
             return TierUsage(len(self._policy), self._policy.used_bytes, self.capacity)
+
+    def owner_usage(self) -> dict[Hashable, OwnerUsage]:
+        """Each owner's part of the tier (empty unless its policy divides it among owners)."""
+        with self._lock:
+            return owner_usage(self._policy, self.capacity)
 
     def close(self) -> None:
         """Stop the reader threads; every operation opens and closes its own file."""

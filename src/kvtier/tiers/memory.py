@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 from kvtier.codec import SealedChunk
 from kvtier.keys import ChunkKey
 from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
+from kvtier.policy.quota import OwnerUsage, owner_usage
 from kvtier.tiers.base import Blob, PutResult, TierUsage, record_name, scatter
 
 
@@ -20,7 +21,15 @@ class MemoryTier:
     the entry is evicted meanwhile, and reads copy nothing.
     """
 
-    def __init__(self, capacity: int, name: str = "memory", policy: EvictionPolicy | None = None):
+    def __init__(
+        self,
+        capacity: int,
+        name: str = "memory",
+        policy: EvictionPolicy | None = None,
+        owner_of: Callable[[Blob], Hashable] | None = None,
+    ):
+        """``owner_of``: the owner (tenant) of a stored chunk, for a policy that divides the
+        tier among owners (:class:`kvtier.policy.quota.QuotaPolicy`)."""
         if capacity <= 0:
             raise ValueError(f"memory tier capacity must be positive, got {capacity}")
         self.name = name
@@ -30,6 +39,7 @@ class MemoryTier:
         self._policy: EvictionPolicy = policy or LRUPolicy()
         self._lock = threading.Lock()
         self._records: dict[str, bytes] = {}
+        self._owner_of = owner_of
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         data = self._data
@@ -60,14 +70,15 @@ class MemoryTier:
         for key, blob in items:
             value = blob if isinstance(blob, bytes | SealedChunk) else bytes(blob)  # immutable
             size = len(value)
+            owner = self._owner_of(value) if self._owner_of is not None else None
             with self._lock:
                 self._policy.remove(key)  # a replaced value frees its old size first
                 old = self._data.pop(key, None)
-                victims = self._policy.victims(size, self.capacity)
+                victims = self._policy.victims(size, self.capacity, owner)
                 if victims is None:
                     if old is not None:  # keep the old value rather than lose the key
                         self._data[key] = old
-                        self._policy.insert(key, len(old))
+                        self._policy.insert(key, len(old), owner)
                     stored.append(False)
                     continue
                 for victim in victims:
@@ -75,7 +86,7 @@ class MemoryTier:
                     self._policy.remove(victim)
                     evicted.append(victim)  # type: ignore[arg-type]
                 self._data[key] = value
-                self._policy.insert(key, size)
+                self._policy.insert(key, size, owner)
             stored.append(True)
         return PutResult(stored, evicted)
 
@@ -116,6 +127,11 @@ class MemoryTier:
     def usage(self) -> TierUsage:
         with self._lock:
             return TierUsage(len(self._data), self._policy.used_bytes, self.capacity)
+
+    def owner_usage(self) -> dict[Hashable, OwnerUsage]:
+        """Each owner's part of the tier (empty unless its policy divides it among owners)."""
+        with self._lock:
+            return owner_usage(self._policy, self.capacity)
 
     def close(self) -> None:
         with self._lock:

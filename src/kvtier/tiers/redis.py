@@ -9,7 +9,7 @@ capacity and pins are no-ops. An optional TTL bounds how long a chunk lives.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -17,6 +17,7 @@ import redis.cluster
 
 from kvtier.config import read_secret
 from kvtier.keys import KEY_BYTES, ChunkKey
+from kvtier.policy.quota import OwnerUsage
 from kvtier.tiers.base import Blob, PutResult, TierUsage, record_name, scatter
 from kvtier.tiers.resp import BulkReader
 
@@ -177,6 +178,9 @@ class RedisTier:
         if isinstance(value, str):  # only with decode_responses=True, which kvtier never sets
             value = value.encode()
         return value or None
+
+    def owner_usage(self) -> dict[Hashable, OwnerUsage]:
+        return {}  # Redis bounds itself (maxmemory): no quotas here
 
     def usage(self) -> TierUsage:
         """Walks the keyspace (SCAN + STRLEN): meant for inspection, not the hot path."""

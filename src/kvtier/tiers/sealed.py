@@ -14,12 +14,13 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kvtier.codec import SEALED_MAGIC
 from kvtier.keys import ChunkKey
+from kvtier.policy.quota import OwnerUsage
 from kvtier.sealing import (
     HEAD_BYTES,
     NO_TENANT,
@@ -250,6 +251,9 @@ class SealedTier:
 
     def usage(self) -> TierUsage:
         return self.inner.usage()
+
+    def owner_usage(self) -> dict[Hashable, OwnerUsage]:
+        return self.inner.owner_usage()
 
     def read_record(self, name: str) -> bytes | None:
         return self.inner.read_record(name)
