@@ -89,6 +89,26 @@ class Hierarchy:
             out[slot.tier.name] = state
         return out
 
+    def owner_states(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per tenant (id, 16 hex digits), per tier that divides its room among tenants
+        (quotas): bytes held, its share or quota (``quota``: 1 for a quota), evictions since
+        the start. Empty without tenants."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for slot in self.slots:
+            try:
+                parts = slot.tier.owner_usage()
+            except Exception:  # a tier that is down: its health says so
+                continue
+            for owner, part in parts.items():
+                tenant = owner.hex() if isinstance(owner, bytes) else "unknown"
+                out.setdefault(tenant, {})[slot.tier.name] = {
+                    "used_bytes": part.used_bytes,
+                    "share_bytes": part.share_bytes,
+                    "quota": int(part.quota),
+                    "evictions": part.evictions,
+                }
+        return out
+
     # -- failure containment ---------------------------------------------------------------
 
     def guard(self, slot: Slot, default: Any, call: Callable[..., T], *args: Any) -> T:

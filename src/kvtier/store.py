@@ -134,6 +134,9 @@ class TieredStore:
     def tier_states(self) -> dict[str, dict[str, int | None]]:
         return self._h.tier_states()
 
+    def owner_states(self) -> dict[str, dict[str, dict[str, int]]]:
+        return self._h.owner_states()
+
     def subscribe(self, listener: Callable[[ChunkEvent], None]) -> None:
         self._h.subscribe(listener)
 
@@ -158,7 +161,17 @@ _PARTS = (
     (Reads, ("lookup", "get", "get_into", "prefetch")),
     (
         Hierarchy,
-        ("locate", "pinned", "use_blanks", "tier_states", "subscribe", "stats", "flush", "close"),
+        (
+            "locate",
+            "pinned",
+            "use_blanks",
+            "tier_states",
+            "owner_states",
+            "subscribe",
+            "stats",
+            "flush",
+            "close",
+        ),
     ),
 )
 for _part, _names in _PARTS:  # each operation's docstring is its implementation's

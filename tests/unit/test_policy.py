@@ -100,3 +100,18 @@ def test_s3fifo_sends_a_key_back_soon_after_eviction_to_the_main_queue() -> None
     for i in range(20):
         put(p, f"more{i}", 10)
     assert "k0" in p and "k1" not in p
+
+
+def test_a_tier_keeps_the_policy_its_configuration_names(tmp_path: object) -> None:
+    """An empty policy is falsy (it has a length): a tier once took ``policy or LRU()`` and
+    ran LRU whatever the configuration said."""
+    from pathlib import Path
+
+    from kvtier.config import DiskTierConfig, MemoryTierConfig
+    from kvtier.factory import make_tier
+
+    memory = make_tier(MemoryTierConfig(capacity=1 << 20, eviction="s3fifo"))
+    disk = make_tier(DiskTierConfig(path=str(Path(str(tmp_path)) / "d"), eviction="s3fifo"))
+    for tier in (memory, disk):
+        assert isinstance(tier._policy, S3FIFOPolicy)  # type: ignore[attr-defined]
+        tier.close()

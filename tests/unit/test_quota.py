@@ -13,7 +13,7 @@ A, B, C = b"tenant-a", b"tenant-b", b"tenant-c"
 
 
 def quota(name: str = "lru", owners: tuple[bytes, ...] = (A, B), **quotas: int) -> QuotaPolicy:
-    given = {{"a": A, "b": B, "c": C}[k]: v for k, v in quotas.items()}
+    given: dict[Hashable, int] = {{"a": A, "b": B, "c": C}[k]: v for k, v in quotas.items()}
     return QuotaPolicy(lambda: make_eviction_policy(name), list(owners), given)
 
 

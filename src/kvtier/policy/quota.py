@@ -170,6 +170,12 @@ class QuotaPolicy:
             return quota
         return capacity // len(self._owners) if owner in self._owners else 0
 
+    def unowned(self, key: Hashable) -> bool:
+        """Whether ``key`` is held for an owner the policy keeps no share for (its owner
+        was not known when it was inserted: the tier may tell it again)."""
+        owner = self._owner.get(key, _ABSENT)
+        return owner is not _ABSENT and owner not in self._owners
+
     def used_of(self, owner: Hashable) -> int:
         inner = self._inner.get(owner)
         return inner.used_bytes if inner is not None else 0

@@ -25,6 +25,7 @@ from kvtier.config import (
     read_secret,
 )
 from kvtier.errors import ConfigError
+from kvtier.factory import check_quotas
 from kvtier.integrations.engine_dtype import HANDED_DTYPE, DtypeChoice, choose_dtype, given_dtype
 from kvtier.integrations.engine_layout import EngineLayout, choose_layout, has_gpu, option
 from kvtier.integrations.engine_routes import FEED_PORT_ENV
@@ -33,6 +34,7 @@ from kvtier.integrations.tenant_gate import TENANTS_ENV
 from kvtier.policy.scheduling import SchedulingOptions
 from kvtier.redis_process import free_port
 from kvtier.sealing import MasterKeys
+from kvtier.tenants import load_tenants
 
 SHUTDOWN_TIMEOUT_S = 30  # vLLM's --shutdown-timeout unless given: time to finish writes
 
@@ -81,7 +83,13 @@ def build_config(args: argparse.Namespace) -> StoreConfig:
         config = dataclasses.replace(config, master_key_file=key_file, master_key_env="")
     elif config.master_key_file or config.master_key_env:
         MasterKeys.load(config.master_key_file, config.master_key_env)
-    return dataclasses.replace(config, tiers=tuple(tiers))
+    config = dataclasses.replace(config, tiers=tuple(tiers))
+    tenants = getattr(args, "tenants", None)
+    if tenants:  # the tenants' quotas in the tiers kvtier bounds (equal shares by default)
+        config = dataclasses.replace(config, tenants_file=str(Path(tenants).resolve()))
+    if config.tenants_file:
+        check_quotas(config, load_tenants(config.tenants_file))  # before vLLM starts
+    return config
 
 
 def connector_config(config: StoreConfig) -> dict[str, Any]:

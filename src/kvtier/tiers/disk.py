@@ -25,7 +25,7 @@ from typing import TypeVar
 from kvtier.codec import SealedChunk
 from kvtier.keys import ChunkKey
 from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
-from kvtier.policy.quota import OwnerUsage, owner_usage
+from kvtier.policy.quota import OwnerUsage, QuotaPolicy, owner_usage
 from kvtier.threads import any_core, load_priority
 from kvtier.tiers.base import Blob, PutResult, TierUsage, record_name
 from kvtier.tiers.chunk_files import ChunkFiles
@@ -67,7 +67,7 @@ class DiskTier:
         self.files = ChunkFiles(self.root, fsync, read_only, direct)
         self.path_of = self.files.path_of
         self.header_of = self.files.header_of
-        self._policy: EvictionPolicy = policy or LRUPolicy()
+        self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
         self._owner_of = owner_of
         self._lock = threading.Lock()
         # Keys whose file this process is writing, and victims chosen but not yet unlinked:
@@ -123,6 +123,10 @@ class DiskTier:
                 self._policy.insert(key, size, self._file_owner(key))
             elif used:
                 self._policy.touch(key)
+                if isinstance(self._policy, QuotaPolicy) and self._policy.unowned(key):
+                    # Found at start before its namespace's tenant was known (a chunk in
+                    # clear): its first use tells it, and it moves into its tenant's share.
+                    self._policy.insert(key, size, self._file_owner(key))
             return size
 
     # -- the Tier protocol -----------------------------------------------------------------

@@ -36,7 +36,7 @@ class MemoryTier:
         self.zero_copy_reads = True
         self.capacity = capacity
         self._data: dict[ChunkKey, bytes | SealedChunk] = {}
-        self._policy: EvictionPolicy = policy or LRUPolicy()
+        self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
         self._lock = threading.Lock()
         self._records: dict[str, bytes] = {}
         self._owner_of = owner_of

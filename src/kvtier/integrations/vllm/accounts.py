@@ -146,4 +146,7 @@ class ConnectorMetrics:
         if time.monotonic() - self._states_at >= STATES_EVERY_S:
             self._states_at = time.monotonic()
             payload = merge(payload, {"tiers": store.tier_states()})
+            owners = store.owner_states()
+            if owners:
+                payload["tenant_tiers"] = owners
         return KvtierStats(payload) if payload["tiers"] or save_s else None

@@ -104,6 +104,9 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
                     mine[name] = value
                 else:
                     mine[name] = mine.get(name, 0) + value
+    for owners in (a.get("tenant_tiers", {}), b.get("tenant_tiers", {})):
+        for tenant, tiers in owners.items():  # occupancy: the latest report wins
+            out.setdefault("tenant_tiers", {}).setdefault(tenant, {}).update(tiers)
     for tenants in (a.get("tenants", {}), b.get("tenants", {})):
         for tenant, values in tenants.items():
             theirs = out.setdefault("tenants", {}).setdefault(tenant, {})
@@ -216,6 +219,25 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             "loaded_tokens": "prompt tokens loaded for the tenant",
         }
         self._tenant_counters = counters("kvtier:tenant_", tenant_helps, [*labelnames, "tenant"])
+        # Each tenant's part of the tiers that divide their room among tenants (quotas).
+        self._tenant_tier_gauges = {
+            name: gauge(
+                f"kvtier:tenant_tier_{name}",
+                documentation=text,
+                labelnames=[*labelnames, "tenant", "tier"],
+                multiprocess_mode="mostrecent",
+            )
+            for name, text in {
+                "used_bytes": "bytes the tenant's chunks take in the tier",
+                "share_bytes": "the tenant's quota in the tier, or its equal share of it",
+            }.items()
+        }
+        self._tenant_tier_evictions = counter(
+            "kvtier:tenant_tier_evictions",
+            documentation="the tenant's chunks evicted from the tier",
+            labelnames=[*labelnames, "tenant", "tier"],
+        )
+        self._evictions_seen: dict[tuple[str, ...], float] = {}
         tier_helps = {
             "loaded_tokens": "prompt tokens loaded from the tier",
             "bytes_read": "bytes read from the tier",
@@ -296,11 +318,32 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
         for times, histogram in self._times.items():
             for seconds in transfer_stats_data.get(times, ()):
                 histogram.labels(*labels).observe(seconds)
+        self._observe_owners(labels, transfer_stats_data.get("tenant_tiers", {}))
         for tenant, values in transfer_stats_data.get("tenants", {}).items():
             name = self._tenant_names.get(tenant, "other")
             for counter_name, value in values.items():
                 if counter_name in self._tenant_counters and value > 0:
                     self._tenant_counters[counter_name].labels(*labels, name).inc(value)
+
+    def _observe_owners(self, labels: list[str], owners: dict[str, Any]) -> None:
+        """Each tenant's occupancy of each tier; its evictions, from the store's running
+        count (a count that went down is an engine that restarted: from zero)."""
+        by_name: dict[tuple[str, str], dict[str, float]] = {}
+        for tenant, tiers in owners.items():
+            name = "unknown" if tenant == "unknown" else self._tenant_names.get(tenant, "other")
+            for tier, values in tiers.items():
+                mine = by_name.setdefault((name, tier), {})
+                for field_name in ("used_bytes", "share_bytes", "evictions"):
+                    mine[field_name] = mine.get(field_name, 0) + values.get(field_name, 0)
+        for (name, tier), values in by_name.items():
+            for field_name, gauge in self._tenant_tier_gauges.items():
+                gauge.labels(*labels, name, tier).set(values[field_name])
+            seen_key = (*labels, name, tier)
+            now, before = values["evictions"], self._evictions_seen.get(seen_key, 0.0)
+            grew = now - before if now >= before else now
+            self._evictions_seen[seen_key] = now
+            if grew > 0:
+                self._tenant_tier_evictions.labels(*labels, name, tier).inc(grew)
 
 
 def _tenant_names() -> dict[str, str]:
