@@ -92,6 +92,41 @@ def test_a_down_engine_and_a_down_tier_show_as_such() -> None:
     assert tiers["memory"]["used_bytes"] == 500 and tiers["memory"]["capacity_bytes"] == 2000
 
 
+def tenant_page(used: float, evicted: float) -> Scrape:
+    labels = 'engine="0",model_name="m"'
+    return Scrape.parse(f"""\
+# TYPE kvtier:tenant_requested_tokens counter
+kvtier:tenant_requested_tokens_total{{{labels},tenant="acme"}} 1000
+kvtier:tenant_requested_tokens_total{{{labels},tenant="globex"}} 500
+# TYPE kvtier:tenant_loaded_tokens counter
+kvtier:tenant_loaded_tokens_total{{{labels},tenant="acme"}} 600
+# TYPE kvtier:tenant_vllm_prefix_tokens counter
+kvtier:tenant_vllm_prefix_tokens_total{{{labels},tenant="acme"}} 100
+# TYPE kvtier:tenant_tier_used_bytes gauge
+kvtier:tenant_tier_used_bytes{{{labels},tenant="acme",tier="memory"}} {used}
+kvtier:tenant_tier_used_bytes{{{labels},tenant="globex",tier="memory"}} 10
+# TYPE kvtier:tenant_tier_share_bytes gauge
+kvtier:tenant_tier_share_bytes{{{labels},tenant="acme",tier="memory"}} 1000
+kvtier:tenant_tier_share_bytes{{{labels},tenant="globex",tier="memory"}} 1000
+# TYPE kvtier:tenant_tier_evictions counter
+kvtier:tenant_tier_evictions_total{{{labels},tenant="acme",tier="memory"}} {evicted}
+""")
+
+
+def test_each_tenants_hits_and_part_of_the_tiers_add_up_over_engines() -> None:
+    history = History()
+    history.add(Point(0.0, {"a": tenant_page(400, 3), "b": tenant_page(200, 1)}))
+    rows = {r["tenant"]: r for r in history.view()["tenants"]}
+    assert set(rows) == {"acme", "globex"}
+    acme = rows["acme"]
+    assert acme["requested_tokens"] == 2000 and acme["hit_rate"] == pytest.approx(0.7)
+    assert acme["tiers"]["memory"] == {"used_bytes": 600, "share_bytes": 2000, "evictions": 4}
+    assert (
+        rows["globex"]["hit_rate"] == 0.0 and rows["globex"]["tiers"]["memory"]["used_bytes"] == 20
+    )
+    assert History().view()["tenants"] == []  # a server without tenants: no rows
+
+
 def test_ttft_buckets_become_counts_per_bucket_over_all_engines() -> None:
     history = History()
     history.add(

@@ -37,6 +37,12 @@ TIER_COUNTS = (
     "errors",
     "writes_dropped",
 )
+TENANT_COUNTS = ("requested_tokens", "vllm_prefix_tokens", "hit_tokens", "loaded_tokens")
+TENANT_TIER = {  # the field each tenant's tier row takes from a series
+    "used_bytes": "kvtier:tenant_tier_used_bytes",
+    "share_bytes": "kvtier:tenant_tier_share_bytes",
+    "evictions": "kvtier:tenant_tier_evictions_total",
+}
 TTFT = "vllm:time_to_first_token_seconds"
 # The series the console reads; the rest of an engine's page is not parsed.
 SERIES = ("kvtier:", "vllm:num_requests_running", "vllm:num_requests_waiting", TTFT)
@@ -81,6 +87,7 @@ class History:
             "totals": _totals(latest),
             "engines": [_engine(url, scrape, latest) for url, scrape in latest.engines.items()],
             "tiers": list(_tiers(latest)),
+            "tenants": _tenants(latest),
             "ttft": _ttft(latest),
             "routing": _routing(router),
             "updated": latest.t,
@@ -176,6 +183,38 @@ def _tiers(point: Point) -> Iterator[dict[str, Any]]:
             row.update({f: columns[f].get(tier) for f in TIER_FIELDS[1:]})
             row.update({f: counts[f].get(tier, 0.0) for f in TIER_COUNTS})
             yield row
+
+
+def _tenants(point: Point) -> list[dict[str, Any]]:
+    """Per tenant (with ``--tenants``), over all engines: its prompt tokens looked up, the
+    part cached (vLLM's prefix cache and kvtier's loads), and its part of each tier that
+    divides its room among tenants (bytes held, its quota or share, evictions)."""
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(tenant: str) -> dict[str, Any]:
+        return rows.setdefault(
+            tenant, {"tenant": tenant, **{n: 0.0 for n in TENANT_COUNTS}, "tiers": {}}
+        )
+
+    for scrape in point.engines.values():
+        if scrape is None:
+            continue
+        for name in TENANT_COUNTS:
+            for tenant, v in scrape.by(f"kvtier:tenant_{name}_total", "tenant").items():
+                row(tenant)[name] += v
+        for field_name, series in TENANT_TIER.items():
+            for (tenant, tier), v in scrape.by_pair(series, "tenant", "tier").items():
+                tiers = row(tenant)["tiers"]
+                part = tiers.setdefault(tier, {f: 0.0 for f in TENANT_TIER})
+                part[field_name] += v
+    out = []
+    for tenant in sorted(rows):
+        r = rows[tenant]
+        asked = r["requested_tokens"]
+        cached = r["loaded_tokens"] + r["vllm_prefix_tokens"]
+        r["hit_rate"] = cached / asked if asked else None
+        out.append(r)
+    return out
 
 
 def _ttft(point: Point) -> dict[str, Any]:

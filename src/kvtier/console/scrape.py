@@ -61,6 +61,15 @@ class Scrape:
                 out[key] += value
         return dict(out)
 
+    def by_pair(self, name: str, first: str, second: str) -> dict[tuple[str, str], float]:
+        """Samples named ``name`` added up per pair of values of two labels."""
+        out: dict[tuple[str, str], float] = defaultdict(float)
+        for labels, value in self.samples.get(name, {}).items():
+            values = dict(labels)
+            if first in values and second in values:
+                out[(values[first], values[second])] += value
+        return dict(out)
+
     def lowest(self, name: str, label: str) -> dict[str, float]:
         """The smallest sample named ``name`` per value of ``label`` (a tier is up only where
         every worker says so)."""

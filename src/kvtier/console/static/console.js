@@ -155,6 +155,48 @@ function tiersTable(rows) {
   }));
 }
 
+function tenantsTable(rows) {
+  const panel = document.getElementById("tenants-panel");
+  panel.hidden = !rows || rows.length === 0;
+  if (panel.hidden) return;
+  const body = document.querySelector("#tenants tbody");
+  body.replaceChildren(...rows.map((r) => {
+    const tr = document.createElement("tr");
+    tr.dataset.tenant = r.tenant;
+    const cached = r.loaded_tokens + r.vllm_prefix_tokens;
+    let evictions = 0;
+    const meters = Object.entries(r.tiers).map(([tier, part]) => {
+      evictions += part.evictions;
+      const div = document.createElement("div");
+      div.className = "tenant-tier";
+      const used = part.used_bytes, share = part.share_bytes;
+      div.innerHTML = `<span class="tier-name"></span><div class="meter"><div class="meter-fill"></div></div>` +
+        `<span class="meter-text"></span>`;
+      div.querySelector(".tier-name").textContent = tier;
+      const fill = div.querySelector(".meter-fill");
+      fill.style.width = share ? Math.min(100, 100 * used / share).toFixed(1) + "%" : "0%";
+      fill.style.background = used > share ? "#d9534f" : color(tier);
+      const text = div.querySelector(".meter-text");
+      text.textContent = `${fmt(used, "bytes")} / ${fmt(share, "bytes")}`;
+      text.dataset.key = `tenants.${r.tenant}.${tier}.used_bytes`;
+      text.dataset.value = String(used);
+      div.title = `${r.tenant} holds ${fmt(used, "bytes")} of ${tier}; its quota or equal share: ` +
+        `${fmt(share, "bytes")}; ${fmt(part.evictions, "n")} of its chunks evicted`;
+      return div;
+    });
+    tr.innerHTML = "<td></td><td></td><td></td><td></td><td></td><td></td>";
+    const cells = tr.children;
+    cells[0].textContent = r.tenant;
+    cells[1].textContent = fmt(r.hit_rate, "pct");
+    cells[2].textContent = fmt(r.requested_tokens, "n");
+    cells[3].textContent = fmt(cached, "n");
+    cells[4].replaceChildren(...meters);
+    if (!meters.length) cells[4].textContent = "no tier divided among tenants";
+    cells[5].textContent = fmt(evictions, "n");
+    return tr;
+  }));
+}
+
 function routing(r, now) {
   const panel = document.getElementById("routing-panel");
   panel.hidden = !r;
@@ -195,6 +237,7 @@ function render(d) {
   ttftChart(d.ttft);
   bars("loaded", d.totals.loaded_tokens, "n", "no tokens loaded from kvtier's tiers yet");
   tiersTable(d.tiers);
+  tenantsTable(d.tenants);
   routing(d.routing, d.updated);
   const down = d.engines.filter((e) => !e.up);
   const status = document.getElementById("status");
