@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,7 +19,8 @@ import pytest
 
 from kvtier.tenants import hash_key, new_key, new_secret
 
-from pods import MODEL, get_json, readme_pod
+from browser import chromium_page
+from pods import MODEL, get_json, readme_pod, wait_for
 
 pytestmark = pytest.mark.slow
 ACME, GLOBEX, INITECH = new_key(), new_key(), new_key()
@@ -59,7 +61,7 @@ def test_through_a_pod_a_tenants_context_hits_for_it_alone(
     (tmp_path / "salts.secret").write_text(new_secret() + "\n")  # router and engines read it
     tenants.write_text(
         "secret_file: salts.secret\n"
-        f"tenants:\n  - name: acme\n    keys: [{hash_key(ACME)}]\n"
+        f"tenants:\n  - name: acme\n    keys: [{hash_key(ACME)}]\n    quota: {{memory: 512MiB}}\n"
         f"  - name: globex\n    keys: [{hash_key(GLOBEX)}]\n"
         f"  - name: initech\n    keys: [{hash_key(INITECH)}]\n"
     )
@@ -77,6 +79,39 @@ def test_through_a_pod_a_tenants_context_hits_for_it_alone(
                 ask(base, new_key())
             assert refused.value.code == 401
             assert "unknown API key" in refused.value.read().decode()
+
+        # Quotas: each tenant's part of each engine's DRAM and disk, in /metrics (acme's
+        # DRAM quota from the file, an equal share elsewhere) and on the console.
+        def parts() -> dict[tuple[str, str, str], float]:
+            found: dict[tuple[str, str, str], float] = {}
+            series = r'^kvtier:tenant_tier_(\w+)\{[^}]*tenant="(\w+)",tier="(\w+)"[^}]*\} (\S+)$'
+            for url in pod.engines():  # summed over the engines, as the console shows them
+                with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+                    page = r.read().decode()
+                for m in re.finditer(series, page, re.M):
+                    found[(m[1], m[2], m[3])] = found.get((m[1], m[2], m[3]), 0.0) + float(m[4])
+            return found
+
+        def acme_holds() -> bool:
+            return (
+                sum(v for (f, t, _), v in parts().items() if (f, t) == ("used_bytes", "acme")) > 0
+            )
+
+        wait_for(acme_holds, 30, "acme's part of the tiers in /metrics")
+        shares = parts()
+        engines = len(pod.engines())
+        assert shares[("share_bytes", "acme", "memory")] == engines * 2**29
+        assert shares[("share_bytes", "globex", "disk")] == shares[("share_bytes", "acme", "disk")]
+        with chromium_page(pod.url + "/console/") as page:
+            held = page.wait_for(
+                "[...document.querySelectorAll('#tenants [data-key^=\"tenants.acme.\"]')]"
+                ".reduce((n, e) => n + Number(e.dataset.value), 0)",
+                30,
+                "acme's part of the tiers on the console",
+            )
+            assert float(held) > 0
+            rows = page.evaluate("[...document.querySelectorAll('#tenants tbody tr')].length")
+            assert rows >= 3  # acme, globex, initech (and anonymous)
         # The pod's redis-server: an ACL user whose password is in a file, never on a
         # command line or in a log (the engines and the router read the file).
         shared = get_json(engine + "/kvtier/info")["shared"][0]
