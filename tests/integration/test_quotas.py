@@ -5,6 +5,7 @@ same flood takes it away (the test can fail)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,19 @@ def test_quotas_must_name_a_tier_kvtier_bounds(tmp_path: Path) -> None:
     path = tenants_file(tmp_path, quota="memory: 1TiB")
     with pytest.raises(ConfigError, match="more than the tier's capacity"):
         open_store(StoreConfig(tiers=(tier("memory", tmp_path, 4),), tenants_file=str(path)))
+
+
+def test_the_readmes_quota_line_is_what_a_tenants_file_takes(tmp_path: Path) -> None:
+    from paths import README
+
+    found = re.search(r"`(quota: \{memory: [^`]+\})`", README.read_text().replace("\n", " "))
+    assert found, "the README shows a quota line"
+    line = found[1]
+    path = tenants_file(tmp_path, quota=line.split("{", 1)[1].rstrip("}"))
+    tenants = load_tenants(path)
+    flood = next(t for t in tenants.tenants if t.name == "flood")
+    assert flood.quota == {"memory": 512 * 2**20, "disk": 5 * 2**30}
+    tiers = (MemoryTierConfig(capacity=2**30), DiskTierConfig(path=str(tmp_path / "d")))
+    with open_store(StoreConfig(tiers=tiers, tenants_file=str(path))) as store:
+        states = store.owner_states()[tenant_id("flood", tenants.secret)]
+        assert states["memory"]["share_bytes"] == 512 * 2**20 and states["disk"]["quota"] == 1
