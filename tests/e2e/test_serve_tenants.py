@@ -160,6 +160,9 @@ def test_a_tenants_context_hits_for_it_alone_before_and_after_a_restart(tmp_path
             [sys.executable, "-c", client], cwd=tmp_path, capture_output=True, text=True
         )
         assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]
+        curl = readme_block("sh", "curl -s -K -").strip().replace("127.0.0.1:8000", server.url[7:])
+        run = subprocess.run(["bash", "-c", curl], cwd=tmp_path, capture_output=True, text=True)
+        assert run.returncode == 0 and json.loads(run.stdout)["choices"][0]["text"], run.stdout
         assert cached(server, acme) == 0
         assert cached(server, acme) > 500  # the same tenant hits: caching is on
         assert cached(server, globex) == 0  # the victim's cache_salt, another key
