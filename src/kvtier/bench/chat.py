@@ -236,25 +236,28 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kvtier-chat-") as work:
         for mode in modes:
             bar.set_postfix_str(mode)
-            with _deployment(Path(work), mode, dtype, args) as (url, hits_first, model_in):
+            with _deployment(Path(work), mode, dtype, args) as (url, hits_first, model_in, routed):
                 rows[mode] = summary(asyncio.run(play(url, args, bar)))
                 rows[mode]["model_in"] = model_in()
                 rows[mode]["hits_first"] = hits_first()
+                if (routing := routed()) is not None:
+                    rows[mode]["routing"] = routing
     bar.close()
     result = {"rows": rows, "engine_dtype": dtype.as_dict(), **_options(args)}
     print(json.dumps(result) if args.json else report(result))
     return 0
 
 
-Deployment = tuple[str, Callable[[], bool], Callable[[], str]]
+# Its URL, whether it scheduled hits first (it says so), where the model ran, and (a pod) what
+# its router decided: the reasons and the last decisions, each with its engine.
+Deployment = tuple[str, Callable[[], bool], Callable[[], str], Callable[[], dict[str, Any] | None]]
 
 
 @contextlib.contextmanager
 def _deployment(
     work: Path, mode: str, dtype: DtypeChoice, args: argparse.Namespace
 ) -> Iterator[Deployment]:
-    """The server a path runs on: its URL, whether it scheduled hits first (it says so), and
-    where the model ran."""
+    """The server a path runs on (see :data:`Deployment`)."""
     options = [*MODES[mode], "--disk", "none", *dtype.serve_options()]
     if args.block_size:  # vLLM's cache keeps its size in tokens (80 blocks of 128)
         blocks = SMALL_VLLM_CACHE_BLOCKS * 128 // args.block_size
@@ -269,6 +272,7 @@ def _deployment(
                 server.url,
                 lambda: "hits-first scheduling" in server.tail(1 << 20),
                 server.model_process,
+                lambda: None,
             )
         return
     if mode == "baseline":
@@ -280,7 +284,16 @@ def _deployment(
             engines = get_json(f"{running.url}/router/state")["engines"]
             return all(e.get("hits_first") for e in engines)
 
-        yield running.url, hits_first, lambda: f"kvtier pod, {len(state['engines'])} engines"
+        def routed() -> dict[str, Any]:
+            got = get_json(f"{running.url}/router/state")
+            return {"reasons": got.get("reasons"), "recent": got.get("recent")}
+
+        yield (
+            running.url,
+            hits_first,
+            lambda: f"kvtier pod, {len(state['engines'])} engines",
+            routed,
+        )
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

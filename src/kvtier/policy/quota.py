@@ -133,10 +133,12 @@ class QuotaPolicy:
     def victims(
         self, need_bytes: int, capacity: int, owner: Hashable = None
     ) -> list[Hashable] | None:
-        free = {o: self._evictable(o) for o in self._inner}
         quota = self._quotas.get(owner)
         over_quota = 0 if quota is None else self.used_of(owner) + need_bytes - quota
         over_tier = self._used + need_bytes - capacity
+        if over_quota <= 0 and over_tier <= 0:
+            return []  # it fits (most writes)
+        free = {o: self._evictable(o) for o in self._inner}
         if over_quota > free.get(owner, 0) or over_tier > sum(free.values()):
             return None  # cannot fit, even evicting every unpinned entry it may
         # How much each owner gives back; each inner policy is asked once, as it expects.
