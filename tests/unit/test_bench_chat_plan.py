@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier.bench.chat import SMALL_VLLM_CACHE_BLOCKS, bursts, users_met
+from kvtier.bench.chat import SMALL_VLLM_CACHE_BLOCKS, bursts, isolated_users, users_met
 
 
 def _closest_return(plan: list[list[int]], met: int) -> int:
@@ -45,3 +45,9 @@ def test_returning_users_come_back_after_more_contexts_than_vllms_cache_holds(
 def test_the_plan_refuses_too_few_users_to_fill_a_burst() -> None:
     with pytest.raises(ValueError, match="cannot fill bursts of 4"):
         bursts(2, 4, 2)
+
+
+def test_isolated_hits_are_second_turns_like_the_returning_ones() -> None:
+    plan, oldest_first = bursts(4, 4, 12)
+    assert isolated_users(oldest_first, plan, 2) == [12, 13]  # the oldest bursts' new users
+    assert isolated_users(oldest_first, plan, 6) == [12, 13, 14, 15, 0, 1]

@@ -20,8 +20,9 @@ turns' contexts come from kvtier's DRAM rather than from vLLM's own cache):
   fcfs        kvtier, vLLM's first-come first-served scheduling (``--scheduling vllm``)
   hits-first  kvtier as ``kvtier serve`` runs by default
 
-Then, on each server, the next turn of each of ``--isolated`` users (those whose last turn is
-the oldest), one at a time: an isolated hit of the same length as the returning turns. Per
+Then, on each server, the next turn of each of ``--isolated`` users, one at a time: an
+isolated hit of the same length and history as the returning turns (a second turn, of the
+bursts' new users, oldest first: see :func:`isolated_users`). Per
 path: mean TTFT over all turns, first and returning turns' medians, the longest wait of a first
 turn, the prompt tokens the engine computed per second of the run (prefill throughput), the
 share of prompt tokens found cached (in vLLM's cache or kvtier's), and the ratios the targets
@@ -128,6 +129,19 @@ def bursts(count: int, size: int, met: int) -> tuple[list[list[int]], list[int]]
     return plan, oldest_first
 
 
+def isolated_users(oldest_first: list[int], plan: list[list[int]], count: int) -> list[int]:
+    """Whose next turn is measured alone: users whose next turn is their second, like every
+    returning turn of the bursts (the bursts' new users, oldest first: their contexts are
+    gone from vLLM's cache), so that the isolated hit has the same history as the returning
+    turns and the same part of it cached. (A third turn's history adds a question and an
+    answer, and its whole-block part often covers the previous answer: fewer tokens to
+    compute.) Then, if there are too few, the users whose last turn is the oldest."""
+    new = {users[0] for users in plan}
+    second = [u for u in oldest_first if u in new]
+    rest = [u for u in oldest_first if u not in new]
+    return (second + rest)[:count]
+
+
 async def _turn(
     session: aiohttp.ClientSession,
     url: str,
@@ -181,7 +195,7 @@ async def play(url: str, args: argparse.Namespace, bar: Any) -> dict[str, Any]:
             bar.update(len(users))
         elapsed = time.perf_counter() - started
         isolated = []
-        for user in oldest_first[: args.isolated]:  # gone from vLLM's cache, as returning turns
+        for user in isolated_users(oldest_first, plan, args.isolated):
             isolated.append(await _turn(session, url, chats, user, -2, args.answer))
             bar.update()
     return {"turns": turns, "elapsed_s": elapsed, "isolated": isolated}
@@ -211,6 +225,7 @@ def summary(played: dict[str, Any]) -> dict[str, Any]:
         "cached_fraction": cached / max(1, sum(t.prompt_tokens for t in ok)),
         "elapsed_s": played["elapsed_s"],
         "turns": [asdict(t) for t in turns],
+        "isolated_turns": [asdict(t) for t in played["isolated"]],
     }
 
 
