@@ -301,7 +301,11 @@ def _deployment(
 
         def routed() -> dict[str, Any]:
             got = get_json(f"{running.url}/router/state")
-            return {"reasons": got.get("reasons"), "recent": got.get("recent")}
+            engines = [
+                {k: e.get(k) for k in ("url", "prefill_tokens_per_s", "bandwidth_bytes_per_s")}
+                for e in got.get("engines", [])
+            ]
+            return {"reasons": got.get("reasons"), "recent": got.get("recent"), "engines": engines}
 
         yield (
             running.url,
