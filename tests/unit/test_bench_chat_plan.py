@@ -51,3 +51,7 @@ def test_isolated_hits_are_second_turns_like_the_returning_ones() -> None:
     plan, oldest_first = bursts(4, 4, 12)
     assert isolated_users(oldest_first, plan, 2) == [12, 13]  # the oldest bursts' new users
     assert isolated_users(oldest_first, plan, 6) == [12, 13, 14, 15, 0, 1]
+    plan, oldest_first = bursts(8, 4, 9)  # the serve run's plan: new users come back too
+    back = {u for users in plan for u in users[1:]}
+    chosen = isolated_users(oldest_first, plan, 3)
+    assert not set(chosen) & back and all(u >= 9 for u in chosen), chosen

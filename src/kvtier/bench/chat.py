@@ -136,9 +136,10 @@ def isolated_users(oldest_first: list[int], plan: list[list[int]], count: int) -
     turns and the same part of it cached. (A third turn's history adds a question and an
     answer, and its whole-block part often covers the previous answer: fewer tokens to
     compute.) Then, if there are too few, the users whose last turn is the oldest."""
-    new = {users[0] for users in plan}
-    second = [u for u in oldest_first if u in new]
-    rest = [u for u in oldest_first if u not in new]
+    returned = {u for users in plan for u in users[1:]}
+    once = {users[0] for users in plan} - returned  # new in a burst, not back since
+    second = [u for u in oldest_first if u in once]
+    rest = [u for u in oldest_first if u not in once]
     return (second + rest)[:count]
 
 

@@ -9,8 +9,9 @@ and :meth:`QuotaPolicy.victims` decides whose entries make room for a write, in 
    (or its quota). A writer over its share evicts its own entries; then owners over their
    share give back, the furthest over first; only then the writer's own and the others',
    the largest first. Shares bind only under pressure: a tenant alone may fill the tier.
-3. Entries whose owner the tier cannot tell (``None``: written before a restart, in clear)
-   have no share: they go first.
+3. Entries of an owner the policy was not told of have no share: they go first. The store
+   gives it the chunks whose tenant a tier cannot tell (:data:`kvtier.owners.NO_TENANT`:
+   found on disk at start, in clear, before their namespace is known).
 
 A tenant that floods the tier therefore churns through its own share and leaves the others'
 entries where they are. Not thread-safe (the owning tier holds a lock), like every policy.
