@@ -15,6 +15,7 @@ from kvtier.codec import Compression, SealedChunk
 from kvtier.errors import CorruptChunk
 from kvtier.health import TierHealth
 from kvtier.keys import ChunkKey
+from kvtier.owners import NO_TENANT
 from kvtier.prefetch import Prefetcher
 from kvtier.stats import ChunkEvent, Recorder, StoreStats
 from kvtier.tiers.base import Tier
@@ -92,7 +93,8 @@ class Hierarchy:
     def owner_states(self) -> dict[str, dict[str, dict[str, int]]]:
         """Per tenant (id, 16 hex digits), per tier that divides its room among tenants
         (quotas): bytes held, its share or quota (``quota``: 1 for a quota), evictions since
-        the start. Empty without tenants."""
+        the start; ``unknown`` for chunks whose tenant a tier cannot tell. Empty without
+        tenants."""
         out: dict[str, dict[str, dict[str, int]]] = {}
         for slot in self.slots:
             try:
@@ -100,7 +102,8 @@ class Hierarchy:
             except Exception:  # a tier that is down: its health says so
                 continue
             for owner, part in parts.items():
-                tenant = owner.hex() if isinstance(owner, bytes) else "unknown"
+                known = isinstance(owner, bytes) and owner != NO_TENANT
+                tenant = owner.hex() if isinstance(owner, bytes) and known else "unknown"
                 out.setdefault(tenant, {})[slot.tier.name] = {
                     "used_bytes": part.used_bytes,
                     "share_bytes": part.share_bytes,

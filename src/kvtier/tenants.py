@@ -46,9 +46,12 @@ _SALT_DOMAIN = b"kvtier tenant salt v1"
 _ID_DOMAIN = b"kvtier tenant id v1"
 
 
+RESERVED = (ANONYMOUS, "other", "unknown")  # labels /metrics gives to other requests or chunks
+
+
 def valid_name(name: object) -> bool:
-    """Whether ``name`` can name a tenant (``anonymous`` is taken)."""
-    return isinstance(name, str) and bool(_NAME.fullmatch(name)) and name != ANONYMOUS
+    """Whether ``name`` can name a tenant (the names of :data:`RESERVED` are taken)."""
+    return isinstance(name, str) and bool(_NAME.fullmatch(name)) and name not in RESERVED
 
 
 class Unauthorized(Exception):
@@ -219,7 +222,8 @@ def _tenant(entry: Any, where: str) -> Tenant:
     name = entry.get("name")
     if not valid_name(name):
         raise ConfigError(
-            f"{where}: name: 1-64 letters, digits, '_', '.', '-' (not {ANONYMOUS!r}), got {name!r}"
+            f"{where}: name: 1-64 letters, digits, '_', '.', '-' (not {', '.join(RESERVED)}),"
+            f" got {name!r}"
         )
     keys = entry.get("keys") or []
     if not isinstance(keys, list) or not keys:

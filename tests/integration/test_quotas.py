@@ -136,3 +136,26 @@ def test_the_readmes_quota_line_is_what_a_tenants_file_takes(tmp_path: Path) -> 
     with open_store(StoreConfig(tiers=tiers, tenants_file=str(path))) as store:
         states = store.owner_states()[tenant_id("flood", tenants.secret)]
         assert states["memory"]["share_bytes"] == 512 * 2**20 and states["disk"]["quota"] == 1
+
+
+def test_chunks_found_at_start_are_unknown_until_their_first_use(tmp_path: Path) -> None:
+    """A disk tier in clear, reopened: it cannot tell whose its chunks are until a request
+    of their namespace reads one; they count as "unknown" (no share: they go first) and
+    move into their tenant's share when used."""
+    path = tenants_file(tmp_path)
+    tenants = load_tenants(path)
+    victim = dataclasses.replace(NS, tenant_salt=tenants.salt("victim", None))
+    config = StoreConfig(CHUNK_TOKENS, tiers=(tier("disk", tmp_path, 12),), tenants_file=str(path))
+    with open_store(config) as store:
+        for p in range(3):
+            store.put(prompt(p, 1), victim, chunks_for(p, 1))
+    me = tenant_id("victim", tenants.secret)
+    with open_store(config) as store:  # a restart
+        before = store.owner_states()
+        assert before["unknown"]["disk"]["used_bytes"] == 3 * CHUNK
+        assert before["unknown"]["disk"]["share_bytes"] == 0
+        assert before[me]["disk"]["used_bytes"] == 0
+        assert store.get(prompt(0, 1), victim).chunks
+        after = store.owner_states()
+        assert after[me]["disk"]["used_bytes"] == CHUNK
+        assert after["unknown"]["disk"]["used_bytes"] == 2 * CHUNK

@@ -148,3 +148,26 @@ def test_bad_quotas_are_refused() -> None:
         QuotaPolicy(lambda: make_eviction_policy("lru"), [A], {A: 0})
     with pytest.raises(ValueError, match="at least one owner"):
         QuotaPolicy(lambda: make_eviction_policy("lru"), [])
+
+
+def test_the_worker_reports_evictions_since_its_last_report() -> None:
+    """The store counts evictions from its start; the engine's metrics add up reports, so
+    the worker sends what grew (a count that went down: a new store, from zero)."""
+    from kvtier.integrations.vllm.accounts import ConnectorMetrics
+    from kvtier.integrations.vllm.metrics import merge
+
+    metrics = ConnectorMetrics(None)
+
+    def report(evictions: int) -> dict[str, object]:
+        part = {"used_bytes": 5, "share_bytes": 9, "quota": 0, "evictions": evictions}
+        return metrics._owner_deltas({"ab": {"memory": dict(part)}})
+
+    first, second, third = report(4), report(10), report(3)
+    assert [r["ab"]["memory"]["evictions"] for r in (first, second, third)] == [4, 6, 3]  # type: ignore[index]
+    merged = merge({"tenant_tiers": first}, {"tenant_tiers": second})
+    assert merged["tenant_tiers"]["ab"]["memory"] == {
+        "used_bytes": 5,
+        "share_bytes": 9,
+        "quota": 0,
+        "evictions": 10,
+    }

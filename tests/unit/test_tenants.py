@@ -82,7 +82,8 @@ def test_keys_identify_their_tenant_and_only_theirs(tmp_path: Path) -> None:
     ("text", "problem"),
     [
         ("tenants:\n  - name: a\n    keys: [kvt-plaintext]\n", "never the key"),
-        ("tenants:\n  - name: anonymous\n    keys: [{h}]\n", "not 'anonymous'"),
+        ("tenants:\n  - name: anonymous\n    keys: [{h}]\n", "not anonymous, other, unknown"),
+        ("tenants:\n  - name: unknown\n    keys: [{h}]\n", "not anonymous, other, unknown"),
         ("tenants:\n  - name: a\n    keys: [{h}]\n  - name: a\n    keys: [{g}]\n", "twice"),
         ("tenants:\n  - name: a\n    keys: [{h}]\n  - name: b\n    keys: [{h}]\n", "share a key"),
         ("anonymous: maybe\n", "'isolated' or 'refuse'"),

@@ -173,6 +173,10 @@ class QuotaPolicy:
             return quota
         return capacity // len(self._owners) if owner in self._owners else 0
 
+    def knows(self, owner: Hashable) -> bool:
+        """Whether ``owner`` is one the policy keeps a share for."""
+        return owner in self._owners
+
     def unowned(self, key: Hashable) -> bool:
         """Whether ``key`` is held for an owner the policy keeps no share for (its owner
         was not known when it was inserted: the tier may tell it again)."""
@@ -220,7 +224,8 @@ class QuotaPolicy:
         """Add at least ``amount`` bytes of ``owner``'s entries to ``chosen``, in the order
         of its own policy (at most ``amount`` of them are pinned: it finds them)."""
         inner = self._inner[owner]
-        keys = inner.victims(amount, inner.used_bytes) or []
+        keys = inner.victims(amount, inner.used_bytes)
+        assert keys is not None, "asked for no more than its unpinned bytes"
         chosen.extend(keys)
         self._evictions[owner] += len(keys)
 

@@ -96,11 +96,14 @@ class DiskTier:
 
     def _file_owner(self, key: ChunkKey) -> Hashable:
         """The owner of a chunk already on disk, from its first bytes (None without
-        ``owner_of``, or when it cannot be read)."""
+        ``owner_of``; the unknown owner, ``owner_of(b"")``, when they cannot be read)."""
         if self._owner_of is None:
             return None
-        head = self.header_of(key, OWNER_BYTES)
-        return self._owner_of(head) if head is not None else None
+        try:
+            head = self.header_of(key, OWNER_BYTES)
+        except OSError:  # unreadable: an owner unknown (it goes first), never a failure here
+            head = None
+        return self._owner_of(head or b"")
 
     def _sync(self, key: ChunkKey, used: bool = False) -> int | None:
         """Bring the index in line with the key's file; return its size, None if absent.
@@ -122,11 +125,14 @@ class DiskTier:
             elif key not in self._policy:
                 self._policy.insert(key, size, self._file_owner(key))
             elif used:
-                self._policy.touch(key)
-                if isinstance(self._policy, QuotaPolicy) and self._policy.unowned(key):
+                policy = self._policy
+                if isinstance(policy, QuotaPolicy) and policy.unowned(key):
                     # Found at start before its namespace's tenant was known (a chunk in
                     # clear): its first use tells it, and it moves into its tenant's share.
-                    self._policy.insert(key, size, self._file_owner(key))
+                    owner = self._file_owner(key)
+                    if policy.knows(owner):
+                        policy.insert(key, size, owner)
+                self._policy.touch(key)
             return size
 
     # -- the Tier protocol -----------------------------------------------------------------

@@ -165,7 +165,7 @@ function tenantsTable(rows) {
     tr.dataset.tenant = r.tenant;
     const cached = r.loaded_tokens + r.vllm_prefix_tokens;
     let evictions = 0;
-    const meters = Object.entries(r.tiers).map(([tier, part]) => {
+    const meters = Object.entries(r.tiers || {}).map(([tier, part]) => {
       evictions += part.evictions;
       const div = document.createElement("div");
       div.className = "tenant-tier";

@@ -82,6 +82,7 @@ class ConnectorMetrics:
         self._stats: dict[str, Any] = {}  # this interval's payload (KvtierStats)
         self._seen: StoreStats | None = None  # the worker's store stats last reported
         self._states_at = float("-inf")  # when the worker last reported occupancy
+        self._evictions_seen: dict[tuple[str, str], int] = {}  # per tenant and tier, reported
 
     def looked_up(self, account: RequestAccount) -> None:
         self._accounts[account.request] = account
@@ -137,6 +138,17 @@ class ConnectorMetrics:
         stats, self._stats = KvtierStats(self._stats), {}
         return stats
 
+    def _owner_deltas(self, owners: dict[str, dict[str, dict[str, int]]]) -> dict[str, Any]:
+        """Each tenant's part of each tier, its evictions counted since the last report (the
+        store counts from its start) so that reports add up like every other counter."""
+        for tenant, tiers in owners.items():
+            for tier, values in tiers.items():
+                total = values["evictions"]
+                before = self._evictions_seen.get((tenant, tier), 0)
+                self._evictions_seen[(tenant, tier)] = total
+                values["evictions"] = total - before if total >= before else total
+        return owners
+
     def worker_stats(self, store: TieredStore, save_s: list[float]) -> KvtierStats | None:
         """The store's per-tier counters since the last call and the saves' times
         (``save_s``); occupancy and health every :data:`STATES_EVERY_S`."""
@@ -148,5 +160,5 @@ class ConnectorMetrics:
             payload = merge(payload, {"tiers": store.tier_states()})
             owners = store.owner_states()
             if owners:
-                payload["tenant_tiers"] = owners
+                payload["tenant_tiers"] = self._owner_deltas(owners)
         return KvtierStats(payload) if payload["tiers"] or save_s else None

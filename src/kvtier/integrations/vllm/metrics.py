@@ -105,8 +105,11 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
                 else:
                     mine[name] = mine.get(name, 0) + value
     for owners in (a.get("tenant_tiers", {}), b.get("tenant_tiers", {})):
-        for tenant, tiers in owners.items():  # occupancy: the latest report wins
-            out.setdefault("tenant_tiers", {}).setdefault(tenant, {}).update(tiers)
+        for tenant, tiers in owners.items():  # occupancy: the latest wins; evictions add up
+            theirs = out.setdefault("tenant_tiers", {}).setdefault(tenant, {})
+            for tier, values in tiers.items():
+                before = theirs.get(tier, {}).get("evictions", 0)
+                theirs[tier] = {**values, "evictions": before + values.get("evictions", 0)}
     for tenants in (a.get("tenants", {}), b.get("tenants", {})):
         for tenant, values in tenants.items():
             theirs = out.setdefault("tenants", {}).setdefault(tenant, {})
@@ -237,7 +240,6 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             documentation="the tenant's chunks evicted from the tier",
             labelnames=[*labelnames, "tenant", "tier"],
         )
-        self._evictions_seen: dict[tuple[str, ...], float] = {}
         tier_helps = {
             "loaded_tokens": "prompt tokens loaded from the tier",
             "bytes_read": "bytes read from the tier",
@@ -326,8 +328,7 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
                     self._tenant_counters[counter_name].labels(*labels, name).inc(value)
 
     def _observe_owners(self, labels: list[str], owners: dict[str, Any]) -> None:
-        """Each tenant's occupancy of each tier; its evictions, from the store's running
-        count (a count that went down is an engine that restarted: from zero)."""
+        """Each tenant's occupancy of each tier, and its evictions since the last report."""
         by_name: dict[tuple[str, str], dict[str, float]] = {}
         for tenant, tiers in owners.items():
             name = "unknown" if tenant == "unknown" else self._tenant_names.get(tenant, "other")
@@ -338,12 +339,8 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
         for (name, tier), values in by_name.items():
             for field_name, gauge in self._tenant_tier_gauges.items():
                 gauge.labels(*labels, name, tier).set(values[field_name])
-            seen_key = (*labels, name, tier)
-            now, before = values["evictions"], self._evictions_seen.get(seen_key, 0.0)
-            grew = now - before if now >= before else now
-            self._evictions_seen[seen_key] = now
-            if grew > 0:
-                self._tenant_tier_evictions.labels(*labels, name, tier).inc(grew)
+            if values["evictions"] > 0:
+                self._tenant_tier_evictions.labels(*labels, name, tier).inc(values["evictions"])
 
 
 def _tenant_names() -> dict[str, str]:
