@@ -5,6 +5,7 @@ YAML::
     chunk_tokens: 256
     write_queue: 64
     master_key_file: /etc/kvtier/master.key   # encryption at rest below DRAM (optional)
+    tenants_file: /etc/kvtier/tenants.yaml    # quotas per tenant and tier (kvtier serve --tenants)
     tiers:
       - {kind: memory, capacity: 2GiB}
       - {kind: disk, path: ~/.cache/kvtier/chunks, capacity: 20GiB}
@@ -39,18 +40,9 @@ from kvtier.policy.eviction import POLICY_NAMES
 COMPRESSIONS = ("none", "zstd", "lz4")
 MASTER_KEY_VAR = "KVTIER_MASTER_KEY"  # master keys in the environment (kvtier.sealing)
 EVICTIONS = POLICY_NAMES
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
+_SIZE_UNITS = {"": 1, "b": 1}
+_SIZE_UNITS |= {f"{p}b": 1000**i for i, p in enumerate("kmgt", 1)}  # kb ... tb
+_SIZE_UNITS |= {f"{p}ib": 1024**i for i, p in enumerate("kmgt", 1)}  # kib ... tib
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 SIZE = {"size": True}
 
@@ -190,8 +182,7 @@ class StoreConfig:
     master_key_file: str = ""
     master_key_env: str = ""
     encrypt_dram: bool = False
-    # A tenants file (kvtier.tenants): each tenant's quota per tier, or an equal share.
-    tenants_file: str = ""
+    tenants_file: str = ""  # kvtier.tenants: each tenant's quota per tier, or an equal share
 
     def __post_init__(self) -> None:
         if self.master_key_file and self.master_key_env:
