@@ -9,7 +9,10 @@ The tokens after the last full chunk can be stored too, as a *tail*: a partial c
 is BLAKE2b-128(key of the last full chunk || its token ids), personalised with
 ``kvtier-tail`` so that no tail key can equal a chunk key. A tail ends the chain (nothing is
 keyed after it); a prompt that grows past it stores the full chunk under its own key. Tails
-make reuse as fine-grained as an engine's blocks while chunks stay large objects.
+make reuse nearly as fine-grained as tokens while chunks stay large objects: a tail is a
+whole number of :data:`TAIL_TOKENS` (16), so a returning chat turn recomputes at most 15 tokens
+of what its previous turn left, not up to an engine block's worth (128 tokens on vLLM's CPU
+backend: ~1 s of compute per hit on one core here).
 
 Why BLAKE2b and not xxh3: the cache may be shared between tenants, and a non-cryptographic
 hash lets an adversary craft a prompt whose chunk key collides with someone else's (cache
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import math
 import re
 import struct
 from collections.abc import Sequence
@@ -39,6 +43,19 @@ KEY_SCHEME_VERSION = 1
 _ROOT_TAG = b"kvtier/namespace/v1"
 _TAIL_PERSON = b"kvtier-tail"
 _MAX_TOKEN_ID = 2**32 - 1
+# The payload's layout. v2: vLLM's CPU cache is read per token (K is stored transposed there);
+# before, its blocks were copied as opaque bytes, so CPU chunks of v1 hold another layout.
+KV_LAYOUT = "layers,kv,tokens,heads,dim;v2"
+PACKED_LAYOUT = "opaque-blocks:vllm-cpu-amx"  # an AMX-packed cache's blocks, copied whole
+TAIL_TOKENS = 16  # a tail's tokens are a whole multiple of this (or of a finer engine block)
+
+
+def tail_granule(block_size: int) -> int:
+    """Tokens a tail is a multiple of, for an engine whose blocks hold ``block_size`` tokens:
+    :data:`TAIL_TOKENS`, or a divisor of it that divides the block (so of every chunk)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    return math.gcd(block_size, TAIL_TOKENS)
 
 
 # A salt derived by kvtier.tenants: "kvt1-", the tenant's id (16 hex digits), "-", 64 hex digits.
@@ -71,7 +88,7 @@ class Namespace:
     model: str
     model_revision: str = ""
     kv_dtype: str = "bfloat16"
-    kv_layout: str = "layers,kv,tokens,heads,dim"
+    kv_layout: str = KV_LAYOUT
     tenant_salt: str | None = None
     adapter: str = ""
 
@@ -189,8 +206,9 @@ def tail_candidates(
     after: int | None = None,
 ) -> list[tuple[int, ChunkKey]]:
     """(tail tokens, tail key) of every tail that can follow the first ``after`` full chunks
-    of ``tokens`` (default: all of them): whole multiples of ``granule`` tokens (an engine's
-    block), shorter than a chunk, longest first. ``full_keys``: the chunk keys, if known."""
+    of ``tokens`` (default: all of them): whole multiples of ``granule`` tokens (see
+    :func:`tail_granule`), shorter than a chunk, longest first. ``full_keys``: the chunk keys,
+    if known."""
     if granule <= 0 or chunk_tokens % granule:
         raise ValueError(f"granule {granule} must divide chunk_tokens {chunk_tokens}")
     ids = token_array(tokens)

@@ -40,9 +40,9 @@ class Reads:
 
         ``held_elsewhere`` lists keys the caller knows another process holds (a vLLM
         worker's DRAM tier, mirrored from its events); they count as hits in tier
-        ``"elsewhere"``. With ``granule`` (an engine's block size), the longest stored tail
-        of a multiple of ``granule`` tokens after the leading run of full chunks counts too
-        (a prompt that grew past a stored tail reuses it).
+        ``"elsewhere"``. With ``granule`` (:func:`kvtier.keys.tail_granule`), the longest tail
+        stored of a multiple of ``granule`` tokens after the leading run of full chunks counts
+        too (a prompt that grew past a stored tail reuses it).
         """
         keys = self.writes.keys(tokens, namespace)
         names = self._run_of(keys, held_elsewhere)

@@ -143,7 +143,9 @@ def test_kvtier_recomputes_no_more_than_vllms_own_prefix_cache_at_any_length(
         for step, v, k in zip(plan, vllm_alone, kvtier, strict=True)
     ]
     assert [v for _, v, _ in reused] == [0, 256, 0, 128, 0, 256, 0, 512, 0, 256, 256], reused
-    assert all(k >= v for _, v, k in reused), reused
+    # kvtier's tails end on 16 tokens, not on a 128-token block: it leaves 1-16 tokens to
+    # compute where vLLM leaves up to 128 (the last: 440 tokens after a 340-token turn).
+    assert [k for _, _, k in reused] == [0, 336, 0, 240, 0, 368, 0, 592, 0, 288, 336], reused
     assert [r["tokens"] for r in kvtier] == [r["tokens"] for r in vllm_alone]
 
 

@@ -262,3 +262,39 @@ def test_the_mirror_of_the_worker_dram_counts_as_hits(store: TieredStore) -> Non
         KVConnectorOutput(kv_connector_worker_meta=KvtierWorkerMetadata(dropped=keys[1:]))
     )
     assert s.matched(request("m", tokens), 0) == (16, False)
+
+
+def test_a_tail_is_cut_to_16_tokens_not_to_a_block(tmp_path: Path) -> None:
+    """With 32-token blocks, a prompt's tail ends on a 16-token granule, inside a block: a
+    returning turn recomputes at most 15 of its previous prompt's tokens, not up to 31."""
+    chunk_tokens, block = 64, 32
+    config = StoreConfig(chunk_tokens=chunk_tokens, tiers=(MemoryTierConfig(capacity=1 << 24),))
+    with open_store(config) as opened:
+        args = (config, block, chunk_tokens, "m", "r1", "float16", opened)
+        ctx = ConnectorContext(ConnectorOptions(), *args)
+        s = SchedulerSide(ctx, lambda: [])
+        assert ctx.granule == 16
+        tokens = prompt(7, 6, extra=13)  # 109 tokens: a chunk, then 45 tokens
+        req = request("a", tokens)
+        s.arrived(req)
+        assert s.matched(req, 0) == (0, False)
+        blocks = [4, 5, 6, 7]
+        meta = s.step(output([new(req, blocks, 0)], scheduled={"a": 109}))
+        assert meta.saves == [
+            SaveSpec("a", tokens[:64], None, blocks[:2], 0),
+            SaveSpec("a", tokens[:96], None, blocks[:3], 1, tail=True),  # 32 + 16 tokens
+        ]
+        s.finished(req)
+        shape = (2, 2, chunk_tokens, 2, 8)
+        tail = chunk(3, (2, 2, 32, 2, 8))
+        opened.put(tokens[:96], ctx.namespace(None), [chunk(1, shape), tail], tail=True)
+        grown = tokens + prompt(8, 1, extra=4)[:20]  # the next turn: 129 tokens
+        back = request("b", grown)
+        assert s.matched(back, 0) == (96, False)
+        s.allocated(back, [9, 10, 11, 12, 13], 96)
+        meta = s.step(output([new(back, [9, 10, 11, 12, 13], 96)], scheduled={"b": 33}))
+        assert meta.loads == [LoadSpec("b", tokens[:96], None, [9, 10, 11], 0, 96, tail=True)]
+        # A prompt that is the stored one's first 100 tokens stops at 96 too; the stored
+        # prompt itself (96 held) must compute its last token: it loads 80.
+        assert s.matched(request("c", tokens[:100]), 0) == (96, False)
+        assert s.matched(request("d", tokens[:96]), 0) == (80, False)

@@ -1,4 +1,5 @@
-"""Chunk layout <-> vLLM's paged KV blocks (CPU, FlashAttention and FlashInfer layouts)."""
+"""Chunk layout <-> vLLM's paged KV blocks (CPU, FlashAttention and FlashInfer layouts); the CPU
+layout checked against vLLM's own kernel that writes it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from kvtier.integrations.vllm.paged import (
+    PagedLayer,
     block_view,
     blocks_to_chunks,
     chunks_to_blocks,
@@ -13,6 +15,7 @@ from kvtier.integrations.vllm.paged import (
 )
 
 LAYERS, HEADS, BLOCK, DIM, NBLOCKS = 3, 2, 4, 5, 12
+LAYOUTS = ["cpu", "flash_attn", "flashinfer"]
 
 
 def make(layout: str, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
@@ -25,23 +28,51 @@ def make(layout: str, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]
     return [torch.randn(shape, dtype=dtype) for _ in range(LAYERS)]
 
 
+def views(raw: list[torch.Tensor], packed: bool = False) -> list[PagedLayer]:
+    return [block_view(t, HEADS, DIM, packed) for t in raw]
+
+
 def k_and_v(layout: str, layer: torch.Tensor, block: int, offset: int) -> tuple[torch.Tensor, ...]:
     """K and V (heads, dim) of one token slot, read the way each backend lays them out."""
-    if layout == "cpu":
-        return layer[block, :, offset, :DIM], layer[block, :, offset, DIM:]
+    if layout == "cpu":  # per head: K transposed (dim, block), then V (block, dim)
+        per_head = layer[block].reshape(HEADS, 2 * BLOCK * DIM)
+        k = per_head[:, : BLOCK * DIM].view(HEADS, DIM, BLOCK)[:, :, offset]
+        return k, per_head[:, BLOCK * DIM :].view(HEADS, BLOCK, DIM)[:, offset]
     if layout == "flash_attn":
         return layer[0, block, offset], layer[1, block, offset]
     return layer[block, 0, offset], layer[block, 1, offset]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # the engine's, per host
-@pytest.mark.parametrize("layout", ["cpu", "flash_attn", "flashinfer"])
+@pytest.mark.parametrize("head_dim", [64, 48])  # vLLM's "vec" and "vec16" CPU kernels
+def test_the_cpu_layout_is_what_vllms_own_kernel_writes(dtype: torch.dtype, head_dim: int) -> None:
+    ops = pytest.importorskip("vllm._custom_ops")
+    heads, block, blocks, tokens = 2, 32, 4, 80
+    cache = torch.zeros(blocks, heads, block, 2 * head_dim, dtype=dtype)
+    key_cache, value_cache = cache.view(blocks, heads, 2 * block, head_dim).chunk(2, dim=2)
+    key = torch.randn(tokens, heads, head_dim).to(dtype)
+    value = torch.randn(tokens, heads, head_dim).to(dtype)
+    slots = torch.cat([torch.arange(32) + 96, torch.arange(48)])  # blocks 3, 0 and half of 1
+    isa = "vec" if head_dim % 32 == 0 else "vec16"
+    ops.cpu_attn_reshape_and_cache(
+        key, value, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0
+    )
+    layer = block_view(cache, heads, head_dim)
+    chunk = torch.zeros(1, 2, 80, heads, head_dim, dtype=dtype)  # 2.5 blocks: a tail
+    gather_chunks([layer], [3, 0, 1], [chunk])
+    assert torch.equal(chunk[0, 0], key) and torch.equal(chunk[0, 1], value)
+    back = torch.zeros_like(cache)
+    chunks_to_blocks([chunk], [block_view(back, heads, head_dim)], [3, 0, 1])
+    assert torch.equal(back, cache)  # block 1 in part: its other 16 slots stay 0 in both
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # the engine's, per host
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_gather_puts_k_then_v_of_each_token_in_chunk_layout(
     layout: str, dtype: torch.dtype
 ) -> None:
     raw = make(layout, dtype)
-    views = [block_view(t, HEADS, DIM) for t in raw]
-    chunks = blocks_to_chunks(views, [7, 2, 5, 0], 8)  # two chunks of 8 tokens, 2 blocks each
+    chunks = blocks_to_chunks(views(raw), [7, 2, 5, 0], 8)  # two chunks of 8 tokens, 2 blocks each
     assert chunks.shape == (2, LAYERS, 2, 8, HEADS, DIM)
     k, v = k_and_v(layout, raw[1], 2, 1)  # token 5 of chunk 0: block 2, offset 1
     assert torch.equal(chunks[0, 1, 0, 5], k) and torch.equal(chunks[0, 1, 1, 5], v)
@@ -49,22 +80,25 @@ def test_gather_puts_k_then_v_of_each_token_in_chunk_layout(
     assert torch.equal(chunks[1, 2, 0, 3], k) and torch.equal(chunks[1, 2, 1, 3], v)
 
 
+def blocks_of(raw: torch.Tensor, layout: str, ids: list[int]) -> torch.Tensor:
+    """The memory of blocks ``ids`` of one layer, whatever the layout."""
+    return raw[:, ids] if layout == "flash_attn" else raw[ids]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # the engine's, per host
-@pytest.mark.parametrize("layout", ["cpu", "flash_attn", "flashinfer"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_scatter_round_trips_and_leaves_skipped_blocks_alone(
     layout: str, dtype: torch.dtype
 ) -> None:
     raw = make(layout, dtype)
     block_ids = [7, 2, 5, 0]
-    chunks = blocks_to_chunks([block_view(t, HEADS, DIM) for t in raw], block_ids, 8)
+    chunks = blocks_to_chunks(views(raw), block_ids, 8)
     target = [torch.zeros_like(t) for t in raw]
-    views = [block_view(t, HEADS, DIM) for t in target]
-    chunks_to_blocks(chunks, views, block_ids, skip_blocks=1)
+    chunks_to_blocks(chunks, views(target), block_ids, skip_blocks=1)
     for src, dst in zip(raw, target, strict=True):
-        s, d = block_view(src, HEADS, DIM), block_view(dst, HEADS, DIM)
-        assert torch.equal(d[[2, 5, 0]], s[[2, 5, 0]])  # written through the view
-        assert not d[7].any()  # the engine computed that block itself
-        assert not d[[1, 3, 4, 6, 8]].any()  # nothing else touched
+        assert torch.equal(blocks_of(dst, layout, [2, 5, 0]), blocks_of(src, layout, [2, 5, 0]))
+        assert not blocks_of(dst, layout, [7]).any()  # the engine computed that block itself
+        assert not blocks_of(dst, layout, [1, 3, 4, 6, 8]).any()  # nothing else touched
 
 
 def test_unknown_layouts_are_refused() -> None:
@@ -74,23 +108,21 @@ def test_unknown_layouts_are_refused() -> None:
 
 def test_scatter_of_a_chunk_used_in_part() -> None:
     raw = make("cpu")
-    chunks = blocks_to_chunks([block_view(t, HEADS, DIM) for t in raw], [7, 2, 5, 0], 8)
+    chunks = blocks_to_chunks(views(raw), [7, 2, 5, 0], 8)
     target = [torch.zeros_like(t) for t in raw]
-    views = [block_view(t, HEADS, DIM) for t in target]
-    chunks_to_blocks(chunks, views, [7, 2, 5], skip_blocks=0)  # last block not wanted
+    chunks_to_blocks(chunks, views(target), [7, 2, 5], skip_blocks=0)  # last block not wanted
     for src, dst in zip(raw, target, strict=True):
         assert torch.equal(dst[[7, 2, 5]], src[[7, 2, 5]])
         assert not dst[0].any()
 
 
-@pytest.mark.parametrize("layout", ["cpu", "flash_attn", "flashinfer"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_gather_into_separate_buffers_follows_runs_of_blocks(layout: str) -> None:
     raw = make(layout)
-    views = [block_view(t, HEADS, DIM) for t in raw]
     block_ids = [3, 4, 9, 1, 2, 6]  # runs 3-4 | 9 | 1-2 | 6, across chunk boundaries
     dests = [torch.zeros((LAYERS, 2, 8, HEADS, DIM), dtype=torch.bfloat16) for _ in range(3)]
-    gather_chunks(views, block_ids, dests)
-    expected = blocks_to_chunks(views, block_ids, 8)
+    gather_chunks(views(raw), block_ids, dests)
+    expected = blocks_to_chunks(views(raw), block_ids, 8)
     for c in range(3):
         for j in range(2):  # each block of the chunk, token by token, by the layout's own rule
             for li in range(LAYERS):
@@ -99,20 +131,52 @@ def test_gather_into_separate_buffers_follows_runs_of_blocks(layout: str) -> Non
                 assert torch.equal(dests[c][li, 1, 4 * j + 2], v)
         assert torch.equal(dests[c], expected[c])
     with pytest.raises(ValueError, match=r"3 chunks of \[2, 2, 2\] blocks got 5 blocks"):
-        gather_chunks(views, block_ids[:5], dests)
+        gather_chunks(views(raw), block_ids[:5], dests)
 
 
 def test_a_tail_shorter_than_a_chunk_is_gathered_and_scattered_last() -> None:
     raw = make("cpu")
-    views = [block_view(t, HEADS, DIM) for t in raw]
     block_ids = [3, 4, 9]  # one chunk of two blocks, then a tail of one block
     dests = [torch.zeros((LAYERS, 2, n, HEADS, DIM), dtype=torch.bfloat16) for n in (8, 4)]
-    gather_chunks(views, block_ids, dests)
+    gather_chunks(views(raw), block_ids, dests)
     target = [torch.zeros_like(t) for t in raw]
-    chunks_to_blocks(dests, [block_view(t, HEADS, DIM) for t in target], [5, 6, 7])
+    chunks_to_blocks(dests, views(target), [5, 6, 7])
     for src, dst in zip(raw, target, strict=True):
         assert torch.equal(dst[[5, 6, 7]], src[block_ids])
         assert not dst[8].any()
     only_tail = [torch.zeros_like(t) for t in raw]
-    chunks_to_blocks(dests[1:], [block_view(t, HEADS, DIM) for t in only_tail], [0])
+    chunks_to_blocks(dests[1:], views(only_tail), [0])
     assert all(torch.equal(d[0], s[9]) for d, s in zip(only_tail, raw, strict=True))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_tail_ending_inside_a_block_moves_its_tokens_only(layout: str) -> None:
+    raw = make(layout)
+    block_ids = [3, 4, 9, 1]  # a chunk of two blocks, then a tail of 6 tokens: 1.5 blocks
+    dests = [torch.zeros((LAYERS, 2, n, HEADS, DIM), dtype=torch.bfloat16) for n in (8, 6)]
+    gather_chunks(views(raw), block_ids, dests)
+    for li in range(LAYERS):  # the tail's token 5 is slot 1 of block 1
+        k, v = k_and_v(layout, raw[li], 1, 1)
+        assert torch.equal(dests[1][li, 0, 5], k) and torch.equal(dests[1][li, 1, 5], v)
+    with pytest.raises(ValueError, match=r"2 chunks of \[2, 2\] blocks got 3 blocks"):
+        gather_chunks(views(raw), block_ids[:3], dests)
+    target = [torch.zeros_like(t) for t in raw]
+    chunks_to_blocks(dests, views(target), [5, 6, 7, 8], skip_blocks=1)
+    for src, dst in zip(views(raw), views(target), strict=True):
+        for s, d in zip(src.kv, dst.kv, strict=True):
+            assert not d[5].any()  # skipped: the engine's own
+            assert torch.equal(d[[6, 7]], s[[4, 9]])
+            assert torch.equal(d[8, :2], s[1, :2])  # the tail's two tokens in block 8
+            assert not d[8, 2:].any()  # the rest of that block is the engine's to compute
+            assert not d[[0, 1, 2, 3, 4, 9, 10, 11]].any()
+
+
+def test_a_packed_cache_moves_whole_blocks_as_they_are() -> None:
+    raw = make("cpu")
+    chunks = blocks_to_chunks(views(raw, packed=True), [7, 2, 5, 0], 8)
+    target = [torch.zeros_like(t) for t in raw]
+    chunks_to_blocks(chunks, views(target, packed=True), [1, 3, 4, 6])
+    for src, dst in zip(raw, target, strict=True):
+        assert torch.equal(dst[[1, 3, 4, 6]], src[[7, 2, 5, 0]])
+    # Its chunks are not per token: the per-token view of the same blocks differs.
+    assert not torch.equal(chunks, blocks_to_chunks(views(raw), [7, 2, 5, 0], 8))

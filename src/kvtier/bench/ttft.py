@@ -9,7 +9,9 @@ side by side in one run:
 
 - cold_vllm:         a plain vLLM server (no connector), nothing cached;
 - cold:              the kvtier server, nothing cached (its chunks are saved meanwhile);
-- vllm_prefix:       the same prompt again in that server, from vLLM's own prefix cache;
+- vllm_prefix:       the cold_vllm prompt again in the plain server, from vLLM's own prefix
+                     cache (in a kvtier server kvtier would load the tail after vLLM's
+                     last whole block: not vLLM's own reuse any more);
 - kvtier_memory:     a kvtier server with vLLM's prefix cache off: the hit comes from DRAM;
 - kvtier_disk:       a restarted kvtier server (DRAM + disk, the serve default) reading chunks
                      the first server wrote; the page cache is dropped first when this process
@@ -198,14 +200,13 @@ def _hit_paths(bench: _Run, lengths: list[int], tiers: list[str], redis_url: str
     r = bench.args.repeat
     fill = bench.fill = {n: [prompt("shared", n, k) for k in range(r)] for n in lengths}
     with bench.vllm() as plain:
-        bench.measure(
-            plain, "cold_vllm", {n: [prompt("plain", n, k) for k in range(r)] for n in lengths}
-        )
+        cold = {n: [prompt("plain", n, k) for k in range(r)] for n in lengths}
+        bench.measure(plain, "cold_vllm", cold)
+        bench.measure(plain, "vllm_prefix", {n: cold[n][:1] * r for n in lengths})
     shared = ["--disk", str(bench.work / "disk")] if "disk" in tiers else ["--disk", "none"]
     shared += ["--redis", redis_url] if "redis" in tiers and redis_url else []
     with bench.kvtier(*shared) as first:  # fills disk and Redis with `fill`
         bench.measure(first, "cold", fill)
-        bench.measure(first, "vllm_prefix", {n: fill[n][:1] * r for n in lengths})
     if "memory" in tiers:
         with bench.kvtier("--disk", "none", *NO_PREFIX_CACHE) as memory:
             for n in lengths:

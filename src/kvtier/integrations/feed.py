@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from kvtier.config import RedisTierConfig, StoreConfig
-from kvtier.keys import Namespace
+from kvtier.keys import Namespace, tail_granule
 from kvtier.stats import ChunkEvent
 from kvtier.store import TieredStore
 from kvtier.tiers.base import Tier
@@ -201,6 +201,7 @@ def store_feed(
     kv_events: dict[str, Any] | None = None,
     engine_dtype: dict[str, Any] | None = None,
     scheduling: dict[str, Any] | None = None,
+    tail_tokens: int | None = None,
 ) -> EventFeed:
     """The feed of an engine's ``store``, subscribed to its events (not yet served).
 
@@ -208,7 +209,8 @@ def store_feed(
     ``kv_events``: where vLLM publishes its own KV events (``{"port", "topic"}``), if it does;
     ``engine_dtype``: the engine's dtype, who chose it and why (``kvtier serve``'s choice);
     ``scheduling``: the hits-first scheduler's options, when the engine runs it (the router
-    prices a request's wait by what would go before it).
+    prices a request's wait by what would go before it); ``tail_tokens``: what a stored tail
+    is a multiple of (:func:`kvtier.keys.tail_granule` of the block size unless told).
     """
     tiers = [(t.name, TIER_KIND.get(t.kind, t.kind), t) for t in config.tiers]
     info = {
@@ -221,6 +223,7 @@ def store_feed(
         },
         "chunk_tokens": config.chunk_tokens,
         "block_size": block_size,
+        "tail_tokens": tail_tokens or tail_granule(block_size),
         "bytes_per_token": bytes_per_token,
         "tiers": [{"name": name, "kind": kind} for name, kind, _ in tiers],
         "shared": [

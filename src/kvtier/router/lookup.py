@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvtier.health import TierHealth
-from kvtier.keys import Namespace, chunk_keys, tail_candidates, token_array
+from kvtier.keys import Namespace, chunk_keys, tail_candidates, tail_granule, token_array
 from kvtier.policy.routing import leading_hits
 from kvtier.router.index import ChunkIndex
 from kvtier.tiers.redis import credentials
@@ -25,8 +25,9 @@ SHARED_MAX_ASKING = 8
 
 class PromptKeys:
     """A prompt's chunk keys and, after each leading run of them, its possible tails (whole
-    blocks, shorter than a chunk: what an engine saves after a prompt's last full chunk), so
-    that a returning turn is credited with the tail its previous turn left."""
+    tail granules, shorter than a chunk: what an engine saves after a prompt's last full chunk,
+    see :func:`kvtier.keys.tail_granule`), so that a returning turn is credited with the tail
+    its previous turn left."""
 
     def __init__(
         self,
@@ -35,11 +36,14 @@ class PromptKeys:
         chunk: int,
         block: int,
         complete: bool = True,
+        granule: int | None = None,
     ):
         """``complete``: ``tokens`` are the whole prompt (not only its leading tokens, after
-        which no tail is known)."""
+        which no tail is known); ``granule``: what the engines' tails are a multiple of (their
+        ``tail_tokens``; :func:`~kvtier.keys.tail_granule` of ``block`` unless told)."""
         ids = token_array(tokens)
         self.chunk, self.block = chunk, block
+        granule = granule or tail_granule(block)
         self.keys = chunk_keys(ids, namespace, chunk)
         self.hexes = [k.hex() for k in self.keys]
         self.shared: list[bool] = []
@@ -50,14 +54,14 @@ class PromptKeys:
             if n == len(self.keys) and not complete:
                 self.tails.append([])
                 continue
-            found = tail_candidates(ids, namespace, chunk, block, self.keys, after=n)
+            found = tail_candidates(ids, namespace, chunk, granule, self.keys, after=n)
             self.tails.append([(m, key.hex(), False) for m, key in found])
             self._tail_keys.extend(key for _, key in found)
 
     @property
     def saved(self) -> list[str]:
         """Hex keys an engine saves once it has computed the prompt: its full chunks and the
-        tail of whole blocks after them."""
+        tail after them."""
         return self.hexes + [key for _, key, _ in self.tails[-1][:1]]
 
     @property

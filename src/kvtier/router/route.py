@@ -165,6 +165,7 @@ class Routing:
         if info is None:  # no feed yet: balance on the queues alone
             return sorted(healthy, key=lambda e: e.queued_tokens), None
         chunk, block = int(info["chunk_tokens"]), int(info["block_size"])
+        granule = int(info.get("tail_tokens") or 0) or None
         began = time.perf_counter()
         try:
             prompt_text = body.get("prompt")
@@ -176,7 +177,7 @@ class Routing:
             return sorted(healthy, key=lambda e: e.queued_tokens), None
         salt = body.get("cache_salt")
         namespace = Namespace(**info["namespace"], tenant_salt=salt or None)
-        prompt = PromptKeys(lead.tokens, namespace, chunk, block, lead.complete)
+        prompt = PromptKeys(lead.tokens, namespace, chunk, block, lead.complete, granule)
         shared = self.shared_tier(info)
         keyed = time.perf_counter()
         if shared is not None:
@@ -184,7 +185,7 @@ class Routing:
         seen = self._held_anywhere(prompt.hexes[-1:]) or prompt.shared[-1:] == [True]
         if not lead.complete and seen:  # seen before after all: key all of it
             lead = lead.whole()
-            prompt = PromptKeys(lead.tokens, namespace, chunk, block)
+            prompt = PromptKeys(lead.tokens, namespace, chunk, block, granule=granule)
             if shared is not None:
                 prompt.in_shared(await shared.holds(prompt.all_keys))
         asked = time.perf_counter()
@@ -200,7 +201,9 @@ class Routing:
         self.phase("shared_tier", asked - keyed)
         self.phase("score", time.perf_counter() - scoring)
         if not lead.complete:  # the rest, off the request's path
-            task = asyncio.create_task(self._complete(lead, namespace, chunk, block, route))
+            task = asyncio.create_task(
+                self._complete(lead, namespace, (chunk, block, granule), route)
+            )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return order, route
@@ -269,7 +272,11 @@ class Routing:
         return any(self.index.kinds(e.url, hexes) for e in self.engines.engines)
 
     async def _complete(
-        self, lead: Leading, namespace: Namespace, chunk: int, block: int, route: Route
+        self,
+        lead: Leading,
+        namespace: Namespace,
+        sizes: tuple[int, int, int | None],
+        route: Route,
     ) -> None:
         """A prompt routed on its leading tokens: all its tokens now, for the predictions
         (a burst of the same prompt follows the first) and the queue accounting."""
@@ -279,7 +286,8 @@ class Routing:
         except Exception:  # routing was done already; only its bookkeeping is coarser
             log.exception("kvtier router: tokenizing a prompt failed")
             return
-        prompt = PromptKeys(whole, namespace, chunk, block)
+        chunk, block, granule = sizes  # (chunk, block, tail granule)
+        prompt = PromptKeys(whole, namespace, chunk, block, granule=granule)
         for part in (route, route.prefill):
             if part is not None:
                 self.index.predict(part.engine.url, prompt.saved)

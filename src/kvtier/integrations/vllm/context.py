@@ -14,7 +14,7 @@ from kvtier.errors import ConfigError
 from kvtier.integrations import shared_stores
 from kvtier.integrations.model import model_fingerprint
 from kvtier.integrations.vllm.paged import kv_dtype_name
-from kvtier.keys import Namespace
+from kvtier.keys import KV_LAYOUT, PACKED_LAYOUT, Namespace, tail_granule
 from kvtier.store import TieredStore
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ class ConnectorContext:
     revision: str  # the model's fingerprint
     kv_dtype: str
     store: TieredStore
+    packed: bool = False  # vLLM's AMX CPU kernel: blocks are moved whole, as opaque bytes
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> ConnectorContext:
@@ -115,10 +116,37 @@ class ConnectorContext:
                 vllm_config.model_config.dtype, str(vllm_config.cache_config.cache_dtype)
             ),
             shared_stores.acquire(config),
+            amx_packed(vllm_config),
         )
 
+    @property
+    def granule(self) -> int:
+        """Tokens a stored tail (and so a load's end) is a multiple of: whole blocks of a
+        packed cache, which has no per-token view."""
+        return self.block_size if self.packed else tail_granule(self.block_size)
+
     def namespace(self, salt: str | None) -> Namespace:
-        return Namespace(self.model, self.revision, self.kv_dtype, tenant_salt=salt or None)
+        layout = PACKED_LAYOUT if self.packed else KV_LAYOUT
+        return Namespace(self.model, self.revision, self.kv_dtype, layout, salt or None)
 
     def release(self) -> None:
         shared_stores.release(self.config)
+
+
+def amx_packed(vllm_config: VllmConfig) -> bool:
+    """Whether vLLM's CPU attention runs its AMX kernel, whose cache blocks are packed in AMX
+    tiles (no per-token view): bf16 on a CPU with AMX tiles, blocks a multiple of 32."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except ImportError:
+        return False
+    model, cache = vllm_config.model_config, vllm_config.cache_config
+    try:
+        isa = _get_attn_isa(model.dtype, cache.block_size, model.get_head_size())
+    except Exception:  # a configuration the kernels refuse: vLLM says so itself
+        return False
+    return bool(isa == "amx")

@@ -32,6 +32,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from kvtier.errors import ConfigError
 from kvtier.integrations.vllm.context import WHERE, log
+from kvtier.keys import tail_granule
 from kvtier.policy.scheduling import (
     GATHER_SHARE,
     MIN_STEP_TOKENS,
@@ -131,9 +132,9 @@ class HitsFirst:
         side = getattr(self.connector, "scheduler", None)
         if side is not None and hasattr(side, "held_tokens"):
             held = max(held, int(side.held_tokens(request)))
-        # vLLM computes the last prompt token itself, and loads whole blocks.
-        block = int(self.block_size)
-        return min(held, (int(request.num_prompt_tokens) - 1) // block * block)
+        # vLLM computes the last prompt token itself; a load ends on a tail granule.
+        granule = tail_granule(int(self.block_size))
+        return min(held, (int(request.num_prompt_tokens) - 1) // granule * granule)
 
     # -- each step: the budget, and who sits it out -----------------------------------------
 

@@ -26,7 +26,7 @@ import torch
 
 from kvtier.codec import KVChunk
 from kvtier.integrations.vllm.messages import LoadSpec
-from kvtier.integrations.vllm.paged import TORCH_DTYPES, chunks_to_blocks
+from kvtier.integrations.vllm.paged import TORCH_DTYPES, PagedLayer, chunks_to_blocks
 from kvtier.keys import ChunkKey, Namespace
 from kvtier.results import GetResult
 from kvtier.store import TieredStore
@@ -53,7 +53,7 @@ class Loader:
     def __init__(
         self,
         store: TieredStore,
-        layers: list[torch.Tensor],
+        layers: list[PagedLayer],
         chunk_tokens: int,
         namespace: Callable[[str | None], Namespace],
         before_read: Callable[[list[ChunkKey]], None],
@@ -61,7 +61,7 @@ class Loader:
         self._store = store
         self._layers = layers
         self._chunk = chunk_tokens
-        self._block = layers[0].shape[2]
+        self._block = layers[0].block_size
         self._namespace = namespace
         self._before_read = before_read  # waits for saves of these keys still in flight
         self._dtype = layers[0].dtype
@@ -77,7 +77,7 @@ class Loader:
 
     def chunk_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
         """Shape of a chunk (or a tail of ``tokens`` tokens) of this cache."""
-        _, _, _, heads, dim = self._layers[0].shape
+        heads, dim = self._layers[0].token_shape()
         return (len(self._layers), 2, tokens or self._chunk, heads, dim)
 
     def load(self, spec: LoadSpec) -> None:

@@ -15,15 +15,17 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 @dataclass
 class LoadSpec:
-    """Load tokens [start, end) of a prompt into its blocks. Both ends are block-aligned; the
-    chunk holding ``end`` is read whole and only its blocks before ``end`` are written. With
-    ``tail``, that chunk is the tail of ``tokens`` (a partial chunk, see kvtier.keys). With
-    ``background``, the request waits in WAITING_FOR_REMOTE_KVS while the load runs."""
+    """Load tokens [start, end) of a prompt into its blocks. ``start`` is block-aligned
+    (vLLM's own hit), ``end`` a multiple of the tail granule; the chunk holding ``end`` is read
+    whole and its blocks up to the one holding ``end`` are written (vLLM recomputes the rest of
+    that one). With ``tail``, that chunk is the tail of ``tokens`` (a partial chunk, see
+    kvtier.keys). With ``background``, the request waits in WAITING_FOR_REMOTE_KVS while the
+    load runs."""
 
     req_id: str
     tokens: list[int]  # prompt tokens of every chunk touched: [0, ceil(end / chunk) * chunk)
     salt: str | None
-    block_ids: list[int]  # blocks covering [0, end)
+    block_ids: list[int]  # blocks covering [0, end), the last maybe in part
     start: int
     end: int
     tail: bool = False
@@ -33,7 +35,8 @@ class LoadSpec:
 @dataclass
 class SaveSpec:
     """Save prompt chunks [first_chunk, len(tokens) // chunk) from the request's blocks; with
-    ``tail``, the partial chunk after them too (``tokens`` then ends on a block boundary)."""
+    ``tail``, the partial chunk after them too (``tokens`` then ends on a tail granule, maybe
+    inside a block: ``block_ids`` then ends with that block)."""
 
     req_id: str
     tokens: list[int]

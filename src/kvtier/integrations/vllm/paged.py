@@ -1,21 +1,27 @@
 """Moving KV between kvtier's chunk layout and an engine's paged KV cache (torch only).
 
-kvtier chunk: ``(layers, 2, chunk_tokens, kv_heads, head_dim)``, K before V.
+kvtier chunk: ``(layers, 2, chunk_tokens, kv_heads, head_dim)``, K before V, token by token.
 
 vLLM keeps one tensor per layer, laid out by its attention backend:
 
-- CPU:             ``(num_blocks, kv_heads, block_size, 2 * head_dim)`` (K then V in the last dim)
+- CPU (``vec``/``vec16`` kernels): ``(num_blocks, kv_heads, block_size, 2 * head_dim)`` in name
+  only: per block and head, K is stored transposed, ``(head_dim, block_size)``, then V as
+  ``(block_size, head_dim)`` (measured with vLLM's own ``cpu_attn_reshape_and_cache``; see
+  tests/unit/test_paged.py). The ``amx`` kernel packs both into AMX tiles.
 - FlashAttention:  ``(2, num_blocks, block_size, kv_heads, head_dim)``
 - FlashInfer:      ``(num_blocks, 2, block_size, kv_heads, head_dim)``
 
-:func:`block_view` turns any of them into a ``(num_blocks, 2, block_size, kv_heads, head_dim)``
-view of the same memory; gather and scatter then work on whole blocks, one
-``index_select`` / ``index_copy_`` per layer for a whole run of chunks.
+:func:`block_view` turns any of them into a :class:`PagedLayer`: K and V each viewed as
+``(num_blocks, block_size, kv_heads, head_dim)`` over the same memory, so a chunk holds the
+same bytes whichever engine wrote it, and a block can be moved in part (a tail ending inside
+it). An AMX-packed cache has no per-token view: it is moved as opaque whole blocks
+(``packed``), under a layout tag of its own so that no other engine reads its chunks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -44,16 +50,59 @@ def kv_dtype_name(model_dtype: object, cache_dtype: str) -> str:
     raise ConfigError(f"kvtier stores bf16, fp16 or fp32 KV caches, not {model_dtype}")
 
 
-def block_view(layer: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
-    """A ``(num_blocks, 2, block_size, kv_heads, head_dim)`` view of one layer's cache."""
+@dataclass(frozen=True)
+class PagedLayer:
+    """One layer's paged cache: K and V as ``(num_blocks, block_size, kv_heads, head_dim)``
+    views of the engine's tensor."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def block_size(self) -> int:
+        return int(self.k.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k, self.v
+
+    def token_shape(self) -> tuple[int, int]:
+        """(kv_heads, head_dim)"""
+        return int(self.k.shape[2]), int(self.k.shape[3])
+
+
+def block_view(
+    layer: torch.Tensor, kv_heads: int, head_dim: int, packed: bool = False
+) -> PagedLayer:
+    """K and V views of one layer's cache. ``packed``: the CPU layout of vLLM's AMX kernel,
+    whose blocks are moved whole as opaque bytes (its K and V views are not per token)."""
     shape = tuple(layer.shape)
     if layer.dim() == 4 and shape[1] == kv_heads and shape[3] == 2 * head_dim:  # CPU
-        blocks, _, block_size, _ = shape
-        return layer.view(blocks, kv_heads, block_size, 2, head_dim).permute(0, 3, 2, 1, 4)
+        if not layer.is_contiguous():
+            raise ValueError(f"a CPU KV cache of shape {shape} that is not contiguous")
+        blocks, _, block, _ = shape
+        head = 2 * block * head_dim  # one head of one block: K then V
+        size = (blocks, block, kv_heads, head_dim)
+        at = layer.storage_offset()
+        if packed:  # opaque: read as if token-major, K and V interleaved (never per token)
+            strides = (kv_heads * head, 2 * head_dim, head, 1)
+            k = layer.as_strided(size, strides, at)
+            return PagedLayer(k, layer.as_strided(size, strides, at + head_dim))
+        k = layer.as_strided(size, (kv_heads * head, 1, head, block), at)  # K^T per head
+        v = layer.as_strided(size, (kv_heads * head, head_dim, head, 1), at + block * head_dim)
+        return PagedLayer(k, v)
     if layer.dim() == 5 and shape[0] == 2 and shape[3:] == (kv_heads, head_dim):  # FlashAttn
-        return layer.permute(1, 0, 2, 3, 4)
+        return PagedLayer(layer[0], layer[1])
     if layer.dim() == 5 and shape[1] == 2 and shape[3:] == (kv_heads, head_dim):  # FlashInfer
-        return layer
+        return PagedLayer(layer[:, 0], layer[:, 1])
     raise ValueError(
         f"unknown paged KV layout {shape} for {kv_heads} KV heads of dim {head_dim}; kvtier"
         " knows vLLM's CPU, FlashAttention and FlashInfer layouts"
@@ -71,43 +120,63 @@ def _runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _as_blocks(chunk: torch.Tensor, block_size: int, first: int, count: int) -> torch.Tensor:
-    """Blocks ``[first, first + count)`` of a chunk ``(layers, 2, chunk, heads, dim)`` as a
-    ``(layers, count, 2, block_size, heads, dim)`` view."""
-    layers, two, _, heads, dim = chunk.shape
-    part = chunk[:, :, first * block_size : (first + count) * block_size]
-    return part.view(layers, two, count, block_size, heads, dim).transpose(1, 2)
+def _pairs(
+    chunk: torch.Tensor,
+    layers: Sequence[PagedLayer],
+    block_ids: Sequence[int],
+    at: int,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(cache view, chunk view) of every copy between ``chunk`` (its blocks from position
+    ``at`` within it) and the cache blocks ``block_ids``: one per layer, K/V and run of
+    consecutive blocks, then one per layer and K/V for a last block the chunk holds in part."""
+    block = layers[0].block_size
+    tokens = chunk.shape[2]
+    whole = min(len(block_ids), max(tokens // block - at, 0))
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for pos, first, count in _runs(block_ids[:whole]):
+        lo = (at + pos) * block
+        for li, layer in enumerate(layers):
+            heads, dim = layer.token_shape()
+            for kv, cache in enumerate(layer.kv):
+                part = chunk[li, kv, lo : lo + count * block]
+                pairs.append((cache[first : first + count], part.view(count, block, heads, dim)))
+    if whole < len(block_ids):  # a tail ending inside its last block: its tokens only
+        lo = (at + whole) * block
+        for li, layer in enumerate(layers):
+            for kv, cache in enumerate(layer.kv):
+                part = chunk[li, kv, lo:tokens]
+                pairs.append((cache[block_ids[whole], : tokens - lo], part))
+    return pairs
 
 
 def gather_chunks(
-    layers: Sequence[torch.Tensor], block_ids: Sequence[int], dests: Sequence[torch.Tensor]
+    layers: Sequence[PagedLayer], block_ids: Sequence[int], dests: Sequence[torch.Tensor]
 ) -> None:
-    """Copy whole blocks into chunks: ``dests[c]`` is a ``(layers, 2, tokens, heads, dim)``
-    tensor (a host buffer, say the payload of an encoded chunk; the last may be a tail, shorter
-    than the others); ``block_ids`` list the blocks of those chunks in token order. ``layers``
-    are :func:`block_view` views.
+    """Copy blocks into chunks: ``dests[c]`` is a ``(layers, 2, tokens, heads, dim)`` tensor
+    (a host buffer, say the payload of an encoded chunk; the last may be a tail, shorter than
+    the others and maybe ending inside a block, whose first tokens alone are copied);
+    ``block_ids`` list the blocks of those chunks in token order.
 
-    One copy per layer and run of consecutive blocks, straight from the cache to ``dests``.
+    One copy per layer, K/V and run of consecutive blocks, straight from the cache to ``dests``.
     """
-    block_size = layers[0].shape[2] if layers else 1
-    counts = [dest.shape[2] // block_size for dest in dests]
+    block_size = layers[0].block_size if layers else 1
+    counts = [-(-dest.shape[2] // block_size) for dest in dests]
     if len(block_ids) != sum(counts):
         raise ValueError(f"{len(dests)} chunks of {counts} blocks got {len(block_ids)} blocks")
     at = 0
     for dest, count in zip(dests, counts, strict=True):
-        for pos, first, run in _runs(block_ids[at : at + count]):
-            view = _as_blocks(dest, block_size, pos, run)
-            for li, layer in enumerate(layers):
-                view[li].copy_(layer[first : first + run])
+        for cache, part in _pairs(dest, layers, block_ids[at : at + count], 0):
+            part.copy_(cache)
         at += count
 
 
 def blocks_to_chunks(
-    layers: Sequence[torch.Tensor], block_ids: Sequence[int], chunk_tokens: int
+    layers: Sequence[PagedLayer], block_ids: Sequence[int], chunk_tokens: int
 ) -> torch.Tensor:
     """Gather whole blocks into a new ``(n_chunks, layers, 2, chunk, heads, dim)`` host tensor
     (see :func:`gather_chunks`)."""
-    _, _, block_size, heads, dim = layers[0].shape
+    block_size = layers[0].block_size
+    heads, dim = layers[0].token_shape()
     n_chunks = len(block_ids) // (chunk_tokens // block_size)
     out = torch.empty((n_chunks, len(layers), 2, chunk_tokens, heads, dim), dtype=layers[0].dtype)
     gather_chunks(layers, block_ids, list(out))
@@ -116,35 +185,34 @@ def blocks_to_chunks(
 
 def chunks_to_blocks(
     chunks: torch.Tensor | Sequence[torch.Tensor],
-    layers: Sequence[torch.Tensor],
+    layers: Sequence[PagedLayer],
     block_ids: Sequence[int],
     skip_blocks: int = 0,
 ) -> None:
     """Scatter chunks ``(layers, 2, tokens, heads, dim)`` into the paged cache.
 
-    ``layers`` are :func:`block_view` views; ``block_ids`` are the blocks of those chunks in
-    token order, possibly fewer than the chunks hold (the last chunk used in part; it may also
-    be a tail, shorter than the others); the first ``skip_blocks`` of them are left alone
-    (already computed).
+    ``block_ids`` are the blocks of those chunks in token order, possibly fewer than the chunks
+    hold (the last chunk used in part; it may also be a tail, shorter than the others, whose
+    last block may be partial: only its tokens are written there); the first ``skip_blocks``
+    of them are left alone (already computed).
     """
     if len(chunks) == 0:
         return
-    block_size = layers[0].shape[2]
-    per_chunk = chunks[0].shape[2] // block_size
+    block_size = layers[0].block_size
+    per_chunk = -(-chunks[0].shape[2] // block_size)
     device = layers[0].device
     dests: list[torch.Tensor] = []
     sources: list[torch.Tensor] = []
     for c, chunk in enumerate(chunks):
-        own = chunk.shape[2] // block_size
-        lo, hi = max(skip_blocks, c * per_chunk), min(len(block_ids), c * per_chunk + own)
+        base = c * per_chunk
+        own = -(-chunk.shape[2] // block_size)
+        lo, hi = max(skip_blocks, base), min(len(block_ids), base + own)
         if lo >= hi:
             continue
         src = chunk.to(device, non_blocking=True)
-        for pos, first, count in _runs(block_ids[lo:hi]):
-            view = _as_blocks(src, block_size, lo - c * per_chunk + pos, count)
-            for li, layer in enumerate(layers):
-                dests.append(layer[first : first + count])
-                sources.append(view[li])
+        for cache, part in _pairs(src, layers, block_ids[lo:hi], lo - base):
+            dests.append(cache)
+            sources.append(part)
     # One call for every copy: each torch call lets go of the GIL and must take it back, which
     # a background load waits for (up to 5 ms a time) while the engine's thread runs Python:
     # 210 separate copies of a 7-chunk load took 1.4 s that way instead of 27 ms.

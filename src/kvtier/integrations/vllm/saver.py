@@ -16,7 +16,7 @@ import torch
 from kvtier import codec
 from kvtier.integrations.vllm.chunk_pool import ChunkPool
 from kvtier.integrations.vllm.messages import SaveSpec
-from kvtier.integrations.vllm.paged import gather_chunks
+from kvtier.integrations.vllm.paged import PagedLayer, gather_chunks
 from kvtier.keys import ChunkKey, Namespace
 from kvtier.store import TieredStore
 from kvtier.threads import background_priority
@@ -45,7 +45,7 @@ class Saver:
         self._kv_dtype = kv_dtype
         self._write_through = write_through
         self._announce = announce
-        self._layers: Sequence[torch.Tensor] = ()
+        self._layers: Sequence[PagedLayer] = ()
         self._shape: Callable[[int], tuple[int, ...]] | None = None
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix="kvtier-save", initializer=background_priority
@@ -55,7 +55,7 @@ class Saver:
         self._lock = threading.Lock()
         self._took: list[float] = []  # seconds from gathered to stored, since took()
 
-    def bind(self, layers: Sequence[torch.Tensor], shape: Callable[[int], tuple[int, ...]]) -> None:
+    def bind(self, layers: Sequence[PagedLayer], shape: Callable[[int], tuple[int, ...]]) -> None:
         """The KV cache's layers (block views) and the shape of a tail of n tokens."""
         self._layers, self._shape = layers, shape
 

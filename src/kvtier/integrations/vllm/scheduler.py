@@ -2,12 +2,13 @@
 loads and saves at each step.
 
 :meth:`SchedulerSide.matched` asks the store how many leading prompt tokens it holds (whole
-chunks, then a tail of whole blocks, leaving at least one token to compute) and decides whether
+chunks, then a tail of 16-token granules, leaving at least one token to compute) and decides whether
 the load runs in the background (the request then waits in WAITING_FOR_REMOTE_KVS while other
 requests run). :meth:`SchedulerSide.step` turns vLLM's scheduler output into this step's
 :class:`~.messages.KvtierConnectorMetadata`: the chunks to load into each request's blocks, its
-newly completed prompt chunks to save and, once a prompt is computed, its tail (the full blocks
-after its last full chunk, so that reuse is as fine-grained as vLLM's own blocks), and prefetches
+newly completed prompt chunks to save and, once a prompt is computed, its tail (its tokens after
+its last full chunk, cut to a multiple of 16: a returning turn recomputes at most 15 of them,
+where vLLM's own cache recomputes up to a block, 128 tokens on CPU), and prefetches
 for the requests still waiting for blocks.
 
 Everything kvtier knows of a request lives in one :class:`RequestState`, dropped in one place
@@ -107,19 +108,19 @@ class SchedulerSide:
         self.metrics.tick()
 
     def _lookup(self, tokens: list[int], salt: str | None) -> LookupResult:
-        """Leading tokens held by kvtier (whole chunks, then a tail of whole blocks): in this
-        process's tiers or the worker's DRAM."""
+        """Leading tokens held by kvtier (whole chunks, then a tail): in this process's tiers or
+        the worker's DRAM."""
         ctx = self.ctx
         namespace = ctx.namespace(salt)
         savers = self._in_process_saves()
         if savers:  # a save still under way may hold this very prefix (or a tail of it)
             keys = ctx.store.keys(tokens, namespace)
-            args = (tokens, namespace, ctx.chunk, ctx.block_size, keys)
+            args = (tokens, namespace, ctx.chunk, ctx.granule, keys)
             probe = keys + [k for n in range(len(keys) + 1) for _, k in tail_candidates(*args, n)]
             for saver in savers:
                 saver.wait(probe)
         elsewhere = frozenset() if savers else self.worker_top
-        return ctx.store.lookup(tokens, namespace, elsewhere, ctx.block_size)
+        return ctx.store.lookup(tokens, namespace, elsewhere, ctx.granule)
 
     def _in_dram(self, found: LookupResult, start: int, end: int) -> bool:
         """Whether the hit chunks covering tokens [start, end) are all in the worker's DRAM."""
@@ -145,10 +146,10 @@ class SchedulerSide:
         found = self._lookup(state.prompt, state.salt)
         state.held = found.hit_tokens  # those chunks need no saving
         state.vllm_hit = num_computed_tokens
-        # vLLM must compute at least the last prompt token itself. Loads are block-granular:
-        # the last chunk may be used in part, so no more than one block is recomputed.
-        block = self.ctx.block_size
-        usable = min(found.hit_tokens, (len(state.prompt) - 1) // block * block)
+        # vLLM must compute at least the last prompt token itself. A load ends on a tail
+        # granule (16 tokens), in the middle of a block if need be: vLLM computes the rest.
+        granule = self.ctx.granule
+        usable = min(found.hit_tokens, (len(state.prompt) - 1) // granule * granule)
         planned = max(usable - num_computed_tokens, 0)
         tenant = salt_tenant(state.salt)  # None without --tenants
         self.metrics.looked_up(
@@ -253,7 +254,7 @@ class SchedulerSide:
         tail = end > full  # only the tail covers `end`
         # The chunk holding `end` is stored whole (or as the tail): it is read whole.
         whole = held if tail else -(-end // chunk) * chunk
-        blocks = block_ids[: end // self.ctx.block_size]
+        blocks = block_ids[: -(-end // self.ctx.block_size)]  # the last one maybe in part
         return LoadSpec(req_id, state.prompt[:whole], state.salt, blocks, start, end, tail)
 
     def _plan_save(
@@ -268,11 +269,12 @@ class SchedulerSide:
             blocks = state.block_ids[: done // block]
             meta.saves.append(SaveSpec(req_id, state.prompt[:done], state.salt, blocks, first))
             state.saved_tokens = done
-        # Once the whole prompt is computed, its full blocks after the last full chunk are
-        # saved as a tail: a later prompt sharing them reuses them as vLLM's own cache would.
-        end = prompt // block * block
+        # Once the whole prompt is computed, its tokens after the last full chunk (to a
+        # granule) are saved as a tail: a returning turn that extends the prompt reuses them.
+        granule = self.ctx.granule
+        end = prompt // granule * granule
         if computed >= prompt and end % chunk and end > state.saved_tokens:
-            blocks = state.block_ids[: end // block]
+            blocks = state.block_ids[: -(-end // block)]
             tail = SaveSpec(req_id, state.prompt[:end], state.salt, blocks, end // chunk, tail=True)
             meta.saves.append(tail)
             state.saved_tokens = end

@@ -106,12 +106,12 @@ class WorkerSide:
         head_dim = model.get_head_size()
         ordered = [kv_caches[name] for name in sorted(kv_caches, key=_layer_index)]
         try:
-            self._layers = [block_view(t, heads, head_dim) for t in ordered]
+            self._layers = [block_view(t, heads, head_dim, ctx.packed) for t in ordered]
         except ValueError as exc:
             raise ConfigError(f"kvtier cannot use this KV cache: {exc}") from None
-        if self._layers[0].shape[2] != ctx.block_size:
+        if self._layers[0].block_size != ctx.block_size:
             raise ConfigError(
-                f"KV cache blocks hold {self._layers[0].shape[2]} tokens, vLLM's block size"
+                f"KV cache blocks hold {self._layers[0].block_size} tokens, vLLM's block size"
                 f" is {ctx.block_size}"
             )
         if TORCH_DTYPES.get(ordered[0].dtype) != ctx.kv_dtype:
@@ -131,7 +131,7 @@ class WorkerSide:
     def _start_feed(self, port: int, chunk_shape: tuple[int, ...]) -> None:
         """Publish what this worker's store holds, for ``kvtier router`` (see integrations.feed)."""
         ctx = self.ctx
-        per_token = math.prod(chunk_shape) * self._layers[0].element_size() // ctx.chunk
+        per_token = math.prod(chunk_shape) * self._layers[0].k.element_size() // ctx.chunk
         feed = store_feed(
             ctx.store,
             ctx.config,
@@ -141,6 +141,7 @@ class WorkerSide:
             ctx.options.kv_events,
             ctx.options.engine_dtype,
             ctx.options.scheduling,
+            ctx.granule,
         )
         self._feed = feed if feed.start("127.0.0.1", port) else None
 
