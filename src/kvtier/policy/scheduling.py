@@ -29,8 +29,8 @@ from dataclasses import dataclass
 STEP_S = 0.5  # the step target right after an arrival: a burst's hits wait about this
 MAX_STEP_S_FACTOR = 4  # with no arrival, steps grow up to 4 x step_s (a late hit's worst wait)
 PATIENCE = 2.0  # a cold request yields to what arrives within 2x its own prefill time after it
-GATHER_S = 0.05  # an idle engine's wait for a cold prompt's companions, at most
-GATHER_SHARE = 0.05  # ...and at most this share of the cold prompt's own prefill time
+GATHER_S = 0.05  # an idle engine's wait for the companions of what arrived, at most
+GATHER_SHARE = 0.05  # ...and at most this share of the shortest waiting request's step
 MIN_STEP_TOKENS = 64  # below this a step's fixed cost dominates and prefill crawls
 
 
@@ -45,9 +45,9 @@ class SchedulingOptions:
             seconds.
         max_step_s: the longest a step may grow to while no request arrives (default: 4 x
             ``step_s``); ``step_s`` itself keeps every step short.
-        gather_s: how long an idle engine waits, at most, after a cold prompt arrives alone
-            before its first step, for requests sent with it (a burst) to be ranked with it;
-            never more than 5% of the prompt's own prefill time. 0: no wait.
+        gather_s: how long an idle engine waits, at most, after a request arrives before its
+            first step, for requests sent with it (a burst) to be ranked with it; never more
+            than 5% of the step the shortest of them needs. 0: no wait.
         patience: how long a request lets later, smaller ones go first, in multiples of its
             own expected prefill time.
     """

@@ -200,20 +200,18 @@ class HitsFirst:
         ]
 
     def _gathering(self) -> bool:
-        """Whether an idle engine whose waiting requests are all cold prompts should wait a
-        moment before the first step: the requests of a burst arrive some milliseconds apart,
-        and a hit that arrives just after a cold prompt would otherwise wait for its first
-        step. The wait is at most ``gather_s`` and 5% of the shortest prompt's prefill."""
+        """Whether an idle engine should wait a moment before its first step: the requests of
+        a burst arrive some milliseconds apart, and a hit that arrives just after a cold
+        prompt would otherwise wait for its first step, one just after another hit for the
+        first hit's step (one step for a burst's hits costs them less than one each). The
+        wait is at most ``gather_s`` and 5% of the step the shortest request needs."""
         if self.running or not self.options.gather_s:
             return False
-        short = self.model.tokens_within(self.options.step_s)
         first, work = None, None
         for r in self.waiting:
             if r.status not in READY:
                 continue
             w = self._work.get(r.request_id, r.num_prompt_tokens)
-            if w <= short:
-                return False  # a hit is there: go
             first = r.arrival_time if first is None else min(first, r.arrival_time)
             work = w if work is None else min(work, w)
         if first is None or work is None:
