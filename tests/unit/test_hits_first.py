@@ -403,9 +403,8 @@ def test_a_hit_whose_background_load_ends_goes_before_cold_prefills(
 
 
 def test_an_idle_engine_waits_a_moment_for_a_hits_companions(model: str) -> None:
-    """Two hits of a burst reach an idle engine 10 ms apart, the longer first. With the gather
-    they are ranked together and the shorter answers first; without it the longer one takes
-    the first step alone."""
+    """Two hits of a burst reach an idle engine 10 ms apart: with the gather they share the
+    first step; without it the second waits for the first one's step."""
     answered = {}
     for gather in (0.0, 0.05):
         engine = Engine(scheduler(model, hits_first=True))
@@ -414,27 +413,15 @@ def test_an_idle_engine_waits_a_moment_for_a_hits_companions(model: str) -> None
         history = tokens(71, 1500)
         engine.add(history)
         engine.run()
-        longer = engine.add(history + tokens(72, 120))
+        first = engine.add(history + tokens(72, 40))
         engine.step()  # 10 ms: an empty step while the engine waits, or the first hit's step
-        shorter = engine.add(history + tokens(73, 20))
+        second = engine.add(history + tokens(73, 40))
         engine.run()
-        answered[gather] = (engine.first_token[longer], engine.first_token[shorter])
-    (long_now, short_now), (long_gathered, short_gathered) = answered[0.0], answered[0.05]
-    assert long_now < short_now, answered  # the first to arrive went alone
-    assert short_gathered < long_gathered, answered  # ranked together: the shorter first
-    assert short_gathered < short_now, answered
-
-
-def test_hits_that_cost_more_than_a_steps_fixed_part_answer_one_at_a_time(model: str) -> None:
-    """Three equal hits at once on a CPU-like engine (a step's fixed part 0.05 s, each hit's
-    own tokens ~0.16 s): one per step, so the first answers after one hit's step and the
-    median after two, instead of all three after a step of three."""
-    engine = Engine(scheduler(model, hits_first=True))
-    history = tokens(81, 1500)
-    engine.add(history)
-    engine.run()
-    hits = [engine.add(history + tokens(82 + i, 40)) for i in range(3)]
-    engine.run()
-    times = sorted(engine.ttft(h) for h in hits)
-    one = FIXED_S + PER_TOKEN_S * 52  # one hit's step: 40 new tokens and 12 of the history
-    assert times[0] < 1.5 * one < times[1] < 2.5 * one < times[2], (times, one)
+        answered[gather] = (engine.first_token[first], engine.first_token[second])
+    (a_now, b_now), (a_gathered, b_gathered) = answered[0.0], answered[0.05]
+    assert b_now > a_now  # a step of its own, after the first hit's
+    assert b_gathered == a_gathered  # one step for both
+    # What the first hit paid: the wait (5% of its step) and the second hit's tokens. (Which
+    # order is faster for the second depends on the step's fixed cost: on this host a hit
+    # alone took 0.34 s and two together 0.50 s, so sharing wins; this clock's is small.)
+    assert a_gathered - a_now < 0.3, answered

@@ -220,31 +220,22 @@ class HitsFirst:
         return bool(self.wall() - first < limit)
 
     def _answer_soon(self) -> int:
-        """The prefill tokens this step gives the requests that would finish their prefill
-        within a short step (0: none): their first tokens wait for the end of the step, which
-        must neither grow nor be filled up with another prompt's chunk.
-
-        All of them in one step, or the shortest alone: k hits of w tokens each in one step
-        all answer after a + k b w (the step model's fixed and per-token parts); one at a
-        time, the i-th after i (a + b w). One at a time has the lower mean (and median) when
-        a < b w: on a CPU, where a hit's own tokens cost more than a step's fixed part (here
-        0.30 s for one hit, 0.46 s for two), not on a GPU, where the fixed part dominates."""
+        """The prefill tokens left to the requests that would finish their prefill within a
+        short step (0: none): their first tokens wait for the end of the step, which must
+        neither grow nor be filled up with another prompt's chunk."""
         short = self.model.tokens_within(self.options.step_s)
-        works = [
-            r.num_prompt_tokens - r.num_computed_tokens
-            for r in self.running
-            if 0 < r.num_prompt_tokens - r.num_computed_tokens <= short
-        ]
+        left = 0
+        for r in self.running:
+            if 0 < r.num_prompt_tokens - r.num_computed_tokens <= short:
+                left += r.num_prompt_tokens - r.num_computed_tokens
         for queue in (self.kv_holding_waiting, self.waiting):
             for r in queue:
                 # (one loading in the background will be ready at the end of some step)
                 ready = r.status in READY or r.status == RequestStatus.WAITING_FOR_REMOTE_KVS
                 work = self._work.get(r.request_id, short + 1)
                 if ready and work <= short:
-                    works.append(work)
-        if len(works) > 1 and self.model.fixed_s < self.model.per_token_s * min(works):
-            return min(works)
-        return sum(works)
+                    left += work
+        return left
 
     def _budget(self, answering: int) -> int:
         """This step's token budget: what fits in the step's time, or only what the requests
