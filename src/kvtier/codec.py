@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 import time
+import warnings
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -46,9 +47,20 @@ assert _PREFIX.size + _CHECKSUM.size == HEADER_BYTES
 
 
 class Compression(IntEnum):
+    """How a payload is stored: as it is, compressed losslessly, or by a lossy codec of
+    :mod:`kvtier.quant` (decoded back to the header's dtype)."""
+
     NONE = 0
     ZSTD = 1
     LZ4 = 2
+    BF16 = 3
+    INT8 = 4
+    FP8 = 5
+    INT4 = 6
+
+    @property
+    def lossy(self) -> bool:
+        return self >= Compression.BF16
 
     @classmethod
     def named(cls, name: str) -> Compression:
@@ -129,6 +141,8 @@ def encode(
         payload = zstandard.ZstdCompressor(level=1).compress(raw)
     elif compression == Compression.LZ4:
         payload = lz4.frame.compress(raw)
+    elif compression.lossy:
+        payload = _quantize(compression, chunk)
     else:
         payload = raw
     prefix = _PREFIX.pack(
@@ -325,6 +339,8 @@ def decode(blob: bytes | bytearray | memoryview, expected_key: bytes | None = No
             )
         elif header.compression == Compression.LZ4:
             data = lz4.frame.decompress(payload)
+        elif header.compression.lossy:
+            data = _dequantize(header, payload)
     except Exception as exc:  # a verified payload that fails to inflate is still corrupt
         raise CorruptChunk(f"cannot decompress chunk {header.key.hex()}: {exc}") from exc
     try:
@@ -362,3 +378,34 @@ def join(
     return encode(
         h.key, KVChunk(h.dtype, h.shape, payload), h.namespace_id, Compression.NONE, h.created_at
     )
+
+
+_TORCH_DTYPES = ("float32", "float16", "bfloat16")  # KV dtypes a lossy codec takes
+
+
+def _quantize(compression: Compression, chunk: KVChunk) -> memoryview:
+    """``chunk``'s payload stored by a lossy codec (see :mod:`kvtier.quant`)."""
+    import torch
+
+    from kvtier import quant
+
+    if chunk.dtype not in _TORCH_DTYPES:
+        raise ValueError(f"the {compression.name.lower()} codec takes float KV, not {chunk.dtype}")
+    with warnings.catch_warnings():  # read-only bytes: only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        kv = torch.frombuffer(chunk.data, dtype=getattr(torch, chunk.dtype)).view(chunk.shape)
+    return memoryview(quant.encode(compression.name.lower(), kv).numpy())
+
+
+def _dequantize(header: ChunkHeader, payload: memoryview) -> memoryview:
+    """The payload of a chunk stored by a lossy codec, back in its header's dtype."""
+    import torch
+
+    from kvtier import quant
+
+    dtype = getattr(torch, header.dtype)
+    with warnings.catch_warnings():  # read-only bytes: only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        stored = torch.frombuffer(payload, dtype=torch.uint8)
+    kv = quant.decode(header.compression.name.lower(), stored, header.shape, dtype)
+    return memoryview(kv.reshape(-1).view(torch.uint8).numpy())

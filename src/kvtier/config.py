@@ -37,8 +37,10 @@ import yaml
 from kvtier.errors import ConfigError
 from kvtier.policy.eviction import POLICY_NAMES
 
-COMPRESSIONS = ("none", "zstd", "lz4")
+# A tier's stored form (`codec:`, or `compression:` as before): lossless, or lossy (kvtier.quant).
+COMPRESSIONS = ("none", "zstd", "lz4", "bf16", "int8", "fp8", "int4")
 MASTER_KEY_VAR = "KVTIER_MASTER_KEY"  # master keys in the environment (kvtier.sealing)
+GATE_VAR = "KVTIER_FIDELITY_DIR"  # where the quality gate's records are (kvtier.gate)
 EVICTIONS = POLICY_NAMES
 _SIZE_UNITS = {"": 1, "b": 1}
 _SIZE_UNITS |= {f"{p}b": 1000**i for i, p in enumerate("kmgt", 1)}  # kb ... tb
@@ -281,6 +283,10 @@ def _tier_from(values: Any, where: str, env: bool = False) -> TierConfig:
     if not isinstance(kind, str) or kind not in TIER_KINDS:
         raise ConfigError(f"{where}kind: {kind!r} is not allowed; allowed: {', '.join(TIER_KINDS)}")
     values = {"name": kind, **values}
+    if "codec" in values:  # the name the docs use; `compression` is the field's
+        if "compression" in values:
+            raise ConfigError(f"{where}codec: give codec or compression, not both")
+        values["compression"] = values.pop("codec")
     tier: TierConfig = _build(TIER_KINDS[kind], values, where, env)
     return tier
 
@@ -319,7 +325,7 @@ def _apply_env(config: StoreConfig, env: Mapping[str, str]) -> StoreConfig:
     )
     per_tier: dict[str, dict[str, str]] = {}
     for var in sorted(env):
-        if not var.startswith("KVTIER_") or var in ("KVTIER_CONFIG", MASTER_KEY_VAR):
+        if not var.startswith("KVTIER_") or var in ("KVTIER_CONFIG", MASTER_KEY_VAR, GATE_VAR):
             continue
         rest = var[len("KVTIER_") :]
         if rest in store_fields:

@@ -226,3 +226,34 @@ def test_pod_commands_refuse_bad_combinations_before_starting_anything(
         assert message in capsys.readouterr().err, args
     assert "--prefill" in kvtier("pod", "--help").stdout
     assert "disaggregated" in kvtier("router", "--help").stdout
+
+
+def test_codecs_measured_planned_and_gated_from_the_command_line(tmp_path: Path) -> None:
+    table = json.loads(kvtier("bench", "store", "--codec", "all", "--json").stdout)
+    rows = {r["codec"]: r for r in table["codecs"]}
+    assert set(rows) == {"bf16", "int8", "fp8", "int4"}
+    assert rows["int8"]["vs_bf16"] <= 0.53 and rows["int4"]["vs_bf16"] <= 0.30
+    assert all(r["encode_gb_s"] > 0 and r["decode_gb_s"] > 0 for r in rows.values())
+    assert table["memcpy_gb_s"] > 0
+    printed = kvtier("bench", "store", "--codec", "int8").stdout
+    assert "decode GB/s" in printed and "memcpy" in printed
+    bad = kvtier("bench", "store", "--codec", "int3", check=False)
+    assert bad.returncode != 0 and "unknown codec 'int3'" in bad.stderr
+    plan = kvtier("plan", "llama-3.1-405b", "--codec", "int8").stdout
+    assert "stored as int8: 262,080 bytes per token (0.51x" in plan
+    # serve: a lossy codec the model has not passed is refused before vLLM starts, unless
+    # forced (with the warning); the gate's records live where KVTIER_FIDELITY_DIR says.
+    env = {**os.environ, "KVTIER_FIDELITY_DIR": str(tmp_path / "gate")}
+    base = ["serve", "--dry-run", *GIVEN_DTYPE, "--disk", str(tmp_path / "d")]
+    run = [KVTIER, *base, "--codec", "disk=int4"]
+    refused = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2 and "int4 has not passed the quality gate" in refused.stderr
+    forced = subprocess.run(
+        [*run, "--force-codec"], capture_output=True, text=True, env=env, timeout=300, check=True
+    )
+    assert "WARNING: --codec disk=int4 forced" in forced.stderr
+    command = json.loads(forced.stdout)
+    tiers = json.loads(command[command.index("--kv-transfer-config") + 1])[
+        "kv_connector_extra_config"
+    ]["tiers"]
+    assert [t["compression"] for t in tiers] == ["none", "int4"]

@@ -156,6 +156,38 @@ def test_compressed_lower_tier_round_trips(tmp_path: Path) -> None:
         assert same(store.get(tokens, NS).chunks[0], chunk(5000))
 
 
+@pytest.mark.parametrize("lossy", [Compression.INT8, Compression.INT4])
+def test_a_lossy_lower_tier_stores_fewer_bytes_and_promotes_raw(
+    tmp_path: Path, lossy: Compression
+) -> None:
+    """DRAM raw over a disk tier storing int8 (or int4): the disk files are smaller, a fresh
+    store reads them back close to the original, DRAM then holds them raw."""
+    tokens = prompt(6, 2)
+    comps = [Compression.NONE, lossy]
+    with TieredStore(
+        [MemoryTier(1 << 20), DiskTier(tmp_path / "q", 1 << 30, fsync=False)],
+        CHUNK_TOKENS,
+        compression=comps,
+    ) as store:
+        store.put(tokens, NS, chunks_for(6, 2))
+        store.flush()
+    files = sorted((tmp_path / "q").rglob("*.kvc"))
+    # (head dim 8 here: a scale per 8 values costs more than at 64 or 128)
+    assert len(files) == 2 and all(f.stat().st_size < 96 + CHUNK_BYTES * 0.7 for f in files)
+    disk = DiskTier(tmp_path / "q", 1 << 30)
+    with TieredStore([MemoryTier(1 << 20), disk], CHUNK_TOKENS, compression=comps) as store:
+        got = store.get(tokens, NS, payload_bytes=[CHUNK_BYTES] * 2)
+        assert got.tiers == ["disk"] * 2
+        for c, original in zip(got.chunks, chunks_for(6, 2), strict=True):
+            a, b = c.numpy().astype(np.float32), original.numpy().astype(np.float32)
+            assert c.shape == original.shape and c.dtype == original.dtype
+            bound = 0.02 if lossy == Compression.INT8 else 0.2
+            assert np.abs(a - b).max() / np.abs(b).max() < bound
+            assert not np.array_equal(a, b)  # lossy: these are not the bytes put
+        held = store.tiers[0].get_many(store.keys(tokens, NS))
+        assert all(codec.read_header(b).compression == Compression.NONE for b in held)  # type: ignore[arg-type]
+
+
 def test_corrupt_copy_in_dram_falls_back_to_the_good_copy_on_disk(tmp_path: Path) -> None:
     with two_tier(tmp_path) as store:
         tokens = prompt(6, 2)

@@ -33,11 +33,12 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from kvtier.bench import raw_io
+from kvtier.bench import codecs, raw_io
 from kvtier.codec import DTYPES, KVChunk
 from kvtier.integrations.engine_dtype import host_dtype
 from kvtier.integrations.engine_layout import has_gpu
 from kvtier.keys import Namespace
+from kvtier.quant import LOSSY
 from kvtier.redis_process import RedisServer
 from kvtier.store import TieredStore
 from kvtier.tiers import DiskTier, MemoryTier, RedisTier
@@ -118,8 +119,26 @@ def _redis_url(url: str | None) -> Iterator[str]:
 def run(args: argparse.Namespace) -> int:
     if args.repeat < 1 or (args.chunk_mb is not None and args.chunk_mb <= 0) or args.total_mb <= 0:
         raise SystemExit("kvtier bench store: --repeat, --chunk-mb and --total-mb must be > 0")
+    if not args.tier and not args.codec:
+        raise SystemExit("kvtier bench store: give --tier, --codec or both")
     choice = host_dtype(args.dtype, has_gpu())
     dtype = choice.kv_dtype
+    names: list[str] = []
+    if args.codec:
+        names = list(LOSSY) if args.codec == "all" else args.codec.split(",")
+        unknown = [n for n in names if n not in LOSSY]
+        if unknown:
+            raise SystemExit(
+                f"kvtier bench store: unknown codec {unknown[0]!r}; codecs: all, "
+                + ", ".join(LOSSY)
+            )
+    table = codecs.measure(names, dtype, max(args.repeat, 5)) if args.codec else None
+    if table is not None and not args.json:
+        codecs.print_table(table)
+    if not args.tier:
+        if args.json:
+            print(json.dumps(table))
+        return 0
     tokens, chunks, chunk_bytes = _workload(args.chunk_mb, args.total_mb, dtype)
     total = chunk_bytes * len(chunks)
     ns = Namespace("bench/smollm2-shaped", kv_dtype=dtype)
@@ -150,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         host=choice.summary(),
     )
     if args.json:
-        print(json.dumps(asdict(result)))
+        print(json.dumps({**asdict(result), "codecs": table} if table else asdict(result)))
     else:
         _print_table(result)
     return 0

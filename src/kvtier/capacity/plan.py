@@ -10,6 +10,9 @@ is spread over the node's GPUs and every GPU's link works at once:
 - shared: a pod-wide tier over the network (NVIDIA's G3.5), bound by the NICs or PCIe.
 
 Recompute: the prefill FLOPs of the context at ``mfu`` of the node's peak.
+
+With a codec (``--codec int8``: :mod:`kvtier.quant`, scales included) the tiers below HBM hold
+the stored form: more users per tier, fewer bytes per load (decoding not counted).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class TierEstimate:
     capacity_bytes: float | None  # per node; None: pod-wide, sized separately
     load_s: float  # one user's context
     beats_recompute: bool
+    users_held: int | None = None  # whole contexts the tier holds per node (None: pod-wide)
+    users_held_codec: int | None = None  # the same, stored with the codec
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class Plan:
     recompute_s: float
     tiers: list[TierEstimate]
     slowest_tier_beating_recompute: str | None
+    codec: str | None = None
+    codec_bytes_per_token: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,8 +74,24 @@ def recompute_s(model: ModelSpec, tokens: int, hw: Hardware) -> float:
     return model.prefill_flops(tokens) / (hw.flops * hw.gpus_per_node * hw.mfu)
 
 
+def codec_bytes_per_token(model: ModelSpec, codec: str) -> int:
+    """Bytes per token of the model's KV stored with ``codec``, scales included."""
+    from kvtier import quant
+
+    if codec not in quant.LOSSY:
+        raise ConfigError(f"codec {codec!r}: allowed {', '.join(quant.LOSSY)}")
+    dim = model.mla_latent or model.head_dim  # what one scale or group covers
+    per_value = quant.stored_bytes(codec, (1, 2, 256, 1, dim)) / (2 * 256 * dim)
+    return int(model.kv_elements_per_token() * per_value)
+
+
 def make_plan(
-    model: ModelSpec, kv_dtype: str, context_tokens: int, users: int, hw: Hardware
+    model: ModelSpec,
+    kv_dtype: str,
+    context_tokens: int,
+    users: int,
+    hw: Hardware,
+    codec: str | None = None,
 ) -> Plan:
     if context_tokens <= 0 or users <= 0:
         raise ConfigError(f"context and users must be positive, got {context_tokens}, {users}")
@@ -76,10 +99,16 @@ def make_plan(
     per_user = per_token * context_tokens
     total = per_user * users
     recompute = recompute_s(model, context_tokens, hw)
-    tiers = [
-        TierEstimate(name, bw, cap, per_user / bw, per_user / bw < recompute)
-        for name, (bw, cap) in links(hw).items()
-    ]
+    coded = codec_bytes_per_token(model, codec) if codec else None
+    tiers = []
+    for name, (bw, cap) in links(hw).items():
+        stored = per_user if coded is None or name == "hbm" else coded * context_tokens
+        load = stored / bw
+        held = int(cap // per_user) if cap else None
+        held_codec = int(cap // (coded * context_tokens)) if cap and coded else None
+        if name == "hbm":
+            held_codec = held if coded else None  # the engine computes on raw KV
+        tiers.append(TierEstimate(name, bw, cap, load, load < recompute, held, held_codec))
     beating = sorted((t for t in tiers if t.beats_recompute), key=lambda t: -t.bandwidth_bytes_s)
     return Plan(
         model=model.name,
@@ -94,6 +123,8 @@ def make_plan(
         recompute_s=recompute,
         tiers=tiers,
         slowest_tier_beating_recompute=beating[-1].tier if beating else None,
+        codec=codec,
+        codec_bytes_per_token=coded,
     )
 
 
@@ -126,17 +157,30 @@ def render(plan: Plan) -> str:
         f"  {plan.users:,} user{'s' * (plan.users != 1)}: {human_bytes(plan.total_bytes)},"
         f" the whole HBM of {plan.hbm_gpus:,} GPU{'s' * (plan.hbm_gpus != 1)}",
         f"  recompute one context: {_secs(plan.recompute_s)}",
+    ]
+    if plan.codec and plan.codec_bytes_per_token:
+        share = plan.codec_bytes_per_token / plan.bytes_per_token
+        lines.append(
+            f"  below HBM, stored as {plan.codec}: {plan.codec_bytes_per_token:,} bytes per token"
+            f" ({share:.2f}x; decoding not counted in load times)"
+        )
+    users_col = f"{'contexts held':>20}" if plan.codec else f"{'contexts held':>14}"
+    lines += [
         "",
-        f"  {'tier':<8}{'bandwidth':>14}{'capacity/node':>24}{'load one context':>18}"
+        f"  {'tier':<8}{'bandwidth':>14}{'capacity/node':>24}{users_col}{'load one context':>18}"
         "  vs recompute",
     ]
     for t in plan.tiers:
         cap = human_bytes(t.capacity_bytes) if t.capacity_bytes else "pod-wide"
         ratio = plan.recompute_s / t.load_s
         verdict = f"{ratio:,.1f}x faster" if t.beats_recompute else f"{1 / ratio:,.1f}x slower"
+        held = "-" if t.users_held is None else f"{t.users_held:,}"
+        if plan.codec:
+            coded = "-" if t.users_held_codec is None else f"{t.users_held_codec:,}"
+            held = f"{held} -> {coded}"
         lines.append(
             f"  {t.tier:<8}{t.bandwidth_bytes_s / 1e9:>10.0f} GB/s{cap:>24}"
-            f"{_secs(t.load_s):>18}  {verdict}"
+            f"{held:>{len(users_col)}}{_secs(t.load_s):>18}  {verdict}"
         )
     best = plan.slowest_tier_beating_recompute
     lines.append("")

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kvtier import quant
 from kvtier.bench import dtype, store
-from kvtier.cli import bench_pod_cmd, bench_ttft_cmd
+from kvtier.cli import bench_fidelity_cmd, bench_pod_cmd, bench_ttft_cmd
 
 
 def register(sub: Any) -> None:
@@ -19,7 +20,13 @@ def register(sub: Any) -> None:
         description=store.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("--tier", choices=sorted(store.TARGETS), required=True, help="tier to measure")
+    s.add_argument("--tier", choices=sorted(store.TARGETS), help="tier to measure")
+    s.add_argument(
+        "--codec",
+        metavar="NAMES",
+        help="codecs to measure (comma-separated, or all: " + ", ".join(quant.LOSSY) + "):"
+        " bytes per token, encode and decode GB/s beside memcpy, round-trip error",
+    )
     s.add_argument(
         "--chunk-mb",
         type=float,
@@ -54,6 +61,7 @@ def register(sub: Any) -> None:
     s.set_defaults(run=store.run)
     bench_ttft_cmd.register(bsub)
     bench_pod_cmd.register(bsub)
+    bench_fidelity_cmd.register(bsub)
     register_dtype(bsub)
 
 

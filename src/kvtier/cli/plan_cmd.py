@@ -19,6 +19,7 @@ hardware: H100, H200, B200, Rubin (a node of 8 GPUs); --set FIELD=VALUE changes 
 examples:
   kvtier plan Llama-3.1-405B --context 100000 --users 128
   kvtier plan DeepSeek-V3 --dtype fp8 --hardware B200 --json
+  kvtier plan llama-3.1-405b --codec int8
   kvtier plan ~/models/my-model --set nvme_bw=14e9 --set gpus_per_node=4
 """
 
@@ -33,6 +34,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument("model", help="preset name, config.json or model folder")
     p.add_argument("--dtype", default="bf16", help="KV dtype: fp32, bf16, fp16, fp8, fp4")
+    p.add_argument(
+        "--codec",
+        help="store the tiers below HBM with a lossy codec (bf16, int8, fp8, int4): bytes per"
+        " token with scales, contexts each tier holds before and after, load times",
+    )
     p.add_argument("--context", type=int, default=100_000, help="tokens per user's context")
     p.add_argument("--users", type=int, default=1, help="concurrent users")
     p.add_argument("--hardware", default="H100", help="hardware profile (default H100)")
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         args.context,
         args.users,
         load_hardware(args.hardware, _overrides(args.set)),
+        args.codec,
     )
     print(json.dumps(plan.as_dict()) if args.json else render(plan))
     return 0

@@ -48,6 +48,19 @@ def register(sub: Any) -> None:
     p.add_argument("--redis", metavar="URL", help="add a Redis tier, redis://host:port/db")
     p.add_argument("--redis-user", metavar="NAME", help="the Redis tier's ACL user")
     p.add_argument(
+        "--codec",
+        action="append",
+        metavar="TIER=CODEC",
+        help="a tier's stored form (repeatable): none, zstd, lz4 or a lossy codec (bf16, int8,"
+        " fp8, int4; allowed once the model passed `kvtier bench fidelity --gate`); auto: the"
+        " smallest that passed, on every tier below DRAM",
+    )
+    p.add_argument(
+        "--force-codec",
+        action="store_true",
+        help="store a lossy codec the model has not passed (warns with what was measured)",
+    )
+    p.add_argument(
         "--redis-password-file",
         metavar="FILE",
         help="a file holding the Redis user's password (never in the URL or on a command line)",

@@ -29,10 +29,11 @@ from kvtier.factory import check_quotas
 from kvtier.integrations.engine_dtype import HANDED_DTYPE, DtypeChoice, choose_dtype, given_dtype
 from kvtier.integrations.engine_layout import EngineLayout, choose_layout, has_gpu, option
 from kvtier.integrations.engine_routes import FEED_PORT_ENV
-from kvtier.integrations.model import DEFAULT_MODEL_NAME  # what the embedded model is served as
+from kvtier.integrations.model import DEFAULT_MODEL_NAME, model_fingerprint
 from kvtier.integrations.tenant_gate import TENANTS_ENV
 from kvtier.policy.scheduling import SchedulingOptions
 from kvtier.redis_process import free_port
+from kvtier.runtime.codecs import apply_codecs
 from kvtier.sealing import MasterKeys
 from kvtier.tenants import load_tenants
 
@@ -84,6 +85,11 @@ def build_config(args: argparse.Namespace) -> StoreConfig:
     elif config.master_key_file or config.master_key_env:
         MasterKeys.load(config.master_key_file, config.master_key_env)
     config = dataclasses.replace(config, tiers=tuple(tiers))
+    if getattr(args, "codec", None):  # the gate is checked once the model is known (launch)
+        fingerprint = getattr(args, "model_fingerprint", None)
+        config, notes = apply_codecs(config, args.codec, fingerprint, args.force_codec)
+        for note in notes if fingerprint else []:
+            print(f"kvtier serve: {note}", file=sys.stderr)
     tenants = getattr(args, "tenants", None)
     if tenants:  # the tenants' quotas in the tiers kvtier bounds (equal shares by default)
         config = dataclasses.replace(config, tenants_file=str(Path(tenants).resolve()))
@@ -262,6 +268,7 @@ def launch(args: argparse.Namespace, extra: list[str]) -> int:
         if not any(a.split("=")[0] == "--served-model-name" for a in extra):
             # vLLM would name the model by its directory; the README calls it by this name.
             extra = ["--served-model-name", DEFAULT_MODEL_NAME, *extra]
+    args.model_fingerprint = model_fingerprint(model) or None  # the codecs' quality gate
     if args.feed_port is None:
         args.feed_port = free_port()
     # vLLM keeps two cores from the worker with a KV connector (one without).

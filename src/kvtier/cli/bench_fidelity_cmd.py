@@ -1,0 +1,102 @@
+"""``kvtier bench fidelity``: the arguments, the run and its table (the measures:
+:mod:`kvtier.bench.fidelity`; the gate's record: :mod:`kvtier.gate`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from kvtier import gate, quant
+from kvtier.bench import fidelity
+
+
+def register(bsub: Any) -> None:
+    p = bsub.add_parser(
+        "fidelity",
+        help="what each KV codec costs in quality on the served model (KL, top-1, answers)",
+        description=fidelity.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--codecs",
+        default="all",
+        help="codecs, comma-separated (all: " + ", ".join(quant.LOSSY) + ")",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="the model's dtype (default: the engine dtype `kvtier serve` picks on this host)",
+    )
+    p.add_argument("--contexts", type=int, default=2, help="contexts, 8 questions each (2)")
+    p.add_argument("--tokens", type=int, default=3000, help="tokens per context (~3000)")
+    p.add_argument(
+        "--gate",
+        action="store_true",
+        help="record the codecs that pass for this model (top-1 >= 99%%, mean KL <= 0.01 nats,"
+        " accuracy within 1 point): kvtier serve then allows them and --codec auto picks one",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvtier.integrations.engine_dtype import host_dtype
+    from kvtier.integrations.engine_layout import has_gpu
+    from kvtier.integrations.model import model_fingerprint, prepare_default_model
+
+    codecs = list(quant.LOSSY) if args.codecs == "all" else args.codecs.split(",")
+    unknown = [c for c in codecs if c not in quant.LOSSY]
+    if unknown:
+        raise SystemExit(
+            f"kvtier bench fidelity: unknown codec {unknown[0]!r}; codecs: all, "
+            + ", ".join(quant.LOSSY)
+        )
+    if args.contexts < 1 or args.tokens < 200:
+        raise SystemExit("kvtier bench fidelity: --contexts >= 1 and --tokens >= 200")
+    dtype = args.dtype or host_dtype(None, has_gpu()).kv_dtype
+    path = args.model or str(prepare_default_model(dtype=dtype))
+    print(f"kvtier bench fidelity: {path} in {dtype}", file=sys.stderr)
+    model = fidelity.Model(path, dtype)
+    result = fidelity.measure(
+        model, codecs, args.contexts, args.tokens, lambda s: print(f"  {s}", file=sys.stderr)
+    )
+    result |= {"model": path, "dtype": dtype}
+    if args.gate:
+        fingerprint = model_fingerprint(path)
+        if not fingerprint:
+            raise SystemExit(f"kvtier bench fidelity: {path} has no config.json to fingerprint")
+        result["gate_file"] = str(gate.record(fingerprint, path, dtype, result))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"{path} ({dtype}): {len(result['context_tokens'])} contexts of"
+        f" {result['context_tokens']} tokens, {result['questions']} questions; reference"
+        f" (uncompressed KV) accuracy {result['reference_accuracy']:.1%}"
+    )
+    print(
+        f"{'codec':<6} {'KL mean':>9} {'KL p99':>9} {'top-1':>7} {'greedy 32':>10}"
+        f" {'accuracy':>9} {'gate':>5}"
+    )
+    for r in result["codecs"]:
+        ok = gate.passes(r, result["reference_accuracy"])
+        print(
+            f"{r['codec']:<6} {r['kl_mean']:>9.5f} {r['kl_p99']:>9.5f}"
+            f" {r['top1_agreement']:>7.1%} {r['greedy_agreement']:>10.1%}"
+            f" {r['accuracy']:>9.1%} {'pass' if ok else 'FAIL':>5}"
+        )
+    print(
+        f"gate: top-1 >= {gate.TOP1_MIN:.0%}, mean KL <= {gate.KL_MEAN_MAX} nats, accuracy"
+        f" within {gate.ACCURACY_DROP_MAX:.0%} of the reference; positions per codec:"
+        f" {result['codecs'][0]['positions']}"
+    )
+    if args.gate:
+        print(f"recorded: {result['gate_file']}")
+    return 0

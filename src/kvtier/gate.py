@@ -1,0 +1,86 @@
+"""The quality gate: which lossy codecs passed ``kvtier bench fidelity --gate`` for a model.
+
+A record per model fingerprint (the hash of its config, as in chunk namespaces), in
+``~/.cache/kvtier/fidelity/<fingerprint>.json``: the thresholds, every codec's measures and
+those that passed. A codec passes when, against the uncompressed KV of the same run,
+
+- top-1 agreement of the next-token distributions is at least 99% (one position in a hundred
+  may pick another token: beyond that, greedy answers drift visibly),
+- the mean KL divergence is at most 0.01 nats (about the gap between two runs of the same model
+  in bf16 and fp32 on CPU, so smaller differences are noise),
+- answer accuracy on the facts is within 1 point of the reference's.
+
+``kvtier serve`` refuses a lossy codec a model has not passed unless forced, and picks the
+smallest one that passed for ``--codec auto``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from kvtier import quant
+from kvtier.config import GATE_VAR
+
+TOP1_MIN = 0.99
+KL_MEAN_MAX = 0.01
+ACCURACY_DROP_MAX = 0.01
+# Smallest stored form first: what --codec auto picks among those that passed.
+BY_SIZE = ("int4", "int8", "fp8", "bf16")
+assert set(BY_SIZE) == set(quant.LOSSY)
+
+
+def gate_dir() -> Path:
+    return Path(os.environ.get(GATE_VAR, "~/.cache/kvtier/fidelity")).expanduser()
+
+
+def passes(row: dict[str, Any], reference_accuracy: float) -> bool:
+    return bool(
+        row["top1_agreement"] >= TOP1_MIN
+        and row["kl_mean"] <= KL_MEAN_MAX
+        and row["accuracy"] >= reference_accuracy - ACCURACY_DROP_MAX
+    )
+
+
+def record(fingerprint: str, model: str, dtype: str, result: dict[str, Any]) -> Path:
+    """Write the gate's record for ``fingerprint`` from a fidelity result; its path."""
+    passed = [r["codec"] for r in result["codecs"] if passes(r, result["reference_accuracy"])]
+    entry = {
+        "fingerprint": fingerprint,
+        "model": model,
+        "kv_dtype": dtype,
+        "measured_at": time.time(),
+        "thresholds": {
+            "top1_min": TOP1_MIN,
+            "kl_mean_max": KL_MEAN_MAX,
+            "accuracy_drop_max": ACCURACY_DROP_MAX,
+        },
+        "reference_accuracy": result["reference_accuracy"],
+        "codecs": result["codecs"],
+        "passed": passed,
+    }
+    path = gate_dir() / f"{fingerprint}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entry, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load(fingerprint: str) -> dict[str, Any] | None:
+    """The gate's record for a model, or None when it was never measured (or is unreadable)."""
+    try:
+        entry: dict[str, Any] = json.loads((gate_dir() / f"{fingerprint}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return entry if entry.get("fingerprint") == fingerprint else None
+
+
+def best_passed(fingerprint: str) -> str | None:
+    """The smallest lossy codec the model passed (None: none, or never measured)."""
+    entry = load(fingerprint)
+    passed = set(entry["passed"]) if entry else set()
+    return next((c for c in BY_SIZE if c in passed), None)

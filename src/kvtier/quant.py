@@ -1,0 +1,223 @@
+"""Lossy KV codecs: a chunk's payload stored in fewer bytes, decoded back to the engine's dtype.
+
+A payload is ``(layers, 2, tokens, kv_heads, head_dim)``, K before V (:mod:`kvtier.codec`).
+
+- ``bf16``: each value rounded to bfloat16 (nearest even). Lossless for a bf16 engine; half
+  the bytes of an fp32 engine's KV (kvtier's engine computes in fp32 on CPUs without native
+  bf16).
+- ``int8``: symmetric, one bf16 scale per token and head (max |x| / 127): 66 bytes per 64
+  values of a head of dim 64 against 128 in bf16 (0.52x).
+- ``fp8``: e4m3 with one bf16 scale per token and head (max |x| / 448): the same bytes as
+  int8, more precision near zero, less at the top of the range.
+- ``int4``: asymmetric 4-bit as KIVI does (K per channel over groups of 64 tokens, since K's
+  outliers sit in fixed channels; V per token over groups of 64 channels), a bf16 minimum and
+  step per group: 36 bytes per 64 values (0.28x of bf16).
+
+Why these (docs/quantization.md says more): KIVI's per-channel K / per-token V grouping is the
+simplest scheme that holds 4 bits without calibration; KVQuant's non-uniform levels and
+pre-RoPE keys need the model's calibration and the engine's cooperation; CacheGen and KVTC
+reach further (delta and entropy coding, PCA) at a decode cost kvtier would pay on every load
+on CPU. Scales are bf16 (fp32's range in two bytes): fp16 underflows on near-zero groups.
+
+Every function takes and returns torch tensors on the CPU; torch is imported where a codec
+runs (kvtier's core does not need it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+LOSSY = ("bf16", "int8", "fp8", "int4")
+GROUP = 64  # int4: tokens per K group, channels per V group (fewer when the chunk is shorter)
+_SCALE_BYTES = 2  # bf16
+
+
+def _groups(size: int) -> tuple[int, int]:
+    """(group size, groups) along an axis of ``size``: groups of GROUP (even: two levels to a
+    byte), the last padded."""
+    group = min(GROUP, size + size % 2)
+    return group, -(-size // group)
+
+
+def stored_bytes(name: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a payload of ``shape`` stored with codec ``name``."""
+    layers, two, tokens, heads, dim = shape
+    values = math.prod(shape)
+    if name == "bf16":
+        return 2 * values
+    if name in ("int8", "fp8"):
+        return values + _SCALE_BYTES * layers * two * tokens * heads
+    if name == "int4":
+        return _k4_bytes(layers, tokens, heads, dim) + _v4_bytes(layers, tokens, heads, dim)
+    raise ValueError(f"unknown codec {name!r}; lossy codecs: {', '.join(LOSSY)}")
+
+
+def _k4_bytes(layers: int, tokens: int, heads: int, dim: int) -> int:
+    group, groups = _groups(tokens)
+    packed = layers * heads * dim * groups * group // 2
+    return packed + 2 * _SCALE_BYTES * layers * heads * dim * groups
+
+
+def _v4_bytes(layers: int, tokens: int, heads: int, dim: int) -> int:
+    group, groups = _groups(dim)
+    packed = layers * tokens * heads * groups * group // 2
+    return packed + 2 * _SCALE_BYTES * layers * tokens * heads * groups
+
+
+def encode(name: str, kv: torch.Tensor) -> torch.Tensor:
+    """``kv`` ``(layers, 2, tokens, heads, dim)`` (fp32, fp16 or bf16) stored with codec
+    ``name``: a flat uint8 tensor of :func:`stored_bytes` bytes."""
+    import torch
+
+    x = kv.float()
+    if name == "bf16":
+        out = kv.to(torch.bfloat16).reshape(-1).view(torch.uint8)
+    elif name in ("int8", "fp8"):
+        out = _encode_8(name, x)
+    elif name == "int4":
+        k, v = _encode_k4(x[:, 0]), _encode_v4(x[:, 1])
+        out = torch.cat([k, v])
+    else:
+        raise ValueError(f"unknown codec {name!r}; lossy codecs: {', '.join(LOSSY)}")
+    assert out.numel() == stored_bytes(name, tuple(kv.shape)), (name, kv.shape)
+    return out
+
+
+def decode(
+    name: str, stored: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """A payload of ``shape`` in ``dtype`` from its form ``stored`` (flat uint8) by codec
+    ``name``. Raises ValueError when ``stored`` is not that codec's size for ``shape``."""
+    import torch
+
+    want = stored_bytes(name, shape)
+    if stored.numel() != want:
+        raise ValueError(f"a {name} payload of shape {shape} is {want} bytes, got {stored.numel()}")
+    if name == "bf16":
+        return stored.view(torch.bfloat16).view(shape).to(dtype)
+    if name in ("int8", "fp8"):
+        return _decode_8(name, stored, shape).to(dtype)
+    layers, _, tokens, heads, dim = shape
+    split = _k4_bytes(layers, tokens, heads, dim)
+    out = torch.empty(shape, dtype=dtype)
+    out[:, 0] = _decode_k4(stored[:split], (layers, tokens, heads, dim))
+    out[:, 1] = _decode_v4(stored[split:], (layers, tokens, heads, dim))
+    return out
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to bf16 and back to fp32: the scale a decoder will see."""
+    import torch
+
+    return x.to(torch.bfloat16).float()
+
+
+def _encode_8(name: str, x: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    top = 127.0 if name == "int8" else 448.0
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = _bf16(torch.where(amax > 0, amax / top, torch.ones_like(amax)))
+    y = x / scale
+    if name == "int8":
+        q = y.round_().clamp_(-127, 127).to(torch.int8).view(torch.uint8)
+    else:
+        q = y.clamp_(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    scales = scale.to(torch.bfloat16).reshape(-1).view(torch.uint8)
+    return torch.cat([q.reshape(-1), scales])
+
+
+def _decode_8(name: str, stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
+    values = math.prod(shape)
+    kind = torch.int8 if name == "int8" else torch.float8_e4m3fn
+    q = stored[:values].view(kind).view(shape)
+    scale = stored[values:].view(torch.bfloat16).view(*shape[:-1], 1)
+    return q.float().mul_(scale.float())
+
+
+def _pack4(q: torch.Tensor) -> torch.Tensor:
+    """Values 0..15 along the last axis (even length) two to a byte, low nibble first."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).reshape(-1)
+
+
+def _unpack4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).view(shape)
+
+
+def _quant4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit over the last axis: (levels 0..15 as uint8, [min, step] in bf16)."""
+    import torch
+
+    lo = _bf16(x.amin(dim=-1, keepdim=True))
+    hi = x.amax(dim=-1, keepdim=True)
+    step = _bf16(torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)))
+    q = ((x - lo) / step).round_().clamp_(0, 15).to(torch.uint8)
+    params = torch.cat([lo, step], dim=-1).to(torch.bfloat16)
+    return q, params
+
+
+def _dequant4(q: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    p = params.float()
+    return q.float().mul_(p[..., 1:2]).add_(p[..., 0:1])
+
+
+def _encode_k4(k: torch.Tensor) -> torch.Tensor:
+    """K ``(layers, tokens, heads, dim)``, per channel over groups of tokens."""
+    import torch
+
+    layers, tokens, heads, dim = k.shape
+    group, groups = _groups(tokens)
+    x = k.permute(0, 2, 3, 1)  # (layers, heads, dim, tokens)
+    pad = groups * group - tokens
+    if pad:  # the last group repeats its last token (so its range is its own)
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    q, params = _quant4(x.reshape(layers, heads, dim, groups, group))
+    return torch.cat([_pack4(q), params.reshape(-1).view(torch.uint8)])
+
+
+def _decode_k4(stored: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    import torch
+
+    layers, tokens, heads, dim = shape
+    group, groups = _groups(tokens)
+    grouped = (layers, heads, dim, groups, group)
+    half = math.prod(grouped) // 2
+    q = _unpack4(stored[:half], grouped)
+    params = stored[half:].view(torch.bfloat16).view(*grouped[:-1], 2)
+    x = _dequant4(q, params).reshape(layers, heads, dim, groups * group)[..., :tokens]
+    return x.permute(0, 3, 1, 2)
+
+
+def _encode_v4(v: torch.Tensor) -> torch.Tensor:
+    """V ``(layers, tokens, heads, dim)``, per token over groups of channels."""
+    import torch
+
+    layers, tokens, heads, dim = v.shape
+    group, groups = _groups(dim)
+    x = v
+    pad = groups * group - dim
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    q, params = _quant4(x.reshape(layers, tokens, heads, groups, group))
+    return torch.cat([_pack4(q), params.reshape(-1).view(torch.uint8)])
+
+
+def _decode_v4(stored: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    import torch
+
+    layers, tokens, heads, dim = shape
+    group, groups = _groups(dim)
+    grouped = (layers, tokens, heads, groups, group)
+    half = math.prod(grouped) // 2
+    q = _unpack4(stored[:half], grouped)
+    params = stored[half:].view(torch.bfloat16).view(*grouped[:-1], 2)
+    return _dequant4(q, params).reshape(layers, tokens, heads, groups * group)[..., :dim]

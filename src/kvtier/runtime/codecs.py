@@ -1,0 +1,71 @@
+"""``kvtier serve --codec``: each tier's stored form, with the quality gate for lossy codecs.
+
+``--codec TIER=NAME`` (repeatable) sets a tier's codec (``none``, ``zstd``, ``lz4``, ``bf16``,
+``int8``, ``fp8``, ``int4``); ``--codec auto`` gives every tier below DRAM the smallest lossy
+codec the model passed (:mod:`kvtier.gate`), DRAM staying raw (its hits are copied straight
+from the tier's memory). A lossy codec the model has not passed is refused unless
+``--force-codec``, which warns with what was measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvtier import gate, quant
+from kvtier.config import COMPRESSIONS, MemoryTierConfig, StoreConfig
+from kvtier.errors import ConfigError
+
+
+def apply_codecs(
+    config: StoreConfig, specs: list[str], fingerprint: str | None, force: bool
+) -> tuple[StoreConfig, list[str]]:
+    """``config`` with the tiers' codecs from ``specs``, and lines to print (choices and
+    warnings). ``fingerprint``: the model's (None: not known yet, the gate is not checked)."""
+    tiers = list(config.tiers)
+    names = [t.name for t in tiers]
+    notes: list[str] = []
+    for spec in specs:
+        if spec == "auto":
+            best = gate.best_passed(fingerprint) if fingerprint else None
+            if fingerprint and best is None:
+                notes.append(
+                    "--codec auto: no lossy codec has passed the quality gate for this model;"
+                    " lower tiers store raw KV (run `kvtier bench fidelity --gate`)"
+                )
+            for i, tier in enumerate(tiers):
+                if best and not isinstance(tier, MemoryTierConfig):
+                    tiers[i] = dataclasses.replace(tier, compression=best)
+                    notes.append(f"--codec auto: {tier.name} stores {best} (passed the gate)")
+            continue
+        tier_name, sep, codec = spec.partition("=")
+        if not sep or tier_name not in names:
+            raise ConfigError(
+                f"--codec {spec}: expected TIER=CODEC with TIER one of {', '.join(names)} (or auto)"
+            )
+        if codec not in COMPRESSIONS:
+            raise ConfigError(f"--codec {spec}: codecs are {', '.join(COMPRESSIONS)}")
+        if codec in quant.LOSSY and fingerprint:
+            notes += _check_gate(spec, codec, fingerprint, force)
+        i = names.index(tier_name)
+        tiers[i] = dataclasses.replace(tiers[i], compression=codec)
+    return dataclasses.replace(config, tiers=tuple(tiers)), notes
+
+
+def _check_gate(spec: str, codec: str, fingerprint: str, force: bool) -> list[str]:
+    entry = gate.load(fingerprint)
+    if entry is not None and codec in entry["passed"]:
+        return []
+    row = next((r for r in entry["codecs"] if r["codec"] == codec), None) if entry else None
+    if row is None:
+        measured = "never measured for this model"
+    else:
+        measured = (
+            f"measured top-1 {row['top1_agreement']:.1%}, mean KL {row['kl_mean']:.4f} nats,"
+            f" accuracy {row['accuracy']:.1%} against {entry['reference_accuracy']:.1%}"  # type: ignore[index]
+        )
+    if force:
+        return [f"WARNING: --codec {spec} forced: {codec} has not passed the gate ({measured})"]
+    raise ConfigError(
+        f"--codec {spec}: {codec} has not passed the quality gate for this model ({measured});"
+        " run `kvtier bench fidelity --gate`, or give --force-codec to store it anyway"
+    )

@@ -1,0 +1,104 @@
+"""The quality gate's record, `kvtier serve --codec` against it, and `kvtier plan --codec`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvtier import gate
+from kvtier.capacity.hardware import load_hardware
+from kvtier.capacity.models import load_model
+from kvtier.capacity.plan import make_plan, render
+from kvtier.config import DiskTierConfig, MemoryTierConfig, RedisTierConfig, StoreConfig
+from kvtier.errors import ConfigError
+from kvtier.runtime.codecs import apply_codecs
+
+
+def row(codec: str, top1: float, kl: float, accuracy: float) -> dict[str, object]:
+    return {
+        "codec": codec,
+        "positions": 200,
+        "kl_mean": kl,
+        "kl_p99": 5 * kl,
+        "top1_agreement": top1,
+        "greedy_agreement": top1,
+        "accuracy": accuracy,
+    }
+
+
+RESULT = {
+    "reference_accuracy": 0.75,
+    "codecs": [
+        row("bf16", 1.0, 0.0001, 0.75),
+        row("int8", 0.995, 0.002, 0.75),
+        row("fp8", 0.985, 0.02, 0.75),  # top-1 and KL over the line
+        row("int4", 0.99, 0.008, 0.70),  # 5 points of accuracy lost
+    ],
+}
+
+
+@pytest.fixture(autouse=True)
+def gate_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KVTIER_FIDELITY_DIR", str(tmp_path / "fidelity"))
+    return tmp_path / "fidelity"
+
+
+def test_the_gate_records_what_passed_and_auto_picks_the_smallest() -> None:
+    assert gate.best_passed("config-abc") is None  # never measured
+    path = gate.record("config-abc", "/models/m", "float32", RESULT)
+    assert path.name == "config-abc.json"
+    entry = gate.load("config-abc")
+    assert entry is not None and entry["passed"] == ["bf16", "int8"]
+    assert gate.best_passed("config-abc") == "int8"
+    assert gate.load("config-other") is None
+
+
+def config() -> StoreConfig:
+    return StoreConfig(
+        tiers=(
+            MemoryTierConfig(),
+            DiskTierConfig(path="/tmp/x"),
+            RedisTierConfig(url="redis://127.0.0.1:6379/0"),
+        )
+    )
+
+
+def test_serve_refuses_a_codec_the_model_did_not_pass_unless_forced() -> None:
+    gate.record("config-abc", "/models/m", "float32", RESULT)
+    got, notes = apply_codecs(config(), ["disk=int8", "redis=zstd"], "config-abc", False)
+    assert [t.compression for t in got.tiers] == ["none", "int8", "zstd"] and notes == []
+    with pytest.raises(ConfigError, match=r"int4 has not passed .*accuracy 70.0% against 75.0%"):
+        apply_codecs(config(), ["disk=int4"], "config-abc", False)
+    with pytest.raises(ConfigError, match="never measured"):
+        apply_codecs(config(), ["disk=int8"], "config-new", False)
+    got, notes = apply_codecs(config(), ["redis=fp8"], "config-abc", True)
+    assert got.tiers[2].compression == "fp8"
+    assert "forced" in notes[0] and "top-1 98.5%" in notes[0]
+    # Before the model is known (the options' first check) only the syntax is checked.
+    apply_codecs(config(), ["disk=int4"], None, False)
+    for bad in ("int8", "tape=int8", "disk=int3"):
+        with pytest.raises(ConfigError, match=f"--codec {bad}"):
+            apply_codecs(config(), [bad], "config-abc", False)
+
+
+def test_auto_gives_the_lower_tiers_the_best_codec_that_passed() -> None:
+    gate.record("config-abc", "/models/m", "float32", RESULT)
+    got, notes = apply_codecs(config(), ["auto"], "config-abc", False)
+    assert [t.compression for t in got.tiers] == ["none", "int8", "int8"]
+    got, notes = apply_codecs(config(), ["auto"], "config-new", False)
+    assert [t.compression for t in got.tiers] == ["none", "none", "none"]
+    assert "no lossy codec has passed" in notes[0]
+
+
+def test_plan_with_a_codec_holds_more_contexts_per_tier() -> None:
+    model, hw = load_model("llama-3.1-405b"), load_hardware("H100", {})
+    raw = make_plan(model, "bf16", 100_000, 128, hw)
+    coded = make_plan(model, "bf16", 100_000, 128, hw, "int8")
+    assert raw.bytes_per_token == 516_096
+    assert coded.codec_bytes_per_token == int(516_096 / 2 * (1 + 2 / 128))
+    dram = {t.tier: t for t in coded.tiers}["dram"]
+    assert dram.users_held_codec is not None and dram.users_held is not None
+    assert dram.users_held_codec >= 1.9 * dram.users_held
+    assert dram.load_s < {t.tier: t for t in raw.tiers}["dram"].load_s
+    assert "stored as int8" in render(coded)
