@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from kvtier import gate
+from kvtier.config import GATE_VAR
+from kvtier.integrations.model import model_fingerprint, prepare_default_model
 from kvtier.redis_process import RedisServer, free_port
 from kvtier.runtime.engine_process import Server, kvtier_serve_command
 
@@ -37,7 +40,7 @@ def serve(log: Path, gate_dir: Path, *options: str) -> Server:
 
 
 def test_an_int8_redis_tier_serves_a_restarted_server_the_same_answers(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate_dir = tmp_path / "gate"
     url = redis_server.url
@@ -47,14 +50,28 @@ def test_an_int8_redis_tier_serves_a_restarted_server_the_same_answers(
         reference = [cold.complete(p, max_tokens=8) for p in prompts]
     raw_bytes = client.info("memory")["used_memory"]  # the same prompts' KV in fp32
     client.flushall()
-    options = ("--redis", url, "--codec", "redis=int8", "--force-codec")
+    # The gate passed int8 for this model (as `kvtier bench fidelity --gate` records it):
+    # --codec auto then gives the Redis tier int8.
+    model = prepare_default_model(dtype="float32")
+    rows = [
+        {"codec": c, "top1_agreement": 1.0, "kl_mean": 0.0002, "accuracy": 0.5}
+        for c in ("bf16", "int8")
+    ]
+    monkeypatch.setenv(GATE_VAR, str(gate_dir))
+    gate.record(
+        model_fingerprint(str(model)),
+        str(model),
+        "float32",
+        {"reference_accuracy": 0.5, "codecs": rows},
+    )
+    options = ("--redis", url, "--codec", "auto")
     with serve(tmp_path / "first.log", gate_dir, *options) as first:
         for p in prompts:
             first.complete(p, max_tokens=8)  # computed; int8 copies queued for Redis
     with serve(tmp_path / "second.log", gate_dir, *options) as second:
         again = [second.complete(p, max_tokens=8) for p in prompts]
         log = second.tail(1 << 20)
-    assert "forced" in log
+    assert "--codec auto: redis stores int8" in log
     assert "from redis" in log, log[-3000:]
     assert all(a.cached_tokens and a.cached_tokens > 700 for a in again), again
     assert [a.text for a in again] == [r.text for r in reference], (again, reference)
