@@ -45,7 +45,7 @@ def test_bench_overlap_loads_from_disk_in_the_background_while_a_stream_decodes(
     (row,) = result["rows"]
     assert (row["tier"], row["mode"]) == ("disk", "auto")
     assert row["background"], result  # a stream was decoding: the load ran beside it
-    assert row["recomputed_tokens"] == 1200 - 1152  # whole 128-token blocks were loaded
+    assert row["recomputed_tokens"] == 1200 - 1184  # chunks, then a tail to 16 tokens
     assert row["load_ms"] > 0 and row["ttft_s"] > 0
     assert row["itl_before_p50_ms"] > 0 and row["gaps_during"] >= 1
     assert result["layers"] == 30  # SmolLM2-135M
