@@ -84,3 +84,12 @@ def test_zero_groups_decode_exactly_and_constant_ones_where_the_codec_can() -> N
             assert torch.equal(y, x), name
         else:  # a bf16 scale of 3.5 / top: the top level lands within a scale's rounding
             assert (y - x).abs().max() < 0.02, name
+
+
+def test_fp8_decodes_every_e4m3_value_as_torch_does() -> None:
+    """The bit-moving decoder against torch's own conversion, all 254 non-NaN codes."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    shape = (1, 1, 1, 1, codes.numel())
+    stored = torch.cat([codes, torch.tensor([1.0]).to(torch.bfloat16).view(torch.uint8)])
+    got = quant.decode("fp8", stored, shape, torch.float32).reshape(-1)
+    assert torch.equal(got, codes.view(torch.float8_e4m3fn).float())
