@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import struct
 import time
-import warnings
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -31,6 +30,7 @@ import numpy as np
 import xxhash
 import zstandard
 
+from kvtier import quant
 from kvtier.chunk import DTYPES as DTYPES
 from kvtier.chunk import KVChunk as KVChunk
 from kvtier.errors import CorruptChunk
@@ -142,7 +142,7 @@ def encode(
     elif compression == Compression.LZ4:
         payload = lz4.frame.compress(raw)
     elif compression.lossy:
-        payload = _quantize(compression, chunk)
+        payload = quant.encode_bytes(compression.name.lower(), chunk.dtype, chunk.shape, raw)
     else:
         payload = raw
     prefix = _PREFIX.pack(
@@ -340,7 +340,8 @@ def decode(blob: bytes | bytearray | memoryview, expected_key: bytes | None = No
         elif header.compression == Compression.LZ4:
             data = lz4.frame.decompress(payload)
         elif header.compression.lossy:
-            data = _dequantize(header, payload)
+            name = header.compression.name.lower()
+            data = quant.decode_bytes(name, header.dtype, header.shape, payload)
     except Exception as exc:  # a verified payload that fails to inflate is still corrupt
         raise CorruptChunk(f"cannot decompress chunk {header.key.hex()}: {exc}") from exc
     try:
@@ -378,34 +379,3 @@ def join(
     return encode(
         h.key, KVChunk(h.dtype, h.shape, payload), h.namespace_id, Compression.NONE, h.created_at
     )
-
-
-_TORCH_DTYPES = ("float32", "float16", "bfloat16")  # KV dtypes a lossy codec takes
-
-
-def _quantize(compression: Compression, chunk: KVChunk) -> memoryview:
-    """``chunk``'s payload stored by a lossy codec (see :mod:`kvtier.quant`)."""
-    import torch
-
-    from kvtier import quant
-
-    if chunk.dtype not in _TORCH_DTYPES:
-        raise ValueError(f"the {compression.name.lower()} codec takes float KV, not {chunk.dtype}")
-    with warnings.catch_warnings():  # read-only bytes: only ever read
-        warnings.simplefilter("ignore", UserWarning)
-        kv = torch.frombuffer(chunk.data, dtype=getattr(torch, chunk.dtype)).view(chunk.shape)
-    return memoryview(quant.encode(compression.name.lower(), kv).numpy())
-
-
-def _dequantize(header: ChunkHeader, payload: memoryview) -> memoryview:
-    """The payload of a chunk stored by a lossy codec, back in its header's dtype."""
-    import torch
-
-    from kvtier import quant
-
-    dtype = getattr(torch, header.dtype)
-    with warnings.catch_warnings():  # read-only bytes: only ever read
-        warnings.simplefilter("ignore", UserWarning)
-        stored = torch.frombuffer(payload, dtype=torch.uint8)
-    kv = quant.decode(header.compression.name.lower(), stored, header.shape, dtype)
-    return memoryview(kv.reshape(-1).view(torch.uint8).numpy())

@@ -26,12 +26,14 @@ runs (kvtier's core does not need it).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
 LOSSY = ("bf16", "int8", "fp8", "int4")
+FLOAT_KV = ("float32", "float16", "bfloat16")  # the KV dtypes a lossy codec takes
 GROUP = 64  # int4: tokens per K group, channels per V group (fewer when the chunk is shorter)
 _SCALE_BYTES = 2  # bf16
 
@@ -52,20 +54,15 @@ def stored_bytes(name: str, shape: tuple[int, ...]) -> int:
     if name in ("int8", "fp8"):
         return values + _SCALE_BYTES * layers * two * tokens * heads
     if name == "int4":
-        return _k4_bytes(layers, tokens, heads, dim) + _v4_bytes(layers, tokens, heads, dim)
+        return _bytes4((layers, heads, dim, tokens)) + _bytes4((layers, tokens, heads, dim))
     raise ValueError(f"unknown codec {name!r}; lossy codecs: {', '.join(LOSSY)}")
 
 
-def _k4_bytes(layers: int, tokens: int, heads: int, dim: int) -> int:
-    group, groups = _groups(tokens)
-    packed = layers * heads * dim * groups * group // 2
-    return packed + 2 * _SCALE_BYTES * layers * heads * dim * groups
-
-
-def _v4_bytes(layers: int, tokens: int, heads: int, dim: int) -> int:
-    group, groups = _groups(dim)
-    packed = layers * tokens * heads * groups * group // 2
-    return packed + 2 * _SCALE_BYTES * layers * tokens * heads * groups
+def _bytes4(shape: tuple[int, ...]) -> int:
+    """Bytes :func:`_encode4` stores for ``shape``, grouped along its last axis."""
+    group, groups = _groups(shape[-1])
+    rows = math.prod(shape[:-1]) * groups
+    return rows * group // 2 + 2 * _SCALE_BYTES * rows
 
 
 def encode(name: str, kv: torch.Tensor) -> torch.Tensor:
@@ -73,14 +70,15 @@ def encode(name: str, kv: torch.Tensor) -> torch.Tensor:
     ``name``: a flat uint8 tensor of :func:`stored_bytes` bytes."""
     import torch
 
-    x = kv.float()
     if name == "bf16":
         out = kv.to(torch.bfloat16).reshape(-1).view(torch.uint8)
     elif name in ("int8", "fp8"):
-        out = _encode_8(name, x)
+        out = _encode_8(name, kv.float())
     elif name == "int4":
-        k, v = _encode_k4(x[:, 0]), _encode_v4(x[:, 1])
-        out = torch.cat([k, v])
+        x = kv.float()
+        # K per channel over groups of tokens (its outliers sit in fixed channels), V per
+        # token over groups of channels: each with its grouped axis last.
+        out = torch.cat([_encode4(x[:, 0].permute(0, 2, 3, 1)), _encode4(x[:, 1])])
     else:
         raise ValueError(f"unknown codec {name!r}; lossy codecs: {', '.join(LOSSY)}")
     assert out.numel() == stored_bytes(name, tuple(kv.shape)), (name, kv.shape)
@@ -102,11 +100,39 @@ def decode(
     if name in ("int8", "fp8"):
         return _decode_8(name, stored, shape).to(dtype)
     layers, _, tokens, heads, dim = shape
-    split = _k4_bytes(layers, tokens, heads, dim)
+    split = _bytes4((layers, heads, dim, tokens))
     out = torch.empty(shape, dtype=dtype)
-    out[:, 0] = _decode_k4(stored[:split], (layers, tokens, heads, dim))
-    out[:, 1] = _decode_v4(stored[split:], (layers, tokens, heads, dim))
+    out[:, 0] = _decode4(stored[:split], (layers, heads, dim, tokens)).permute(0, 3, 1, 2)
+    out[:, 1] = _decode4(stored[split:], (layers, tokens, heads, dim))
     return out
+
+
+def _tensor(data: bytes | memoryview, dtype: str) -> torch.Tensor:
+    """A flat tensor viewing ``data`` (read-only bytes included: only ever read)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=getattr(torch, dtype))
+
+
+def encode_bytes(
+    name: str, dtype: str, shape: tuple[int, ...], data: bytes | memoryview
+) -> memoryview:
+    """:func:`encode` for a chunk's payload held as bytes of ``dtype`` (kvtier.codec's)."""
+    if dtype not in FLOAT_KV:
+        raise ValueError(f"the {name} codec takes float KV, not {dtype}")
+    return memoryview(encode(name, _tensor(data, dtype).view(shape)).numpy())
+
+
+def decode_bytes(
+    name: str, dtype: str, shape: tuple[int, ...], stored: bytes | memoryview
+) -> memoryview:
+    """:func:`decode` of a stored payload into new bytes of ``dtype`` (kvtier.codec's)."""
+    import torch
+
+    kv = decode(name, _tensor(stored, "uint8"), shape, getattr(torch, dtype))
+    return memoryview(kv.reshape(-1).view(torch.uint8).numpy())
 
 
 def _bf16(x: torch.Tensor) -> torch.Tensor:
@@ -175,54 +201,26 @@ def _dequant4(q: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return q.float().mul_(p[..., 1:2]).add_(p[..., 0:1])
 
 
-def _encode_k4(k: torch.Tensor) -> torch.Tensor:
-    """K ``(layers, tokens, heads, dim)``, per channel over groups of tokens."""
+def _encode4(x: torch.Tensor) -> torch.Tensor:
+    """4-bit levels and [min, step] of ``x`` over groups of its last axis (the last group
+    padded with its last value, so that its range is its own)."""
     import torch
 
-    layers, tokens, heads, dim = k.shape
-    group, groups = _groups(tokens)
-    x = k.permute(0, 2, 3, 1)  # (layers, heads, dim, tokens)
-    pad = groups * group - tokens
-    if pad:  # the last group repeats its last token (so its range is its own)
-        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
-    q, params = _quant4(x.reshape(layers, heads, dim, groups, group))
-    return torch.cat([_pack4(q), params.reshape(-1).view(torch.uint8)])
-
-
-def _decode_k4(stored: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
-    import torch
-
-    layers, tokens, heads, dim = shape
-    group, groups = _groups(tokens)
-    grouped = (layers, heads, dim, groups, group)
-    half = math.prod(grouped) // 2
-    q = _unpack4(stored[:half], grouped)
-    params = stored[half:].view(torch.bfloat16).view(*grouped[:-1], 2)
-    x = _dequant4(q, params).reshape(layers, heads, dim, groups * group)[..., :tokens]
-    return x.permute(0, 3, 1, 2)
-
-
-def _encode_v4(v: torch.Tensor) -> torch.Tensor:
-    """V ``(layers, tokens, heads, dim)``, per token over groups of channels."""
-    import torch
-
-    layers, tokens, heads, dim = v.shape
-    group, groups = _groups(dim)
-    x = v
-    pad = groups * group - dim
+    group, groups = _groups(x.shape[-1])
+    pad = groups * group - x.shape[-1]
     if pad:
         x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
-    q, params = _quant4(x.reshape(layers, tokens, heads, groups, group))
+    q, params = _quant4(x.reshape(*x.shape[:-1], groups, group))
     return torch.cat([_pack4(q), params.reshape(-1).view(torch.uint8)])
 
 
-def _decode_v4(stored: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+def _decode4(stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The values of ``shape`` :func:`_encode4` stored, grouped along the last axis."""
     import torch
 
-    layers, tokens, heads, dim = shape
-    group, groups = _groups(dim)
-    grouped = (layers, tokens, heads, groups, group)
+    group, groups = _groups(shape[-1])
+    grouped = (*shape[:-1], groups, group)
     half = math.prod(grouped) // 2
     q = _unpack4(stored[:half], grouped)
     params = stored[half:].view(torch.bfloat16).view(*grouped[:-1], 2)
-    return _dequant4(q, params).reshape(layers, tokens, heads, groups * group)[..., :dim]
+    return _dequant4(q, params).reshape(*shape[:-1], groups * group)[..., : shape[-1]]

@@ -14,29 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.redis_process import free_port
-from kvtier.runtime.engine_process import Server, kvtier_serve_command
+from serving import serve
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
-
-
-def serve(chunks: Path, log: Path, *options: str) -> Server:
-    port = free_port()
-    command = kvtier_serve_command(
-        port,
-        "--disk",
-        str(chunks),
-        "--dram",
-        "512MiB",
-        "--max-model-len",
-        "4096",
-        "--no-enable-prefix-caching",
-        "--dtype",
-        "float32",
-        "--enable-prompt-tokens-details",
-        *options,
-    )
-    return Server(command, port, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
 def metric_values(text: str) -> dict[tuple[str, str], float]:

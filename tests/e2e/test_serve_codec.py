@@ -10,8 +10,9 @@ import pytest
 from kvtier import gate
 from kvtier.config import GATE_VAR
 from kvtier.integrations.model import model_fingerprint, prepare_default_model
-from kvtier.redis_process import RedisServer, free_port
-from kvtier.runtime.engine_process import Server, kvtier_serve_command
+from kvtier.redis_process import RedisServer
+
+from serving import serve
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make install`")
 
@@ -19,34 +20,17 @@ FACTS = " ".join(f"The locker code of employee {i} is {1000 + 37 * i}." for i in
 QUESTIONS = [f"\nQuestion: What is the locker code of employee {i}?\nAnswer:" for i in (7, 33)]
 
 
-def serve(log: Path, gate_dir: Path, *options: str) -> Server:
-    port = free_port()
-    command = kvtier_serve_command(
-        port,
-        "--disk",
-        "none",
-        "--dram",
-        "512MiB",
-        "--max-model-len",
-        "4096",
-        "--no-enable-prefix-caching",
-        "--dtype",
-        "float32",
-        "--enable-prompt-tokens-details",
-        *options,
-    )
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "KVTIER_FIDELITY_DIR": str(gate_dir)}
-    return Server(command, port, log, env=env)
-
-
 def test_an_int8_redis_tier_serves_a_restarted_server_the_same_answers(
     tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate_dir = tmp_path / "gate"
+    gate_env = {GATE_VAR: str(gate_dir)}
     url = redis_server.url
     prompts = [FACTS + q for q in QUESTIONS]
     client = redis_server.client()
-    with serve(tmp_path / "cold.log", gate_dir, "--redis", url, "--codec", "redis=none") as cold:
+    with serve(
+        None, tmp_path / "cold.log", "--redis", url, "--codec", "redis=none", env=gate_env
+    ) as cold:
         reference = [cold.complete(p, max_tokens=8) for p in prompts]
     raw_bytes = client.info("memory")["used_memory"]  # the same prompts' KV in fp32
     client.flushall()
@@ -65,10 +49,10 @@ def test_an_int8_redis_tier_serves_a_restarted_server_the_same_answers(
         {"reference_accuracy": 0.5, "codecs": rows},
     )
     options = ("--redis", url, "--codec", "auto")
-    with serve(tmp_path / "first.log", gate_dir, *options) as first:
+    with serve(None, tmp_path / "first.log", *options, env=gate_env) as first:
         for p in prompts:
             first.complete(p, max_tokens=8)  # computed; int8 copies queued for Redis
-    with serve(tmp_path / "second.log", gate_dir, *options) as second:
+    with serve(None, tmp_path / "second.log", *options, env=gate_env) as second:
         again = [second.complete(p, max_tokens=8) for p in prompts]
         log = second.tail(1 << 20)
     assert "--codec auto: redis stores int8" in log

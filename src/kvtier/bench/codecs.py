@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from kvtier import quant
@@ -50,11 +51,8 @@ def measure(names: list[str], dtype: str, repeat: int = 5) -> dict[str, Any]:
         rows = []
         for name in names:
             stored = quant.encode(name, kv)
-            encode_s = _best(lambda n=name: quant.encode(n, kv), repeat)  # type: ignore[misc]
-            decode_s = _best(
-                lambda n=name, s=stored: quant.decode(n, s, SHAPE, kv.dtype),  # type: ignore[misc]
-                repeat,
-            )
+            encode_s = _best(partial(quant.encode, name, kv), repeat)
+            decode_s = _best(partial(quant.decode, name, stored, SHAPE, kv.dtype), repeat)
             back = quant.decode(name, stored, SHAPE, torch.float32)
             x = kv.float()
             err = ((back - x).norm() / x.norm()).item()  # relative RMS error

@@ -52,16 +52,15 @@ def apply_codecs(
 
 
 def _check_gate(spec: str, codec: str, fingerprint: str, force: bool) -> list[str]:
-    entry = gate.load(fingerprint)
-    if entry is not None and codec in entry["passed"]:
+    entry = gate.load(fingerprint) or {"passed": [], "codecs": []}
+    if codec in entry["passed"]:
         return []
-    row = next((r for r in entry["codecs"] if r["codec"] == codec), None) if entry else None
-    if row is None:
-        measured = "never measured for this model"
-    else:
+    row = next((r for r in entry["codecs"] if r["codec"] == codec), None)
+    measured = "never measured for this model"
+    if row is not None:
         measured = (
             f"measured top-1 {row['top1_agreement']:.1%}, mean KL {row['kl_mean']:.4f} nats,"
-            f" accuracy {row['accuracy']:.1%} against {entry['reference_accuracy']:.1%}"  # type: ignore[index]
+            f" accuracy {row['accuracy']:.1%} against {entry['reference_accuracy']:.1%}"
         )
     if force:
         return [f"WARNING: --codec {spec} forced: {codec} has not passed the gate ({measured})"]
