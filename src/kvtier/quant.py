@@ -86,22 +86,29 @@ def encode(name: str, kv: torch.Tensor) -> torch.Tensor:
 
 
 def decode(
-    name: str, stored: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+    name: str,
+    stored: torch.Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A payload of ``shape`` in ``dtype`` from its form ``stored`` (flat uint8) by codec
-    ``name``. Raises ValueError when ``stored`` is not that codec's size for ``shape``."""
+    ``name``, written into ``out`` when given (a tensor of that shape and dtype: the
+    destination itself, no copy after). Raises ValueError when ``stored`` is not that codec's
+    size for ``shape``."""
     import torch
 
     want = stored_bytes(name, shape)
     if stored.numel() != want:
         raise ValueError(f"a {name} payload of shape {shape} is {want} bytes, got {stored.numel()}")
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
     if name == "bf16":
-        return stored.view(torch.bfloat16).view(shape).to(dtype)
+        return out.copy_(stored.view(torch.bfloat16).view(shape))
     if name in ("int8", "fp8"):
-        return _decode_8(name, stored, shape).to(dtype)
+        return _decode_8(name, stored, shape, out)
     layers, _, tokens, heads, dim = shape
     split = _bytes4((layers, heads, dim, tokens))
-    out = torch.empty(shape, dtype=dtype)
     out[:, 0] = _decode4(stored[:split], (layers, heads, dim, tokens)).permute(0, 3, 1, 2)
     out[:, 1] = _decode4(stored[split:], (layers, tokens, heads, dim))
     return out
@@ -135,6 +142,16 @@ def decode_bytes(
     return memoryview(kv.reshape(-1).view(torch.uint8).numpy())
 
 
+def decode_bytes_into(
+    name: str, dtype: str, shape: tuple[int, ...], stored: bytes | memoryview, dest: memoryview
+) -> None:
+    """:func:`decode_bytes` straight into ``dest`` (writable, the raw payload's size)."""
+    import torch
+
+    out = torch.frombuffer(dest, dtype=getattr(torch, dtype)).view(shape)
+    decode(name, _tensor(stored, "uint8"), shape, out.dtype, out)
+
+
 def _bf16(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded to bf16 and back to fp32: the scale a decoder will see."""
     import torch
@@ -157,19 +174,22 @@ def _encode_8(name: str, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([q.reshape(-1), scales])
 
 
-def _decode_8(name: str, stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def _decode_8(
+    name: str, stored: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor
+) -> torch.Tensor:
+    """Into ``out``: the codes converted in one pass, then scaled in place (no temporary)."""
     import torch
 
     values = math.prod(shape)
     scale = stored[values:].view(torch.bfloat16).view(*shape[:-1], 1).float()
     if name == "int8":
-        return stored[:values].view(torch.int8).view(shape).float().mul_(scale)
+        return out.copy_(stored[:values].view(torch.int8).view(shape)).mul_(scale)
     # e4m3 -> fp16 by moving bits: sign to bit 15, exponent and mantissa up by 7, which reads
     # as the value / 256 (normals and subnormals alike; the encoder never writes NaN). torch's
     # own fp8 -> fp32 conversion ran at 0.9 GB/s here, this at 3.0.
     i = stored[:values].to(torch.int16)
     half = (((i & 0x80) << 8) | ((i & 0x7F) << 7)).view(torch.float16).view(shape)
-    return half.float().mul_(scale * 256.0)
+    return out.copy_(half).mul_(scale * 256.0)
 
 
 def _pack4(q: torch.Tensor) -> torch.Tensor:

@@ -177,6 +177,9 @@ class Reads:
                 continue
             view = memoryview(buf)
             header: codec.ChunkHeader | None = None
+            if codec.HEADER_BYTES < size < len(buf) and slot.tier.fills_front:
+                out.append(self._inflate(slot, keys[i], buf, size))
+                continue
             if size == len(buf):
                 try:
                     payload = view[codec.HEADER_BYTES :]
@@ -192,6 +195,21 @@ class Reads:
             self.h.recorder.add(slot.tier.name, hits=1, bytes_read=size)
             out.append((chunk, buf))
         return out
+
+    def _inflate(
+        self, slot: Slot, key: ChunkKey, buf: codec.SealedChunk, size: int
+    ) -> tuple[KVChunk, Blob] | None:
+        """A chunk stored smaller than its raw form (quantized, compressed), read into the
+        front of ``buf`` (sized for the raw form): decoded into ``buf`` itself, which then
+        holds the raw form (DRAM hits never decode it again)."""
+        view = memoryview(buf)
+        stored = bytes(view[:size])  # out of the way of the decoded payload
+        header, payload = bytearray(codec.HEADER_BYTES), view[codec.HEADER_BYTES :]
+        if not self._copy_verified(slot, key, stored, header, payload):
+            return None
+        h = codec.read_header(header)
+        codec.seal(codec.stamp(buf, h.key, h.dtype, h.shape, h.namespace_id, h.created_at))
+        return KVChunk(h.dtype, h.shape, payload), buf
 
     def _read_whole(
         self, slot: Slot, key: ChunkKey, payload_bytes: int
@@ -328,6 +346,11 @@ class Reads:
         if size is None:
             self.h.recorder.add(slot.tier.name, misses=1)
             return False
+        if codec.HEADER_BYTES < size < codec.HEADER_BYTES + dest.nbytes and slot.tier.fills_front:
+            # stored smaller than its raw form, read into the front of (header, dest): decode
+            # it into dest from a copy of the stored payload, without reading it again
+            stored = bytes(header) + bytes(dest[: size - codec.HEADER_BYTES])
+            return self._copy_verified(slot, key, stored, header, dest)
         if size == codec.HEADER_BYTES + dest.nbytes:
             try:
                 h = codec.verify(header, dest, expected_key=key)

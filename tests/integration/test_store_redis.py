@@ -1,10 +1,11 @@
-"""TieredStore over a real redis-server: Redis below DRAM, and its TTL."""
+"""TieredStore over a real redis-server: Redis below DRAM, quantized, and its TTL."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from kvtier import TieredStore
+from kvtier import TieredStore, codec
+from kvtier.codec import Compression
 from kvtier.redis_process import RedisServer
 from kvtier.tiers import MemoryTier, RedisTier
 
@@ -41,3 +42,47 @@ def test_redis_ttl_is_applied(redis_server: RedisServer, prefix: str) -> None:
     ttl = redis.Redis.from_url(redis_server.url).ttl(tier.redis_key(NS.root(16)))
     assert 0 < ttl <= 60
     tier.close()
+
+
+def test_a_quantized_redis_tier_sends_each_chunk_once(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A Redis tier storing int8: a load into raw-sized buffers (get_into) and a sized read
+    (get with payload_bytes) decode each chunk from the one GET that brought it (Redis counts
+    three GETs, where reading the chunks again after a raw-sized read would count six),
+    close to the KV put; the DRAM copies are then raw."""
+    import redis
+
+    tokens = prompt(15, 3)
+    comps = [Compression.NONE, Compression.INT8]
+    originals = chunks_for(15, 3)
+    tier = RedisTier(redis_server.url, prefix=prefix)
+    with TieredStore([MemoryTier(1 << 20), tier], CHUNK_TOKENS, compression=comps) as store:
+        store.put(tokens, NS, originals)
+        store.flush()
+    client = redis.Redis.from_url(redis_server.url)
+    sizes = [client.strlen(tier.redis_key(k)) for k in store.keys(tokens, NS)]
+    assert all(0 < s < 96 + CHUNK_BYTES * 0.7 for s in sizes)  # stored int8, not raw
+
+    def gets() -> int:
+        stats = client.info("commandstats").get("cmdstat_get", {})  # type: ignore[union-attr]
+        return int(stats.get("calls", 0))
+
+    for sized in (False, True):
+        fresh = RedisTier(redis_server.url, prefix=prefix)
+        with TieredStore([MemoryTier(1 << 20), fresh], CHUNK_TOKENS, compression=comps) as store:
+            before = gets()
+            if sized:
+                got = store.get(tokens, NS, payload_bytes=[CHUNK_BYTES] * 3)
+                assert got.tiers == ["redis"] * 3
+                loaded = [c.numpy() for c in got.chunks]
+            else:
+                loaded = [np.zeros(SHAPE, dtype=np.float16) for _ in range(3)]
+                assert store.get_into(tokens, NS, loaded).tiers == ["redis"] * 3
+            assert gets() - before == 3
+            for kv, original in zip(loaded, originals, strict=True):
+                a, b = kv.astype(np.float32), original.numpy().astype(np.float32)
+                assert 0 < np.abs(a - b).max() < 0.02 * np.abs(b).max()
+            held = store.tiers[0].get_many(store.keys(tokens, NS))
+            assert all(codec.read_header(b).compression == Compression.NONE for b in held)  # type: ignore[arg-type]
+            assert store.lookup(tokens, NS).tiers == ["memory"] * 3

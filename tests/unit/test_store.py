@@ -186,6 +186,12 @@ def test_a_lossy_lower_tier_stores_fewer_bytes_and_promotes_raw(
             assert not np.array_equal(a, b)  # lossy: these are not the bytes put
         held = store.tiers[0].get_many(store.keys(tokens, NS))
         assert all(codec.read_header(b).compression == Compression.NONE for b in held)  # type: ignore[arg-type]
+    # a load into raw-sized buffers decodes the smaller files read into their front
+    disk = DiskTier(tmp_path / "q", 1 << 30)
+    with TieredStore([MemoryTier(1 << 20), disk], CHUNK_TOKENS, compression=comps) as store:
+        dests = [np.zeros(SHAPE, dtype=np.float16) for _ in range(2)]
+        assert store.get_into(tokens, NS, dests).tiers == ["disk"] * 2
+        assert all(np.array_equal(d, c.numpy()) for d, c in zip(dests, got.chunks, strict=True))
 
 
 def test_corrupt_copy_in_dram_falls_back_to_the_good_copy_on_disk(tmp_path: Path) -> None:

@@ -22,6 +22,9 @@ side by side in one run:
                      rest (AES-256-GCM, ``kvtier serve --master-key-file``); the no-reuse
                      overhead is then measured with the disk tier sealed, and AES-GCM's speed
                      printed beside memcpy's;
+- kvtier_disk_NAME, kvtier_redis_NAME (``--codec NAME``): the same hits, the chunks stored in
+                     that codec (``kvtier serve --codec TIER=NAME``); its decode speed is
+                     printed beside the raw read speed of each tier (:mod:`.codec_paths`);
 - example_connector: vLLM's ExampleConnector, written by one server and read by a restarted one
                      (its failures are recorded for that length).
 
@@ -48,6 +51,7 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 from kvtier.bench import raw_io
+from kvtier.bench.codec_paths import codec_order, codec_paths, coded_store_spec, print_codec
 from kvtier.bench.common import NO_PREFIX_CACHE, SERVE_OPTIONS, drop_page_cache, prompt
 from kvtier.bench.example import example_paths
 from kvtier.bench.sealed import crypto_speed, print_sealed, sealed_paths, sealed_store_spec
@@ -153,12 +157,9 @@ def run(args: argparse.Namespace) -> int:
     args.engine_dtype = host_dtype(args.dtype, has_gpu())
     print(f"kvtier bench ttft: {args.engine_dtype.summary()}", file=sys.stderr)
     r = args.repeat
-    per_length = (
-        3 * r + (r + 1) * ("memory" in tiers) + r * (("disk" in tiers) + ("redis" in tiers))
-    )
-    per_length += 0 if args.no_example else 1 + r
-    if args.encrypt:
-        per_length += r * (("disk" in tiers) + ("redis" in tiers))
+    lower = r * (("disk" in tiers) + ("redis" in tiers))  # per copy of the disk and Redis hits
+    per_length = 3 * r + (r + 1) * ("memory" in tiers) + lower * (1 + bool(args.encrypt))
+    per_length += (0 if args.no_example else 1 + r) + lower * bool(args.codec)
     total = len(lengths) * per_length + (0 if args.no_overhead else 2 * args.engines)
     bar = tqdm(total=total, desc="bench ttft", unit="step", file=sys.stderr, disable=None)
     with ExitStack() as stack:
@@ -170,13 +171,14 @@ def run(args: argparse.Namespace) -> int:
         cache_dropped = _hit_paths(bench, lengths, tiers, redis_url)
         if args.encrypt:
             sealed_paths(bench, tiers, redis_url)
+        coded = codec_paths(bench, tiers, redis_url, args.codec) if args.codec else None
         if not args.no_example:
             example_paths(bench, lengths)
         overhead = {} if args.no_overhead else _overhead(args, work, bar)
         bar.close()
     order = ["cold_vllm", "cold", "vllm_prefix", "kvtier_memory", "kvtier_disk", "kvtier_redis"]
     order += ["kvtier_disk_sealed", "kvtier_redis_sealed", "example_connector"]
-    rows = sorted(bench.rows, key=lambda row: (row["tokens"], order.index(row["path"])))
+    rows = sorted(bench.rows, key=lambda row: (row["tokens"], codec_order(row["path"], order)))
     result = {
         "rows": rows,
         **overhead,
@@ -187,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         "raw": bench.raw,
         "engine_dtype": args.engine_dtype.as_dict(),
         "crypto_gb_s": crypto_speed() if args.encrypt else None,
+        "codec": coded,
     }
     if args.json:
         print(json.dumps(result))
@@ -226,6 +229,7 @@ def _hit_paths(bench: _Run, lengths: list[int], tiers: list[str], redis_url: str
         for n in lengths:
             picked = _same_bytes(files, bench.loaded_tokens(n, "kvtier_disk"))
             bench.raw[n]["disk_cold_read_s"] = raw_io.cold_read_s(picked) if picked else None
+            bench.raw[n]["disk_cold_read_bytes"] = sum(p.stat().st_size for p in picked)
     if "redis" in tiers and redis_url:
         with bench.kvtier("--disk", "none", "--redis", redis_url, *NO_PREFIX_CACHE) as redis:
             bench.measure(redis, "kvtier_redis", fill)
@@ -233,6 +237,8 @@ def _hit_paths(bench: _Run, lengths: list[int], tiers: list[str], redis_url: str
         for n in lengths:
             keys = _same_bytes(values, bench.loaded_tokens(n, "kvtier_redis"))
             bench.raw[n]["redis_get_s"] = raw_io.pipelined_get_s(redis_url, keys) if keys else None
+            sizes = dict(values)
+            bench.raw[n]["redis_get_bytes"] = sum(sizes[k] for k in keys)
     return dropped
 
 
@@ -273,6 +279,7 @@ def _overhead(args: argparse.Namespace, work: Path, bar: tqdm[Any]) -> dict[str,
             store: dict[str, Any] = {"tiers": [memory, disk]}
             if args.encrypt:  # the disk tier sealed, as kvtier serve --master-key-file does
                 store.update(sealed_store_spec(work))
+            store = coded_store_spec(store, args.codec)
             spec = {"connector": "kvtier", "store": store, "paired": True}
         times, err = _job_times({**spec, **batch})
         bar.update()
@@ -349,6 +356,7 @@ def _print(result: dict[str, Any], lengths: list[int]) -> None:
         )
     _print_targets(result, lengths)
     print_sealed(result, lengths)
+    print_codec(result, lengths)
     for row in rows:
         if row.get("error"):
             print(f"  {row['path']} at {row['tokens']} tokens failed: {row['error']}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kvtier import quant
 from kvtier.bench import chat, overlap, ttft
 
 
@@ -36,6 +37,14 @@ def register_ttft(bsub: Any) -> None:
         action="store_true",
         help="also the disk and Redis hits with chunks sealed at rest (--master-key-file),"
         " the no-reuse overhead with sealing, and AES-256-GCM's speed beside memcpy",
+    )
+    p.add_argument(
+        "--codec",
+        metavar="NAME",
+        choices=(*quant.LOSSY, "zstd", "lz4"),
+        help="also the disk and Redis hits with chunks stored in this codec (int8, fp8, int4,"
+        " bf16, zstd, lz4; `kvtier serve --codec TIER=NAME`), the no-reuse overhead with the"
+        " disk tier in it, and its decode speed beside the tiers' raw read speed",
     )
     p.add_argument("--batch", type=int, default=6, help="distinct prompts per overhead round")
     p.add_argument("--rounds", type=int, default=3, help="timed overhead rounds per engine")

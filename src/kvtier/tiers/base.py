@@ -23,14 +23,26 @@ Blob = bytes | bytearray | memoryview  # bytearray: a codec.SealedChunk, never w
 
 
 def scatter(value: Blob, buffers: Sequence[memoryview]) -> int:
-    """Copy ``value`` into ``buffers`` in order when the sizes match; return its size."""
+    """Copy ``value`` into ``buffers`` in order when it fits them (their front when it is
+    smaller: see :attr:`Tier.fills_front`); return its size."""
     view = memoryview(value).cast("B")
-    if view.nbytes == sum(b.nbytes for b in buffers):
+    if view.nbytes <= sum(b.nbytes for b in buffers):
         offset = 0
-        for buf in buffers:
+        for buf in front(buffers, view.nbytes):
             buf[:] = view[offset : offset + buf.nbytes]
             offset += buf.nbytes
     return view.nbytes
+
+
+def front(buffers: Sequence[memoryview], nbytes: int) -> list[memoryview]:
+    """The first ``nbytes`` of ``buffers``, as views of them, in order."""
+    out = []
+    for buf in buffers:
+        if nbytes <= 0:
+            break
+        out.append(buf[:nbytes])
+        nbytes -= out[-1].nbytes
+    return out
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,10 @@ class Tier(Protocol):
     zero_copy_reads: bool
     """True when get_many returns views of memory this process already holds (no I/O):
     readers then copy straight out of those views instead of calling read_into_many."""
+    fills_front: bool
+    """True when read_into_many puts a value smaller than its buffers in their front (a chunk
+    stored compressed or quantized, read into buffers sized for its raw form): the reader
+    decodes it from there instead of reading it again."""
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         """Whether each key is held. May be stale by the time it returns (other writers)."""
@@ -74,9 +90,10 @@ class Tier(Protocol):
     ) -> list[int | None]:
         """Scatter each stored value into its buffers, in order (like ``preadv``).
 
-        Returns each value's size, or None where absent. The buffers are filled only when the
-        size equals their total; otherwise their contents are unspecified and the caller falls
-        back to :meth:`get_many`. Lets a reader load a chunk straight into its destination.
+        Returns each value's size, or None where absent. The buffers are filled when the size
+        equals their total, and their front when it is smaller and :attr:`fills_front`;
+        otherwise their contents are unspecified and the caller falls back to
+        :meth:`get_many`. Lets a reader load a chunk straight into its destination.
         """
         ...
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.tiers import direct_io
-from kvtier.tiers.base import Blob
+from kvtier.tiers.base import Blob, front
 
 SUFFIX = ".kvc"
 _HEX = frozenset("0123456789abcdef")
@@ -140,8 +140,11 @@ class ChunkFiles:
             return None
 
     def read_into(self, fd: int, buffers: Sequence[memoryview]) -> int:
-        """Read the open file ``fd`` into ``buffers`` if it fits them exactly; its size."""
+        """Read the open file ``fd`` into ``buffers`` if it fits them (their front if it is
+        smaller); its size."""
         size = os.fstat(fd).st_size
+        if 0 < size < sum(b.nbytes for b in buffers):
+            buffers = front(buffers, size)
         fits = size == sum(b.nbytes for b in buffers)
         direct = fits and size >= DIRECT_MIN and self.direct
         if fits and not (direct and self._read_direct(fd, buffers)):

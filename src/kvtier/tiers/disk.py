@@ -61,6 +61,7 @@ class DiskTier:
             raise ValueError(f"disk tier capacity must be positive, got {capacity}")
         self.name = name
         self.zero_copy_reads = False
+        self.fills_front = True
         self.root = Path(path).expanduser()
         self.capacity = capacity
         self.read_only = read_only  # inspection: never create, delete or touch anything

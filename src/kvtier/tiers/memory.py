@@ -34,6 +34,7 @@ class MemoryTier:
             raise ValueError(f"memory tier capacity must be positive, got {capacity}")
         self.name = name
         self.zero_copy_reads = True
+        self.fills_front = True
         self.capacity = capacity
         self._data: dict[ChunkKey, bytes | SealedChunk] = {}
         self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()

@@ -64,6 +64,7 @@ class RedisTier:
     ):
         self.name = name
         self.zero_copy_reads = False
+        self.fills_front = True
         self.url = url
         self.ttl_s = ttl_s
         self._prefix = f"{prefix}:v1:".encode()

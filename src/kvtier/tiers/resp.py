@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvtier.errors import TierUnavailable
+from kvtier.tiers.base import front
 
 log = logging.getLogger("kvtier")
 
@@ -139,8 +140,8 @@ class BulkReader:
             if size < 0:
                 sizes.append(None)
                 continue
-            if size == sum(b.nbytes for b in bufs):
-                for buf in bufs:
+            if size <= sum(b.nbytes for b in bufs):  # the front of larger ones: fills_front
+                for buf in front(bufs, size):
                     self._recv_exact(buf)
             else:  # does not fit: drain it; the caller falls back to a plain GET
                 self._recv_exact(memoryview(bytearray(size)))

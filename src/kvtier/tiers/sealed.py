@@ -133,6 +133,7 @@ class SealedTier:
     """``inner``, with every chunk sealed by ``sealer`` under its tenant's epoch here."""
 
     zero_copy_reads = False  # a read decrypts into new memory
+    fills_front = False  # its tag would land in the buffers: a smaller chunk is read again
 
     def __init__(self, inner: Tier, sealer: Sealer):
         self.inner, self.sealer = inner, sealer
