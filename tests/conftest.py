@@ -4,11 +4,13 @@ process when the suite runs in several); and the order in which test files start
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from kvtier.config import GATE_VAR
 from kvtier.redis_process import RedisClusterProcess, RedisServer
 
 # Two test processes run engines side by side on the same cores, and an OpenMP thread that
@@ -17,6 +19,11 @@ from kvtier.redis_process import RedisClusterProcess, RedisServer
 # of `kvtier serve` wait asleep anyway where they share cores (engine_layout); these are the
 # tests' own (tests/vllm_worker.py) and the test processes' torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# A server without --codec stores the codec the model passed the quality gate with: the gate's
+# records on this machine (a `kvtier bench fidelity --gate` run) must not change what the
+# tests' servers store. Tests that want a record write their own (GATE_VAR).
+os.environ[GATE_VAR] = tempfile.mkdtemp(prefix="kvtier-gate-")
 
 
 @pytest.fixture(scope="session")

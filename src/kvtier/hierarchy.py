@@ -76,8 +76,12 @@ class Hierarchy:
 
     def tier_states(self) -> dict[str, dict[str, int | None]]:
         """Per tier: up (1, or 0 while taken out), used bytes, chunks, capacity (None when
-        the tier does not bound itself). A tier that cannot say reports only ``up``."""
+        the tier does not bound itself), and the logical tokens it holds: its bytes at the
+        tokens per stored byte of the chunks written to it since the start (None before the
+        first; exact while the tier holds one codec). A tier that cannot say reports only
+        ``up``."""
         out: dict[str, dict[str, int | None]] = {}
+        written = self.recorder.snapshot().tiers
         for slot in self.slots:
             state: dict[str, int | None] = {"up": int(slot.health.available())}
             try:
@@ -85,6 +89,9 @@ class Hierarchy:
                 state.update(
                     used_bytes=usage.bytes, chunks=usage.chunks, capacity_bytes=usage.capacity
                 )
+                stats = written[slot.tier.name]
+                if stats.bytes_written:
+                    state["tokens"] = usage.bytes * stats.tokens_written // stats.bytes_written
             except Exception:  # a tier that is down: its health says so
                 pass
             out[slot.tier.name] = state

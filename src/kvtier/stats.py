@@ -21,6 +21,8 @@ class TierStats:
     read_seconds: float = 0.0  # time spent in sized batch reads (the loads' path): bandwidth
     bytes_written: int = 0
     chunks_written: int = 0
+    tokens_written: int = 0  # the logical tokens of the chunks written
+    raw_bytes_written: int = 0  # their KV in the engine's dtype: / bytes_written, the codec's
     evictions: int = 0
     corruptions: int = 0  # chunks that failed verification (then deleted here)
     errors: int = 0  # failed calls (tier down, disk full, permission...)

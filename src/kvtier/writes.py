@@ -163,10 +163,13 @@ class Writes:
         if result.error is not None:  # failed part-way: what it did still counts
             self.h.recorder.add(name, errors=1)
             slot.health.failed(result.error)
+        headers = [codec.read_header(b) for _, b in written]
         self.h.recorder.add(
             name,
             chunks_written=len(written),
             bytes_written=sum(memoryview(b).nbytes for _, b in written),
+            tokens_written=sum(h.tokens for h in headers),
+            raw_bytes_written=sum(codec.HEADER_BYTES + h.raw_bytes for h in headers),
             writes_rejected=0 if result.error else unwritten,
             writes_dropped=unwritten if result.error else 0,
             evictions=len(result.evicted),

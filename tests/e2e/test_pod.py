@@ -25,11 +25,14 @@ from typing import Any
 import pytest
 import yaml
 
+from kvtier import codec
+from kvtier.codec import Compression
 from kvtier.integrations.engine_layout import parse_cpu_list
 from kvtier.integrations.model import prepare_default_model
 from kvtier.keys import ChunkKey, Namespace, chunk_keys
 from kvtier.redis_process import free_port
 from kvtier.router.prompts import Prompter
+from kvtier.tiers import RedisTier
 
 from browser import Page, chromium_page
 from hostspeed import patience, words_for
@@ -57,7 +60,10 @@ CONTEXT_WORDS = 140  # 500-650 tokens: two 256-token chunks and a tail
 
 @pytest.fixture(scope="module")
 def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodProcess]:
-    with readme_pod(tmp_path_factory, "kvtier pod", "--max-model-len", "8192") as started:
+    # Every engine's shared tier stores int8 (`kvtier pod --codec`; forced: the gate's
+    # records are the tests' own, empty).
+    codec = ("--codec", "redis=int8", "--force-codec")
+    with readme_pod(tmp_path_factory, "kvtier pod", "--max-model-len", "8192", *codec) as started:
         yield started
 
 
@@ -151,6 +157,25 @@ def test_returning_turns_go_where_their_context_is(pod: PodProcess) -> None:
     up = re.findall(r'^kvtier:router_engine_up\{[^}]*role="serve"\} (\S+)$', metrics, re.M)
     assert up == ["1.0", "1.0"], metrics
     assert re.search(r'^kvtier:router_index_chunks_held\{[^}]*tier="gpu"\} [1-9]', metrics, re.M)
+
+
+def test_the_shared_tier_holds_the_pods_codec(pod: PodProcess) -> None:
+    """`kvtier pod --codec redis=int8`: the chunks the engines wrote to the shared tier are
+    int8 (about a fourth of fp32's bytes, half of bf16's). Every other test of this module
+    runs on this pod, its shared tier int8."""
+    shared = RedisTier(pod.state()["shared"])
+    try:
+
+        def written() -> list[Any]:
+            keys = list(shared.scan())
+            return [b for b in shared.get_many(keys) if b is not None]
+
+        wait_for(lambda: len(written()) >= 2, 60, "chunks in the shared tier")
+        headers = [codec.read_header(b) for b in written()]
+        assert {h.compression for h in headers} == {Compression.INT8}, headers
+        assert all(h.stored_bytes < 0.55 * h.raw_bytes for h in headers)
+    finally:
+        shared.close()
 
 
 def allowed_cores(pid: str) -> set[int]:
@@ -303,6 +328,16 @@ def test_the_console_shows_the_pods_metrics_live_in_chromium(
                 ".map(r => r.children[2].textContent)"
             )
             assert tiers == ["up"] * 6, tiers  # memory, disk and the shared redis, per engine
+            # Stored bytes per raw byte written, per tier: DRAM raw, the shared tier int8
+            # (`kvtier pod --codec redis=int8`: ~0.26 of fp32, ~0.52 of bf16), tokens held.
+            ratios: dict[str, list[float]] = {}
+            for key, value in shown.items():
+                if key.endswith(".stored_ratio") and value != "null":
+                    ratios.setdefault(key.rsplit(".", 2)[1], []).append(float(value))
+            assert ratios["memory"] and all(r == pytest.approx(1.0) for r in ratios["memory"])
+            assert ratios["redis"] and all(0.2 < r < 0.55 for r in ratios["redis"]), ratios
+            held = [float(v) for k, v in shown.items() if k.endswith(".memory.tokens")]
+            assert held and all(n > 0 for n in held), shown
             shot = Path(os.environ.get("CONSOLE_SCREENSHOT") or tmp_path / "console.png")
             page.screenshot(shot)
             assert shot.stat().st_size > 20_000

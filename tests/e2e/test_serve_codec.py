@@ -1,5 +1,6 @@
-"""A Redis tier storing int8 KV through `kvtier serve`: a restarted server's hit comes from
-Redis, decoded, and its greedy answers match a cold server's."""
+"""A Redis tier storing int8 KV through `kvtier serve` (--codec auto, and by default once the
+model passed the gate): a restarted server's hit comes from Redis, decoded, and its greedy
+answers match a cold server's."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def test_an_int8_redis_tier_serves_a_restarted_server_the_same_answers(
     raw_bytes = client.info("memory")["used_memory"]  # the same prompts' KV in fp32
     client.flushall()
     # The gate passed int8 for this model (as `kvtier bench fidelity --gate` records it):
-    # --codec auto then gives the Redis tier int8.
+    # --codec auto, and no --codec, then give the Redis tier int8.
     model = prepare_default_model(dtype="float32")
     rows = [
         {"codec": c, "top1_agreement": 1.0, "kl_mean": 0.0002, "accuracy": 0.5}
@@ -48,14 +49,15 @@ def test_an_int8_redis_tier_serves_a_restarted_server_the_same_answers(
         "float32",
         {"reference_accuracy": 0.5, "codecs": rows},
     )
-    options = ("--redis", url, "--codec", "auto")
-    with serve(None, tmp_path / "first.log", *options, env=gate_env) as first:
+    with serve(None, tmp_path / "first.log", "--redis", url, "--codec", "auto", env=gate_env) as s:
         for p in prompts:
-            first.complete(p, max_tokens=8)  # computed; int8 copies queued for Redis
-    with serve(None, tmp_path / "second.log", *options, env=gate_env) as second:
+            s.complete(p, max_tokens=8)  # computed; int8 copies queued for Redis
+        assert "--codec auto: redis stores int8" in s.tail(1 << 20)
+    # without --codec, a server stores what the model passed too (the second: it reads)
+    with serve(None, tmp_path / "second.log", "--redis", url, env=gate_env) as second:
         again = [second.complete(p, max_tokens=8) for p in prompts]
         log = second.tail(1 << 20)
-    assert "--codec auto: redis stores int8" in log
+    assert "no --codec: redis stores int8" in log
     assert "from redis" in log, log[-3000:]
     assert all(a.cached_tokens and a.cached_tokens > 700 for a in again), again
     assert [a.text for a in again] == [r.text for r in reference], (again, reference)

@@ -199,6 +199,30 @@ def test_cli_sizes_become_blocks_of_the_models_kv(
     assert "holds no 512-token block" in capsys.readouterr().err
 
 
+def test_cli_codec_fits_more_blocks_below_dram_and_reads_fewer_bytes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--codec int8: the SSD tier's bytes hold 1/0.508x the blocks (Llama-3.1-8B's head dim
+    128: one bf16 scale per 128 int8 values), DRAM's stay raw, and a hit from the SSD moves
+    (and a write stores) that share of a raw block's bytes."""
+    trace = write_trace(tmp_path / "t.jsonl", HAND)
+    args = ["sim", str(trace), "--model", "Llama-3.1-8B", "--dram", "192MiB", "--ssd", "1GiB"]
+    runs = {}
+    for codec in (None, "int8"):
+        assert main([*args, "--json", *(["--codec", codec] if codec else [])]) == 0
+        runs[codec] = json.loads(capsys.readouterr().out)
+    raw, coded = runs[None], runs["int8"]
+    ratio = (128 + 2) / (2 * 128)
+    assert coded["stored_ratio"] == pytest.approx(ratio) and raw["stored_ratio"] == 1.0
+    assert [(t["name"], t["capacity_blocks"]) for t in coded["tiers"]] == [("dram", 3), ("ssd", 31)]
+    ssd = coded["tiers"][1]
+    block = coded["block_bytes"]
+    assert ssd["written_bytes"] % int(block * ratio) == 0 and ssd["written_bytes"] > 0
+    assert raw["tiers"][1]["written_bytes"] % block == 0
+    assert main([*args, "--codec", "int8"]) == 0
+    assert "int8 below DRAM: 0.508x the bytes" in capsys.readouterr().out
+
+
 def test_cli_sweep_writes_png_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     trace = write_trace(tmp_path / "t.jsonl", HAND)
     prefix = tmp_path / "sweep"

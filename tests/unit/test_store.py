@@ -267,6 +267,27 @@ def test_stats_count_hits_misses_and_bytes(tmp_path: Path) -> None:
         assert s.as_dict()["tiers"]["memory"]["hits"] == 2  # type: ignore[index]
 
 
+def test_each_tier_counts_its_stored_bytes_and_logical_tokens(tmp_path: Path) -> None:
+    """DRAM raw over an int8 disk tier: both hold the same tokens (a tail's too), the disk
+    in fewer bytes; the counters give each tier's stored / raw ratio."""
+    comps = [Compression.NONE, Compression.INT8]
+    disk = DiskTier(tmp_path / "q", 1 << 30, fsync=False)
+    with TieredStore([MemoryTier(1 << 20), disk], CHUNK_TOKENS, compression=comps) as store:
+        assert "tokens" not in store.tier_states()["disk"]  # nothing written yet: unknown
+        tokens = prompt(12, 2, extra=8)  # two whole chunks and a tail of 8 tokens
+        chunks = [*chunks_for(12, 2), chunk(12002, (*SHAPE[:2], 8, *SHAPE[3:]))]
+        store.put(tokens, NS, chunks, tail=True)
+        store.flush()
+        states, stats = store.tier_states(), store.stats().tiers
+        for tier in ("memory", "disk"):
+            assert states[tier]["tokens"] == 2 * CHUNK_TOKENS + 8, states
+            assert stats[tier].tokens_written == 2 * CHUNK_TOKENS + 8
+            assert stats[tier].raw_bytes_written == stats["memory"].bytes_written
+        assert stats["memory"].bytes_written == states["memory"]["used_bytes"]
+        ratio = stats["disk"].bytes_written / stats["disk"].raw_bytes_written
+        assert 0.4 < ratio < 0.7, ratio  # int8 over fp16 with head dim 8 here
+
+
 def sealed(store: TieredStore, tokens: list[int], seed: int, n: int) -> list[codec.SealedChunk]:
     """Chunks encoded in place, as the vLLM connector builds them."""
     blobs = []

@@ -95,6 +95,10 @@ class _Run:
         return Server(command(port), port, log, env=env, warm_up=True)
 
     def kvtier(self, *options: str) -> Server:
+        """A kvtier server; its tiers raw unless ``options`` name a codec (without --codec,
+        a server stores what the model passed the quality gate with on this machine)."""
+        if "--codec" not in options:
+            options = (*options, "--codec", "none")
         dtype = self.args.engine_dtype.serve_options()
         return self.server(
             lambda port: kvtier_serve_command(port, *SERVE_OPTIONS, *dtype, *options)

@@ -71,6 +71,14 @@ def register(sub: Any) -> None:
         help="encryption at rest in every engine's disk tier and the shared tier (see"
         " `kvtier serve --help`)",
     )
+    p.add_argument(
+        "--codec",
+        action="append",
+        metavar="TIER=CODEC",
+        help="every engine's tiers' stored form, as `kvtier serve --codec` (repeatable; the"
+        " shared tier is `redis`): auto, none, or TIER=CODEC. Default: what the model passed"
+        " `kvtier bench fidelity --gate` with, on the tiers below DRAM",
+    )
     add_router_options(p)
     p.set_defaults(run=run, passthrough=True)
 

@@ -15,6 +15,7 @@ blocks. With none of them, the hardware profile's DRAM and SSD per node are used
 
 examples:
   kvtier sim ../shared/traces/conversation_trace.jsonl --dram 1TB --ssd 8TB
+  kvtier sim ../shared/traces/conversation_trace.jsonl --dram 1TB --ssd 8TB --codec int8
   kvtier sim trace.jsonl --blocks 20000 --policy s3fifo --json
   kvtier sim trace.jsonl --nodes 4 --routing cache-aware --dram 1TB --shared 20TB
   kvtier sim trace.jsonl --sweep --out sweep        # sweep.png + sweep.json, every policy
@@ -23,6 +24,7 @@ examples:
 
 
 def register(sub: Any) -> None:
+    from kvtier import quant
     from kvtier.policy.eviction import POLICY_NAMES
     from kvtier.sim.engine import ROUTINGS
     from kvtier.sim.synthetic import WORKLOADS
@@ -56,6 +58,12 @@ def register(sub: Any) -> None:
     c.add_argument(
         "--policy",
         help=f"eviction: {', '.join(POLICY_NAMES)} (default lru; --sweep: all, or a comma list)",
+    )
+    c.add_argument(
+        "--codec",
+        choices=quant.LOSSY,
+        help="the tiers below DRAM (--ssd, --shared) store KV with this codec: more blocks in"
+        " the same bytes, fewer bytes per hit (bytes per token as `kvtier plan --codec`)",
     )
     c.add_argument("--nodes", type=int, default=1, help="serving nodes (default 1)")
     c.add_argument("--routing", default="cache-aware", help=f"{', '.join(ROUTINGS)} (the first)")

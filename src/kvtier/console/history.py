@@ -27,11 +27,13 @@ COUNTERS = (
     "recomputed_tokens",
     "prefill_seconds_saved",
 )
-TIER_FIELDS = ("up", "used_bytes", "capacity_bytes", "chunks")
+TIER_FIELDS = ("up", "used_bytes", "capacity_bytes", "chunks", "tokens")
 TIER_COUNTS = (
     "loaded_tokens",
     "bytes_read",
     "bytes_written",
+    "tokens_written",
+    "raw_bytes_written",
     "evictions",
     "corruptions",
     "errors",

@@ -3,8 +3,10 @@
 ``--codec TIER=NAME`` (repeatable) sets a tier's codec (``none``, ``zstd``, ``lz4``, ``bf16``,
 ``int8``, ``fp8``, ``int4``); ``--codec auto`` gives every tier below DRAM the smallest lossy
 codec the model passed (:mod:`kvtier.gate`), DRAM staying raw (its hits are copied straight
-from the tier's memory). A lossy codec the model has not passed is refused unless
-``--force-codec``, which warns with what was measured.
+from the tier's memory); ``--codec none`` keeps every tier raw. Without ``--codec``, the tiers
+below DRAM that the configuration leaves raw get what ``auto`` gives (raw until the model has
+passed the gate). A lossy codec the model has not passed is refused unless ``--force-codec``,
+which warns with what was measured.
 """
 
 from __future__ import annotations
@@ -24,23 +26,35 @@ def apply_codecs(
     tiers = list(config.tiers)
     names = [t.name for t in tiers]
     notes: list[str] = []
-    for spec in specs:
+    default = not specs  # auto, for the tiers the configuration leaves raw
+    for spec in specs or ["auto"]:
+        said = "no --codec" if default else f"--codec {spec}"
+        if spec == "none":
+            tiers = [dataclasses.replace(t, compression="none") for t in tiers]
+            continue
         if spec == "auto":
             best = gate.best_passed(fingerprint) if fingerprint else None
-            if fingerprint and best is None:
+            if fingerprint and best is None and len(tiers) > 1:
                 notes.append(
-                    "--codec auto: no lossy codec has passed the quality gate for this model;"
+                    f"{said}: no lossy codec has passed the quality gate for this model;"
                     " lower tiers store raw KV (run `kvtier bench fidelity --gate`)"
                 )
             for i, tier in enumerate(tiers):
-                if best and not isinstance(tier, MemoryTierConfig):
-                    tiers[i] = dataclasses.replace(tier, compression=best)
-                    notes.append(f"--codec auto: {tier.name} stores {best} (passed the gate)")
+                if isinstance(tier, MemoryTierConfig) or not best:
+                    continue
+                if default and tier.compression != "none":
+                    continue  # the configuration chose it
+                tiers[i] = dataclasses.replace(tier, compression=best)
+                notes.append(
+                    f"{said}: {tier.name} stores {best}, the smallest codec that passed the"
+                    " quality gate for this model (--codec none: raw)"
+                )
             continue
         tier_name, sep, codec = spec.partition("=")
         if not sep or tier_name not in names:
             raise ConfigError(
-                f"--codec {spec}: expected TIER=CODEC with TIER one of {', '.join(names)} (or auto)"
+                f"--codec {spec}: expected TIER=CODEC with TIER one of {', '.join(names)}"
+                " (or auto, or none)"
             )
         if codec not in COMPRESSIONS:
             raise ConfigError(f"--codec {spec}: codecs are {', '.join(COMPRESSIONS)}")

@@ -85,11 +85,13 @@ def build_config(args: argparse.Namespace) -> StoreConfig:
     elif config.master_key_file or config.master_key_env:
         MasterKeys.load(config.master_key_file, config.master_key_env)
     config = dataclasses.replace(config, tiers=tuple(tiers))
-    if getattr(args, "codec", None):  # the gate is checked once the model is known (launch)
-        fingerprint = getattr(args, "model_fingerprint", None)
-        config, notes = apply_codecs(config, args.codec, fingerprint, args.force_codec)
-        for note in notes if fingerprint else []:
-            print(f"kvtier serve: {note}", file=sys.stderr)
+    # The gate is checked once the model is known (launch); without --codec, the tiers the
+    # configuration leaves raw store what the model passed (kvtier.runtime.codecs).
+    fingerprint = getattr(args, "model_fingerprint", None)
+    specs = getattr(args, "codec", None) or []
+    config, notes = apply_codecs(config, specs, fingerprint, getattr(args, "force_codec", False))
+    for note in notes if fingerprint else []:
+        print(f"kvtier serve: {note}", file=sys.stderr)
     tenants = getattr(args, "tenants", None)
     if tenants:  # the tenants' quotas in the tiers kvtier bounds (equal shares by default)
         config = dataclasses.replace(config, tenants_file=str(Path(tenants).resolve()))

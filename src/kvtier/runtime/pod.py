@@ -226,6 +226,8 @@ def run_pod(args: argparse.Namespace, engines: int, prefill: int, extra: list[st
         options += ["--tenants", str(Path(args.tenants).resolve())]
     if getattr(args, "master_key_file", None):  # every engine seals with the same keys
         options += ["--master-key-file", str(Path(args.master_key_file).resolve())]
+    for spec in getattr(args, "codec", None) or []:  # every engine stores the same forms
+        options += ["--codec", spec]
     cores = sorted(os.sched_getaffinity(0))
     specs = plan_pod(engines, args.engine_port, state, logs, cores, options, prefill)
     pod = Pod(specs, args.redis)

@@ -37,7 +37,9 @@ def _requests(args: argparse.Namespace) -> tuple[list[Any], str, int]:
     return trace.requests, Path(args.trace).name, trace.skipped
 
 
-def _tiers(args: argparse.Namespace, block_bytes: int, hw: Any) -> list[Any]:
+def _tiers(args: argparse.Namespace, block_bytes: int, hw: Any, stored: float) -> list[Any]:
+    """The tiers from the sizes given (or the node profile's); ``stored``: bytes the tiers
+    below DRAM store per byte of raw KV (their codec)."""
     from kvtier.capacity.plan import links
     from kvtier.config import parse_size
     from kvtier.sim.engine import TierSpec
@@ -53,12 +55,15 @@ def _tiers(args: argparse.Namespace, block_bytes: int, hw: Any) -> list[Any]:
     tiers = []
     for name, text in sizes.items():
         if text:
-            n = parse_size(text, f"--{name}") // block_bytes
+            ratio = 1.0 if name == "dram" else stored  # DRAM holds raw KV
+            block = max(1, int(block_bytes * ratio))
+            n = parse_size(text, f"--{name}") // block
             if n < 1:
                 raise ConfigError(
-                    f"--{name} {text} holds no 512-token block ({block_bytes:,} bytes each)"
+                    f"--{name} {text} holds no 512-token block ({block:,} bytes each)"
                 )
-            tiers.append(TierSpec(name, n, shared=name == "shared", bandwidth=bandwidth[name]))
+            shared, bw = name == "shared", bandwidth[name]
+            tiers.append(TierSpec(name, n, shared=shared, bandwidth=bw, stored=ratio))
     return tiers
 
 
@@ -83,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kvtier.capacity.hardware import load_hardware
     from kvtier.capacity.models import load_model
-    from kvtier.capacity.plan import recompute_s
+    from kvtier.capacity.plan import codec_bytes_per_token, recompute_s
     from kvtier.policy.eviction import POLICY_NAMES
     from kvtier.sim.engine import CostModel, TierSpec, simulate, validate
     from kvtier.sim.sweep import sweep, write_outputs
@@ -93,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     hw = load_hardware(args.hardware)
     per_token = model.kv_bytes_per_token(args.dtype)
     block_bytes = per_token * BLOCK_TOKENS
+    stored = 1.0  # the tiers below DRAM: bytes stored per byte of raw KV
+    if args.codec:
+        stored = codec_bytes_per_token(model, args.codec) / per_token
     requests, source, skipped = _requests(args)
     default = ",".join(POLICY_NAMES) if args.sweep else "lru"
     policies = [p.strip() for p in (args.policy or default).split(",") if p.strip()]
@@ -129,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
     if len(policies) != 1:
         raise ConfigError("--policy takes one name outside --sweep")
-    tiers = _tiers(args, block_bytes, hw)
+    tiers = _tiers(args, block_bytes, hw, stored)
     cost = CostModel(per_token, lambda n: recompute_s(model, n, hw))
     with tqdm(total=len(requests), unit="req", desc="kvtier sim", disable=None) as bar:
         result = simulate(
@@ -148,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         "source": source,
         "model": model.name,
         "kv_dtype": args.dtype,
+        "codec": args.codec,
+        "stored_ratio": stored,
         "hardware": hw.name,
         "skipped_lines": skipped,
         **result.as_dict(),
@@ -175,7 +185,13 @@ def _render(r: dict[str, Any]) -> str:
         f"{r['source']}: {r['requests']:,} requests, {r['blocks']:,} blocks, {r['tokens']:,}"
         f" prompt tokens"
         + (f" ({r['skipped_lines']} bad lines skipped)" if r["skipped_lines"] else ""),
-        f"{r['model']} KV in {r['kv_dtype']}: {human_bytes(block)} per 512-token block;"
+        f"{r['model']} KV in {r['kv_dtype']}: {human_bytes(block)} per 512-token block"
+        + (
+            f" ({r['codec']} below DRAM: {r['stored_ratio']:.3f}x the bytes)"
+            if r.get("codec")
+            else ""
+        )
+        + ";"
         f" policy {r['policy']}, {r['nodes']} node(s)"
         + (f", {r['routing']} routing" if r["nodes"] > 1 else ""),
         "",
@@ -184,7 +200,8 @@ def _render(r: dict[str, Any]) -> str:
     ]
     for t in r["tiers"]:
         where = "pod" if t["shared"] else "node"
-        cap = f"{_decimal(t['capacity_blocks'] * block)}/{where}"
+        ratio = 1.0 if t["name"] == "dram" else r.get("stored_ratio") or 1.0  # its codec
+        cap = f"{_decimal(t['capacity_blocks'] * block * ratio)}/{where}"
         cap += f" ({t['capacity_blocks']:,})"
         lines.append(
             f"  {t['name']:<8}{cap:>30}{_pct(t['hit_rate_blocks']):>15}"

@@ -46,6 +46,7 @@ class TierSpec:
     capacity_blocks: int  # per node, or in all for a shared tier
     shared: bool = False  # one tier all nodes read and write
     bandwidth: float = 0.0  # bytes/s into the GPUs, for the TTFT estimate
+    stored: float = 1.0  # bytes it stores per byte of raw KV (a codec's ratio, scales included)
 
 
 @dataclass(frozen=True)
@@ -103,12 +104,13 @@ class SimResult:
 
 
 class _Tier:
-    __slots__ = ("capacity", "policy", "result")
+    __slots__ = ("block_bytes", "capacity", "policy", "result")
 
-    def __init__(self, spec: TierSpec, policy: str, result: TierResult):
+    def __init__(self, spec: TierSpec, policy: str, result: TierResult, block_bytes: int):
         self.policy: EvictionPolicy = make_eviction_policy(policy)
         self.capacity = spec.capacity_blocks
         self.result = result
+        self.block_bytes = int(block_bytes * spec.stored)  # a block as this tier stores it
 
     def put(self, key: int) -> bool:
         """Write one block the way a tier does: ask the policy for room, evict, insert."""
@@ -174,9 +176,12 @@ def simulate(
     validate(tiers, policy, nodes, routing)
     started = time.perf_counter()
     results = [TierResult(s.name, s.capacity_blocks, s.shared) for s in tiers]
-    shared = {i: _Tier(s, policy, results[i]) for i, s in enumerate(tiers) if s.shared}
+    shared = {i: _Tier(s, policy, results[i], block_bytes) for i, s in enumerate(tiers) if s.shared}
     chains = [
-        [shared[i] if s.shared else _Tier(s, policy, results[i]) for i, s in enumerate(tiers)]
+        [
+            shared[i] if s.shared else _Tier(s, policy, results[i], block_bytes)
+            for i, s in enumerate(tiers)
+        ]
         for _ in range(nodes)
     ]
     local = [[t for t, s in zip(chain, tiers, strict=True) if not s.shared] for chain in chains]
@@ -229,7 +234,7 @@ def simulate(
             result = tier.result
             result.hit_blocks += 1
             result.hit_tokens += n
-            result.read_bytes += block_bytes
+            result.read_bytes += tier.block_bytes
             loaded[tier_index[id(tier)]] += n
             hit_tokens += n
         total.blocks += len(ids)
@@ -244,17 +249,17 @@ def simulate(
                     tier.policy.touch(key)
                     for upper in chain[:i]:
                         if upper.put(key):
-                            upper.result.written_bytes += block_bytes
+                            upper.result.written_bytes += upper.block_bytes
                     break
             else:
                 for tier in chain:
                     if tier.put(key):
-                        tier.result.written_bytes += block_bytes
+                        tier.result.written_bytes += tier.block_bytes
 
         if cost is not None:
             full = cost.prefill_s(request.input_length)
             load_s = sum(
-                n * cost.bytes_per_token / spec.bandwidth
+                n * cost.bytes_per_token * spec.stored / spec.bandwidth
                 for n, spec in zip(loaded, tiers, strict=True)
                 if n
             )
@@ -330,8 +335,10 @@ class _CostRouter:
         self.kinds = [
             "shared" if s.shared else ("dram" if local.index(s) == 0 else "disk") for s in tiers
         ]
-        self.bandwidth = {
-            k: s.bandwidth for k, s in zip(self.kinds, tiers, strict=True) if s.bandwidth > 0
+        self.bandwidth = {  # of raw KV: a tier storing a codec delivers it faster
+            k: s.bandwidth / s.stored
+            for k, s in zip(self.kinds, tiers, strict=True)
+            if s.bandwidth > 0
         }
         self.busy_until_ms = [0.0] * nodes
         self.cost = cost

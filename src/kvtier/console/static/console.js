@@ -133,7 +133,7 @@ function tiersTable(rows) {
     const health = r.up === null ? "unknown" : r.up ? "up" : "down";
     tr.innerHTML = `<td></td><td></td><td><span class="dot ${health}"></span>${health}</td>` +
       `<td><div class="meter"><div class="meter-fill"></div></div><span class="meter-text"></span></td>` +
-      `<td></td><td></td>`;
+      `<td></td><td></td><td></td><td></td>`;
     const cells = tr.children;
     cells[0].textContent = r.engine;
     cells[1].textContent = r.tier;
@@ -149,8 +149,16 @@ function tiersTable(rows) {
     text.dataset.key = `tiers.${r.engine}.${r.tier}.used_bytes`;
     text.dataset.value = String(used);
     cells[4].textContent = fmt(r.chunks, "n");
-    cells[5].textContent = fmt(r.errors + r.corruptions, "n");
-    cells[5].title = `errors ${r.errors}, corruptions ${r.corruptions}, writes dropped ${r.writes_dropped}`;
+    cells[5].textContent = r.tokens == null ? "-" : fmt(r.tokens, "n");
+    cells[5].dataset.key = `tiers.${r.engine}.${r.tier}.tokens`;
+    cells[5].dataset.value = String(r.tokens);
+    const ratio = r.raw_bytes_written ? r.bytes_written / r.raw_bytes_written : null;
+    cells[6].textContent = ratio === null ? "-" : ratio.toFixed(3) + "x";
+    cells[6].dataset.key = `tiers.${r.engine}.${r.tier}.stored_ratio`;
+    cells[6].dataset.value = String(ratio);
+    cells[6].title = `${fmt(r.tokens_written, "n")} tokens written in ${fmt(r.bytes_written, "bytes")}`;
+    cells[7].textContent = fmt(r.errors + r.corruptions, "n");
+    cells[7].title = `errors ${r.errors}, corruptions ${r.corruptions}, writes dropped ${r.writes_dropped}`;
     return tr;
   }));
 }

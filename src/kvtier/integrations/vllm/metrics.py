@@ -45,12 +45,14 @@ TIER_COUNTERS = (
     "loaded_tokens",
     "bytes_read",
     "bytes_written",
+    "tokens_written",
+    "raw_bytes_written",
     "evictions",
     "corruptions",
     "errors",
     "writes_dropped",
 )
-TIER_GAUGES = ("up", "used_bytes", "chunks", "capacity_bytes")
+TIER_GAUGES = ("up", "used_bytes", "chunks", "capacity_bytes", "tokens")
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RATE_STEPS = 64  # steps the prefill rate is measured over
 RATE_MIN_TOKENS = 64  # fewer: a step of decodes (a hits-first prefill step is ~100-300)
@@ -243,7 +245,10 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
         tier_helps = {
             "loaded_tokens": "prompt tokens loaded from the tier",
             "bytes_read": "bytes read from the tier",
-            "bytes_written": "bytes written to the tier",
+            "bytes_written": "bytes written to the tier (as it stores them: its codec's)",
+            "tokens_written": "logical tokens of the chunks written to the tier",
+            "raw_bytes_written": "bytes the chunks written to the tier take stored raw, in the"
+            " engine's dtype (bytes_written / this: the tier codec's ratio)",
             "evictions": "chunks evicted from the tier",
             "corruptions": "chunks that failed verification (deleted, recomputed)",
             "errors": "failed calls to the tier",
@@ -256,6 +261,8 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             "used_bytes": "bytes the tier holds",
             "chunks": "chunks the tier holds",
             "capacity_bytes": "the tier's capacity (absent when it does not bound itself)",
+            "tokens": "logical tokens the tier holds: its bytes at the tokens per stored byte"
+            " of the chunks written to it since the start (absent before the first)",
         }
         self._gauges = {
             name: gauge(
