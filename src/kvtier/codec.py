@@ -57,6 +57,7 @@ class Compression(IntEnum):
     INT8 = 4
     FP8 = 5
     INT4 = 6
+    INT8C = 7
 
     @property
     def lossy(self) -> bool:

@@ -38,7 +38,7 @@ from kvtier.errors import ConfigError
 from kvtier.policy.eviction import POLICY_NAMES
 
 # A tier's stored form (`codec:`, or `compression:` as before): lossless, or lossy (kvtier.quant).
-COMPRESSIONS = ("none", "zstd", "lz4", "bf16", "int8", "fp8", "int4")
+COMPRESSIONS = ("none", "zstd", "lz4", "bf16", "int8", "int8c", "fp8", "int4")
 MASTER_KEY_VAR = "KVTIER_MASTER_KEY"  # master keys in the environment (kvtier.sealing)
 GATE_VAR = "KVTIER_FIDELITY_DIR"  # where the quality gate's records are (kvtier.gate)
 EVICTIONS = POLICY_NAMES

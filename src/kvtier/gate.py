@@ -28,8 +28,9 @@ from kvtier.config import GATE_VAR
 TOP1_MIN = 0.99
 KL_MEAN_MAX = 0.01
 ACCURACY_DROP_MAX = 0.01
-# Smallest stored form first: what --codec auto picks among those that passed.
-BY_SIZE = ("int4", "int8", "fp8", "bf16")
+# Smallest stored form first: what --codec auto picks among those that passed (among forms
+# of one size, the one whose mean KL measured least).
+BY_SIZE = ("int4", "int8", "int8c", "fp8", "bf16")
 assert set(BY_SIZE) == set(quant.LOSSY)
 
 
@@ -80,7 +81,12 @@ def load(fingerprint: str) -> dict[str, Any] | None:
 
 
 def best_passed(fingerprint: str) -> str | None:
-    """The smallest lossy codec the model passed (None: none, or never measured)."""
+    """The smallest lossy codec the model passed; of those the same size, the one whose mean
+    KL measured least (None: none passed, or never measured)."""
     entry = load(fingerprint)
-    passed = set(entry["passed"]) if entry else set()
-    return next((c for c in BY_SIZE if c in passed), None)
+    if not entry:
+        return None
+    kl = {r["codec"]: r.get("kl_mean", float("inf")) for r in entry.get("codecs", [])}
+    passed = [c for c in BY_SIZE if c in set(entry["passed"])]
+    shape = (1, 2, 256, 1, 64)  # a chunk of one head: the forms' relative sizes
+    return min(passed, key=lambda c: (quant.stored_bytes(c, shape), kl.get(c, 0.0)), default=None)

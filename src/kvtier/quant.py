@@ -7,6 +7,9 @@ A payload is ``(layers, 2, tokens, kv_heads, head_dim)``, K before V (:mod:`kvti
   bf16).
 - ``int8``: symmetric, one bf16 scale per token and head (max |x| / 127): 66 bytes per 64
   values of a head of dim 64 against 128 in bf16 (0.52x).
+- ``int8c``: int8 with K scaled per channel over groups of 64 tokens (as ``int4`` groups K)
+  and V per token and head as ``int8``: the same bytes, K's outlier channels no longer set
+  the scale of a whole token.
 - ``fp8``: e4m3 with one bf16 scale per token and head (max |x| / 448): the same bytes as
   int8, more precision near zero, less at the top of the range.
 - ``int4``: asymmetric 4-bit as KIVI does (K per channel over groups of 64 tokens, since K's
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-LOSSY = ("bf16", "int8", "fp8", "int4")
+LOSSY = ("bf16", "int8", "int8c", "fp8", "int4")
 FLOAT_KV = ("float32", "float16", "bfloat16")  # the KV dtypes a lossy codec takes
 GROUP = 64  # int4: tokens per K group, channels per V group (fewer when the chunk is shorter)
 _SCALE_BYTES = 2  # bf16
@@ -53,6 +56,9 @@ def stored_bytes(name: str, shape: tuple[int, ...]) -> int:
         return 2 * values
     if name in ("int8", "fp8"):
         return values + _SCALE_BYTES * layers * two * tokens * heads
+    if name == "int8c":  # K: a scale per channel and group of tokens; V: per token and head
+        k_scales = layers * heads * dim * _groups(tokens)[1]
+        return values + _SCALE_BYTES * (k_scales + layers * tokens * heads)
     if name == "int4":
         return _bytes4((layers, heads, dim, tokens)) + _bytes4((layers, tokens, heads, dim))
     raise ValueError(f"unknown codec {name!r}; lossy codecs: {', '.join(LOSSY)}")
@@ -74,6 +80,10 @@ def encode(name: str, kv: torch.Tensor) -> torch.Tensor:
         out = kv.to(torch.bfloat16).reshape(-1).view(torch.uint8)
     elif name in ("int8", "fp8"):
         out = _encode_8(name, kv.float())
+    elif name == "int8c":
+        x = kv.float()
+        k = _encode_8("int8", x[:, 1])  # V per token and head, as int8
+        out = torch.cat([_encode_8c(x[:, 0].permute(0, 2, 3, 1)), k])
     elif name == "int4":
         x = kv.float()
         # K per channel over groups of tokens (its outliers sit in fixed channels), V per
@@ -108,6 +118,11 @@ def decode(
     if name in ("int8", "fp8"):
         return _decode_8(name, stored, shape, out)
     layers, _, tokens, heads, dim = shape
+    if name == "int8c":
+        split = stored_bytes("int8c", shape) - stored_bytes("int8", (layers, 1, tokens, heads, dim))
+        out[:, 0] = _decode_8c(stored[:split], (layers, heads, dim, tokens)).permute(0, 3, 1, 2)
+        _decode_8("int8", stored[split:], (layers, tokens, heads, dim), out[:, 1])
+        return out
     split = _bytes4((layers, heads, dim, tokens))
     out[:, 0] = _decode4(stored[:split], (layers, heads, dim, tokens)).permute(0, 3, 1, 2)
     out[:, 1] = _decode4(stored[split:], (layers, tokens, heads, dim))
@@ -190,6 +205,33 @@ def _decode_8(
     i = stored[:values].to(torch.int16)
     half = (((i & 0x80) << 8) | ((i & 0x7F) << 7)).view(torch.float16).view(shape)
     return out.copy_(half).mul_(scale * 256.0)
+
+
+def _encode_8c(x: torch.Tensor) -> torch.Tensor:
+    """int8 of ``x`` with a bf16 scale per group of GROUP along its last axis (max |x| / 127
+    over the group; the last group may be shorter): levels, then scales."""
+    import torch
+
+    size = x.shape[-1]
+    group, groups = _groups(size)
+    pad = groups * group - size
+    padded = torch.nn.functional.pad(x, (0, pad)) if pad else x
+    amax = padded.reshape(*x.shape[:-1], groups, group).abs().amax(dim=-1)
+    scale = _bf16(torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)))
+    full = scale.repeat_interleave(group, dim=-1)[..., :size]
+    q = (x / full).round_().clamp_(-127, 127).to(torch.int8).view(torch.uint8)
+    return torch.cat([q.reshape(-1), scale.to(torch.bfloat16).reshape(-1).view(torch.uint8)])
+
+
+def _decode_8c(stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The values of ``shape`` :func:`_encode_8c` stored."""
+    import torch
+
+    values = math.prod(shape)
+    group, groups = _groups(shape[-1])
+    scale = stored[values:].view(torch.bfloat16).view(*shape[:-1], groups).float()
+    full = scale.repeat_interleave(group, dim=-1)[..., : shape[-1]]
+    return stored[:values].view(torch.int8).view(shape).float().mul_(full)
 
 
 def _pack4(q: torch.Tensor) -> torch.Tensor:

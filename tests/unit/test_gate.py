@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,30 @@ def test_auto_gives_the_lower_tiers_the_best_codec_that_passed() -> None:
     got, notes = apply_codecs(config(), ["auto"], "config-new", False)
     assert [t.compression for t in got.tiers] == ["none", "none", "none"]
     assert "no lossy codec has passed" in notes[0]
+    # No --codec: the same, for the tiers the configuration leaves raw; `none`: all raw.
+    zstd = dataclasses.replace(
+        config(),
+        tiers=(
+            *config().tiers[:2],
+            RedisTierConfig(url="redis://127.0.0.1:6379/0", compression="zstd"),
+        ),
+    )
+    got, notes = apply_codecs(zstd, [], "config-abc", False)
+    assert [t.compression for t in got.tiers] == ["none", "int8", "zstd"]
+    assert notes == [
+        "no --codec: disk stores int8, the smallest codec that passed the quality gate for this"
+        " model (--codec none: raw)"
+    ]
+    got, notes = apply_codecs(zstd, ["none"], "config-abc", False)
+    assert [t.compression for t in got.tiers] == ["none", "none", "none"] and notes == []
+
+
+def test_of_two_codecs_of_one_size_auto_picks_the_one_measured_closer() -> None:
+    """int8 and int8c store the same bytes: the lower mean KL wins."""
+    for closer, farther in (("int8c", "int8"), ("int8", "int8c")):
+        codecs = [row(closer, 1.0, 0.0001, 0.75), row(farther, 1.0, 0.0002, 0.75)]
+        gate.record("config-abc", "/m", "float32", {"reference_accuracy": 0.75, "codecs": codecs})
+        assert gate.best_passed("config-abc") == closer
 
 
 def test_plan_with_a_codec_holds_more_contexts_per_tier() -> None:

@@ -21,7 +21,8 @@ def kv(shape: tuple[int, ...] = SHAPE, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("name", "ratio"), [("bf16", 1.0), ("int8", 0.516), ("fp8", 0.516), ("int4", 0.282)]
+    ("name", "ratio"),
+    [("bf16", 1.0), ("int8", 0.516), ("int8c", 0.516), ("fp8", 0.516), ("int4", 0.282)],
 )
 def test_stored_bytes_per_value_against_bf16(name: str, ratio: float) -> None:
     bf16 = 2 * math.prod(SHAPE)
@@ -37,6 +38,23 @@ def test_8_and_16_bit_codecs_round_trip_within_their_step(name: str, bound: floa
     # Relative to each head's largest value (the scale's unit).
     rel = (y - x).abs() / x.abs().amax(dim=-1, keepdim=True)
     assert rel.max().item() < bound, rel.max().item()
+
+
+def test_int8c_scales_k_per_channel_so_an_outlier_channel_coarsens_no_other() -> None:
+    x = kv()
+    per_token = quant.decode("int8", quant.encode("int8", x), SHAPE, torch.float32)
+    per_channel = quant.decode("int8c", quant.encode("int8c", x), SHAPE, torch.float32)
+    k = x[:, 0]
+    others = [c for c in range(64) if c != 5]
+    err_token = (per_token[:, 0] - k)[..., others].abs().max().item()
+    err_channel = (per_channel[:, 0] - k)[..., others].abs().max().item()
+    assert err_channel < err_token / 5, (err_channel, err_token)  # ~20x outlier: 1/20 the step
+    # each K group's error within half its step; V as int8 has it
+    groups = k.reshape(3, 4, 64, 3, 64)
+    step = groups.abs().amax(2) / 127
+    err = (per_channel[:, 0] - k).abs().reshape(3, 4, 64, 3, 64).amax(2)
+    assert (err <= 0.51 * step * 1.01 + 1e-6).all()
+    assert torch.equal(per_channel[:, 1], per_token[:, 1])
 
 
 def test_int4_errors_stay_within_half_a_step_of_each_group() -> None:
