@@ -16,7 +16,7 @@ from kvtier.sim.engine import TierSpec, simulate
 from kvtier.sim.synthetic import Workload, generate
 from kvtier.sim.trace import Request
 
-from paths import TRACES
+from paths import README, REPO, TRACES
 
 TRACE = TRACES / "conversation_trace.jsonl"
 
@@ -258,6 +258,27 @@ def test_cli_synthetic_workload(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.skipif(not TRACE.exists(), reason="the shared conversation trace is not here")
+def test_the_readmes_sim_with_a_codec_holds_twice_the_blocks_and_hits_more(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's `kvtier sim ... --codec int8` line, as written, from the repository."""
+    block = README.read_text().split("## Dense context", 1)[1].split("```sh\n", 1)[1]
+    line = next(ln for ln in block.split("```", 1)[0].splitlines() if ln.startswith("kvtier sim"))
+    monkeypatch.chdir(REPO)
+    words = line.split("#", 1)[0].split()
+    assert main(words[1:]) == 0  # as written
+    assert "(int8 below DRAM: 0.508x the bytes)" in capsys.readouterr().out
+    runs = []
+    for args in (words[1:], [w for w in words[1:] if w not in ("--codec", "int8")]):
+        assert main([*args, "--no-bounds", "--json"]) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    coded, raw = runs
+    ssd = [r["tiers"][1] for r in runs]
+    assert ssd[0]["capacity_blocks"] >= 1.9 * ssd[1]["capacity_blocks"]
+    assert coded["hit_rate_tokens"] > raw["hit_rate_tokens"]
+    assert coded["ttft_s"]["p50"] <= raw["ttft_s"]["p50"]
+
+
 def test_the_conversation_trace_replays_within_its_bounds() -> None:
     from kvtier.sim.trace import read_trace
 
