@@ -374,11 +374,15 @@ class Reads:
             else:
                 self.writes.enqueue(self.h.slots[upper], items)
 
-    def prefetch(self, tokens: Sequence[int] | Any, namespace: Namespace) -> Future[int]:
+    def prefetch(
+        self, tokens: Sequence[int] | Any, namespace: Namespace, payload_bytes: int | None = None
+    ) -> Future[int]:
         """Promote the cached prefix of ``tokens`` toward the top tier in the background.
 
-        The future gives the number of leading tokens the prefetch found; it never raises for
-        a tier failure.
+        With ``payload_bytes`` (the KV bytes of a whole chunk, as an engine knows them) each
+        chunk is read straight into its DRAM copy, as :meth:`get` reads sized chunks. The
+        future gives the number of leading tokens the prefetch found; it never raises for a
+        tier failure.
         """
         keys = self.writes.keys(tokens, namespace)
 
@@ -386,8 +390,9 @@ class Reads:
             with self.h.pinned(keys):
                 where = self.h.leading(keys)
                 below = [keys[i] for i, t in enumerate(where) if t > 0]
+                sizes = None if payload_bytes is None else [payload_bytes] * len(below)
                 if below:
-                    self._promote(self._fetch(below))
+                    self._promote(self._fetch(below, sizes))
             return len(where) * self.h.chunk_tokens
 
         return self.h.prefetcher.submit(keys, run)

@@ -113,8 +113,10 @@ class TieredStore:
     ) -> LoadResult:
         return self._reads.get_into(tokens, namespace, dests, start_chunk, tail)
 
-    def prefetch(self, tokens: Sequence[int] | Any, namespace: Namespace) -> Future[int]:
-        return self._reads.prefetch(tokens, namespace)
+    def prefetch(
+        self, tokens: Sequence[int] | Any, namespace: Namespace, payload_bytes: int | None = None
+    ) -> Future[int]:
+        return self._reads.prefetch(tokens, namespace, payload_bytes)
 
     # -- the tiers (kvtier.hierarchy) ------------------------------------------------------
 

@@ -234,6 +234,33 @@ def test_prefetch_promotes_ahead_of_need(tmp_path: Path) -> None:
         assert store.lookup(tokens, NS).tiers == ["memory"] * 4
 
 
+def test_a_sized_prefetch_of_quantized_chunks_promotes_them_raw(tmp_path: Path) -> None:
+    """A prefetch told the chunks' KV size (as the engine's worker tells it) reads each int8
+    chunk into the front of its DRAM copy and decodes it there: DRAM then holds the chunks
+    raw, the KV a direct load from disk gives."""
+    tokens = prompt(9, 3)
+    comps = [Compression.NONE, Compression.INT8]
+
+    def store() -> TieredStore:
+        disk = DiskTier(tmp_path / "q", 1 << 30, fsync=False)
+        return TieredStore([MemoryTier(1 << 20), disk], CHUNK_TOKENS, compression=comps)
+
+    with store() as s:
+        s.put(tokens, NS, chunks_for(9, 3))
+    with store() as s:
+        direct = [
+            c.numpy().copy() for c in s.get(tokens, NS, payload_bytes=[CHUNK_BYTES] * 3).chunks
+        ]
+    with store() as s:
+        assert s.prefetch(tokens, NS, CHUNK_BYTES).result(timeout=10) == 3 * CHUNK_TOKENS
+        assert s.lookup(tokens, NS).tiers == ["memory"] * 3
+        held = s.tiers[0].get_many(s.keys(tokens, NS))
+        assert all(codec.read_header(b).compression == Compression.NONE for b in held)  # type: ignore[arg-type]
+        got = s.get(tokens, NS)
+        assert got.tiers == ["memory"] * 3
+        assert all(np.array_equal(c.numpy(), d) for c, d in zip(got.chunks, direct, strict=True))
+
+
 def test_pinned_chunks_survive_pressure_and_evictions_are_reported(tmp_path: Path) -> None:
     with two_tier(tmp_path, mem_chunks=2) as store:
         events: list[ChunkEvent] = []

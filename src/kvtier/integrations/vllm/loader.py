@@ -80,6 +80,10 @@ class Loader:
         heads, dim = self._layers[0].token_shape()
         return (len(self._layers), 2, tokens or self._chunk, heads, dim)
 
+    def chunk_bytes(self) -> int:
+        """KV bytes of a whole chunk of this cache."""
+        return int(self._dtype.itemsize * torch.Size(self.chunk_shape()).numel())
+
     def load(self, spec: LoadSpec) -> None:
         """Load now: the forward pass about to run needs these blocks."""
         failed = self._run(spec, self._now)

@@ -155,8 +155,12 @@ class WorkerSide:
 
     def load(self, meta: KvtierConnectorMetadata) -> None:
         """Before the forward pass: the loads it needs, and prefetches for waiting requests."""
+        # Sized like a load's reads: each chunk read straight into its DRAM copy, a quantized
+        # one decoded there (an unsized prefetch read each chunk into new bytes, then copied
+        # it; a quantized one it decoded twice, to verify and to promote it).
+        sized = self._loader.chunk_bytes() if self._loader is not None else None
         for tokens, salt in meta.prefetches:
-            self.ctx.store.prefetch(tokens, self.ctx.namespace(salt))
+            self.ctx.store.prefetch(tokens, self.ctx.namespace(salt), sized)
         if self._loader is not None:
             for spec in meta.loads:
                 self._loader.load(spec)
