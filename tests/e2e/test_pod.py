@@ -160,18 +160,29 @@ def test_returning_turns_go_where_their_context_is(pod: PodProcess) -> None:
 
 
 def test_the_shared_tier_holds_the_pods_codec(pod: PodProcess) -> None:
-    """`kvtier pod --codec redis=int8`: the chunks the engines wrote to the shared tier are
-    int8 (about a fourth of fp32's bytes, half of bf16's). Every other test of this module
-    runs on this pod, its shared tier int8."""
-    shared = RedisTier(pod.state()["shared"])
+    """`kvtier pod --codec redis=int8`: the chunks an engine wrote to the shared tier are int8
+    (about a fourth of fp32's bytes, half of bf16's). Every other test of this module runs on
+    this pod, its shared tier int8."""
+    body = {"prompt": text("codec", 200)}  # ~800 tokens: three chunks and a tail
+    _, engine = post(pod.url, "/v1/completions", {"model": MODEL, "max_tokens": 1, **body})
+    info = get_json(f"{engine}/kvtier/info")
+    tokens = Prompter(prepare_default_model()).tokens("/v1/completions", body)
+    keys = chunk_keys(tokens, Namespace(**info["namespace"]), info["chunk_tokens"])
+    # The pod's redis-server has an ACL user of its own (GET, SET and little more): its name
+    # and password file are in every engine's kvtier configuration (the password in none).
+    words = Path(f"/proc/{engine_pids(engine)[0]}/cmdline").read_bytes().split(b"\0")
+    config = json.loads(words[words.index(b"--kv-transfer-config") + 1])
+    tiers = config["kv_connector_extra_config"]["tiers"]
+    redis_tier = next(t for t in tiers if t.get("kind") == "redis")
+    shared = RedisTier(
+        pod.state()["shared"],
+        username=redis_tier["username"],
+        password_file=redis_tier["password_file"],
+    )
     try:
-
-        def written() -> list[Any]:
-            keys = list(shared.scan())
-            return [b for b in shared.get_many(keys) if b is not None]
-
-        wait_for(lambda: len(written()) >= 2, 60, "chunks in the shared tier")
-        headers = [codec.read_header(b) for b in written()]
+        wait_for(lambda: all(shared.contains_many(keys)), 60, "the chunks in the shared tier")
+        headers = [codec.read_header(b) for b in shared.get_many(keys) if b is not None]
+        assert len(headers) == len(keys) >= 2
         assert {h.compression for h in headers} == {Compression.INT8}, headers
         assert all(h.stored_bytes < 0.55 * h.raw_bytes for h in headers)
     finally:

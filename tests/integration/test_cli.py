@@ -231,7 +231,7 @@ def test_pod_commands_refuse_bad_combinations_before_starting_anything(
 def test_codecs_measured_planned_and_gated_from_the_command_line(tmp_path: Path) -> None:
     table = json.loads(kvtier("bench", "store", "--codec", "all", "--json").stdout)
     rows = {r["codec"]: r for r in table["codecs"]}
-    assert set(rows) == {"bf16", "int8", "fp8", "int4"}
+    assert set(rows) == {"bf16", "int8", "int8c", "fp8", "int4"}
     assert rows["int8"]["vs_bf16"] <= 0.53 and rows["int4"]["vs_bf16"] <= 0.30
     assert all(r["encode_gb_s"] > 0 and r["decode_gb_s"] > 0 for r in rows.values())
     assert table["memcpy_gb_s"] > 0
