@@ -32,6 +32,8 @@ def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:
             "--no-overhead",
             "--repeat",
             "1",
+            "--codec",
+            "int8",
             "--json",
         ],
         capture_output=True,
@@ -41,13 +43,20 @@ def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     paths = {row["path"]: row for row in result["rows"]}
-    assert set(paths) == {"cold_vllm", "cold", "vllm_prefix", "kvtier_disk"}, result
+    assert set(paths) == {"cold_vllm", "cold", "vllm_prefix", "kvtier_disk", "kvtier_disk_int8"}
     assert all(row["ttft_s"] and row["ttft_s"] > 0 for row in paths.values()), result
     # 700 tokens: vLLM computes at least the last one; its own cache reuses whole 128-token
     # blocks, kvtier its chunks and a tail of whole 16 tokens.
     assert paths["cold"]["recomputed_tokens"] == 700
     assert paths["vllm_prefix"]["recomputed_tokens"] == 700 - 640
     assert paths["kvtier_disk"]["recomputed_tokens"] == 700 - 688
+    # --codec int8: the same chunks stored int8 (a fourth of fp32's bytes, half of bf16's),
+    # read by a server started with --codec disk=int8: the same hit.
+    assert paths["kvtier_disk_int8"]["recomputed_tokens"] == 700 - 688
+    assert paths["kvtier_disk_int8"]["ttft_s"] < 0.7 * paths["cold"]["ttft_s"], result
+    coded = result["codec"]
+    assert coded["name"] == "int8" and 0 < coded["stored_bytes"] < 0.55 * coded["raw_bytes"]
+    assert coded["decode_gb_s"] > 0
     # A hit is a hit: loading 700 tokens' KV from disk takes a fraction of computing them.
     assert paths["kvtier_disk"]["ttft_s"] < 0.7 * paths["cold"]["ttft_s"], result
     # Every server computed on the same cores (plain vLLM would keep one for its scheduler).
