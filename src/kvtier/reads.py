@@ -349,7 +349,9 @@ class Reads:
         if codec.HEADER_BYTES < size < codec.HEADER_BYTES + dest.nbytes and slot.tier.fills_front:
             # stored smaller than its raw form, read into the front of (header, dest): decode
             # it into dest from a copy of the stored payload, without reading it again
-            stored = bytes(header) + bytes(dest[: size - codec.HEADER_BYTES])
+            stored = bytearray(size)
+            stored[: codec.HEADER_BYTES] = header
+            stored[codec.HEADER_BYTES :] = dest[: size - codec.HEADER_BYTES]
             return self._copy_verified(slot, key, stored, header, dest)
         if size == codec.HEADER_BYTES + dest.nbytes:
             try:

@@ -17,11 +17,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kvtier import codec as chunk_codec
-from kvtier.bench.common import NO_PREFIX_CACHE, drop_page_cache
+from kvtier.bench.common import NO_PREFIX_CACHE, copy_chunks, drop_page_cache
 from kvtier.codec import Compression
 from kvtier.errors import KvtierError
-from kvtier.keys import ChunkKey
 from kvtier.tiers import DiskTier, RedisTier, Tier
+from kvtier.tiers.base import Blob
 
 if TYPE_CHECKING:
     from kvtier.bench.ttft import _Run
@@ -67,29 +67,21 @@ def codec_paths(bench: _Run, tiers: list[str], redis_url: str | None, name: str)
 def _recode(source: Tier, coded: Tier, compression: Compression, info: dict[str, Any]) -> None:
     """Every chunk of ``source`` into ``coded``, stored with ``compression``; both closed. The
     bytes before and after go to ``info``, with the decode speed of the largest coded chunk."""
-    largest: bytes | bytearray | memoryview = b""
-    try:
-        keys: list[ChunkKey] = list(source.scan())
-        for start in range(0, len(keys), 16):
-            batch = keys[start : start + 16]
-            items = []
-            for key, value in zip(batch, source.get_many(batch), strict=True):
-                if value is None:
-                    continue
-                stored = chunk_codec.recode(value, compression)
-                info["raw_bytes"] += len(value)
-                info["stored_bytes"] += len(stored)
-                largest = max(largest, stored, key=len)
-                items.append((key, stored))
-            coded.put_many(items)
-    finally:
-        source.close()
-        coded.close()
-    if largest:
-        info["decode_gb_s"] = _decode_gb_s(largest)
+    largest: list[Blob] = [b""]
+
+    def recode(value: Blob) -> Blob:
+        stored = chunk_codec.recode(value, compression)
+        info["raw_bytes"] += memoryview(value).nbytes
+        info["stored_bytes"] += memoryview(stored).nbytes
+        largest[0] = max(largest[0], stored, key=lambda b: memoryview(b).nbytes)
+        return stored
+
+    copy_chunks(source, coded, recode)
+    if memoryview(largest[0]).nbytes:
+        info["decode_gb_s"] = _decode_gb_s(largest[0])
 
 
-def _decode_gb_s(stored: bytes | bytearray | memoryview, repeat: int = 3) -> float:
+def _decode_gb_s(stored: Blob, repeat: int = 3) -> float:
     """GB/s of the engine's raw KV produced by decoding ``stored`` (checksum included), one
     thread, best of ``repeat``."""
     best = float("inf")

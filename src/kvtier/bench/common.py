@@ -1,11 +1,18 @@
-"""What the engine benchmarks share: the server options every path runs with, and prompts."""
+"""What the engine benchmarks share: the server options every path runs with, prompts, and
+copying one tier's chunks into another."""
 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kvtier.tiers import Tier
+    from kvtier.tiers.base import Blob
 
 # Usage with cached tokens, so that every row says how much was recomputed.
 SERVE_OPTIONS = ("--enable-prompt-tokens-details", "--max-model-len", "8192")
@@ -27,3 +34,23 @@ def drop_page_cache() -> bool:
     except OSError:
         return False
     return True
+
+
+def copy_chunks(source: Tier, dest: Tier, convert: Callable[[Blob], Blob] | None = None) -> None:
+    """Every chunk of ``source`` into ``dest`` (each value through ``convert`` when given),
+    16 at a time; then both tiers closed."""
+    try:
+        keys = list(source.scan())
+        for start in range(0, len(keys), 16):
+            batch = keys[start : start + 16]
+            values = source.get_many(batch)
+            dest.put_many(
+                [
+                    (k, convert(v) if convert else v)
+                    for k, v in zip(batch, values, strict=True)
+                    if v is not None
+                ]
+            )
+    finally:
+        source.close()
+        dest.close()

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvtier.bench.common import NO_PREFIX_CACHE, drop_page_cache
+from kvtier.bench.common import NO_PREFIX_CACHE, copy_chunks, drop_page_cache
 from kvtier.codec import HEADER_BYTES
 from kvtier.errors import KvtierError
 from kvtier.keys import ChunkKey
 from kvtier.sealing import MasterKeys, Sealer, new_master_key
-from kvtier.tiers import DiskTier, RedisTier, Tier
+from kvtier.tiers import DiskTier, RedisTier
 from kvtier.tiers.sealed import SealedTier
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def sealed_paths(bench: _Run, tiers: list[str], redis_url: str | None) -> None:
     if "disk" in tiers:
         plain = DiskTier(bench.work / "disk", 1 << 40, read_only=True)
         sealed_dir = bench.work / "disk_sealed"
-        _copy(plain, SealedTier(DiskTier(sealed_dir, 1 << 40, fsync=False), sealer))
+        copy_chunks(plain, SealedTier(DiskTier(sealed_dir, 1 << 40, fsync=False), sealer))
         drop_page_cache()
         try:
             with bench.kvtier("--disk", str(sealed_dir), *sealing) as disk:
@@ -53,7 +53,7 @@ def sealed_paths(bench: _Run, tiers: list[str], redis_url: str | None) -> None:
                 bench.record(n, "kvtier_disk_sealed", [], str(exc))
     if "redis" in tiers and redis_url:
         plain_redis = RedisTier(redis_url, prefix="kvtier")
-        _copy(plain_redis, SealedTier(RedisTier(redis_url, prefix=SEALED_PREFIX), sealer))
+        copy_chunks(plain_redis, SealedTier(RedisTier(redis_url, prefix=SEALED_PREFIX), sealer))
         config = bench.work / "sealed_redis.yaml"  # the sealed copy's prefix
         config.write_text(
             json.dumps(
@@ -71,19 +71,6 @@ def sealed_paths(bench: _Run, tiers: list[str], redis_url: str | None) -> None:
         except (KvtierError, OSError) as exc:
             for n in fill:
                 bench.record(n, "kvtier_redis_sealed", [], str(exc))
-
-
-def _copy(source: Tier, sealed: Tier) -> None:
-    """Every chunk of ``source`` into ``sealed`` (which seals it), then both closed."""
-    try:
-        keys: list[ChunkKey] = list(source.scan())
-        for start in range(0, len(keys), 16):
-            batch = keys[start : start + 16]
-            values = source.get_many(batch)
-            sealed.put_many([(k, v) for k, v in zip(batch, values, strict=True) if v is not None])
-    finally:
-        source.close()
-        sealed.close()
 
 
 def crypto_speed(nbytes: int = CHUNK_BYTES, repeat: int = 5) -> dict[str, float]:
