@@ -1,5 +1,5 @@
-"""Fixtures: real redis-server processes on loopback, started once per session (per test
-process when the suite runs in several); and the order in which test files start."""
+"""Fixtures: real redis-server and SeaweedFS processes on loopback, started once per session
+(per test process when the suite runs in several); and the order in which test files start."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from kvtier.config import GATE_VAR
 from kvtier.redis_process import RedisClusterProcess, RedisServer
+from kvtier.seaweed_process import SeaweedFS
 
 # Two test processes run engines side by side on the same cores, and an OpenMP thread that
 # spins while it waits takes the core from the other engine's threads (a 60-token prefill took
@@ -36,6 +37,13 @@ def redis_server() -> Iterator[RedisServer]:
 def redis_cluster() -> Iterator[RedisClusterProcess]:
     with RedisClusterProcess(3) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[SeaweedFS]:
+    """A private SeaweedFS (S3 API) on loopback ports, for this test process."""
+    with SeaweedFS() as server:
+        yield server
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable
 
 from kvtier.codec import Compression
@@ -9,6 +10,7 @@ from kvtier.config import (
     DiskTierConfig,
     MemoryTierConfig,
     RedisTierConfig,
+    S3TierConfig,
     StoreConfig,
     TierConfig,
 )
@@ -20,6 +22,8 @@ from kvtier.sealing import MasterKeys, Sealer
 from kvtier.store import TieredStore
 from kvtier.tenants import Tenants, load_tenants, tenant_id
 from kvtier.tiers import DiskTier, MemoryTier, RedisTier, Tier
+from kvtier.tiers.s3 import S3Tier
+from kvtier.tiers.s3_client import S3Client, load_credentials
 from kvtier.tiers.sealed import SealedTier
 
 
@@ -53,7 +57,41 @@ def make_tier(
             username=config.username,
             password_file=config.password_file,
         )
+    if isinstance(config, S3TierConfig):
+        return open_s3_tier(config)
     raise TypeError(f"not a tier configuration: {config!r}")
+
+
+def s3_region(config: S3TierConfig) -> str:
+    """The tier's region: its own, else the AWS environment's, else us-east-1."""
+    env = os.environ
+    return config.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def open_s3_tier(config: S3TierConfig, read_only: bool = False) -> S3Tier:
+    """The object tier ``config`` describes: its index is listed from the bucket now."""
+    client = S3Client(
+        config.endpoint.rstrip("/"),
+        config.bucket,
+        s3_region(config),
+        load_credentials(config.profile),
+        config.timeout_s,
+    )
+    try:
+        if config.create_bucket and not read_only:
+            client.create_bucket()
+        return S3Tier(
+            client,
+            config.capacity,
+            config.name,
+            prefix=config.prefix,
+            policy=make_eviction_policy(config.eviction),
+            concurrency=config.concurrency,
+            read_only=read_only,
+        )
+    except Exception:
+        client.close()
+        raise
 
 
 def quota_policy(

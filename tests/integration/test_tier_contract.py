@@ -1,5 +1,5 @@
-"""The Tier contract, run against every tier: memory, disk, Redis and a 3-node Redis Cluster,
-and disk and Redis sealed at rest (kvtier.sealing).
+"""The Tier contract, run against every tier: memory, disk, Redis, a 3-node Redis Cluster and
+S3 (a real SeaweedFS), and disk and Redis sealed at rest (kvtier.sealing).
 
 Each case gets a factory ``make(capacity)`` for a fresh, empty tier and ``reopen(tier)`` for
 a new instance over the same storage (persistent tiers only).
@@ -18,7 +18,7 @@ import pytest
 
 from kvtier.keys import ChunkKey
 from kvtier.sealing import OVERHEAD, MasterKeys, Sealer, new_master_key
-from kvtier.tiers import DiskTier, MemoryTier, RedisTier, Tier
+from kvtier.tiers import DiskTier, MemoryTier, RedisTier, S3Tier, Tier
 from kvtier.tiers.sealed import SealedTier
 
 
@@ -34,7 +34,9 @@ class TierKind:
 SEALER = Sealer(MasterKeys.parse(new_master_key(), "test"))
 
 
-@pytest.fixture(params=["memory", "disk", "redis", "redis_cluster", "sealed_disk", "sealed_redis"])
+@pytest.fixture(
+    params=["memory", "disk", "redis", "redis_cluster", "s3", "sealed_disk", "sealed_redis"]
+)
 def kind(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> Iterator[TierKind]:
     opened: list[Tier] = []
     sealed = request.param.startswith("sealed_")
@@ -58,6 +60,15 @@ def kind(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> Iterato
             return track(DiskTier(tmp_path / "disk", caps["cap"], fsync=False))
 
         yield TierKind("disk", make_disk, reopen_disk, True, extra)
+    elif param == "s3":
+        s3 = request.getfixturevalue("seaweed")
+        s3_caps: dict[str, int] = {}
+
+        def make_s3(cap: int | None) -> Tier:
+            s3_caps["cap"] = cap or 1 << 30
+            return track(S3Tier(s3.client(), s3_caps["cap"], prefix=prefix))
+
+        yield TierKind("s3", make_s3, lambda tier: make_s3(s3_caps["cap"]), True, extra)
     else:
         fixture = "redis_server" if param == "redis" else "redis_cluster"
         server = request.getfixturevalue(fixture)

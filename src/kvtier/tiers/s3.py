@@ -1,0 +1,299 @@
+"""Object-storage tier (G4): one object per chunk in an S3 bucket, under ``<prefix>/v1/``.
+
+The bucket may be shared by every engine of a pod. Each tier instance keeps an index of the
+chunks it knows (listed at start, page by page; learnt from its own writes and from probes),
+bounded in bytes by its eviction policy: it deletes objects to stay under its capacity, and
+only objects of its own prefix. A key the index does not know is probed with HEAD (another
+engine may have uploaded it); misses are remembered for a few seconds, and a probe stops at
+the first miss of a batch, so a cold prompt costs one round of HEADs, not one per chunk. An
+indexed object deleted elsewhere is a miss, dropped from the index.
+
+Writes are conditional (``If-None-Match: *``) when the index does not know the key: a chunk
+another engine already uploaded is not sent again (counted in :attr:`S3Tier.skipped`). A store
+that refuses conditional writes gets a HEAD before each PUT instead. Reads run
+``concurrency`` GETs at a time, each straight into the caller's buffers.
+
+Why one object per chunk (not per layer group with ranged GETs): a load needs every layer of a
+chunk, a chunk is 1-12 MB (a store's efficient range), and one GET per chunk keeps requests,
+and the store's per-request cost, lowest. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar, cast
+
+from kvtier.keys import KEY_BYTES, ChunkKey
+from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
+from kvtier.policy.quota import OwnerUsage
+from kvtier.tiers.base import Blob, PutResult, TierUsage, record_name
+from kvtier.tiers.s3_client import S3Client, S3Error
+
+log = logging.getLogger("kvtier")
+T = TypeVar("T")
+R = TypeVar("R")
+MISS_TTL_S = 5.0  # how long a probed miss is believed (vLLM asks again every step)
+_HEX = frozenset("0123456789abcdef")
+
+
+class S3Tier:
+    def __init__(
+        self,
+        client: S3Client,
+        capacity: int,
+        name: str = "s3",
+        prefix: str = "kvtier",
+        policy: EvictionPolicy | None = None,
+        concurrency: int = 8,
+        read_only: bool = False,
+    ):
+        if capacity <= 0:
+            raise ValueError(f"s3 tier capacity must be positive, got {capacity}")
+        self.name = name
+        self.zero_copy_reads = False
+        self.fills_front = True
+        self.client = client
+        self.capacity = capacity
+        self.read_only = read_only
+        self.prefix = prefix.strip("/")
+        self._chunks = f"{self.prefix}/v1/"
+        self._records = f"{self.prefix}/records/"  # outside the chunks' prefix: never listed
+        self._policy: EvictionPolicy = policy if policy is not None else LRUPolicy()
+        self._lock = threading.Lock()
+        self._misses: dict[ChunkKey, float] = {}  # probed and absent, until then
+        self._conditional = True  # the store honours If-None-Match on PUT
+        self.skipped = 0  # chunks not uploaded: another writer's copy was there
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix=f"kvtier-{name}")
+        self._concurrency = concurrency
+        self._rebuild_index()
+
+    # -- names and index ---------------------------------------------------------------------
+
+    def object_name(self, key: ChunkKey) -> str:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"a chunk key is {KEY_BYTES} bytes, got {len(key)}")
+        return self._chunks + key.hex()
+
+    def _key_of(self, name: str) -> ChunkKey | None:
+        stem = name[len(self._chunks) :] if name.startswith(self._chunks) else ""
+        if len(stem) != 2 * KEY_BYTES or not _HEX.issuperset(stem):
+            return None
+        return ChunkKey(bytes.fromhex(stem))
+
+    def _listing(self) -> Iterator[tuple[ChunkKey, int, str]]:
+        for name, size, modified in self.client.list(self._chunks):
+            if (key := self._key_of(name)) is not None:
+                yield key, size, modified
+
+    def _rebuild_index(self) -> None:
+        """Index every chunk of the prefix, oldest first (an ISO time sorts as text)."""
+        started = time.monotonic()
+        found = sorted(self._listing(), key=lambda item: item[2])
+        with self._lock:
+            for key, size, _ in found:
+                self._policy.insert(key, size)
+        if found:
+            log.info(
+                "kvtier: tier %r indexed %d chunks (%d bytes) of s3://%s/%s in %.1f s",
+                *(self.name, len(found), sum(s for _, s, _ in found), self.client.bucket),
+                *(self._chunks, time.monotonic() - started),
+            )
+
+    def _forget(self, key: ChunkKey) -> None:
+        with self._lock:
+            self._policy.remove(key)
+
+    def _learn(self, key: ChunkKey, size: int, used: bool = False) -> None:
+        with self._lock:
+            self._misses.pop(key, None)
+            if key not in self._policy:
+                self._policy.insert(key, size)
+            elif used:
+                self._policy.touch(key)
+
+    def _in_parallel(self, call: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        if len(items) <= 1:
+            return [call(item) for item in items]
+        return list(self._pool.map(call, items))
+
+    # -- the Tier protocol -------------------------------------------------------------------
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        now = time.monotonic()
+        with self._lock:
+            known = [key in self._policy for key in keys]
+            fresh_miss = [self._misses.get(key, 0.0) > now for key in keys]
+        unknown = [i for i, k in enumerate(known) if not k and not fresh_miss[i]]
+        out = list(known)
+        for start in range(0, len(unknown), self._concurrency):
+            window = unknown[start : start + self._concurrency]
+            sizes = self._in_parallel(self.client.head, [self.object_name(keys[i]) for i in window])
+            for i, size in zip(window, sizes, strict=True):
+                if size is None:
+                    with self._lock:
+                        self._misses[keys[i]] = now + MISS_TTL_S
+                else:
+                    self._learn(keys[i], size)
+                    out[i] = True
+            if None in sizes:  # the leading run ends here: later keys are not asked for
+                break
+        if len(self._misses) > 65536:
+            with self._lock:
+                self._misses = {k: t for k, t in self._misses.items() if t > now}
+        return out
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[Blob | None]:
+        return self._in_parallel(self._get, keys)
+
+    def _get(self, key: ChunkKey) -> Blob | None:
+        data = self.client.get(self.object_name(key))
+        if data is None:
+            self._forget(key)
+            return None
+        self._learn(key, len(data), used=True)
+        return data
+
+    def read_into_many(
+        self, items: Sequence[tuple[ChunkKey, Sequence[memoryview]]]
+    ) -> list[int | None]:
+        return self._in_parallel(self._read_into, items)
+
+    def _read_into(self, item: tuple[ChunkKey, Sequence[memoryview]]) -> int | None:
+        key, buffers = item
+        size = self.client.get_into(self.object_name(key), buffers)
+        if size is None:
+            self._forget(key)
+        else:
+            self._learn(key, size, used=True)
+        return size
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, Blob]]) -> PutResult:
+        if self.read_only:
+            raise PermissionError(f"s3 tier {self.name!r} is read-only")
+        stored: list[bool] = []
+        evicted: list[ChunkKey] = []
+        for n, (key, blob) in enumerate(items):
+            size = memoryview(blob).nbytes
+            with self._lock:
+                old = self._policy.size_of(key)
+                self._policy.remove(key)
+                found = self._policy.victims(size, self.capacity)
+                if found is None:
+                    if old is not None:
+                        self._policy.insert(key, old)
+                    stored.append(False)
+                    continue
+                victims = cast(list[ChunkKey], found)
+                for victim in victims:
+                    self._policy.remove(victim)
+                self._policy.insert(key, size)  # counted while in flight: no overshoot
+                self._policy.pin(key)
+            try:
+                for victim in victims:
+                    self.client.delete(self.object_name(victim))
+                    evicted.append(victim)
+                self._upload(key, blob, replace=old is not None)
+            except Exception as exc:
+                with self._lock:
+                    self._policy.remove(key)
+                stored.extend([False] * (len(items) - n))
+                return PutResult(stored, evicted, exc)
+            finally:
+                with self._lock:
+                    self._policy.unpin(key)
+            stored.append(True)
+        return PutResult(stored, evicted)
+
+    def _upload(self, key: ChunkKey, blob: Blob, replace: bool) -> None:
+        """PUT the chunk; a key this tier did not know is only written if no other writer's
+        copy is there (that copy is then kept and counted in :attr:`skipped`)."""
+        name, body = self.object_name(key), memoryview(blob)
+        with self._lock:
+            self._misses.pop(key, None)
+        if replace:
+            self.client.put(name, body)
+            return
+        if self._conditional:
+            try:
+                if not self.client.put(name, body, only_new=True):
+                    self.skipped += 1
+                return
+            except S3Error as exc:
+                if exc.status not in (400, 501) or exc.code not in ("NotImplemented", ""):
+                    raise
+                log.warning(
+                    "kvtier: %s refuses conditional writes (%s): HEAD before each PUT instead",
+                    self.client.host,
+                    exc,
+                )
+                self._conditional = False
+        if self.client.head(name) is not None:
+            self.skipped += 1
+            return
+        self.client.put(name, body)
+
+    def delete(self, key: ChunkKey) -> bool:
+        if self.read_only:
+            raise PermissionError(f"s3 tier {self.name!r} is read-only")
+        name = self.object_name(key)
+        self._forget(key)
+        held = self.client.head(name) is not None
+        if held:
+            self.client.delete(name)
+        return held
+
+    def pin(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for key in keys:
+                self._policy.pin(key)
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for key in keys:
+                self._policy.unpin(key)
+
+    def scan(self) -> Iterator[ChunkKey]:
+        for key, _, _ in self._listing():
+            yield key
+
+    def header_of(self, key: ChunkKey, nbytes: int) -> bytes | None:
+        """The first ``nbytes`` of a stored chunk (a ranged GET), for inspection."""
+        return self.client.get_range(self.object_name(key), nbytes)
+
+    def read_record(self, name: str) -> bytes | None:
+        data = self.client.get(self._records + record_name(name))
+        return None if data is None else bytes(data)
+
+    def write_record(self, name: str, value: bytes, only_new: bool = False) -> bool:
+        if self.read_only:
+            raise PermissionError(f"s3 tier {self.name!r} is read-only")
+        object_name = self._records + record_name(name)
+        if only_new and not self._conditional:
+            if self.client.head(object_name) is not None:
+                return False
+            only_new = False
+        return self.client.put(object_name, value, only_new=only_new)
+
+    def delete_record(self, name: str) -> bool:
+        if self.read_only:
+            raise PermissionError(f"s3 tier {self.name!r} is read-only")
+        object_name = self._records + record_name(name)
+        held = self.client.head(object_name) is not None
+        if held:
+            self.client.delete(object_name)
+        return held
+
+    def usage(self) -> TierUsage:
+        with self._lock:
+            return TierUsage(len(self._policy), self._policy.used_bytes, self.capacity)
+
+    def owner_usage(self) -> dict[Hashable, OwnerUsage]:
+        return {}  # no quotas on the object tier (yet): its bound is the tier's
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.client.close()

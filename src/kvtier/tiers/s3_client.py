@@ -1,0 +1,401 @@
+"""A small S3 client: the six calls kvtier's object tier makes, over plain HTTP(S), signed
+with AWS Signature Version 4.
+
+Why not boto3 or obstore (measured in docs/architecture.md): a GET here lands straight in the
+caller's buffers (``readinto`` on the response, as the disk tier's ``preadv``), where the
+clients return a new bytes object to copy again; the conditional write (``If-None-Match: *``)
+is one header; nothing else is sent (boto3 >= 1.36 adds CRC checksum headers by default, which
+some S3-compatible servers reject). One connection per thread: the tier's throughput comes
+from several threads' requests in flight.
+
+Credentials come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``) or a profile of the shared credentials file (``AWS_PROFILE``,
+``AWS_SHARED_CREDENTIALS_FILE``), never from a URL or a command line, and are never logged.
+"""
+
+from __future__ import annotations
+
+import configparser
+import datetime
+import hashlib
+import hmac
+import http.client
+import os
+import threading
+import urllib.parse
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvtier.errors import ConfigError
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+class S3Error(OSError):
+    """The store answered with an error (``status``, S3's ``code``) or could not be reached."""
+
+    def __init__(self, message: str, status: int = 0, code: str = ""):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key: str
+    secret_key: str
+    token: str = ""
+
+    def __repr__(self) -> str:  # never print a secret
+        return f"Credentials(access_key={self.access_key!r}, secret_key=***)"
+
+
+def load_credentials(profile: str = "") -> Credentials:
+    """Credentials from the environment, else from ``profile`` (or ``AWS_PROFILE``, else
+    ``default``) in the shared credentials file."""
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY") and not profile:
+        return Credentials(
+            env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env.get("AWS_SESSION_TOKEN", "")
+        )
+    name = profile or env.get("AWS_PROFILE") or "default"
+    path = Path(env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials").expanduser()
+    parser = configparser.ConfigParser()
+    try:
+        parser.read_string(path.read_text())
+    except (OSError, configparser.Error) as exc:
+        raise ConfigError(
+            f"S3 credentials: none in the environment (AWS_ACCESS_KEY_ID,"
+            f" AWS_SECRET_ACCESS_KEY) and no readable credentials file at {path} ({exc})"
+        ) from None
+    if name not in parser or "aws_access_key_id" not in parser[name]:
+        raise ConfigError(f"S3 credentials: no profile {name!r} with aws_access_key_id in {path}")
+    section = parser[name]
+    return Credentials(
+        section["aws_access_key_id"],
+        section.get("aws_secret_access_key", ""),
+        section.get("aws_session_token", ""),
+    )
+
+
+def _quote(text: str, safe: str = "-_.~") -> str:
+    return urllib.parse.quote(text, safe=safe)
+
+
+def _query(query: dict[str, str]) -> str:
+    """The canonical query string (sorted, every reserved character escaped)."""
+    return "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items()))
+
+
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+
+
+class S3Client:
+    """Path-style requests to ``endpoint`` (``http://host:port`` or ``https://...``), or
+    virtual-hosted ones to AWS (``https://BUCKET.s3.REGION.amazonaws.com``) when ``endpoint``
+    is empty. Thread-safe: each thread keeps its own connection."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        bucket: str,
+        region: str,
+        credentials: Credentials,
+        timeout_s: float = 5.0,
+    ):
+        self.bucket, self.region, self.timeout_s = bucket, region, timeout_s
+        self._creds = credentials
+        if endpoint:
+            url = urllib.parse.urlsplit(endpoint)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ConfigError(f"endpoint: expected http(s)://host[:port], got {endpoint!r}")
+            self._https = url.scheme == "https"
+            self.host = url.netloc
+            self._base = f"/{bucket}/"
+        else:
+            self._https = True
+            self.host = f"{bucket}.s3.{region}.amazonaws.com"
+            self._base = "/"
+        self._local = threading.local()
+        self._open: set[http.client.HTTPConnection] = set()
+        self._open_lock = threading.Lock()
+        self._keys: dict[str, bytes] = {}  # signing key per day
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            conn = cls(self.host, timeout=self.timeout_s)
+            self._local.conn = conn
+            with self._open_lock:
+                self._open.add(conn)
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+            with self._open_lock:
+                self._open.discard(conn)
+
+    def _signing_key(self, day: str) -> bytes:
+        key = self._keys.get(day)
+        if key is None:
+            key = _hmac(("AWS4" + self._creds.secret_key).encode(), day)
+            for part in (self.region, "s3", "aws4_request"):
+                key = _hmac(key, part)
+            self._keys = {day: key}
+        return key
+
+    def _headers(
+        self, method: str, path: str, query: dict[str, str], payload_sha: str, extra: dict[str, str]
+    ) -> dict[str, str]:
+        now = datetime.datetime.now(datetime.UTC)
+        stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+        headers = {"host": self.host, "x-amz-content-sha256": payload_sha, "x-amz-date": stamp}
+        if self._creds.token:
+            headers["x-amz-security-token"] = self._creds.token
+        headers.update({k.lower(): v for k, v in extra.items()})
+        signed = sorted(headers)
+        canonical = "\n".join(
+            [
+                method,
+                path,
+                _query(query),
+                "".join(f"{k}:{headers[k].strip()}\n" for k in signed),
+                ";".join(signed),
+                payload_sha,
+            ]
+        )
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        to_sign = "\n".join(
+            ["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+        )
+        signature = hmac.new(self._signing_key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        headers["authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={self._creds.access_key}/{scope},"
+            f" SignedHeaders={';'.join(signed)}, Signature={signature}"
+        )
+        return headers
+
+    def _send(
+        self,
+        method: str,
+        name: str | None,
+        query: dict[str, str] | None = None,
+        body: memoryview | bytes = b"",
+        extra: dict[str, str] | None = None,
+    ) -> http.client.HTTPResponse:
+        """Send one request and return the response with its body unread. ``name``: an
+        object name (None: the bucket itself)."""
+        path = self._base + _quote(name, safe="-_.~/") if name is not None else self._base
+        if name is None and path != "/":
+            path = path.rstrip("/")
+        query = query or {}
+        view = memoryview(body).cast("B")
+        sha = hashlib.sha256(view).hexdigest() if view.nbytes else EMPTY_SHA256
+        headers = self._headers(method, path, query, sha, extra or {})
+        if method == "PUT":
+            headers["content-length"] = str(view.nbytes)
+        target = path + ("?" + _query(query) if query else "")
+        for attempt in range(2):  # a kept-alive connection the server closed: once more
+            conn = self._connection()
+            try:
+                conn.request(method, target, body=view if view.nbytes else None, headers=headers)
+                return conn.getresponse()
+            except (ConnectionError, http.client.HTTPException, TimeoutError, OSError) as exc:
+                self._drop_connection()
+                fresh = isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError)
+                if attempt == 0 and fresh:
+                    continue
+                raise S3Error(f"S3 {method} {self.host}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def _error(self, method: str, response: http.client.HTTPResponse) -> S3Error:
+        body = response.read()
+        code = ""
+        try:
+            found = ET.fromstring(body).find("Code") if body else None
+            code = found.text or "" if found is not None else ""
+        except ET.ParseError:
+            pass
+        return S3Error(
+            f"S3 {method} {self.host}: HTTP {response.status} {code or response.reason}",
+            response.status,
+            code,
+        )
+
+    # -- the calls ---------------------------------------------------------------------------
+
+    def get_into(self, name: str, buffers: Sequence[memoryview]) -> int | None:
+        """Read an object into ``buffers`` (their front if smaller; see Tier.read_into_many):
+        its size, or None if there is no such object. A larger object is read and dropped."""
+        response = self._send("GET", name)
+        try:
+            if response.status == 404:
+                response.read()
+                return None
+            if response.status != 200:
+                raise self._error("GET", response)
+            size = int(response.getheader("content-length") or -1)
+            room = sum(b.nbytes for b in buffers)
+            if size < 0 or size > room:
+                data = response.read()
+                return len(data)
+            left = size
+            for buf in buffers:
+                if left <= 0:
+                    break
+                part = buf[: min(buf.nbytes, left)]
+                got = 0
+                while got < part.nbytes:
+                    n = response.readinto(part[got:])
+                    if not n:
+                        raise S3Error(f"S3 GET {name}: the body ended after {size - left + got}")
+                    got += n
+                left -= part.nbytes
+            return size
+        except BaseException:
+            self._drop_connection()  # a half-read body: the connection cannot be reused
+            raise
+        finally:
+            response.close()
+
+    def get(self, name: str) -> bytearray | None:
+        """An object's bytes, or None if there is no such object."""
+        response = self._send("GET", name)
+        try:
+            if response.status == 404:
+                response.read()
+                return None
+            if response.status != 200:
+                raise self._error("GET", response)
+            size = int(response.getheader("content-length") or -1)
+            if size < 0:
+                return bytearray(response.read())
+            data = bytearray(size)
+            if size and self.get_into_response(response, memoryview(data)) != size:
+                raise S3Error(f"S3 GET {name}: a short body")
+            return data
+        except BaseException:
+            self._drop_connection()
+            raise
+        finally:
+            response.close()
+
+    @staticmethod
+    def get_into_response(response: http.client.HTTPResponse, view: memoryview) -> int:
+        got = 0
+        while got < view.nbytes:
+            n = response.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        return got
+
+    def get_range(self, name: str, nbytes: int) -> bytes | None:
+        """The first ``nbytes`` of an object (fewer if it is shorter), or None."""
+        response = self._send("GET", name, extra={"range": f"bytes=0-{nbytes - 1}"})
+        try:
+            body = response.read()
+            if response.status == 404:
+                return None
+            if response.status not in (200, 206):
+                raise S3Error(f"S3 GET {name}: HTTP {response.status}", response.status)
+            return body[:nbytes]
+        finally:
+            response.close()
+
+    def put(self, name: str, body: memoryview | bytes, only_new: bool = False) -> bool:
+        """Store an object; with ``only_new`` (``If-None-Match: *``), only if there is none of
+        that name: False then (HTTP 412), the existing object kept."""
+        extra = {"if-none-match": "*"} if only_new else {}
+        response = self._send("PUT", name, body=body, extra=extra)
+        try:
+            if response.status in (200, 201, 204):
+                response.read()
+                return True
+            if response.status == 412 and only_new:
+                response.read()
+                return False
+            raise self._error("PUT", response)
+        finally:
+            response.close()
+
+    def head(self, name: str) -> int | None:
+        """An object's size, or None if there is no such object."""
+        response = self._send("HEAD", name)
+        try:
+            response.read()
+            if response.status == 404:
+                return None
+            if response.status != 200:
+                raise S3Error(f"S3 HEAD {name}: HTTP {response.status}", response.status)
+            return int(response.getheader("content-length") or 0)
+        finally:
+            response.close()
+
+    def delete(self, name: str) -> None:
+        response = self._send("DELETE", name)
+        try:
+            if response.status not in (200, 204, 404):
+                raise self._error("DELETE", response)
+            response.read()
+        finally:
+            response.close()
+
+    def list(self, prefix: str, page: int = 1000) -> Iterator[tuple[str, int, str]]:
+        """(name, size, last modified as ISO 8601 text) of every object under ``prefix``, a
+        page of ``page`` at a time (ListObjectsV2)."""
+        token = ""
+        while True:
+            query = {"list-type": "2", "prefix": prefix, "max-keys": str(page)}
+            if token:
+                query["continuation-token"] = token
+            response = self._send("GET", None, query=query)
+            try:
+                if response.status != 200:
+                    raise self._error("LIST", response)
+                root = ET.fromstring(response.read())
+            finally:
+                response.close()
+            for item in root.iter(_NS + "Contents"):
+                key, size = item.findtext(_NS + "Key"), item.findtext(_NS + "Size")
+                if key is not None:
+                    yield key, int(size or 0), item.findtext(_NS + "LastModified") or ""
+            token = root.findtext(_NS + "NextContinuationToken") or ""
+            if root.findtext(_NS + "IsTruncated") != "true" or not token:
+                return
+
+    def create_bucket(self) -> None:
+        """Create the bucket; an existing one of ours is fine."""
+        body = b""
+        if self.region not in ("", "us-east-1"):
+            body = (
+                f"<CreateBucketConfiguration><LocationConstraint>{self.region}"
+                "</LocationConstraint></CreateBucketConfiguration>"
+            ).encode()
+        response = self._send("PUT", None, body=body)
+        try:
+            if response.status in (200, 204):
+                response.read()
+                return
+            error = self._error("CREATE BUCKET", response)
+            if error.code != "BucketAlreadyOwnedByYou":
+                raise error
+        finally:
+            response.close()
+
+    def close(self) -> None:
+        """Close every thread's connection (a later call opens a new one)."""
+        with self._open_lock:
+            conns, self._open = self._open, set()
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
