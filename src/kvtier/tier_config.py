@@ -168,6 +168,23 @@ class S3TierConfig:
             raise ConfigError(f"timeout_s: must be positive, got {self.timeout_s}")
 
 
+def s3_location(url: str) -> dict[str, str]:
+    """An S3 tier's ``endpoint``, ``bucket`` and ``prefix`` from ``s3://BUCKET[/PREFIX]`` (AWS)
+    or ``http(s)://HOST[:PORT]/BUCKET[/PREFIX]`` (an S3-compatible store, path-style)."""
+    m = re.fullmatch(r"(?:s3://|(https?://[^/@\s]+)/)([^/\s]+)(?:/([^\s]*))?", url.strip())
+    if not m or "@" in url:
+        why = " (no credentials in a URL: AWS_* variables or a profile)" if "@" in url else ""
+        raise ConfigError(
+            f"expected s3://BUCKET[/PREFIX] or http(s)://HOST:PORT/BUCKET[/PREFIX], got"
+            f" {url!r}{why}"
+        )
+    endpoint, bucket, prefix = m.groups()
+    found = {"bucket": bucket, "endpoint": endpoint or ""}
+    if prefix and prefix.strip("/"):
+        found["prefix"] = prefix.strip("/")
+    return found
+
+
 TierConfig = MemoryTierConfig | DiskTierConfig | RedisTierConfig | S3TierConfig
 TIER_KINDS: dict[str, type[Any]] = {
     "memory": MemoryTierConfig,

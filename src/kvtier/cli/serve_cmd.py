@@ -48,6 +48,14 @@ def register(sub: Any) -> None:
     p.add_argument("--redis", metavar="URL", help="add a Redis tier, redis://host:port/db")
     p.add_argument("--redis-user", metavar="NAME", help="the Redis tier's ACL user")
     p.add_argument(
+        "--s3",
+        metavar="URL",
+        help="add an object-storage tier below the others: s3://BUCKET[/PREFIX] (AWS) or"
+        " http://HOST:PORT/BUCKET[/PREFIX] (MinIO, Ceph RGW, SeaweedFS); credentials from"
+        " AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, never in the URL",
+    )
+    p.add_argument("--s3-size", metavar="SIZE", help="the S3 tier's bound, e.g. 1TiB (100GiB)")
+    p.add_argument(
         "--codec",
         action="append",
         metavar="TIER=CODEC",

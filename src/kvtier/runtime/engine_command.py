@@ -17,6 +17,7 @@ from kvtier.config import (
     DiskTierConfig,
     MemoryTierConfig,
     RedisTierConfig,
+    S3TierConfig,
     StoreConfig,
     TierConfig,
     config_from_dict,
@@ -36,6 +37,7 @@ from kvtier.redis_process import free_port
 from kvtier.runtime.codecs import apply_codecs
 from kvtier.sealing import MasterKeys
 from kvtier.tenants import load_tenants
+from kvtier.tier_config import s3_location
 
 SHUTDOWN_TIMEOUT_S = 30  # vLLM's --shutdown-timeout unless given: time to finish writes
 
@@ -77,6 +79,15 @@ def build_config(args: argparse.Namespace) -> StoreConfig:
             replace(RedisTierConfig, **redis_changes)
         except ConfigError as exc:
             raise ConfigError(f"--redis: {str(exc).partition(': ')[2]}") from None
+    s3 = getattr(args, "s3", None)
+    if s3 and s3.lower() != "none":
+        try:
+            s3_changes: dict[str, Any] = s3_location(s3)
+            if getattr(args, "s3_size", None):
+                s3_changes["capacity"] = parse_size(args.s3_size, "--s3-size")
+            replace(S3TierConfig, **s3_changes)
+        except ConfigError as exc:
+            raise ConfigError(f"--s3: {exc}") from None
     key_file = getattr(args, "master_key_file", None)
     if key_file:
         key_file = str(Path(key_file).expanduser().resolve())

@@ -50,6 +50,7 @@ class S3Tier:
         policy: EvictionPolicy | None = None,
         concurrency: int = 8,
         read_only: bool = False,
+        miss_ttl_s: float = MISS_TTL_S,
     ):
         if capacity <= 0:
             raise ValueError(f"s3 tier capacity must be positive, got {capacity}")
@@ -66,6 +67,8 @@ class S3Tier:
         self._lock = threading.Lock()
         self._misses: dict[ChunkKey, float] = {}  # probed and absent, until then
         self._conditional = True  # the store honours If-None-Match on PUT
+        self.miss_ttl_s = miss_ttl_s
+        self.uploads = 0  # chunks sent
         self.skipped = 0  # chunks not uploaded: another writer's copy was there
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix=f"kvtier-{name}")
         self._concurrency = concurrency
@@ -135,7 +138,7 @@ class S3Tier:
             for i, size in zip(window, sizes, strict=True):
                 if size is None:
                     with self._lock:
-                        self._misses[keys[i]] = now + MISS_TTL_S
+                        self._misses[keys[i]] = now + self.miss_ttl_s
                 else:
                     self._learn(keys[i], size)
                     out[i] = True
@@ -216,10 +219,13 @@ class S3Tier:
             self._misses.pop(key, None)
         if replace:
             self.client.put(name, body)
+            self.uploads += 1
             return
         if self._conditional:
             try:
-                if not self.client.put(name, body, only_new=True):
+                if self.client.put(name, body, only_new=True):
+                    self.uploads += 1
+                else:
                     self.skipped += 1
                 return
             except S3Error as exc:
@@ -235,6 +241,7 @@ class S3Tier:
             self.skipped += 1
             return
         self.client.put(name, body)
+        self.uploads += 1
 
     def delete(self, key: ChunkKey) -> bool:
         if self.read_only:
