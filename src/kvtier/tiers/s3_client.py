@@ -189,7 +189,7 @@ class S3Client:
         method: str,
         name: str | None,
         query: dict[str, str] | None = None,
-        body: memoryview | bytes = b"",
+        body: memoryview | bytes | bytearray = b"",
         extra: dict[str, str] | None = None,
     ) -> http.client.HTTPResponse:
         """Send one request and return the response with its body unread. ``name``: an
@@ -312,7 +312,7 @@ class S3Client:
         finally:
             response.close()
 
-    def put(self, name: str, body: memoryview | bytes, only_new: bool = False) -> bool:
+    def put(self, name: str, body: memoryview | bytes | bytearray, only_new: bool = False) -> bool:
         """Store an object; with ``only_new`` (``If-None-Match: *``), only if there is none of
         that name: False then (HTTP 412), the existing object kept."""
         extra = {"if-none-match": "*"} if only_new else {}
