@@ -171,12 +171,15 @@ class S3TierConfig:
 def s3_location(url: str) -> dict[str, str]:
     """An S3 tier's ``endpoint``, ``bucket`` and ``prefix`` from ``s3://BUCKET[/PREFIX]`` (AWS)
     or ``http(s)://HOST[:PORT]/BUCKET[/PREFIX]`` (an S3-compatible store, path-style)."""
-    m = re.fullmatch(r"(?:s3://|(https?://[^/@\s]+)/)([^/\s]+)(?:/([^\s]*))?", url.strip())
-    if not m or "@" in url:
-        why = " (no credentials in a URL: AWS_* variables or a profile)" if "@" in url else ""
+    if "@" in url:  # never echoed: what is before the @ may be a secret
         raise ConfigError(
-            f"expected s3://BUCKET[/PREFIX] or http(s)://HOST:PORT/BUCKET[/PREFIX], got"
-            f" {url!r}{why}"
+            "a URL with credentials (user:password@) is refused: no credentials in a URL;"
+            " give them in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile (AWS_PROFILE)"
+        )
+    m = re.fullmatch(r"(?:s3://|(https?://[^/\s]+)/)([^/\s]+)(?:/([^\s]*))?", url.strip())
+    if not m:
+        raise ConfigError(
+            f"expected s3://BUCKET[/PREFIX] or http(s)://HOST:PORT/BUCKET[/PREFIX], got {url!r}"
         )
     endpoint, bucket, prefix = m.groups()
     found = {"bucket": bucket, "endpoint": endpoint or ""}

@@ -27,7 +27,7 @@ def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:
             "--tokens",
             "700",
             "--tiers",
-            "disk",
+            "disk,s3",
             "--no-example",
             "--no-overhead",
             "--repeat",
@@ -43,7 +43,14 @@ def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     paths = {row["path"]: row for row in result["rows"]}
-    assert set(paths) == {"cold_vllm", "cold", "vllm_prefix", "kvtier_disk", "kvtier_disk_int8"}
+    assert set(paths) == {
+        "cold_vllm",
+        "cold",
+        "vllm_prefix",
+        "kvtier_disk",
+        "kvtier_disk_int8",
+        "kvtier_s3",
+    }
     assert all(row["ttft_s"] and row["ttft_s"] > 0 for row in paths.values()), result
     # 700 tokens: vLLM computes at least the last one; its own cache reuses whole 128-token
     # blocks, kvtier its chunks and a tail of whole 16 tokens.
@@ -64,3 +71,8 @@ def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:
     # ... in one process layout (kvtier serve's on this host; plain vLLM follows it).
     assert len(set(result["model_in"].values())) == 1, result["model_in"]
     assert result["raw"]["700"]["disk_cold_read_s"] > 0
+    # kvtier_s3: a restarted server with no disk, whose only copy is in a private SeaweedFS
+    # the benchmark started: the same hit, and the raw GETs of as many bytes beside it.
+    assert paths["kvtier_s3"]["recomputed_tokens"] == 700 - 688
+    assert paths["kvtier_s3"]["ttft_s"] < 0.7 * paths["cold"]["ttft_s"], result
+    assert result["raw"]["700"]["s3_get_s"] > 0 and result["raw"]["700"]["s3_get_bytes"] > 0

@@ -1,4 +1,5 @@
-"""`kvtier pod` end to end: two real engines, a real redis-server and the router, over HTTP.
+"""`kvtier pod` end to end: two real engines, a real redis-server, a real SeaweedFS (`--s3
+local`) and the router, over HTTP.
 
 One pod serves every test here, in order (the last one stops it with SIGINT, as Ctrl-C does).
 The disaggregated pod: tests/e2e/test_pod_pd.py.
@@ -32,7 +33,10 @@ from kvtier.integrations.model import prepare_default_model
 from kvtier.keys import ChunkKey, Namespace, chunk_keys
 from kvtier.redis_process import free_port
 from kvtier.router.prompts import Prompter
-from kvtier.tiers import RedisTier
+from kvtier.seaweed_process import PROFILE
+from kvtier.tier_config import s3_location
+from kvtier.tiers import RedisTier, S3Tier
+from kvtier.tiers.s3_client import S3Client, load_credentials
 
 from browser import Page, chromium_page
 from hostspeed import patience, words_for
@@ -63,7 +67,9 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodProcess]:
     # Every engine's shared tier stores int8 (`kvtier pod --codec`; forced: the gate's
     # records are the tests' own, empty).
     codec = ("--codec", "redis=int8", "--force-codec")
-    with readme_pod(tmp_path_factory, "kvtier pod", "--max-model-len", "8192", *codec) as started:
+    # The README's pod line with an object tier: a private SeaweedFS the pod starts and stops.
+    line = "kvtier pod --engines 2 --engine-port 8001 --s3 local"
+    with readme_pod(tmp_path_factory, line, "--max-model-len", "8192", *codec) as started:
         yield started
 
 
@@ -187,6 +193,38 @@ def test_the_shared_tier_holds_the_pods_codec(pod: PodProcess) -> None:
         assert all(h.stored_bytes < 0.55 * h.raw_bytes for h in headers)
     finally:
         shared.close()
+
+
+def object_tier(pod: PodProcess) -> S3Tier:
+    """The pod's object tier (`--s3 local`), as any engine sees it: the URL the pod printed,
+    the keys in the file its engines are told of (``<state>/s3/credentials``)."""
+    found = re.search(r"object tier (http://\S+) \(a private SeaweedFS", pod.log.read_text())
+    assert found, pod.log.read_text()[-2000:]
+    where = s3_location(found.group(1))
+    keys = load_credentials(PROFILE, str(pod.log.parent / "s3" / "credentials"))
+    client = S3Client(where["endpoint"], where["bucket"], "us-east-1", keys)
+    return S3Tier(client, 1 << 40, prefix="kvtier", read_only=True)
+
+
+def test_every_engine_writes_to_the_pods_object_tier(pod: PodProcess) -> None:
+    """`kvtier pod --s3 local`: a private SeaweedFS on loopback; each engine lists it among its
+    tiers (kind "object" for the router) and uploads what it computes, behind its answers."""
+    body = {"prompt": text("objects", 200)}  # ~800 tokens: three chunks and a tail
+    _, engine = post(pod.url, "/v1/completions", {"model": MODEL, "max_tokens": 1, **body})
+    info = get_json(f"{engine}/kvtier/info")
+    assert {"name": "s3", "kind": "object"} in info["tiers"], info["tiers"]
+    tokens = Prompter(prepare_default_model()).tokens("/v1/completions", body)
+    keys = chunk_keys(tokens, Namespace(**info["namespace"]), info["chunk_tokens"])
+    bucket = object_tier(pod)
+    try:
+        wait_for(lambda: all(bucket.contains_many(keys)), 60, "the chunks in the object tier")
+        heads = [codec.read_header(b) for b in bucket.get_many(keys) if b is not None]
+        assert len(heads) == len(keys) >= 2 and all(h.tokens > 0 for h in heads)
+        listening = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
+        weed = [ln for ln in listening.splitlines() if '"weed"' in ln]
+        assert weed and all("127.0.0.1:" in ln.split()[3] for ln in weed), weed  # loopback only
+    finally:
+        bucket.close()
 
 
 def allowed_cores(pid: str) -> set[int]:
@@ -563,13 +601,17 @@ def test_the_shared_tier_down_costs_no_request(pod: PodProcess) -> None:
 def test_ctrl_c_stops_every_process_of_the_pod(pod: PodProcess) -> None:
     sessions = [pid for url in pod.engines() for pid in engine_pids(url)]
     assert len(sessions) == 2
+    weed = subprocess.run(
+        ["pgrep", "-f", f"weed server.*{pod.log.parent / 's3'}"], capture_output=True, text=True
+    ).stdout.split()
+    assert len(weed) == 1  # the pod's SeaweedFS (a session of its own: it stops it last)
     pod.proc.send_signal(signal.SIGINT)
     pod.proc.wait(120)
     assert "stopping engines" in pod.log.read_text()
 
     # The pod's own session (its redis-server), and each engine's (vLLM's engine processes).
     def gone() -> bool:
-        for session in [str(pod.proc.pid), *sessions]:
+        for session in [str(pod.proc.pid), *sessions, *weed]:
             left = subprocess.run(["pgrep", "-s", session], capture_output=True, text=True)
             if left.stdout.split():
                 return False

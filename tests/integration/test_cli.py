@@ -14,7 +14,8 @@ import pytest
 from kvtier import TieredStore
 from kvtier.redis_process import RedisServer
 from kvtier.runtime.engine_command import HITS_FIRST_CLASS
-from kvtier.tiers import DiskTier, RedisTier
+from kvtier.seaweed_process import SeaweedFS
+from kvtier.tiers import DiskTier, RedisTier, S3Tier
 
 from kvhelpers import CHUNK_TOKENS, NS, chunks_for, prompt
 
@@ -24,8 +25,17 @@ KVTIER = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtie
 GIVEN_DTYPE = ("--dtype", "float32")
 
 
-def kvtier(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([KVTIER, *args], capture_output=True, text=True, timeout=300, check=check)
+def kvtier(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [KVTIER, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=check,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_help_teaches() -> None:
@@ -124,6 +134,28 @@ def test_inspect_redis(redis_server: RedisServer) -> None:
     assert kvtier(*args, "--verify", "--repair").returncode == 0
     assert client.exists(name) == 0
     client.close()
+
+
+def test_inspect_s3(seaweed: SeaweedFS, prefix: str) -> None:
+    tier = S3Tier(seaweed.client(), 1 << 30, prefix=prefix)
+    with TieredStore([tier], CHUNK_TOKENS) as store:
+        store.put(prompt(3, 3), NS, chunks_for(3, 3))
+        name = tier.object_name(store.keys(prompt(3, 3), NS)[1])
+    url = f"{seaweed.url}/{prefix}"
+    env = seaweed.env()  # its keys in a file the environment names; none on the line
+    report = json.loads(kvtier("inspect", "--s3", url, "--json", env=env).stdout)
+    assert report["chunks"] == 3 and report["tier"] == "s3"
+    client = seaweed.client()
+    value = bytearray(client.get(name) or b"")
+    value[-5] ^= 0xFF
+    client.put(name, value)
+    assert kvtier("inspect", "--s3", url, "--verify", check=False, env=env).returncode == 1
+    assert client.head(name) is not None  # inspection alone changes nothing
+    assert kvtier("inspect", "--s3", url, "--verify", "--repair", env=env).returncode == 0
+    assert client.head(name) is None
+    refused = kvtier("inspect", "--s3", "http://key:secret@127.0.0.1:1/b3", check=False)
+    assert refused.returncode == 2 and "no credentials in a URL" in refused.stderr
+    assert "secret" not in refused.stderr
 
 
 def test_inspect_missing_directory_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,12 +1,12 @@
-"""What the engine benchmarks share: the server options every path runs with, prompts, and
-copying one tier's chunks into another."""
+"""What the engine benchmarks share: the server options every path runs with, prompts,
+copying one tier's chunks into another, picking a raw medium's items the size of a hit."""
 
 from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 # Usage with cached tokens, so that every row says how much was recomputed.
 SERVE_OPTIONS = ("--enable-prompt-tokens-details", "--max-model-len", "8192")
 NO_PREFIX_CACHE = ("--no-enable-prefix-caching",)
+T = TypeVar("T")
 
 
 def prompt(kind: str, tokens: int, repeat: int) -> list[int]:
@@ -54,3 +55,19 @@ def copy_chunks(source: Tier, dest: Tier, convert: Callable[[Blob], Blob] | None
     finally:
         source.close()
         dest.close()
+
+
+def same_bytes(items: list[tuple[T, int]], loaded: int | None, chunk_tokens: int = 256) -> list[T]:
+    """Items (files, Redis keys) as many and as large as the chunks of a hit of ``loaded``
+    tokens: whole chunks are the largest items; a tail, the item nearest its share of one."""
+    if not items or not loaded:
+        return []
+    full = max(size for _, size in items)
+    whole = [item for item, size in items if size == full]
+    picked = whole[: loaded // chunk_tokens]
+    if loaded % chunk_tokens:
+        share = full * (loaded % chunk_tokens) // chunk_tokens
+        rest = [(abs(size - share), i) for i, (_, size) in enumerate(items) if size < full]
+        if rest:
+            picked.append(items[min(rest)[1]][0])
+    return picked

@@ -46,14 +46,21 @@ import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from tqdm import tqdm
 
 from kvtier.bench import raw_io
 from kvtier.bench.codec_paths import codec_order, codec_paths, coded_store_spec, print_codec
-from kvtier.bench.common import NO_PREFIX_CACHE, SERVE_OPTIONS, drop_page_cache, prompt
+from kvtier.bench.common import (
+    NO_PREFIX_CACHE,
+    SERVE_OPTIONS,
+    drop_page_cache,
+    prompt,
+    same_bytes,
+)
 from kvtier.bench.example import example_paths
+from kvtier.bench.s3_paths import object_store, print_s3, s3_path
 from kvtier.bench.sealed import crypto_speed, print_sealed, sealed_paths, sealed_store_spec
 from kvtier.bench.ttft_worker import MARK
 from kvtier.errors import KvtierError
@@ -68,9 +75,8 @@ from kvtier.runtime.engine_process import (
     plain_vllm_env,
 )
 
-TIERS = ("memory", "disk", "redis")
+TIERS = ("memory", "disk", "redis", "s3")
 CHUNK_TOKENS = 256  # kvtier serve's default chunk
-T = TypeVar("T")
 
 
 class _Run:
@@ -163,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     r = args.repeat
     lower = r * (("disk" in tiers) + ("redis" in tiers))  # per copy of the disk and Redis hits
     per_length = 3 * r + (r + 1) * ("memory" in tiers) + lower * (1 + bool(args.encrypt))
+    per_length += r * ("s3" in tiers)
     per_length += (0 if args.no_example else 1 + r) + lower * bool(args.codec)
     total = len(lengths) * per_length + (0 if args.no_overhead else 2 * args.engines)
     bar = tqdm(total=total, desc="bench ttft", unit="step", file=sys.stderr, disable=None)
@@ -172,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         if "redis" in tiers and not redis_url:
             redis_url = stack.enter_context(RedisServer()).url
         bench = _Run(args, work, bar)
-        cache_dropped = _hit_paths(bench, lengths, tiers, redis_url)
+        s3_url = stack.enter_context(object_store(args.s3_url)) if "s3" in tiers else None
+        cache_dropped = _hit_paths(bench, lengths, tiers, redis_url, s3_url)
         if args.encrypt:
             sealed_paths(bench, tiers, redis_url)
         coded = codec_paths(bench, tiers, redis_url, args.codec) if args.codec else None
@@ -181,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         overhead = {} if args.no_overhead else _overhead(args, work, bar)
         bar.close()
     order = ["cold_vllm", "cold", "vllm_prefix", "kvtier_memory", "kvtier_disk", "kvtier_redis"]
-    order += ["kvtier_disk_sealed", "kvtier_redis_sealed", "example_connector"]
+    order += ["kvtier_s3", "kvtier_disk_sealed", "kvtier_redis_sealed", "example_connector"]
     rows = sorted(bench.rows, key=lambda row: (row["tokens"], codec_order(row["path"], order)))
     result = {
         "rows": rows,
@@ -202,7 +210,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hit_paths(bench: _Run, lengths: list[int], tiers: list[str], redis_url: str | None) -> bool:
+def _hit_paths(
+    bench: _Run, lengths: list[int], tiers: list[str], redis_url: str | None, s3_url: str | None
+) -> bool:
     """cold_vllm, cold, vllm_prefix and the kvtier tiers; whether the page cache was dropped."""
     r = bench.args.repeat
     fill = bench.fill = {n: [prompt("shared", n, k) for k in range(r)] for n in lengths}
@@ -212,6 +222,7 @@ def _hit_paths(bench: _Run, lengths: list[int], tiers: list[str], redis_url: str
         bench.measure(plain, "vllm_prefix", {n: cold[n][:1] * r for n in lengths})
     shared = ["--disk", str(bench.work / "disk")] if "disk" in tiers else ["--disk", "none"]
     shared += ["--redis", redis_url] if "redis" in tiers and redis_url else []
+    shared += ["--s3", s3_url] if s3_url else []
     with bench.kvtier(*shared) as first:  # fills disk and Redis with `fill`
         bench.measure(first, "cold", fill)
     if "memory" in tiers:
@@ -231,7 +242,7 @@ def _hit_paths(bench: _Run, lengths: list[int], tiers: list[str], redis_url: str
             bench.measure(disk, "kvtier_disk", fill)
         files = [(p, p.stat().st_size) for p in (bench.work / "disk").rglob("*.kvc")]
         for n in lengths:
-            picked = _same_bytes(files, bench.loaded_tokens(n, "kvtier_disk"))
+            picked = same_bytes(files, bench.loaded_tokens(n, "kvtier_disk"))
             bench.raw[n]["disk_cold_read_s"] = raw_io.cold_read_s(picked) if picked else None
             bench.raw[n]["disk_cold_read_bytes"] = sum(p.stat().st_size for p in picked)
     if "redis" in tiers and redis_url:
@@ -239,27 +250,13 @@ def _hit_paths(bench: _Run, lengths: list[int], tiers: list[str], redis_url: str
             bench.measure(redis, "kvtier_redis", fill)
         values = raw_io.redis_values(redis_url, "kvtier")
         for n in lengths:
-            keys = _same_bytes(values, bench.loaded_tokens(n, "kvtier_redis"))
+            keys = same_bytes(values, bench.loaded_tokens(n, "kvtier_redis"))
             bench.raw[n]["redis_get_s"] = raw_io.pipelined_get_s(redis_url, keys) if keys else None
             sizes = dict(values)
             bench.raw[n]["redis_get_bytes"] = sum(sizes[k] for k in keys)
+    if s3_url:
+        s3_path(bench, s3_url)
     return dropped
-
-
-def _same_bytes(items: list[tuple[T, int]], loaded: int | None) -> list[T]:
-    """Items (files, Redis keys) as many and as large as the chunks of a hit of ``loaded``
-    tokens: whole chunks are the largest items; a tail, the item nearest its share of one."""
-    if not items or not loaded:
-        return []
-    full = max(size for _, size in items)
-    whole = [item for item, size in items if size == full]
-    picked = whole[: loaded // CHUNK_TOKENS]
-    if loaded % CHUNK_TOKENS:
-        share = full * (loaded % CHUNK_TOKENS) // CHUNK_TOKENS
-        rest = [(abs(size - share), i) for i, (_, size) in enumerate(items) if size < full]
-        if rest:
-            picked.append(items[min(rest)[1]][0])
-    return picked
 
 
 def _overhead(args: argparse.Namespace, work: Path, bar: tqdm[Any]) -> dict[str, Any]:
@@ -361,6 +358,7 @@ def _print(result: dict[str, Any], lengths: list[int]) -> None:
     _print_targets(result, lengths)
     print_sealed(result, lengths)
     print_codec(result, lengths)
+    print_s3(result, lengths)
     for row in rows:
         if row.get("error"):
             print(f"  {row['path']} at {row['tokens']} tokens failed: {row['error']}")

@@ -30,6 +30,12 @@ def register_ttft(bsub: Any) -> None:
     )
     p.add_argument("--tiers", default=",".join(ttft.TIERS), help="kvtier tiers to measure")
     p.add_argument("--redis", metavar="URL", help="Redis to use (default: a private server)")
+    p.add_argument(
+        "--s3-url",
+        metavar="URL",
+        help="object store for kvtier_s3, http://HOST:PORT/BUCKET or s3://BUCKET (default: a"
+        " private SeaweedFS on loopback; credentials from the AWS environment otherwise)",
+    )
     p.add_argument("--no-example", action="store_true", help="skip vLLM's ExampleConnector")
     p.add_argument("--no-overhead", action="store_true", help="skip the no-reuse overhead")
     p.add_argument(

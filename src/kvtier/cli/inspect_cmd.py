@@ -1,9 +1,11 @@
-"""``kvtier inspect``: what a disk directory or a Redis server holds, and whether it is sound.
+"""``kvtier inspect``: what a disk directory, a Redis server or an S3 bucket holds, and whether
+it is sound.
 
 Read-only unless ``--repair``: it opens the disk tier read-only (no temp-file clean-up, no
-mtime updates) and only reads from Redis. With ``--verify`` every chunk is read in full and
-its checksum checked; bad chunks are listed and the exit status is 1. ``--repair`` deletes
-the bad chunks (and, on disk, temp files left by dead writers).
+mtime updates) and only reads from Redis and S3 (objects of the prefix only). With
+``--verify`` every chunk is read in full and its checksum checked; bad chunks are listed and
+the exit status is 1. ``--repair`` deletes the bad chunks (and, on disk, temp files left by
+dead writers).
 
 Chunks sealed at rest (``kvtier serve --master-key-file``) are counted as sealed; with
 ``--master-key-file`` and ``--verify`` each is opened and checked too (one that does not open
@@ -19,9 +21,12 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from kvtier.config import MASTER_KEY_VAR
+from kvtier.config import MASTER_KEY_VAR, S3TierConfig
+from kvtier.errors import ConfigError
+from kvtier.factory import open_s3_tier
 from kvtier.sealing import MasterKeys, Sealer
-from kvtier.tiers import DiskTier, RedisTier
+from kvtier.tier_config import s3_location
+from kvtier.tiers import DiskTier, RedisTier, S3Tier
 from kvtier.tiers.inspect import inspect, print_report
 
 
@@ -35,7 +40,17 @@ def register(sub: Any) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--disk", metavar="DIR", help="a disk tier's directory")
     where.add_argument("--redis", metavar="URL", help="a Redis/Valkey server, redis://host:port/db")
-    p.add_argument("--prefix", default="kvtier", help="redis: key prefix (default kvtier)")
+    where.add_argument(
+        "--s3",
+        metavar="URL",
+        help="an object tier: http://HOST:PORT/BUCKET[/PREFIX] or s3://BUCKET[/PREFIX]"
+        " (credentials from the AWS environment)",
+    )
+    p.add_argument(
+        "--prefix",
+        default="kvtier",
+        help="redis, s3: key prefix (kvtier; s3: the URL's)",
+    )
     p.add_argument("--cluster", action="store_true", help="redis: the URL is a Redis Cluster")
     p.add_argument("--verify", action="store_true", help="read every chunk and check it")
     p.add_argument("--repair", action="store_true", help="delete the bad chunks found")
@@ -51,8 +66,17 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     env = MASTER_KEY_VAR if os.environ.get(MASTER_KEY_VAR) and not args.master_key_file else ""
     keys = MasterKeys.load(args.master_key_file or "", env)
-    tier: DiskTier | RedisTier
-    if args.disk:
+    tier: DiskTier | RedisTier | S3Tier
+    if args.s3:
+        try:
+            found = {"prefix": args.prefix, **s3_location(args.s3)}
+            config = S3TierConfig(**found)  # type: ignore[arg-type]
+            tier = open_s3_tier(config, read_only=not args.repair)
+        except (ConfigError, OSError) as exc:
+            print(f"kvtier inspect: --s3: {exc}", file=sys.stderr)
+            return 2
+        kind, location = "s3", args.s3
+    elif args.disk:
         try:
             # Capacity only matters for writes, which inspect never makes.
             tier = DiskTier(args.disk, capacity=2**62, read_only=not args.repair)

@@ -22,6 +22,7 @@ EXAMPLE = """\
 examples:
   kvtier pod                                   # 2 engines + redis-server + router on :8000
   kvtier pod --engines 4 --redis redis://10.0.0.9:6379/0
+  kvtier pod --s3 local                        # + an object tier: a private SeaweedFS
   kvtier pod --num-gpu-blocks-override 64      # a vLLM option, given to every engine
   kvtier pod --prefill 1 --decode 1            # disaggregated: prefill on one, decode on the other
 """
@@ -50,6 +51,15 @@ def register(sub: Any) -> None:
         "--redis",
         metavar="URL",
         help="shared tier (default: a private redis-server; 'none': engines share no tier)",
+    )
+    p.add_argument(
+        "--s3",
+        metavar="URL",
+        default="none",
+        help="object tier (G4) every engine reads and writes, below the shared one: a bucket"
+        " (http://HOST:PORT/BUCKET, s3://BUCKET; credentials from the AWS environment), 'local'"
+        " (a private SeaweedFS on loopback, started and stopped with the pod), or 'none'"
+        " (default)",
     )
     p.add_argument("--dram", metavar="SIZE", default="1GiB", help="DRAM tier per engine (1GiB)")
     p.add_argument(
@@ -95,6 +105,14 @@ def run(args: argparse.Namespace) -> int:
         from kvtier.sealing import MasterKeys
 
         MasterKeys.load(args.master_key_file)  # so does a bad key file
+    if args.s3 not in ("none", "local"):
+        from kvtier.errors import ConfigError
+        from kvtier.tier_config import s3_location
+
+        try:
+            s3_location(args.s3)  # a bad URL fails before any engine starts
+        except ConfigError as exc:
+            raise ConfigError(f"--s3: {exc}") from None
     if prefill and args.redis == "none":
         raise KvtierError(
             "a disaggregated pod hands prompts over through the shared tier:"

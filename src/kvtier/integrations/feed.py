@@ -189,7 +189,9 @@ class EventFeed:
             self._server = None
 
 
-TIER_KIND = {"memory": "dram", "disk": "disk", "redis": "shared"}  # config kind -> router's
+# config kind -> router's; an S3 tier is listed by each engine that uses it (its feed's
+# snapshot lists the bucket, its events what it stored and evicted)
+TIER_KIND = {"memory": "dram", "disk": "disk", "redis": "shared", "s3": "object"}
 
 
 def store_feed(

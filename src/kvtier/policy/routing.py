@@ -29,8 +29,14 @@ from dataclasses import dataclass, field, replace
 from kvtier.policy.scheduling import STEP_S
 
 # Bandwidths assumed for a tier before an engine has measured its own (bytes/s). "gpu" is the
-# engine's own prefix cache: nothing to load.
-DEFAULT_BANDWIDTH = {"gpu": float("inf"), "dram": 4e9, "disk": 1e9, "shared": 0.6e9}
+# engine's own prefix cache: nothing to load; "object": an S3 bucket (G4).
+DEFAULT_BANDWIDTH = {
+    "gpu": float("inf"),
+    "dram": 4e9,
+    "disk": 1e9,
+    "shared": 0.6e9,
+    "object": 0.3e9,
+}
 DEFAULT_PREFILL_TOKENS_PER_S = 1000.0
 TIER_KINDS = tuple(DEFAULT_BANDWIDTH)  # fastest first
 # Estimates within max(TIE_S, TIE_FRACTION x the best) are a tie: the least queued engine

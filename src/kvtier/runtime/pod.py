@@ -3,10 +3,12 @@ machine, started and stopped together.
 
 Each engine has its own DRAM and disk tiers (``<state>/engine-<i>/chunks``, kept across runs),
 shares the context tier (a private ``redis-server`` on a free loopback port unless a URL is
-given) and, on CPU, computes on its own cores (vLLM's ``VLLM_CPU_OMP_THREADS_BIND``), so that
-engines do not fight over them. Stopping the pod (Ctrl-C, SIGTERM) stops everything it started.
-A disaggregated pod has prefill engines too (``prefill-<i>``: DRAM only, writing through to the
-shared tier) and calls the others ``decode-<i>``.
+given) and, with ``--s3``, an object tier (a bucket, or a private SeaweedFS with ``local``,
+keeping its data in ``<state>/s3``) and, on CPU, computes on its own cores (vLLM's
+``VLLM_CPU_OMP_THREADS_BIND``), so that engines do not fight over them. Stopping the pod
+(Ctrl-C, SIGTERM) stops everything it started. A disaggregated pod has prefill engines too
+(``prefill-<i>``: DRAM only, writing through to the shared tier) and calls the others
+``decode-<i>``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from kvtier.errors import KvtierError
 from kvtier.integrations.engine_layout import has_gpu
 from kvtier.redis_process import RedisServer, free_port
 from kvtier.runtime.engine_process import Server, kvtier_serve_command
+from kvtier.seaweed_process import SeaweedFS
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,11 @@ class Pod:
     engines: list[EngineSpec]
     redis_url: str | None  # None: start a private redis-server; "none": no shared tier
     start_timeout_s: float = 600
+    s3: str | None = None  # an object tier's URL; "local": a private SeaweedFS; None: none
+    s3_dir: Path | None = None  # where a private SeaweedFS keeps its data
     servers: list[Server] = field(default_factory=list)
     redis: RedisServer | None = None
+    seaweed: SeaweedFS | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stopped: bool = False
 
@@ -77,6 +83,13 @@ class Pod:
             return self.redis_url
         assert self.redis is not None, "start() first"
         return self.redis.url
+
+    @property
+    def s3_url(self) -> str | None:
+        """The object tier's URL (None: the engines have none)."""
+        if self.seaweed is not None:
+            return self.seaweed.url
+        return self.s3 if self.s3 not in (None, "none", "local") else None
 
     @property
     def urls(self) -> list[str]:
@@ -93,6 +106,9 @@ class Pod:
                 # Its own ACL user, password in a file: no engine or router has more rights
                 # than kvtier needs, and the password shows in no command line or log.
                 self.redis = RedisServer(acl_user="kvtier").start()
+            if self.s3 == "local":  # its keys reach the engines in a file named by env
+                directory = str(self.s3_dir) if self.s3_dir else None
+                self.seaweed = SeaweedFS(directory=directory).start()
             for spec in self.engines:
                 if spec.disk is not None:
                     spec.disk.mkdir(parents=True, exist_ok=True)
@@ -105,8 +121,10 @@ class Pod:
                 if self.redis is not None and self.redis.password_file:
                     shared += ("--redis-user", self.redis.username)
                     shared += ("--redis-password-file", self.redis.password_file)
+                if self.s3_url:
+                    shared += ("--s3", self.s3_url)
                 options = (*disk, *role, *shared, *spec.options)
-                env = {}
+                env = self.seaweed.env() if self.seaweed is not None else {}
                 if not has_gpu():
                     env["VLLM_CPU_OMP_THREADS_BIND"] = core_list(spec.cores)
                 server = Server(
@@ -182,6 +200,9 @@ class Pod:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        if self.seaweed is not None:  # after the engines: they flush their uploads first
+            self.seaweed.close()
+            self.seaweed = None
 
 
 def plan_pod(
@@ -230,7 +251,8 @@ def run_pod(args: argparse.Namespace, engines: int, prefill: int, extra: list[st
         options += ["--codec", spec]
     cores = sorted(os.sched_getaffinity(0))
     specs = plan_pod(engines, args.engine_port, state, logs, cores, options, prefill)
-    pod = Pod(specs, args.redis)
+    s3 = getattr(args, "s3", None)
+    pod = Pod(specs, args.redis, s3=s3, s3_dir=state / "s3" if s3 == "local" else None)
     for spec in specs:
         print(
             f"kvtier pod: {spec.log.stem} on port {spec.port}, cores {list(spec.cores)},"
@@ -241,6 +263,9 @@ def run_pod(args: argparse.Namespace, engines: int, prefill: int, extra: list[st
     try:
         pod.start()
         print(f"kvtier pod: shared tier {pod.shared_url}", file=sys.stderr)
+        if pod.s3_url:
+            where = "a private SeaweedFS on loopback" if pod.seaweed else "given"
+            print(f"kvtier pod: object tier {pod.s3_url} ({where})", file=sys.stderr)
         pod.supervise(stopping)
         router = make_router(pod.urls, args.policy, args.tokenizer, pod.prefill_urls, args.tenants)
         serve_router(router, args.host, args.port)

@@ -1,5 +1,5 @@
-"""What a disk directory or a Redis server holds, and whether it is sound (``kvtier inspect``):
-chunks, bytes, namespaces, ages; with ``verify``, every checksum."""
+"""What a disk directory, a Redis server or an S3 bucket holds, and whether it is sound
+(``kvtier inspect``): chunks, bytes, namespaces, ages; with ``verify``, every checksum."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from kvtier.keys import ChunkKey
 from kvtier.sealing import Sealer
 from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.redis import RedisTier
+from kvtier.tiers.s3 import S3Tier
 from kvtier.tiers.sealed import SealedTier
 
 
@@ -41,7 +42,7 @@ def _iso(ts: float) -> str:
 
 
 def inspect(
-    tier: DiskTier | RedisTier,
+    tier: DiskTier | RedisTier | S3Tier,
     kind: str,
     location: str,
     verify: bool,
@@ -73,7 +74,7 @@ def inspect(
 
 
 def _check(
-    tier: DiskTier | RedisTier,
+    tier: DiskTier | RedisTier | S3Tier,
     key: ChunkKey,
     verify: bool,
     namespaces: Counter[str],

@@ -52,26 +52,28 @@ class Credentials:
         return f"Credentials(access_key={self.access_key!r}, secret_key=***)"
 
 
-def load_credentials(profile: str = "") -> Credentials:
+def load_credentials(profile: str = "", path: str | None = None) -> Credentials:
     """Credentials from the environment, else from ``profile`` (or ``AWS_PROFILE``, else
-    ``default``) in the shared credentials file."""
+    ``default``) in the shared credentials file (``path``, ``AWS_SHARED_CREDENTIALS_FILE``, or
+    ``~/.aws/credentials``)."""
     env = os.environ
     if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY") and not profile:
         return Credentials(
             env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env.get("AWS_SESSION_TOKEN", "")
         )
     name = profile or env.get("AWS_PROFILE") or "default"
-    path = Path(env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials").expanduser()
+    where = Path(path or env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials")
+    where = where.expanduser()
     parser = configparser.ConfigParser()
     try:
-        parser.read_string(path.read_text())
+        parser.read_string(where.read_text())
     except (OSError, configparser.Error) as exc:
         raise ConfigError(
             f"S3 credentials: none in the environment (AWS_ACCESS_KEY_ID,"
-            f" AWS_SECRET_ACCESS_KEY) and no readable credentials file at {path} ({exc})"
+            f" AWS_SECRET_ACCESS_KEY) and no readable credentials file at {where} ({exc})"
         ) from None
     if name not in parser or "aws_access_key_id" not in parser[name]:
-        raise ConfigError(f"S3 credentials: no profile {name!r} with aws_access_key_id in {path}")
+        raise ConfigError(f"S3 credentials: no profile {name!r} with aws_access_key_id in {where}")
     section = parser[name]
     return Credentials(
         section["aws_access_key_id"],
