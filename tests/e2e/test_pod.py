@@ -376,7 +376,13 @@ def test_the_console_shows_the_pods_metrics_live_in_chromium(
                 "[...document.querySelectorAll('#tiers tbody tr')]"
                 ".map(r => r.children[2].textContent)"
             )
-            assert tiers == ["up"] * 6, tiers  # memory, disk and the shared redis, per engine
+            # memory, disk, the shared redis and the object tier (`--s3 local`), per engine
+            assert tiers == ["up"] * 8, tiers
+            names = page.evaluate(
+                "[...document.querySelectorAll('#tiers tbody tr')]"
+                ".map(r => r.children[1].textContent)"
+            )
+            assert names.count("s3") == 2, names
             # Stored bytes per raw byte written, per tier: DRAM raw, the shared tier int8
             # (`kvtier pod --codec redis=int8`: ~0.26 of fp32, ~0.52 of bf16), tokens held.
             ratios: dict[str, list[float]] = {}

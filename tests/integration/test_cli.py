@@ -18,6 +18,7 @@ from kvtier.seaweed_process import SeaweedFS
 from kvtier.tiers import DiskTier, RedisTier, S3Tier
 
 from kvhelpers import CHUNK_TOKENS, NS, chunks_for, prompt
+from paths import README
 
 KVTIER = shutil.which("kvtier", path=str(Path(sys.executable).parent)) or "kvtier"
 
@@ -156,6 +157,31 @@ def test_inspect_s3(seaweed: SeaweedFS, prefix: str) -> None:
     refused = kvtier("inspect", "--s3", "http://key:secret@127.0.0.1:1/b3", check=False)
     assert refused.returncode == 2 and "no credentials in a URL" in refused.stderr
     assert "secret" not in refused.stderr
+
+
+def test_the_readmes_object_storage_lines(seaweed: SeaweedFS, tmp_path: Path) -> None:
+    """The README's G4 block, as written with the store's port: each `kvtier serve` line
+    builds its S3 tier (--dry-run: the servers are tests/e2e's), `kvtier inspect` runs."""
+    block = README.read_text().split("## Object storage", 1)[1].split("```sh\n", 1)[1]
+    lines = [ln.split("#", 1)[0] for ln in block.split("```", 1)[0].splitlines()]
+    port = str(seaweed.ports["s3"])
+    tiers = []
+    for line in (ln.replace("8333", port) for ln in lines if ln.startswith("kvtier serve")):
+        out = kvtier(*line.split()[1:], "--dry-run", env={"AWS_REGION": "eu-west-1"}).stdout
+        command = json.loads(out.strip().splitlines()[-1])  # --dry-run: the vLLM command
+        config = json.loads(command[command.index("--kv-transfer-config") + 1])
+        tiers.append(
+            next(t for t in config["kv_connector_extra_config"]["tiers"] if t["kind"] == "s3")
+        )
+    assert [(t["endpoint"], t["bucket"], t["prefix"]) for t in tiers] == [
+        (f"http://127.0.0.1:{port}", "kvtier", "kvtier"),
+        ("", "my-bucket", "kvtier"),
+    ]
+    assert tiers[0]["capacity"] == 1 << 40
+    inspect = next(ln for ln in lines if ln.startswith("kvtier inspect --s3"))
+    words = inspect.replace("8333", port).split()[1:]
+    report = kvtier(*words, env=seaweed.env())
+    assert "s3 tier at" in report.stdout and "0 bad" in report.stdout
 
 
 def test_inspect_missing_directory_is_a_clear_error(tmp_path: Path) -> None:

@@ -50,11 +50,13 @@ def test_load_times_follow_bandwidth_and_recompute_follows_flops() -> None:
     assert ssd.load_s == pytest.approx(32_000 * 327_680 / 50e9)
     flops = 2 * 70.6e9 * 32_000 + 2 * 80 * 64 * 128 * 32_000**2
     assert plan.recompute_s == pytest.approx(flops / (989e12 * 8 * 0.5))
-    assert plan.slowest_tier_beating_recompute == "ssd"
-    slow = load_hardware("H100", {"nvme_bw": 1e8, "network_bw": 1e6})
+    assert plan.slowest_tier_beating_recompute == "object"
+    g4 = next(t for t in plan.tiers if t.tier == "object")  # G4: the node's S3 throughput
+    assert g4.load_s == pytest.approx(32_000 * 327_680 / 12.5e9) and g4.capacity_bytes is None
+    slow = load_hardware("H100", {"nvme_bw": 1e8, "network_bw": 1e6, "object_bw": 1e6})
     plan = make_plan(model, "bf16", 32_000, 1, slow)
     beats = {t.tier: t.beats_recompute for t in plan.tiers}
-    assert beats == {"hbm": True, "dram": True, "ssd": False, "shared": False}
+    assert beats == {"hbm": True, "dram": True, "ssd": False, "shared": False, "object": False}
     assert plan.slowest_tier_beating_recompute == "dram"
 
 
@@ -83,7 +85,7 @@ def test_cli_json_and_clear_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "llama-3.1-405b", "--users", "128", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["bytes_per_token"] == 516_096 and out["total_bytes"] == 6_606_028_800_000
-    assert {t["tier"] for t in out["tiers"]} == {"hbm", "dram", "ssd", "shared"}
+    assert {t["tier"] for t in out["tiers"]} == {"hbm", "dram", "ssd", "shared", "object"}
     assert all(t["load_s"] > 0 for t in out["tiers"]) and out["recompute_s"] > 0
     assert main(["plan", "SmolLM2-135M", "--set", "dram_bytes=512GiB"]) == 0
     assert "23,040 bytes" in capsys.readouterr().out

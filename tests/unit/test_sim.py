@@ -279,6 +279,28 @@ def test_the_readmes_sim_with_a_codec_holds_twice_the_blocks_and_hits_more(
     assert coded["ttft_s"]["p50"] <= raw["ttft_s"]["p50"]
 
 
+@pytest.mark.skipif(not TRACE.exists(), reason="the shared conversation trace is not here")
+def test_an_object_tier_below_the_shared_one_adds_hits_the_others_evicted(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's `kvtier sim ... --object` line, as written (from the repository): a pod-wide
+    object tier under the shared one holds what the upper tiers evicted, and hits on it."""
+    block = README.read_text().split("## Object storage", 1)[1].split("```sh\n", 1)[1]
+    line = next(ln for ln in block.split("```", 1)[0].splitlines() if ln.startswith("kvtier sim"))
+    words = line.split("#", 1)[0].split()[2:]  # after "kvtier sim"
+    assert "--object" in words
+    monkeypatch.chdir(REPO)
+    runs = []
+    for args in (words, words[: words.index("--object")]):
+        assert main(["sim", *args, "--no-bounds", "--json"]) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    with_g4, without = runs
+    g4 = with_g4["tiers"][-1]
+    assert g4["name"] == "object" and g4["shared"] and g4["hit_rate_blocks"] > 0.01
+    assert with_g4["hit_rate_tokens"] > without["hit_rate_tokens"] + 0.01
+    assert with_g4["ttft_s"]["p50"] <= without["ttft_s"]["p50"]
+
+
 def test_the_conversation_trace_replays_within_its_bounds() -> None:
     from kvtier.sim.trace import read_trace
 

@@ -8,7 +8,9 @@ kvtier's put is ``store.put`` (encode + checksum + write); its get is ``store.ge
 - disk:   one plain file per chunk, written and read the way the disk tier writes and reads
           its chunks (O_DIRECT writes + fsync, then preadv into the buffers on as many threads
           as the tier reads with), so that both read from the device in either mode;
-- redis:  plain redis-py SET / GET of the same byte strings, one call per chunk.
+- redis:  plain redis-py SET / GET of the same byte strings, one call per chunk;
+- s3:     plain PUTs and GETs of the same objects with the tier's own client, as many in
+          flight as the tier sends (a private SeaweedFS on loopback unless ``--s3-url``).
 
 Repeats are interleaved (ours, raw, ours, raw...) and the best of each is reported, so noise
 on this shared machine hits both sides alike. Ratios are what to compare.
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,15 +44,18 @@ from kvtier.keys import Namespace
 from kvtier.quant import LOSSY
 from kvtier.redis_process import RedisServer
 from kvtier.store import TieredStore
-from kvtier.tiers import DiskTier, MemoryTier, RedisTier
+from kvtier.tiers import DiskTier, MemoryTier, RedisTier, S3Tier
+
+S3_CONCURRENCY = 8  # the tier's default
 
 SMOLLM2 = (30, 2, 256, 3, 64)  # 256 tokens of SmolLM2-135M: 5,898,240 bytes in bf16
 KV_DTYPES = ("bfloat16", "float16", "float32")  # what an engine stores (bytes: codec.DTYPES)
-TARGETS = {"memory": 0.7, "disk": 0.7, "redis": 0.8}
+TARGETS = {"memory": 0.7, "disk": 0.7, "redis": 0.8, "s3": 0.8}
 RAW = {
     "memory": "numpy memcpy into preallocated buffers",
     "disk": "a file per chunk: O_DIRECT write + fsync, parallel O_DIRECT reads (as the tier)",
     "redis": "plain redis-py SET/GET, one call per chunk",
+    "s3": f"plain S3 PUT/GET of the same objects, same client, {S3_CONCURRENCY} in flight",
 }
 
 
@@ -145,7 +151,12 @@ def run(args: argparse.Namespace) -> int:
     progress = tqdm(
         total=args.repeat, desc=f"bench {args.tier}", unit="round", file=sys.stderr, disable=None
     )
-    runner = {"memory": _bench_memory, "disk": _bench_disk, "redis": _bench_redis}[args.tier]
+    runner = {
+        "memory": _bench_memory,
+        "disk": _bench_disk,
+        "redis": _bench_redis,
+        "s3": _bench_s3,
+    }[args.tier]
     best = runner(args, tokens, chunks, ns, progress)
     progress.close()
     gb = total / 1e9
@@ -331,3 +342,47 @@ def _bench_redis(
         finally:
             client.close()
     return best
+
+
+def _bench_s3(
+    args: argparse.Namespace,
+    tokens: np.ndarray,
+    chunks: list[KVChunk],
+    ns: Namespace,
+    progress: tqdm,
+) -> Timings:
+    from kvtier.bench.s3_paths import client_for, object_store
+
+    best: Timings = {}
+    dests = [np.empty(c.nbytes, dtype=np.uint8) for c in chunks]
+    with object_store(getattr(args, "s3_url", None)) as url, ThreadPoolExecutor(8) as pool:
+        client = client_for(url)
+        prefix = f"kvtier-bench-{os.getpid()}"
+        try:
+            for r in range(args.repeat):
+                tier = S3Tier(client_for(url), 1 << 40, prefix=f"{prefix}-{r}")
+                with TieredStore([tier], chunk_tokens=chunks[0].tokens) as store:
+                    _keep_best(best, "put", _timed(store.put, tokens, ns, chunks))
+                    names = [tier.object_name(k) for k in store.keys(tokens, ns)]
+                    blobs = [client.get(n) or b"" for n in names]  # the objects, as stored
+                    raw = [f"{prefix}-raw-{r}/{i}" for i in range(len(names))]
+
+                    _keep_best(best, "raw_put", _timed(_s3_puts, pool, client, raw, blobs))
+                    _keep_best(best, "get", _timed(_get_into(store, tokens, ns, dests)))
+                    _keep_best(best, "raw_get", _timed(_s3_gets, pool, client, names, dests))
+                    for name in names + raw:
+                        client.delete(name)
+                progress.update()
+        finally:
+            client.close()
+    return best
+
+
+def _s3_puts(pool: ThreadPoolExecutor, client: Any, names: list[str], blobs: list[Any]) -> None:
+    list(pool.map(client.put, names, blobs))
+
+
+def _s3_gets(
+    pool: ThreadPoolExecutor, client: Any, names: list[str], dests: list[np.ndarray]
+) -> None:
+    list(pool.map(lambda n, d: client.get_into(n, [memoryview(d)]), names, dests))

@@ -26,6 +26,7 @@ class Hardware:
     network_bw: float  # per GPU, to the shared tier
     gpus_per_node: int = 8
     mfu: float = 0.5  # fraction of peak FLOP/s that a prefill reaches
+    object_bw: float = 12.5e9  # per node, from the object store (G4: S3 over 100 Gb/s)
 
 
 def _node(name: str, hbm_bytes: float, hbm_bw: float, flops: float, **changes: float) -> Hardware:
@@ -62,6 +63,7 @@ PROFILES: dict[str, Hardware] = {
             ssd_bytes=61.44e12,
             nvme_bw=100e9,
             network_bw=100e9,
+            object_bw=25e9,
         ),
     )
 }

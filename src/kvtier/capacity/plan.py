@@ -7,7 +7,8 @@ is spread over the node's GPUs and every GPU's link works at once:
 - HBM:    reading it once at HBM bandwidth (the floor for any tier);
 - DRAM:   host memory -> GPUs, bound by the slower of DRAM and the PCIe links;
 - SSD:    local NVMe -> GPUs, bound by the drives or the PCIe links;
-- shared: a pod-wide tier over the network (NVIDIA's G3.5), bound by the NICs or PCIe.
+- shared: a pod-wide tier over the network (NVIDIA's G3.5), bound by the NICs or PCIe;
+- object: object storage (G4, S3), bound by the node's share of the store's throughput.
 
 Recompute: the prefill FLOPs of the context at ``mfu`` of the node's peak.
 
@@ -66,6 +67,7 @@ def links(hw: Hardware) -> dict[str, tuple[float, float | None]]:
         "dram": (min(hw.dram_bw, pcie), hw.dram_bytes),
         "ssd": (min(hw.nvme_bw, pcie), hw.ssd_bytes),
         "shared": (min(hw.network_bw * gpus, pcie), None),
+        "object": (min(hw.object_bw, pcie), None),
     }
 
 

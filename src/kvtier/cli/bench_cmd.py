@@ -57,6 +57,12 @@ def register(sub: Any) -> None:
         metavar="URL",
         help="redis: server to use (default: a private redis-server on loopback)",
     )
+    s.add_argument(
+        "--s3-url",
+        metavar="URL",
+        help="s3: bucket to use, http://HOST:PORT/BUCKET or s3://BUCKET (default: a private"
+        " SeaweedFS on loopback; credentials from the AWS environment otherwise)",
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(run=store.run)
     bench_ttft_cmd.register(bsub)

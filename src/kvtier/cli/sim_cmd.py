@@ -9,15 +9,16 @@ import argparse
 from typing import Any
 
 _EXAMPLES = """\
-capacities: --dram/--ssd per node and --shared for the pod take sizes (2TB, 512GiB), turned
-into 512-token blocks with the model's KV bytes per token; --blocks N is one DRAM tier of N
-blocks. With none of them, the hardware profile's DRAM and SSD per node are used.
+capacities: --dram/--ssd per node, --shared and --object (G4) for the pod take sizes (2TB,
+512GiB), turned into 512-token blocks with the model's KV bytes per token; --blocks N is one
+DRAM tier of N blocks. With none of them, the hardware profile's DRAM and SSD per node are used.
 
 examples:
   kvtier sim ../shared/traces/conversation_trace.jsonl --dram 1TB --ssd 8TB
   kvtier sim ../shared/traces/conversation_trace.jsonl --dram 1TB --ssd 8TB --codec int8
   kvtier sim trace.jsonl --blocks 20000 --policy s3fifo --json
   kvtier sim trace.jsonl --nodes 4 --routing cache-aware --dram 1TB --shared 20TB
+  kvtier sim trace.jsonl --nodes 4 --dram 1TB --shared 20TB --object 500TB   # + G4 (S3)
   kvtier sim trace.jsonl --sweep --out sweep        # sweep.png + sweep.json, every policy
   kvtier sim --workload chat --users 500 --turns 8 --dram 512GiB
 """
@@ -54,6 +55,11 @@ def register(sub: Any) -> None:
     c.add_argument("--dram", help="DRAM per node, a size")
     c.add_argument("--ssd", help="local SSD per node, a size")
     c.add_argument("--shared", help="one tier shared by every node, a size")
+    c.add_argument(
+        "--object",
+        metavar="SIZE",
+        help="object storage (G4, S3) shared by every node, below --shared, a size",
+    )
     c.add_argument("--blocks", type=int, help="a single DRAM tier of N 512-token blocks")
     c.add_argument(
         "--policy",

@@ -45,10 +45,12 @@ def _tiers(args: argparse.Namespace, block_bytes: int, hw: Any, stored: float) -
     from kvtier.sim.engine import TierSpec
 
     bandwidth = {name: bw for name, (bw, _) in links(hw).items()}
-    sizes = {"dram": args.dram, "ssd": args.ssd, "shared": args.shared}
+    sizes = {"dram": args.dram, "ssd": args.ssd, "shared": args.shared, "object": args.object}
     if args.blocks is not None:
         if any(sizes.values()):
-            raise ConfigError("--blocks is a single tier: leave out --dram, --ssd and --shared")
+            raise ConfigError(
+                "--blocks is a single tier: leave out --dram, --ssd, --shared and --object"
+            )
         return [TierSpec("dram", args.blocks, bandwidth=bandwidth["dram"])]
     if not any(sizes.values()):
         sizes = {"dram": str(int(hw.dram_bytes)), "ssd": str(int(hw.ssd_bytes))}
@@ -62,7 +64,7 @@ def _tiers(args: argparse.Namespace, block_bytes: int, hw: Any, stored: float) -
                 raise ConfigError(
                     f"--{name} {text} holds no 512-token block ({block:,} bytes each)"
                 )
-            shared, bw = name == "shared", bandwidth[name]
+            shared, bw = name in ("shared", "object"), bandwidth[name]  # pod-wide
             tiers.append(TierSpec(name, n, shared=shared, bandwidth=bw, stored=ratio))
     return tiers
 
@@ -106,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in (args.policy or default).split(",") if p.strip()]
 
     if args.sweep:
-        if args.dram or args.ssd or args.shared or args.blocks is not None:
+        if args.dram or args.ssd or args.shared or args.object or args.blocks is not None:
             raise ConfigError(
                 "--sweep varies the capacity of one DRAM tier per node itself: leave out"
-                " --dram, --ssd, --shared and --blocks"
+                " --dram, --ssd, --shared, --object and --blocks"
             )
         caps = _capacities(args.sweep, requests, block_bytes)
         for policy in policies:

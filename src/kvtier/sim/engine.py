@@ -331,9 +331,13 @@ class _CostRouter:
 
         self.policy = CostRouting(cost.bytes_per_token)
         local = [s for s in tiers if not s.shared]
-        # A node's own tiers are its DRAM then its disk; the shared tier is the pod's.
+        # A node's own tiers are its DRAM then its disk; the shared tier and the object
+        # store (G4) are the pod's.
         self.kinds = [
-            "shared" if s.shared else ("dram" if local.index(s) == 0 else "disk") for s in tiers
+            ("object" if s.name == "object" else "shared")
+            if s.shared
+            else ("dram" if local.index(s) == 0 else "disk")
+            for s in tiers
         ]
         self.bandwidth = {  # of raw KV: a tier storing a codec delivers it faster
             k: s.bandwidth / s.stored

@@ -175,41 +175,65 @@ class S3Tier:
         return size
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Blob]]) -> PutResult:
+        """Room is made for every item first (evictions, in order), then the uploads run
+        ``concurrency`` at a time. A failed upload is not stored; the first error is
+        reported, and every other item's outcome as it happened."""
         if self.read_only:
             raise PermissionError(f"s3 tier {self.name!r} is read-only")
-        stored: list[bool] = []
+        stored = [False] * len(items)
         evicted: list[ChunkKey] = []
-        for n, (key, blob) in enumerate(items):
-            size = memoryview(blob).nbytes
-            with self._lock:
+        planned: list[tuple[int, ChunkKey, Blob, bool]] = []  # (index, key, blob, replace)
+        victims: list[ChunkKey] = []
+        with self._lock:
+            for n, (key, blob) in enumerate(items):
+                size = memoryview(blob).nbytes
                 old = self._policy.size_of(key)
                 self._policy.remove(key)
                 found = self._policy.victims(size, self.capacity)
                 if found is None:
                     if old is not None:
                         self._policy.insert(key, old)
-                    stored.append(False)
                     continue
-                victims = cast(list[ChunkKey], found)
-                for victim in victims:
+                for victim in cast(list[ChunkKey], found):
                     self._policy.remove(victim)
+                    victims.append(victim)
                 self._policy.insert(key, size)  # counted while in flight: no overshoot
                 self._policy.pin(key)
-            try:
-                for victim in victims:
-                    self.client.delete(self.object_name(victim))
+                planned.append((n, key, blob, old is not None))
+        error: Exception | None = None
+        try:
+            for victim, gone in zip(victims, self._in_parallel(self._remove, victims), strict=True):
+                if gone is None:
                     evicted.append(victim)
-                self._upload(key, blob, replace=old is not None)
-            except Exception as exc:
-                with self._lock:
+                else:
+                    error = error or gone
+            outcomes = self._in_parallel(self._put_one, planned)
+        except Exception as exc:
+            outcomes, error = [exc] * len(planned), error or exc
+        with self._lock:
+            for (n, key, _, _), outcome in zip(planned, outcomes, strict=True):
+                self._policy.unpin(key)
+                if outcome is None:
+                    stored[n] = True
+                else:
                     self._policy.remove(key)
-                stored.extend([False] * (len(items) - n))
-                return PutResult(stored, evicted, exc)
-            finally:
-                with self._lock:
-                    self._policy.unpin(key)
-            stored.append(True)
-        return PutResult(stored, evicted)
+                    error = error or outcome
+        return PutResult(stored, evicted, error)
+
+    def _remove(self, key: ChunkKey) -> Exception | None:
+        try:
+            self.client.delete(self.object_name(key))
+        except Exception as exc:
+            return exc
+        return None
+
+    def _put_one(self, item: tuple[int, ChunkKey, Blob, bool]) -> Exception | None:
+        _, key, blob, replace = item
+        try:
+            self._upload(key, blob, replace)
+        except Exception as exc:
+            return exc
+        return None
 
     def _upload(self, key: ChunkKey, blob: Blob, replace: bool) -> None:
         """PUT the chunk; a key this tier did not know is only written if no other writer's
@@ -219,14 +243,14 @@ class S3Tier:
             self._misses.pop(key, None)
         if replace:
             self.client.put(name, body)
-            self.uploads += 1
+            self._count(uploads=1)
             return
         if self._conditional:
             try:
                 if self.client.put(name, body, only_new=True):
-                    self.uploads += 1
+                    self._count(uploads=1)
                 else:
-                    self.skipped += 1
+                    self._count(skipped=1)
                 return
             except S3Error as exc:
                 if exc.status not in (400, 501) or exc.code not in ("NotImplemented", ""):
@@ -238,10 +262,15 @@ class S3Tier:
                 )
                 self._conditional = False
         if self.client.head(name) is not None:
-            self.skipped += 1
+            self._count(skipped=1)
             return
         self.client.put(name, body)
-        self.uploads += 1
+        self._count(uploads=1)
+
+    def _count(self, uploads: int = 0, skipped: int = 0) -> None:
+        with self._lock:
+            self.uploads += uploads
+            self.skipped += skipped
 
     def delete(self, key: ChunkKey) -> bool:
         if self.read_only:
