@@ -28,6 +28,7 @@ class TierStats:
     errors: int = 0  # failed calls (tier down, disk full, permission...)
     writes_dropped: int = 0  # write-through queue full, or tier down: write skipped
     writes_rejected: int = 0  # the tier had no room (everything left was pinned)
+    writes_existing: int = 0  # not sent: another writer had stored it (a conditional upload)
 
 
 @dataclass

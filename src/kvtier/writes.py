@@ -172,6 +172,7 @@ class Writes:
             raw_bytes_written=sum(codec.HEADER_BYTES + h.raw_bytes for h in headers),
             writes_rejected=0 if result.error else unwritten,
             writes_dropped=unwritten if result.error else 0,
+            writes_existing=result.existing,
             evictions=len(result.evicted),
         )
         self.h.recorder.emit("stored", name, [k for k, _ in written])

@@ -54,7 +54,8 @@ def test_two_engines_share_the_bucket_and_each_chunk_is_stored_once(
     assert second_tier.uploads == 2
     # The racing engine's index never heard of them: If-None-Match keeps the first copies.
     blobs = [(k, bytes(first_tier.get_many([k])[0] or b"")) for k in first.keys(tokens, NS)]
-    assert racing.put_many([(k, b"another copy") for k, _ in blobs]).stored == [True] * 3
+    raced = racing.put_many([(k, b"another copy") for k, _ in blobs])
+    assert raced.stored == [True] * 3 and raced.existing == 3  # kvtier:tier_writes_existing
     assert racing.skipped == 3 and racing.uploads == 0
     assert [bytes(b or b"") for b in racing.get_many([k for k, _ in blobs])] == [
         b for _, b in blobs

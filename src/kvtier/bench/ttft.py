@@ -18,6 +18,8 @@ side by side in one run:
                      may (root), and every repeat reads a distinct prompt whose files were
                      never read, so each hit reads the device;
 - kvtier_redis:      a restarted kvtier server (DRAM + Redis) reading what the first one wrote;
+- kvtier_s3:         a restarted kvtier server (DRAM + S3, no disk) reading what the first one
+                     uploaded to a private SeaweedFS (or ``--s3-url``): :mod:`.s3_paths`;
 - kvtier_disk_sealed, kvtier_redis_sealed (``--encrypt``): the same hits, the chunks sealed at
                      rest (AES-256-GCM, ``kvtier serve --master-key-file``); the no-reuse
                      overhead is then measured with the disk tier sealed, and AES-GCM's speed

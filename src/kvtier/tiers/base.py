@@ -63,6 +63,7 @@ class PutResult:
     stored: list[bool]
     evicted: list[ChunkKey] = field(default_factory=list)
     error: Exception | None = None
+    existing: int = 0  # stored items another writer had stored first (kept, not rewritten)
 
 
 class Tier(Protocol):

@@ -201,6 +201,7 @@ class S3Tier:
                 self._policy.pin(key)
                 planned.append((n, key, blob, old is not None))
         error: Exception | None = None
+        existing = 0
         try:
             for victim, gone in zip(victims, self._in_parallel(self._remove, victims), strict=True):
                 if gone is None:
@@ -213,12 +214,13 @@ class S3Tier:
         with self._lock:
             for (n, key, _, _), outcome in zip(planned, outcomes, strict=True):
                 self._policy.unpin(key)
-                if outcome is None:
-                    stored[n] = True
-                else:
+                if isinstance(outcome, Exception):
                     self._policy.remove(key)
                     error = error or outcome
-        return PutResult(stored, evicted, error)
+                else:
+                    stored[n] = True
+                    existing += not outcome
+        return PutResult(stored, evicted, error, existing)
 
     def _remove(self, key: ChunkKey) -> Exception | None:
         try:
@@ -227,31 +229,30 @@ class S3Tier:
             return exc
         return None
 
-    def _put_one(self, item: tuple[int, ChunkKey, Blob, bool]) -> Exception | None:
+    def _put_one(self, item: tuple[int, ChunkKey, Blob, bool]) -> Exception | bool:
+        """Whether the chunk was sent (False: another writer's copy was there), or what
+        failed."""
         _, key, blob, replace = item
         try:
-            self._upload(key, blob, replace)
+            return self._upload(key, blob, replace)
         except Exception as exc:
             return exc
-        return None
 
-    def _upload(self, key: ChunkKey, blob: Blob, replace: bool) -> None:
+    def _upload(self, key: ChunkKey, blob: Blob, replace: bool) -> bool:
         """PUT the chunk; a key this tier did not know is only written if no other writer's
-        copy is there (that copy is then kept and counted in :attr:`skipped`)."""
+        copy is there (that copy is then kept, counted in :attr:`skipped`: False)."""
         name, body = self.object_name(key), memoryview(blob)
         with self._lock:
             self._misses.pop(key, None)
         if replace:
             self.client.put(name, body)
             self._count(uploads=1)
-            return
+            return True
         if self._conditional:
             try:
-                if self.client.put(name, body, only_new=True):
-                    self._count(uploads=1)
-                else:
-                    self._count(skipped=1)
-                return
+                sent = self.client.put(name, body, only_new=True)
+                self._count(uploads=int(sent), skipped=int(not sent))
+                return sent
             except S3Error as exc:
                 if exc.status not in (400, 501) or exc.code not in ("NotImplemented", ""):
                     raise
@@ -263,9 +264,10 @@ class S3Tier:
                 self._conditional = False
         if self.client.head(name) is not None:
             self._count(skipped=1)
-            return
+            return False
         self.client.put(name, body)
         self._count(uploads=1)
+        return True
 
     def _count(self, uploads: int = 0, skipped: int = 0) -> None:
         with self._lock:

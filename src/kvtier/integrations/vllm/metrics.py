@@ -51,6 +51,7 @@ TIER_COUNTERS = (
     "corruptions",
     "errors",
     "writes_dropped",
+    "writes_existing",
 )
 TIER_GAUGES = ("up", "used_bytes", "chunks", "capacity_bytes", "tokens")
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -253,6 +254,8 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             "corruptions": "chunks that failed verification (deleted, recomputed)",
             "errors": "failed calls to the tier",
             "writes_dropped": "writes skipped (queue full or tier down)",
+            "writes_existing": "chunks not sent: another engine had stored them (an object"
+            " tier's conditional upload)",
         }
         tiered = [*labelnames, "tier"]
         self._tier_counters = counters("kvtier:tier_", tier_helps, tiered)
