@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from kvtier import TieredStore
+from kvtier.keys import ChunkKey
 from kvtier.seaweed_process import SeaweedFS
 from kvtier.tiers import MemoryTier, S3Tier
 from kvtier.tiers.s3_client import S3Client
@@ -145,6 +146,13 @@ class FaultProxy:
                     time.sleep(5)
                     self.close_connection = True
                     return
+                if proxy.mode == "no-conditional" and self.headers.get("if-none-match"):
+                    text = b"<Error><Code>NotImplemented</Code></Error>"
+                    self.send_response(501)
+                    self.send_header("content-length", str(len(text)))
+                    self.end_headers()
+                    self.wfile.write(text)
+                    return
                 if proxy.mode == "slowdown":
                     text = b"<Error><Code>SlowDown</Code></Error>"
                     self.send_response(503)
@@ -161,7 +169,8 @@ class FaultProxy:
                 for k, v in answer.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("content-length", str(len(data)))
+                size = answer.getheader("content-length") if self.command == "HEAD" else None
+                self.send_header("content-length", size or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -186,6 +195,37 @@ def proxy(seaweed: SeaweedFS) -> Iterator[FaultProxy]:
     p = FaultProxy(seaweed.ports["s3"])
     yield p
     p.close()
+
+
+def test_a_store_refusing_conditional_writes_gets_a_head_before_each_put(
+    seaweed: SeaweedFS, proxy: FaultProxy, prefix: str
+) -> None:
+    proxy.mode = "no-conditional"  # 501 NotImplemented to If-None-Match, as some stores do
+    client = S3Client(
+        f"http://127.0.0.1:{proxy.port}", seaweed.bucket, "us-east-1", seaweed.credentials
+    )
+    first = S3Tier(client, 1 << 30, prefix=prefix)
+    racing = S3Tier(client, 1 << 30, prefix=prefix)  # listed before: no index of the first's
+    assert first.put_many([(k, b"first") for k in KEYS]).stored == [True] * 3
+    assert first.uploads == 3 and first.skipped == 0
+    result = S3Tier(client, 1 << 30, prefix=prefix + "b").put_many([(KEYS[0], b"x")])
+    assert result.stored == [True] and result.error is None  # the fallback from the start
+    raced = racing.put_many([(k, b"second") for k in KEYS])
+    assert raced.existing == 3 and [bytes(b or b"") for b in first.get_many(KEYS)] == [b"first"] * 3
+
+
+def test_the_index_is_listed_page_by_page(seaweed: SeaweedFS, prefix: str) -> None:
+    client = seaweed.client()
+    for i in range(5):
+        client.put(f"{prefix}/v1/{i:032x}", b"x" * (i + 1))
+    client.put(f"{prefix}/v1/not-a-key", b"ignored")
+    listed = list(client.list(f"{prefix}/v1/", page=2))  # three pages
+    assert len(listed) == 6
+    tier = S3Tier(client, 1 << 30, prefix=prefix)
+    assert tier.usage().chunks == 5 and tier.usage().bytes == 15
+
+
+KEYS = [ChunkKey(bytes([i]) * 16) for i in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("mode", ["slowdown", "stall"])

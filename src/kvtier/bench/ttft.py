@@ -79,6 +79,8 @@ from kvtier.runtime.engine_process import (
 
 TIERS = ("memory", "disk", "redis", "s3")
 CHUNK_TOKENS = 256  # kvtier serve's default chunk
+NOT_DROPPED = "page cache NOT dropped (not root): each disk hit reads a prompt whose files were"
+NOT_DROPPED += " written with O_DIRECT and never read"
 
 
 class _Run:
@@ -339,15 +341,9 @@ def _print(result: dict[str, Any], lengths: list[int]) -> None:
             r_text = "?" if recomputed is None else str(recomputed)
             cells.append(f"{row['ttft_s']:>8.3f} {speedup:>5.1f}x r={r_text:<5}")
         print(f"  {path:<18}" + "".join(cells))
-    disk = (
-        "page cache dropped before the disk reads"
-        if result["cache_dropped"]
-        else (
-            "page cache NOT dropped (not root): each disk hit reads a prompt whose files were"
-            " written with O_DIRECT and never read"
-        )
-    )
-    print(f"  kvtier_disk: {disk}")
+    if "kvtier_disk" in paths:
+        disk = "page cache dropped before the disk reads" if result["cache_dropped"] else ""
+        print(f"  kvtier_disk: {disk or NOT_DROPPED}")
     cores = {str(c) for c in result["cores"].values()}
     places = set(result["model_in"].values())
     place = f"the model in its {places.pop()}" if len(places) == 1 else str(result["model_in"])
