@@ -142,6 +142,8 @@ class FaultProxy:
 
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if proxy.mode == "slow-head" and self.command == "HEAD":
+                    time.sleep(0.3)  # a far store's round trip, for probes only
                 if proxy.mode == "stall":
                     time.sleep(5)
                     self.close_connection = True
@@ -212,6 +214,29 @@ def test_a_store_refusing_conditional_writes_gets_a_head_before_each_put(
     assert result.stored == [True] and result.error is None  # the fallback from the start
     raced = racing.put_many([(k, b"second") for k in KEYS])
     assert raced.existing == 3 and [bytes(b or b"") for b in first.get_many(KEYS)] == [b"first"] * 3
+
+
+def test_a_slow_probe_never_holds_a_lookup_past_its_budget(
+    seaweed: SeaweedFS, proxy: FaultProxy, prefix: str
+) -> None:
+    """Lookups run in vLLM's scheduler loop: a far store's HEADs must not stall it. The
+    answer that comes late is in the index for the next lookup."""
+    writer = S3Tier(seaweed.client(), 1 << 30, prefix=prefix)
+    client = S3Client(
+        f"http://127.0.0.1:{proxy.port}", seaweed.bucket, "us-east-1", seaweed.credentials
+    )
+    reader = S3Tier(client, 1 << 30, prefix=prefix, probe_budget_s=0.05)
+    writer.put_many([(k, b"chunk") for k in KEYS])  # after the reader listed the bucket
+    proxy.mode = "slow-head"
+    started = time.monotonic()
+    assert reader.contains_many(KEYS) == [False] * 3  # not known within the budget
+    assert time.monotonic() - started < 0.25
+    time.sleep(0.5)  # the probes' answers arrive
+    started = time.monotonic()
+    assert reader.contains_many(KEYS) == [True] * 3
+    assert time.monotonic() - started < 0.05  # from the index: no round trip
+    reader.close()
+    writer.close()
 
 
 def test_the_index_is_listed_page_by_page(seaweed: SeaweedFS, prefix: str) -> None:

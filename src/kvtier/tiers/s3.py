@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar, cast
 
 from kvtier.keys import KEY_BYTES, ChunkKey
@@ -37,6 +37,7 @@ log = logging.getLogger("kvtier")
 T = TypeVar("T")
 R = TypeVar("R")
 MISS_TTL_S = 5.0  # how long a probed miss is believed (vLLM asks again every step)
+PROBE_BUDGET_S = 0.02  # how long a lookup waits for HEAD probes (one round nearby, not AWS's)
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -51,6 +52,7 @@ class S3Tier:
         concurrency: int = 8,
         read_only: bool = False,
         miss_ttl_s: float = MISS_TTL_S,
+        probe_budget_s: float = PROBE_BUDGET_S,
     ):
         if capacity <= 0:
             raise ValueError(f"s3 tier capacity must be positive, got {capacity}")
@@ -68,6 +70,8 @@ class S3Tier:
         self._misses: dict[ChunkKey, float] = {}  # probed and absent, until then
         self._conditional = True  # the store honours If-None-Match on PUT
         self.miss_ttl_s = miss_ttl_s
+        self.probe_budget_s = probe_budget_s
+        self._probing = 0  # HEAD probes sent and not answered
         self.uploads = 0  # chunks sent
         self.skipped = 0  # chunks not uploaded: another writer's copy was there
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix=f"kvtier-{name}")
@@ -126,28 +130,48 @@ class S3Tier:
     # -- the Tier protocol -------------------------------------------------------------------
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """The index's answer, and for keys it does not know, what HEAD probes say within
+        :attr:`probe_budget_s` (a lookup runs in vLLM's scheduler loop: a remote store's round
+        trips must not stall every request). A probe answering later still fills the index
+        for the next lookup."""
         now = time.monotonic()
         with self._lock:
             known = [key in self._policy for key in keys]
             fresh_miss = [self._misses.get(key, 0.0) > now for key in keys]
         unknown = [i for i, k in enumerate(known) if not k and not fresh_miss[i]]
         out = list(known)
+        deadline = now + self.probe_budget_s
         for start in range(0, len(unknown), self._concurrency):
-            window = unknown[start : start + self._concurrency]
-            sizes = self._in_parallel(self.client.head, [self.object_name(keys[i]) for i in window])
-            for i, size in zip(window, sizes, strict=True):
-                if size is None:
-                    with self._lock:
-                        self._misses[keys[i]] = now + self.miss_ttl_s
-                else:
-                    self._learn(keys[i], size)
-                    out[i] = True
-            if None in sizes:  # the leading run ends here: later keys are not asked for
+            with self._lock:  # a stalled store: probes still out, no more sent
+                if self._probing >= self._concurrency:
+                    break
+                self._probing += len(unknown[start : start + self._concurrency])
+            window = [keys[i] for i in unknown[start : start + self._concurrency]]
+            probes = [self._pool.submit(self._probe, key) for key in window]
+            done, _ = wait(probes, timeout=max(0.0, deadline - time.monotonic()))
+            found = [p.result() if p in done else None for p in probes]  # a failure raises
+            for i, held in zip(unknown[start : start + self._concurrency], found, strict=True):
+                out[i] = bool(held)
+            if not all(found):  # the leading run ends here (or the budget did)
                 break
         if len(self._misses) > 65536:
             with self._lock:
                 self._misses = {k: t for k, t in self._misses.items() if t > now}
         return out
+
+    def _probe(self, key: ChunkKey) -> bool:
+        """HEAD one key and note the answer in the index (or as a miss, for a while)."""
+        try:
+            size = self.client.head(self.object_name(key))
+        finally:
+            with self._lock:
+                self._probing -= 1
+        if size is None:
+            with self._lock:
+                self._misses[key] = time.monotonic() + self.miss_ttl_s
+            return False
+        self._learn(key, size)
+        return True
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[Blob | None]:
         return self._in_parallel(self._get, keys)
