@@ -91,8 +91,16 @@ class SeaweedFS:
         return f"{self.endpoint}/{self.bucket}"
 
     def env(self) -> dict[str, str]:
-        """Environment variables that give a client this store's credentials."""
-        return {"AWS_SHARED_CREDENTIALS_FILE": self.credentials_file, "AWS_PROFILE": PROFILE}
+        """Environment variables that give a client this store's credentials (keys of the
+        caller's own in the environment would win over the profile: blanked)."""
+        blank = dict.fromkeys(
+            ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"), ""
+        )
+        return {
+            **blank,
+            "AWS_SHARED_CREDENTIALS_FILE": self.credentials_file,
+            "AWS_PROFILE": PROFILE,
+        }
 
     def client(self, timeout_s: float = 5.0) -> S3Client:
         return S3Client(self.endpoint, self.bucket, "us-east-1", self.credentials, timeout_s)
@@ -149,12 +157,14 @@ class SeaweedFS:
                     return self
                 except S3Error as exc:
                     if time.monotonic() > deadline:
-                        self.stop()
                         raise KvtierError(
                             f"SeaweedFS did not answer on port {p['s3']} in {timeout_s:.0f} s"
                             f" ({exc}): {self.log_tail()}"
                         ) from exc
                     time.sleep(0.2)
+        except BaseException:  # Ctrl-C too: weed has a session of its own, no signal reaches it
+            self.stop()
+            raise
         finally:
             client.close()
 

@@ -153,6 +153,8 @@ class S3TierConfig:
                 f"bucket: an S3 bucket name (3-63 lowercase letters, digits, '.', '-'), got"
                 f" {self.bucket!r}"
             )
+        if "@" in self.endpoint:  # never echoed: what is before the @ may be a secret
+            raise ConfigError("endpoint: no credentials in a URL (AWS_* variables or a profile)")
         if self.endpoint and not re.fullmatch(r"https?://[^/@\s]+/?", self.endpoint):
             raise ConfigError(
                 f"endpoint: expected http(s)://host[:port] (no path, no credentials), got"

@@ -35,8 +35,8 @@ def object_store(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    saved = {k: os.environ.get(k) for k in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE")}
     with SeaweedFS() as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
         os.environ.update(server.env())
         try:
             yield server.url

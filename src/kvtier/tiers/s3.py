@@ -207,7 +207,8 @@ class S3Tier:
         stored = [False] * len(items)
         evicted: list[ChunkKey] = []
         planned: list[tuple[int, ChunkKey, Blob, bool]] = []  # (index, key, blob, replace)
-        victims: list[ChunkKey] = []
+        victims: list[tuple[ChunkKey, int]] = []  # and their sizes, to re-index if kept
+        old_sizes: dict[ChunkKey, int] = {}
         with self._lock:
             for n, (key, blob) in enumerate(items):
                 size = memoryview(blob).nbytes
@@ -219,19 +220,24 @@ class S3Tier:
                         self._policy.insert(key, old)
                     continue
                 for victim in cast(list[ChunkKey], found):
+                    victims.append((victim, self._policy.size_of(victim) or 0))
                     self._policy.remove(victim)
-                    victims.append(victim)
                 self._policy.insert(key, size)  # counted while in flight: no overshoot
                 self._policy.pin(key)
                 planned.append((n, key, blob, old is not None))
+                if old is not None:
+                    old_sizes[key] = old
         error: Exception | None = None
         existing = 0
         try:
-            for victim, gone in zip(victims, self._in_parallel(self._remove, victims), strict=True):
+            removed = self._in_parallel(self._remove, [v for v, _ in victims])
+            for (victim, size), gone in zip(victims, removed, strict=True):
                 if gone is None:
                     evicted.append(victim)
-                else:
+                else:  # still in the bucket: still counted against the bound
                     error = error or gone
+                    with self._lock:
+                        self._policy.insert(victim, size)
             outcomes = self._in_parallel(self._put_one, planned)
         except Exception as exc:
             outcomes, error = [exc] * len(planned), error or exc
@@ -240,6 +246,8 @@ class S3Tier:
                 self._policy.unpin(key)
                 if isinstance(outcome, Exception):
                     self._policy.remove(key)
+                    if key in old_sizes:  # a failed replacement leaves the old object
+                        self._policy.insert(key, old_sizes[key])
                     error = error or outcome
                 else:
                     stored[n] = True
@@ -268,15 +276,16 @@ class S3Tier:
         name, body = self.object_name(key), memoryview(blob)
         with self._lock:
             self._misses.pop(key, None)
-        if replace:
-            self.client.put(name, body)
-            self._count(uploads=1)
-            return True
+        sent = self.client.put(name, body) if replace else self._put_new(name, body)
+        self._count(uploads=int(sent), skipped=int(not sent))
+        return sent
+
+    def _put_new(self, name: str, body: memoryview | bytes) -> bool:
+        """PUT ``name`` only if no object has that name (``If-None-Match: *``; a HEAD first
+        on a store that refuses it): whether it was written."""
         if self._conditional:
             try:
-                sent = self.client.put(name, body, only_new=True)
-                self._count(uploads=int(sent), skipped=int(not sent))
-                return sent
+                return self.client.put(name, body, only_new=True)
             except S3Error as exc:
                 if exc.status not in (400, 501) or exc.code not in ("NotImplemented", ""):
                     raise
@@ -287,11 +296,8 @@ class S3Tier:
                 )
                 self._conditional = False
         if self.client.head(name) is not None:
-            self._count(skipped=1)
             return False
-        self.client.put(name, body)
-        self._count(uploads=1)
-        return True
+        return self.client.put(name, body)
 
     def _count(self, uploads: int = 0, skipped: int = 0) -> None:
         with self._lock:
@@ -334,11 +340,9 @@ class S3Tier:
         if self.read_only:
             raise PermissionError(f"s3 tier {self.name!r} is read-only")
         object_name = self._records + record_name(name)
-        if only_new and not self._conditional:
-            if self.client.head(object_name) is not None:
-                return False
-            only_new = False
-        return self.client.put(object_name, value, only_new=only_new)
+        if only_new:
+            return self._put_new(object_name, value)
+        return self.client.put(object_name, value)
 
     def delete_record(self, name: str) -> bool:
         if self.read_only:

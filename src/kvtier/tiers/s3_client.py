@@ -16,6 +16,7 @@ Credentials come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCES
 from __future__ import annotations
 
 import configparser
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvtier.errors import ConfigError
+from kvtier.tiers.base import scatter
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
@@ -58,28 +60,37 @@ def load_credentials(profile: str = "", path: str | None = None) -> Credentials:
     ``~/.aws/credentials``)."""
     env = os.environ
     if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY") and not profile:
-        return Credentials(
+        return _clean(
             env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env.get("AWS_SESSION_TOKEN", "")
         )
     name = profile or env.get("AWS_PROFILE") or "default"
     where = Path(path or env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials")
     where = where.expanduser()
-    parser = configparser.ConfigParser()
+    parser = configparser.ConfigParser(interpolation=None)  # a % in a secret is a character
     try:
         parser.read_string(where.read_text())
-    except (OSError, configparser.Error) as exc:
+    except OSError as exc:
         raise ConfigError(
             f"S3 credentials: none in the environment (AWS_ACCESS_KEY_ID,"
-            f" AWS_SECRET_ACCESS_KEY) and no readable credentials file at {where} ({exc})"
+            f" AWS_SECRET_ACCESS_KEY) and no readable credentials file at {where}"
+            f" ({exc.strerror})"
         ) from None
+    except configparser.Error:  # its message may quote a line of the file: a secret
+        raise ConfigError(f"S3 credentials: {where} is not an INI credentials file") from None
     if name not in parser or "aws_access_key_id" not in parser[name]:
         raise ConfigError(f"S3 credentials: no profile {name!r} with aws_access_key_id in {where}")
     section = parser[name]
-    return Credentials(
+    return _clean(
         section["aws_access_key_id"],
         section.get("aws_secret_access_key", ""),
         section.get("aws_session_token", ""),
     )
+
+
+def _clean(access_key: str, secret_key: str, token: str) -> Credentials:
+    """Credentials without the white space a secret mounted from a file often ends with (a
+    newline in a header would make http.client raise with the value in its message)."""
+    return Credentials(access_key.strip(), secret_key.strip(), token.strip())
 
 
 def _quote(text: str, safe: str = "-_.~") -> str:
@@ -115,7 +126,12 @@ class S3Client:
             if url.scheme not in ("http", "https") or not url.hostname:
                 raise ConfigError(f"endpoint: expected http(s)://host[:port], got {endpoint!r}")
             self._https = url.scheme == "https"
-            self.host = url.netloc
+            default = ":443" if self._https else ":80"  # signed as a client sends it: bare
+            self.host = url.netloc.removesuffix(default)
+            self._base = f"/{bucket}/"
+        elif "." in bucket:  # a dotted name does not match the wildcard certificate
+            self._https = True
+            self.host = f"s3.{region}.amazonaws.com"
             self._base = f"/{bucket}/"
         else:
             self._https = True
@@ -156,9 +172,16 @@ class S3Client:
         return key
 
     def _headers(
-        self, method: str, path: str, query: dict[str, str], payload_sha: str, extra: dict[str, str]
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str],
+        payload_sha: str,
+        extra: dict[str, str],
+        now: datetime.datetime | None = None,
     ) -> dict[str, str]:
-        now = datetime.datetime.now(datetime.UTC)
+        """The request's headers, signed (SigV4) at ``now`` (the current time)."""
+        now = now or datetime.datetime.now(datetime.UTC)
         stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
         headers = {"host": self.host, "x-amz-content-sha256": payload_sha, "x-amz-date": stamp}
         if self._creds.token:
@@ -217,7 +240,22 @@ class S3Client:
                 if attempt == 0 and fresh:
                     continue
                 raise S3Error(f"S3 {method} {self.host}: {exc}") from exc
+            except ValueError:  # a header value http.client refuses: never echo it
+                self._drop_connection()
+                raise S3Error(f"S3 {method} {self.host}: a header value was refused") from None
         raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def _reading(self, response: http.client.HTTPResponse) -> Iterator[http.client.HTTPResponse]:
+        """``response``, closed after; a body left half-read (a time-out, a short read) takes
+        the connection with it, which would otherwise hand the next request its rest."""
+        try:
+            yield response
+        except BaseException:
+            self._drop_connection()
+            raise
+        finally:
+            response.close()
 
     def _error(self, method: str, response: http.client.HTTPResponse) -> S3Error:
         body = response.read()
@@ -247,9 +285,8 @@ class S3Client:
                 raise self._error("GET", response)
             size = int(response.getheader("content-length") or -1)
             room = sum(b.nbytes for b in buffers)
-            if size < 0 or size > room:
-                data = response.read()
-                return len(data)
+            if size < 0 or size > room:  # no length given, or too large: read it whole
+                return scatter(response.read(), buffers)
             left = size
             for buf in buffers:
                 if left <= 0:
@@ -303,23 +340,21 @@ class S3Client:
 
     def get_range(self, name: str, nbytes: int) -> bytes | None:
         """The first ``nbytes`` of an object (fewer if it is shorter), or None."""
-        response = self._send("GET", name, extra={"range": f"bytes=0-{nbytes - 1}"})
-        try:
+        with self._reading(
+            self._send("GET", name, extra={"range": f"bytes=0-{nbytes - 1}"})
+        ) as response:
             body = response.read()
             if response.status == 404:
                 return None
             if response.status not in (200, 206):
                 raise S3Error(f"S3 GET {name}: HTTP {response.status}", response.status)
             return body[:nbytes]
-        finally:
-            response.close()
 
     def put(self, name: str, body: memoryview | bytes | bytearray, only_new: bool = False) -> bool:
         """Store an object; with ``only_new`` (``If-None-Match: *``), only if there is none of
         that name: False then (HTTP 412), the existing object kept."""
         extra = {"if-none-match": "*"} if only_new else {}
-        response = self._send("PUT", name, body=body, extra=extra)
-        try:
+        with self._reading(self._send("PUT", name, body=body, extra=extra)) as response:
             if response.status in (200, 201, 204):
                 response.read()
                 return True
@@ -327,30 +362,22 @@ class S3Client:
                 response.read()
                 return False
             raise self._error("PUT", response)
-        finally:
-            response.close()
 
     def head(self, name: str) -> int | None:
         """An object's size, or None if there is no such object."""
-        response = self._send("HEAD", name)
-        try:
+        with self._reading(self._send("HEAD", name)) as response:
             response.read()
             if response.status == 404:
                 return None
             if response.status != 200:
                 raise S3Error(f"S3 HEAD {name}: HTTP {response.status}", response.status)
             return int(response.getheader("content-length") or 0)
-        finally:
-            response.close()
 
     def delete(self, name: str) -> None:
-        response = self._send("DELETE", name)
-        try:
+        with self._reading(self._send("DELETE", name)) as response:
             if response.status not in (200, 204, 404):
                 raise self._error("DELETE", response)
             response.read()
-        finally:
-            response.close()
 
     def list(self, prefix: str, page: int = 1000) -> Iterator[tuple[str, int, str]]:
         """(name, size, last modified as ISO 8601 text) of every object under ``prefix``, a
@@ -360,13 +387,10 @@ class S3Client:
             query = {"list-type": "2", "prefix": prefix, "max-keys": str(page)}
             if token:
                 query["continuation-token"] = token
-            response = self._send("GET", None, query=query)
-            try:
+            with self._reading(self._send("GET", None, query=query)) as response:
                 if response.status != 200:
                     raise self._error("LIST", response)
                 root = ET.fromstring(response.read())
-            finally:
-                response.close()
             for item in root.iter(_NS + "Contents"):
                 key, size = item.findtext(_NS + "Key"), item.findtext(_NS + "Size")
                 if key is not None:
@@ -383,16 +407,13 @@ class S3Client:
                 f"<CreateBucketConfiguration><LocationConstraint>{self.region}"
                 "</LocationConstraint></CreateBucketConfiguration>"
             ).encode()
-        response = self._send("PUT", None, body=body)
-        try:
+        with self._reading(self._send("PUT", None, body=body)) as response:
             if response.status in (200, 204):
                 response.read()
                 return
             error = self._error("CREATE BUCKET", response)
             if error.code != "BucketAlreadyOwnedByYou":
                 raise error
-        finally:
-            response.close()
 
     def close(self) -> None:
         """Close every thread's connection (a later call opens a new one)."""
