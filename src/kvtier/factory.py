@@ -68,8 +68,9 @@ def s3_region(config: S3TierConfig) -> str:
     return config.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
-def open_s3_tier(config: S3TierConfig, read_only: bool = False) -> S3Tier:
-    """The object tier ``config`` describes: its index is listed from the bucket now."""
+def open_s3_tier(config: S3TierConfig, read_only: bool = False, must_list: bool = False) -> S3Tier:
+    """The object tier ``config`` describes: its index is listed from the bucket now (a store
+    that cannot be listed leaves it empty, unless ``must_list``)."""
     client = S3Client(
         config.endpoint.rstrip("/"),
         config.bucket,
@@ -88,6 +89,7 @@ def open_s3_tier(config: S3TierConfig, read_only: bool = False) -> S3Tier:
             policy=make_eviction_policy(config.eviction),
             concurrency=config.concurrency,
             read_only=read_only,
+            must_list=must_list,
         )
     except Exception:
         client.close()

@@ -20,7 +20,7 @@ from kvtier import TieredStore
 from kvtier.keys import ChunkKey
 from kvtier.seaweed_process import SeaweedFS
 from kvtier.tiers import MemoryTier, S3Tier
-from kvtier.tiers.s3_client import S3Client
+from kvtier.tiers.s3_client import S3Client, S3Error
 
 from kvhelpers import CHUNK_TOKENS, NS, SHAPE, chunk, chunks_for, prompt, same
 
@@ -237,6 +237,23 @@ def test_a_slow_probe_never_holds_a_lookup_past_its_budget(
     assert time.monotonic() - started < 0.05  # from the index: no round trip
     reader.close()
     writer.close()
+
+
+def test_an_engine_starts_with_its_object_store_down(seaweed: SeaweedFS, prefix: str) -> None:
+    """No store at the address (or no bucket): the tier opens with an empty index, the store
+    answers misses and skips writes; an inspection says why instead."""
+    dead = S3Client("http://127.0.0.1:9", seaweed.bucket, "us-east-1", seaweed.credentials, 0.5)
+    store = TieredStore([MemoryTier(1 << 20), S3Tier(dead, 1 << 30, prefix=prefix)], 16)
+    tokens = prompt(11, 2)
+    store.put(tokens, NS, chunks_for(11, 2))
+    store.flush()
+    assert store.lookup(prompt(12, 2), NS).hit_chunks == 0
+    assert store.get(tokens, NS).tiers == ["memory", "memory"]
+    store.close()
+    missing = S3Client(seaweed.endpoint, "no-such-bucket", "us-east-1", seaweed.credentials)
+    assert S3Tier(missing, 1 << 30, prefix=prefix).usage().chunks == 0
+    with pytest.raises(S3Error, match=r"NoSuchBucket|404"):
+        S3Tier(missing, 1 << 30, prefix=prefix, must_list=True)
 
 
 def test_the_index_is_listed_page_by_page(seaweed: SeaweedFS, prefix: str) -> None:

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             found = {"prefix": args.prefix, **s3_location(args.s3)}
             config = S3TierConfig(**found)  # type: ignore[arg-type]
-            tier = open_s3_tier(config, read_only=not args.repair)
+            tier = open_s3_tier(config, read_only=not args.repair, must_list=True)
         except (ConfigError, OSError) as exc:
             print(f"kvtier inspect: --s3: {exc}", file=sys.stderr)
             return 2

@@ -53,6 +53,7 @@ class S3Tier:
         read_only: bool = False,
         miss_ttl_s: float = MISS_TTL_S,
         probe_budget_s: float = PROBE_BUDGET_S,
+        must_list: bool = False,
     ):
         if capacity <= 0:
             raise ValueError(f"s3 tier capacity must be positive, got {capacity}")
@@ -76,7 +77,7 @@ class S3Tier:
         self.skipped = 0  # chunks not uploaded: another writer's copy was there
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix=f"kvtier-{name}")
         self._concurrency = concurrency
-        self._rebuild_index()
+        self._rebuild_index(must_list)
 
     # -- names and index ---------------------------------------------------------------------
 
@@ -96,10 +97,22 @@ class S3Tier:
             if (key := self._key_of(name)) is not None:
                 yield key, size, modified
 
-    def _rebuild_index(self) -> None:
-        """Index every chunk of the prefix, oldest first (an ISO time sorts as text)."""
+    def _rebuild_index(self, must_list: bool) -> None:
+        """Index every chunk of the prefix, oldest first (an ISO time sorts as text). A store
+        that cannot be listed (down, no such bucket) leaves the index empty, unless
+        ``must_list``: an engine starts anyway (its misses are recomputed; probes find chunks
+        once the store answers), an inspection says why it cannot."""
         started = time.monotonic()
-        found = sorted(self._listing(), key=lambda item: item[2])
+        try:
+            found = sorted(self._listing(), key=lambda item: item[2])
+        except (S3Error, OSError) as exc:
+            if must_list:
+                raise
+            log.warning(
+                "kvtier: tier %r could not list s3://%s/%s (%s): starting with an empty index",
+                *(self.name, self.client.bucket, self._chunks, exc),
+            )
+            return
         with self._lock:
             for key, size, _ in found:
                 self._policy.insert(key, size)
