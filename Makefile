@@ -49,6 +49,7 @@ bench: install
 	$(KVTIER) bench store --tier memory
 	$(KVTIER) bench store --tier disk
 	$(KVTIER) bench store --tier redis
+	$(KVTIER) bench store --tier s3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
