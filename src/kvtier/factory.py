@@ -23,7 +23,8 @@ from kvtier.store import TieredStore
 from kvtier.tenants import Tenants, load_tenants, tenant_id
 from kvtier.tiers import DiskTier, MemoryTier, RedisTier, Tier
 from kvtier.tiers.s3 import S3Tier
-from kvtier.tiers.s3_client import S3Client, load_credentials
+from kvtier.tiers.s3_client import S3Client
+from kvtier.tiers.s3_credentials import load_credentials
 from kvtier.tiers.sealed import SealedTier
 
 
@@ -62,10 +63,10 @@ def make_tier(
     raise TypeError(f"not a tier configuration: {config!r}")
 
 
-def s3_region(config: S3TierConfig) -> str:
-    """The tier's region: its own, else the AWS environment's, else us-east-1."""
+def s3_region(region: str = "") -> str:
+    """An S3 tier's region: its own, else the AWS environment's, else us-east-1."""
     env = os.environ
-    return config.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
 def open_s3_tier(config: S3TierConfig, read_only: bool = False, must_list: bool = False) -> S3Tier:
@@ -74,7 +75,7 @@ def open_s3_tier(config: S3TierConfig, read_only: bool = False, must_list: bool 
     client = S3Client(
         config.endpoint.rstrip("/"),
         config.bucket,
-        s3_region(config),
+        s3_region(config.region),
         load_credentials(config.profile),
         config.timeout_s,
     )

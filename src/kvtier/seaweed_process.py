@@ -26,7 +26,8 @@ from types import TracebackType
 
 from kvtier.errors import KvtierError
 from kvtier.redis_process import free_port
-from kvtier.tiers.s3_client import Credentials, S3Client, S3Error
+from kvtier.tiers.s3_client import S3Client, S3Error
+from kvtier.tiers.s3_credentials import Credentials
 
 PROFILE = "kvtier-local"
 _MISSING = (

@@ -36,7 +36,8 @@ from kvtier.router.prompts import Prompter
 from kvtier.seaweed_process import PROFILE
 from kvtier.tier_config import s3_location
 from kvtier.tiers import RedisTier, S3Tier
-from kvtier.tiers.s3_client import S3Client, load_credentials
+from kvtier.tiers.s3_client import S3Client
+from kvtier.tiers.s3_credentials import load_credentials
 
 from browser import Page, chromium_page
 from hostspeed import patience, words_for

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from kvtier.errors import ConfigError
-from kvtier.tiers.s3_client import EMPTY_SHA256, Credentials, S3Client, load_credentials
+from kvtier.tiers.s3_client import EMPTY_SHA256, S3Client
+from kvtier.tiers.s3_credentials import Credentials, load_credentials
 
 # AWS's published example ("Signature Calculations for the Authorization Header: Transferring
 # Payload in a Single Chunk", GET Object): its keys, time, request and signature.

@@ -17,9 +17,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from kvtier.bench.common import NO_PREFIX_CACHE, same_bytes
+from kvtier.factory import s3_region
 from kvtier.seaweed_process import SeaweedFS
 from kvtier.tier_config import s3_location
-from kvtier.tiers.s3_client import S3Client, load_credentials
+from kvtier.tiers.s3_client import S3Client
+from kvtier.tiers.s3_credentials import load_credentials
 
 if TYPE_CHECKING:
     from kvtier.bench.ttft import _Run
@@ -50,8 +52,7 @@ def object_store(url: str | None) -> Iterator[str]:
 
 def client_for(url: str) -> S3Client:
     where = s3_location(url)
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return S3Client(where["endpoint"], where["bucket"], region, load_credentials(), 10.0)
+    return S3Client(where["endpoint"], where["bucket"], s3_region(), load_credentials(), 10.0)
 
 
 def s3_path(bench: _Run, url: str) -> None:

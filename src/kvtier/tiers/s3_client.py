@@ -8,29 +8,24 @@ is one header; nothing else is sent (boto3 >= 1.36 adds CRC checksum headers by 
 some S3-compatible servers reject). One connection per thread: the tier's throughput comes
 from several threads' requests in flight.
 
-Credentials come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_SESSION_TOKEN``) or a profile of the shared credentials file (``AWS_PROFILE``,
-``AWS_SHARED_CREDENTIALS_FILE``), never from a URL or a command line, and are never logged.
+Credentials: :mod:`kvtier.tiers.s3_credentials`.
 """
 
 from __future__ import annotations
 
-import configparser
 import contextlib
 import datetime
 import hashlib
 import hmac
 import http.client
-import os
 import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 from kvtier.errors import ConfigError
-from kvtier.tiers.base import scatter
+from kvtier.tiers.base import front, scatter
+from kvtier.tiers.s3_credentials import Credentials
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
@@ -42,55 +37,6 @@ class S3Error(OSError):
     def __init__(self, message: str, status: int = 0, code: str = ""):
         super().__init__(message)
         self.status, self.code = status, code
-
-
-@dataclass(frozen=True)
-class Credentials:
-    access_key: str
-    secret_key: str
-    token: str = ""
-
-    def __repr__(self) -> str:  # never print a secret
-        return f"Credentials(access_key={self.access_key!r}, secret_key=***)"
-
-
-def load_credentials(profile: str = "", path: str | None = None) -> Credentials:
-    """Credentials from the environment, else from ``profile`` (or ``AWS_PROFILE``, else
-    ``default``) in the shared credentials file (``path``, ``AWS_SHARED_CREDENTIALS_FILE``, or
-    ``~/.aws/credentials``)."""
-    env = os.environ
-    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY") and not profile:
-        return _clean(
-            env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env.get("AWS_SESSION_TOKEN", "")
-        )
-    name = profile or env.get("AWS_PROFILE") or "default"
-    where = Path(path or env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials")
-    where = where.expanduser()
-    parser = configparser.ConfigParser(interpolation=None)  # a % in a secret is a character
-    try:
-        parser.read_string(where.read_text())
-    except OSError as exc:
-        raise ConfigError(
-            f"S3 credentials: none in the environment (AWS_ACCESS_KEY_ID,"
-            f" AWS_SECRET_ACCESS_KEY) and no readable credentials file at {where}"
-            f" ({exc.strerror})"
-        ) from None
-    except configparser.Error:  # its message may quote a line of the file: a secret
-        raise ConfigError(f"S3 credentials: {where} is not an INI credentials file") from None
-    if name not in parser or "aws_access_key_id" not in parser[name]:
-        raise ConfigError(f"S3 credentials: no profile {name!r} with aws_access_key_id in {where}")
-    section = parser[name]
-    return _clean(
-        section["aws_access_key_id"],
-        section.get("aws_secret_access_key", ""),
-        section.get("aws_session_token", ""),
-    )
-
-
-def _clean(access_key: str, secret_key: str, token: str) -> Credentials:
-    """Credentials without the white space a secret mounted from a file often ends with (a
-    newline in a header would make http.client raise with the value in its message)."""
-    return Credentials(access_key.strip(), secret_key.strip(), token.strip())
 
 
 def _quote(text: str, safe: str = "-_.~") -> str:
@@ -276,67 +222,49 @@ class S3Client:
     def get_into(self, name: str, buffers: Sequence[memoryview]) -> int | None:
         """Read an object into ``buffers`` (their front if smaller; see Tier.read_into_many):
         its size, or None if there is no such object. A larger object is read and dropped."""
-        response = self._send("GET", name)
-        try:
-            if response.status == 404:
-                response.read()
+        with self._reading(self._send("GET", name)) as response:
+            size = self._found(response)
+            if size is None:
                 return None
-            if response.status != 200:
-                raise self._error("GET", response)
-            size = int(response.getheader("content-length") or -1)
-            room = sum(b.nbytes for b in buffers)
-            if size < 0 or size > room:  # no length given, or too large: read it whole
+            if size < 0 or size > sum(b.nbytes for b in buffers):  # no length, or too large
                 return scatter(response.read(), buffers)
-            left = size
-            for buf in buffers:
-                if left <= 0:
-                    break
-                part = buf[: min(buf.nbytes, left)]
-                got = 0
-                while got < part.nbytes:
-                    n = response.readinto(part[got:])
-                    if not n:
-                        raise S3Error(f"S3 GET {name}: the body ended after {size - left + got}")
-                    got += n
-                left -= part.nbytes
+            self._read_body(response, front(buffers, size), name)
             return size
-        except BaseException:
-            self._drop_connection()  # a half-read body: the connection cannot be reused
-            raise
-        finally:
-            response.close()
 
     def get(self, name: str) -> bytearray | None:
         """An object's bytes, or None if there is no such object."""
-        response = self._send("GET", name)
-        try:
-            if response.status == 404:
-                response.read()
+        with self._reading(self._send("GET", name)) as response:
+            size = self._found(response)
+            if size is None:
                 return None
-            if response.status != 200:
-                raise self._error("GET", response)
-            size = int(response.getheader("content-length") or -1)
             if size < 0:
                 return bytearray(response.read())
             data = bytearray(size)
-            if size and self.get_into_response(response, memoryview(data)) != size:
-                raise S3Error(f"S3 GET {name}: a short body")
+            self._read_body(response, [memoryview(data)], name)
             return data
-        except BaseException:
-            self._drop_connection()
-            raise
-        finally:
-            response.close()
+
+    def _found(self, response: http.client.HTTPResponse) -> int | None:
+        """A GET's body length (-1 if not given), None for no such object; raises for an
+        error."""
+        if response.status == 404:
+            response.read()
+            return None
+        if response.status != 200:
+            raise self._error("GET", response)
+        return int(response.getheader("content-length") or -1)
 
     @staticmethod
-    def get_into_response(response: http.client.HTTPResponse, view: memoryview) -> int:
-        got = 0
-        while got < view.nbytes:
-            n = response.readinto(view[got:])
-            if not n:
-                break
-            got += n
-        return got
+    def _read_body(
+        response: http.client.HTTPResponse, buffers: Sequence[memoryview], name: str
+    ) -> None:
+        """Fill ``buffers`` from the body, in order (readinto: no copy in between)."""
+        for buf in buffers:
+            got = 0
+            while got < buf.nbytes:
+                n = response.readinto(buf[got:])
+                if not n:
+                    raise S3Error(f"S3 GET {name}: the body ended early")
+                got += n
 
     def get_range(self, name: str, nbytes: int) -> bytes | None:
         """The first ``nbytes`` of an object (fewer if it is shorter), or None."""
