@@ -4,6 +4,8 @@ The store, and so its :class:`~kvtier.integrations.feed.EventFeed`, lives in vLL
 process (or its engine core); the OpenAI server runs in another. ``kvtier serve`` gives vLLM
 ``--middleware`` with this function and tells both processes the feed's loopback port
 (``KVTIER_FEED_PORT``, set at that edge only), so a router needs nothing but the engine's URL.
+It also counts the completion requests on their way to the engine
+(:mod:`kvtier.integrations.front`).
 """
 
 from __future__ import annotations
@@ -12,16 +14,32 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from kvtier.integrations.front import COUNTED, Front
+
 FEED_PORT_ENV = "KVTIER_FEED_PORT"
 PREFIX = "/kvtier/"
 
 _session: Any = None
+_front: list[Front | None] = []  # looked up once
 
 
 async def forward(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
     """Starlette HTTP middleware: ``/kvtier/*`` to the feed, anything else to vLLM."""
     if not request.url.path.startswith(PREFIX):
-        return await call_next(request)
+        if not _front:
+            _front.append(Front.from_env())
+        front = _front[0]
+        if front is None or request.method != "POST" or request.url.path not in COUNTED:
+            return await call_next(request)
+        front.received()
+        try:
+            response = await call_next(request)
+        except BaseException:
+            front.refused()
+            raise
+        if response.status_code >= 400:  # refused before the engine got it
+            front.refused()
+        return response
     import aiohttp
     from starlette.responses import JSONResponse, Response
 

@@ -24,6 +24,7 @@ prompt's prefill step (seconds on a CPU), so the cache saves it nothing. Two rul
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 STEP_S = 0.5  # the step target right after an arrival: a burst's hits wait about this
@@ -32,6 +33,7 @@ PATIENCE = 2.0  # a cold request yields to what arrives within 2x its own prefil
 GATHER_S = 0.05  # an idle engine's wait for the companions of what arrived, at most
 GATHER_SHARE = 0.05  # ...and at most this share of the shortest waiting request's step
 MIN_STEP_TOKENS = 64  # below this a step's fixed cost dominates and prefill crawls
+MAX_SPLIT = 64  # requests about to answer that first_answers splits into steps, at most
 
 
 @dataclass(frozen=True)
@@ -84,45 +86,104 @@ class SchedulingOptions:
 
 
 class StepModel:
-    """An engine step's duration as ``a + b x tokens``, fitted to the steps the engine ran.
+    """An engine step's duration as ``a + b x tokens + c x starts``, fitted to the steps the
+    engine ran: ``starts`` are the requests whose prefill begins in the step. A hit's first
+    step costs more than its few tokens at the rate of a cold prompt's: its KV is loaded, and
+    its tokens attend to the whole cached context (docs/scheduling.md: ~0.06 s per hit
+    besides its tokens, on a 2-core CPU).
 
     A weighted least-squares fit that forgets old steps (``memory`` steps' half-life), so it
-    follows a host whose speed changes. Until it has seen steps of two different sizes it
+    follows a host whose speed changes. Until the steps tell the three parts apart it fits
+    ``a + b x tokens`` (``c`` = 0), and until it has seen steps of two different sizes it
     uses ``tokens_per_s`` and no fixed cost.
     """
 
     def __init__(self, tokens_per_s: float = 300.0, memory: int = 64):
         self._decay = 0.5 ** (1 / memory)
-        self._n = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._m = [[0.0] * 4 for _ in range(4)]  # decayed moments of (1, tokens, starts, s)
         self.fixed_s = 0.0
         self.per_token_s = 1 / tokens_per_s
+        self.per_start_s = 0.0
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        """One step that computed ``tokens`` tokens in ``seconds``."""
+    def observe(self, tokens: int, seconds: float, starts: int = 0) -> None:
+        """One step that computed ``tokens`` tokens in ``seconds``, beginning the prefill of
+        ``starts`` requests."""
         if tokens <= 0 or not (0 < seconds < 600):
             return
-        d = self._decay
-        self._n = self._n * d + 1
-        self._sx = self._sx * d + tokens
-        self._sy = self._sy * d + seconds
-        self._sxx = self._sxx * d + tokens * tokens
-        self._sxy = self._sxy * d + tokens * seconds
-        spread = self._n * self._sxx - self._sx**2
-        if spread > 1e-9 * max(1.0, self._sxx * self._n):  # two sizes at least: fit a and b
-            b = (self._n * self._sxy - self._sx * self._sy) / spread
-            a = (self._sy - b * self._sx) / self._n
-            if b > 0:
-                self.per_token_s, self.fixed_s = b, max(0.0, a)
-                return
-        self.per_token_s, self.fixed_s = self._sy / self._sx, 0.0  # one size: a rate
+        x = (1.0, float(tokens), float(max(0, starts)), seconds)
+        for i in range(4):
+            for j in range(4):
+                self._m[i][j] = self._m[i][j] * self._decay + x[i] * x[j]
+        full = _solve(self._m, (0, 1, 2))
+        if full is not None and full[0] >= 0 and full[1] > 0 and full[2] >= 0:
+            self.fixed_s, self.per_token_s, self.per_start_s = full
+            return
+        two = _solve(self._m, (0, 1))
+        if two is not None and two[1] > 0:
+            self.fixed_s, self.per_token_s, self.per_start_s = max(0.0, two[0]), two[1], 0.0
+            return
+        # one size only: a rate
+        self.per_token_s, self.fixed_s, self.per_start_s = self._m[1][3] / self._m[1][1], 0.0, 0.0
 
-    def seconds(self, tokens: int) -> float:
-        """The expected duration of a step of ``tokens`` tokens."""
-        return self.fixed_s + self.per_token_s * tokens
+    def seconds(self, tokens: int, starts: int = 0) -> float:
+        """The expected duration of a step of ``tokens`` tokens that begins ``starts``
+        requests' prefills."""
+        return self.fixed_s + self.per_token_s * tokens + self.per_start_s * starts
 
     def tokens_within(self, seconds: float) -> int:
         """The most tokens a step may compute to last about ``seconds``."""
         return max(MIN_STEP_TOKENS, math.floor((seconds - self.fixed_s) / self.per_token_s))
+
+
+def _solve(m: list[list[float]], cols: tuple[int, ...]) -> list[float] | None:
+    """The least-squares coefficients of ``cols`` (of the moments ``m``, whose last column is
+    the target), or None when those columns do not tell the coefficients apart."""
+    n = len(cols)
+    a = [[m[i][j] for j in cols] + [m[i][3]] for i in cols]
+    scale = max(abs(a[i][i]) for i in range(n)) or 1.0
+    for k in range(n):  # Gaussian elimination with partial pivoting
+        p = max(range(k, n), key=lambda r: abs(a[r][k]))
+        if abs(a[p][k]) <= 1e-9 * scale:
+            return None
+        a[k], a[p] = a[p], a[k]
+        for r in range(k + 1, n):
+            f = a[r][k] / a[k][k]
+            for c in range(k, n + 1):
+                a[r][c] -= f * a[k][c]
+    out = [0.0] * n
+    for k in range(n - 1, -1, -1):
+        out[k] = (a[k][n] - sum(a[k][c] * out[c] for c in range(k + 1, n))) / a[k][k]
+    return out
+
+
+def first_answers(works: Sequence[int], model: StepModel, behind: int = 0, decodes: int = 0) -> int:
+    """How many of the requests about to answer the next step takes, the others going in
+    later steps: ``works`` are their prefill tokens in the order they are served, ``behind``
+    the requests waiting behind them (each waits for every one of these steps), ``decodes``
+    the tokens every step adds for requests decoding.
+
+    A step of ``n`` tokens lasts ``model.seconds(n)``: the requests in one step all answer at
+    its end, so putting k hits of ``w`` tokens in one step costs them ``a + k b w`` each,
+    one per step the i-th ``i (a + b w)``. Neither is best in general: when the fixed part
+    ``a`` is comparable to a hit's own ``b w`` (on a CPU: 60 ms against 60-130 ms), a first
+    step of two and a second of one beats both for three hits. The split of the requests,
+    in order, into consecutive steps that makes the sum of their first-token times and of
+    those waiting behind them least is found exactly (dynamic programming over the cut
+    points, the classic batching of a serial machine with a set-up time per batch)."""
+    n = min(len(works), MAX_SPLIT)
+    if n <= 1:
+        return n
+    best = [0.0] * (n + 1)  # best[i]: the least cost of requests i.. given that i starts next
+    cut = [n] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        tokens, best[i] = 0, math.inf
+        for j in range(i + 1, n + 1):
+            tokens += max(0, works[j - 1])
+            # every request from i on, and every one behind, waits for this step
+            cost = (n - i + behind) * model.seconds(tokens + decodes, j - i) + best[j]
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    return cut[0]
 
 
 def priority_ms(arrival_s: float, work_tokens: int, model: StepModel, patience: float) -> int:

@@ -30,6 +30,7 @@ from kvtier.factory import check_quotas
 from kvtier.integrations.engine_dtype import HANDED_DTYPE, DtypeChoice, choose_dtype, given_dtype
 from kvtier.integrations.engine_layout import EngineLayout, choose_layout, has_gpu, option
 from kvtier.integrations.engine_routes import FEED_PORT_ENV
+from kvtier.integrations.front import FRONT_ENV, make_front
 from kvtier.integrations.model import DEFAULT_MODEL_NAME, model_fingerprint
 from kvtier.integrations.tenant_gate import TENANTS_ENV
 from kvtier.policy.scheduling import SchedulingOptions
@@ -300,6 +301,12 @@ def launch(args: argparse.Namespace, extra: list[str]) -> int:
     if args.dry_run:
         print(json.dumps(command))
         return 0
+    # Requests on their way from the API server to the scheduler (kvtier.integrations.front):
+    # a memory file this process keeps open as it becomes vLLM's API server.
+    try:
+        _, env[FRONT_ENV] = make_front()
+    except (AttributeError, OSError):  # no memfd here: the engine gathers by time alone
+        env.pop(FRONT_ENV, None)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(command[0], command, env)  # vLLM takes over this process (and its signals)

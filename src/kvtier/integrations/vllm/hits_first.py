@@ -31,6 +31,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from kvtier.errors import ConfigError
+from kvtier.integrations.front import Front, OnTheWay
 from kvtier.integrations.vllm.context import WHERE, log
 from kvtier.keys import tail_granule
 from kvtier.policy.scheduling import (
@@ -38,6 +39,7 @@ from kvtier.policy.scheduling import (
     MIN_STEP_TOKENS,
     SchedulingOptions,
     StepModel,
+    first_answers,
     priority_ms,
 )
 
@@ -99,6 +101,9 @@ class HitsFirst:
         self._stalled_on: str | None = None  # a first-ranked request that found no room
         self._calm = 0  # steps since a request arrived or waited ahead of a prefill
         self._work: dict[str, int] = {}  # a waiting request's expected prefill, in tokens
+        self._given: dict[str, float] = {}  # when the engine was given a waiting request
+        front = Front.from_env() if self.options.hits_first else None
+        self.on_the_way = OnTheWay(front) if front is not None else None
         if self.options.hits_first:
             log.info(
                 "kvtier: hits-first scheduling (steps of about %.2fs, patience %.1fx)",
@@ -113,7 +118,11 @@ class HitsFirst:
             work = request.num_prompt_tokens - self._held(request)
             if len(self._work) > 2 * len(self.requests) + 64:  # forget the finished
                 self._work = {k: v for k, v in self._work.items() if k in self.requests}
+                self._given = {k: v for k, v in self._given.items() if k in self.requests}
             self._work[request.request_id] = work
+            self._given[request.request_id] = self.wall()
+            if self.on_the_way is not None:
+                self.on_the_way.given += 1
             arrival = request.arrival_time - self._epoch
             ours = priority_ms(arrival, work, self.model, self.options.patience)
             request.priority = request.priority * CLIENT_PRIORITY + ours
@@ -147,10 +156,10 @@ class HitsFirst:
         self.running.sort(key=lambda r: (r.priority, r.arrival_time))
         best = self._best_waiting()
         held = self._sitting_out(best)
-        answering = self._answer_soon()
+        answering, all_of_them = self._answer_soon()
         if held or answering:
             self._calm = 0  # someone's first token waits for this step: a short one
-        budget = self._budget(answering)
+        budget = self._budget(answering, all_of_them)
         active = self.max_num_active_reqs
         if held:
             self.running = [r for r in self.running if r not in held]
@@ -203,47 +212,74 @@ class HitsFirst:
         """Whether an idle engine should wait a moment before its first step: the requests of
         a burst arrive some milliseconds apart, and a hit that arrives just after a cold
         prompt would otherwise wait for its first step, one just after another hit for the
-        first hit's step (one step for a burst's hits costs them less than one each). The
-        wait is at most ``gather_s`` and 5% of the step the shortest request needs."""
+        first hit's step. Under ``kvtier serve`` the API server counts the requests on their
+        way (:mod:`kvtier.integrations.front`): the engine waits while any is, at most
+        ``gather_s`` after it was given the first; a lone request does not wait. Without
+        that count, it waits at most ``gather_s`` and 5% of the step the shortest request
+        needs, from their arrival at the API server."""
         if self.running or not self.options.gather_s:
             return False
-        first, work = None, None
+        now = self.wall()
+        first, given, work = None, now, None
         for r in self.waiting:
             if r.status not in READY:
                 continue
             w = self._work.get(r.request_id, r.num_prompt_tokens)
             first = r.arrival_time if first is None else min(first, r.arrival_time)
+            given = min(given, self._given.get(r.request_id, now))
             work = w if work is None else min(work, w)
         if first is None or work is None:
             return False
+        if self.on_the_way is not None:
+            if not self.on_the_way.pending():
+                return False
+            if now - given < self.options.gather_s:
+                return True
+            self.on_the_way.forget()  # waited long enough: whatever is missing got lost
+            return False
         limit = min(self.options.gather_s, GATHER_SHARE * self.model.seconds(work))
-        return bool(self.wall() - first < limit)
+        return bool(now - first < limit)
 
-    def _answer_soon(self) -> int:
-        """The prefill tokens left to the requests that would finish their prefill within a
-        short step (0: none): their first tokens wait for the end of the step, which must
-        neither grow nor be filled up with another prompt's chunk."""
+    def _answer_soon(self) -> tuple[int, bool]:
+        """The prefill tokens this step gives the requests that would finish their prefill
+        within a short step (0: none), and whether that is all of them: their first tokens
+        wait for the end of the step, which must neither grow nor be filled up with another
+        prompt's chunk. How many of them go now and how many in the next steps is what makes
+        the sum of the waits least, theirs and those behind them
+        (:func:`~kvtier.policy.scheduling.first_answers`)."""
         short = self.model.tokens_within(self.options.step_s)
-        left = 0
-        for r in self.running:
-            if 0 < r.num_prompt_tokens - r.num_computed_tokens <= short:
-                left += r.num_prompt_tokens - r.num_computed_tokens
+        works: list[int] = []
+        behind = decodes = 0
+        for r in self.running:  # in rank order (schedule sorted them)
+            left = r.num_prompt_tokens - r.num_computed_tokens
+            if left <= 0:
+                decodes += 1
+            elif left <= short:
+                works.append(left)
+            else:
+                behind += 1
         for queue in (self.kv_holding_waiting, self.waiting):
-            for r in queue:
+            for r in queue:  # in priority order
                 # (one loading in the background will be ready at the end of some step)
                 ready = r.status in READY or r.status == RequestStatus.WAITING_FOR_REMOTE_KVS
                 work = self._work.get(r.request_id, short + 1)
                 if ready and work <= short:
-                    left += work
-        return left
+                    works.append(work)
+                elif ready:
+                    behind += 1
+        first = first_answers(works, self.model, behind, decodes)
+        return sum(works[:first]), first == len(works)
 
-    def _budget(self, answering: int) -> int:
-        """This step's token budget: what fits in the step's time, or only what the requests
-        about to answer need if that is less; plus one token per decode."""
+    def _budget(self, answering: int, all_of_them: bool = True) -> int:
+        """This step's token budget: what fits in the step's time; or, when requests are
+        about to answer, what those that answer in this step need (their split into steps
+        weighed the step's length already), at least 64 tokens when it is all of them, not a
+        token more when some wait for the next step (it would go to the next one's prefill);
+        plus one token per decode."""
         decodes = sum(1 for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens)
         prefill = self.model.tokens_within(self.options.step_seconds(self._calm))
         if answering:
-            prefill = min(prefill, max(answering, MIN_STEP_TOKENS))
+            prefill = max(answering, min(prefill, MIN_STEP_TOKENS) if all_of_them else 0)
         return max(1, min(int(self._full_budget), prefill + decodes))
 
     # -- after each step: the step model ----------------------------------------------------
@@ -266,7 +302,8 @@ class HitsFirst:
         # when this one ends.
         started = max(scheduled_at, self._last_done)
         self._last_done = now
-        self.model.observe(scheduler_output.total_num_scheduled_tokens, now - started)
+        starts = len(scheduler_output.scheduled_new_reqs)  # their prefills begin: hits load
+        self.model.observe(scheduler_output.total_num_scheduled_tokens, now - started, starts)
         return super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
 
 
