@@ -54,6 +54,12 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
             if (loaded and saved) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        # Idle, /metrics shows what the tiers hold now (read from the worker as it is
+        # rendered), not what the last step's report said.
+        with urllib.request.urlopen(server.url + "/kvtier/states", timeout=10) as r:
+            states = json.loads(r.read())
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+            idle = metric_values(r.read().decode())
     assert "from disk" in log, log[-3000:]
     assert "in the background" not in log  # no other request to stall: loaded before the step
     assert second.text == first.text
@@ -64,6 +70,9 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
     assert metrics[("kvtier:hit_tokens_total", "")] == second.cached_tokens
     assert metrics[("kvtier:tier_bytes_read_total", "disk")] > 0
     assert metrics[("kvtier:tier_up", "disk")] == 1 and metrics[("kvtier:tier_chunks", "disk")] > 0
+    disk = states["tiers"]["disk"]
+    assert idle[("kvtier:tier_used_bytes", "disk")] == disk["used_bytes"] > 0, states
+    assert idle[("kvtier:tier_chunks", "disk")] == disk["chunks"]
     assert metrics[("kvtier:load_seconds_count", "")] >= 1
     assert saved >= 1, metrics
     # One line per request says where its tokens came from.

@@ -180,3 +180,46 @@ def test_a_packed_cache_moves_whole_blocks_as_they_are() -> None:
         assert torch.equal(dst[[1, 3, 4, 6]], src[[7, 2, 5, 0]])
     # Its chunks are not per token: the per-token view of the same blocks differs.
     assert not torch.equal(chunks, blocks_to_chunks(views(raw), [7, 2, 5, 0], 8))
+
+
+def _amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+@pytest.mark.skipif(not _amx(), reason="vLLM's AMX kernel runs only on CPUs with AMX tiles")
+def test_a_packed_tail_is_its_last_block_whole_and_the_engine_writes_on_after_it() -> None:
+    """A packed cache's tail ends inside a block (48 of its 128 slots): kvtier stores and loads
+    that block whole, the slots after the tail holding whatever the first prompt had there;
+    vLLM's AMX kernel then writes the new prompt's tokens from slot 48 on. The blocks are then
+    exactly what the kernel writes for the new prompt straight into fresh blocks: a token's
+    slot is its own in the packed layout, so the slots past a tail are overwritten before any
+    token can attend to them."""
+    ops = pytest.importorskip("vllm._custom_ops")
+    heads, block, dim, blocks, dtype = 3, 128, 64, 4, torch.bfloat16
+    torch.manual_seed(1)
+
+    def fresh() -> torch.Tensor:
+        return torch.zeros(blocks, heads, block, 2 * dim, dtype=dtype)
+
+    def write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: range) -> None:
+        k_cache, v_cache = cache.view(blocks, heads, 2 * block, dim).chunk(2, dim=2)
+        at = torch.tensor(list(slots), dtype=torch.int64)
+        ops.cpu_attn_reshape_and_cache(key, value, k_cache, v_cache, at, "amx", 1.0, 1.0)
+
+    first_k, first_v = torch.randn(228, heads, dim, dtype=dtype), torch.randn(228, heads, dim)
+    source = fresh()
+    write(source, first_k, first_v.to(dtype), range(228))  # blocks 0 and 1 (100 of its slots)
+    tail = 128 + 48  # a tail granule of 16 inside block 1
+    chunk = torch.zeros(1, 2, 2 * block, heads, dim, dtype=dtype)  # the tail's whole blocks
+    gather_chunks([block_view(source, heads, dim, packed=True)], [0, 1], [chunk])
+    loaded = fresh()
+    chunks_to_blocks([chunk], [block_view(loaded, heads, dim, packed=True)], [2, 3])
+    new_k, new_v = torch.randn(80, heads, dim, dtype=dtype), torch.randn(80, heads, dim)
+    write(loaded, new_k, new_v.to(dtype), range(2 * block + tail, 4 * block))
+    direct = fresh()
+    keys = torch.cat([first_k[:tail], new_k])
+    values = torch.cat([first_v[:tail], new_v]).to(dtype)
+    write(direct, keys, values, range(2 * block, 4 * block))
+    assert torch.equal(loaded[2:], direct[2:])
+    assert not torch.equal(source[1], direct[3])  # the first prompt's slots were overwritten

@@ -23,8 +23,50 @@ _session: Any = None
 _front: list[Front | None] = []  # looked up once
 
 
+async def _feed(path: str) -> tuple[int, bytes]:
+    """GET ``path`` from the worker's feed: (status, body); raises aiohttp.ClientError."""
+    import aiohttp
+
+    global _session
+    if _session is None:
+        _session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+    url = f"http://127.0.0.1:{os.environ.get(FEED_PORT_ENV)}{path}"
+    async with _session.get(url) as upstream:
+        return upstream.status, await upstream.read()
+
+
+async def _refresh_states() -> None:
+    """Before vLLM renders ``/metrics``: the tiers' occupancy from the worker, now (an idle
+    engine's steps report nothing; see KvtierPromMetrics.refresh). Quietly skipped when the
+    worker does not answer within a second."""
+    import asyncio
+    import json
+
+    import aiohttp
+
+    from kvtier.integrations.vllm.metrics import LIVE
+
+    if not LIVE:
+        return
+    try:
+        status, body = await asyncio.wait_for(_feed("/kvtier/states"), 1.0)
+    except (aiohttp.ClientError, TimeoutError):
+        return
+    if status != 200:
+        return
+    try:
+        states = json.loads(body)
+    except ValueError:
+        return
+    for series in LIVE:
+        series.refresh(states)
+
+
 async def forward(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
     """Starlette HTTP middleware: ``/kvtier/*`` to the feed, anything else to vLLM."""
+    if request.url.path == "/metrics" and os.environ.get(FEED_PORT_ENV):
+        await _refresh_states()
+        return await call_next(request)
     if not request.url.path.startswith(PREFIX):
         if not _front:
             _front.append(Front.from_env())
@@ -43,18 +85,11 @@ async def forward(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> A
     import aiohttp
     from starlette.responses import JSONResponse, Response
 
-    port = os.environ.get(FEED_PORT_ENV)
-    if not port:
+    if not os.environ.get(FEED_PORT_ENV):
         return JSONResponse({"error": "this engine runs without kvtier's feed"}, status_code=404)
-    global _session
-    if _session is None:
-        _session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-    url = f"http://127.0.0.1:{port}{request.url.path}"
-    if request.url.query:
-        url += "?" + request.url.query
+    path = request.url.path + ("?" + request.url.query if request.url.query else "")
     try:
-        async with _session.get(url) as upstream:
-            body = await upstream.read()
-            return Response(body, upstream.status, media_type="application/json")
+        status, body = await _feed(path)
+        return Response(body, status, media_type="application/json")
     except aiohttp.ClientError as exc:  # the worker is still starting, or gone
         return JSONResponse({"error": f"kvtier feed unavailable: {exc}"}, status_code=503)

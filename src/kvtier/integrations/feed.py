@@ -76,11 +76,13 @@ class EventFeed:
         local_tiers: dict[str, Callable[[], list[bytes]]],
         counters: Callable[[], dict[str, Any]] | None = None,
         ring: int = RING_EVENTS,
+        states: Callable[[], dict[str, Any]] | None = None,
     ):
         self.epoch = os.urandom(8).hex()
         self._info = info
         self._local = local_tiers
         self._counters = counters or (lambda: {})
+        self.states = states or (lambda: {})
         self._ring: deque[FeedEvent] = deque(maxlen=ring)
         self._seq = 0
         self._cond = threading.Condition()
@@ -142,6 +144,8 @@ class EventFeed:
                         body = feed.info()
                     elif url.path == "/kvtier/snapshot":
                         body = feed.snapshot()
+                    elif url.path == "/kvtier/states":
+                        body = feed.states()
                     elif url.path == "/kvtier/events":
                         after = int(query.get("after", "0"))
                         wait = float(query.get("wait", "0"))
@@ -262,6 +266,15 @@ def store_feed(
             for name, s in store.stats().tiers.items()
         }
 
-    feed = EventFeed(lambda: info, local, counters)
+    def states() -> dict[str, Any]:
+        """Each tier's occupancy and health, each tenant's part of it (evictions are counted
+        with the steps' reports: none here)."""
+        owners = store.owner_states()
+        for tiers_of in owners.values():
+            for values in tiers_of.values():
+                values["evictions"] = 0
+        return {"tiers": store.tier_states(), "tenant_tiers": owners}
+
+    feed = EventFeed(lambda: info, local, counters, states=states)
     store.subscribe(feed.on_event)
     return feed

@@ -12,16 +12,17 @@ layouts, :mod:`.chunk_pool`: reused chunk buffers), :mod:`.metrics` what shows o
 ``/metrics`` and in the per-request log lines.
 
 Scheduler side: ``get_num_new_matched_tokens`` asks the store how many leading prompt tokens
-it holds (whole chunks, then a tail of whole blocks, leaving at least one token to compute); the
-metadata of each step lists the chunks to load into the request's blocks and the newly completed
-prompt chunks to save, and once a prompt is computed, its tail: the full blocks after its last
-full chunk, so that reuse is as fine-grained as vLLM's own blocks. While other requests run, a
-hit from disk or Redis is loaded in the background (the request waits in WAITING_FOR_REMOTE_KVS;
-``loads`` in the extra config: auto, async or sync). Worker side (:mod:`.loader`): loads copy
-each chunk once, from where kvtier holds it into the blocks; saves gather the blocks straight
-into encoded chunks, leaving checksums and tier writes to a background thread. Chunks that fail to
-load are reported through ``get_block_ids_with_load_errors`` for vLLM to recompute (kvtier
-sets ``kv_load_failure_policy=recompute``: a cache must never fail a request). With
+it holds (whole chunks, then a tail of 16-token granules, leaving at least one token to
+compute); the metadata of each step lists the chunks to load into the request's blocks and the
+newly completed prompt chunks to save, and once a prompt is computed, its tail: its tokens after
+its last full chunk, to a granule, so that reuse is finer than vLLM's own blocks. While other
+requests run, a hit from disk or Redis is loaded in the background (the request waits in
+WAITING_FOR_REMOTE_KVS; ``loads`` in the extra config: auto, async or sync). Worker side
+(:mod:`.loader`): loads copy each chunk once, from where kvtier holds it into the blocks; saves
+gather the blocks straight into encoded chunks, leaving checksums and tier writes to a
+background thread. Chunks that fail to load are reported through
+``get_block_ids_with_load_errors`` for vLLM to recompute (kvtier sets
+``kv_load_failure_policy=recompute``: a cache must never fail a request). With
 ``write_through`` (a prefill engine of a disaggregated pod), saves write every tier inline, so
 the request's answer leaves only once the shared tier holds its prompt.
 

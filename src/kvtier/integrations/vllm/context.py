@@ -121,9 +121,9 @@ class ConnectorContext:
 
     @property
     def granule(self) -> int:
-        """Tokens a stored tail (and so a load's end) is a multiple of: whole blocks of a
-        packed cache, which has no per-token view."""
-        return self.block_size if self.packed else tail_granule(self.block_size)
+        """Tokens a stored tail (and so a load's end) is a multiple of. (A packed cache's
+        tail is stored with its last block whole: see Loader.chunk_shape.)"""
+        return tail_granule(self.block_size)
 
     def namespace(self, salt: str | None) -> Namespace:
         layout = PACKED_LAYOUT if self.packed else KV_LAYOUT

@@ -57,8 +57,10 @@ class Loader:
         chunk_tokens: int,
         namespace: Callable[[str | None], Namespace],
         before_read: Callable[[list[ChunkKey]], None],
+        whole_blocks: bool = False,
     ) -> None:
         self._store = store
+        self._whole_blocks = whole_blocks  # a packed cache: a tail is its whole last blocks
         self._layers = layers
         self._chunk = chunk_tokens
         self._block = layers[0].block_size
@@ -76,9 +78,15 @@ class Loader:
         self._reports: list[dict[str, Any]] = []
 
     def chunk_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
-        """Shape of a chunk (or a tail of ``tokens`` tokens) of this cache."""
+        """Shape of a chunk (or a tail of ``tokens`` tokens) of this cache. A packed cache's
+        blocks have no per-token view: its tail holds its last block whole, the slots after
+        its tokens included (vLLM writes its own tokens over them; they are never read
+        before)."""
         heads, dim = self._layers[0].token_shape()
-        return (len(self._layers), 2, tokens or self._chunk, heads, dim)
+        slots = tokens or self._chunk
+        if self._whole_blocks:
+            slots = -(-slots // self._block) * self._block
+        return (len(self._layers), 2, slots, heads, dim)
 
     def chunk_bytes(self) -> int:
         """KV bytes of a whole chunk of this cache."""

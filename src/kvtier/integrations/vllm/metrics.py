@@ -58,6 +58,7 @@ LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 RATE_STEPS = 64  # steps the prefill rate is measured over
 RATE_MIN_TOKENS = 64  # fewer: a step of decodes (a hits-first prefill step is ~100-300)
 STATES_EVERY_S = 2.0  # how often the worker reports its tiers' occupancy and health
+LIVE: list[KvtierPromMetrics] = []  # this API server's series (refreshed on GET /metrics)
 RATE_FILE = "prefill_rate.json"  # in the disk tier's directory (its scans skip it)
 SAVE_EVERY_S = 1.0  # the rate's file is rewritten at most this often
 
@@ -292,6 +293,21 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             ),
         }
         self._declare(vllm_config)
+        LIVE.append(self)
+
+    def refresh(self, states: dict[str, Any]) -> None:
+        """The tiers' occupancy and each tenant's part, as the worker holds them now (its
+        feed's ``/kvtier/states``): an idle engine runs no steps, so its reports would leave
+        these gauges where the last step left them (a save ends after its step). Gauges only;
+        the first engine's (``kvtier serve`` runs one per API server)."""
+        if not self._engines:
+            return
+        labels = [str(v) for v in self._engines[min(self._engines)]]
+        for tier, values in states.get("tiers", {}).items():
+            for name, value in values.items():
+                if name in self._gauges and value is not None:
+                    self._gauges[name].labels(*labels, tier).set(value)
+        self._observe_owners(labels, states.get("tenant_tiers", {}))
 
     def _declare(self, vllm_config: Any) -> None:
         """Every series of every configured tier at 0, and the capacities, from the start: an

@@ -118,7 +118,9 @@ class WorkerSide:
             raise ConfigError(
                 f"KV cache is {ordered[0].dtype}, the configuration said {ctx.kv_dtype}"
             )
-        self._loader = Loader(ctx.store, self._layers, ctx.chunk, ctx.namespace, self.saver.wait)
+        self._loader = Loader(
+            ctx.store, self._layers, ctx.chunk, ctx.namespace, self.saver.wait, ctx.packed
+        )
         self.saver.bind(self._layers, self._loader.chunk_shape)
         shape = self._loader.chunk_shape()
         top = ctx.config.tiers[0] if ctx.config.tiers else None
