@@ -156,23 +156,35 @@ def _solve(m: list[list[float]], cols: tuple[int, ...]) -> list[float] | None:
     return out
 
 
-def first_answers(works: Sequence[int], model: StepModel, behind: int = 0, decodes: int = 0) -> int:
+def first_answers(
+    works: Sequence[int], model: StepModel, behind: Sequence[int] = (), decodes: int = 0
+) -> int:
     """How many of the requests about to answer the next step takes, the others going in
     later steps: ``works`` are their prefill tokens in the order they are served, ``behind``
-    the requests waiting behind them (each waits for every one of these steps), ``decodes``
-    the tokens every step adds for requests decoding.
+    those of the requests waiting behind them (each waits for every one of these steps),
+    ``decodes`` the tokens every step adds for requests decoding.
 
-    A step of ``n`` tokens lasts ``model.seconds(n)``: the requests in one step all answer at
-    its end, so putting k hits of ``w`` tokens in one step costs them ``a + k b w`` each,
-    one per step the i-th ``i (a + b w)``. Neither is best in general: when the fixed part
-    ``a`` is comparable to a hit's own ``b w`` (on a CPU: 60 ms against 60-130 ms), a first
-    step of two and a second of one beats both for three hits. The split of the requests,
-    in order, into consecutive steps that makes the sum of their first-token times and of
-    those waiting behind them least is found exactly (dynamic programming over the cut
-    points, the classic batching of a serial machine with a set-up time per batch)."""
+    A step of ``n`` tokens lasts ``model.seconds(n, starts)``: the requests in one step all
+    answer at its end, so k hits of ``w`` tokens in one step cost each ``a + k (b w + c)``,
+    one per step the i-th ``i (a + b w + c)``. Neither is best in general: when the fixed
+    part ``a`` is comparable to a hit's own cost (on a CPU: 60 ms against 70-130 ms), a first
+    step of two and a second of one beats both for three hits. The split into consecutive
+    steps is the one that makes the sum of everyone's slowdown least: each request's wait
+    for these steps over the time it takes alone (the usual measure where small and large
+    requests meet: a cold prompt's second of prefill weighs less than a hit's tenth).
+    Found exactly: dynamic programming over the cut points, the classic batching of a serial
+    machine with a set-up time per batch."""
     n = min(len(works), MAX_SPLIT)
     if n <= 1:
         return n
+
+    def weight(tokens: int) -> float:
+        return 1.0 / max(model.seconds(max(0, tokens), 1), 1e-6)
+
+    after = [0.0] * (n + 1)  # after[i]: the weight of requests i.. about to answer
+    for i in range(n - 1, -1, -1):
+        after[i] = after[i + 1] + weight(works[i])
+    waiting = sum(weight(w) for w in behind)
     best = [0.0] * (n + 1)  # best[i]: the least cost of requests i.. given that i starts next
     cut = [n] * (n + 1)
     for i in range(n - 1, -1, -1):
@@ -180,7 +192,7 @@ def first_answers(works: Sequence[int], model: StepModel, behind: int = 0, decod
         for j in range(i + 1, n + 1):
             tokens += max(0, works[j - 1])
             # every request from i on, and every one behind, waits for this step
-            cost = (n - i + behind) * model.seconds(tokens + decodes, j - i) + best[j]
+            cost = (after[i] + waiting) * model.seconds(tokens + decodes, j - i) + best[j]
             if cost < best[i]:
                 best[i], cut[i] = cost, j
     return cut[0]

@@ -36,7 +36,6 @@ from kvtier.integrations.vllm.context import WHERE, log
 from kvtier.keys import tail_granule
 from kvtier.policy.scheduling import (
     GATHER_SHARE,
-    MIN_STEP_TOKENS,
     SchedulingOptions,
     StepModel,
     first_answers,
@@ -156,10 +155,10 @@ class HitsFirst:
         self.running.sort(key=lambda r: (r.priority, r.arrival_time))
         best = self._best_waiting()
         held = self._sitting_out(best)
-        answering, all_of_them = self._answer_soon()
+        answering = self._answer_soon()
         if held or answering:
             self._calm = 0  # someone's first token waits for this step: a short one
-        budget = self._budget(answering, all_of_them)
+        budget = self._budget(answering)
         active = self.max_num_active_reqs
         if held:
             self.running = [r for r in self.running if r not in held]
@@ -240,16 +239,17 @@ class HitsFirst:
         limit = min(self.options.gather_s, GATHER_SHARE * self.model.seconds(work))
         return bool(now - first < limit)
 
-    def _answer_soon(self) -> tuple[int, bool]:
+    def _answer_soon(self) -> int:
         """The prefill tokens this step gives the requests that would finish their prefill
-        within a short step (0: none), and whether that is all of them: their first tokens
+        within a short step (0: none): their first tokens
         wait for the end of the step, which must neither grow nor be filled up with another
         prompt's chunk. How many of them go now and how many in the next steps is what makes
-        the sum of the waits least, theirs and those behind them
+        the sum of the slowdowns least, theirs and those behind them
         (:func:`~kvtier.policy.scheduling.first_answers`)."""
         short = self.model.tokens_within(self.options.step_s)
         works: list[int] = []
-        behind = decodes = 0
+        behind: list[int] = []
+        decodes = 0
         for r in self.running:  # in rank order (schedule sorted them)
             left = r.num_prompt_tokens - r.num_computed_tokens
             if left <= 0:
@@ -257,7 +257,7 @@ class HitsFirst:
             elif left <= short:
                 works.append(left)
             else:
-                behind += 1
+                behind.append(left)
         for queue in (self.kv_holding_waiting, self.waiting):
             for r in queue:  # in priority order
                 # (one loading in the background will be ready at the end of some step)
@@ -266,20 +266,18 @@ class HitsFirst:
                 if ready and work <= short:
                     works.append(work)
                 elif ready:
-                    behind += 1
-        first = first_answers(works, self.model, behind, decodes)
-        return sum(works[:first]), first == len(works)
+                    behind.append(work)
+        return sum(works[: first_answers(works, self.model, behind, decodes)])
 
-    def _budget(self, answering: int, all_of_them: bool = True) -> int:
+    def _budget(self, answering: int) -> int:
         """This step's token budget: what fits in the step's time; or, when requests are
         about to answer, what those that answer in this step need (their split into steps
-        weighed the step's length already), at least 64 tokens when it is all of them, not a
-        token more when some wait for the next step (it would go to the next one's prefill);
-        plus one token per decode."""
+        weighed the step's length already), not a token more: another prompt's chunk would
+        lengthen the step they wait for; plus one token per decode."""
         decodes = sum(1 for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens)
         prefill = self.model.tokens_within(self.options.step_seconds(self._calm))
         if answering:
-            prefill = max(answering, min(prefill, MIN_STEP_TOKENS) if all_of_them else 0)
+            prefill = answering
         return max(1, min(int(self._full_budget), prefill + decodes))
 
     # -- after each step: the step model ----------------------------------------------------
