@@ -76,7 +76,7 @@ def test_the_middleware_counts_completions_and_the_refused(
         return JSONResponse({"data": []})
 
     monkeypatch.setenv(FRONT_ENV, front_path)
-    monkeypatch.setattr(engine_routes, "_front", [])
+    engine_routes._front.cache_clear()  # looked up again, in this environment
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", completions, methods=["POST"]),
@@ -90,6 +90,7 @@ def test_the_middleware_counts_completions_and_the_refused(
         assert client.post("/v1/completions", json={}).status_code == 200
         assert client.post("/v1/completions", json={"bad": 1}).status_code == 400
         assert client.get("/v1/models").status_code == 200  # not a completion: not counted
+    engine_routes._front.cache_clear()
     assert Front(front_path).counts() == (3, 1)
 
 

@@ -10,6 +10,7 @@ It also counts the completion requests on their way to the engine
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,7 +21,12 @@ FEED_PORT_ENV = "KVTIER_FEED_PORT"
 PREFIX = "/kvtier/"
 
 _session: Any = None
-_front: list[Front | None] = []  # looked up once
+
+
+@functools.cache
+def _front() -> Front | None:
+    """The counters ``kvtier serve`` made for this API server (None: started otherwise)."""
+    return Front.from_env()
 
 
 async def _feed(path: str) -> tuple[int, bytes]:
@@ -63,25 +69,29 @@ async def _refresh_states() -> None:
 
 
 async def forward(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Starlette HTTP middleware: ``/kvtier/*`` to the feed, anything else to vLLM."""
-    if request.url.path == "/metrics" and os.environ.get(FEED_PORT_ENV):
+    """Starlette HTTP middleware: ``/kvtier/*`` to the feed, ``/metrics`` with the tiers'
+    occupancy read first, completions counted on their way, anything else to vLLM."""
+    path = request.url.path
+    if path.startswith(PREFIX):
+        return await _to_feed(request)
+    if path == "/metrics" and os.environ.get(FEED_PORT_ENV):
         await _refresh_states()
         return await call_next(request)
-    if not request.url.path.startswith(PREFIX):
-        if not _front:
-            _front.append(Front.from_env())
-        front = _front[0]
-        if front is None or request.method != "POST" or request.url.path not in COUNTED:
-            return await call_next(request)
-        front.received()
-        try:
-            response = await call_next(request)
-        except BaseException:
-            front.refused()
-            raise
-        if response.status_code >= 400:  # refused before the engine got it
-            front.refused()
-        return response
+    front = _front()
+    if front is None or request.method != "POST" or path not in COUNTED:
+        return await call_next(request)
+    front.received()
+    try:
+        response = await call_next(request)
+    except BaseException:
+        front.refused()
+        raise
+    if response.status_code >= 400:  # refused before the engine got it
+        front.refused()
+    return response
+
+
+async def _to_feed(request: Any) -> Any:
     import aiohttp
     from starlette.responses import JSONResponse, Response
 

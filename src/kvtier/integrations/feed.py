@@ -267,13 +267,8 @@ def store_feed(
         }
 
     def states() -> dict[str, Any]:
-        """Each tier's occupancy and health, each tenant's part of it (evictions are counted
-        with the steps' reports: none here)."""
-        owners = store.owner_states()
-        for tiers_of in owners.values():
-            for values in tiers_of.values():
-                values["evictions"] = 0
-        return {"tiers": store.tier_states(), "tenant_tiers": owners}
+        """Each tier's occupancy and health, and each tenant's part of it, now."""
+        return {"tiers": store.tier_states(), "tenant_tiers": store.owner_states()}
 
     feed = EventFeed(lambda: info, local, counters, states=states)
     store.subscribe(feed.on_event)

@@ -89,8 +89,8 @@ class StepModel:
     """An engine step's duration as ``a + b x tokens + c x starts``, fitted to the steps the
     engine ran: ``starts`` are the requests whose prefill begins in the step. A hit's first
     step costs more than its few tokens at the rate of a cold prompt's: its KV is loaded, and
-    its tokens attend to the whole cached context (docs/scheduling.md: ~0.06 s per hit
-    besides its tokens, on a 2-core CPU).
+    its tokens attend to the whole cached context (docs/scheduling.md: ~42 ms per hit
+    besides its tokens, on a 2-core Xeon in bf16).
 
     A weighted least-squares fit that forgets old steps (``memory`` steps' half-life), so it
     follows a host whose speed changes. Until the steps tell the three parts apart it fits

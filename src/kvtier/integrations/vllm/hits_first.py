@@ -241,11 +241,10 @@ class HitsFirst:
 
     def _answer_soon(self) -> int:
         """The prefill tokens this step gives the requests that would finish their prefill
-        within a short step (0: none): their first tokens
-        wait for the end of the step, which must neither grow nor be filled up with another
-        prompt's chunk. How many of them go now and how many in the next steps is what makes
-        the sum of the slowdowns least, theirs and those behind them
-        (:func:`~kvtier.policy.scheduling.first_answers`)."""
+        within a short step (0: none): their first tokens wait for the end of the step, which
+        must neither grow nor be filled up with another prompt's chunk. How many of them go
+        now and how many in the next steps is what makes the sum of the slowdowns least,
+        theirs and those behind them (:func:`~kvtier.policy.scheduling.first_answers`)."""
         short = self.model.tokens_within(self.options.step_s)
         works: list[int] = []
         behind: list[int] = []

@@ -298,8 +298,9 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
     def refresh(self, states: dict[str, Any]) -> None:
         """The tiers' occupancy and each tenant's part, as the worker holds them now (its
         feed's ``/kvtier/states``): an idle engine runs no steps, so its reports would leave
-        these gauges where the last step left them (a save ends after its step). Gauges only;
-        the first engine's (``kvtier serve`` runs one per API server)."""
+        these gauges where the last step left them (a save ends after its step). Gauges only
+        (evictions are counted from the steps' reports); the first engine's (``kvtier serve``
+        runs one per API server)."""
         if not self._engines:
             return
         labels = [str(v) for v in self._engines[min(self._engines)]]
@@ -307,7 +308,10 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             for name, value in values.items():
                 if name in self._gauges and value is not None:
                     self._gauges[name].labels(*labels, tier).set(value)
-        self._observe_owners(labels, states.get("tenant_tiers", {}))
+        owners = states.get("tenant_tiers", {})
+        for tenant, tiers in owners.items():
+            owners[tenant] = {tier: {**v, "evictions": 0} for tier, v in tiers.items()}
+        self._observe_owners(labels, owners)
 
     def _declare(self, vllm_config: Any) -> None:
         """Every series of every configured tier at 0, and the capacities, from the start: an
