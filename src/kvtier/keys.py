@@ -46,7 +46,9 @@ _MAX_TOKEN_ID = 2**32 - 1
 # The payload's layout. v2: vLLM's CPU cache is read per token (K is stored transposed there);
 # before, its blocks were copied as opaque bytes, so CPU chunks of v1 hold another layout.
 KV_LAYOUT = "layers,kv,tokens,heads,dim;v2"
-PACKED_LAYOUT = "opaque-blocks:vllm-cpu-amx"  # an AMX-packed cache's blocks, copied whole
+# An AMX-packed cache's blocks, copied whole: per layer, each block's bytes in token order of
+# the blocks (v2; v1 interleaved them 64 values at a time, as if K and V of each token).
+PACKED_LAYOUT = "opaque-blocks:vllm-cpu-amx;v2"
 TAIL_TOKENS = 16  # a tail's tokens are a whole multiple of this (or of a finer engine block)
 
 
