@@ -178,6 +178,10 @@ def test_a_packed_cache_moves_whole_blocks_as_they_are() -> None:
     chunks_to_blocks(chunks, views(target, packed=True), [1, 3, 4, 6])
     for src, dst in zip(raw, target, strict=True):
         assert torch.equal(dst[[1, 3, 4, 6]], src[[7, 2, 5, 0]])
+    # Each layer of a chunk holds its blocks' bytes one after the other (one copy per run).
+    for li, src in enumerate(raw):
+        first_chunk = torch.cat([src[7].flatten(), src[2].flatten()])
+        assert torch.equal(chunks[0, li].reshape(-1), first_chunk)
     # Its chunks are not per token: the per-token view of the same blocks differs.
     assert not torch.equal(chunks, blocks_to_chunks(views(raw), [7, 2, 5, 0], 8))
 

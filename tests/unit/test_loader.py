@@ -1,0 +1,52 @@
+"""The connector's Loader: chunks from kvtier's store into vLLM's paged blocks, each piece read,
+verified and placed by a reader thread; the leading run loaded, the rest left for vLLM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.chunk import KVChunk
+from kvtier.integrations.vllm.loader import PIECE_CHUNKS, Loader
+from kvtier.integrations.vllm.messages import LoadSpec
+from kvtier.integrations.vllm.paged import block_view, gather_chunks
+from kvtier.keys import Namespace
+from kvtier.store import TieredStore
+from kvtier.tiers.memory import MemoryTier
+
+LAYERS, HEADS, DIM, BLOCK, CHUNK = 2, 2, 8, 4, 8  # two blocks a chunk
+NS = Namespace("m", "", "float32", "test-layout")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("missing", [None, 1, PIECE_CHUNKS + 1])
+def test_a_load_places_the_leading_run_and_leaves_the_rest_to_vllm(
+    packed: bool, missing: int | None
+) -> None:
+    chunks = 2 * PIECE_CHUNKS + 1  # pieces of PIECE_CHUNKS, the last short
+    tokens = list(range(100, 100 + chunks * CHUNK))
+    torch.manual_seed(1)
+    source = [torch.randn(64, HEADS, BLOCK, 2 * DIM) for _ in range(LAYERS)]
+    src_blocks = list(range(1, 2 * chunks + 1))
+    cache = [torch.zeros_like(t) for t in source]
+    layers = [block_view(t, HEADS, DIM, packed) for t in cache]
+    store = TieredStore([MemoryTier(1 << 26)], CHUNK)
+    loader = Loader(store, layers, CHUNK, lambda _: NS, lambda keys: None)
+    shape = loader.chunk_shape()
+    kv = [torch.empty(shape) for _ in range(chunks)]
+    gather_chunks([block_view(t, HEADS, DIM, packed) for t in source], src_blocks, kv)
+    held = [c for c in range(chunks) if c != missing]
+    for c in held:  # each chunk put alone: a missing one leaves a hole in the run
+        store.put(tokens, NS, [KVChunk.from_array(kv[c].numpy())], start_chunk=c)
+    blocks = list(range(40, 40 + 2 * chunks))  # where vLLM wants the prompt
+    loader.load(LoadSpec("r", tokens, None, blocks, 0, len(tokens)))
+    run = chunks if missing is None else missing
+    failed = loader.failed_blocks()
+    assert failed == set(blocks[2 * run :])
+    for src, dst in zip(source, cache, strict=True):
+        assert torch.equal(dst[blocks[: 2 * run]], src[src_blocks[: 2 * run]])
+    (report,) = loader.reports()
+    assert report["loaded"] == {"memory": run * CHUNK}
+    assert report["failed_tokens"] == (chunks - run) * CHUNK
+    loader.close()
+    store.close()
