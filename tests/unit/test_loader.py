@@ -1,7 +1,10 @@
 """The connector's Loader: chunks from kvtier's store into vLLM's paged blocks, each piece read,
-verified and placed by a reader thread; the leading run loaded, the rest left for vLLM."""
+verified and placed by a reader thread; the leading run loaded, the rest left for vLLM; and
+saves turned off where no tier can hold a chunk."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +13,10 @@ from kvtier.chunk import KVChunk
 from kvtier.integrations.vllm.loader import PIECE_CHUNKS, Loader
 from kvtier.integrations.vllm.messages import LoadSpec
 from kvtier.integrations.vllm.paged import block_view, gather_chunks
+from kvtier.integrations.vllm.worker import can_hold
 from kvtier.keys import Namespace
 from kvtier.store import TieredStore
+from kvtier.tiers.disk import DiskTier
 from kvtier.tiers.memory import MemoryTier
 
 LAYERS, HEADS, DIM, BLOCK, CHUNK = 2, 2, 8, 4, 8  # two blocks a chunk
@@ -50,3 +55,14 @@ def test_a_load_places_the_leading_run_and_leaves_the_rest_to_vllm(
     assert report["failed_tokens"] == (chunks - run) * CHUNK
     loader.close()
     store.close()
+
+
+def test_saves_are_off_only_where_no_tier_can_hold_a_chunk(tmp_path: Path) -> None:
+    chunk = 6_000_000
+    with TieredStore([MemoryTier(1 << 20)], CHUNK) as store:  # kvtier bench chat's baseline
+        assert not can_hold(store, chunk)
+        assert can_hold(store, 100_000)
+    with TieredStore([MemoryTier(1 << 20), DiskTier(tmp_path, 1 << 30)], CHUNK) as store:
+        assert can_hold(store, chunk)
+    with TieredStore([MemoryTier(1 << 30)], CHUNK) as store:
+        assert can_hold(store, chunk)

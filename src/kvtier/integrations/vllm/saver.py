@@ -46,6 +46,7 @@ class Saver:
         self._write_through = write_through
         self._announce = announce
         self._layers: Sequence[PagedLayer] = ()
+        self._saves = True
         self._shape: Callable[[int], tuple[int, ...]] | None = None
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix="kvtier-save", initializer=background_priority
@@ -55,11 +56,19 @@ class Saver:
         self._lock = threading.Lock()
         self._took: list[float] = []  # seconds from gathered to stored, since took()
 
-    def bind(self, layers: Sequence[PagedLayer], shape: Callable[[int], tuple[int, ...]]) -> None:
-        """The KV cache's layers (block views) and the shape of a tail of n tokens."""
-        self._layers, self._shape = layers, shape
+    def bind(
+        self,
+        layers: Sequence[PagedLayer],
+        shape: Callable[[int], tuple[int, ...]],
+        saves: bool = True,
+    ) -> None:
+        """The KV cache's layers (block views) and the shape of a tail of n tokens; with
+        ``saves`` False, :meth:`save` does nothing (no tier can hold a chunk)."""
+        self._layers, self._shape, self._saves = layers, shape, saves
 
     def save(self, specs: Sequence[SaveSpec]) -> None:
+        if not self._saves:
+            return
         per_chunk = self._chunk // self._block_size
         for spec in specs:
             blocks = spec.block_ids[spec.first_chunk * per_chunk :]
