@@ -16,7 +16,7 @@ own processes, vLLM's KV cache made small with ``--num-gpu-blocks-override`` so 
 turns' contexts come from kvtier's DRAM rather than from vLLM's own cache):
 
   baseline    the fair baseline: the same server, kvtier holding nothing (a 1 MiB DRAM tier
-              holds no chunk, no disk tier), vLLM's scheduling
+              holds no chunk, so kvtier saves none; no disk tier), vLLM's scheduling
   fcfs        kvtier, vLLM's first-come first-served scheduling (``--scheduling vllm``)
   hits-first  kvtier as ``kvtier serve`` runs by default
 
