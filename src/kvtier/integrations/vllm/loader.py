@@ -176,8 +176,8 @@ class Loader:
         try:
             self._before_read(keys)  # saved a step ago?
             # Every piece is queued at once, and each reader thread verifies and places its
-            # own pieces: the copies of two pieces run on two cores (the engine's thread
-            # waits), and no piece waits for another's.
+            # own pieces: copies run on both cores (the engine's thread waits), and no piece
+            # waits for another's.
             pieces = [reader.submit(place, at) for at in range(0, n_chunks, PIECE_CHUNKS)]
             for piece in pieces:
                 count, read_from = piece.result()
