@@ -308,10 +308,7 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
             for name, value in values.items():
                 if name in self._gauges and value is not None:
                     self._gauges[name].labels(*labels, tier).set(value)
-        owners = states.get("tenant_tiers", {})
-        for tenant, tiers in owners.items():
-            owners[tenant] = {tier: {**v, "evictions": 0} for tier, v in tiers.items()}
-        self._observe_owners(labels, owners)
+        self._observe_owners(labels, states.get("tenant_tiers", {}), evictions=False)
 
     def _declare(self, vllm_config: Any) -> None:
         """Every series of every configured tier at 0, and the capacities, from the start: an
@@ -357,8 +354,11 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
                 if counter_name in self._tenant_counters and value > 0:
                     self._tenant_counters[counter_name].labels(*labels, name).inc(value)
 
-    def _observe_owners(self, labels: list[str], owners: dict[str, Any]) -> None:
-        """Each tenant's occupancy of each tier, and its evictions since the last report."""
+    def _observe_owners(
+        self, labels: list[str], owners: dict[str, Any], evictions: bool = True
+    ) -> None:
+        """Each tenant's occupancy of each tier, and (``evictions``) its evictions since the
+        last report."""
         by_name: dict[tuple[str, str], dict[str, float]] = {}
         for tenant, tiers in owners.items():
             name = "unknown" if tenant == "unknown" else self._tenant_names.get(tenant, "other")
@@ -369,7 +369,7 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
         for (name, tier), values in by_name.items():
             for field_name, gauge in self._tenant_tier_gauges.items():
                 gauge.labels(*labels, name, tier).set(values[field_name])
-            if values["evictions"] > 0:
+            if evictions and values["evictions"] > 0:
                 self._tenant_tier_evictions.labels(*labels, name, tier).inc(values["evictions"])
 
 
