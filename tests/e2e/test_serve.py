@@ -11,6 +11,7 @@ import re
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,11 +56,17 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
                 break
             time.sleep(0.5)
         # Idle, /metrics shows what the tiers hold now (read from the worker as it is
-        # rendered), not what the last step's report said.
-        with urllib.request.urlopen(server.url + "/kvtier/states", timeout=10) as r:
-            states = json.loads(r.read())
-        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
-            idle = metric_values(r.read().decode())
+        # rendered), not what the last step's report said. The last prompt's chunks may
+        # still be on their way to disk: compared once the states hold still around it.
+        deadline = time.monotonic() + 15
+        while True:
+            before = _states(server.url)
+            with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+                idle = metric_values(r.read().decode())
+            states = _states(server.url)
+            if states["tiers"] == before["tiers"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     assert "from disk" in log, log[-3000:]
     assert "in the background" not in log  # no other request to stall: loaded before the step
     assert second.text == first.text
@@ -83,3 +90,8 @@ def test_kvtier_serve_after_a_restart_serves_a_long_prompt_from_disk(tmp_path: P
     assert line["recomputed_tokens"] == second.prompt_tokens - second.cached_tokens
     assert line["load_s"] > 0 and line["failed_tokens"] == 0
     # A request abandoned during its background load: tests/e2e/test_vllm.py.
+
+
+def _states(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url + "/kvtier/states", timeout=10) as r:
+        return dict(json.loads(r.read()))
