@@ -76,7 +76,7 @@ class KvtierConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        return self.scheduler.finished(request), None
+        return self.scheduler.finished(request, block_ids), None
 
     # -- both: metrics ----------------------------------------------------------------------
 
@@ -130,13 +130,13 @@ class KvtierConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvtierConnectorMetadata)
-        self.worker.saver.save(meta.saves)
+        self.worker.save(meta)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         return self.worker.report()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, self.worker.finished_loads() or None
+        return self.worker.released() or None, self.worker.finished_loads() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.failed_blocks()

@@ -36,8 +36,10 @@ class ConnectorOptions:
     configuration): how hits load, the router feed's port, where vLLM publishes its KV
     events, write-through (a prefill engine's answer must not return before its chunks
     are in every tier: the decode engine loads them from the shared one), the engine's
-    dtype as ``kvtier serve`` chose it (reported in ``/kvtier/info``), and the options of the
-    hits-first scheduler (read by :mod:`.hits_first`, which runs without the connector too)."""
+    dtype as ``kvtier serve`` chose it (reported in ``/kvtier/info``), the options of the
+    hits-first scheduler (read by :mod:`.hits_first`, which runs without the connector too),
+    and whether a request's generated tokens are saved when it ends (``save_outputs``: a
+    returning chat turn's prompt holds the previous answer, whose KV the decode computed)."""
 
     loads: str = "auto"
     feed_port: int | None = None
@@ -45,6 +47,7 @@ class ConnectorOptions:
     write_through: bool = False
     engine_dtype: dict[str, Any] | None = None
     scheduling: dict[str, Any] | None = None  # the hits-first scheduler's (see .hits_first)
+    save_outputs: bool = True
 
     @classmethod
     def take(cls, extra: dict[str, Any]) -> ConnectorOptions:
@@ -56,6 +59,7 @@ class ConnectorOptions:
             write_through=extra.pop("write_through", False),
             engine_dtype=extra.pop("engine_dtype", None),
             scheduling=extra.pop("scheduling", None),
+            save_outputs=extra.pop("save_outputs", True),
         )
         if options.loads not in LOAD_MODES:
             expected = ", ".join(LOAD_MODES)
@@ -66,6 +70,9 @@ class ConnectorOptions:
         if not isinstance(options.write_through, bool):
             got = options.write_through
             raise ConfigError(f"{WHERE}: write_through: expected true or false, got {got!r}")
+        if not isinstance(options.save_outputs, bool):
+            got = options.save_outputs
+            raise ConfigError(f"{WHERE}: save_outputs: expected true or false, got {got!r}")
         return options
 
 

@@ -34,7 +34,8 @@ class LoadSpec:
 
 @dataclass
 class SaveSpec:
-    """Save prompt chunks [first_chunk, len(tokens) // chunk) from the request's blocks; with
+    """Save chunks [first_chunk, len(tokens) // chunk) from the request's blocks (``tokens``:
+    its prompt, or at its end the prompt and the generated tokens computed); with
     ``tail``, the partial chunk after them too (``tokens`` then ends on a tail granule, maybe
     inside a block: ``block_ids`` then ends with that block)."""
 
@@ -51,6 +52,9 @@ class KvtierConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
     prefetches: list[tuple[list[int], str | None]] = field(default_factory=list)
+    # Finished requests whose blocks vLLM keeps for this step's saves (their generated
+    # tokens): the worker reports them done sending once the saves have gathered them.
+    releases: list[str] = field(default_factory=list)
 
 
 @dataclass

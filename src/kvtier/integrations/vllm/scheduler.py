@@ -9,7 +9,9 @@ requests run). :meth:`SchedulerSide.step` turns vLLM's scheduler output into thi
 newly completed prompt chunks to save and, once a prompt is computed, its tail (its tokens after
 its last full chunk, cut to a multiple of 16: a returning turn recomputes at most 15 of them,
 where vLLM's own cache recomputes up to a block, 128 tokens on CPU), and prefetches
-for the requests still waiting for blocks.
+for the requests still waiting for blocks. When a request ends, the tokens it generated are
+saved too, chunks and tail (:meth:`SchedulerSide.finished`): a chat's next turn holds the
+answer in its prompt, and its KV was computed by the decode.
 
 Everything kvtier knows of a request lives in one :class:`RequestState`, dropped in one place
 when the request finishes.
@@ -61,6 +63,7 @@ class RequestState:
     prefetch: bool = False  # waits for blocks: the worker warms its DRAM meanwhile
     block_ids: list[int] | None = None  # its blocks, once scheduled
     saved_tokens: int = 0  # prompt tokens already in kvtier (held, loaded or saved; a tail too)
+    defers: bool = False  # it decodes after its prefill: its saves wait (SchedulerSide.step)
 
     def take_held(self) -> int:
         """The lookup's hit, once: a later scheduling without a new lookup holds nothing."""
@@ -84,6 +87,7 @@ class SchedulerSide:
         self.requests: dict[str, RequestState] = {}
         self.loading: set[str] = set()  # background loads the worker has not reported done
         self._background_loads: list[LoadSpec] = []  # planned, for the next step's metadata
+        self._final_saves: list[SaveSpec] = []  # finished requests' outputs, for the next step
         self.worker_top: set[bytes] = set()  # mirror of the worker's DRAM tier
 
     def _state(self, request: Request) -> RequestState:
@@ -97,6 +101,12 @@ class SchedulerSide:
     def arrived(self, request: Request) -> None:
         state = self._state(request)
         state.prefetch = len(state.prompt) > self.ctx.chunk
+        # A request that decodes after its prefill keeps its blocks until it ends: its saves
+        # can wait for a step no first token waits for. One that ends with its prefill (a
+        # disaggregated prefill), or whose chunks must be everywhere before its answer leaves
+        # (write-through), saves as its prefill goes.
+        decodes = int(getattr(request, "max_tokens", 1) or 1) > 1
+        state.defers = decodes and not self.ctx.options.write_through
 
     def worker_reported(self, output: KVConnectorOutput) -> None:
         self.loading.difference_update(output.finished_recving or ())
@@ -193,9 +203,26 @@ class SchedulerSide:
     def step(self, output: SchedulerOutput) -> KvtierConnectorMetadata:
         """vLLM's ``build_connector_meta``: this step's loads, saves and prefetches."""
         self.metrics.rate.step(output.total_num_scheduled_tokens)
-        meta = KvtierConnectorMetadata(loads=self._background_loads)
-        self._background_loads = []
+        meta = KvtierConnectorMetadata(loads=self._background_loads, saves=self._final_saves)
+        meta.releases = sorted({spec.req_id for spec in self._final_saves})
+        self._background_loads, self._final_saves = [], []
         scheduled = output.num_scheduled_tokens
+        cached = output.scheduled_cached_reqs
+        # Saves gather blocks after the forward pass, on the engine's thread: in a step where
+        # some prompt is being computed, someone's first token (or the next chunk of their
+        # prompt) waits for them. The saves of requests that decode afterwards wait for a
+        # step with no prefill in it, or for the request's end (finished).
+        prefilling = any(
+            n.num_computed_tokens < len(n.prompt_token_ids or ()) for n in output.scheduled_new_reqs
+        ) or any(
+            (st := self.requests.get(r)) is not None and c < len(st.prompt)
+            for r, c in zip(cached.req_ids, cached.num_computed_tokens, strict=False)
+        )
+
+        def save(req_id: str, state: RequestState, computed: int) -> None:
+            if not (state.defers and prefilling):
+                self._plan_save(meta, req_id, state, computed)
+
         for new in output.scheduled_new_reqs:
             state = self.requests.get(new.req_id)
             if state is None:  # NewRequestData does not carry cache_salt
@@ -206,10 +233,7 @@ class SchedulerSide:
             state.saved_tokens = state.take_held()
             state.prefetch = False  # it loads right now: a prefetch would read it twice
             self._plan_load(meta, new.req_id, state)
-            self._plan_save(
-                meta, new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0)
-            )
-        cached = output.scheduled_cached_reqs
+            save(new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0))
         for i, req_id in enumerate(cached.req_ids):
             state = self.requests.get(req_id)
             if state is None or state.block_ids is None:
@@ -221,8 +245,7 @@ class SchedulerSide:
                 self._plan_load(meta, req_id, state)
             elif new_blocks:
                 state.block_ids.extend(new_blocks[0])
-            computed = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
-            self._plan_save(meta, req_id, state, computed)
+            save(req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
         # Requests that arrived but were not scheduled wait for blocks: have the worker warm
         # its DRAM from slower tiers meanwhile (once per request).
         for state in self.requests.values():
@@ -258,32 +281,64 @@ class SchedulerSide:
         return LoadSpec(req_id, state.prompt[:whole], state.salt, blocks, start, end, tail)
 
     def _plan_save(
-        self, meta: KvtierConnectorMetadata, req_id: str, state: RequestState, computed: int
+        self,
+        meta: KvtierConnectorMetadata,
+        req_id: str,
+        state: RequestState,
+        computed: int,
+        tokens: list[int] | None = None,
+        block_ids: list[int] | None = None,
     ) -> None:
-        assert state.block_ids is not None
+        """Save what ``computed`` completed of ``tokens`` (the prompt unless given), in
+        ``block_ids`` (the request's blocks unless given): new whole chunks, then, once all
+        of ``tokens`` is computed, its tail."""
+        tokens = state.prompt if tokens is None else tokens
+        block_ids = state.block_ids if block_ids is None else block_ids
+        assert block_ids is not None
         chunk, block = self.ctx.chunk, self.ctx.block_size
-        prompt = len(state.prompt)
-        done = min(computed, prompt) // chunk * chunk
+        done = min(computed, len(tokens)) // chunk * chunk
         if done > state.saved_tokens:
             first = state.saved_tokens // chunk
-            blocks = state.block_ids[: done // block]
-            meta.saves.append(SaveSpec(req_id, state.prompt[:done], state.salt, blocks, first))
+            blocks = block_ids[: done // block]
+            meta.saves.append(SaveSpec(req_id, tokens[:done], state.salt, blocks, first))
             state.saved_tokens = done
         # Once the whole prompt is computed, its tokens after the last full chunk (to a
         # granule) are saved as a tail: a returning turn that extends the prompt reuses them.
         granule = self.ctx.granule
-        end = prompt // granule * granule
-        if computed >= prompt and end % chunk and end > state.saved_tokens:
-            blocks = state.block_ids[: -(-end // block)]
-            tail = SaveSpec(req_id, state.prompt[:end], state.salt, blocks, end // chunk, tail=True)
+        end = len(tokens) // granule * granule
+        if computed >= len(tokens) and end % chunk and end > state.saved_tokens:
+            blocks = block_ids[: -(-end // block)]
+            tail = SaveSpec(req_id, tokens[:end], state.salt, blocks, end // chunk, tail=True)
             meta.saves.append(tail)
             state.saved_tokens = end
 
-    def finished(self, request: Request) -> bool:
-        """vLLM's ``request_finished``: whether vLLM must keep the request's blocks. The
-        worker may still be writing into the blocks of a request that ended during its
+    def finished(self, request: Request, block_ids: list[int] | None = None) -> bool:
+        """vLLM's ``request_finished``: whether vLLM must keep the request's blocks
+        (``block_ids``: those of its computed tokens).
+
+        The worker may still be writing into the blocks of a request that ended during its
         background load: they stay its own until the worker reports the load done (vLLM 0.32
-        keeps them for a request aborted in WAITING_FOR_REMOTE_KVS anyway)."""
-        self.requests.pop(request.request_id, None)
-        self.metrics.finished(request.request_id)
-        return request.request_id in self.loading
+        keeps them for a request aborted in WAITING_FOR_REMOTE_KVS anyway). What it computed
+        and kvtier does not hold yet (saves that waited; with ``save_outputs``, the tokens it
+        generated, where they reach a granule past the prompt) is saved from its blocks at
+        the next step: vLLM keeps them until the worker reports them gathered ("done
+        sending", in vLLM's terms)."""
+        req_id = request.request_id
+        state = self.requests.pop(req_id, None)
+        self.metrics.finished(req_id)
+        if req_id in self.loading:
+            return True
+        if state is None or state.block_ids is None:
+            return False
+        everything = list(request.all_token_ids)
+        tokens = everything if self.ctx.options.save_outputs else state.prompt
+        # The KV of every token but the last sampled one is computed (with async scheduling
+        # vLLM may count that one already).
+        computed = min(int(request.num_computed_tokens), len(everything) - 1, len(tokens))
+        blocks = list(block_ids) if block_ids is not None else state.block_ids
+        if -(-computed // self.ctx.block_size) > len(blocks):
+            return False  # its blocks are not all known: nothing is saved from them
+        plan = KvtierConnectorMetadata()
+        self._plan_save(plan, req_id, state, computed, tokens[:computed], blocks)
+        self._final_saves += plan.saves
+        return bool(plan.saves)

@@ -103,6 +103,7 @@ class WorkerSide:
         )
         self._events_lock = threading.Lock()
         self._events = KvtierWorkerMetadata()
+        self._released: set[str] = set()  # see save()
         _workers.add(self)
         top = ctx.store.tiers[0].name
         ctx.store.subscribe(lambda e: self._on_event(e) if e.tier == top else None)
@@ -185,6 +186,20 @@ class WorkerSide:
         if self._loader is not None:
             for spec in meta.loads:
                 self._loader.load(spec)
+
+    def save(self, meta: KvtierConnectorMetadata) -> None:
+        """After the forward pass: the step's saves. The blocks of the finished requests
+        among them (``meta.releases``) are free to reuse once gathered, even if a save
+        failed (a failed save is a future miss)."""
+        try:
+            self.saver.save(meta.saves)
+        finally:
+            self._released.update(meta.releases)
+
+    def released(self) -> set[str]:
+        """Finished requests whose blocks the saves no longer need, since the last call."""
+        released, self._released = self._released, set()
+        return released
 
     def _announce(self, keys: Sequence[ChunkKey]) -> None:
         """Chunks a save is about to store: told to the scheduler with this step's output."""
