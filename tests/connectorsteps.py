@@ -26,9 +26,10 @@ TAIL_SHAPE = (*SHAPE[:2], BLOCK, *SHAPE[3:])  # a one-block tail
 CONFIGS: dict[int, StoreConfig] = {}  # id(store) -> its configuration (connector_store)
 
 
-def side(store: TieredStore, loads: str = "auto") -> SchedulerSide:
-    """A scheduler side whose worker runs in another process (vLLM's own layout)."""
-    options = ConnectorOptions(loads=loads)
+def side(store: TieredStore, loads: str = "auto", write_through: bool = False) -> SchedulerSide:
+    """A scheduler side whose worker runs in another process (vLLM's own layout); with
+    ``write_through``, saves go as a prompt is computed (they wait otherwise)."""
+    options = ConnectorOptions(loads=loads, write_through=write_through)
     config = CONFIGS[id(store)]
     ctx = ConnectorContext(options, config, BLOCK, CHUNK_TOKENS, "m", "r1", "float16", store)
     return SchedulerSide(ctx, lambda: [])

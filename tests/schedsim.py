@@ -128,13 +128,19 @@ class Engine:
             if done and req_id not in self.first_token:
                 self.first_token[req_id] = self.now
         loaded, self.loaded = self.loaded, set()
+        # The worker gathers finished requests' saves in the step that lists them: their
+        # blocks are free after it (as the connector's worker reports them).
+        released = set(getattr(out.kv_connector_metadata, "releases", None) or ())
+        transfers = KVConnectorOutput(
+            finished_recving=loaded or None, finished_sending=released or None
+        )
         self.sched.update_from_output(
             out,
             ModelRunnerOutput(
                 req_ids=ids,
                 req_id_to_index={r: i for i, r in enumerate(ids)},
                 sampled_token_ids=sampled,
-                kv_connector_output=KVConnectorOutput(finished_recving=loaded) if loaded else None,
+                kv_connector_output=transfers if loaded or released else None,
             ),
         )
         return tokens

@@ -1,6 +1,7 @@
-"""The connector's saves as its scheduler side plans them: what a request generated, saved
-when it ends (vLLM keeps its blocks until the worker has gathered them), and the saves of a
-request that decodes waiting for a step no first token waits for. No engine runs."""
+"""The connector's saves as its scheduler side plans them: a request's saves wait for a step no
+first token waits for (one with no prefill) or for its end, when what it generated is saved
+too (vLLM keeps its blocks until the worker has gathered them); write-through saves as the
+prompt is computed. No engine runs."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import pytest
 from vllm.v1.core.sched.output import CachedRequestData
+from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
 from kvtier.errors import ConfigError
 from kvtier.integrations.vllm.context import ConnectorOptions
 from kvtier.integrations.vllm.messages import SaveSpec
+from kvtier.integrations.vllm.scheduler import SchedulerSide
 from kvtier.store import TieredStore
 
 from connectorsteps import (
@@ -42,55 +45,81 @@ def _generated(req: Request, count: int, first: int = 7000) -> list[int]:
     return list(req.all_token_ids)
 
 
-def test_a_finished_request_saves_what_it_generated_then_frees_its_blocks(
+def _prefilled(s: SchedulerSide, req: Request, blocks: list[int]) -> list[SaveSpec]:
+    """The saves of the step that computes ``req``'s whole prompt."""
+    s.arrived(req)
+    s.matched(req, 0)
+    s.allocated(req, [], 0)
+    step = output([new(req, blocks, 0)], scheduled={req.request_id: req.num_prompt_tokens})
+    return s.step(step).saves
+
+
+def test_a_finished_request_saves_its_prompt_and_what_it_generated_then_frees_its_blocks(
     store: TieredStore,
 ) -> None:
     s = side(store)
-    tokens = prompt(20, 3, extra=13)  # 61 tokens: saved to 48 whole, and a 56-token tail
+    tokens = prompt(20, 3, extra=13)  # 61 tokens
     req = request("g", tokens)
-    s.matched(req, 0)
-    s.allocated(req, [], 0)
-    s.step(output([new(req, blocks_for(61), 0)], scheduled={"g": 61}))
+    assert _prefilled(s, req, blocks_for(61)) == []  # its first token does not wait for them
     generated = _generated(req, 12)  # 73 tokens, the KV of 72 computed
     blocks = blocks_for(72)
-    assert s.finished(req, blocks) is True  # vLLM keeps the blocks for the save
+    assert s.finished(req, blocks) is True  # vLLM keeps the blocks for the saves
+    # The same prompt again, before they are gathered: vLLM asks at the next step.
+    again = request("g2", [*generated[:72], 5, 6, 7])
+    assert s.matched(again, 0) == (None, False)
     meta = s.step(output())
-    assert (
-        meta.saves
-        == [
-            SaveSpec("g", generated[:64], None, blocks[:8], 3),  # chunk 3 is whole now
-            SaveSpec("g", generated[:72], None, blocks[:9], 4, tail=True),
-        ]
-    )
+    assert meta.saves == [
+        SaveSpec("g", generated[:64], None, blocks[:8], 0),
+        SaveSpec("g", generated[:72], None, blocks[:9], 4, tail=True),
+    ]
     assert meta.releases == ["g"] and s.step(output()).saves == []  # once
+    s.worker_reported(KVConnectorOutput(finished_sending={"g"}))  # gathered
+    assert s.matched(again, 0) == (0, False)  # (no worker stored them here)
+
+
+def test_write_through_saves_as_the_prompt_goes_and_the_output_at_the_end(
+    store: TieredStore,
+) -> None:
+    s = side(store, write_through=True)
+    tokens = prompt(21, 3, extra=13)
+    req = request("t", tokens)
+    assert _prefilled(s, req, blocks_for(61)) == [
+        SaveSpec("t", tokens[:48], None, blocks_for(48), 0),
+        SaveSpec("t", tokens[:56], None, blocks_for(56), 3, tail=True),
+    ]
+    generated = _generated(req, 12)
+    assert s.finished(req, blocks_for(72)) is True
+    assert s.step(output()).saves == [
+        SaveSpec("t", generated[:64], None, blocks_for(64), 3),
+        SaveSpec("t", generated[:72], None, blocks_for(72), 4, tail=True),
+    ]
     # Too little generated to reach a granule past the saved tail: nothing to keep.
-    short = request("h", prompt(21, 3, extra=13))
-    s.matched(short, 0)
-    s.allocated(short, [], 0)
-    s.step(output([new(short, blocks_for(61), 0)], scheduled={"h": 61}))
+    short = request("h", prompt(22, 3, extra=13))
+    assert _prefilled(s, short, blocks_for(61))
     _generated(short, 3)  # 63 tokens computed: the tail ends at 56 still
     assert s.finished(short, blocks_for(63)) is False
     assert s.step(output()).releases == []
 
 
-def test_outputs_are_not_saved_when_turned_off_or_the_prompt_never_ran(
+def test_outputs_are_not_saved_when_turned_off_and_an_aborted_prefill_keeps_its_chunks(
     store: TieredStore,
 ) -> None:
-    off = side(store)
-    off.ctx.options = ConnectorOptions(save_outputs=False)
-    req = request("o", prompt(22, 3, extra=13))
-    off.matched(req, 0)
-    off.allocated(req, [], 0)
-    off.step(output([new(req, blocks_for(61), 0)], scheduled={"o": 61}))
+    off = side(store, write_through=True)
+    off.ctx.options = ConnectorOptions(write_through=True, save_outputs=False)
+    req = request("o", prompt(23, 3, extra=13))
+    assert _prefilled(off, req, blocks_for(61))
     _generated(req, 30)
     assert off.finished(req, blocks_for(90)) is False and off.step(output()).saves == []
     on = side(store)
-    aborted = request("x", prompt(23, 3, extra=13))
+    tokens = prompt(24, 3, extra=13)
+    aborted = request("x", tokens)
+    on.arrived(aborted)
     on.matched(aborted, 0)
     on.allocated(aborted, [], 0)
     on.step(output([new(aborted, blocks_for(61), 0)], scheduled={"x": 20}))
-    aborted.num_computed_tokens = 20  # aborted in its prefill
-    assert on.finished(aborted, blocks_for(20)) is False
+    aborted.num_computed_tokens = 20  # aborted in its prefill: its first chunk is computed
+    assert on.finished(aborted, blocks_for(20)) is True
+    assert on.step(output()).saves == [SaveSpec("x", tokens[:16], None, blocks_for(16), 0)]
     with pytest.raises(ConfigError, match="save_outputs"):
         ConnectorOptions.take({"save_outputs": "yes"})
 
@@ -129,18 +158,10 @@ def test_a_request_that_decodes_saves_in_a_step_without_prefill_or_at_its_end(
     ]
     # One that ends before any such step saves it all when it ends, its output too.
     late = request("f", prompt(26, 3, extra=13), max_tokens=8)
-    s.arrived(late)
-    s.matched(late, 0)
-    s.allocated(late, [], 0)
-    assert s.step(output([new(late, blocks_for(61), 0)], scheduled={"f": 61})).saves == []
+    assert _prefilled(s, late, blocks_for(61)) == []
     generated = _generated(late, 5)  # 66 tokens, 65 computed
     assert s.finished(late, blocks_for(65)) is True
     assert s.step(output()).saves == [SaveSpec("f", generated[:64], None, blocks_for(64), 0)]
     # Write-through (a disaggregated prefill engine's) saves as its prefill goes.
-    through = side(store)
-    through.ctx.options = ConnectorOptions(write_through=True)
-    now = request("w", prompt(27, 1), max_tokens=8)
-    through.arrived(now)
-    through.matched(now, 0)
-    through.allocated(now, [], 0)
-    assert through.step(output([new(now, blocks_for(16), 0)], scheduled={"w": 16})).saves
+    through = side(store, write_through=True)
+    assert _prefilled(through, request("w", prompt(27, 1), max_tokens=8), blocks_for(16))

@@ -39,7 +39,7 @@ def store(tmp_path: Path) -> Iterator[TieredStore]:
 
 
 def test_a_cold_prompt_saves_each_chunk_once_then_its_tail(store: TieredStore) -> None:
-    s = side(store)
+    s = side(store, write_through=True)  # saves as the prompt is computed
     tokens = prompt(1, 3, extra=13)  # 61 tokens: 3 chunks, one more full block, 5 tokens
     req = request("a", tokens)
     s.arrived(req)
@@ -86,7 +86,7 @@ def test_a_hit_loads_whole_chunks_and_leaves_the_last_block_to_compute(
 
 
 def test_a_stored_tail_is_reused_by_a_longer_prompt(store: TieredStore) -> None:
-    s = side(store)
+    s = side(store, write_through=True)  # saves as the prompt is computed
     tokens = prompt(5, 3, extra=BLOCK)  # 56 tokens: 3 chunks and a one-block tail
     store.put(tokens, s.ctx.namespace(None), [*chunks_for(5, 3), chunk(9, TAIL_SHAPE)], tail=True)
     grown = tokens + prompt(6, 1, extra=4)
@@ -158,7 +158,7 @@ def test_auto_loads_in_the_background_only_from_below_dram_while_others_run(
 
 
 def test_a_preempted_request_loads_again_into_its_new_blocks(store: TieredStore) -> None:
-    s = side(store)
+    s = side(store, write_through=True)  # saves as the prompt is computed
     tokens = prompt(12, 2, extra=9)  # 41 tokens, 2 chunks stored
     store.put(tokens, s.ctx.namespace(None), chunks_for(12, 2))
     req = request("p", tokens)
@@ -210,7 +210,7 @@ def test_a_tail_is_cut_to_16_tokens_not_to_a_block(tmp_path: Path) -> None:
     config = StoreConfig(chunk_tokens=chunk_tokens, tiers=(MemoryTierConfig(capacity=1 << 24),))
     with open_store(config) as opened:
         args = (config, block, chunk_tokens, "m", "r1", "float16", opened)
-        ctx = ConnectorContext(ConnectorOptions(), *args)
+        ctx = ConnectorContext(ConnectorOptions(write_through=True), *args)
         s = SchedulerSide(ctx, lambda: [])
         assert ctx.granule == 16
         tokens = prompt(7, 6, extra=13)  # 109 tokens: a chunk, then 45 tokens

@@ -9,9 +9,10 @@ requests run). :meth:`SchedulerSide.step` turns vLLM's scheduler output into thi
 newly completed prompt chunks to save and, once a prompt is computed, its tail (its tokens after
 its last full chunk, cut to a multiple of 16: a returning turn recomputes at most 15 of them,
 where vLLM's own cache recomputes up to a block, 128 tokens on CPU), and prefetches
-for the requests still waiting for blocks. When a request ends, the tokens it generated are
-saved too, chunks and tail (:meth:`SchedulerSide.finished`): a chat's next turn holds the
-answer in its prompt, and its KV was computed by the decode.
+for the requests still waiting for blocks. Saves are planned only in steps with no prefill in
+them (the gather runs after the forward pass, and nobody's first token should wait for it), or
+when the request ends (:meth:`SchedulerSide.finished`), when the tokens it generated are saved
+too: a chat's next turn holds the answer in its prompt, and the decode computed its KV.
 
 Everything kvtier knows of a request lives in one :class:`RequestState`, dropped in one place
 when the request finishes.
@@ -63,7 +64,6 @@ class RequestState:
     prefetch: bool = False  # waits for blocks: the worker warms its DRAM meanwhile
     block_ids: list[int] | None = None  # its blocks, once scheduled
     saved_tokens: int = 0  # prompt tokens already in kvtier (held, loaded or saved; a tail too)
-    defers: bool = False  # it decodes after its prefill: its saves wait (SchedulerSide.step)
 
     def take_held(self) -> int:
         """The lookup's hit, once: a later scheduling without a new lookup holds nothing."""
@@ -87,7 +87,8 @@ class SchedulerSide:
         self.requests: dict[str, RequestState] = {}
         self.loading: set[str] = set()  # background loads the worker has not reported done
         self._background_loads: list[LoadSpec] = []  # planned, for the next step's metadata
-        self._final_saves: list[SaveSpec] = []  # finished requests' outputs, for the next step
+        self._final_saves: list[SaveSpec] = []  # finished requests' saves, for the next step
+        self._unsaved: dict[str, list[SaveSpec]] = {}  # ...until the worker has gathered them
         self.worker_top: set[bytes] = set()  # mirror of the worker's DRAM tier
 
     def _state(self, request: Request) -> RequestState:
@@ -101,15 +102,11 @@ class SchedulerSide:
     def arrived(self, request: Request) -> None:
         state = self._state(request)
         state.prefetch = len(state.prompt) > self.ctx.chunk
-        # A request that decodes after its prefill keeps its blocks until it ends: its saves
-        # can wait for a step no first token waits for. One that ends with its prefill (a
-        # disaggregated prefill), or whose chunks must be everywhere before its answer leaves
-        # (write-through), saves as its prefill goes.
-        decodes = int(getattr(request, "max_tokens", 1) or 1) > 1
-        state.defers = decodes and not self.ctx.options.write_through
 
     def worker_reported(self, output: KVConnectorOutput) -> None:
         self.loading.difference_update(output.finished_recving or ())
+        for req_id in output.finished_sending or ():
+            self._unsaved.pop(req_id, None)
         meta = output.kv_connector_worker_meta
         if isinstance(meta, KvtierWorkerMetadata):
             self.worker_top.difference_update(meta.dropped)
@@ -148,12 +145,26 @@ class SchedulerSide:
         state = self._state(request)
         return self._lookup(state.prompt, state.salt).hit_tokens
 
-    def matched(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def _saving_more(self, state: RequestState, hit: int) -> bool:
+        """Whether a finished request's saves not gathered yet hold more of this prompt than
+        the ``hit`` kvtier holds now (the same prompt sent again as soon as its answer came)."""
+        more = min(len(state.prompt) - 1, hit + self.ctx.granule)
+        return more > hit and any(
+            spec.salt == state.salt
+            and len(spec.tokens) >= more
+            and spec.tokens[:more] == state.prompt[:more]
+            for specs in self._unsaved.values()
+            for spec in specs
+        )
+
+    def matched(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         """vLLM's ``get_num_new_matched_tokens``: tokens kvtier can load beyond vLLM's own
         prefix hit, and whether the load runs in the background."""
         req_id = request.request_id
         state = self._state(request)
         found = self._lookup(state.prompt, state.salt)
+        if self._saving_more(state, found.hit_tokens):
+            return None, False  # vLLM asks again at the next step, when they are saved
         state.held = found.hit_tokens  # those chunks need no saving
         state.vllm_hit = num_computed_tokens
         # vLLM must compute at least the last prompt token itself. A load ends on a tail
@@ -210,17 +221,14 @@ class SchedulerSide:
         cached = output.scheduled_cached_reqs
         # Saves gather blocks after the forward pass, on the engine's thread: in a step where
         # some prompt is being computed, someone's first token (or the next chunk of their
-        # prompt) waits for them. The saves of requests that decode afterwards wait for a
-        # step with no prefill in it, or for the request's end (finished).
-        prefilling = any(
-            n.num_computed_tokens < len(n.prompt_token_ids or ()) for n in output.scheduled_new_reqs
-        ) or any(
-            (st := self.requests.get(r)) is not None and c < len(st.prompt)
-            for r, c in zip(cached.req_ids, cached.num_computed_tokens, strict=False)
-        )
+        # prompt) waits for them. So they wait for a step with no prefill in it, or for the
+        # request's end (finished: vLLM keeps its blocks until they are gathered); unless
+        # the chunks must be everywhere before the answer leaves (write-through: a
+        # disaggregated prefill engine's).
+        defer = not self.ctx.options.write_through and self._prefilling(output)
 
         def save(req_id: str, state: RequestState, computed: int) -> None:
-            if not (state.defers and prefilling):
+            if not defer:
                 self._plan_save(meta, req_id, state, computed)
 
         for new in output.scheduled_new_reqs:
@@ -254,6 +262,16 @@ class SchedulerSide:
                 meta.prefetches.append((state.prompt, state.salt))
                 state.prefetch = False
         return meta
+
+    def _prefilling(self, output: SchedulerOutput) -> bool:
+        """Whether the step computes some prompt tokens (not only decodes)."""
+        cached = output.scheduled_cached_reqs
+        return any(
+            n.num_computed_tokens < len(n.prompt_token_ids or ()) for n in output.scheduled_new_reqs
+        ) or any(
+            (state := self.requests.get(r)) is not None and computed < len(state.prompt)
+            for r, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=False)
+        )
 
     def _plan_load(self, meta: KvtierConnectorMetadata, req_id: str, state: RequestState) -> None:
         if state.load is not None and state.block_ids is not None:
@@ -340,5 +358,8 @@ class SchedulerSide:
             return False  # its blocks are not all known: nothing is saved from them
         plan = KvtierConnectorMetadata()
         self._plan_save(plan, req_id, state, computed, tokens[:computed], blocks)
+        if not plan.saves:
+            return False
         self._final_saves += plan.saves
-        return bool(plan.saves)
+        self._unsaved[req_id] = plan.saves
+        return True
