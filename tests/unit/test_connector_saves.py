@@ -165,3 +165,19 @@ def test_a_request_that_decodes_saves_in_a_step_without_prefill_or_at_its_end(
     # Write-through (a disaggregated prefill engine's) saves as its prefill goes.
     through = side(store, write_through=True)
     assert _prefilled(through, request("w", prompt(27, 1), max_tokens=8), blocks_for(16))
+
+
+def test_pending_saves_can_be_taken_before_the_next_step(store: TieredStore) -> None:
+    """vllm.LLM steps only while requests are unfinished: flush_all takes the saves a
+    finished request left, and the next step only has its blocks freed."""
+    s = side(store)
+    req = request("p", prompt(28, 3, extra=13))
+    assert _prefilled(s, req, blocks_for(61)) == []
+    _generated(req, 1)  # its one token: max_tokens 1
+    assert s.finished(req, blocks_for(61)) is True
+    got, specs = s.take_pending()
+    assert got is store and [spec.req_id for spec in specs] == ["p", "p"]
+    assert s.take_pending()[1] == []
+    meta = s.step(output())
+    assert meta.saves == [] and meta.releases == ["p"]
+    assert s.step(output()).releases == []

@@ -35,8 +35,10 @@ from kvtier.integrations.vllm.messages import (
     SaveSpec,
 )
 from kvtier.integrations.vllm.metrics import RATE_FILE
+from kvtier.integrations.vllm.worker import hand_over_pending
 from kvtier.keys import ChunkKey, tail_candidates
 from kvtier.results import LookupResult
+from kvtier.store import TieredStore
 from kvtier.tenants import salt_tenant
 
 if TYPE_CHECKING:
@@ -89,6 +91,8 @@ class SchedulerSide:
         self._background_loads: list[LoadSpec] = []  # planned, for the next step's metadata
         self._final_saves: list[SaveSpec] = []  # finished requests' saves, for the next step
         self._unsaved: dict[str, list[SaveSpec]] = {}  # ...until the worker has gathered them
+        self._release: set[str] = set()  # ...and those gathered by flush_all, for vLLM to free
+        hand_over_pending(self.take_pending)
         self.worker_top: set[bytes] = set()  # mirror of the worker's DRAM tier
 
     def _state(self, request: Request) -> RequestState:
@@ -144,6 +148,16 @@ class SchedulerSide:
         estimate of its work; loading is decided later, in :meth:`matched`)."""
         state = self._state(request)
         return self._lookup(state.prompt, state.salt).hit_tokens
+
+    def take_pending(self) -> tuple[TieredStore, list[SaveSpec]]:
+        """The saves finished requests left for the next step, for a worker in this process
+        to gather now (:func:`~.worker.flush_all`); the next step still tells the worker to
+        report their requests, so that vLLM frees their blocks."""
+        specs, self._final_saves = self._final_saves, []
+        for spec in specs:
+            self._release.add(spec.req_id)
+            self._unsaved.pop(spec.req_id, None)  # gathered: the saver's own wait covers it
+        return self.ctx.store, specs
 
     def _saving_more(self, state: RequestState, hit: int) -> bool:
         """Whether a finished request's saves not gathered yet hold more of this prompt than
@@ -215,8 +229,8 @@ class SchedulerSide:
         """vLLM's ``build_connector_meta``: this step's loads, saves and prefetches."""
         self.metrics.rate.step(output.total_num_scheduled_tokens)
         meta = KvtierConnectorMetadata(loads=self._background_loads, saves=self._final_saves)
-        meta.releases = sorted({spec.req_id for spec in self._final_saves})
-        self._background_loads, self._final_saves = [], []
+        meta.releases = sorted(self._release | {spec.req_id for spec in self._final_saves})
+        self._background_loads, self._final_saves, self._release = [], [], set()
         scheduled = output.num_scheduled_tokens
         cached = output.scheduled_cached_reqs
         # Saves gather blocks after the forward pass, on the engine's thread: in a step where

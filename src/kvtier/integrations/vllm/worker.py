@@ -17,7 +17,7 @@ import math
 import re
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,7 +31,11 @@ from kvtier.integrations.vllm.accounts import ConnectorMetrics
 from kvtier.integrations.vllm.chunk_pool import ChunkPool
 from kvtier.integrations.vllm.context import ConnectorContext, log
 from kvtier.integrations.vllm.loader import Loader
-from kvtier.integrations.vllm.messages import KvtierConnectorMetadata, KvtierWorkerMetadata
+from kvtier.integrations.vllm.messages import (
+    KvtierConnectorMetadata,
+    KvtierWorkerMetadata,
+    SaveSpec,
+)
 from kvtier.integrations.vllm.metrics import KvtierStats
 from kvtier.integrations.vllm.paged import TORCH_DTYPES, block_view
 from kvtier.integrations.vllm.saver import Saver
@@ -51,8 +55,31 @@ def in_process_saves() -> list[Saver]:
     return [worker.saver for worker in list(_workers)]
 
 
+# Saves that finished requests left for a step of their engine (see SchedulerSide.finished):
+# each source hands them over with the store they go to.
+PendingSaves = Callable[[], tuple[TieredStore, list[SaveSpec]]]
+_pending: list[weakref.WeakMethod[PendingSaves]] = []
+
+
+def hand_over_pending(source: PendingSaves) -> None:
+    """Register a scheduler side's :meth:`take_pending` with :func:`flush_all`."""
+    _pending.append(weakref.WeakMethod(source))  # type: ignore[arg-type]
+
+
 def flush_all(timeout: float | None = None) -> None:
-    """Wait for every connector's pending saves and the stores' lower-tier writes."""
+    """Wait for every connector's pending saves and the stores' lower-tier writes; first,
+    gather the saves that finished requests left for a step that has not come (an engine
+    run in-process by ``vllm.LLM`` steps only while requests are unfinished). Call it when
+    no step runs: after ``LLM.generate`` returns, or at exit."""
+    for ref in list(_pending):
+        take = ref()
+        if take is None:
+            _pending.remove(ref)
+            continue
+        store, specs = take()
+        worker = next((w for w in list(_workers) if w.ctx.store is store), None)
+        if worker is not None and specs:
+            worker.saver.save(specs)
     for saver in in_process_saves():
         saver.wait()
     for store in shared_stores.open_stores():
