@@ -127,6 +127,11 @@ class Saver:
             with self._lock:
                 self._saving.difference_update(keys)
 
+    def last_write(self) -> Future[None] | None:
+        """The last save's write (writes run in order: done, every earlier one is), or None
+        when none is pending."""
+        return self._pending
+
     def took(self) -> list[float]:
         """How long each save finished since the last call took: from its chunks gathered to
         the top tier holding them and the lower ones queued (holding them, write-through)."""

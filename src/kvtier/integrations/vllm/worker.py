@@ -18,6 +18,7 @@ import re
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 import torch
@@ -130,7 +131,7 @@ class WorkerSide:
         )
         self._events_lock = threading.Lock()
         self._events = KvtierWorkerMetadata()
-        self._released: set[str] = set()  # see save()
+        self._releasing: list[tuple[list[str], Future[None] | None]] = []  # see save()
         _workers.add(self)
         top = ctx.store.tiers[0].name
         ctx.store.subscribe(lambda e: self._on_event(e) if e.tier == top else None)
@@ -216,17 +217,23 @@ class WorkerSide:
 
     def save(self, meta: KvtierConnectorMetadata) -> None:
         """After the forward pass: the step's saves. The blocks of the finished requests
-        among them (``meta.releases``) are free to reuse once gathered, even if a save
-        failed (a failed save is a future miss)."""
+        among them (``meta.releases``) are released once the saves are stored (even if one
+        failed: a failed save is a future miss). Gathered, the blocks are no longer needed;
+        but vLLM steps an engine with no request left only while some request's blocks are
+        held, and the step after the saves are stored reports them (their time, the tiers'
+        counters): an idle server's /metrics would otherwise miss its last saves."""
         try:
             self.saver.save(meta.saves)
         finally:
-            self._released.update(meta.releases)
+            if meta.releases:
+                self._releasing.append((list(meta.releases), self.saver.last_write()))
 
     def released(self) -> set[str]:
-        """Finished requests whose blocks the saves no longer need, since the last call."""
-        released, self._released = self._released, set()
-        return released
+        """Finished requests whose saves are stored, since the last call."""
+        out: set[str] = set()
+        while self._releasing and (self._releasing[0][1] is None or self._releasing[0][1].done()):
+            out.update(self._releasing.pop(0)[0])
+        return out
 
     def _announce(self, keys: Sequence[ChunkKey]) -> None:
         """Chunks a save is about to store: told to the scheduler with this step's output."""
