@@ -16,7 +16,7 @@ from vllm.v1.request import Request
 from kvtier.errors import ConfigError
 from kvtier.integrations.vllm.context import ConnectorOptions
 from kvtier.integrations.vllm.messages import SaveSpec
-from kvtier.integrations.vllm.scheduler import SchedulerSide
+from kvtier.integrations.vllm.scheduler import UNSAVED_WAIT_S, SchedulerSide
 from kvtier.store import TieredStore
 
 from connectorsteps import (
@@ -75,6 +75,17 @@ def test_a_finished_request_saves_its_prompt_and_what_it_generated_then_frees_it
     assert meta.releases == ["g"] and s.step(output()).saves == []  # once
     s.worker_reported(KVConnectorOutput(finished_sending={"g"}))  # gathered
     assert s.matched(again, 0) == (0, False)  # (no worker stored them here)
+    # Saves that never come (a worker that never reports) hold a lookup for a bound only.
+    now = [100.0]
+    s.clock = lambda: now[0]
+    late = request("k", prompt(29, 3, extra=13))
+    assert _prefilled(s, late, blocks_for(61)) == []
+    _generated(late, 1)
+    assert s.finished(late, blocks_for(61)) is True
+    same = request("k2", list(late.all_token_ids))
+    assert s.matched(same, 0) == (None, False)
+    now[0] += UNSAVED_WAIT_S
+    assert s.matched(same, 0) == (0, False)
 
 
 def test_write_through_saves_as_the_prompt_goes_and_the_output_at_the_end(

@@ -20,6 +20,7 @@ when the request finishes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,11 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+
+# How long a lookup waits (asking vLLM to ask again) for a finished request's saves that
+# would extend its hit: they are gathered at the next step, so this is only a bound.
+UNSAVED_WAIT_S = 2.0
 
 
 class Saves(Protocol):
@@ -90,7 +96,9 @@ class SchedulerSide:
         self.loading: set[str] = set()  # background loads the worker has not reported done
         self._background_loads: list[LoadSpec] = []  # planned, for the next step's metadata
         self._final_saves: list[SaveSpec] = []  # finished requests' saves, for the next step
-        self._unsaved: dict[str, list[SaveSpec]] = {}  # ...until the worker has gathered them
+        # ...until the worker has gathered them (when they were planned, the saves)
+        self._unsaved: dict[str, tuple[float, list[SaveSpec]]] = {}
+        self.clock: Callable[[], float] = time.monotonic  # tests drive a simulated one
         self._release: set[str] = set()  # ...and those gathered by flush_all, for vLLM to free
         hand_over_pending(self.take_pending)
         self.worker_top: set[bytes] = set()  # mirror of the worker's DRAM tier
@@ -167,7 +175,8 @@ class SchedulerSide:
             spec.salt == state.salt
             and len(spec.tokens) >= more
             and spec.tokens[:more] == state.prompt[:more]
-            for specs in self._unsaved.values()
+            for since, specs in self._unsaved.values()
+            if self.clock() - since < UNSAVED_WAIT_S  # a save that never comes must not block
             for spec in specs
         )
 
@@ -375,5 +384,5 @@ class SchedulerSide:
         if not plan.saves:
             return False
         self._final_saves += plan.saves
-        self._unsaved[req_id] = plan.saves
+        self._unsaved[req_id] = (self.clock(), plan.saves)
         return True
