@@ -68,10 +68,15 @@ def test_a_finished_request_saves_its_prompt_and_what_it_generated_then_frees_it
     again = request("g2", [*generated[:72], 5, 6, 7])
     assert s.matched(again, 0) == (None, False)
     meta = s.step(output())
-    assert meta.saves == [
-        SaveSpec("g", generated[:64], None, blocks[:8], 0),
-        SaveSpec("g", generated[:72], None, blocks[:9], 4, tail=True),
-    ]
+    assert (
+        meta.saves
+        == [
+            SaveSpec("g", tokens[:48], None, blocks[:6], 0),
+            SaveSpec("g", tokens[:56], None, blocks[:7], 3, tail=True),  # the prompt's own tail
+            SaveSpec("g", generated[:64], None, blocks[:8], 3),
+            SaveSpec("g", generated[:72], None, blocks[:9], 4, tail=True),
+        ]
+    )
     assert meta.releases == ["g"] and s.step(output()).saves == []  # once
     s.worker_reported(KVConnectorOutput(finished_sending={"g"}))  # gathered
     assert s.matched(again, 0) == (0, False)  # (no worker stored them here)
@@ -172,7 +177,11 @@ def test_a_request_that_decodes_saves_in_a_step_without_prefill_or_at_its_end(
     assert _prefilled(s, late, blocks_for(61)) == []
     generated = _generated(late, 5)  # 66 tokens, 65 computed
     assert s.finished(late, blocks_for(65)) is True
-    assert s.step(output()).saves == [SaveSpec("f", generated[:64], None, blocks_for(64), 0)]
+    assert s.step(output()).saves == [
+        SaveSpec("f", generated[:48], None, blocks_for(48), 0),
+        SaveSpec("f", generated[:56], None, blocks_for(56), 3, tail=True),
+        SaveSpec("f", generated[:64], None, blocks_for(64), 3),
+    ]
     # Write-through (a disaggregated prefill engine's) saves as its prefill goes.
     through = side(store, write_through=True)
     assert _prefilled(through, request("w", prompt(27, 1), max_tokens=8), blocks_for(16))

@@ -380,6 +380,9 @@ class SchedulerSide:
         if -(-computed // self.ctx.block_size) > len(blocks):
             return False  # its blocks are not all known: nothing is saved from them
         plan = KvtierConnectorMetadata()
+        prompt = len(state.prompt)
+        if computed >= prompt:  # the prompt's own tail first: the same prompt again needs it
+            self._plan_save(plan, req_id, state, prompt, state.prompt, blocks)
         self._plan_save(plan, req_id, state, computed, tokens[:computed], blocks)
         if not plan.saves:
             return False
