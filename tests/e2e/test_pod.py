@@ -151,7 +151,11 @@ def test_returning_turns_go_where_their_context_is(pod: PodProcess) -> None:
     first = {}
     for user in ("ann", "bob", "cyd", "dee"):
         _, first[user] = complete(pod, text(user, CONTEXT_WORDS))
-    assert len(set(first.values())) == 2, f"cold users all went to one engine: {first}"
+    engines = [
+        {k: e[k] for k in ("url", "queued_tokens", "routed", "prefill_tokens_per_s")}
+        for e in get_json(f"{pod.url}/router/state")["engines"]
+    ]
+    assert len(set(first.values())) == 2, f"cold users all went to one engine: {first}, {engines}"
     for user in ("ann", "bob", "cyd", "dee"):
         body = {"model": MODEL, "prompt": text(user, CONTEXT_WORDS) + " and then", "max_tokens": 1}
         _, engine = post(pod.url, "/v1/completions", body)

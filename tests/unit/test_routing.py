@@ -190,6 +190,35 @@ def test_an_engine_with_few_samples_is_priced_at_the_pods_prefill_rate() -> None
     assert len(a.samples) == 32 and a.prefill_tokens_per_s == 1000
 
 
+def test_equal_engines_share_sequential_cold_prompts_despite_noisy_samples() -> None:
+    """A CI run sent four cold users one after another all to one of two equal engines: two
+    samples each (0.36-0.60 s for ~600 tokens here) made one look >10% faster, and it kept
+    winning. Noise is measured and discounted; a real difference still counts."""
+    from kvtier.router.engines import EngineSet
+
+    engines = EngineSet(["http://a:1", "http://b:1"], ChunkIndex())
+    a, b = engines.engines
+    for tokens, fast, slow in ((620, 0.36, 0.60), (560, 0.40, 0.55)):
+        a.measured_prefill(tokens, fast)
+        b.measured_prefill(tokens, slow)
+    assert b.prefill_tokens_per_s < 0.75 * a.prefill_tokens_per_s  # what the samples say
+    routing = CostRouting(bytes_per_token=1000)
+    chosen = []
+    for _ in range(4):
+        views = [EngineView(e.url, prefill_tokens_per_s=engines.prefill_rate(e)) for e in (a, b)]
+        chosen.append(routing.choose(600, views).best.engine)
+    assert set(chosen) == {a.url, b.url}, chosen
+    # Many samples, as noisy as this host's (+-10%), and B steadily 30% slower: it shows.
+    for i in range(32):
+        jitter = 1.1 if i % 2 else 0.9
+        a.measured_prefill(600, 0.45 * jitter)
+        b.measured_prefill(600, 0.45 * 1.3 * jitter)
+    ratio = engines.prefill_rate(a) / engines.prefill_rate(b)
+    assert 1.15 < ratio < 1.35, ratio
+    views = [EngineView(e.url, prefill_tokens_per_s=engines.prefill_rate(e)) for e in (a, b)]
+    assert {routing.choose(600, views).best.engine for _ in range(4)} == {a.url}
+
+
 def test_a_long_new_chat_is_keyed_from_its_exact_leading_tokens() -> None:
     from kvtier.bench.workload import document
     from kvtier.integrations.model import prepare_default_model

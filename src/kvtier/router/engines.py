@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ HEALTH_TIMEOUT_S = 0.5
 INFO_EVERY_S = 2.0
 POLL_WAIT_S = 5.0
 RATE_SAMPLES = 32  # an engine's prefill rate: tokens / seconds over its latest samples
-PRIOR_SAMPLES = 8  # ... pulled toward the pod's rate until it has about this many
+SAMPLE_NOISE = 0.25  # one sample's rate vs its engine's, until samples measure it ...
+NOISE_PRIOR = 8  # ... worth this many samples
 MIN_SAMPLE_TOKENS = 256  # fewer recomputed tokens say little about the prefill rate
 MIN_BANDWIDTH_BYTES = 16 << 20  # reads before an engine's own tier bandwidth is trusted
 
@@ -177,16 +179,37 @@ class EngineSet:
         self._tasks.clear()
 
     def prefill_rate(self, engine: Engine) -> float:
-        """``engine``'s prefill rate for routing: its own measure, pulled toward the pod's
-        while it has few samples. Noise in a few samples would otherwise make one of equal
-        engines look faster, win every cold prompt, and never be measured again."""
+        """``engine``'s prefill rate for routing: the pod's, moved toward its own measure only
+        by as much as that measure differs beyond its noise (twice its standard error).
+
+        Two requests of the same length on the same engine take 0.36 to 0.60 s here: with a
+        few samples each, one of two equal engines would look faster, win every cold prompt,
+        and never be measured again. A steady difference still shows, once its samples are
+        many enough to tell it from the noise.
+        """
         measured = [e for e in self.engines if e.samples]
         if not measured:
             return DEFAULT_PREFILL_TOKENS_PER_S
         tokens = sum(t for e in measured for t, _ in e.samples)
         pod = tokens / sum(s for e in measured for _, s in e.samples)
-        weight = len(engine.samples) / (len(engine.samples) + PRIOR_SAMPLES)
-        return weight * engine.prefill_tokens_per_s + (1 - weight) * pod
+        if not engine.samples:
+            return pod
+        noise = self._sample_noise(measured) / math.sqrt(len(engine.samples))
+        off = math.log(engine.prefill_tokens_per_s / pod)
+        beyond = max(0.0, abs(off) - 2 * noise)
+        return pod * math.exp(math.copysign(beyond, off))
+
+    @staticmethod
+    def _sample_noise(measured: list[Engine]) -> float:
+        """How far one sample's rate strays from its engine's, as a fraction: the spread of
+        the pod's samples about their engines' rates, pulled toward :data:`SAMPLE_NOISE` while
+        they are few (a few samples can sit close together by chance)."""
+        spread, count = NOISE_PRIOR * SAMPLE_NOISE**2, NOISE_PRIOR
+        for e in measured:
+            own = e.prefill_tokens_per_s
+            spread += sum(math.log(t / s / own) ** 2 for t, s in e.samples)
+            count += len(e.samples) - 1
+        return math.sqrt(spread / count)
 
     def healthy(self, prefill_only: bool = False) -> list[Engine]:
         """Engines in rotation: those that answer requests, or the prefill-only ones."""
