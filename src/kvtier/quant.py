@@ -28,12 +28,18 @@ runs (kvtier's core does not need it).
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import warnings
 from typing import TYPE_CHECKING
 
+from kvtier import native as native_kernels
+
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("kvtier")
 
 LOSSY = ("bf16", "int8", "int8c", "fp8", "int4")
 FLOAT_KV = ("float32", "float16", "bfloat16")  # the KV dtypes a lossy codec takes
@@ -71,15 +77,16 @@ def _bytes4(shape: tuple[int, ...]) -> int:
     return rows * group // 2 + 2 * _SCALE_BYTES * rows
 
 
-def encode(name: str, kv: torch.Tensor) -> torch.Tensor:
+def encode(name: str, kv: torch.Tensor, native: bool = True) -> torch.Tensor:
     """``kv`` ``(layers, 2, tokens, heads, dim)`` (fp32, fp16 or bf16) stored with codec
-    ``name``: a flat uint8 tensor of :func:`stored_bytes` bytes."""
+    ``name``: a flat uint8 tensor of :func:`stored_bytes` bytes. ``native=False``: in torch
+    even where :mod:`kvtier.native`'s kernel would encode (the same bytes, slower)."""
     import torch
 
     if name == "bf16":
         out = kv.to(torch.bfloat16).reshape(-1).view(torch.uint8)
     elif name in ("int8", "fp8"):
-        out = _encode_8(name, kv)
+        out = _encode_8(name, kv, native)
     elif name == "int8c":
         x = kv.float()
         k = _encode_8("int8", x[:, 1])  # V per token and head, as int8
@@ -101,11 +108,12 @@ def decode(
     shape: tuple[int, ...],
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    native: bool = True,
 ) -> torch.Tensor:
     """A payload of ``shape`` in ``dtype`` from its form ``stored`` (flat uint8) by codec
     ``name``, written into ``out`` when given (a tensor of that shape and dtype: the
     destination itself, no copy after). Raises ValueError when ``stored`` is not that codec's
-    size for ``shape``."""
+    size for ``shape``. ``native=False``: in torch even where :mod:`kvtier.native` would."""
     import torch
 
     want = stored_bytes(name, shape)
@@ -116,7 +124,7 @@ def decode(
     if name == "bf16":
         return out.copy_(stored.view(torch.bfloat16).view(shape))
     if name in ("int8", "fp8"):
-        return _decode_8(name, stored, shape, out)
+        return _decode_8(name, stored, shape, out, native)
     layers, _, tokens, heads, dim = shape
     if name == "int8c":
         split = stored_bytes("int8c", shape) - stored_bytes("int8", (layers, 1, tokens, heads, dim))
@@ -160,11 +168,20 @@ def decode_bytes(
 def decode_bytes_into(
     name: str, dtype: str, shape: tuple[int, ...], stored: bytes | memoryview, dest: memoryview
 ) -> None:
-    """:func:`decode_bytes` straight into ``dest`` (writable, the raw payload's size)."""
+    """:func:`decode_bytes` straight into ``dest`` (writable, the raw payload's size).
+
+    ``stored`` may be the front of ``dest`` itself (a chunk read into the buffer it is decoded
+    into): int8 decodes there in place (:mod:`kvtier.native`), other codecs from a copy."""
     import torch
 
     out = torch.frombuffer(dest, dtype=getattr(torch, dtype)).view(shape)
-    decode(name, _tensor(stored, "uint8"), shape, out.dtype, out)
+    src = _tensor(stored, "uint8")
+    start, end = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
+    overlaps = start < src.data_ptr() + src.numel() and src.data_ptr() < end
+    in_place = name == "int8" and dtype in ("bfloat16", "float32") and native_int8()
+    if overlaps and not in_place:
+        src = src.clone()
+    decode(name, src, shape, out.dtype, out)
 
 
 def _bf16(x: torch.Tensor) -> torch.Tensor:
@@ -174,20 +191,29 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).float()
 
 
-def _encode_8(name: str, kv: torch.Tensor) -> torch.Tensor:
+def _encode_8(name: str, kv: torch.Tensor, native: bool = True) -> torch.Tensor:
     """Levels then bf16 scales of ``kv`` (any float dtype), computed in place in one fp32 copy
     and written straight into the output. Measured on one thread of a 2-core Xeon, a 5.9 MB
     bf16 chunk: 4.1 ms, against 6.3 ms with a new tensor for each step (absolute values,
     quotient, levels) and a concatenation at the end. (Reductions over a head's 64 values
-    are the slow part; ``aminmax`` on bf16 was slower still, 5.2 ms alone.)"""
+    are the slow part; ``aminmax`` on bf16 was slower still, 5.2 ms alone.)
+
+    int8 of bf16 or fp32 KV goes through :mod:`kvtier.native`'s kernel where it is built and
+    writes the same bytes as this path (checked once: :func:`native_int8`)."""
     import torch
 
+    values = kv.numel()
+    scales = values // kv.shape[-1]
+    out = torch.empty(values + scales * _SCALE_BYTES, dtype=torch.uint8)
+    if native and name == "int8" and native_int8():
+        x = kv.contiguous()
+        levels, scale_out = out[:values].view(torch.int8), out[values:].view(torch.bfloat16)
+        if native_kernels.int8_encode(x, levels, scale_out):
+            return out
     top = 127.0 if name == "int8" else 448.0
     x = kv.to(torch.float32, copy=True)
     amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
     scale = _bf16(torch.where(amax > 0, amax / top, torch.ones_like(amax)))
-    values = kv.numel()
-    out = torch.empty(values + scale.numel() * _SCALE_BYTES, dtype=torch.uint8)
     x.div_(scale)
     if name == "int8":
         out[:values].view(torch.int8).view(kv.shape).copy_(x.round_().clamp_(-127, 127))
@@ -197,8 +223,45 @@ def _encode_8(name: str, kv: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@functools.cache
+def native_int8() -> bool:
+    """Whether :mod:`kvtier.native`'s int8 kernels are built and write, on a sample with
+    all-zero rows, an outlier, exact halves between levels and subnormal values, the bytes
+    this module's torch path writes: encoding, decoding, and decoding in place (the stored
+    form at the front of the output). A kernel that does not is never used: a miscompiled one
+    must not store or load wrong KV."""
+    import torch
+
+    if native_kernels.library() is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 33, 3, 64, generator=g) * 3
+    x[0, 0, 0] = 0.0
+    x[1, 1, 5, 0, 7] = 900.0
+    x[0, 1, 2, 1] = torch.arange(64) - 31.5
+    x[1, 0, 3] = torch.linspace(-1e-30, 1e-30, 64 * 3).view(3, 64)
+    for dtype in (torch.float32, torch.bfloat16):
+        kv = x.to(dtype)
+        shape, values = tuple(kv.shape), kv.numel()
+        want = _encode_8("int8", kv, native=False)
+        got = torch.empty_like(want)
+        levels, scales = got[:values].view(torch.int8), got[values:].view(torch.bfloat16)
+        same = native_kernels.int8_encode(kv, levels, scales) and torch.equal(got, want)
+        back = _decode_8("int8", want, shape, torch.empty_like(kv), native=False)
+        front = torch.zeros(values * kv.element_size(), dtype=torch.uint8)
+        front[: want.numel()] = want
+        for stored, out in ((want, torch.empty_like(kv).view(-1)), (front[: want.numel()], front)):
+            out = out.view(dtype)
+            wrote = native_kernels.int8_decode(stored, shape[-1], out)
+            same = same and wrote and torch.equal(out.view(shape), back)
+        if not same:
+            log.warning("kvtier: the native int8 kernels disagree with torch; torch runs int8")
+            return False
+    return True
+
+
 def _decode_8(
-    name: str, stored: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor
+    name: str, stored: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor, native: bool = True
 ) -> torch.Tensor:
     """Into ``out``: the codes converted in one pass, then scaled in place (no temporary).
     The scales are bf16: into a bf16 ``out`` they multiply as they are (the product is the
@@ -206,6 +269,10 @@ def _decode_8(
     Xeon where this runs at 7.6)."""
     import torch
 
+    flat = out.view(-1) if out.is_contiguous() else None
+    if name == "int8" and native and flat is not None and native_int8():  # noqa: SIM102
+        if native_kernels.int8_decode(stored, shape[-1], flat):
+            return out
     values = math.prod(shape)
     scale = stored[values:].view(torch.bfloat16).view(*shape[:-1], 1)
     if out.dtype != torch.bfloat16:

@@ -203,9 +203,9 @@ class Reads:
         front of ``buf`` (sized for the raw form): decoded into ``buf`` itself, which then
         holds the raw form (DRAM hits never decode it again)."""
         view = memoryview(buf)
-        stored = bytes(view[:size])  # out of the way of the decoded payload
         header, payload = bytearray(codec.HEADER_BYTES), view[codec.HEADER_BYTES :]
-        if not self._copy_verified(slot, key, stored, header, payload):
+        # decoded where it lies (int8; other forms from a copy: quant.decode_bytes_into)
+        if not self._copy_verified(slot, key, view[:size], header, payload):
             return None
         h = codec.read_header(header)
         codec.seal(codec.stamp(buf, h.key, h.dtype, h.shape, h.namespace_id, h.created_at))

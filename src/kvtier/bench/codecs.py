@@ -49,9 +49,14 @@ def measure(names: list[str], dtype: str, repeat: int = 5) -> dict[str, Any]:
         copy = torch.empty_like(kv)
         memcpy = raw / _best(lambda: copy.copy_(kv), repeat) / 1e9
         rows = []
+        native = quant.native_int8()
         for name in names:
             stored = quant.encode(name, kv)
             encode_s = _best(partial(quant.encode, name, kv), repeat)
+            torch_gbs = None  # int8: torch's encode of the same bytes, as without the kernel
+            if name == "int8":
+                torch_s = _best(partial(quant.encode, name, kv, native=False), repeat)
+                torch_gbs = raw / torch_s / 1e9
             decode_s = _best(partial(quant.decode, name, stored, SHAPE, kv.dtype), repeat)
             back = quant.decode(name, stored, SHAPE, torch.float32)
             x = kv.float()
@@ -65,6 +70,7 @@ def measure(names: list[str], dtype: str, repeat: int = 5) -> dict[str, Any]:
                     "vs_bf16": stored.numel() / bf16,
                     "vs_raw": stored.numel() / raw,
                     "encode_gb_s": raw / encode_s / 1e9,
+                    "encode_torch_gb_s": torch_gbs,
                     "decode_gb_s": decode_gbs,
                     # A tier reading slower than this loads faster with the codec than raw.
                     "pays_below_gb_s": saved / raw * decode_gbs if saved > 0 else 0.0,
@@ -78,6 +84,7 @@ def measure(names: list[str], dtype: str, repeat: int = 5) -> dict[str, Any]:
         "shape": list(SHAPE),
         "raw_bytes_per_token": raw / tokens,
         "memcpy_gb_s": memcpy,
+        "int8_native": native,
         "codecs": rows,
     }
 
@@ -98,6 +105,14 @@ def print_table(result: dict[str, Any]) -> None:
             f" {r['vs_raw']:>7.3f} {r['encode_gb_s']:>12.2f} {r['decode_gb_s']:>12.2f}"
             f" {r['pays_below_gb_s']:>9.2f}GB/s {r['rms_rel_error']:>8.4f}"
         )
+    torch_int8 = next((r for r in result["codecs"] if r["encode_torch_gb_s"]), None)
+    if torch_int8 and result.get("int8_native"):
+        print(
+            f"int8 encodes in kvtier's C kernel (kvtier/native, built for this CPU): torch's"
+            f" encode of the same bytes runs at {torch_int8['encode_torch_gb_s']:.2f} GB/s"
+        )
+    elif torch_int8:
+        print("int8 encodes in torch here: no C compiler, or kvtier's kernel did not build")
     print(
         "pays below: a tier reading slower than this loads a chunk faster stored with the codec"
         " (bytes saved / bytes decoded x decode speed); rms err: |decoded - original| /"

@@ -1,0 +1,120 @@
+/* kvtier's int8 codec for one chunk: symmetric, one bf16 scale per row of `dim` values (a
+ * token's head), the same arithmetic as kvtier/quant.py's torch path, so both write the same
+ * bytes: the scale is max|x| / 127 rounded to bf16 (nearest even; 1 for an all-zero row),
+ * each level x / scale rounded to nearest even and clamped to [-127, 127].
+ *
+ * Compiled on the host at first use (kvtier/native/__init__.py) with its own vector
+ * instructions. |x| is taken on the bit pattern (sign bit cleared), whose unsigned order is
+ * that of the values: the reduction vectorizes without relaxing IEEE semantics. */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) { /* nearest even; never given a NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float scale_of(float amax, uint16_t *scale) {
+    uint16_t s = to_bf16(amax > 0.0f ? amax / 127.0f : 1.0f);
+    *scale = s;
+    return from_bf16(s);
+}
+
+static inline int8_t level(float x, float s) {
+    float v = rintf(x / s);
+    v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+    return v == v ? (int8_t)v : 0; /* NaN KV is garbage: store 0, never undefined behaviour */
+}
+
+static inline void row_bf16(const uint16_t *restrict x, int64_t dim, int8_t *restrict q,
+                            uint16_t *restrict scale) {
+    uint16_t top = 0;
+    for (int64_t i = 0; i < dim; i++) {
+        uint16_t a = x[i] & 0x7FFFu;
+        top = a > top ? a : top;
+    }
+    float s = scale_of(from_bf16(top), scale);
+    for (int64_t i = 0; i < dim; i++) q[i] = level(from_bf16(x[i]), s);
+}
+
+static inline void row_f32(const uint32_t *restrict x, int64_t dim, int8_t *restrict q,
+                           uint16_t *restrict scale) {
+    uint32_t top = 0;
+    for (int64_t i = 0; i < dim; i++) {
+        uint32_t a = x[i] & 0x7FFFFFFFu;
+        top = a > top ? a : top;
+    }
+    float s = scale_of(from_bits(top), scale);
+    for (int64_t i = 0; i < dim; i++) q[i] = level(from_bits(x[i]), s);
+}
+
+/* `rows` rows of `dim` values: levels into q (rows x dim), scales into scales (rows). A head
+ * of 64 values gets loops of a known length, which the compiler unrolls into whole vectors. */
+void kvtier_int8_encode_bf16(const uint16_t *restrict x, int64_t rows, int64_t dim,
+                             int8_t *restrict q, uint16_t *restrict scales) {
+    if (dim == 64)
+        for (int64_t r = 0; r < rows; r++) row_bf16(x + r * 64, 64, q + r * 64, scales + r);
+    else
+        for (int64_t r = 0; r < rows; r++) row_bf16(x + r * dim, dim, q + r * dim, scales + r);
+}
+
+void kvtier_int8_encode_f32(const uint32_t *restrict x, int64_t rows, int64_t dim,
+                            int8_t *restrict q, uint16_t *restrict scales) {
+    if (dim == 64)
+        for (int64_t r = 0; r < rows; r++) row_f32(x + r * 64, 64, q + r * 64, scales + r);
+    else
+        for (int64_t r = 0; r < rows; r++) row_f32(x + r * dim, dim, q + r * dim, scales + r);
+}
+
+/* Decoding: each value is level x scale, rounded once to the output's dtype (what torch's
+ * bf16 multiply writes). `stored` is the encoder's output, levels then scales; `out` may
+ * begin where `stored` does (a chunk read into the front of the buffer it decodes into): the
+ * scales are copied aside first, then rows run from the last down, each row's levels copied
+ * to the stack before its values are written. Row r writes bytes [r, r + 1) x dim x size of
+ * the output, which hold the levels of rows >= r only, already decoded; within a row, pieces
+ * of 256 values run from the last too (row 0's output covers its own levels). */
+void kvtier_int8_decode_bf16(const uint8_t *stored, int64_t rows, int64_t dim, uint16_t *out,
+                             uint16_t *scales_aside) {
+    memcpy(scales_aside, stored + rows * dim, (size_t)rows * 2);
+    int8_t levels[256];
+    for (int64_t r = rows - 1; r >= 0; r--) {
+        float s = from_bf16(scales_aside[r]);
+        for (int64_t i0 = (dim - 1) / 256 * 256; i0 >= 0; i0 -= 256) {
+            int64_t n = dim - i0 < 256 ? dim - i0 : 256;
+            memcpy(levels, stored + r * dim + i0, (size_t)n);
+            uint16_t *o = out + r * dim + i0;
+            for (int64_t i = 0; i < n; i++) o[i] = to_bf16((float)levels[i] * s);
+        }
+    }
+}
+
+void kvtier_int8_decode_f32(const uint8_t *stored, int64_t rows, int64_t dim, float *out,
+                            uint16_t *scales_aside) {
+    memcpy(scales_aside, stored + rows * dim, (size_t)rows * 2);
+    int8_t levels[256];
+    for (int64_t r = rows - 1; r >= 0; r--) {
+        float s = from_bf16(scales_aside[r]);
+        for (int64_t i0 = (dim - 1) / 256 * 256; i0 >= 0; i0 -= 256) {
+            int64_t n = dim - i0 < 256 ? dim - i0 : 256;
+            memcpy(levels, stored + r * dim + i0, (size_t)n);
+            float *o = out + r * dim + i0;
+            for (int64_t i = 0; i < n; i++) o[i] = (float)levels[i] * s;
+        }
+    }
+}

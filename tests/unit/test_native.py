@@ -1,0 +1,133 @@
+"""kvtier's C int8 kernel (kvtier/native): built on this host, the same bytes as torch's
+encode, and torch where it cannot be built or does not agree."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvtier import native, quant
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """A process that has not built or checked the kernel yet, with its own cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    quant.native_int8.cache_clear()
+    yield
+    native.library.cache_clear()
+    quant.native_int8.cache_clear()
+
+
+def _kv(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(shape, generator=g) * torch.rand((*shape[:-1], 1), generator=g) * 10
+    kv[..., 3] *= 30  # an outlier channel, as keys have
+    return kv.to(dtype)
+
+
+def test_the_kernel_builds_here_and_writes_torchs_bytes(fresh: None, tmp_path: Path) -> None:
+    assert quant.native_int8()  # make test installs a C compiler
+    built = list((tmp_path / "cache" / "kvtier" / "native").glob("int8-*.so"))
+    assert len(built) == 1
+    for dtype in (torch.bfloat16, torch.float32):
+        for shape in [(30, 2, 256, 3, 64), (2, 2, 17, 4, 80), (1, 2, 5, 1, 128)]:
+            kv = _kv(shape, dtype, seed=len(shape) + shape[2])
+            fast = quant.encode("int8", kv)
+            slow = quant.encode("int8", kv, native=False)
+            assert torch.equal(fast, slow), (dtype, shape)
+            back = quant.decode("int8", fast, shape, dtype)
+            assert torch.equal(back, quant.decode("int8", fast, shape, dtype, native=False))
+            # Decoded in place: the stored form read into the front of the raw buffer.
+            buf = torch.zeros(kv.numel() * kv.element_size(), dtype=torch.uint8)
+            buf[: fast.numel()] = fast
+            quant.decode("int8", buf[: fast.numel()], shape, dtype, buf.view(dtype).view(shape))
+            assert torch.equal(buf.view(dtype).view(shape), back)
+            err = (back.float() - kv.float()).abs().amax(dim=-1)
+            assert bool((err <= kv.float().abs().amax(dim=-1) / 127).all())  # within a step
+    # A view that is not contiguous (a packed cache's slice) encodes the same as its copy.
+    kv = _kv((4, 2, 32, 3, 64), torch.bfloat16, seed=7)[:, :, ::2]
+    assert torch.equal(quant.encode("int8", kv), quant.encode("int8", kv.contiguous()))
+    # fp16 has no kernel: torch encodes it.
+    half = _kv((2, 2, 8, 3, 64), torch.float16, seed=3)
+    assert not native.int8_encode(half, torch.empty(half.numel(), dtype=torch.int8), torch.empty(0))
+    assert torch.equal(quant.encode("int8", half), quant.encode("int8", half, native=False))
+
+
+def test_without_a_compiler_torch_encodes(
+    fresh: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level(logging.INFO, "kvtier"):
+        assert native.library() is None
+        assert not quant.native_int8()
+    assert "native kernels unavailable" in caplog.text
+    kv = _kv((2, 2, 16, 3, 64), torch.bfloat16, seed=1)
+    levels = torch.empty(kv.numel(), dtype=torch.int8)
+    assert not native.int8_encode(kv, levels, torch.empty(kv.numel() // 64, dtype=torch.bfloat16))
+    assert quant.encode("int8", kv).numel() == quant.stored_bytes("int8", tuple(kv.shape))
+
+
+def test_a_kernel_that_disagrees_with_torch_is_never_used(
+    fresh: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    built = native.int8_encode
+
+    def off_by_one(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor) -> bool:
+        wrote = built(x, levels, scales)
+        levels[0] += 1  # a miscompiled kernel, say
+        return wrote
+
+    monkeypatch.setattr(native, "int8_encode", off_by_one)
+    with caplog.at_level(logging.WARNING, "kvtier"):
+        assert not quant.native_int8()
+    assert "disagree with torch" in caplog.text
+    kv = _kv((2, 2, 16, 3, 64), torch.bfloat16, seed=2)
+    assert torch.equal(quant.encode("int8", kv), quant.encode("int8", kv, native=False))
+
+
+def test_an_int8_disk_hit_decodes_in_the_buffer_it_was_read_into(tmp_path: Path) -> None:
+    """A bf16 chunk stored int8 on disk is read into the front of its raw-sized buffer,
+    verified and decoded there: what comes back is exactly torch's decode of the stored bytes,
+    and a flipped bit in the file is a miss, never wrong KV."""
+    from kvtier import Namespace, TieredStore
+    from kvtier.chunk import KVChunk
+    from kvtier.codec import Compression
+    from kvtier.tiers import DiskTier, MemoryTier
+
+    assert quant.native_int8()
+    ns = Namespace("test/int8-in-place", kv_dtype="bfloat16")
+    shape = (2, 2, 32, 3, 64)
+    kvs = [_kv(shape, torch.bfloat16, seed=s) for s in range(3)]
+    chunks = [KVChunk("bfloat16", shape, kv.view(torch.uint8).numpy().tobytes()) for kv in kvs]
+    tokens = list(range(1000, 1000 + 3 * 32))
+    comps = [Compression.NONE, Compression.INT8]
+
+    def store() -> TieredStore:
+        disk = DiskTier(tmp_path / "d", 1 << 30, fsync=False)
+        return TieredStore([MemoryTier(1 << 24), disk], 32, compression=comps)
+
+    with store() as s:
+        s.put(tokens, ns, chunks)
+        s.flush()
+    raw = [len(c.data) for c in chunks]  # as the vLLM loader reads: into raw-sized buffers
+    with store() as s:
+        got = s.get(tokens, ns, payload_bytes=raw)
+        assert got.tiers == ["disk"] * 3
+        for c, kv in zip(got.chunks, kvs, strict=True):
+            stored = quant.encode("int8", kv)
+            want = quant.decode("int8", stored, shape, torch.bfloat16, native=False)
+            assert bytes(c.data) == want.view(torch.uint8).numpy().tobytes()
+    files = sorted((tmp_path / "d").rglob("*.kvc"))
+    assert len(files) == 3
+    damaged = bytearray(files[1].read_bytes())
+    damaged[-5] ^= 0x10  # a scale's bit
+    files[1].write_bytes(bytes(damaged))
+    with store() as s:
+        got = s.get(tokens, ns, payload_bytes=raw)
+        assert len(got.tiers) < 3 and s.stats().tiers["disk"].corruptions == 1
