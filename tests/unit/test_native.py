@@ -131,3 +131,35 @@ def test_an_int8_disk_hit_decodes_in_the_buffer_it_was_read_into(tmp_path: Path)
     with store() as s:
         got = s.get(tokens, ns, payload_bytes=raw)
         assert len(got.tiers) < 3 and s.stats().tiers["disk"].corruptions == 1
+
+
+@pytest.mark.parametrize("layout", ["cpu", "cpu-packed", "flash_attn"])
+def test_a_load_scatters_in_one_native_call_the_bytes_torch_would(
+    layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvtier.integrations.vllm.paged import block_view, blocks_to_chunks, chunks_to_blocks
+
+    torch.manual_seed(0)
+    shape = (2, 12, 4, 3, 8) if layout == "flash_attn" else (12, 3, 4, 16)
+    packed = layout == "cpu-packed"
+    raw = [torch.randn(shape, dtype=torch.bfloat16) for _ in range(3)]
+    chunks = blocks_to_chunks([block_view(t, 3, 8, packed) for t in raw], [7, 2, 5, 0], 8)
+    calls: list[int] = []
+    copy_many = native.copy_many
+
+    def counted(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        done = copy_many(pairs)
+        calls.append(len(pairs) if done else 0)
+        return done
+
+    results = []
+    for use in (counted, lambda pairs: False):  # the kernel, then torch's copies
+        monkeypatch.setattr(native, "copy_many", use)
+        target = [torch.zeros_like(t) for t in raw]
+        chunks_to_blocks(chunks, [block_view(t, 3, 8, packed) for t in target], [1, 3, 4, 6])
+        results.append(target)
+    # One call for every layer's runs of blocks; vLLM's unpacked CPU layout (K transposed per
+    # head) is not one run of memory per copy: torch copies it.
+    assert len(calls) == 1 and (calls[0] > 0) == (layout != "cpu"), calls
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b) and a.count_nonzero() > 0
