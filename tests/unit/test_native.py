@@ -163,3 +163,11 @@ def test_a_load_scatters_in_one_native_call_the_bytes_torch_would(
     assert len(calls) == 1 and (calls[0] > 0) == (layout != "cpu"), calls
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b) and a.count_nonzero() > 0
+
+
+def test_copies_torch_must_convert_are_left_to_torch() -> None:
+    a, b = torch.zeros(64, dtype=torch.bfloat16), torch.ones(32, dtype=torch.float32)
+    assert not native.copy_many([(a, b)])  # the same bytes, not the same values
+    assert not native.copy_many([(a[::2], torch.ones(32, dtype=torch.bfloat16))])  # strided
+    assert a.count_nonzero() == 0
+    assert native.copy_many([(a, torch.ones(64, dtype=torch.bfloat16))]) and bool((a == 1).all())

@@ -120,20 +120,19 @@ def int8_decode(stored: torch.Tensor, dim: int, out: torch.Tensor) -> bool:
 
 
 def copy_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-    """Copy each (destination, source) pair of contiguous CPU tensors of the same size, in one
-    call without the GIL. False, nothing copied, where the kernel is not available or a pair
-    is not contiguous memory of equal size (the caller copies with torch)."""
+    """Copy each (destination, source) pair of contiguous CPU tensors of the same dtype and
+    size, in one call without the GIL. False, nothing copied, where the kernel is not
+    available or a pair is not that (the caller copies with torch)."""
     import numpy as np
 
     lib = library()
     if lib is None or not pairs:
         return False
     for dst, src in pairs:
-        size = dst.numel() * dst.element_size()
         if not (dst.is_contiguous() and src.is_contiguous() and dst.device.type == "cpu"):
             return False
-        if src.device.type != "cpu" or src.numel() * src.element_size() != size:
-            return False
+        if src.device.type != "cpu" or src.dtype != dst.dtype or src.numel() != dst.numel():
+            return False  # torch converts dtypes; bytes alone would not
     table = np.array(
         [(d.data_ptr(), s.data_ptr(), d.numel() * d.element_size()) for d, s in pairs],
         dtype=np.int64,
