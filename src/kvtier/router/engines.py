@@ -85,6 +85,7 @@ class Engine:
     in_flight: int = 0
     routed: int = 0
     samples: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds)
+    sampled: int = 0  # samples ever taken (a version of ``samples``)
     bandwidth: dict[str, float] = field(default_factory=dict)  # tier kind -> bytes/s
     blocks: BlockKeys | None = None  # vLLM's blocks -> chunk keys, while its events are read
     block_gaps: int = 0  # times vLLM's events were lost (or it restarted) and were dropped
@@ -115,6 +116,7 @@ class Engine:
         if tokens < MIN_SAMPLE_TOKENS or seconds <= 0:
             return
         self.samples.append((tokens, min(max(seconds, tokens / 1e7), tokens / 10.0)))
+        self.sampled += 1
         if len(self.samples) > RATE_SAMPLES:
             del self.samples[0]
 
@@ -162,6 +164,8 @@ class EngineSet:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()  # set once any engine is healthy
+        # (samples version, the pod's prefill rate, sample noise): prefill_rate's, per sample
+        self._pod: tuple[int, float, float] | None = None
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
@@ -190,11 +194,15 @@ class EngineSet:
         measured = [e for e in self.engines if e.samples]
         if not measured:
             return DEFAULT_PREFILL_TOKENS_PER_S
-        tokens = sum(t for e in measured for t, _ in e.samples)
-        pod = tokens / sum(s for e in measured for _, s in e.samples)
+        version = sum(e.sampled for e in measured)  # both change with a new sample only
+        if self._pod is None or self._pod[0] != version:
+            tokens = sum(t for e in measured for t, _ in e.samples)
+            rate = tokens / sum(s for e in measured for _, s in e.samples)
+            self._pod = (version, rate, self._sample_noise(measured))
+        _, pod, noise = self._pod
         if not engine.samples:
             return pod
-        noise = self._sample_noise(measured) / math.sqrt(len(engine.samples))
+        noise /= math.sqrt(len(engine.samples))
         off = math.log(engine.prefill_tokens_per_s / pod)
         beyond = max(0.0, abs(off) - 2 * noise)
         return pod * math.exp(math.copysign(beyond, off))
