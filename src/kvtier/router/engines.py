@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,9 +25,9 @@ import zmq
 import zmq.asyncio
 
 from kvtier.keys import ChunkKey, Namespace
-from kvtier.policy.routing import DEFAULT_PREFILL_TOKENS_PER_S
 from kvtier.router.blocks import BlockKeys
 from kvtier.router.index import ChunkIndex
+from kvtier.router.rates import PrefillRates, rate_of
 
 log = logging.getLogger("kvtier.router")
 
@@ -37,8 +36,6 @@ HEALTH_TIMEOUT_S = 0.5
 INFO_EVERY_S = 2.0
 POLL_WAIT_S = 5.0
 RATE_SAMPLES = 32  # an engine's prefill rate: tokens / seconds over its latest samples
-SAMPLE_NOISE = 0.25  # one sample's rate vs its engine's, until samples measure it ...
-NOISE_PRIOR = 8  # ... worth this many samples
 MIN_SAMPLE_TOKENS = 256  # fewer recomputed tokens say little about the prefill rate
 MIN_BANDWIDTH_BYTES = 16 << 20  # reads before an engine's own tier bandwidth is trusted
 
@@ -123,9 +120,7 @@ class Engine:
     @property
     def prefill_tokens_per_s(self) -> float:
         """Its measured prefill rate over its recent samples (a default before any)."""
-        if not self.samples:
-            return DEFAULT_PREFILL_TOKENS_PER_S
-        return sum(t for t, _ in self.samples) / sum(s for _, s in self.samples)
+        return rate_of(self.samples)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -164,8 +159,7 @@ class EngineSet:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()  # set once any engine is healthy
-        # (samples version, the pod's prefill rate, sample noise): prefill_rate's, per sample
-        self._pod: tuple[int, float, float] | None = None
+        self._rates = PrefillRates()
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
@@ -183,41 +177,10 @@ class EngineSet:
         self._tasks.clear()
 
     def prefill_rate(self, engine: Engine) -> float:
-        """``engine``'s prefill rate for routing: the pod's, moved toward its own measure only
-        by as much as that measure differs beyond its noise (twice its standard error).
-
-        Two requests of the same length on the same engine take 0.36 to 0.60 s here: with a
-        few samples each, one of two equal engines would look faster, win every cold prompt,
-        and never be measured again. A steady difference still shows, once its samples are
-        many enough to tell it from the noise.
-        """
-        measured = [e for e in self.engines if e.samples]
-        if not measured:
-            return DEFAULT_PREFILL_TOKENS_PER_S
-        version = sum(e.sampled for e in measured)  # both change with a new sample only
-        if self._pod is None or self._pod[0] != version:
-            tokens = sum(t for e in measured for t, _ in e.samples)
-            rate = tokens / sum(s for e in measured for _, s in e.samples)
-            self._pod = (version, rate, self._sample_noise(measured))
-        _, pod, noise = self._pod
-        if not engine.samples:
-            return pod
-        noise /= math.sqrt(len(engine.samples))
-        off = math.log(engine.prefill_tokens_per_s / pod)
-        beyond = max(0.0, abs(off) - 2 * noise)
-        return pod * math.exp(math.copysign(beyond, off))
-
-    @staticmethod
-    def _sample_noise(measured: list[Engine]) -> float:
-        """How far one sample's rate strays from its engine's, as a fraction: the spread of
-        the pod's samples about their engines' rates, pulled toward :data:`SAMPLE_NOISE` while
-        they are few (a few samples can sit close together by chance)."""
-        spread, count = NOISE_PRIOR * SAMPLE_NOISE**2, NOISE_PRIOR
-        for e in measured:
-            own = e.prefill_tokens_per_s
-            spread += sum(math.log(t / s / own) ** 2 for t, s in e.samples)
-            count += len(e.samples) - 1
-        return math.sqrt(spread / count)
+        """``engine``'s prefill rate for routing: the pod's, moved toward its own only beyond
+        its noise (:mod:`kvtier.router.rates`)."""
+        pod = [e.samples for e in self.engines]
+        return self._rates.of(engine.samples, pod, sum(e.sampled for e in self.engines))
 
     def healthy(self, prefill_only: bool = False) -> list[Engine]:
         """Engines in rotation: those that answer requests, or the prefill-only ones."""
