@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +65,7 @@ def library() -> ctypes.CDLL | None:
         lib.kvtier_copy_many.restype = None
         lib.kvtier_copy_many.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 3
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
-        log.info("kvtier: native kernels unavailable (%s); torch encodes int8", e)
+        log.info("kvtier: native kernels unavailable (%s); torch does their work", e)
         return None
     return lib
 
@@ -75,13 +75,8 @@ def int8_encode(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor) -> 
     into ``levels`` (int8, ``x``'s size) and ``scales`` (bf16, one per row), the arithmetic of
     :mod:`kvtier.quant`'s torch path (which checks, once, that the bytes are the same). False,
     nothing written, where the kernel is not available for ``x``."""
-    import torch
-
-    name = {torch.bfloat16: "kvtier_int8_encode_bf16", torch.float32: "kvtier_int8_encode_f32"}
-    if x.dtype not in name or not x.is_contiguous() or x.numel() == 0:
-        return False
-    lib = library()
-    if lib is None:
+    kernel = _kernel("encode", x)
+    if kernel is None:
         return False
     dim = x.shape[-1]
     if not (levels.numel() == x.numel() and scales.numel() * dim == x.numel()):
@@ -90,9 +85,7 @@ def int8_encode(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor) -> 
         )
     if not (levels.is_contiguous() and scales.is_contiguous()):
         raise ValueError("int8 levels and scales must be contiguous")
-    getattr(lib, name[x.dtype])(
-        x.data_ptr(), x.numel() // dim, dim, levels.data_ptr(), scales.data_ptr()
-    )
+    kernel(x.data_ptr(), x.numel() // dim, dim, levels.data_ptr(), scales.data_ptr())
     return True
 
 
@@ -103,11 +96,8 @@ def int8_decode(stored: torch.Tensor, dim: int, out: torch.Tensor) -> bool:
     written, where the kernel is not available for ``out``."""
     import torch
 
-    name = {torch.bfloat16: "kvtier_int8_decode_bf16", torch.float32: "kvtier_int8_decode_f32"}
-    if out.dtype not in name or not out.is_contiguous() or out.numel() == 0:
-        return False
-    lib = library()
-    if lib is None:
+    kernel = _kernel("decode", out)
+    if kernel is None:
         return False
     rows = out.numel() // dim
     if rows * dim != out.numel() or stored.numel() != rows * (dim + 2):
@@ -115,8 +105,20 @@ def int8_decode(stored: torch.Tensor, dim: int, out: torch.Tensor) -> bool:
     if not stored.is_contiguous() or stored.dtype != torch.uint8:
         raise ValueError("a stored int8 payload is contiguous uint8")
     aside = torch.empty(rows, dtype=torch.int16)  # the scales, before the output covers them
-    getattr(lib, name[out.dtype])(stored.data_ptr(), rows, dim, out.data_ptr(), aside.data_ptr())
+    kernel(stored.data_ptr(), rows, dim, out.data_ptr(), aside.data_ptr())
     return True
+
+
+def _kernel(op: str, values: torch.Tensor) -> Any:
+    """The int8 ``op`` ("encode", "decode") kernel for ``values`` (the KV side: contiguous,
+    not empty, bf16 or fp32), or None."""
+    import torch
+
+    suffix = {torch.bfloat16: "bf16", torch.float32: "f32"}.get(values.dtype)
+    if suffix is None or not values.is_contiguous() or values.numel() == 0:
+        return None
+    lib = library()
+    return None if lib is None else getattr(lib, f"kvtier_int8_{op}_{suffix}")
 
 
 def copy_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
