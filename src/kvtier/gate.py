@@ -5,7 +5,12 @@ A record per model fingerprint (the hash of its config, as in chunk namespaces),
 those that passed. A codec passes when, against the uncompressed KV of the same run,
 
 - top-1 agreement of the next-token distributions is at least 99% (one position in a hundred
-  may pick another token: beyond that, greedy answers drift visibly),
+  may pick another token: beyond that, greedy answers drift visibly), less the engine's own
+  disagreement: the floor the bench measures by computing the same KV again in 256-token
+  pieces, as chunked prefill and every prefix hit do. In fp32 the floor is ~100% and the line
+  stays at 99%; in bf16, where near-tied logits flip under any change of rounding, the
+  recomputed KV itself agreed on 98.3% of positions (SmolLM2-135M), so a codec may lose one
+  point beyond that, not beyond a precision the engine does not have,
 - the mean KL divergence is at most 0.01 nats (about the gap between two runs of the same model
   in bf16 and fp32 on CPU, so smaller differences are noise),
 - answer accuracy on the facts is within 1 point of the reference's.
@@ -25,7 +30,7 @@ from typing import Any
 from kvtier import quant
 from kvtier.config import GATE_VAR
 
-TOP1_MIN = 0.99
+TOP1_MIN = 0.99  # with a floor of 100%: one point of top-1 agreement below the floor
 KL_MEAN_MAX = 0.01
 ACCURACY_DROP_MAX = 0.01
 # Smallest stored form first: what --codec auto picks among those that passed (among forms
@@ -38,9 +43,17 @@ def gate_dir() -> Path:
     return Path(os.environ.get(GATE_VAR, "~/.cache/kvtier/fidelity")).expanduser()
 
 
-def passes(row: dict[str, Any], reference_accuracy: float) -> bool:
+def top1_min(floor: dict[str, Any] | None) -> float:
+    """The top-1 agreement a codec needs, given the run's floor row (None: a record from
+    before floors were measured, held to :data:`TOP1_MIN`)."""
+    return TOP1_MIN - (1.0 - floor["top1_agreement"]) if floor else TOP1_MIN
+
+
+def passes(
+    row: dict[str, Any], reference_accuracy: float, floor: dict[str, Any] | None = None
+) -> bool:
     return bool(
-        row["top1_agreement"] >= TOP1_MIN
+        row["top1_agreement"] >= top1_min(floor)
         and row["kl_mean"] <= KL_MEAN_MAX
         and row["accuracy"] >= reference_accuracy - ACCURACY_DROP_MAX
     )
@@ -48,19 +61,24 @@ def passes(row: dict[str, Any], reference_accuracy: float) -> bool:
 
 def record(fingerprint: str, model: str, dtype: str, result: dict[str, Any]) -> Path:
     """Write the gate's record for ``fingerprint`` from a fidelity result; its path."""
-    passed = [r["codec"] for r in result["codecs"] if passes(r, result["reference_accuracy"])]
+    floor = result.get("floor")
+    passed = [
+        r["codec"] for r in result["codecs"] if passes(r, result["reference_accuracy"], floor)
+    ]
     entry = {
         "fingerprint": fingerprint,
         "model": model,
         "kv_dtype": dtype,
         "measured_at": time.time(),
         "thresholds": {
-            "top1_min": TOP1_MIN,
+            "top1_min": top1_min(floor),
+            "top1_floor": floor["top1_agreement"] if floor else None,
             "kl_mean_max": KL_MEAN_MAX,
             "accuracy_drop_max": ACCURACY_DROP_MAX,
         },
         "reference_accuracy": result["reference_accuracy"],
         "codecs": result["codecs"],
+        "floor": floor,
         "passed": passed,
     }
     path = gate_dir() / f"{fingerprint}.json"

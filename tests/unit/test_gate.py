@@ -55,6 +55,25 @@ def test_the_gate_records_what_passed_and_auto_picks_the_smallest() -> None:
     assert gate.load("config-other") is None
 
 
+def test_a_codec_may_lose_one_point_of_top1_beyond_the_engines_own_floor() -> None:
+    """bf16 engines: the KV recomputed in pieces (the same KV) already flips near-tied top-1
+    picks; the line is 99% less that floor, and stays 99% where the floor is 100%."""
+    codecs = [row("int8", 0.975, 0.0015, 0.75), row("fp8", 0.965, 0.003, 0.75)]
+    floor = row("recomputed", 0.98, 0.0013, 0.75)
+    gate.record("config-bf16", "/m", "bfloat16", {"reference_accuracy": 0.75, "codecs": codecs})
+    assert gate.load("config-bf16")["passed"] == []  # type: ignore[index]  # no floor: 99%
+    result = {"reference_accuracy": 0.75, "codecs": codecs, "floor": floor}
+    gate.record("config-bf16", "/m", "bfloat16", result)
+    entry = gate.load("config-bf16")
+    assert entry is not None and entry["passed"] == ["int8"]  # >= 97%, fp8's 96.5% is not
+    assert entry["thresholds"]["top1_min"] == pytest.approx(0.97)
+    assert entry["thresholds"]["top1_floor"] == 0.98 and entry["floor"] == floor
+    assert gate.top1_min(row("recomputed", 1.0, 0.0, 0.75)) == gate.TOP1_MIN == 0.99
+    # The floor moves top-1's line only: KL and accuracy hold as they are.
+    assert not gate.passes(row("int8", 0.99, 0.02, 0.75), 0.75, floor)
+    assert not gate.passes(row("int8", 0.99, 0.001, 0.70), 0.75, floor)
+
+
 def config() -> StoreConfig:
     return StoreConfig(
         tiers=(
