@@ -35,6 +35,7 @@ from kvtier.chunk import DTYPES as DTYPES
 from kvtier.chunk import KVChunk as KVChunk
 from kvtier.errors import CorruptChunk
 from kvtier.keys import KEY_BYTES, ChunkKey
+from kvtier.native import xxh3
 
 MAGIC = b"KVTC"
 SEALED_MAGIC = b"KVTE"  # kvtier.sealing's form, returned by a tier when it fails to open
@@ -43,6 +44,7 @@ HEADER_BYTES = 96
 MAX_NDIM = 6
 _PREFIX = struct.Struct("<4sHBB16s8sdIB3x6IQQ")  # everything the checksum covers
 _CHECKSUM = struct.Struct("<Q")
+PREFIX_BYTES = _PREFIX.size  # the header's bytes hashed before the payload
 assert _PREFIX.size + _CHECKSUM.size == HEADER_BYTES
 
 
@@ -151,9 +153,7 @@ def encode(
             key, chunk.dtype, chunk.shape, namespace_id, compression, created_at, len(payload)
         )
     )
-    digest = xxhash.xxh3_64(prefix)
-    digest.update(payload)
-    return b"".join((prefix, _CHECKSUM.pack(digest.intdigest()), payload))
+    return b"".join((prefix, _CHECKSUM.pack(xxh3.checksum(prefix, payload)), payload))
 
 
 class SealedChunk(bytearray):
@@ -220,9 +220,9 @@ def payload_of(blob: SealedChunk) -> memoryview:
 def seal(blob: SealedChunk) -> SealedChunk:
     """Write the checksum of a filled :func:`blank` chunk; returns it."""
     view = memoryview(blob)
-    digest = xxhash.xxh3_64(view[: _PREFIX.size])
-    digest.update(view[HEADER_BYTES:])
-    _CHECKSUM.pack_into(blob, _PREFIX.size, digest.intdigest())
+    _CHECKSUM.pack_into(
+        blob, _PREFIX.size, xxh3.checksum(view[: _PREFIX.size], view[HEADER_BYTES:])
+    )
     return blob
 
 
@@ -273,14 +273,12 @@ def verify(
     stored = memoryview(payload).nbytes
     if stored != header.stored_bytes:
         raise CorruptChunk(f"chunk payload is {stored} bytes, header says {header.stored_bytes}")
-    digest = xxhash.xxh3_64(memoryview(header_bytes)[: _PREFIX.size])
-    digest.update(payload)
-    _check(digest, header, expected_key)
+    _check(xxh3.checksum(memoryview(header_bytes)[: _PREFIX.size], payload), header, expected_key)
     return header
 
 
-def _check(digest: xxhash.xxh3_64, header: ChunkHeader, expected_key: bytes | None) -> None:
-    if digest.intdigest() != header.checksum:
+def _check(digest: int, header: ChunkHeader, expected_key: bytes | None) -> None:
+    if digest != header.checksum:
         raise CorruptChunk(f"checksum mismatch for chunk {header.key.hex()}")
     if expected_key is not None and header.key != expected_key:
         raise CorruptChunk(f"chunk {header.key.hex()} stored under key {expected_key.hex()}")
@@ -330,7 +328,7 @@ def decode_into(
         block = dest[start : start + _BLOCK]
         block[:] = view[HEADER_BYTES + start : HEADER_BYTES + start + _BLOCK]
         digest.update(block)
-    _check(digest, header, expected_key)
+    _check(digest.intdigest(), header, expected_key)
     return header
 
 

@@ -1,21 +1,22 @@
-"""The store's read path: lookup, get (into fresh buffers or the tier's own memory), get_into
+"""The store's read path: get (into fresh buffers or the tier's own memory), get_into
 (straight into the caller's buffers), verification, promotion and prefetch (see
-:class:`kvtier.store.TieredStore`)."""
+:class:`kvtier.store.TieredStore`; lookups: :mod:`kvtier.lookup`)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from kvtier import codec
+from kvtier import codec, deferred
 from kvtier.codec import Compression, KVChunk
+from kvtier.deferred import PayloadCheck
 from kvtier.errors import CorruptChunk
 from kvtier.hierarchy import Hierarchy, Slot
-from kvtier.keys import ChunkKey, Namespace, tail_candidates
-from kvtier.results import GetResult, LoadResult, LookupResult
+from kvtier.keys import ChunkKey, Namespace
+from kvtier.results import GetResult, LoadResult
 from kvtier.tiers.base import Blob
 from kvtier.writes import Writes
 
@@ -29,49 +30,6 @@ class Reads:
         self.h = h
         self.writes = writes
 
-    def lookup(
-        self,
-        tokens: Sequence[int] | Any,
-        namespace: Namespace,
-        held_elsewhere: Container[bytes] = frozenset(),
-        granule: int | None = None,
-    ) -> LookupResult:
-        """How many leading tokens are cached, and where. Never raises for a tier failure.
-
-        ``held_elsewhere`` lists keys the caller knows another process holds (a vLLM
-        worker's DRAM tier, mirrored from its events); they count as hits in tier
-        ``"elsewhere"``. With ``granule`` (:func:`kvtier.keys.tail_granule`), the longest tail
-        stored of a multiple of ``granule`` tokens after the leading run of full chunks counts
-        too (a prompt that grew past a stored tail reuses it).
-        """
-        keys = self.writes.keys(tokens, namespace)
-        names = self._run_of(keys, held_elsewhere)
-        tail = 0
-        if granule:
-            candidates = tail_candidates(
-                tokens, namespace, self.h.chunk_tokens, granule, keys, after=len(names)
-            )
-            found = self.h.where([k for _, k in candidates], count_misses=False)
-            for (size, key), t in zip(candidates, found, strict=True):
-                if t is not None or key in held_elsewhere:
-                    names.append("elsewhere" if t is None else self.h.slots[t].tier.name)
-                    keys, tail = [*keys[: len(names) - 1], key], size
-                    break
-        result = LookupResult(keys, names, self.h.chunk_tokens, tail)
-        self.h.recorder.lookup(len(tokens), result.hit_tokens)
-        return result
-
-    def _run_of(self, keys: list[ChunkKey], held_elsewhere: Container[bytes]) -> list[str]:
-        """Tier names of the leading run of ``keys`` held here or elsewhere."""
-        if not held_elsewhere:
-            return [self.h.slots[t].tier.name for t in self.h.leading(keys)]
-        names: list[str] = []
-        for key, tier in zip(keys, self.h.locate(keys), strict=True):
-            if tier is None and key not in held_elsewhere:
-                break
-            names.append(tier or "elsewhere")
-        return names
-
     def get(
         self,
         tokens: Sequence[int] | Any,
@@ -80,9 +38,13 @@ class Reads:
         max_chunks: int | None = None,
         tail: bool = False,
         payload_bytes: Sequence[int] | None = None,
+        check_payload: bool = True,
     ) -> GetResult:
         """Verified chunks from ``start_chunk`` on, as many consecutive ones as are available
-        (with ``tail``, the trailing partial chunk of ``tokens`` last).
+        (with ``tail``, the trailing partial chunk of ``tokens`` last). ``check_payload=False``:
+        raw DRAM chunks come with the check their payload must pass (``GetResult.checks``,
+        :mod:`kvtier.deferred`) instead of being hashed here; the caller compares it, as it
+        copies them, before using their KV.
 
         Chunks in DRAM are returned as views of the tier's memory, without a copy. Chunks
         found below the top tier are promoted to the tiers above. With ``payload_bytes`` (the
@@ -98,12 +60,14 @@ class Reads:
         if max_chunks is not None:
             keys = keys[:max_chunks]
         self.h.prefetcher.wait_for(keys)
+        checks: dict[ChunkKey, PayloadCheck] | None = None if check_payload else {}
         with self.h.pinned(keys):
-            found = self._fetch(keys, payload_bytes)
+            found = self._fetch(keys, payload_bytes, checks)
         self._promote(found)
         chunks = [f[1] for f in found]
         names = [self.h.slots[f[2]].tier.name for f in found]
-        return GetResult(chunks, names, self.h.chunk_tokens)
+        pending = [checks.get(f[0]) for f in found] if checks is not None else []
+        return GetResult(chunks, names, self.h.chunk_tokens, pending)
 
     def _walk(
         self, keys: Sequence[ChunkKey], read_from: Callable[[Slot, list[int]], list[bool]]
@@ -133,10 +97,14 @@ class Reads:
         return run
 
     def _fetch(
-        self, keys: Sequence[ChunkKey], payload_bytes: Sequence[int] | None = None
+        self,
+        keys: Sequence[ChunkKey],
+        payload_bytes: Sequence[int] | None = None,
+        checks: dict[ChunkKey, PayloadCheck] | None = None,
     ) -> list[tuple[ChunkKey, KVChunk, int, Blob]]:
         """(key, chunk, tier index, stored bytes) for the longest verified leading run; see
-        :meth:`get` for ``payload_bytes``."""
+        :meth:`get` for ``payload_bytes``; ``checks`` collects the payload checks left to the
+        caller."""
         got: dict[int, tuple[KVChunk, Blob]] = {}
 
         def read_from(slot: Slot, idx: list[int]) -> list[bool]:
@@ -151,7 +119,7 @@ class Reads:
             )
             for i, blob in zip(idx, blobs, strict=True):
                 size = None if payload_bytes is None else payload_bytes[i]
-                chunk = self._verify(slot, keys[i], blob, size)
+                chunk = self._verify(slot, keys[i], blob, size, checks)
                 if chunk is not None and blob is not None:
                     got[i] = (chunk, blob)
             return [i in got for i in idx]
@@ -229,15 +197,24 @@ class Reads:
         return self.h.blanks(nbytes) or codec.SealedChunk(nbytes)
 
     def _verify(
-        self, slot: Slot, key: ChunkKey, blob: Any, payload_bytes: int | None = None
+        self,
+        slot: Slot,
+        key: ChunkKey,
+        blob: Any,
+        payload_bytes: int | None = None,
+        checks: dict[ChunkKey, PayloadCheck] | None = None,
     ) -> KVChunk | None:
         """The verified chunk of ``blob``, or None (a miss; a corrupt chunk is removed). With
-        ``payload_bytes``, a chunk of another size is a miss too."""
+        ``payload_bytes``, a chunk of another size is a miss too. With ``checks``, a raw
+        chunk's payload is not hashed: its check goes there (:mod:`kvtier.deferred`)."""
         if blob is None:
             self.h.recorder.add(slot.tier.name, misses=1)
             return None
         try:
-            chunk = codec.decode(blob, expected_key=key).chunk
+            opened = deferred.open_raw(blob, key) if checks is not None else None
+            chunk = opened[0] if opened else codec.decode(blob, expected_key=key).chunk
+            if opened:
+                checks[key] = opened[1]  # type: ignore[index]
         except CorruptChunk as exc:
             self.h.corrupt(slot, key, exc)
             return None
@@ -364,6 +341,14 @@ class Reads:
                 return True
         blob = self.h.guard(slot, [None], slot.tier.get_many, [key])[0]
         return self._copy_verified(slot, key, blob, header, dest)
+
+    def corrupt(self, tier: str, key: ChunkKey, reason: str) -> None:
+        """Remove ``key`` from ``tier``, whose copy a caller found corrupt (``get`` with
+        ``check_payload=False`` leaves the payload's hash to the caller); counted and
+        logged as the store's own checks are."""
+        slot = next((s for s in self.h.slots if s.tier.name == tier), None)
+        if slot is not None:
+            self.h.corrupt(slot, key, CorruptChunk(reason))
 
     def _promote(self, found: Sequence[tuple[ChunkKey, KVChunk | None, int, Blob]]) -> None:
         """Copy chunks read from tier t into tiers 0..t-1 (tier 0 inline, others queued)."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtier.codec import KVChunk
+from kvtier.deferred import PayloadCheck
 from kvtier.keys import ChunkKey
 
 
@@ -41,6 +42,9 @@ class GetResult:
     chunks: list[KVChunk]
     tiers: list[str]
     chunk_tokens: int
+    # With check_payload=False, per chunk: the check its payload must pass before its KV is
+    # used (kvtier.deferred), or None where the store verified it.
+    checks: list[PayloadCheck | None] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:

@@ -28,6 +28,7 @@ from kvtier import codec
 from kvtier.codec import Compression, KVChunk
 from kvtier.hierarchy import Hierarchy
 from kvtier.keys import ChunkKey, Namespace
+from kvtier.lookup import Lookups
 from kvtier.owners import Owners
 from kvtier.reads import Reads
 from kvtier.results import GetResult, LoadResult, LookupResult, PutReport
@@ -51,6 +52,7 @@ class TieredStore:
         self._h = Hierarchy(tiers, chunk_tokens, compression, write_queue, retry_after_s)
         self._writes = Writes(self._h, owners)
         self._reads = Reads(self._h, self._writes)
+        self._lookups = Lookups(self._h, self._writes)
         self.chunk_tokens = chunk_tokens
 
     # -- keys and writes (kvtier.writes) ---------------------------------------------------
@@ -90,7 +92,7 @@ class TieredStore:
         held_elsewhere: Container[bytes] = frozenset(),
         granule: int | None = None,
     ) -> LookupResult:
-        return self._reads.lookup(tokens, namespace, held_elsewhere, granule)
+        return self._lookups.lookup(tokens, namespace, held_elsewhere, granule)
 
     def get(
         self,
@@ -100,8 +102,14 @@ class TieredStore:
         max_chunks: int | None = None,
         tail: bool = False,
         payload_bytes: Sequence[int] | None = None,
+        check_payload: bool = True,
     ) -> GetResult:
-        return self._reads.get(tokens, namespace, start_chunk, max_chunks, tail, payload_bytes)
+        return self._reads.get(
+            tokens, namespace, start_chunk, max_chunks, tail, payload_bytes, check_payload
+        )
+
+    def corrupt(self, tier: str, key: ChunkKey, reason: str) -> None:
+        self._reads.corrupt(tier, key, reason)
 
     def get_into(
         self,
@@ -160,7 +168,8 @@ class TieredStore:
 
 _PARTS = (
     (Writes, ("keys", "put", "put_encoded")),
-    (Reads, ("lookup", "get", "get_into", "prefetch")),
+    (Lookups, ("lookup",)),
+    (Reads, ("get", "get_into", "prefetch", "corrupt")),
     (
         Hierarchy,
         (

@@ -57,6 +57,45 @@ def test_a_load_places_the_leading_run_and_leaves_the_rest_to_vllm(
     store.close()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("damaged", [None, 0, PIECE_CHUNKS + 1])
+def test_a_dram_chunk_whose_payload_does_not_hash_to_its_checksum_is_recomputed(
+    packed: bool, damaged: int | None
+) -> None:
+    """DRAM chunks are hashed as they are copied into the blocks (packed: in the C copy; the
+    unpacked layout hashes first): a damaged one ends the run, vLLM recomputes from it, and it
+    is removed as corrupt. Undamaged, the same load places every chunk."""
+    chunks = 2 * PIECE_CHUNKS + 1
+    tokens = list(range(500, 500 + chunks * CHUNK))
+    torch.manual_seed(2)
+    source = [torch.randn(64, HEADS, BLOCK, 2 * DIM) for _ in range(LAYERS)]
+    src_blocks = list(range(1, 2 * chunks + 1))
+    cache = [torch.zeros_like(t) for t in source]
+    store = TieredStore([MemoryTier(1 << 26)], CHUNK)
+    layers = [block_view(t, HEADS, DIM, packed) for t in cache]
+    loader = Loader(store, layers, CHUNK, lambda _: NS, lambda keys: None)
+    kv = [torch.empty(loader.chunk_shape()) for _ in range(chunks)]
+    gather_chunks([block_view(t, HEADS, DIM, packed) for t in source], src_blocks, kv)
+    store.put(tokens, NS, [KVChunk.from_array(c.numpy()) for c in kv])
+    if damaged is not None:  # one bit of its KV flipped where the DRAM tier holds it
+        memory = store.tiers[0]
+        key = store.keys(tokens, NS)[damaged]
+        blob = bytearray(memory.get_many([key])[0])  # type: ignore[arg-type]
+        blob[-7] ^= 0x10
+        memory.put_many([(key, bytes(blob))])
+    blocks = list(range(40, 40 + 2 * chunks))
+    loader.load(LoadSpec("r", tokens, None, blocks, 0, len(tokens)))
+    run = chunks if damaged is None else damaged
+    assert loader.failed_blocks() == set(blocks[2 * run :])
+    for src, dst in zip(source, cache, strict=True):
+        assert torch.equal(dst[blocks[: 2 * run]], src[src_blocks[: 2 * run]])
+    assert loader.reports()[0]["loaded"] == ({"memory": run * CHUNK} if run else {})
+    assert store.stats().tiers["memory"].corruptions == (damaged is not None)
+    assert store.lookup(tokens, NS).hit_chunks == run  # the damaged copy is gone
+    loader.close()
+    store.close()
+
+
 def test_saves_are_off_only_where_no_tier_can_hold_a_chunk(tmp_path: Path) -> None:
     chunk = 6_000_000
     with TieredStore([MemoryTier(1 << 20)], CHUNK) as store:  # kvtier bench chat's baseline

@@ -3,6 +3,7 @@ encode, and torch where it cannot be built or does not agree."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,3 +172,28 @@ def test_copies_torch_must_convert_are_left_to_torch() -> None:
     assert not native.copy_many([(a[::2], torch.ones(32, dtype=torch.bfloat16))])  # strided
     assert a.count_nonzero() == 0
     assert native.copy_many([(a, torch.ones(64, dtype=torch.bfloat16))]) and bool((a == 1).all())
+
+
+def test_a_copy_that_hashes_what_it_moves_gives_the_chunks_checksum() -> None:
+    """copy_hash: the payload scattered in pieces (any order) and its xxh3 with the header's
+    prefix in one read; pieces that do not cover the payload once are refused, untouched."""
+    import xxhash
+
+    from kvtier.native import xxh3
+
+    assert xxh3.available()  # make test installs the xxhash package that exports them
+    g = torch.Generator().manual_seed(3)
+    payload = torch.randint(0, 256, (300_000,), dtype=torch.uint8, generator=g)
+    prefix = bytes(range(88))
+    cuts = [0, 70_001, 70_002, 150_000, 300_000]
+    pieces = [payload[a:b] for a, b in itertools.pairwise(cuts)]
+    dests = [torch.zeros_like(p) for p in pieces]
+    pairs = list(zip(dests, pieces, strict=True))[::-1]  # order of the copies does not matter
+    want = xxhash.xxh3_64(prefix + payload.numpy().tobytes()).intdigest()
+    assert native.copy_hash(pairs, prefix, payload.numpy()) == want
+    assert all(torch.equal(d, p) for d, p in pairs)
+    assert xxh3.checksum(prefix, payload.numpy()) == want == xxh3.checksum(prefix, bytes(payload))
+    for bad in (pairs[1:], [*pairs, pairs[0]]):  # a gap; a piece twice
+        fresh = [(torch.zeros_like(d), s) for d, s in bad]
+        assert native.copy_hash(fresh, prefix, payload.numpy()) is None
+        assert all(d.count_nonzero() == 0 for d, _ in fresh)

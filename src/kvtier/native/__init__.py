@@ -64,6 +64,8 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 2
         lib.kvtier_copy_many.restype = None
         lib.kvtier_copy_many.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 3
+        lib.kvtier_copy_hash.restype = None
+        lib.kvtier_copy_hash.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         log.info("kvtier: native kernels unavailable (%s); torch does their work", e)
         return None
@@ -125,23 +127,62 @@ def copy_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     """Copy each (destination, source) pair of contiguous CPU tensors of the same dtype and
     size, in one call without the GIL. False, nothing copied, where the kernel is not
     available or a pair is not that (the caller copies with torch)."""
+    lib = library()
+    table = _table(pairs) if lib is not None else None
+    if lib is None or table is None:
+        return False
+    lib.kvtier_copy_many(len(pairs), *(t.ctypes.data for t in table))
+    return True
+
+
+def copy_hash(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], prefix: Any, payload: Any
+) -> int | None:
+    """:func:`copy_many` of pairs whose sources, in order, are exactly the bytes of
+    ``payload`` (a chunk's, scattered into an engine's blocks), returning the xxh3-64 of
+    ``prefix`` then ``payload`` (the chunk's checksum) computed as it copies: one read of the
+    payload instead of two. None, nothing copied, where that does not hold or the kernel or
+    :mod:`kvtier.native.xxh3` is not available (the caller hashes, then copies)."""
     import numpy as np
 
-    lib = library()
-    if lib is None or not pairs:
-        return False
+    from kvtier.native import xxh3
+
+    lib, hasher = library(), xxh3.updater()
+    table = _table(pairs) if lib is not None and hasher is not None else None
+    if lib is None or hasher is None or table is None:
+        return None
+    dst, src, sizes = table
+    order = np.argsort(src, kind="stable")
+    dst, src, sizes = dst[order], src[order], sizes[order]
+    base = np.frombuffer(payload, dtype=np.uint8)
+    ends = src + sizes
+    if src[0] != base.ctypes.data or ends[-1] != src[0] + base.size or (src[1:] != ends[:-1]).any():
+        return None  # not the whole payload once, in order
+    update, state = hasher
+    state.start(prefix)
+    lib.kvtier_copy_hash(
+        len(dst), dst.ctypes.data, src.ctypes.data, sizes.ctypes.data, update, state.ptr
+    )
+    return state.digest()
+
+
+def _table(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """(destination addresses, source addresses, sizes), int64 arrays, of pairs the C copies
+    can move as bytes; None where one cannot be (the caller copies with torch)."""
+    import numpy as np
+
+    if not pairs:
+        return None
     for dst, src in pairs:
         if not (dst.is_contiguous() and src.is_contiguous() and dst.device.type == "cpu"):
-            return False
+            return None
         if src.device.type != "cpu" or src.dtype != dst.dtype or src.numel() != dst.numel():
-            return False  # torch converts dtypes; bytes alone would not
+            return None  # torch converts dtypes; bytes alone would not
     table = np.array(
         [(d.data_ptr(), s.data_ptr(), d.numel() * d.element_size()) for d, s in pairs],
         dtype=np.int64,
     )
-    dst_ptrs, src_ptrs, sizes = (np.ascontiguousarray(table[:, i]) for i in range(3))
-    lib.kvtier_copy_many(len(pairs), dst_ptrs.ctypes.data, src_ptrs.ctypes.data, sizes.ctypes.data)
-    return True
+    return tuple(np.ascontiguousarray(table[:, i]) for i in range(3))
 
 
 def _build() -> Path:

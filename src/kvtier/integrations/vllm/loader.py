@@ -156,20 +156,28 @@ class Loader:
             shape into their blocks: (how many, the tier of each)."""
             wanted = nbytes[at : at + PIECE_CHUNKS]
             result = self._store.get(
-                spec.tokens, namespace, first_chunk + at, tail=spec.tail, payload_bytes=wanted
+                spec.tokens,
+                namespace,
+                first_chunk + at,
+                tail=spec.tail,
+                payload_bytes=wanted,
+                check_payload=False,  # DRAM chunks: hashed as they are copied, below
             )
             views: list[torch.Tensor] = []
             for j, chunk in enumerate(result.chunks):
                 if (view := self._tensor(chunk, shapes[at + j])) is None:
                     break  # of another shape: the run ends there
                 views.append(view)
-            count = len(views)
-            chunks_to_blocks(
+            count = chunks_to_blocks(
                 views,
                 self._layers,
-                blocks[at * per_chunk : (at + count) * per_chunk],
+                blocks[at * per_chunk : (at + len(views)) * per_chunk],
                 skip_blocks=max(0, skip - at * per_chunk),
+                checks=result.checks,
             )
+            if count < len(views):  # its payload did not hash to its checksum: recomputed
+                key, tier = keys[first_chunk + at + count], result.tiers[count]
+                self._store.corrupt(tier, key, "payload checksum mismatch while loading")
             return count, result.tiers[:count]
 
         pieces: list[Future[tuple[int, list[str]]]] = []

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtier import native
+from kvtier.deferred import PayloadCheck
 from kvtier.errors import ConfigError
 
 TORCH_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -213,36 +214,60 @@ def chunks_to_blocks(
     layers: Sequence[PagedLayer],
     block_ids: Sequence[int],
     skip_blocks: int = 0,
-) -> None:
+    checks: Sequence[PayloadCheck | None] = (),
+) -> int:
     """Scatter chunks ``(layers, 2, tokens, heads, dim)`` into the paged cache.
 
     ``block_ids`` are the blocks of those chunks in token order, possibly fewer than the chunks
     hold (the last chunk used in part; it may also be a tail, shorter than the others, whose
     last block may be partial: only its tokens are written there); the first ``skip_blocks``
     of them are left alone (already computed).
+
+    ``checks``: per chunk, the check its payload must pass (:mod:`kvtier.deferred`; None, or
+    past the end: verified already). Such a chunk is hashed as it is copied where its copies
+    cover its payload in order (one read of it), else hashed first. Returns how many leading
+    chunks were placed and passed; after a chunk that did not, its blocks hold garbage and the
+    chunks after it are not placed.
     """
     if len(chunks) == 0:
-        return
+        return 0
     block_size = layers[0].block_size
     per_chunk = -(-chunks[0].shape[2] // block_size)
     device = layers[0].device
-    dests: list[torch.Tensor] = []
-    sources: list[torch.Tensor] = []
+    copies: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     for c, chunk in enumerate(chunks):
         base = c * per_chunk
         own = -(-chunk.shape[2] // block_size)
         lo, hi = max(skip_blocks, base), min(len(block_ids), base + own)
-        if lo >= hi:
+        src = chunk.to(device, non_blocking=True) if lo < hi else chunk
+        copies.append(_pairs(src, layers, block_ids[lo:hi], lo - base) if lo < hi else [])
+    if not any(checks):
+        _copy([pair for pairs in copies for pair in pairs], device)
+        return len(chunks)
+    for c, pairs in enumerate(copies):
+        check = checks[c] if c < len(checks) else None
+        if check is None:
+            _copy(pairs, device)
             continue
-        src = chunk.to(device, non_blocking=True)
-        for cache, part in _pairs(src, layers, block_ids[lo:hi], lo - base):
-            dests.append(cache)
-            sources.append(part)
-    # One call for every copy: each torch call lets go of the GIL and must take it back, which
-    # a background load waits for (up to 5 ms a time) while the engine's thread runs Python:
-    # 210 separate copies of a 7-chunk load took 1.4 s that way instead of 27 ms.
-    # In C where kvtier's kernels are built (CPU caches: one loop of memcpy, no GIL, no
-    # OpenMP team per reader thread), else in torch.
-    pairs = list(zip(dests, sources, strict=True))
+        digest = native.copy_hash(pairs, check.prefix, check.payload) if pairs else None
+        if digest is None:  # copies that do not cover the payload in order: hash, then copy
+            if not check.holds():
+                return c
+            _copy(pairs, device)
+        elif not check.holds(digest):
+            return c
+    return len(chunks)
+
+
+def _copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
+    """Every (cache view, chunk view) copy at once.
+
+    One call for every copy: each torch call lets go of the GIL and must take it back, which
+    a background load waits for (up to 5 ms a time) while the engine's thread runs Python:
+    210 separate copies of a 7-chunk load took 1.4 s that way instead of 27 ms. In C where
+    kvtier's kernels are built (CPU caches: one loop of memcpy, no GIL, no OpenMP team per
+    reader thread), else in torch."""
     if pairs and not (device.type == "cpu" and native.copy_many(pairs)):
-        torch._foreach_copy_(dests, sources, non_blocking=True)
+        torch._foreach_copy_(
+            [dst for dst, _ in pairs], [src for _, src in pairs], non_blocking=True
+        )
