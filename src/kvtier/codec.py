@@ -99,6 +99,21 @@ class DecodedChunk:
     chunk: KVChunk
 
 
+def prefix_of(header: ChunkHeader, compression: Compression, stored_bytes: int) -> bytes:
+    """The checksummed header bytes of ``header``'s chunk stored in another form."""
+    return _PREFIX.pack(
+        *_prefix_fields(
+            header.key,
+            header.dtype,
+            header.shape,
+            header.namespace_id,
+            compression,
+            header.created_at,
+            stored_bytes,
+        )
+    )
+
+
 def _prefix_fields(
     key: ChunkKey,
     dtype: str,
@@ -360,17 +375,6 @@ def decode(blob: bytes | bytearray | memoryview, expected_key: bytes | None = No
     except ValueError as exc:
         raise CorruptChunk(f"chunk {header.key.hex()}: {exc}") from exc
     return DecodedChunk(header, chunk)
-
-
-def recode(
-    blob: bytes | bytearray | memoryview, compression: Compression
-) -> bytes | bytearray | memoryview:
-    """``blob`` stored with ``compression`` (itself when it already is): tiers differ."""
-    header = read_header(blob)
-    if header.compression == compression:
-        return blob
-    chunk = decode(blob).chunk
-    return encode(header.key, chunk, header.namespace_id, compression, header.created_at)
 
 
 def join(

@@ -11,6 +11,7 @@ from kvtier.codec import KVChunk
 from kvtier.hierarchy import Hierarchy, Slot
 from kvtier.keys import ChunkKey, Namespace, chunk_keys, salt_tenant
 from kvtier.owners import Owners
+from kvtier.recode import recode
 from kvtier.results import PutReport
 from kvtier.writeback import WriteBatch
 
@@ -155,7 +156,7 @@ class Writes:
                 self.h.recorder.add(name, writes_dropped=len(items))
                 return
             items = [item for item, h in zip(items, held, strict=True) if not h]
-        items = [(k, codec.recode(blob, slot.compression)) for k, blob in items]
+        items = [(k, recode(blob, slot.compression)) for k, blob in items]
         result = self.h.guard(slot, None, slot.tier.put_many, items)
         if result is None:
             self.h.recorder.add(name, writes_dropped=len(items))

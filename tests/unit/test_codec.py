@@ -9,6 +9,7 @@ from kvtier import codec
 from kvtier.codec import HEADER_BYTES, Compression, KVChunk
 from kvtier.errors import CorruptChunk
 from kvtier.keys import ChunkKey
+from kvtier.recode import recode
 
 from kvhelpers import chunk, same
 
@@ -185,7 +186,7 @@ def test_a_lossy_codec_stores_fewer_bytes_and_decodes_to_the_engines_dtype(
     codec.decode_into(blob, memoryview(dest), expected_key=KEY)
     assert bytes(dest) == bytes(decoded.chunk.data)
     # recode: between tiers of different forms, and back to raw for a DRAM tier
-    raw_again = codec.decode(codec.recode(blob, Compression.NONE)).chunk
+    raw_again = codec.decode(recode(blob, Compression.NONE)).chunk
     assert bytes(raw_again.data) == bytes(decoded.chunk.data)
 
 
@@ -194,3 +195,37 @@ def test_an_unknown_codec_byte_is_a_corrupt_chunk() -> None:
     blob[6] = 99  # the compression byte: a codec this kvtier does not know
     with pytest.raises(CorruptChunk, match="compression code 99"):
         codec.decode(bytes(blob))
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dim", [64, 8])
+def test_int8_recoding_in_one_pass_writes_the_bytes_of_verify_encode_and_hash(
+    dtype_name: str, dim: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A raw chunk written to an int8 tier: hashed, encoded and its encoding hashed in one C
+    pass (where kvtier's kernels run) -- the same stored bytes as the general path; a raw
+    chunk that does not verify is never encoded under a new checksum."""
+    import torch
+
+    from kvtier import native, quant
+
+    kv = (torch.randn(2, 2, 300, 3, dim) * 4).to(getattr(torch, dtype_name))
+    chunk = KVChunk(dtype_name, tuple(kv.shape), kv.contiguous().view(torch.uint8).numpy().data)
+    blob = codec.encode(KEY, chunk, "ab" * 8, Compression.NONE, created_at=5.0)
+    general = codec.encode(KEY, chunk, "ab" * 8, Compression.INT8, created_at=5.0)
+    calls: list[object] = []
+    real = native.int8_recode
+
+    def counted(*args: object) -> tuple[int, int] | None:
+        calls.append(got := real(*args))  # type: ignore[arg-type]
+        return got
+
+    monkeypatch.setattr(native, "int8_recode", counted)
+    assert bytes(recode(blob, Compression.INT8)) == bytes(general)
+    assert quant.native_int8() and calls and calls[0] is not None  # the one-pass path ran
+    damaged = bytearray(blob)
+    damaged[-1] ^= 1
+    with pytest.raises(CorruptChunk, match="checksum"):
+        recode(bytes(damaged), Compression.INT8)
+    monkeypatch.setattr(native, "int8_recode", lambda *args: None)  # no kernel: the same bytes
+    assert bytes(recode(blob, Compression.INT8)) == bytes(general)

@@ -20,6 +20,7 @@ from kvtier import codec as chunk_codec
 from kvtier.bench.common import NO_PREFIX_CACHE, copy_chunks, drop_page_cache
 from kvtier.codec import Compression
 from kvtier.errors import KvtierError
+from kvtier.recode import recode as recode_chunk
 from kvtier.tiers import DiskTier, RedisTier, Tier
 from kvtier.tiers.base import Blob
 
@@ -70,7 +71,7 @@ def _recode(source: Tier, coded: Tier, compression: Compression, info: dict[str,
     largest: list[Blob] = [b""]
 
     def recode(value: Blob) -> Blob:
-        stored = chunk_codec.recode(value, compression)
+        stored = recode_chunk(value, compression)
         info["raw_bytes"] += memoryview(value).nbytes
         info["stored_bytes"] += memoryview(stored).nbytes
         largest[0] = max(largest[0], stored, key=lambda b: memoryview(b).nbytes)

@@ -64,6 +64,10 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 2
         lib.kvtier_copy_many.restype = None
         lib.kvtier_copy_many.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 3
+        for name in ("kvtier_int8_recode_bf16", "kvtier_int8_recode_f32"):
+            fn = getattr(lib, name)
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5
         lib.kvtier_copy_hash.restype = None
         lib.kvtier_copy_hash.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
@@ -123,6 +127,44 @@ def _kernel(op: str, values: torch.Tensor) -> Any:
     return None if lib is None else getattr(lib, f"kvtier_int8_{op}_{suffix}")
 
 
+def int8_recode(
+    raw_prefix: Any, raw: Any, dtype: str, dim: int, out_prefix: Any, out: Any
+) -> tuple[int, int] | None:
+    """Encode the raw payload ``raw`` (bytes of ``dtype``, bf16 or fp32, rows of ``dim``)
+    to int8 into ``out`` (levels, then bf16 scales: :func:`int8_encode`'s bytes) in one pass,
+    hashing both as it goes: (xxh3 of ``raw_prefix`` + ``raw``, xxh3 of ``out_prefix`` +
+    ``out``). None, nothing written, where the kernel or :mod:`kvtier.native.xxh3` is not
+    available. The caller checks the first digest before using ``out``."""
+    import numpy as np
+
+    from kvtier.native import xxh3
+
+    lib, hashers = library(), xxh3.updater(2)
+    suffix = {"bfloat16": "bf16", "float32": "f32"}.get(dtype)
+    if lib is None or hashers is None or suffix is None:
+        return None
+    update, (raw_state, out_state) = hashers
+    source, dest = np.frombuffer(raw, dtype=np.uint8), np.frombuffer(out, dtype=np.uint8)
+    rows = source.size // (dim * (2 if suffix == "bf16" else 4))
+    if rows == 0 or dest.size != rows * (dim + 2):
+        return None
+    raw_state.start(raw_prefix)
+    out_state.start(out_prefix)
+    kernel = getattr(lib, f"kvtier_int8_recode_{suffix}")
+    scales = dest.ctypes.data + rows * dim
+    kernel(
+        source.ctypes.data,
+        rows,
+        dim,
+        dest.ctypes.data,
+        scales,
+        update,
+        raw_state.ptr,
+        out_state.ptr,
+    )
+    return raw_state.digest(), out_state.digest()
+
+
 def copy_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     """Copy each (destination, source) pair of contiguous CPU tensors of the same dtype and
     size, in one call without the GIL. False, nothing copied, where the kernel is not
@@ -147,7 +189,7 @@ def copy_hash(
 
     from kvtier.native import xxh3
 
-    lib, hasher = library(), xxh3.updater()
+    lib, hasher = library(), xxh3.updater(1)
     table = _table(pairs) if lib is not None and hasher is not None else None
     if lib is None or hasher is None or table is None:
         return None
@@ -158,7 +200,7 @@ def copy_hash(
     ends = src + sizes
     if src[0] != base.ctypes.data or ends[-1] != src[0] + base.size or (src[1:] != ends[:-1]).any():
         return None  # not the whole payload once, in order
-    update, state = hasher
+    update, (state,) = hasher
     state.start(prefix)
     lib.kvtier_copy_hash(
         len(dst), dst.ctypes.data, src.ctypes.data, sizes.ctypes.data, update, state.ptr

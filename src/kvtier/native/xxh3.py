@@ -77,15 +77,17 @@ class State:
 _local = threading.local()
 
 
-def _state(lib: ctypes.CDLL) -> State:
-    state = getattr(_local, "state", None)
-    if state is None:
-        state = _local.state = State(lib)
-    return state
+def _states(lib: ctypes.CDLL, count: int = 1) -> list[State]:
+    """This thread's first ``count`` states."""
+    states: list[State] = getattr(_local, "states", [])
+    while len(states) < count:
+        states.append(State(lib))
+    _local.states = states
+    return states[:count]
 
 
 def _digest(lib: ctypes.CDLL, parts: Sequence[Any]) -> int:
-    state = _state(lib)
+    (state,) = _states(lib)
     state.start(*parts)
     return state.digest()
 
@@ -119,15 +121,15 @@ def digest(parts: Sequence[Any]) -> int | None:
     return _digest(lib, parts)
 
 
-def updater() -> tuple[int, State] | None:
-    """(the address of ``XXH3_64bits_update``, this thread's state) for C code that hashes
-    what it moves (:func:`kvtier.native.copy_hash`); None where :func:`available` is not."""
+def updater(count: int) -> tuple[int, list[State]] | None:
+    """(the address of ``XXH3_64bits_update``, ``count`` states of this thread) for C code
+    that hashes what it moves (:mod:`kvtier.native`); None where :func:`available` is not."""
     if not available():
         return None
     lib = _library()
     assert lib is not None
     address = ctypes.cast(lib.XXH3_64bits_update, ctypes.c_void_p).value
-    return (address, _state(lib)) if address else None
+    return (address, _states(lib, count)) if address else None
 
 
 def checksum(prefix: Any, payload: Any) -> int:
