@@ -37,11 +37,15 @@ def _int8(blob: bytes | bytearray | memoryview, header: codec.ChunkHeader) -> by
     view = memoryview(blob).cast("B")
     if view.nbytes != codec.HEADER_BYTES + header.stored_bytes or not quant.native_int8():
         return None  # a size the header does not say: codec.decode reports it
-    stored = quant.stored_bytes("int8", header.shape)
+    raw = view[codec.HEADER_BYTES :]
+    try:
+        KVChunk(header.dtype, header.shape, raw)
+        stored = quant.stored_bytes("int8", header.shape)
+    except ValueError:
+        return None  # a shape that does not fit: codec.decode reports it
     out = bytearray(codec.HEADER_BYTES + stored)
     prefix = codec.prefix_of(header, Compression.INT8, stored)
     payload = memoryview(out)[codec.HEADER_BYTES :]
-    raw = view[codec.HEADER_BYTES :]
     digests = native.int8_recode(
         view[: codec.PREFIX_BYTES], raw, header.dtype, header.shape[-1], prefix, payload
     )
@@ -49,7 +53,6 @@ def _int8(blob: bytes | bytearray | memoryview, header: codec.ChunkHeader) -> by
         return None
     if digests[0] != header.checksum:
         raise CorruptChunk(f"checksum mismatch for chunk {header.key.hex()}")
-    KVChunk(header.dtype, header.shape, raw)  # a shape that does not fit raises, as decode's
     out[: codec.PREFIX_BYTES] = prefix
     out[codec.PREFIX_BYTES : codec.HEADER_BYTES] = digests[1].to_bytes(8, "little")
     return out

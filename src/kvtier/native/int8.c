@@ -139,28 +139,29 @@ void kvtier_int8_decode_f32(const uint8_t *stored, int64_t rows, int64_t dim, fl
  * pass over its output and a copy joining it to its header. `update` is XXH3's streaming
  * update, `raw_state` and `out_state` already hold the two headers' bytes. */
 typedef int (*kvtier_update)(void *state, const void *data, size_t len);
+typedef void (*kvtier_encode)(const void *x, int64_t rows, int64_t dim, int8_t *q, uint16_t *scales);
 #define RECODE_ROWS 256
 
-void kvtier_int8_recode_bf16(const uint16_t *x, int64_t rows, int64_t dim, int8_t *q,
-                             uint16_t *scales, void *update, void *raw_state, void *out_state) {
+static void recode(kvtier_encode encode, size_t size, const char *x, int64_t rows, int64_t dim,
+                   int8_t *q, uint16_t *scales, void *update, void *raw_state, void *out_state) {
     kvtier_update hash = (kvtier_update)update;
     for (int64_t r = 0; r < rows; r += RECODE_ROWS) {
         int64_t n = rows - r < RECODE_ROWS ? rows - r : RECODE_ROWS;
-        hash(raw_state, x + r * dim, (size_t)(n * dim * 2));
-        kvtier_int8_encode_bf16(x + r * dim, n, dim, q + r * dim, scales + r);
+        hash(raw_state, x + r * dim * size, (size_t)(n * dim) * size);
+        encode(x + r * dim * size, n, dim, q + r * dim, scales + r);
         hash(out_state, q + r * dim, (size_t)(n * dim));
     }
     hash(out_state, scales, (size_t)rows * 2);
 }
 
+void kvtier_int8_recode_bf16(const uint16_t *x, int64_t rows, int64_t dim, int8_t *q,
+                             uint16_t *scales, void *update, void *raw_state, void *out_state) {
+    recode((kvtier_encode)kvtier_int8_encode_bf16, 2, (const char *)x, rows, dim, q, scales,
+           update, raw_state, out_state);
+}
+
 void kvtier_int8_recode_f32(const uint32_t *x, int64_t rows, int64_t dim, int8_t *q,
                             uint16_t *scales, void *update, void *raw_state, void *out_state) {
-    kvtier_update hash = (kvtier_update)update;
-    for (int64_t r = 0; r < rows; r += RECODE_ROWS) {
-        int64_t n = rows - r < RECODE_ROWS ? rows - r : RECODE_ROWS;
-        hash(raw_state, x + r * dim, (size_t)(n * dim * 4));
-        kvtier_int8_encode_f32(x + r * dim, n, dim, q + r * dim, scales + r);
-        hash(out_state, q + r * dim, (size_t)(n * dim));
-    }
-    hash(out_state, scales, (size_t)rows * 2);
+    recode((kvtier_encode)kvtier_int8_encode_f32, 4, (const char *)x, rows, dim, q, scales,
+           update, raw_state, out_state);
 }

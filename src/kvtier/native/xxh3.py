@@ -8,8 +8,8 @@ through ctypes, whose calls let go of the GIL: the hashes run on both cores, bes
 copies.
 
 Checked once per process against the package's own digest (empty, unaligned and split
-inputs); where the symbols are missing or disagree, :func:`digest` returns None and the
-caller hashes in Python. Small payloads stay in Python (a ctypes call costs microseconds).
+inputs); where the symbols are missing or disagree, :func:`checksum` hashes with the package
+and :func:`updater` returns None (the C copies are not used). Small payloads stay in Python (a ctypes call costs microseconds).
 """
 
 from __future__ import annotations
@@ -111,16 +111,6 @@ def available() -> bool:
     return True
 
 
-def digest(parts: Sequence[Any]) -> int | None:
-    """xxh3-64 of ``parts`` (C-contiguous buffers) one after the other, the GIL let go; None
-    where :func:`available` is not (the caller hashes in Python)."""
-    if not available():
-        return None
-    lib = _library()
-    assert lib is not None
-    return _digest(lib, parts)
-
-
 def updater(count: int) -> tuple[int, list[State]] | None:
     """(the address of ``XXH3_64bits_update``, ``count`` states of this thread) for C code
     that hashes what it moves (:mod:`kvtier.native`); None where :func:`available` is not."""
@@ -133,10 +123,12 @@ def updater(count: int) -> tuple[int, list[State]] | None:
 
 
 def checksum(prefix: Any, payload: Any) -> int:
-    """xxh3-64 of ``prefix`` then ``payload``: through :func:`digest` for large payloads,
+    """xxh3-64 of ``prefix`` then ``payload``: through the C functions for large payloads,
     else (or where it is not available) the package's."""
-    if memoryview(payload).nbytes >= MIN_BYTES and (d := digest([prefix, payload])) is not None:
-        return d
+    if memoryview(payload).nbytes >= MIN_BYTES and available():
+        lib = _library()
+        assert lib is not None
+        return _digest(lib, [prefix, payload])
     h = xxhash.xxh3_64(prefix)
     h.update(payload)
     return h.intdigest()
