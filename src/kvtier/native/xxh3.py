@@ -9,7 +9,8 @@ copies.
 
 Checked once per process against the package's own digest (empty, unaligned and split
 inputs); where the symbols are missing or disagree, :func:`checksum` hashes with the package
-and :func:`updater` returns None (the C copies are not used). Small payloads stay in Python (a ctypes call costs microseconds).
+and :func:`updater` returns None (the C copies are not used). Small payloads stay in Python
+(a ctypes call costs microseconds).
 """
 
 from __future__ import annotations
