@@ -60,6 +60,7 @@ class Compression(IntEnum):
     FP8 = 5
     INT4 = 6
     INT8C = 7
+    INT4R = 8
 
     @property
     def lossy(self) -> bool:

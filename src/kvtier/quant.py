@@ -12,9 +12,8 @@ A payload is ``(layers, 2, tokens, kv_heads, head_dim)``, K before V (:mod:`kvti
   the scale of a whole token.
 - ``fp8``: e4m3 with one bf16 scale per token and head (max |x| / 448): the same bytes as
   int8, more precision near zero, less at the top of the range.
-- ``int4``: asymmetric 4-bit as KIVI does (K per channel over groups of 64 tokens, since K's
-  outliers sit in fixed channels; V per token over groups of 64 channels), a bf16 minimum and
-  step per group: 36 bytes per 64 values (0.28x of bf16).
+- ``int4``: asymmetric 4-bit as KIVI groups it, 0.28x of bf16; ``int4r``: the same after a
+  Hadamard rotation of each head, 0.30x (:mod:`kvtier.quant4`).
 
 Why these (docs/quantization.md says more): KIVI's per-channel K / per-token V grouping is the
 simplest scheme that holds 4 bits without calibration; KVQuant's non-uniform levels and
@@ -35,23 +34,17 @@ import warnings
 from typing import TYPE_CHECKING
 
 from kvtier import native as native_kernels
+from kvtier import quant4
+from kvtier.quant4 import bf16 as _bf16
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("kvtier")
 
-LOSSY = ("bf16", "int8", "int8c", "fp8", "int4")
+LOSSY = ("bf16", "int8", "int8c", "fp8", "int4", "int4r")
 FLOAT_KV = ("float32", "float16", "bfloat16")  # the KV dtypes a lossy codec takes
-GROUP = 64  # int4: tokens per K group, channels per V group (fewer when the chunk is shorter)
 _SCALE_BYTES = 2  # bf16
-
-
-def _groups(size: int) -> tuple[int, int]:
-    """(group size, groups) along an axis of ``size``: groups of GROUP (even: two levels to a
-    byte), the last padded."""
-    group = min(GROUP, size + size % 2)
-    return group, -(-size // group)
 
 
 def stored_bytes(name: str, shape: tuple[int, ...]) -> int:
@@ -63,18 +56,11 @@ def stored_bytes(name: str, shape: tuple[int, ...]) -> int:
     if name in ("int8", "fp8"):
         return values + _SCALE_BYTES * layers * two * tokens * heads
     if name == "int8c":  # K: a scale per channel and group of tokens; V: per token and head
-        k_scales = layers * heads * dim * _groups(tokens)[1]
+        k_scales = layers * heads * dim * quant4.groups_of(tokens)[1]
         return values + _SCALE_BYTES * (k_scales + layers * tokens * heads)
-    if name == "int4":
-        return _bytes4((layers, heads, dim, tokens)) + _bytes4((layers, tokens, heads, dim))
+    if name in ("int4", "int4r"):
+        return quant4.stored_bytes(name, shape)
     raise ValueError(f"unknown codec {name!r}; lossy codecs: {', '.join(LOSSY)}")
-
-
-def _bytes4(shape: tuple[int, ...]) -> int:
-    """Bytes :func:`_encode4` stores for ``shape``, grouped along its last axis."""
-    group, groups = _groups(shape[-1])
-    rows = math.prod(shape[:-1]) * groups
-    return rows * group // 2 + 2 * _SCALE_BYTES * rows
 
 
 def encode(name: str, kv: torch.Tensor, native: bool = True) -> torch.Tensor:
@@ -91,11 +77,8 @@ def encode(name: str, kv: torch.Tensor, native: bool = True) -> torch.Tensor:
         x = kv.float()
         k = _encode_8("int8", x[:, 1])  # V per token and head, as int8
         out = torch.cat([_encode_8c(x[:, 0].permute(0, 2, 3, 1)), k])
-    elif name == "int4":
-        x = kv.float()
-        # K per channel over groups of tokens (its outliers sit in fixed channels), V per
-        # token over groups of channels: each with its grouped axis last.
-        out = torch.cat([_encode4(x[:, 0].permute(0, 2, 3, 1)), _encode4(x[:, 1])])
+    elif name in ("int4", "int4r"):
+        out = quant4.encode(name, kv, native)
     else:
         raise ValueError(f"unknown codec {name!r}; lossy codecs: {', '.join(LOSSY)}")
     assert out.numel() == stored_bytes(name, tuple(kv.shape)), (name, kv.shape)
@@ -131,10 +114,7 @@ def decode(
         out[:, 0] = _decode_8c(stored[:split], (layers, heads, dim, tokens)).permute(0, 3, 1, 2)
         _decode_8("int8", stored[split:], (layers, tokens, heads, dim), out[:, 1])
         return out
-    split = _bytes4((layers, heads, dim, tokens))
-    out[:, 0] = _decode4(stored[:split], (layers, heads, dim, tokens)).permute(0, 3, 1, 2)
-    out[:, 1] = _decode4(stored[split:], (layers, tokens, heads, dim))
-    return out
+    return quant4.decode(name, stored, shape, out, native)
 
 
 def _tensor(data: bytes | memoryview, dtype: str) -> torch.Tensor:
@@ -182,13 +162,6 @@ def decode_bytes_into(
     if overlaps and not in_place:
         src = src.clone()
     decode(name, src, shape, out.dtype, out)
-
-
-def _bf16(x: torch.Tensor) -> torch.Tensor:
-    """``x`` rounded to bf16 and back to fp32: the scale a decoder will see."""
-    import torch
-
-    return x.to(torch.bfloat16).float()
 
 
 def _encode_8(name: str, kv: torch.Tensor, native: bool = True) -> torch.Tensor:
@@ -288,12 +261,12 @@ def _decode_8(
 
 
 def _encode_8c(x: torch.Tensor) -> torch.Tensor:
-    """int8 of ``x`` with a bf16 scale per group of GROUP along its last axis (max |x| / 127
+    """int8 of ``x`` with a bf16 scale per group of 64 along its last axis (max |x| / 127
     over the group; the last group may be shorter): levels, then scales."""
     import torch
 
     size = x.shape[-1]
-    group, groups = _groups(size)
+    group, groups = quant4.groups_of(size)
     pad = groups * group - size
     padded = torch.nn.functional.pad(x, (0, pad)) if pad else x
     amax = padded.reshape(*x.shape[:-1], groups, group).abs().amax(dim=-1)
@@ -308,61 +281,7 @@ def _decode_8c(stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     import torch
 
     values = math.prod(shape)
-    group, groups = _groups(shape[-1])
+    group, groups = quant4.groups_of(shape[-1])
     scale = stored[values:].view(torch.bfloat16).view(*shape[:-1], groups).float()
     full = scale.repeat_interleave(group, dim=-1)[..., : shape[-1]]
     return stored[:values].view(torch.int8).view(shape).float().mul_(full)
-
-
-def _pack4(q: torch.Tensor) -> torch.Tensor:
-    """Values 0..15 along the last axis (even length) two to a byte, low nibble first."""
-    return (q[..., 0::2] | (q[..., 1::2] << 4)).reshape(-1)
-
-
-def _unpack4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    import torch
-
-    low, high = packed & 0x0F, packed >> 4
-    return torch.stack([low, high], dim=-1).view(shape)
-
-
-def _quant4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit over the last axis: (levels 0..15 as uint8, [min, step] in bf16)."""
-    import torch
-
-    lo = _bf16(x.amin(dim=-1, keepdim=True))
-    hi = x.amax(dim=-1, keepdim=True)
-    step = _bf16(torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)))
-    q = ((x - lo) / step).round_().clamp_(0, 15).to(torch.uint8)
-    params = torch.cat([lo, step], dim=-1).to(torch.bfloat16)
-    return q, params
-
-
-def _dequant4(q: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    p = params.float()
-    return q.float().mul_(p[..., 1:2]).add_(p[..., 0:1])
-
-
-def _encode4(x: torch.Tensor) -> torch.Tensor:
-    """4-bit levels and [min, step] of ``x`` over groups of its last axis (the last group
-    padded with its last value, so that its range is its own)."""
-    import torch
-
-    group, groups = _groups(x.shape[-1])
-    pad = groups * group - x.shape[-1]
-    if pad:
-        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
-    q, params = _quant4(x.reshape(*x.shape[:-1], groups, group))
-    return torch.cat([_pack4(q), params.reshape(-1).view(torch.uint8)])
-
-
-def _decode4(stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The values of ``shape`` :func:`_encode4` stored, grouped along the last axis."""
-    import torch
-
-    group, groups = _groups(shape[-1])
-    grouped = (*shape[:-1], groups, group)
-    half = math.prod(grouped) // 2
-    q = _unpack4(stored[:half], grouped)
-    params = stored[half:].view(torch.bfloat16).view(*grouped[:-1], 2)
-    return _dequant4(q, params).reshape(*shape[:-1], groups * group)[..., : shape[-1]]

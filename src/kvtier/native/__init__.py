@@ -35,8 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvtier")
 
-SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # int8.c, copy.c: one library
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
+SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # int8.c, int4.c, copy.c: one library
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
+# No contraction of a multiply and an add into one FMA: the kernels round as torch does.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
 if platform.machine() in ("x86_64", "AMD64"):
     # gcc keeps to 256-bit vectors by default even with AVX-512; 512 ran this loop 1.7x faster
     # on a 2-core Xeon (the clock does not drop for so short a burst).
@@ -70,6 +72,11 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5
         lib.kvtier_copy_hash.restype = None
         lib.kvtier_copy_hash.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
+        i64 = [ctypes.c_int64] * 7
+        lib.kvtier_int4r_encode.restype = None
+        lib.kvtier_int4r_encode.argtypes = [ctypes.c_void_p, ctypes.c_int, *i64, ctypes.c_void_p]
+        lib.kvtier_int4r_decode.restype = None
+        lib.kvtier_int4r_decode.argtypes = [ctypes.c_void_p, *i64, ctypes.c_void_p, ctypes.c_int]
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         log.info("kvtier: native kernels unavailable (%s); torch does their work", e)
         return None
@@ -112,6 +119,35 @@ def int8_decode(stored: torch.Tensor, dim: int, out: torch.Tensor) -> bool:
         raise ValueError("a stored int8 payload is contiguous uint8")
     aside = torch.empty(rows, dtype=torch.int16)  # the scales, before the output covers them
     kernel(stored.data_ptr(), rows, dim, out.data_ptr(), aside.data_ptr())
+    return True
+
+
+def int4r(
+    op: str, kv: torch.Tensor, stored: torch.Tensor, groups: tuple[int, int], rotation: int
+) -> bool:
+    """int4r's ``op`` ("encode": ``kv`` into ``stored``; "decode": ``stored`` into ``kv``)
+    where ``kv`` is a contiguous bf16 or fp32 payload ``(layers, 2, tokens, heads, dim)``,
+    ``stored`` its stored form (contiguous uint8, :mod:`kvtier.quant4`'s layout), with K
+    grouped over ``groups[0]`` tokens, V over ``groups[1]`` channels, each head rotated in
+    blocks of ``rotation`` channels. False, nothing written, where the kernel does not take
+    that shape (the caller runs torch); the arithmetic is the torch path's."""
+    import torch
+
+    lib = library()
+    gk, gv = groups
+    layers, two, tokens, heads, dim = kv.shape
+    bf16 = {torch.bfloat16: 1, torch.float32: 0}.get(kv.dtype)
+    fits = two == 2 and dim <= 256 and dim % 32 == 0 and dim % gv == gv % 32 == 0
+    fits = fits and gk <= 32 and gk % 2 == 0 and rotation == dim & -dim
+    if lib is None or bf16 is None or not fits or not kv.is_contiguous() or kv.numel() == 0:
+        return False
+    if not stored.is_contiguous() or stored.dtype != torch.uint8:
+        raise ValueError("a stored int4r payload is contiguous uint8")
+    shape = (layers, tokens, heads, dim, gk, gv, rotation)
+    if op == "encode":
+        lib.kvtier_int4r_encode(kv.data_ptr(), bf16, *shape, stored.data_ptr())
+    else:
+        lib.kvtier_int4r_decode(stored.data_ptr(), *shape, kv.data_ptr(), bf16)
     return True
 
 
@@ -231,7 +267,7 @@ def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc, gcc) on PATH")
-    source = b"\0".join(p.read_bytes() for p in SOURCES)
+    source = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, timeout=30
     ).stdout

@@ -6,29 +6,9 @@
  * Compiled on the host at first use (kvtier/native/__init__.py) with its own vector
  * instructions. |x| is taken on the bit pattern (sign bit cleared), whose unsigned order is
  * that of the values: the reduction vectorizes without relaxing IEEE semantics. */
-#include <stdint.h>
-#include <string.h>
 #include <math.h>
 
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float from_bits(uint32_t u) {
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) { /* nearest even; never given a NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 static inline float scale_of(float amax, uint16_t *scale) {
     uint16_t s = to_bf16(amax > 0.0f ? amax / 127.0f : 1.0f);

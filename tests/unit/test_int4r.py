@@ -1,0 +1,110 @@
+"""int4r: KV rotated by a normalized Walsh-Hadamard transform before KIVI's 4-bit grouping.
+The rotation is orthonormal and its own inverse; the C kernel writes torch's bytes (and is
+refused where it does not); an outlier channel costs the other channels less than in int4."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvtier import native, quant, quant4
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """A process that has not built or checked the kernel yet, with its own cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    quant4.native_int4r.cache_clear()
+    yield
+    native.library.cache_clear()
+    quant4.native_int4r.cache_clear()
+
+
+def _kv(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(shape, generator=g) * torch.rand((*shape[:-1], 1), generator=g) * 10
+    kv[..., 3] *= 30  # an outlier channel, as keys have
+    return kv.to(dtype)
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5
+
+
+def test_the_rotation_is_the_normalized_hadamard_matrix_and_its_own_inverse() -> None:
+    x = torch.randn(5, 64, dtype=torch.float64).float()
+    assert torch.allclose(quant4.rotate(x), x @ _hadamard(64), atol=1e-5)
+    assert torch.allclose(quant4.rotate(quant4.rotate(x)), x, atol=1e-5)
+    # A head of 96 rotates in blocks of 32, the largest power of two dividing it.
+    y = torch.randn(3, 96)
+    blocks = torch.cat([y[:, i : i + 32] @ _hadamard(32) for i in (0, 32, 64)], dim=1)
+    assert quant4.rotation_of(96) == 32 and quant4.rotation_of(128) == 128
+    assert torch.allclose(quant4.rotate(y), blocks, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape", [(30, 2, 256, 3, 64), (2, 2, 17, 4, 128), (1, 2, 5, 2, 64), (2, 2, 250, 1, 256)]
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_kernel_writes_torchs_bytes_and_decodes_to_its_values(
+    fresh: None, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    assert quant4.native_int4r()  # make test installs a C compiler
+    kv = _kv(shape, dtype, seed=shape[2])
+    fast = quant.encode("int4r", kv)
+    assert torch.equal(fast, quant.encode("int4r", kv, native=False))
+    assert fast.numel() == quant.stored_bytes("int4r", shape)
+    back = quant.decode("int4r", fast, shape, dtype)
+    assert torch.equal(back, quant.decode("int4r", fast, shape, dtype, native=False))
+    rel = (back.float() - kv.float()).norm() / kv.float().norm()
+    assert rel < 0.1, rel
+
+
+def test_heads_the_kernel_does_not_take_are_encoded_by_torch(fresh: None) -> None:
+    kv = _kv((2, 2, 40, 3, 96), torch.bfloat16, seed=4)  # 96: not a multiple of 32
+    stored = torch.empty(quant.stored_bytes("int4r", tuple(kv.shape)), dtype=torch.uint8)
+    assert not native.int4r("encode", kv, stored, (32, 64), 32)
+    back = quant.decode("int4r", quant.encode("int4r", kv), tuple(kv.shape), torch.float32)
+    assert (back - kv.float()).norm() / kv.float().norm() < 0.1
+
+
+def test_a_kernel_that_disagrees_with_torch_is_never_used(
+    fresh: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    built = native.int4r
+
+    def off_by_one(op: str, kv: torch.Tensor, stored: torch.Tensor, *rest: int) -> bool:
+        wrote = built(op, kv, stored, *rest)  # type: ignore[arg-type]
+        if op == "encode":
+            stored[7] ^= 1  # a miscompiled kernel, say
+        return wrote
+
+    monkeypatch.setattr(native, "int4r", off_by_one)
+    with caplog.at_level(logging.WARNING, "kvtier"):
+        assert not quant4.native_int4r()
+    assert "disagrees with torch" in caplog.text
+    kv = _kv((2, 2, 16, 3, 64), torch.bfloat16, seed=2)
+    assert torch.equal(quant.encode("int4r", kv), quant.encode("int4r", kv, native=False))
+
+
+def test_an_outlier_channel_costs_the_others_less_than_in_int4() -> None:
+    """V is grouped per token: in int4 a token's outlier channel sets the step of all its
+    channels; rotated, its energy spreads over all of them and the step shrinks."""
+    torch.manual_seed(0)
+    shape = (2, 2, 256, 3, 64)
+    kv = torch.randn(shape)
+    kv[:, 1, :, :, 9] *= 25
+    errors = {}
+    for name in ("int4", "int4r"):
+        back = quant.decode(name, quant.encode(name, kv), shape, torch.float32)
+        others = [c for c in range(64) if c != 9]
+        errors[name] = (back - kv)[:, 1, ..., others].pow(2).mean().item()
+    assert errors["int4r"] < errors["int4"] / 2, errors
