@@ -146,12 +146,19 @@ def decode_bytes(
 
 
 def decode_bytes_into(
-    name: str, dtype: str, shape: tuple[int, ...], stored: bytes | memoryview, dest: memoryview
-) -> None:
+    name: str,
+    dtype: str,
+    shape: tuple[int, ...],
+    stored: bytes | memoryview,
+    dest: memoryview,
+    hash_prefix: bytes | None = None,
+) -> int | None:
     """:func:`decode_bytes` straight into ``dest`` (writable, the raw payload's size).
 
     ``stored`` may be the front of ``dest`` itself (a chunk read into the buffer it is decoded
-    into): int8 decodes there in place (:mod:`kvtier.native`), other codecs from a copy."""
+    into): int8 decodes there in place (:mod:`kvtier.native`), other codecs from a copy.
+    With ``hash_prefix``: the xxh3-64 of it then ``dest``'s decoded bytes where the codec
+    computes it as it writes them (int4r's kernel), else None (the caller hashes)."""
     import torch
 
     out = torch.frombuffer(dest, dtype=getattr(torch, dtype)).view(shape)
@@ -161,7 +168,11 @@ def decode_bytes_into(
     in_place = name == "int8" and dtype in ("bfloat16", "float32") and native_int8()
     if overlaps and not in_place:
         src = src.clone()
+    if hash_prefix is not None and name == "int4r":  # noqa: SIM102
+        if (digest := quant4.decode_hashed(src, shape, out, hash_prefix)) is not None:
+            return digest
     decode(name, src, shape, out.dtype, out)
+    return None
 
 
 def _encode_8(name: str, kv: torch.Tensor, native: bool = True) -> torch.Tensor:

@@ -176,6 +176,28 @@ def _unpack_halves(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([packed & 0x0F, packed >> 4], dim=-1)
 
 
+def decode_hashed(
+    stored: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor, prefix: bytes
+) -> int | None:
+    """int4r's :func:`decode` through the kernel, hashing ``out`` as it is written: the xxh3-64
+    of ``prefix`` then the decoded payload (a raw chunk's checksum, with its header's
+    ``prefix``). None, nothing written, where the kernel or xxh3's C functions do not run."""
+    from kvtier.native import xxh3
+
+    if stored.numel() != (want := stored_bytes("int4r", shape)):
+        raise ValueError(f"an int4r payload of shape {shape} is {want} bytes, got {stored.numel()}")
+    hashers = xxh3.updater(1)
+    if hashers is None or not out.is_contiguous() or not native_int4r():
+        return None
+    update, (state,) = hashers
+    state.start(prefix)
+    groups, rotation = _groups4r(shape), rotation_of(shape[-1])
+    hashed = (update, state)
+    if not native_kernels.int4r("decode", out, stored.contiguous(), groups, rotation, hashed):
+        return None
+    return state.digest()
+
+
 def _groups4r(shape: tuple[int, ...]) -> tuple[int, int]:
     """int4r's (tokens per K group, channels per V group) for a payload of ``shape``."""
     return groups_of(shape[2], GROUP_K_ROTATED)[0], groups_of(shape[4])[0]

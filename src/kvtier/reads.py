@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from kvtier import codec, deferred
+from kvtier import codec, deferred, inflate
 from kvtier.codec import Compression, KVChunk
 from kvtier.deferred import PayloadCheck
 from kvtier.errors import CorruptChunk
@@ -173,11 +173,11 @@ class Reads:
         holds the raw form (DRAM hits never decode it again)."""
         view = memoryview(buf)
         header, payload = bytearray(codec.HEADER_BYTES), view[codec.HEADER_BYTES :]
-        # decoded where it lies (int8; other forms from a copy: quant.decode_bytes_into)
-        if not self._copy_verified(slot, key, view[:size], header, payload):
+        # decoded where it lies (int8; other forms from a copy: quant.decode_bytes_into), then
+        # stamped and sealed as the raw chunk it now holds (int4r's decoder hashes as it goes)
+        if not self._copy_verified(slot, key, view[:size], header, payload, seal_into=buf):
             return None
         h = codec.read_header(header)
-        codec.seal(codec.stamp(buf, h.key, h.dtype, h.shape, h.namespace_id, h.created_at))
         return KVChunk(h.dtype, h.shape, payload), buf
 
     def _read_whole(
@@ -292,13 +292,20 @@ class Reads:
         ]
 
     def _copy_verified(
-        self, slot: Slot, key: ChunkKey, blob: Any, header: bytearray, dest: memoryview
+        self,
+        slot: Slot,
+        key: ChunkKey,
+        blob: Any,
+        header: bytearray,
+        dest: memoryview,
+        seal_into: codec.SealedChunk | None = None,
     ) -> bool:
         if blob is None:
             self.h.recorder.add(slot.tier.name, misses=1)
             return False
+        size = memoryview(blob).nbytes  # before seal_into's header replaces the stored one
         try:
-            codec.decode_into(blob, dest, expected_key=key)
+            inflate.decode_into(blob, dest, expected_key=key, seal_into=seal_into)
         except CorruptChunk as exc:
             self.h.corrupt(slot, key, exc)
             return False
@@ -313,7 +320,7 @@ class Reads:
             self.h.recorder.add(slot.tier.name, misses=1)
             return False
         header[:] = memoryview(blob).cast("B")[: codec.HEADER_BYTES]
-        self.h.recorder.add(slot.tier.name, hits=1, bytes_read=memoryview(blob).nbytes)
+        self.h.recorder.add(slot.tier.name, hits=1, bytes_read=size)
         return True
 
     def _check_loaded(

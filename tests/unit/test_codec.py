@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvtier import codec
+from kvtier import codec, inflate
 from kvtier.codec import HEADER_BYTES, Compression, KVChunk
 from kvtier.errors import CorruptChunk
 from kvtier.keys import ChunkKey
@@ -84,14 +84,14 @@ def test_decode_into_copies_and_verifies(compression: Compression) -> None:
     original = chunk(4)
     blob = codec.encode(KEY, original, compression=compression)
     dest = np.empty(original.nbytes, dtype=np.uint8)
-    codec.decode_into(blob, memoryview(dest.data), expected_key=KEY)
+    inflate.decode_into(blob, memoryview(dest.data), expected_key=KEY)
     assert dest.tobytes() == bytes(original.data)
     damaged = bytearray(blob)
     damaged[-3] ^= 1
     with pytest.raises(CorruptChunk):
-        codec.decode_into(bytes(damaged), memoryview(dest.data), expected_key=KEY)
+        inflate.decode_into(bytes(damaged), memoryview(dest.data), expected_key=KEY)
     with pytest.raises(ValueError, match="buffer"):
-        codec.decode_into(blob, memoryview(bytearray(10)), expected_key=KEY)
+        inflate.decode_into(blob, memoryview(bytearray(10)), expected_key=KEY)
 
 
 def test_verify_checks_a_chunk_held_in_two_pieces() -> None:
@@ -183,7 +183,7 @@ def test_a_lossy_codec_stores_fewer_bytes_and_decodes_to_the_engines_dtype(
     bounds = {"bf16": 0.01, "int8": 0.01, "int8c": 0.01, "fp8": 0.07, "int4": 0.1, "int4r": 0.1}
     assert error < bounds[compression.name.lower()]
     dest = bytearray(original.nbytes)
-    codec.decode_into(blob, memoryview(dest), expected_key=KEY)
+    inflate.decode_into(blob, memoryview(dest), expected_key=KEY)
     assert bytes(dest) == bytes(decoded.chunk.data)
     # recode: between tiers of different forms, and back to raw for a DRAM tier
     raw_again = codec.decode(recode(blob, Compression.NONE)).chunk

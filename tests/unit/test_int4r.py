@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtier import native, quant, quant4
+from kvtier import codec, inflate, native, quant, quant4
+from kvtier.chunk import KVChunk
+from kvtier.codec import Compression
+from kvtier.errors import CorruptChunk
+from kvtier.keys import ChunkKey
 
 
 @pytest.fixture
@@ -108,3 +112,33 @@ def test_an_outlier_channel_costs_the_others_less_than_in_int4() -> None:
         others = [c for c in range(64) if c != 9]
         errors[name] = (back - kv)[:, 1, ..., others].pow(2).mean().item()
     assert errors["int4r"] < errors["int4"] / 2, errors
+
+
+@pytest.mark.parametrize("name", ["int4r", "int8", "zstd"])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_chunk_decoded_into_its_buffer_is_sealed_as_the_raw_chunk_it_holds(
+    name: str, kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk or Redis hit lands in the front of a raw-sized buffer, is decoded there and
+    becomes the raw chunk promoted to DRAM: int4r's kernel hashes what it writes for the
+    checksum, other forms (and int4r without its kernel) are hashed after. Either way the
+    buffer is exactly the raw chunk that encoding the decoded KV would store."""
+    if not kernel:
+        monkeypatch.setattr(quant4, "native_int4r", lambda: False)
+    key = ChunkKey(bytes(range(16)))
+    kv = _kv((3, 2, 256, 3, 64), torch.bfloat16, seed=9)
+    chunk = KVChunk("bfloat16", tuple(kv.shape), kv.reshape(-1).view(torch.uint8).numpy())
+    stored = codec.encode(key, chunk, "ab" * 8, Compression.named(name), created_at=5.0)
+    buf = codec.SealedChunk(codec.HEADER_BYTES + chunk.nbytes)
+    buf[: len(stored)] = stored
+    front = memoryview(buf)[: len(stored)]
+    header = inflate.decode_into(front, memoryview(buf)[codec.HEADER_BYTES :], key, seal_into=buf)
+    assert header.compression == Compression.named(name)
+    decoded = codec.decode(bytes(buf), expected_key=key)  # its checksum verifies
+    assert decoded.header.compression == Compression.NONE
+    assert bytes(decoded.chunk.data) == bytes(codec.decode(stored).chunk.data)
+    again = codec.encode(key, decoded.chunk, "ab" * 8, created_at=5.0)
+    assert bytes(buf) == again
+    buf[codec.HEADER_BYTES + 1000] ^= 1  # and the checksum covers the payload
+    with pytest.raises(CorruptChunk):
+        codec.decode(bytes(buf), expected_key=key)

@@ -22,7 +22,14 @@ def kv(shape: tuple[int, ...] = SHAPE, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("name", "ratio"),
-    [("bf16", 1.0), ("int8", 0.516), ("int8c", 0.516), ("fp8", 0.516), ("int4", 0.282), ("int4r", 0.297)],
+    [
+        ("bf16", 1.0),
+        ("int8", 0.516),
+        ("int8c", 0.516),
+        ("fp8", 0.516),
+        ("int4", 0.282),
+        ("int4r", 0.297),
+    ],
 )
 def test_stored_bytes_per_value_against_bf16(name: str, ratio: float) -> None:
     bf16 = 2 * math.prod(SHAPE)

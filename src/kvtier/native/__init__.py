@@ -76,7 +76,14 @@ def library() -> ctypes.CDLL | None:
         lib.kvtier_int4r_encode.restype = None
         lib.kvtier_int4r_encode.argtypes = [ctypes.c_void_p, ctypes.c_int, *i64, ctypes.c_void_p]
         lib.kvtier_int4r_decode.restype = None
-        lib.kvtier_int4r_decode.argtypes = [ctypes.c_void_p, *i64, ctypes.c_void_p, ctypes.c_int]
+        lib.kvtier_int4r_decode.argtypes = [
+            ctypes.c_void_p,
+            *i64,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         log.info("kvtier: native kernels unavailable (%s); torch does their work", e)
         return None
@@ -123,14 +130,21 @@ def int8_decode(stored: torch.Tensor, dim: int, out: torch.Tensor) -> bool:
 
 
 def int4r(
-    op: str, kv: torch.Tensor, stored: torch.Tensor, groups: tuple[int, int], rotation: int
+    op: str,
+    kv: torch.Tensor,
+    stored: torch.Tensor,
+    groups: tuple[int, int],
+    rotation: int,
+    hasher: tuple[int, Any] | None = None,
 ) -> bool:
     """int4r's ``op`` ("encode": ``kv`` into ``stored``; "decode": ``stored`` into ``kv``)
     where ``kv`` is a contiguous bf16 or fp32 payload ``(layers, 2, tokens, heads, dim)``,
     ``stored`` its stored form (contiguous uint8, :mod:`kvtier.quant4`'s layout), with K
     grouped over ``groups[0]`` tokens, V over ``groups[1]`` channels, each head rotated in
     blocks of ``rotation`` channels. False, nothing written, where the kernel does not take
-    that shape (the caller runs torch); the arithmetic is the torch path's."""
+    that shape (the caller runs torch); the arithmetic is the torch path's. ``hasher``
+    (decoding; :func:`kvtier.native.xxh3.updater`'s address and a started state): the
+    output is hashed into the state as it is written."""
     import torch
 
     lib = library()
@@ -147,7 +161,10 @@ def int4r(
     if op == "encode":
         lib.kvtier_int4r_encode(kv.data_ptr(), bf16, *shape, stored.data_ptr())
     else:
-        lib.kvtier_int4r_decode(stored.data_ptr(), *shape, kv.data_ptr(), bf16)
+        update, state = hasher if hasher is not None else (None, None)
+        lib.kvtier_int4r_decode(
+            stored.data_ptr(), *shape, kv.data_ptr(), bf16, update, state and state.ptr
+        )
     return True
 
 

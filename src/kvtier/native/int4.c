@@ -276,12 +276,18 @@ static void parts(shape4 s, int64_t *kq, int64_t *kp, int64_t *vq) {
     *vq = *kp + v_groups * s.gv / 2;
 }
 
-/* Every group of a chunk, with nv (the head's vectors) a constant where it is 4 (a head of
- * 64), so that the compiler unrolls each row's loops into straight code. */
-INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *st) {
+typedef int (*hash_update)(void *state, const void *data, size_t len);
+
+/* Every group of a chunk, layer by layer, with nv (the head's vectors) a constant for a head
+ * of 64, so that the compiler unrolls each row's loops into straight code. Decoding with
+ * `update` (XXH3's streaming update, `state` holding the raw chunk's header) hashes each
+ * layer's K and V right after writing them, while they are in cache: the decoded chunk's
+ * checksum without another pass over it. */
+INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *st,
+                hash_update update, void *state) {
     int64_t kq, kp, vq, groups = (s.tokens + s.gk - 1) / s.gk, rows = s.tokens * s.heads;
     parts(s, &kq, &kp, &vq);
-    for (int64_t l = 0; l < s.layers; l++)
+    for (int64_t l = 0; l < s.layers; l++) {
         for (int64_t h = 0; h < s.heads; h++)
             for (int64_t g = 0; g < groups; g++) {
                 if (encode)
@@ -289,7 +295,6 @@ INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *s
                 else
                     decode_k_group(st, (const uint16_t *)(st + kq), s, nv, l, h, g, kv, bf16);
             }
-    for (int64_t l = 0; l < s.layers; l++)
         for (int64_t i = 0; i < rows; i++) {
             int64_t at = ((l * 2 + 1) * rows + i) * s.dim;
             if (encode)
@@ -297,15 +302,21 @@ INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *s
             else
                 decode_v_row(st + kp, (const uint16_t *)(st + vq), s, nv, l * rows + i, kv, bf16, at);
         }
+        if (update) {
+            size_t size = bf16 ? 2 : 4, layer = (size_t)(2 * rows * s.dim) * size;
+            update(state, (const char *)kv + l * layer, layer);
+        }
+    }
 }
 
-static void dispatch(int encode, void *kv, int bf16, shape4 s, uint8_t *st) {
+static void dispatch(int encode, void *kv, int bf16, shape4 s, uint8_t *st, hash_update update,
+                     void *state) {
     if (s.dim == 64 && bf16)
-        run(encode, kv, 1, s, 64 / LANES, st);
+        run(encode, kv, 1, s, 64 / LANES, st, update, state);
     else if (s.dim == 64)
-        run(encode, kv, 0, s, 64 / LANES, st);
+        run(encode, kv, 0, s, 64 / LANES, st, update, state);
     else
-        run(encode, kv, bf16, s, s.dim / LANES, st);
+        run(encode, kv, bf16, s, s.dim / LANES, st, update, state);
 }
 
 /* kv: (layers, 2, tokens, heads, dim) of bf16 (bf16 != 0) or fp32; stored: its stored form.
@@ -314,11 +325,13 @@ static void dispatch(int encode, void *kv, int bf16, shape4 s, uint8_t *st) {
 void kvtier_int4r_encode(const void *x, int bf16, int64_t layers, int64_t tokens, int64_t heads,
                          int64_t dim, int64_t gk, int64_t gv, int64_t r, uint8_t *stored) {
     shape4 s = {layers, tokens, heads, dim, gk, gv, r};
-    dispatch(1, (void *)x, bf16, s, stored);
+    dispatch(1, (void *)x, bf16, s, stored, NULL, NULL);
 }
 
+/* update and state: NULL, or XXH3's streaming update and a state to hash the output into. */
 void kvtier_int4r_decode(const uint8_t *stored, int64_t layers, int64_t tokens, int64_t heads,
-                         int64_t dim, int64_t gk, int64_t gv, int64_t r, void *out, int bf16) {
+                         int64_t dim, int64_t gk, int64_t gv, int64_t r, void *out, int bf16,
+                         void *update, void *state) {
     shape4 s = {layers, tokens, heads, dim, gk, gv, r};
-    dispatch(0, out, bf16, s, (uint8_t *)stored);
+    dispatch(0, out, bf16, s, (uint8_t *)stored, (hash_update)update, state);
 }
