@@ -1,5 +1,12 @@
-"""Raw chunks opened with their payload's checksum left to the caller, which hashes the
-payload as it copies it (:func:`kvtier.native.copy_hash`) and compares before the KV is used.
+"""Chunks whose last step is left to the caller, which does it as it places their KV:
+
+- raw chunks opened with their payload's checksum left to the caller, which hashes the
+  payload as it copies it (:func:`kvtier.native.copy_hash`) and compares before the KV is used
+  (:func:`open_raw`);
+- int4r chunks opened verified but not decoded (:func:`open_stored`): the caller decodes
+  them straight into the engine's blocks, layer by layer through a scratch that stays in
+  cache, instead of decoding 5.9 MB into a raw chunk and copying that into the blocks (a
+  disk hit of 19 such chunks on a 2-core Xeon: 42 against 80 ms, the memory written once).
 
 Why: a DRAM hit read each chunk twice at the memory's speed, once to verify it and once to
 copy it into the engine's blocks (on a 2-core Xeon, 20 chunks of 5.9 MB: 17 ms of hashing
@@ -12,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvtier import codec
+from kvtier import codec, quant4
 from kvtier.codec import Compression, KVChunk
 from kvtier.errors import CorruptChunk
 from kvtier.native import xxh3
@@ -54,3 +61,37 @@ def open_raw(blob: object, expected_key: bytes) -> tuple[KVChunk, PayloadCheck] 
     except ValueError as exc:
         raise CorruptChunk(f"chunk {header.key.hex()}: {exc}") from exc
     return chunk, PayloadCheck(view[: codec.PREFIX_BYTES], header.checksum, payload)
+
+
+@dataclass(frozen=True)
+class StoredForm:
+    """A chunk's verified stored form that the caller decodes into its destination."""
+
+    name: str  # the codec
+    dtype: str  # the raw KV's
+    shape: tuple[int, ...]
+    payload: memoryview  # the stored payload, checksum verified
+
+    @property
+    def raw_bytes(self) -> int:
+        return codec.payload_bytes(self.dtype, self.shape)
+
+
+def open_stored(blob: object, expected_key: bytes) -> StoredForm | None:
+    """A chunk's stored form, verified (checksum, size, key), for a codec whose decoder writes
+    straight into an engine's blocks (int4r, where its kernel runs); None for other chunks.
+    Raises CorruptChunk like :func:`kvtier.codec.decode`."""
+    view = memoryview(blob).cast("B")  # type: ignore[arg-type]
+    header = codec.read_header(view)
+    if header.compression != Compression.INT4R or not quant4.native_int4r():
+        return None
+    if view.nbytes != codec.HEADER_BYTES + header.stored_bytes:
+        raise CorruptChunk(
+            f"chunk is {view.nbytes} bytes, header says {codec.HEADER_BYTES + header.stored_bytes}"
+        )
+    header = codec.verify(view[: codec.HEADER_BYTES], view[codec.HEADER_BYTES :], expected_key)
+    try:
+        codec.payload_bytes(header.dtype, header.shape)
+    except ValueError as exc:
+        raise CorruptChunk(f"chunk {header.key.hex()}: {exc}") from exc
+    return StoredForm("int4r", header.dtype, header.shape, view[codec.HEADER_BYTES :])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvtier import native as native_kernels
 
@@ -196,6 +196,26 @@ def decode_hashed(
     if not native_kernels.int4r("decode", out, stored.contiguous(), groups, rotation, hashed):
         return None
     return state.digest()
+
+
+def decode_scattered(
+    stored: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, copies: tuple[Any, Any, Any]
+) -> bool:
+    """int4r's :func:`decode` of a payload of ``shape`` and ``dtype`` straight into its
+    destinations: ``copies`` as :func:`kvtier.native.int4r` takes them (each layer decoded
+    into a scratch while the copies out of it run). False, nothing written, where the kernel
+    does not run or take the shape (the caller decodes, then copies)."""
+    import torch
+
+    if stored.numel() != (want := stored_bytes("int4r", shape)):
+        raise ValueError(f"an int4r payload of shape {shape} is {want} bytes, got {stored.numel()}")
+    if not native_int4r():
+        return False
+    like = torch.empty(shape, dtype=dtype, device="meta")
+    groups, rotation = _groups4r(shape), rotation_of(shape[-1])
+    return native_kernels.int4r(
+        "decode", like, stored.contiguous(), groups, rotation, copies=copies
+    )
 
 
 def _groups4r(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvtier.codec import KVChunk
-from kvtier.deferred import PayloadCheck
+from kvtier.deferred import PayloadCheck, StoredForm
 from kvtier.keys import ChunkKey
 
 
@@ -43,8 +43,9 @@ class GetResult:
     tiers: list[str]
     chunk_tokens: int
     # With check_payload=False, per chunk: the check its payload must pass before its KV is
-    # used (kvtier.deferred), or None where the store verified it.
-    checks: list[PayloadCheck | None] = field(default_factory=list)
+    # used (kvtier.deferred), or None where the store verified it; with stored_forms, an
+    # int4r chunk's verified stored form, for the caller to decode.
+    checks: list[PayloadCheck | StoredForm | None] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:

@@ -1,7 +1,8 @@
 """TieredStore: the ordered hierarchy of tiers behind one lookup / get / put API, made of
 three parts: :class:`~kvtier.hierarchy.Hierarchy` (the tiers, failure containment, where each
 chunk is, pins, events), :class:`~kvtier.writes.Writes` (keys, put, write-behind) and
-:class:`~kvtier.reads.Reads` (lookup, get, get_into, verification, promotion, prefetch).
+:class:`~kvtier.reads.Reads` (get, verification, promotion, prefetch), get_into in
+:class:`~kvtier.read_into.ReadInto`.
 
 Data path::
 
@@ -30,6 +31,7 @@ from kvtier.hierarchy import Hierarchy
 from kvtier.keys import ChunkKey, Namespace
 from kvtier.lookup import Lookups
 from kvtier.owners import Owners
+from kvtier.read_into import ReadInto
 from kvtier.reads import Reads
 from kvtier.results import GetResult, LoadResult, LookupResult, PutReport
 from kvtier.stats import ChunkEvent, StoreStats
@@ -103,9 +105,17 @@ class TieredStore:
         tail: bool = False,
         payload_bytes: Sequence[int] | None = None,
         check_payload: bool = True,
+        stored_forms: bool = False,
     ) -> GetResult:
         return self._reads.get(
-            tokens, namespace, start_chunk, max_chunks, tail, payload_bytes, check_payload
+            tokens,
+            namespace,
+            start_chunk,
+            max_chunks,
+            tail,
+            payload_bytes,
+            check_payload,
+            stored_forms,
         )
 
     def corrupt(self, tier: str, key: ChunkKey, reason: str) -> None:
@@ -119,7 +129,7 @@ class TieredStore:
         start_chunk: int = 0,
         tail: bool = False,
     ) -> LoadResult:
-        return self._reads.get_into(tokens, namespace, dests, start_chunk, tail)
+        return self._reads.into.get_into(tokens, namespace, dests, start_chunk, tail)
 
     def prefetch(
         self, tokens: Sequence[int] | Any, namespace: Namespace, payload_bytes: int | None = None
@@ -169,7 +179,8 @@ class TieredStore:
 _PARTS = (
     (Writes, ("keys", "put", "put_encoded")),
     (Lookups, ("lookup",)),
-    (Reads, ("get", "get_into", "prefetch", "corrupt")),
+    (Reads, ("get", "prefetch", "corrupt")),
+    (ReadInto, ("get_into",)),
     (
         Hierarchy,
         (

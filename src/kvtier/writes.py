@@ -143,7 +143,10 @@ class Writes:
             self.h.recorder.add(slot.tier.name, writes_dropped=dropped)
         return dropped
 
-    def write_to(self, slot: Slot, items: WriteBatch, skip_held: bool = False) -> None:
+    def write_to(
+        self, slot: Slot, items: WriteBatch, skip_held: bool = False, as_stored: bool = False
+    ) -> None:
+        """Write ``items`` to ``slot``'s tier in its stored form (``as_stored``: as they are)."""
         if not items:
             return
         name = slot.tier.name
@@ -156,7 +159,8 @@ class Writes:
                 self.h.recorder.add(name, writes_dropped=len(items))
                 return
             items = [item for item, h in zip(items, held, strict=True) if not h]
-        items = [(k, recode(blob, slot.compression)) for k, blob in items]
+        if not as_stored:
+            items = [(k, recode(blob, slot.compression)) for k, blob in items]
         result = self.h.guard(slot, None, slot.tier.put_many, items)
         if result is None:
             self.h.recorder.add(name, writes_dropped=len(items))

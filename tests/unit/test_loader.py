@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvtier import codec, quant
 from kvtier.chunk import KVChunk
+from kvtier.codec import Compression
 from kvtier.integrations.vllm.loader import PIECE_CHUNKS, Loader
 from kvtier.integrations.vllm.messages import LoadSpec
-from kvtier.integrations.vllm.paged import block_view, gather_chunks
+from kvtier.integrations.vllm.paged import block_view, chunks_to_blocks, gather_chunks
 from kvtier.integrations.vllm.worker import can_hold
 from kvtier.keys import Namespace
 from kvtier.store import TieredStore
@@ -105,3 +107,64 @@ def test_saves_are_off_only_where_no_tier_can_hold_a_chunk(tmp_path: Path) -> No
         assert can_hold(store, chunk)
     with TieredStore([MemoryTier(1 << 30)], CHUNK) as store:
         assert can_hold(store, chunk)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dim", [64, 8])  # 8: a head the int4r kernel does not take
+@pytest.mark.parametrize("damaged", [None, 1])
+def test_int4r_chunks_are_decoded_into_the_blocks_and_kept_in_dram_as_stored(
+    tmp_path: Path, packed: bool, dim: int, damaged: int | None
+) -> None:
+    """A disk tier storing int4r: a load decodes each chunk straight into vLLM's blocks (heads
+    of 64: layer by layer through a scratch; others: into the chunk's buffer, then copied),
+    the KV placed is what decoding the chunk gives, and DRAM then holds the chunks in their
+    stored form, from which a second load places the same. A chunk damaged on disk ends the
+    run there: vLLM recomputes from it."""
+    chunks = PIECE_CHUNKS + 2
+    tokens = list(range(900, 900 + chunks * CHUNK))
+    torch.manual_seed(3)
+    source = [torch.randn(64, HEADS, BLOCK, 2 * dim) for _ in range(LAYERS)]
+    src_blocks = list(range(1, 2 * chunks + 1))
+    comps = [Compression.NONE, Compression.INT4R]
+
+    def store() -> TieredStore:
+        disk = DiskTier(tmp_path / "d", 1 << 30, fsync=False)
+        return TieredStore([MemoryTier(1 << 26), disk], CHUNK, compression=comps)
+
+    def loader_for(s: TieredStore, cache: list[torch.Tensor]) -> Loader:
+        layers = [block_view(t, HEADS, dim, packed) for t in cache]
+        return Loader(s, layers, CHUNK, lambda _: NS, lambda keys: None)
+
+    with store() as s:
+        shape = loader_for(s, source).chunk_shape()
+        kv = [torch.empty(shape) for _ in range(chunks)]
+        gather_chunks([block_view(t, HEADS, dim, packed) for t in source], src_blocks, kv)
+        s.put(tokens, NS, [KVChunk.from_array(c.numpy()) for c in kv])
+    if damaged is not None:
+        files = {f.stem: f for f in (tmp_path / "d").rglob("*.kvc")}
+        with store() as s:
+            path = files[s.keys(tokens, NS)[damaged].hex()]
+        data = bytearray(path.read_bytes())
+        data[200] ^= 0x04
+        path.write_bytes(bytes(data))
+    # what each chunk decodes to, placed by the plain copy
+    expected = [torch.zeros_like(t) for t in source]
+    decoded = [quant.decode("int4r", quant.encode("int4r", c), shape, c.dtype) for c in kv]
+    ref_layers = [block_view(t, HEADS, dim, packed) for t in expected]
+    blocks = list(range(40, 40 + 2 * chunks))
+    chunks_to_blocks(decoded, ref_layers, blocks)
+    run = chunks if damaged is None else damaged
+    with store() as s:
+        for tier in ("disk", "memory"):
+            cache = [torch.zeros_like(t) for t in source]
+            loader = loader_for(s, cache)
+            loader.load(LoadSpec("r", tokens, None, blocks, 0, len(tokens)))
+            assert loader.failed_blocks() == set(blocks[2 * run :])
+            assert loader.reports()[0]["loaded"] == {tier: run * CHUNK}
+            for got, want in zip(cache, expected, strict=True):
+                assert torch.equal(got[blocks[: 2 * run]], want[blocks[: 2 * run]]), tier
+            loader.close()
+            held = s.tiers[0].get_many(s.keys(tokens, NS)[:run])
+            forms = {codec.read_header(b).compression for b in held}  # type: ignore[arg-type]
+            assert forms == {Compression.INT4R}
+        assert s.stats().tiers["disk"].corruptions == (damaged is not None)

@@ -81,8 +81,9 @@ def library() -> ctypes.CDLL | None:
             *i64,
             ctypes.c_void_p,
             ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
+            *[ctypes.c_void_p] * 3,
+            ctypes.c_int64,
+            *[ctypes.c_void_p] * 3,
         ]
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         log.info("kvtier: native kernels unavailable (%s); torch does their work", e)
@@ -136,6 +137,7 @@ def int4r(
     groups: tuple[int, int],
     rotation: int,
     hasher: tuple[int, Any] | None = None,
+    copies: tuple[Any, Any, Any] | None = None,
 ) -> bool:
     """int4r's ``op`` ("encode": ``kv`` into ``stored``; "decode": ``stored`` into ``kv``)
     where ``kv`` is a contiguous bf16 or fp32 payload ``(layers, 2, tokens, heads, dim)``,
@@ -144,7 +146,10 @@ def int4r(
     blocks of ``rotation`` channels. False, nothing written, where the kernel does not take
     that shape (the caller runs torch); the arithmetic is the torch path's. ``hasher``
     (decoding; :func:`kvtier.native.xxh3.updater`'s address and a started state): the
-    output is hashed into the state as it is written."""
+    output is hashed into the state as it is written. ``copies`` (decoding; int64 arrays of
+    destination addresses, payload byte offsets and sizes, in payload order, each within one
+    layer's K and V): the payload is not written to ``kv`` (only its shape and dtype count)
+    but decoded layer by layer into a scratch and copied from there to those destinations."""
     import torch
 
     lib = library()
@@ -162,8 +167,19 @@ def int4r(
         lib.kvtier_int4r_encode(kv.data_ptr(), bf16, *shape, stored.data_ptr())
     else:
         update, state = hasher if hasher is not None else (None, None)
+        scratch, table = None, (0, None, None, None)
+        if copies is not None:
+            scratch = torch.empty(2 * tokens * heads * dim, dtype=kv.dtype)
+            table = (len(copies[0]), *(c.ctypes.data for c in copies))
         lib.kvtier_int4r_decode(
-            stored.data_ptr(), *shape, kv.data_ptr(), bf16, update, state and state.ptr
+            stored.data_ptr(),
+            *shape,
+            None if copies is not None else kv.data_ptr(),
+            bf16,
+            update,
+            state and state.ptr,
+            None if scratch is None else scratch.data_ptr(),
+            *table,
         )
     return True
 

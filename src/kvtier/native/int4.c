@@ -202,7 +202,7 @@ INLINE void encode_k_group(const void *x, int bf16, shape4 s, int64_t nv, int64_
 }
 
 INLINE void decode_k_group(const uint8_t *q, const uint16_t *p, shape4 s, int64_t nv, int64_t l,
-                           int64_t h, int64_t g, void *out, int bf16) {
+                           int64_t h, int64_t g, void *out, int bf16, int64_t out_l) {
     vf row[VMAX], lo[VMAX], step[VMAX];
     int64_t at = k_group(s, l, h, g), half = s.gk / 2;
     load_row(p, 1, at * 2 * s.dim, nv, lo);
@@ -217,7 +217,7 @@ INLINE void decode_k_group(const uint8_t *q, const uint16_t *p, shape4 s, int64_
             row[k] = values4((c >> shift) & 15, lo[k], step[k]);
         }
         rotate(row, nv, s.r);
-        store_row(out, bf16, ((l * 2 * s.tokens + t0 + j) * s.heads + h) * s.dim, nv, row);
+        store_row(out, bf16, ((out_l * 2 * s.tokens + t0 + j) * s.heads + h) * s.dim, nv, row);
     }
 }
 
@@ -278,45 +278,66 @@ static void parts(shape4 s, int64_t *kq, int64_t *kp, int64_t *vq) {
 
 typedef int (*hash_update)(void *state, const void *data, size_t len);
 
+/* Where a decoded chunk goes: straight into `out` (the whole payload), or, with `scratch`
+ * (room for one layer), layer by layer into it and from there by `n` copies into their
+ * destinations (an engine's blocks): copy i moves nbytes[i] from payload offset src[i] to
+ * dst[i], each within one layer's K and V, in payload order. The layer is still in cache
+ * when it is copied: the decoded chunk is written once, where it is used. */
+typedef struct {
+    void *out, *scratch;
+    int64_t n;
+    void *const *dst;
+    const int64_t *src, *nbytes;
+    hash_update update;
+    void *state;
+} sink4;
+
 /* Every group of a chunk, layer by layer, with nv (the head's vectors) a constant for a head
  * of 64, so that the compiler unrolls each row's loops into straight code. Decoding with
  * `update` (XXH3's streaming update, `state` holding the raw chunk's header) hashes each
  * layer's K and V right after writing them, while they are in cache: the decoded chunk's
  * checksum without another pass over it. */
-INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *st,
-                hash_update update, void *state) {
+INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *st, sink4 k) {
     int64_t kq, kp, vq, groups = (s.tokens + s.gk - 1) / s.gk, rows = s.tokens * s.heads;
+    size_t layer = (size_t)(2 * rows * s.dim) * (bf16 ? 2 : 4);
+    int64_t c = 0;
     parts(s, &kq, &kp, &vq);
     for (int64_t l = 0; l < s.layers; l++) {
+        void *out = k.scratch ? k.scratch : kv;
+        int64_t out_l = k.scratch ? 0 : l;
         for (int64_t h = 0; h < s.heads; h++)
             for (int64_t g = 0; g < groups; g++) {
                 if (encode)
                     encode_k_group(kv, bf16, s, nv, l, h, g, st, (uint16_t *)(st + kq));
                 else
-                    decode_k_group(st, (const uint16_t *)(st + kq), s, nv, l, h, g, kv, bf16);
+                    decode_k_group(st, (const uint16_t *)(st + kq), s, nv, l, h, g, out, bf16,
+                                   out_l);
             }
         for (int64_t i = 0; i < rows; i++) {
-            int64_t at = ((l * 2 + 1) * rows + i) * s.dim;
             if (encode)
-                encode_v_row(kv, bf16, s, nv, at, l * rows + i, st + kp, (uint16_t *)(st + vq));
+                encode_v_row(kv, bf16, s, nv, ((l * 2 + 1) * rows + i) * s.dim, l * rows + i,
+                             st + kp, (uint16_t *)(st + vq));
             else
-                decode_v_row(st + kp, (const uint16_t *)(st + vq), s, nv, l * rows + i, kv, bf16, at);
+                decode_v_row(st + kp, (const uint16_t *)(st + vq), s, nv, l * rows + i, out, bf16,
+                             ((out_l * 2 + 1) * rows + i) * s.dim);
         }
-        if (update) {
-            size_t size = bf16 ? 2 : 4, layer = (size_t)(2 * rows * s.dim) * size;
-            update(state, (const char *)kv + l * layer, layer);
-        }
+        if (encode)
+            continue;
+        const char *done = (const char *)out + (size_t)out_l * layer;
+        if (k.update)
+            k.update(k.state, done, layer);
+        for (; k.scratch && c < k.n && k.src[c] < (int64_t)((size_t)(l + 1) * layer); c++)
+            memcpy(k.dst[c], done + (k.src[c] - (int64_t)((size_t)l * layer)), (size_t)k.nbytes[c]);
     }
 }
 
-static void dispatch(int encode, void *kv, int bf16, shape4 s, uint8_t *st, hash_update update,
-                     void *state) {
+static void dispatch(int encode, void *kv, int bf16, shape4 s, uint8_t *st, sink4 k) {
     if (s.dim == 64 && bf16)
-        run(encode, kv, 1, s, 64 / LANES, st, update, state);
+        run(encode, kv, 1, s, 64 / LANES, st, k);
     else if (s.dim == 64)
-        run(encode, kv, 0, s, 64 / LANES, st, update, state);
+        run(encode, kv, 0, s, 64 / LANES, st, k);
     else
-        run(encode, kv, bf16, s, s.dim / LANES, st, update, state);
+        run(encode, kv, bf16, s, s.dim / LANES, st, k);
 }
 
 /* kv: (layers, 2, tokens, heads, dim) of bf16 (bf16 != 0) or fp32; stored: its stored form.
@@ -325,13 +346,17 @@ static void dispatch(int encode, void *kv, int bf16, shape4 s, uint8_t *st, hash
 void kvtier_int4r_encode(const void *x, int bf16, int64_t layers, int64_t tokens, int64_t heads,
                          int64_t dim, int64_t gk, int64_t gv, int64_t r, uint8_t *stored) {
     shape4 s = {layers, tokens, heads, dim, gk, gv, r};
-    dispatch(1, (void *)x, bf16, s, stored, NULL, NULL);
+    sink4 none = {0};
+    dispatch(1, (void *)x, bf16, s, stored, none);
 }
 
-/* update and state: NULL, or XXH3's streaming update and a state to hash the output into. */
+/* update and state: NULL, or XXH3's streaming update and a state to hash the output into.
+ * scratch: NULL (decode into out), or one layer's room and the n copies of a sink4. */
 void kvtier_int4r_decode(const uint8_t *stored, int64_t layers, int64_t tokens, int64_t heads,
                          int64_t dim, int64_t gk, int64_t gv, int64_t r, void *out, int bf16,
-                         void *update, void *state) {
+                         void *update, void *state, void *scratch, int64_t n, void *const *dst,
+                         const int64_t *src, const int64_t *nbytes) {
     shape4 s = {layers, tokens, heads, dim, gk, gv, r};
-    dispatch(0, out, bf16, s, (uint8_t *)stored, (hash_update)update, state);
+    sink4 k = {out, scratch, n, dst, src, nbytes, (hash_update)update, state};
+    dispatch(0, out, bf16, s, (uint8_t *)stored, k);
 }

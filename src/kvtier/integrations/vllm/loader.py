@@ -162,6 +162,7 @@ class Loader:
                 tail=spec.tail,
                 payload_bytes=wanted,
                 check_payload=False,  # DRAM chunks: hashed as they are copied, below
+                stored_forms=True,  # int4r chunks: decoded straight into their blocks
             )
             views: list[torch.Tensor] = []
             for j, chunk in enumerate(result.chunks):

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from kvtier import native
-from kvtier.deferred import PayloadCheck
+from kvtier import native, quant, quant4
+from kvtier.deferred import PayloadCheck, StoredForm
 from kvtier.errors import ConfigError
 
 TORCH_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -214,7 +215,7 @@ def chunks_to_blocks(
     layers: Sequence[PagedLayer],
     block_ids: Sequence[int],
     skip_blocks: int = 0,
-    checks: Sequence[PayloadCheck | None] = (),
+    checks: Sequence[PayloadCheck | StoredForm | None] = (),
 ) -> int:
     """Scatter chunks ``(layers, 2, tokens, heads, dim)`` into the paged cache.
 
@@ -225,9 +226,11 @@ def chunks_to_blocks(
 
     ``checks``: per chunk, the check its payload must pass (:mod:`kvtier.deferred`; None, or
     past the end: verified already). Such a chunk is hashed as it is copied where its copies
-    cover its payload in order (one read of it), else hashed first. Returns how many leading
-    chunks were placed and passed; after a chunk that did not, its blocks hold garbage and the
-    chunks after it are not placed.
+    cover its payload in order (one read of it), else hashed first. A chunk whose check is a
+    ``StoredForm`` (int4r, verified) is decoded into the blocks layer by layer where the
+    copies allow, else into its own buffer and copied. Returns how many leading chunks were
+    placed and passed; after a chunk that did not, its blocks hold garbage and the chunks
+    after it are not placed.
     """
     if len(chunks) == 0:
         return 0
@@ -249,6 +252,10 @@ def chunks_to_blocks(
         if check is None:
             _copy(pairs, device)
             continue
+        if isinstance(check, StoredForm):
+            if not _decode_to(check, chunks[c], pairs, device):
+                return c
+            continue
         digest = native.copy_hash(pairs, check.prefix, check.payload) if pairs else None
         if digest is None:  # copies that do not cover the payload in order: hash, then copy
             if not check.holds():
@@ -257,6 +264,52 @@ def chunks_to_blocks(
         elif not check.holds(digest):
             return c
     return len(chunks)
+
+
+def _decode_to(
+    form: StoredForm,
+    chunk: torch.Tensor,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> bool:
+    """Place a chunk held in its stored form: decoded straight into its blocks (``pairs``'
+    destinations, at their sources' offsets in ``chunk``) where they are contiguous CPU
+    views, each within one layer; else decoded into ``chunk`` (its own raw-sized buffer)
+    and copied. False where it does not decode (a corrupt chunk)."""
+    stored = torch.frombuffer(form.payload, dtype=torch.uint8)
+    try:
+        if not pairs:
+            return True
+        table = _scatter_table(chunk, pairs) if device.type == "cpu" else None
+        if table is None or not quant4.decode_scattered(stored, form.shape, chunk.dtype, table):
+            quant.decode(form.name, stored.clone(), form.shape, chunk.dtype, chunk)
+            _copy(pairs, device)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _scatter_table(
+    chunk: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[Any, Any, Any] | None:
+    """(destination addresses, payload byte offsets, sizes) of ``pairs`` in payload order, for
+    a decoder writing each layer's K and V at once; None where a copy is not contiguous bytes
+    of the chunk's dtype within one layer."""
+    import numpy as np
+
+    base, size = chunk.data_ptr(), chunk.element_size()
+    layer = chunk[0].numel() * size
+    rows = []
+    for dst, src in pairs:
+        if not (dst.is_contiguous() and src.is_contiguous() and dst.dtype == chunk.dtype):
+            return None
+        offset, nbytes = src.data_ptr() - base, src.numel() * size
+        if offset // layer != (offset + nbytes - 1) // layer or dst.numel() != src.numel():
+            return None
+        rows.append((dst.data_ptr(), offset, nbytes))
+    rows.sort(key=lambda r: r[1])
+    table = np.array(rows, dtype=np.int64)
+    return tuple(np.ascontiguousarray(table[:, i]) for i in range(3))  # type: ignore[return-value]
 
 
 def _copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
