@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container, Sequence
 from concurrent.futures import Future
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from typing import Any
 
 from kvtier import codec
@@ -150,6 +150,14 @@ class TieredStore:
 
     def use_blanks(self, source: Callable[[int], codec.SealedChunk | None]) -> None:
         self._h.use_blanks(source)
+
+    def warm(self) -> None:
+        """Set up each tier's read path now (a disk tier's reader threads and buffers), as a
+        server starts, rather than in its first hit."""
+        for tier in self._h.tiers:
+            if (warm := getattr(tier, "warm", None)) is not None:
+                with suppress(Exception):  # a tier that cannot warm reads as it would have
+                    warm()
 
     def tier_states(self) -> dict[str, dict[str, int | None]]:
         return self._h.tier_states()

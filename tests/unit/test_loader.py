@@ -4,6 +4,7 @@ saves turned off where no tier can hold a chunk."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from kvtier.integrations.vllm.paged import block_view, chunks_to_blocks, gather_
 from kvtier.integrations.vllm.worker import can_hold
 from kvtier.keys import Namespace
 from kvtier.store import TieredStore
-from kvtier.tiers.disk import DiskTier
+from kvtier.tiers.disk import READERS, DiskTier
 from kvtier.tiers.memory import MemoryTier
 
 LAYERS, HEADS, DIM, BLOCK, CHUNK = 2, 2, 8, 4, 8  # two blocks a chunk
@@ -168,3 +169,20 @@ def test_int4r_chunks_are_decoded_into_the_blocks_and_kept_in_dram_as_stored(
             forms = {codec.read_header(b).compression for b in held}  # type: ignore[arg-type]
             assert forms == {Compression.INT4R}
         assert s.stats().tiers["disk"].corruptions == (damaged is not None)
+
+
+def test_a_warmed_disk_tier_has_its_reader_threads_and_buffers_before_any_read(
+    tmp_path: Path,
+) -> None:
+    """`kvtier serve`'s worker warms the store as the engine starts: each of a disk tier's
+    reader threads then holds its touched O_DIRECT buffer, so that the first hit after a
+    start does not fault them in. Before, no thread existed until the first read."""
+    disk = DiskTier(tmp_path / "w", 1 << 30, fsync=False)
+    with TieredStore([MemoryTier(1 << 20), disk], CHUNK) as store:
+        assert disk._readers is None
+        store.warm()
+        assert disk._readers is not None
+        names = [t.name for t in threading.enumerate() if t.name.startswith("kvtier-read")]
+        assert len(names) == READERS, names
+        touched = disk._readers.map(lambda _: disk.files._direct_buffer.buf is not None, [0] * 8)
+        assert all(touched)

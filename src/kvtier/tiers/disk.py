@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -149,13 +150,28 @@ class DiskTier:
         """``[read(item) for item in items]``, up to :data:`READERS` at a time."""
         if len(items) <= 1:
             return [read(item) for item in items]
+        return list(self._pool().map(read, items))
+
+    def _pool(self) -> ThreadPoolExecutor:
         with self._readers_lock:
             if self._readers is None:
                 self._readers = ThreadPoolExecutor(
                     READERS, thread_name_prefix="kvtier-read", initializer=_reader_thread
                 )
-            readers = self._readers
-        return list(readers.map(read, items))
+            return self._readers
+
+    def warm(self) -> None:
+        """Start the reader threads and touch each one's O_DIRECT buffer now, as a server
+        starts: else the first hit after a start pays for both (four threads faulting in
+        8 MB each, ~20 ms of CPU on a 2-core Xeon) before it reads a byte."""
+        together = threading.Barrier(READERS, timeout=5)  # one task on each thread
+
+        def touch(_: int) -> None:
+            self.files.warm()
+            with suppress(threading.BrokenBarrierError):
+                together.wait()
+
+        list(self._pool().map(touch, range(READERS)))
 
     def _open(self, key: ChunkKey) -> int | None:
         """A read-only fd of the chunk's file, or None (and forget the key) if it is gone."""

@@ -26,10 +26,12 @@ from typing import Any
 
 import torch
 
+from kvtier import quant, quant4
 from kvtier.codec import KVChunk
 from kvtier.integrations.vllm.messages import LoadSpec
 from kvtier.integrations.vllm.paged import TORCH_DTYPES, PagedLayer, chunks_to_blocks
 from kvtier.keys import ChunkKey, Namespace
+from kvtier.native import xxh3
 from kvtier.store import TieredStore
 from kvtier.threads import any_core, load_priority
 
@@ -80,6 +82,13 @@ class Loader:
         self._failed: set[int] = set()
         self._finished: set[str] = set()
         self._reports: list[dict[str, Any]] = []
+
+    def warm(self) -> None:
+        """Run the codecs' one-time checks now (the C kernels against torch, xxh3's library),
+        as the engine starts, rather than in the first hit that needs them."""
+        quant.native_int8()
+        quant4.native_int4r()
+        xxh3.available()
 
     def chunk_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
         """Shape of a chunk (or a tail of ``tokens`` tokens) of this cache. A packed cache's

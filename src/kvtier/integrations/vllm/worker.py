@@ -175,6 +175,8 @@ class WorkerSide:
         fill = top.capacity if isinstance(top, MemoryTierConfig) and top.prefault else 0
         self._pool.reserve(ctx.kv_dtype, shape, fill)  # the DRAM tier's first fill
         ctx.store.use_blanks(self._pool.spare)  # promotions from disk/Redis too
+        ctx.store.warm()  # reader threads and buffers, not in the first hit
+        self._loader.warm()
         if ctx.options.feed_port is not None:
             self._start_feed(ctx.options.feed_port, shape)
 
