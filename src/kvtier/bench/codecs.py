@@ -17,7 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from kvtier import quant
+from kvtier import quant, quant4
 
 SHAPE = (30, 2, 256, 3, 64)  # 256 tokens of SmolLM2-135M
 
@@ -49,12 +49,12 @@ def measure(names: list[str], dtype: str, repeat: int = 5) -> dict[str, Any]:
         copy = torch.empty_like(kv)
         memcpy = raw / _best(lambda: copy.copy_(kv), repeat) / 1e9
         rows = []
-        native = quant.native_int8()
+        native = {"int8": quant.native_int8(), "int4r": quant4.native_int4r()}
         for name in names:
             stored = quant.encode(name, kv)
             encode_s = _best(partial(quant.encode, name, kv), repeat)
-            torch_gbs = None  # int8: torch's encode of the same bytes, as without the kernel
-            if name == "int8":
+            torch_gbs = None  # int8, int4r: torch's encode of the same bytes (no kernel)
+            if name in ("int8", "int4r"):
                 torch_s = _best(partial(quant.encode, name, kv, native=False), repeat)
                 torch_gbs = raw / torch_s / 1e9
             decode_s = _best(partial(quant.decode, name, stored, SHAPE, kv.dtype), repeat)
@@ -84,7 +84,8 @@ def measure(names: list[str], dtype: str, repeat: int = 5) -> dict[str, Any]:
         "shape": list(SHAPE),
         "raw_bytes_per_token": raw / tokens,
         "memcpy_gb_s": memcpy,
-        "int8_native": native,
+        "int8_native": native["int8"],
+        "int4r_native": native["int4r"],
         "codecs": rows,
     }
 
@@ -105,14 +106,14 @@ def print_table(result: dict[str, Any]) -> None:
             f" {r['vs_raw']:>7.3f} {r['encode_gb_s']:>12.2f} {r['decode_gb_s']:>12.2f}"
             f" {r['pays_below_gb_s']:>9.2f}GB/s {r['rms_rel_error']:>8.4f}"
         )
-    torch_int8 = next((r for r in result["codecs"] if r["encode_torch_gb_s"]), None)
-    if torch_int8 and result.get("int8_native"):
-        print(
-            f"int8 encodes in kvtier's C kernel (kvtier/native, built for this CPU): torch's"
-            f" encode of the same bytes runs at {torch_int8['encode_torch_gb_s']:.2f} GB/s"
-        )
-    elif torch_int8:
-        print("int8 encodes in torch here: no C compiler, or kvtier's kernel did not build")
+    for r in (r for r in result["codecs"] if r["encode_torch_gb_s"]):
+        if result.get(f"{r['codec']}_native"):
+            print(
+                f"{r['codec']} encodes in kvtier's C kernel (kvtier/native, built for this CPU):"
+                f" torch's encode of the same bytes runs at {r['encode_torch_gb_s']:.2f} GB/s"
+            )
+        else:
+            print(f"{r['codec']} encodes in torch here: no C compiler, or the kernel did not build")
     print(
         "pays below: a tier reading slower than this loads a chunk faster stored with the codec"
         " (bytes saved / bytes decoded x decode speed); rms err: |decoded - original| /"
