@@ -79,12 +79,14 @@ class StoredForm:
 
 def open_stored(blob: object, expected_key: bytes) -> StoredForm | None:
     """A chunk's stored form, verified (checksum, size, key), for a codec whose decoder writes
-    straight into an engine's blocks (int4r, where its kernel runs); None for other chunks.
-    Raises CorruptChunk like :func:`kvtier.codec.decode`."""
+    straight into an engine's blocks (int4r, where its kernel runs and takes the chunk's shape
+    and dtype); None for other chunks. Raises CorruptChunk like :func:`kvtier.codec.decode`."""
     view = memoryview(blob).cast("B")  # type: ignore[arg-type]
     header = codec.read_header(view)
-    if header.compression != Compression.INT4R or not quant4.native_int4r():
+    if header.compression != Compression.INT4R:
         return None
+    if not quant4.decodes_in_place(header.shape, header.dtype):
+        return None  # decoded here, held raw in DRAM
     if view.nbytes != codec.HEADER_BYTES + header.stored_bytes:
         raise CorruptChunk(
             f"chunk is {view.nbytes} bytes, header says {codec.HEADER_BYTES + header.stored_bytes}"

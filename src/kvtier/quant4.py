@@ -198,6 +198,14 @@ def decode_hashed(
     return state.digest()
 
 
+def decodes_in_place(shape: tuple[int, ...], dtype: str) -> bool:
+    """Whether an int4r chunk of ``shape`` and ``dtype`` decodes straight into an engine's
+    blocks here: the kernel runs, takes the shape, and writes that dtype."""
+    if dtype not in ("bfloat16", "float32") or len(shape) != 5 or not native_int4r():
+        return False
+    return native_kernels.int4r_fits(shape, _groups4r(shape), rotation_of(shape[-1]))
+
+
 def decode_scattered(
     stored: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, copies: tuple[Any, Any, Any]
 ) -> bool:

@@ -70,7 +70,7 @@ class Reads:
         self.h.prefetcher.wait_for(keys)
         checks: Deferred | None = None if check_payload and not stored_forms else {}
         with self.h.pinned(keys):
-            found = self._fetch(keys, payload_bytes, checks, not check_payload)
+            found = self._fetch(keys, payload_bytes, checks, not check_payload, stored_forms)
         forms = {k for k, c in (checks or {}).items() if isinstance(c, StoredForm)}
         promote(self.h, self.writes, found, forms)
         chunks = [f[1] for f in found]
@@ -84,6 +84,7 @@ class Reads:
         payload_bytes: Sequence[int] | None = None,
         checks: Deferred | None = None,
         defer_hash: bool = False,
+        stored_forms: bool = False,
     ) -> list[tuple[ChunkKey, KVChunk, int, Blob]]:
         """(key, chunk, tier index, stored bytes) for the longest verified leading run; see
         :meth:`get` for ``payload_bytes``; ``checks`` collects what is left to the caller: the
@@ -92,7 +93,8 @@ class Reads:
 
         def read_from(slot: Slot, idx: list[int]) -> list[bool]:
             if payload_bytes is not None and not slot.tier.zero_copy_reads:
-                read = self._read_sized(slot, keys, idx, payload_bytes, checks)
+                forms = checks if stored_forms else None
+                read = self._read_sized(slot, keys, idx, payload_bytes, forms)
                 for i, found in zip(idx, read, strict=True):
                     if found is not None:
                         got[i] = found
@@ -103,7 +105,9 @@ class Reads:
             for i, blob in zip(idx, blobs, strict=True):
                 size = None if payload_bytes is None else payload_bytes[i]
                 top = slot is self.h.slots[0]  # never promoted: its check can wait
-                chunk = self._verify(slot, keys[i], blob, size, checks, defer_hash and top)
+                chunk = self._verify(
+                    slot, keys[i], blob, size, checks, defer_hash and top, stored_forms
+                )
                 if chunk is not None and blob is not None:
                     got[i] = (chunk, blob)
             return [i in got for i in idx]
@@ -219,24 +223,26 @@ class Reads:
         payload_bytes: int | None = None,
         checks: Deferred | None = None,
         defer_hash: bool = False,
+        stored: bool = False,
     ) -> KVChunk | None:
         """The verified chunk of ``blob``, or None (a miss; a corrupt chunk is removed). With
         ``payload_bytes``, a chunk of another size is a miss too. Into ``checks``
-        (:mod:`kvtier.deferred`): an int4r chunk's stored form, not decoded (its chunk's
-        buffer holds no KV), and with ``defer_hash`` a raw chunk's check, not hashed here."""
+        (:mod:`kvtier.deferred`), for a chunk returned only: with ``stored``, an int4r chunk's
+        stored form, not decoded (its chunk's buffer holds no KV); with ``defer_hash``, a raw
+        chunk's check, not hashed here."""
         if blob is None:
             self.h.recorder.add(slot.tier.name, misses=1)
             return None
+        left: PayloadCheck | StoredForm | None = None
         try:
             opened = deferred.open_raw(blob, key) if checks is not None and defer_hash else None
-            form = deferred.open_stored(blob, key) if checks is not None else None
-            if form is not None and checks is not None:
+            form = deferred.open_stored(blob, key) if checks is not None and stored else None
+            if form is not None:
                 chunk = KVChunk(form.dtype, form.shape, np.empty(form.raw_bytes, np.uint8).data)
-                checks[key] = form
+                left = form
             else:
                 chunk = opened[0] if opened else codec.decode(blob, expected_key=key).chunk
-            if opened and checks is not None:
-                checks[key] = opened[1]
+                left = opened[1] if opened else None
         except CorruptChunk as exc:
             self.h.corrupt(slot, key, exc)
             return None
@@ -248,6 +254,8 @@ class Reads:
             )
             self.h.recorder.add(slot.tier.name, misses=1)
             return None
+        if left is not None and checks is not None:
+            checks[key] = left
         self.h.recorder.add(slot.tier.name, hits=1, bytes_read=len(blob))
         return chunk
 

@@ -154,12 +154,13 @@ def int4r(
 
     lib = library()
     gk, gv = groups
-    layers, two, tokens, heads, dim = kv.shape
+    layers, _, tokens, heads, dim = kv.shape
     bf16 = {torch.bfloat16: 1, torch.float32: 0}.get(kv.dtype)
-    fits = two == 2 and dim <= 256 and dim % 32 == 0 and dim % gv == gv % 32 == 0
-    fits = fits and gk <= 32 and gk % 2 == 0 and rotation == dim & -dim
+    fits = int4r_fits(tuple(kv.shape), groups, rotation) and kv.device.type in ("cpu", "meta")
     if lib is None or bf16 is None or not fits or not kv.is_contiguous() or kv.numel() == 0:
         return False
+    if stored.device.type != "cpu":
+        raise ValueError("a stored int4r payload is on the host")
     if not stored.is_contiguous() or stored.dtype != torch.uint8:
         raise ValueError("a stored int4r payload is contiguous uint8")
     shape = (layers, tokens, heads, dim, gk, gv, rotation)
@@ -182,6 +183,16 @@ def int4r(
             *table,
         )
     return True
+
+
+def int4r_fits(shape: tuple[int, ...], groups: tuple[int, int], rotation: int) -> bool:
+    """Whether :func:`int4r`'s kernel takes a payload of ``shape`` grouped and rotated so:
+    heads of a multiple of 32 channels up to 256, K groups of an even number of tokens up to
+    32, V groups of a multiple of 32 dividing the head, the rotation its power-of-two block."""
+    gk, gv = groups
+    dim = shape[-1]
+    fits = len(shape) == 5 and shape[1] == 2 and dim <= 256 and dim % 32 == 0
+    return fits and dim % gv == gv % 32 == 0 and gk <= 32 and gk % 2 == 0 and rotation == dim & -dim
 
 
 def _kernel(op: str, values: torch.Tensor) -> Any:

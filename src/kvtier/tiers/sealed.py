@@ -145,6 +145,11 @@ class SealedTier:
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         return self.inner.contains_many(keys)
 
+    def warm(self) -> None:
+        """The inner tier's (:meth:`kvtier.store.TieredStore.warm`)."""
+        if (warm := getattr(self.inner, "warm", None)) is not None:
+            warm()
+
     def _open_into(self, key: ChunkKey, sealed: Blob, buffers: Sequence[memoryview]) -> bool:
         tenant = sealed_tenant(sealed)
         if tenant is None:

@@ -237,6 +237,16 @@ def chunks_to_blocks(
     block_size = layers[0].block_size
     per_chunk = -(-chunks[0].shape[2] // block_size)
     device = layers[0].device
+    checks = list(checks)
+    for c, check in enumerate(checks[: len(chunks)]):
+        if isinstance(check, StoredForm) and device.type != "cpu":
+            # decoded into its own buffer before that moves to the device
+            if not _decode_to(check, chunks[c], [], device, here=True):
+                chunks, checks = chunks[:c], checks[:c]
+                break
+            checks[c] = None
+    if len(chunks) == 0:
+        return 0
     copies: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     for c, chunk in enumerate(chunks):
         base = c * per_chunk
@@ -271,20 +281,24 @@ def _decode_to(
     chunk: torch.Tensor,
     pairs: list[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
+    here: bool = False,
 ) -> bool:
     """Place a chunk held in its stored form: decoded straight into its blocks (``pairs``'
     destinations, at their sources' offsets in ``chunk``) where they are contiguous CPU
-    views, each within one layer; else decoded into ``chunk`` (its own raw-sized buffer)
-    and copied. False where it does not decode (a corrupt chunk)."""
-    stored = torch.frombuffer(form.payload, dtype=torch.uint8)
+    views, each within one layer; else decoded into ``chunk`` (its own raw-sized buffer,
+    on the host) and copied (``here``: decoded there only). False where it does not decode
+    or is not of ``chunk``'s shape and dtype (a corrupt chunk, or another model's)."""
+    if form.shape != tuple(chunk.shape) or form.dtype != TORCH_DTYPES.get(chunk.dtype):
+        return False
+    if not pairs and not here:
+        return True
     try:
-        if not pairs:
-            return True
-        table = _scatter_table(chunk, pairs) if device.type == "cpu" else None
+        stored = torch.frombuffer(form.payload, dtype=torch.uint8)
+        table = _scatter_table(chunk, pairs) if device.type == "cpu" and not here else None
         if table is None or not quant4.decode_scattered(stored, form.shape, chunk.dtype, table):
             quant.decode(form.name, stored.clone(), form.shape, chunk.dtype, chunk)
             _copy(pairs, device)
-    except (ValueError, RuntimeError):
+    except ValueError:  # a payload of the wrong size: what the codec refuses is corrupt
         return False
     return True
 
