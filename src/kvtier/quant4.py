@@ -77,10 +77,9 @@ def encode(name: str, kv: torch.Tensor, native: bool = True) -> torch.Tensor:
     (channels over tokens) then V's (tokens over channels), each levels then [min, step]s."""
     import torch
 
-    if name == "int4r" and native and native_int4r():
+    if name == "int4r" and native:
         out = torch.empty(stored_bytes(name, tuple(kv.shape)), dtype=torch.uint8)
-        rotation = rotation_of(kv.shape[-1])
-        if native_kernels.int4r("encode", kv.contiguous(), out, _groups4r(kv.shape), rotation):
+        if _kernel("encode", kv.contiguous(), out):
             return out
     x = kv.float()
     if name == "int4r":
@@ -95,9 +94,8 @@ def decode(
 ) -> torch.Tensor:
     """The payload :func:`encode` stored, into ``out`` (of ``shape``)."""
     layers, _, tokens, heads, dim = shape
-    if name == "int4r" and native and out.is_contiguous() and native_int4r():  # noqa: SIM102
-        if native_kernels.int4r("decode", out, stored.contiguous(), _groups4r(shape), dim & -dim):
-            return out
+    if name == "int4r" and native and out.is_contiguous() and _kernel("decode", out, stored):
+        return out
     if name == "int4r":
         return out.copy_(rotate(_decode4r(stored, shape)))
     split = _bytes4((layers, heads, dim, tokens))
@@ -115,15 +113,10 @@ def _encode4r(x: torch.Tensor) -> torch.Tensor:
     so that the kernel packs and unpacks whole vectors."""
     import torch
 
-    layers, _, tokens, heads, dim = x.shape
-    size, groups = groups_of(tokens, GROUP_K_ROTATED)
-    k = x[:, 0]
-    if groups * size > tokens:
-        k = torch.cat([k, k[:, -1:].expand(layers, groups * size - tokens, heads, dim)], dim=1)
-    k = k.reshape(layers, groups, size, heads, dim).permute(0, 3, 1, 2, 4)  # grouped axis: 3
-    q, params = _quant4(k.transpose(3, 4))  # (layers, heads, groups, dim, size), [min, step]
-    k_levels = _pack_halves(q).transpose(3, 4)  # (layers, heads, groups, size / 2, dim)
-    k_params = params.transpose(3, 4)  # (layers, heads, groups, 2, dim)
+    # K grouped over tokens: (layers, heads, dim, groups, size), stored channels last
+    q, params = _quant4(_grouped(x[:, 0].permute(0, 2, 3, 1), GROUP_K_ROTATED))
+    k_levels = _pack_halves(q).permute(0, 1, 3, 4, 2)  # (layers, heads, groups, size / 2, dim)
+    k_params = params.permute(0, 1, 3, 4, 2)  # (layers, heads, groups, 2, dim)
     v_levels, v_params = _quant4(_grouped(x[:, 1], GROUP))
     parts = (k_levels, k_params.contiguous().view(torch.uint8), _pack_halves(v_levels))
     return torch.cat([p.reshape(-1) for p in (*parts, v_params.contiguous().view(torch.uint8))])
@@ -187,15 +180,11 @@ def decode_hashed(
     if stored.numel() != (want := stored_bytes("int4r", shape)):
         raise ValueError(f"an int4r payload of shape {shape} is {want} bytes, got {stored.numel()}")
     hashers = xxh3.updater(1)
-    if hashers is None or not out.is_contiguous() or not native_int4r():
+    if hashers is None or not out.is_contiguous():
         return None
     update, (state,) = hashers
     state.start(prefix)
-    groups, rotation = _groups4r(shape), rotation_of(shape[-1])
-    hashed = (update, state)
-    if not native_kernels.int4r("decode", out, stored.contiguous(), groups, rotation, hashed):
-        return None
-    return state.digest()
+    return state.digest() if _kernel("decode", out, stored, hasher=(update, state)) else None
 
 
 def decodes_in_place(shape: tuple[int, ...], dtype: str) -> bool:
@@ -217,12 +206,22 @@ def decode_scattered(
 
     if stored.numel() != (want := stored_bytes("int4r", shape)):
         raise ValueError(f"an int4r payload of shape {shape} is {want} bytes, got {stored.numel()}")
-    if not native_int4r():
-        return False
-    like = torch.empty(shape, dtype=dtype, device="meta")
+    return _kernel("decode", torch.empty(shape, dtype=dtype, device="meta"), stored, copies=copies)
+
+
+def _kernel(
+    op: str,
+    kv: torch.Tensor,
+    stored: torch.Tensor,
+    hasher: tuple[int, Any] | None = None,
+    copies: tuple[Any, Any, Any] | None = None,
+) -> bool:
+    """:func:`kvtier.native.int4r` with int4r's groups and rotation for ``kv``'s shape, where
+    the kernel runs and writes this module's bytes; False where it does not (run torch)."""
+    shape = tuple(kv.shape)
     groups, rotation = _groups4r(shape), rotation_of(shape[-1])
-    return native_kernels.int4r(
-        "decode", like, stored.contiguous(), groups, rotation, copies=copies
+    return native_int4r() and native_kernels.int4r(
+        op, kv, stored.contiguous(), groups, rotation, hasher, copies
     )
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -178,10 +179,10 @@ class Reads:
         if form.raw_bytes != view.nbytes - codec.HEADER_BYTES:
             self.h.recorder.add(slot.tier.name, misses=1)
             return None
-        forms[key] = form
+        stored = bytes(view[:size])  # what DRAM holds: the stored form, not the raw buffer
+        forms[key] = dataclasses.replace(form, payload=memoryview(stored)[codec.HEADER_BYTES :])
         self.h.recorder.add(slot.tier.name, hits=1, bytes_read=size)
-        chunk = KVChunk(form.dtype, form.shape, view[codec.HEADER_BYTES :])
-        return chunk, bytes(view[:size])  # DRAM holds the stored form, not the raw buffer
+        return KVChunk(form.dtype, form.shape, view[codec.HEADER_BYTES :]), stored
 
     def _inflate(
         self, slot: Slot, key: ChunkKey, buf: codec.SealedChunk, size: int

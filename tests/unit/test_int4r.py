@@ -5,35 +5,16 @@ refused where it does not); an outlier channel costs the other channels less tha
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
+from kernels import sample_kv
 from kvtier import codec, inflate, native, quant, quant4
 from kvtier.chunk import KVChunk
 from kvtier.codec import Compression
 from kvtier.errors import CorruptChunk
 from kvtier.keys import ChunkKey
-
-
-@pytest.fixture
-def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """A process that has not built or checked the kernel yet, with its own cache."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    native.library.cache_clear()
-    quant4.native_int4r.cache_clear()
-    yield
-    native.library.cache_clear()
-    quant4.native_int4r.cache_clear()
-
-
-def _kv(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    kv = torch.randn(shape, generator=g) * torch.rand((*shape[:-1], 1), generator=g) * 10
-    kv[..., 3] *= 30  # an outlier channel, as keys have
-    return kv.to(dtype)
 
 
 def _hadamard(n: int) -> torch.Tensor:
@@ -62,7 +43,7 @@ def test_the_kernel_writes_torchs_bytes_and_decodes_to_its_values(
     fresh: None, shape: tuple[int, ...], dtype: torch.dtype
 ) -> None:
     assert quant4.native_int4r()  # make test installs a C compiler
-    kv = _kv(shape, dtype, seed=shape[2])
+    kv = sample_kv(shape, dtype, seed=shape[2])
     fast = quant.encode("int4r", kv)
     assert torch.equal(fast, quant.encode("int4r", kv, native=False))
     assert fast.numel() == quant.stored_bytes("int4r", shape)
@@ -73,7 +54,7 @@ def test_the_kernel_writes_torchs_bytes_and_decodes_to_its_values(
 
 
 def test_heads_the_kernel_does_not_take_are_encoded_by_torch(fresh: None) -> None:
-    kv = _kv((2, 2, 40, 3, 96), torch.bfloat16, seed=4)  # 96: not a multiple of 32
+    kv = sample_kv((2, 2, 40, 3, 96), torch.bfloat16, seed=4)  # 96: not a multiple of 32
     stored = torch.empty(quant.stored_bytes("int4r", tuple(kv.shape)), dtype=torch.uint8)
     assert not native.int4r("encode", kv, stored, (32, 64), 32)
     back = quant.decode("int4r", quant.encode("int4r", kv), tuple(kv.shape), torch.float32)
@@ -95,7 +76,7 @@ def test_a_kernel_that_disagrees_with_torch_is_never_used(
     with caplog.at_level(logging.WARNING, "kvtier"):
         assert not quant4.native_int4r()
     assert "disagrees with torch" in caplog.text
-    kv = _kv((2, 2, 16, 3, 64), torch.bfloat16, seed=2)
+    kv = sample_kv((2, 2, 16, 3, 64), torch.bfloat16, seed=2)
     assert torch.equal(quant.encode("int4r", kv), quant.encode("int4r", kv, native=False))
 
 
@@ -126,7 +107,7 @@ def test_a_chunk_decoded_into_its_buffer_is_sealed_as_the_raw_chunk_it_holds(
     if not kernel:
         monkeypatch.setattr(quant4, "native_int4r", lambda: False)
     key = ChunkKey(bytes(range(16)))
-    kv = _kv((3, 2, 256, 3, 64), torch.bfloat16, seed=9)
+    kv = sample_kv((3, 2, 256, 3, 64), torch.bfloat16, seed=9)
     chunk = KVChunk("bfloat16", tuple(kv.shape), kv.reshape(-1).view(torch.uint8).numpy())
     stored = codec.encode(key, chunk, "ab" * 8, Compression.named(name), created_at=5.0)
     buf = codec.SealedChunk(codec.HEADER_BYTES + chunk.nbytes)

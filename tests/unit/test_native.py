@@ -5,31 +5,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from kernels import sample_kv
 from kvtier import native, quant
-
-
-@pytest.fixture
-def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """A process that has not built or checked the kernel yet, with its own cache."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    native.library.cache_clear()
-    quant.native_int8.cache_clear()
-    yield
-    native.library.cache_clear()
-    quant.native_int8.cache_clear()
-
-
-def _kv(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    kv = torch.randn(shape, generator=g) * torch.rand((*shape[:-1], 1), generator=g) * 10
-    kv[..., 3] *= 30  # an outlier channel, as keys have
-    return kv.to(dtype)
 
 
 def test_the_kernel_builds_here_and_writes_torchs_bytes(fresh: None, tmp_path: Path) -> None:
@@ -38,7 +20,7 @@ def test_the_kernel_builds_here_and_writes_torchs_bytes(fresh: None, tmp_path: P
     assert len(built) == 1
     for dtype in (torch.bfloat16, torch.float32):
         for shape in [(30, 2, 256, 3, 64), (2, 2, 17, 4, 80), (1, 2, 5, 1, 128)]:
-            kv = _kv(shape, dtype, seed=len(shape) + shape[2])
+            kv = sample_kv(shape, dtype, seed=len(shape) + shape[2])
             fast = quant.encode("int8", kv)
             slow = quant.encode("int8", kv, native=False)
             assert torch.equal(fast, slow), (dtype, shape)
@@ -52,10 +34,10 @@ def test_the_kernel_builds_here_and_writes_torchs_bytes(fresh: None, tmp_path: P
             err = (back.float() - kv.float()).abs().amax(dim=-1)
             assert bool((err <= kv.float().abs().amax(dim=-1) / 127).all())  # within a step
     # A view that is not contiguous (a packed cache's slice) encodes the same as its copy.
-    kv = _kv((4, 2, 32, 3, 64), torch.bfloat16, seed=7)[:, :, ::2]
+    kv = sample_kv((4, 2, 32, 3, 64), torch.bfloat16, seed=7)[:, :, ::2]
     assert torch.equal(quant.encode("int8", kv), quant.encode("int8", kv.contiguous()))
     # fp16 has no kernel: torch encodes it.
-    half = _kv((2, 2, 8, 3, 64), torch.float16, seed=3)
+    half = sample_kv((2, 2, 8, 3, 64), torch.float16, seed=3)
     assert not native.int8_encode(half, torch.empty(half.numel(), dtype=torch.int8), torch.empty(0))
     assert torch.equal(quant.encode("int8", half), quant.encode("int8", half, native=False))
 
@@ -68,7 +50,7 @@ def test_without_a_compiler_torch_encodes(
         assert native.library() is None
         assert not quant.native_int8()
     assert "native kernels unavailable" in caplog.text
-    kv = _kv((2, 2, 16, 3, 64), torch.bfloat16, seed=1)
+    kv = sample_kv((2, 2, 16, 3, 64), torch.bfloat16, seed=1)
     levels = torch.empty(kv.numel(), dtype=torch.int8)
     assert not native.int8_encode(kv, levels, torch.empty(kv.numel() // 64, dtype=torch.bfloat16))
     assert quant.encode("int8", kv).numel() == quant.stored_bytes("int8", tuple(kv.shape))
@@ -88,7 +70,7 @@ def test_a_kernel_that_disagrees_with_torch_is_never_used(
     with caplog.at_level(logging.WARNING, "kvtier"):
         assert not quant.native_int8()
     assert "disagree with torch" in caplog.text
-    kv = _kv((2, 2, 16, 3, 64), torch.bfloat16, seed=2)
+    kv = sample_kv((2, 2, 16, 3, 64), torch.bfloat16, seed=2)
     assert torch.equal(quant.encode("int8", kv), quant.encode("int8", kv, native=False))
 
 
@@ -104,7 +86,7 @@ def test_an_int8_disk_hit_decodes_in_the_buffer_it_was_read_into(tmp_path: Path)
     assert quant.native_int8()
     ns = Namespace("test/int8-in-place", kv_dtype="bfloat16")
     shape = (2, 2, 32, 3, 64)
-    kvs = [_kv(shape, torch.bfloat16, seed=s) for s in range(3)]
+    kvs = [sample_kv(shape, torch.bfloat16, seed=s) for s in range(3)]
     chunks = [KVChunk("bfloat16", shape, kv.view(torch.uint8).numpy().tobytes()) for kv in kvs]
     tokens = list(range(1000, 1000 + 3 * 32))
     comps = [Compression.NONE, Compression.INT8]

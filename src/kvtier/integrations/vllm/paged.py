@@ -296,7 +296,8 @@ def _decode_to(
         stored = torch.frombuffer(form.payload, dtype=torch.uint8)
         table = _scatter_table(chunk, pairs) if device.type == "cpu" and not here else None
         if table is None or not quant4.decode_scattered(stored, form.shape, chunk.dtype, table):
-            quant.decode(form.name, stored.clone(), form.shape, chunk.dtype, chunk)
+            dest = memoryview(chunk.view(-1).view(torch.uint8).numpy())
+            quant.decode_bytes_into(form.name, form.dtype, form.shape, form.payload, dest)
             _copy(pairs, device)
     except ValueError:  # a payload of the wrong size: what the codec refuses is corrupt
         return False
