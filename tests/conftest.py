@@ -1,5 +1,6 @@
 """Fixtures: real redis-server and SeaweedFS processes on loopback, started once per session
-(per test process when the suite runs in several); and the order in which test files start."""
+(per test process when the suite runs in several); a process whose C kernels are not built
+yet; and the order in which test files start."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from kvtier import native, quant, quant4
 from kvtier.config import GATE_VAR
 from kvtier.redis_process import RedisClusterProcess, RedisServer
 from kvtier.seaweed_process import SeaweedFS
@@ -25,6 +28,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # records on this machine (a `kvtier bench fidelity --gate` run) must not change what the
 # tests' servers store. Tests that want a record write their own (GATE_VAR).
 os.environ[GATE_VAR] = tempfile.mkdtemp(prefix="kvtier-gate-")
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """A process that has not built or checked the C kernels yet, with its own cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    checks = (native.library, quant.native_int8, quant4.native_int4r)
+    for check in checks:
+        check.cache_clear()
+    yield
+    for check in checks:
+        check.cache_clear()
 
 
 @pytest.fixture(scope="session")
