@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from kvtier.errors import CorruptChunk
 from kvtier.hierarchy import Hierarchy, Slot
 from kvtier.keys import ChunkKey, Namespace
 from kvtier.read_into import ReadInto, copy_verified, promote, walk
-from kvtier.results import GetResult
+from kvtier.results import GetResult, OnRead
 from kvtier.tiers.base import Blob
 from kvtier.writes import Writes
 
@@ -46,6 +46,7 @@ class Reads:
         payload_bytes: Sequence[int] | None = None,
         check_payload: bool = True,
         stored_forms: bool = False,
+        on_read: OnRead | None = None,
     ) -> GetResult:
         """Verified chunks from ``start_chunk`` on, as many consecutive ones as are available
         (with ``tail``, the trailing partial chunk of ``tokens`` last). ``check_payload=False``:
@@ -61,7 +62,8 @@ class Reads:
         loading into its cache knows them), chunks from lower tiers are read straight into
         fresh buffers (the blanks of :meth:`use_blanks` while they last), which are returned
         and promoted as they are: a load copies nothing between the medium and the caller. A
-        chunk of another size then ends the run, with a warning.
+        chunk of another size then ends the run, with a warning. ``on_read``: each chunk is
+        also handed on as soon as it is verified (:class:`kvtier.results.OnRead`).
         """
         keys = self.writes.keys(tokens, namespace, tail)[start_chunk:]
         if payload_bytes is not None:
@@ -71,7 +73,9 @@ class Reads:
         self.h.prefetcher.wait_for(keys)
         checks: Deferred | None = None if check_payload and not stored_forms else {}
         with self.h.pinned(keys):
-            found = self._fetch(keys, payload_bytes, checks, not check_payload, stored_forms)
+            found = self._fetch(
+                keys, payload_bytes, checks, not check_payload, stored_forms, on_read
+            )
         forms = {k for k, c in (checks or {}).items() if isinstance(c, StoredForm)}
         promote(self.h, self.writes, found, forms)
         chunks = [f[1] for f in found]
@@ -86,17 +90,41 @@ class Reads:
         checks: Deferred | None = None,
         defer_hash: bool = False,
         stored_forms: bool = False,
+        on_read: OnRead | None = None,
     ) -> list[tuple[ChunkKey, KVChunk, int, Blob]]:
         """(key, chunk, tier index, stored bytes) for the longest verified leading run; see
-        :meth:`get` for ``payload_bytes``; ``checks`` collects what is left to the caller: the
-        stored forms it decodes, and (``defer_hash``) DRAM payloads' checks."""
+        :meth:`get` for ``payload_bytes`` and ``on_read``; ``checks`` collects what is left to
+        the caller: the stored forms it decodes, and (``defer_hash``) DRAM payloads' checks."""
         got: dict[int, tuple[KVChunk, Blob]] = {}
+        handed: list[Future[object]] = []  # on_read's calls for chunks of the top tier
+
+        def hand_on(i: int, chunk: KVChunk) -> None:
+            if on_read is not None:
+                check = checks.get(keys[i]) if checks is not None else None
+                on_read.call(i, chunk, check)
+
+        def read_sized(slot: Slot, idx: list[int]) -> list[tuple[KVChunk, Blob] | None]:
+            assert payload_bytes is not None
+            forms = checks if stored_forms else None
+            if on_read is None:
+                return self._read_sized(slot, keys, idx, payload_bytes, forms)
+
+            spans: list[tuple[float, float]] = []
+
+            def one(i: int) -> tuple[KVChunk, Blob] | None:
+                found = self._read_sized(slot, keys, [i], payload_bytes, forms, spans)[0]
+                if found is not None:
+                    hand_on(i, found[0])
+                return found
+
+            reads = [on_read.pool.submit(one, i) for i in idx]
+            wait(reads)
+            self.h.recorder.add(slot.tier.name, read_seconds=_covered(spans))
+            return [r.result() for r in reads]
 
         def read_from(slot: Slot, idx: list[int]) -> list[bool]:
             if payload_bytes is not None and not slot.tier.zero_copy_reads:
-                forms = checks if stored_forms else None
-                read = self._read_sized(slot, keys, idx, payload_bytes, forms)
-                for i, found in zip(idx, read, strict=True):
+                for i, found in zip(idx, read_sized(slot, idx), strict=True):
                     if found is not None:
                         got[i] = found
                 return [i in got for i in idx]
@@ -111,9 +139,16 @@ class Reads:
                 )
                 if chunk is not None and blob is not None:
                     got[i] = (chunk, blob)
+                    if on_read is not None:
+                        handed.append(on_read.pool.submit(hand_on, i, chunk))
             return [i in got for i in idx]
 
-        run = walk(self.h, keys, read_from)
+        try:
+            run = walk(self.h, keys, read_from)
+        finally:
+            wait(handed)
+        for done in handed:
+            done.result()  # raises what a call raised
         return [(keys[i], got[i][0], t, got[i][1]) for i, t in enumerate(run)]
 
     def _read_sized(
@@ -123,15 +158,20 @@ class Reads:
         idx: list[int],
         payload_bytes: Sequence[int],
         forms: Deferred | None = None,
+        spans: list[tuple[float, float]] | None = None,
     ) -> list[tuple[KVChunk, Blob] | None]:
         """Read chunks ``idx`` of a lower tier, each straight into a buffer of its expected
         size, and verify them: (chunk viewing the buffer, what to promote) or None. With
-        ``forms``, an int4r chunk stays in its stored form (:meth:`get`)."""
+        ``forms``, an int4r chunk stays in its stored form (:meth:`get`). The read's time is
+        counted, or added to ``spans`` for the caller to count once (reads that overlap)."""
         bufs = [self._blank(codec.HEADER_BYTES + payload_bytes[i]) for i in idx]
         items = [(keys[i], [memoryview(b)]) for i, b in zip(idx, bufs, strict=True)]
         started = time.perf_counter()
         sizes = self.h.guard(slot, [None] * len(idx), slot.tier.read_into_many, items)
-        self.h.recorder.add(slot.tier.name, read_seconds=time.perf_counter() - started)
+        if spans is None:
+            self.h.recorder.add(slot.tier.name, read_seconds=time.perf_counter() - started)
+        else:
+            spans.append((started, time.perf_counter()))
         out: list[tuple[KVChunk, Blob] | None] = []
         for i, buf, size in zip(idx, bufs, sizes, strict=True):
             if size is None:
@@ -290,3 +330,13 @@ class Reads:
             return len(where) * self.h.chunk_tokens
 
         return self.h.prefetcher.submit(keys, run)
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds during which at least one of ``spans`` ran."""
+    total, end = 0.0, float("-inf")
+    for lo, hi in sorted(spans):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total

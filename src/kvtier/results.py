@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from kvtier.codec import KVChunk
 from kvtier.deferred import PayloadCheck, StoredForm
 from kvtier.keys import ChunkKey
+
+
+@dataclass(frozen=True)
+class OnRead:
+    """What a get does with each chunk as soon as it is read and verified, before the others
+    (:meth:`kvtier.store.TieredStore.get`): ``call(j, chunk, check)`` on a thread of ``pool``
+    (``j`` counts from the get's first chunk; ``check`` as in :attr:`GetResult.checks`). The
+    calls may come out of order, and for chunks after one that failed (beyond the run the
+    get returns); the get returns once every call has. A chunk read from a lower tier is read
+    on the pool's thread that then hands it on, so that a load decodes one chunk, still in
+    cache, while others are being read."""
+
+    call: Callable[[int, KVChunk, PayloadCheck | StoredForm | None], object]
+    pool: Executor
 
 
 @dataclass(frozen=True)

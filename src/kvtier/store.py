@@ -33,7 +33,7 @@ from kvtier.lookup import Lookups
 from kvtier.owners import Owners
 from kvtier.read_into import ReadInto
 from kvtier.reads import Reads
-from kvtier.results import GetResult, LoadResult, LookupResult, PutReport
+from kvtier.results import GetResult, LoadResult, LookupResult, OnRead, PutReport
 from kvtier.stats import ChunkEvent, StoreStats
 from kvtier.tiers.base import Tier
 from kvtier.writes import Writes
@@ -106,6 +106,7 @@ class TieredStore:
         payload_bytes: Sequence[int] | None = None,
         check_payload: bool = True,
         stored_forms: bool = False,
+        on_read: OnRead | None = None,
     ) -> GetResult:
         return self._reads.get(
             tokens,
@@ -116,6 +117,7 @@ class TieredStore:
             payload_bytes,
             check_payload,
             stored_forms,
+            on_read,
         )
 
     def corrupt(self, tier: str, key: ChunkKey, reason: str) -> None:

@@ -13,7 +13,7 @@ import torch
 from kvtier import codec, quant
 from kvtier.chunk import KVChunk
 from kvtier.codec import Compression
-from kvtier.integrations.vllm.loader import PIECE_CHUNKS, Loader
+from kvtier.integrations.vllm.loader import READS, Loader
 from kvtier.integrations.vllm.messages import LoadSpec
 from kvtier.integrations.vllm.paged import block_view, chunks_to_blocks, gather_chunks
 from kvtier.integrations.vllm.worker import can_hold
@@ -27,11 +27,11 @@ NS = Namespace("m", "", "float32", "test-layout")
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("missing", [None, 1, PIECE_CHUNKS + 1])
+@pytest.mark.parametrize("missing", [None, 1, READS + 1])
 def test_a_load_places_the_leading_run_and_leaves_the_rest_to_vllm(
     packed: bool, missing: int | None
 ) -> None:
-    chunks = 2 * PIECE_CHUNKS + 1  # pieces of PIECE_CHUNKS, the last short
+    chunks = 2 * READS + 1  # more than the reader threads: each reads several
     tokens = list(range(100, 100 + chunks * CHUNK))
     torch.manual_seed(1)
     source = [torch.randn(64, HEADS, BLOCK, 2 * DIM) for _ in range(LAYERS)]
@@ -61,14 +61,14 @@ def test_a_load_places_the_leading_run_and_leaves_the_rest_to_vllm(
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("damaged", [None, 0, PIECE_CHUNKS + 1])
+@pytest.mark.parametrize("damaged", [None, 0, READS + 1])
 def test_a_dram_chunk_whose_payload_does_not_hash_to_its_checksum_is_recomputed(
     packed: bool, damaged: int | None
 ) -> None:
     """DRAM chunks are hashed as they are copied into the blocks (packed: in the C copy; the
     unpacked layout hashes first): a damaged one ends the run, vLLM recomputes from it, and it
     is removed as corrupt. Undamaged, the same load places every chunk."""
-    chunks = 2 * PIECE_CHUNKS + 1
+    chunks = 2 * READS + 1
     tokens = list(range(500, 500 + chunks * CHUNK))
     torch.manual_seed(2)
     source = [torch.randn(64, HEADS, BLOCK, 2 * DIM) for _ in range(LAYERS)]
@@ -122,7 +122,7 @@ def test_int4r_chunks_are_decoded_into_the_blocks_and_kept_in_dram_as_stored(
     stored form (raw where the kernel does not take the head), from which a second load
     places the same. A chunk damaged on disk ends the
     run there: vLLM recomputes from it."""
-    chunks = PIECE_CHUNKS + 2
+    chunks = READS + 2
     tokens = list(range(900, 900 + chunks * CHUNK))
     torch.manual_seed(3)
     source = [torch.randn(64, HEADS, BLOCK, 2 * dim) for _ in range(LAYERS)]

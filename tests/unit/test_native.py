@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -120,6 +121,7 @@ def test_an_int8_disk_hit_decodes_in_the_buffer_it_was_read_into(tmp_path: Path)
 def test_a_load_scatters_in_one_native_call_the_bytes_torch_would(
     layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from kvtier.integrations.vllm import packed as packed_cache
     from kvtier.integrations.vllm.paged import block_view, blocks_to_chunks, chunks_to_blocks
 
     torch.manual_seed(0)
@@ -127,23 +129,37 @@ def test_a_load_scatters_in_one_native_call_the_bytes_torch_would(
     packed = layout == "cpu-packed"
     raw = [torch.randn(shape, dtype=torch.bfloat16) for _ in range(3)]
     chunks = blocks_to_chunks([block_view(t, 3, 8, packed) for t in raw], [7, 2, 5, 0], 8)
-    calls: list[int] = []
-    copy_many = native.copy_many
+    calls: list[tuple[str, int]] = []
+    copy_many, copy_table, takes = native.copy_many, native.copy_table, packed_cache.takes
 
     def counted(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         done = copy_many(pairs)
-        calls.append(len(pairs) if done else 0)
+        calls.append(("pairs", len(pairs) if done else 0))
         return done
 
+    def counted_table(table: tuple[Any, Any, Any]) -> bool:
+        calls.append(("table", len(table[0])))
+        return copy_table(table)
+
     results = []
-    for use in (counted, lambda pairs: False):  # the kernel, then torch's copies
-        monkeypatch.setattr(native, "copy_many", use)
+    for kernel in (True, False):  # the kernel, then torch's copies
+        monkeypatch.setattr(native, "copy_many", counted if kernel else lambda pairs: False)
+        monkeypatch.setattr(native, "copy_table", counted_table)
+        monkeypatch.setattr(packed_cache, "takes", takes if kernel else lambda layers: False)
         target = [torch.zeros_like(t) for t in raw]
         chunks_to_blocks(chunks, [block_view(t, 3, 8, packed) for t in target], [1, 3, 4, 6])
         results.append(target)
-    # One call for every layer's runs of blocks; vLLM's unpacked CPU layout (K transposed per
-    # head) is not one run of memory per copy: torch copies it.
-    assert len(calls) == 1 and (calls[0] > 0) == (layout != "cpu"), calls
+        if kernel:
+            kernel_calls, calls = calls, []
+    # vLLM's unpacked CPU layout (K transposed per head) is not one run of memory per copy:
+    # torch copies it. Others: one call for every layer's runs of blocks; a packed cache's
+    # from its tables, one per chunk (3 layers, each chunk's 2 blocks not consecutive).
+    expected = {
+        "cpu": [("pairs", 0)],
+        "flash_attn": [("pairs", 4 * 3 * 2)],  # per chunk, run, layer, K/V
+        "cpu-packed": [("table", 6), ("table", 6)],
+    }[layout]
+    assert kernel_calls == expected and calls in ([], [("pairs", 0)])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b) and a.count_nonzero() > 0
 

@@ -253,7 +253,16 @@ def copy_many(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     table = _table(pairs) if lib is not None else None
     if lib is None or table is None:
         return False
-    lib.kvtier_copy_many(len(pairs), *(t.ctypes.data for t in table))
+    lib.kvtier_copy_many(len(table[0]), *(t.ctypes.data for t in table))
+    return True
+
+
+def copy_table(table: tuple[Any, Any, Any]) -> bool:
+    """:func:`copy_many` of a table: (destination addresses, source addresses, sizes), int64
+    arrays of CPU memory the caller holds. False, nothing copied, without the kernel."""
+    if (lib := library()) is None:
+        return False
+    lib.kvtier_copy_many(len(table[0]), *(t.ctypes.data for t in table))
     return True
 
 
@@ -265,13 +274,18 @@ def copy_hash(
     ``prefix`` then ``payload`` (the chunk's checksum) computed as it copies: one read of the
     payload instead of two. None, nothing copied, where that does not hold or the kernel or
     :mod:`kvtier.native.xxh3` is not available (the caller hashes, then copies)."""
+    table = _table(pairs) if library() is not None else None
+    return None if table is None else copy_hash_table(table, prefix, payload)
+
+
+def copy_hash_table(table: tuple[Any, Any, Any], prefix: Any, payload: Any) -> int | None:
+    """:func:`copy_hash` of a table (:func:`copy_table`)."""
     import numpy as np
 
     from kvtier.native import xxh3
 
     lib, hasher = library(), xxh3.updater(1)
-    table = _table(pairs) if lib is not None and hasher is not None else None
-    if lib is None or hasher is None or table is None:
+    if lib is None or hasher is None or not len(table[0]):
         return None
     dst, src, sizes = table
     order = np.argsort(src, kind="stable")

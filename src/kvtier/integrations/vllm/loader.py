@@ -4,12 +4,13 @@ that waits in WAITING_FOR_REMOTE_KVS while other requests keep running).
 
 A load copies each chunk once, from where it is held into vLLM's blocks: a chunk in kvtier's
 DRAM is scattered straight from the tier's memory, and a chunk on disk or in Redis is read into
-a buffer that becomes its DRAM copy (the promotion) and is scattered from there. Reader
-threads each take a few chunks at a time, read and verify them and copy them into their blocks:
-pieces move at once, on both cores while the engine waits for a load before the forward
-pass (through ``kvtier serve`` here, a 5,000-token DRAM hit took 45-50 ms with one thread
-placing what the readers had verified, 27-39 ms so). Each kind of load has its own readers, so
-a load before the forward pass never queues behind a long one in the background.
+a buffer that becomes its DRAM copy (the promotion) and is scattered from there (int4r: decoded
+straight into the blocks). One store read hands each chunk on as soon as it is verified
+(:class:`kvtier.results.OnRead`): a reader thread reads a chunk, verifies it and places it while
+the others read theirs, so the device is never idle while a piece of chunks waits for its
+slowest read (an int4r 5,000-token disk hit through the loader alone: 64-69 ms in pieces of
+four, 58-62 ms so, 2-core Xeon). Each kind of load has its own readers, so a load before the
+forward pass never queues behind a long one in the background.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any
 
@@ -28,19 +29,20 @@ import torch
 
 from kvtier import quant, quant4
 from kvtier.codec import KVChunk
+from kvtier.deferred import PayloadCheck, StoredForm
 from kvtier.integrations.vllm.messages import LoadSpec
 from kvtier.integrations.vllm.paged import TORCH_DTYPES, PagedLayer, chunks_to_blocks
 from kvtier.keys import ChunkKey, Namespace
 from kvtier.native import xxh3
+from kvtier.results import OnRead
 from kvtier.store import TieredStore
 from kvtier.threads import any_core, load_priority
 
 log = logging.getLogger("kvtier")
 
-PIECE_CHUNKS = 4  # chunks read (in parallel, from disk), verified and placed by one thread
-# Pieces at once: while two decode and copy (one per core), two more are being read. With
-# two, the device idled while both decoded: an int8 5,000-token disk hit through kvtier serve
-# took 0.212 s, 0.177 with four (bench ttft, 2-core Xeon); DRAM hits the same with either.
+# Reader threads of a load: while two decode and copy (one per core), two more are reading.
+# With two, the device idled while both decoded: an int8 5,000-token disk hit through kvtier
+# serve took 0.212 s, 0.177 with four (bench ttft, 2-core Xeon); DRAM hits the same with either.
 READS = 4
 
 # Chunks are viewed as tensors where they are held, read-only memory included (a DRAM chunk is
@@ -158,60 +160,52 @@ class Loader:
             shapes[-1] = self.chunk_shape(len(spec.tokens) % self._chunk)
         nbytes = [self._dtype.itemsize * torch.Size(s).numel() for s in shapes]
         loaded, tiers = 0, []
+        placed: dict[int, bool] = {}  # chunk (from first_chunk) -> copied into its blocks
+        mismatched: set[int] = set()  # chunks whose payload did not hash to their checksum
         started = time.perf_counter()
 
-        def place(at: int) -> tuple[int, list[str]]:
-            """Read chunks [at, at + PIECE_CHUNKS) and copy the leading ones of the right
-            shape into their blocks: (how many, the tier of each)."""
-            wanted = nbytes[at : at + PIECE_CHUNKS]
+        def place(j: int, chunk: KVChunk, check: PayloadCheck | StoredForm | None) -> None:
+            """Copy chunk ``j``, just read and verified, into its blocks (int4r: decoded into
+            them), on the thread that read it, while the other readers read on."""
+            if (view := self._tensor(chunk, shapes[j])) is None:
+                placed[j] = False  # of another shape: the run ends there
+                return
+            placed[j] = (
+                chunks_to_blocks(
+                    [view],
+                    self._layers,
+                    blocks[j * per_chunk : (j + 1) * per_chunk],
+                    skip_blocks=max(0, skip - j * per_chunk),
+                    checks=[check],
+                )
+                == 1
+            )
+            if not placed[j]:
+                mismatched.add(j)
+
+        try:
+            self._before_read(keys)  # saved a step ago?
             result = self._store.get(
                 spec.tokens,
                 namespace,
-                first_chunk + at,
+                first_chunk,
                 tail=spec.tail,
-                payload_bytes=wanted,
-                check_payload=False,  # DRAM chunks: hashed as they are copied, below
+                payload_bytes=nbytes,
+                check_payload=False,  # DRAM chunks: hashed as they are copied
                 stored_forms=True,  # int4r chunks: decoded straight into their blocks
+                on_read=OnRead(place, reader),
             )
-            views: list[torch.Tensor] = []
-            for j, chunk in enumerate(result.chunks):
-                if (view := self._tensor(chunk, shapes[at + j])) is None:
-                    break  # of another shape: the run ends there
-                views.append(view)
-            count = chunks_to_blocks(
-                views,
-                self._layers,
-                blocks[at * per_chunk : (at + len(views)) * per_chunk],
-                skip_blocks=max(0, skip - at * per_chunk),
-                checks=result.checks,
-            )
-            if count < len(views):  # its payload did not hash to its checksum: recomputed
-                key, tier = keys[first_chunk + at + count], result.tiers[count]
-                self._store.corrupt(tier, key, "payload checksum mismatch while loading")
-            return count, result.tiers[:count]
-
-        pieces: list[Future[tuple[int, list[str]]]] = []
-        try:
-            self._before_read(keys)  # saved a step ago?
-            # Every piece is queued at once, and each reader thread verifies and places its
-            # own pieces: copies run on both cores (the engine's thread waits), and no piece
-            # waits for another's.
-            pieces = [reader.submit(place, at) for at in range(0, n_chunks, PIECE_CHUNKS)]
-            for piece in pieces:
-                count, read_from = piece.result()
-                loaded += count
-                tiers += read_from
-                if count < PIECE_CHUNKS:  # a miss, or the end
-                    break
+            while loaded < len(result.chunks) and placed.get(loaded):
+                loaded += 1
+            tiers = result.tiers[:loaded]
+            for j in sorted(mismatched):  # recomputed; the copy is removed from its tier
+                if j < len(result.tiers):
+                    key = keys[first_chunk + j]
+                    reason = "payload checksum mismatch while loading"
+                    self._store.corrupt(result.tiers[j], key, reason)
         except Exception:  # never let the cache fail the request: recompute instead
             log.exception("kvtier: load failed; vLLM will recompute")
-        finally:
-            # Pieces after a miss are not needed; one already placing is waited for, since
-            # vLLM recomputes its blocks once this returns.
-            for piece in pieces:
-                if not piece.cancel():
-                    with suppress(Exception):
-                        piece.result()
+            loaded, tiers = 0, []
         took = 1000 * (time.perf_counter() - started)
         per_tier: dict[str, int] = {}
         for i, tier in enumerate(tiers):  # the tokens of [start, end) each chunk gave

@@ -29,6 +29,7 @@ import torch
 from kvtier import native, quant, quant4
 from kvtier.deferred import PayloadCheck, StoredForm
 from kvtier.errors import ConfigError
+from kvtier.integrations.vllm import packed
 
 TORCH_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -114,17 +115,6 @@ def block_view(
     )
 
 
-def _runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(position, first block id, length) of each run of consecutive block ids."""
-    runs: list[tuple[int, int, int]] = []
-    for pos, block in enumerate(block_ids):
-        if runs and runs[-1][1] + runs[-1][2] == block:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((pos, block, 1))
-    return runs
-
-
 def _pairs(
     chunk: torch.Tensor,
     layers: Sequence[PagedLayer],
@@ -144,7 +134,7 @@ def _pairs(
         return _packed_pairs(chunk, layers, block_ids, at)
     whole = min(len(block_ids), max(tokens // block - at, 0))
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for pos, first, count in _runs(block_ids[:whole]):
+    for pos, first, count in packed.runs(block_ids[:whole]):
         lo = (at + pos) * block
         for li, layer in enumerate(layers):
             heads, dim = layer.token_shape()
@@ -167,7 +157,7 @@ def _packed_pairs(
     if chunk.shape[2] % layers[0].block_size:
         raise ValueError(f"a packed cache's chunk of {chunk.shape[2]} tokens is not whole blocks")
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for pos, first, count in _runs(block_ids):
+    for pos, first, count in packed.runs(block_ids):
         for li, layer in enumerate(layers):
             assert layer.blocks is not None
             size = layer.blocks.shape[1]
@@ -234,6 +224,8 @@ def chunks_to_blocks(
     """
     if len(chunks) == 0:
         return 0
+    if layers[0].device.type == "cpu" and packed.takes(layers):
+        return packed.place(chunks, layers, block_ids, skip_blocks, checks)
     block_size = layers[0].block_size
     per_chunk = -(-chunks[0].shape[2] // block_size)
     device = layers[0].device

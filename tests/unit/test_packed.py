@@ -1,0 +1,92 @@
+"""Chunks placed in an AMX-packed CPU cache through address tables (kvtier.integrations.vllm
+.packed): the same blocks as torch's per-view copies, checked as they are copied, int4r
+decoded straight into them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier import codec, deferred, native, quant4
+from kvtier.chunk import KVChunk
+from kvtier.codec import Compression
+from kvtier.integrations.vllm import packed
+from kvtier.integrations.vllm.paged import PagedLayer, block_view, blocks_to_chunks
+from kvtier.keys import ChunkKey
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="kvtier's C kernels not built")
+
+LAYERS, HEADS, BLOCK, DIM, BLOCKS = 3, 2, 32, 64, 10
+KEY = ChunkKey(b"k" * 16)
+
+
+def cache() -> list[torch.Tensor]:
+    return [torch.zeros(BLOCKS, HEADS, BLOCK, 2 * DIM, dtype=torch.bfloat16) for _ in range(LAYERS)]
+
+
+def layers_of(raw: list[torch.Tensor]) -> list[PagedLayer]:
+    return [block_view(t, HEADS, DIM, packed=True) for t in raw]
+
+
+def chunks(n: int = 2) -> torch.Tensor:
+    """``n`` chunks of 2 blocks each, random bf16 KV."""
+    torch.manual_seed(3)
+    source = [torch.randn(BLOCKS, HEADS, BLOCK, 2 * DIM).bfloat16() for _ in range(LAYERS)]
+    return blocks_to_chunks(layers_of(source), list(range(2 * n)), 2 * BLOCK)
+
+
+def blob(chunk: torch.Tensor, compression: Compression = Compression.NONE) -> bytes:
+    kv = KVChunk.from_array(chunk.view(torch.int16).numpy().view("uint16"), "bfloat16")
+    return bytes(codec.encode(KEY, kv, "ab" * 8, compression))
+
+
+def test_the_tables_place_what_torch_copies_place() -> None:
+    """Block ids out of order and in runs, the first block skipped (already computed)."""
+    kv, ids = chunks(), [7, 8, 2, 5]
+    assert packed.takes(layers_of(cache()))
+    by_table, by_views = cache(), cache()
+    assert packed.place(list(kv), layers_of(by_table), ids, 1, []) == 2
+    for c, chunk in enumerate(kv):
+        for li in range(LAYERS):
+            rows = chunk[li].reshape(2, -1)
+            for b in range(2):
+                if 2 * c + b >= 1:
+                    by_views[li][ids[2 * c + b]].view(-1).copy_(rows[b])
+    assert all(torch.equal(a, b) for a, b in zip(by_table, by_views, strict=True))
+    assert not any(t[7].any() for t in by_table)  # the skipped block is left alone
+
+
+def test_a_payload_is_hashed_as_it_is_copied_and_a_corrupt_one_stops_there() -> None:
+    """Each chunk views its stored payload, as a DRAM hit's does."""
+    blobs = [bytearray(blob(chunk)) for chunk in chunks()]
+    blobs[1][-1] ^= 1  # the second chunk's bytes no longer hash to its checksum
+    views, checks = [], []
+    for b in blobs:
+        opened = deferred.open_raw(b, KEY)
+        assert opened is not None
+        data = torch.frombuffer(opened[0].data, dtype=torch.bfloat16)
+        views.append(data.view(LAYERS, 2, 2 * BLOCK, HEADS, DIM))
+        checks.append(opened[1])
+    assert packed.place(views, layers_of(cache()), [0, 1, 2, 3], 0, checks) == 1
+    assert packed.place(views[:1], layers_of(cache()), [0, 1], 0, checks) == 1
+    blobs[1][-1] ^= 1
+    target = cache()
+    assert packed.place(views, layers_of(target), [0, 1, 2, 3], 0, checks) == 2
+    assert all(t[3].any() for t in target)
+
+
+@pytest.mark.skipif(not quant4.native_int4r(), reason="the int4r kernel does not run here")
+def test_an_int4r_form_is_decoded_straight_into_its_blocks() -> None:
+    kv = chunks(1)
+    stored = blob(kv[0], Compression.INT4R)
+    form = deferred.open_stored(stored, KEY)
+    assert form is not None
+    decoded = torch.frombuffer(bytearray(codec.decode(stored).chunk.data), dtype=torch.bfloat16)
+    direct, copied = cache(), cache()
+    placeholder = torch.empty_like(kv[0])  # the raw-sized buffer a load holds, no KV in it
+    assert packed.place([placeholder], layers_of(direct), [6, 3], 0, [form]) == 1
+    assert packed.place([decoded.view(kv[0].shape)], layers_of(copied), [6, 3], 0, []) == 1
+    assert all(torch.equal(a, b) for a, b in zip(direct, copied, strict=True))
+    assert any(t[6].any() for t in direct)
+    other = torch.empty(LAYERS, 2, 2 * BLOCK, 1, DIM, dtype=torch.bfloat16)  # another shape
+    assert packed.place([other], layers_of(cache()), [6, 3], 0, [form]) == 0
