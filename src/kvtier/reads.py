@@ -172,20 +172,22 @@ class Reads:
             self.h.recorder.add(slot.tier.name, read_seconds=time.perf_counter() - started)
         else:
             spans.append((started, time.perf_counter()))
+        for _, (read_view,) in items:
+            read_view.release()  # a stored form is cut to its size where it lies (_stored)
         out: list[tuple[KVChunk, Blob] | None] = []
         for i, buf, size in zip(idx, bufs, sizes, strict=True):
             if size is None:
                 self.h.recorder.add(slot.tier.name, misses=1)
                 out.append(None)
                 continue
-            view = memoryview(buf)
             header: codec.ChunkHeader | None = None
             if codec.HEADER_BYTES < size < len(buf) and slot.tier.fills_front:
-                stored = self._stored(slot, keys[i], view, size, forms)
+                stored = self._stored(slot, keys[i], buf, size, forms)
                 if stored == ():
                     stored = self._inflate(slot, keys[i], buf, size)
                 out.append(stored)  # type: ignore[arg-type]
                 continue
+            view = memoryview(buf)
             if size == len(buf):
                 try:
                     payload = view[codec.HEADER_BYTES :]
@@ -203,26 +205,29 @@ class Reads:
         return out
 
     def _stored(
-        self, slot: Slot, key: ChunkKey, view: memoryview, size: int, forms: Deferred | None
+        self, slot: Slot, key: ChunkKey, buf: codec.SealedChunk, size: int, forms: Deferred | None
     ) -> tuple[KVChunk, Blob] | tuple[()] | None:
-        """An int4r chunk read into the front of ``view`` (a raw-sized buffer), verified and
-        left in its stored form (``forms``): (a chunk of the raw shape viewing the buffer, the
-        stored form to promote); ``()`` where it is not one (the caller decodes), None where
-        it is corrupt or of another size."""
+        """An int4r chunk read into the front of ``buf`` (a raw-sized buffer), verified and
+        left in its stored form (``forms``): (a chunk of the raw shape, whose buffer holds no
+        KV, the stored form to promote); ``()`` where it is not one (the caller decodes), None
+        where it is corrupt or of another size. ``buf`` is cut to the stored form where it
+        lies: no copy, and no new memory to fault in (a copy of each 1.75 MB chunk cost ~2 ms
+        of CPU in a served engine, a fifth of a 5,000-token disk hit's)."""
         try:
-            form = deferred.open_stored(view[:size], key) if forms is not None else None
+            form = deferred.open_stored(memoryview(buf)[:size], key) if forms is not None else None
         except CorruptChunk as exc:
             self.h.corrupt(slot, key, exc)
             return None
         if form is None or forms is None:
             return ()
-        if form.raw_bytes != view.nbytes - codec.HEADER_BYTES:
+        if form.raw_bytes != len(buf) - codec.HEADER_BYTES:
             self.h.recorder.add(slot.tier.name, misses=1)
             return None
-        stored = bytes(view[:size])  # what DRAM holds: the stored form, not the raw buffer
+        form = dataclasses.replace(form, payload=memoryview(b""))  # lets go of buf
+        stored = _cut(buf, size)  # what DRAM holds: the stored form, not the raw buffer
         forms[key] = dataclasses.replace(form, payload=memoryview(stored)[codec.HEADER_BYTES :])
         self.h.recorder.add(slot.tier.name, hits=1, bytes_read=size)
-        return KVChunk(form.dtype, form.shape, view[codec.HEADER_BYTES :]), stored
+        return KVChunk(form.dtype, form.shape, np.empty(form.raw_bytes, np.uint8).data), stored
 
     def _inflate(
         self, slot: Slot, key: ChunkKey, buf: codec.SealedChunk, size: int
@@ -340,3 +345,13 @@ def _covered(spans: list[tuple[float, float]]) -> float:
             total += hi - max(lo, end)
             end = hi
     return total
+
+
+def _cut(buf: codec.SealedChunk, size: int) -> Blob:
+    """``buf``'s first ``size`` bytes: ``buf`` itself, shrunk where it lies (the allocator
+    keeps the front in place), or a copy where something still views it."""
+    try:
+        del buf[size:]
+    except BufferError:
+        return bytes(memoryview(buf)[:size])
+    return buf

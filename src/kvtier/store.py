@@ -161,6 +161,15 @@ class TieredStore:
                 with suppress(Exception):  # a tier that cannot warm reads as it would have
                     warm()
 
+    def warm_thread(self) -> None:
+        """Set up the calling thread's read state in each tier now (a disk tier's O_DIRECT
+        buffer): for a caller's reader threads, which read lower tiers themselves
+        (:class:`kvtier.results.OnRead`)."""
+        for tier in self._h.tiers:
+            if (warm := getattr(tier, "warm_thread", None)) is not None:
+                with suppress(Exception):
+                    warm()
+
     def tier_states(self) -> dict[str, dict[str, int | None]]:
         return self._h.tier_states()
 

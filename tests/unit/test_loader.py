@@ -170,6 +170,10 @@ def test_int4r_chunks_are_decoded_into_the_blocks_and_kept_in_dram_as_stored(
             forms = {codec.read_header(b).compression for b in held}  # type: ignore[arg-type]
             # heads of 64: kept as stored; a head the kernel does not take: decoded, held raw
             assert forms == {Compression.INT4R if dim == 64 else Compression.NONE}
+            if dim == 64:  # held at the stored size: the read's raw-sized buffer cut to it
+                sizes = {len(b) for b in held}  # type: ignore[arg-type]
+                disk_sizes = {len(b) for b in s.tiers[1].get_many(s.keys(tokens, NS)[:run])}  # type: ignore[arg-type]
+                assert sizes == disk_sizes and max(sizes) < 0.4 * loader.chunk_bytes()
         assert s.stats().tiers["disk"].corruptions == (damaged is not None)
 
 

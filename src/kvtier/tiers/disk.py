@@ -167,11 +167,16 @@ class DiskTier:
         together = threading.Barrier(READERS, timeout=5)  # one task on each thread
 
         def touch(_: int) -> None:
-            self.files.warm()
+            self.warm_thread()
             with suppress(threading.BrokenBarrierError):
                 together.wait()
 
         list(self._pool().map(touch, range(READERS)))
+
+    def warm_thread(self) -> None:
+        """Touch the calling thread's O_DIRECT buffer now (a thread of a caller's that reads
+        through this tier, as a load's readers do), rather than on its first read."""
+        self.files.warm()
 
     def _open(self, key: ChunkKey) -> int | None:
         """A read-only fd of the chunk's file, or None (and forget the key) if it is gone."""

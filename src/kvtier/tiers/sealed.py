@@ -150,6 +150,11 @@ class SealedTier:
         if (warm := getattr(self.inner, "warm", None)) is not None:
             warm()
 
+    def warm_thread(self) -> None:
+        """The inner tier's (:meth:`kvtier.store.TieredStore.warm_thread`)."""
+        if (warm := getattr(self.inner, "warm_thread", None)) is not None:
+            warm()
+
     def _open_into(self, key: ChunkKey, sealed: Blob, buffers: Sequence[memoryview]) -> bool:
         tenant = sealed_tenant(sealed)
         if tenant is None:

@@ -86,11 +86,21 @@ class Loader:
         self._reports: list[dict[str, Any]] = []
 
     def warm(self) -> None:
-        """Run the codecs' one-time checks now (the C kernels against torch, xxh3's library),
-        as the engine starts, rather than in the first hit that needs them."""
+        """Run the codecs' one-time checks now (the C kernels against torch, xxh3's library)
+        and start the reader threads, each with its read buffers, as the engine starts,
+        rather than in the first hit that needs them."""
         quant.native_int8()
         quant4.native_int4r()
         xxh3.available()
+        for readers in (self._now, self._later):  # start them, each with its read buffers
+            together = threading.Barrier(READS, timeout=5)
+
+            def ready(_: int, together: threading.Barrier = together) -> None:
+                self._store.warm_thread()
+                with suppress(threading.BrokenBarrierError):
+                    together.wait()  # one task on each thread
+
+            list(readers.map(ready, range(READS)))
 
     def chunk_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
         """Shape of a chunk (or a tail of ``tokens`` tokens) of this cache. A packed cache's
