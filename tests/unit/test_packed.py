@@ -76,7 +76,8 @@ def test_a_payload_is_hashed_as_it_is_copied_and_a_corrupt_one_stops_there() -> 
 
 
 @pytest.mark.skipif(not quant4.native_int4r(), reason="the int4r kernel does not run here")
-def test_an_int4r_form_is_decoded_straight_into_its_blocks() -> None:
+@pytest.mark.parametrize("ids", [[6, 3], [4, 5]])  # [4, 5]: a layer's one copy, no scratch
+def test_an_int4r_form_is_decoded_straight_into_its_blocks(ids: list[int]) -> None:
     kv = chunks(1)
     stored = blob(kv[0], Compression.INT4R)
     form = deferred.open_stored(stored, KEY)
@@ -84,9 +85,9 @@ def test_an_int4r_form_is_decoded_straight_into_its_blocks() -> None:
     decoded = torch.frombuffer(bytearray(codec.decode(stored).chunk.data), dtype=torch.bfloat16)
     direct, copied = cache(), cache()
     placeholder = torch.empty_like(kv[0])  # the raw-sized buffer a load holds, no KV in it
-    assert packed.place([placeholder], layers_of(direct), [6, 3], 0, [form]) == 1
-    assert packed.place([decoded.view(kv[0].shape)], layers_of(copied), [6, 3], 0, []) == 1
+    assert packed.place([placeholder], layers_of(direct), ids, 0, [form]) == 1
+    assert packed.place([decoded.view(kv[0].shape)], layers_of(copied), ids, 0, []) == 1
     assert all(torch.equal(a, b) for a, b in zip(direct, copied, strict=True))
-    assert any(t[6].any() for t in direct)
+    assert all(t[ids].any() and not t[[0, 9]].any() for t in direct)
     other = torch.empty(LAYERS, 2, 2 * BLOCK, 1, DIM, dtype=torch.bfloat16)  # another shape
     assert packed.place([other], layers_of(cache()), [6, 3], 0, [form]) == 0

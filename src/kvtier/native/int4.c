@@ -24,6 +24,10 @@
 
 #include "bf16.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #define DMAX 256
 /* Lanes of a vector: 16 floats where the host has AVX-512, 8 elsewhere (wider vectors than
  * the host's turn each shuffle into scalar moves: 13x slower on AVX2). */
@@ -124,6 +128,41 @@ INLINE void store_row(void *out, int bf16, int64_t at, int64_t nv, const vf *row
     }
 }
 
+/* One vector to p (aligned to its size), past the cache where the CPU can. */
+INLINE void stream(vh h, void *p) {
+#if defined(__x86_64__) && defined(__AVX__)
+    if (sizeof h == 32) {
+        __m256i v;
+        memcpy(&v, &h, sizeof v);
+        _mm256_stream_si256((__m256i *)p, v);
+        return;
+    }
+#endif
+#if defined(__x86_64__)
+    if (sizeof h == 16) {
+        __m128i v;
+        memcpy(&v, &h, sizeof v);
+        _mm_stream_si128((__m128i *)p, v);
+        return;
+    }
+#endif
+    memcpy(p, &h, sizeof h);
+}
+
+/* store_row into memory the caller reads no more (an engine's blocks): bf16 rows bypass the
+ * cache (no read of each line before it is written over) where `out` is aligned for it. */
+INLINE void store_row_to(void *out, int bf16, int64_t at, int64_t nv, const vf *row, int nt) {
+    if (!(nt && bf16)) {
+        store_row(out, bf16, at, nv, row);
+        return;
+    }
+    for (int64_t k = 0; k < nv; k++) {
+        vu u = (vu)row[k];
+        u += 0x7FFFu + ((u >> 16) & 1u);
+        stream(__builtin_convertvector(u >> 16, vh), (uint16_t *)out + at + LANES * k);
+    }
+}
+
 INLINE vf bf16_round(vf f) { /* f rounded to bf16, nearest even, back in fp32 */
     vu u = (vu)f;
     u += 0x7FFFu + ((u >> 16) & 1u);
@@ -202,7 +241,7 @@ INLINE void encode_k_group(const void *x, int bf16, shape4 s, int64_t nv, int64_
 }
 
 INLINE void decode_k_group(const uint8_t *q, const uint16_t *p, shape4 s, int64_t nv, int64_t l,
-                           int64_t h, int64_t g, void *out, int bf16, int64_t out_l) {
+                           int64_t h, int64_t g, void *out, int bf16, int64_t out_l, int nt) {
     vf row[VMAX], lo[VMAX], step[VMAX];
     int64_t at = k_group(s, l, h, g), half = s.gk / 2;
     load_row(p, 1, at * 2 * s.dim, nv, lo);
@@ -217,7 +256,8 @@ INLINE void decode_k_group(const uint8_t *q, const uint16_t *p, shape4 s, int64_
             row[k] = values4((c >> shift) & 15, lo[k], step[k]);
         }
         rotate(row, nv, s.r);
-        store_row(out, bf16, ((out_l * 2 * s.tokens + t0 + j) * s.heads + h) * s.dim, nv, row);
+        store_row_to(out, bf16, ((out_l * 2 * s.tokens + t0 + j) * s.heads + h) * s.dim, nv, row,
+                     nt);
     }
 }
 
@@ -249,7 +289,7 @@ INLINE void encode_v_row(const void *x, int bf16, shape4 s, int64_t nv, int64_t 
 }
 
 INLINE void decode_v_row(const uint8_t *q, const uint16_t *p, shape4 s, int64_t nv, int64_t index,
-                         void *out, int bf16, int64_t at) {
+                         void *out, int bf16, int64_t at, int nt) {
     vf row[VMAX];
     int64_t groups = s.dim / s.gv, per = s.gv / LANES;
     for (int64_t g = 0; g < groups; g++) {
@@ -264,7 +304,7 @@ INLINE void decode_v_row(const uint8_t *q, const uint16_t *p, shape4 s, int64_t 
         }
     }
     rotate(row, nv, s.r);
-    store_row(out, bf16, at, nv, row);
+    store_row_to(out, bf16, at, nv, row, nt);
 }
 
 /* The stored form's four parts: K levels, K [min, step]s, V levels, V [min, step]s. */
@@ -305,13 +345,20 @@ INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *s
     for (int64_t l = 0; l < s.layers; l++) {
         void *out = k.scratch ? k.scratch : kv;
         int64_t out_l = k.scratch ? 0 : l;
+        /* A layer whose one copy is the whole layer (its blocks consecutive): decoded
+         * straight into its destination, without the scratch. */
+        int whole = !encode && k.scratch && c < k.n && k.src[c] == (int64_t)((size_t)l * layer) &&
+                    k.nbytes[c] == (int64_t)layer;
+        if (whole)
+            out = k.dst[c];
+        int nt = whole && ((uintptr_t)out % sizeof(vh)) == 0;
         for (int64_t h = 0; h < s.heads; h++)
             for (int64_t g = 0; g < groups; g++) {
                 if (encode)
                     encode_k_group(kv, bf16, s, nv, l, h, g, st, (uint16_t *)(st + kq));
                 else
                     decode_k_group(st, (const uint16_t *)(st + kq), s, nv, l, h, g, out, bf16,
-                                   out_l);
+                                   out_l, nt);
             }
         for (int64_t i = 0; i < rows; i++) {
             if (encode)
@@ -319,16 +366,21 @@ INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *s
                              st + kp, (uint16_t *)(st + vq));
             else
                 decode_v_row(st + kp, (const uint16_t *)(st + vq), s, nv, l * rows + i, out, bf16,
-                             ((out_l * 2 + 1) * rows + i) * s.dim);
+                             ((out_l * 2 + 1) * rows + i) * s.dim, nt);
         }
         if (encode)
             continue;
         const char *done = (const char *)out + (size_t)out_l * layer;
         if (k.update)
             k.update(k.state, done, layer);
-        for (; k.scratch && c < k.n && k.src[c] < (int64_t)((size_t)(l + 1) * layer); c++)
+        c += whole;
+        for (; k.scratch && !whole && c < k.n && k.src[c] < (int64_t)((size_t)(l + 1) * layer); c++)
             memcpy(k.dst[c], done + (k.src[c] - (int64_t)((size_t)l * layer)), (size_t)k.nbytes[c]);
     }
+#if defined(__x86_64__)
+    if (!encode && k.scratch)
+        __builtin_ia32_sfence(); /* the cache-bypassing stores land before the caller goes on */
+#endif
 }
 
 static void dispatch(int encode, void *kv, int bf16, shape4 s, uint8_t *st, sink4 k) {
