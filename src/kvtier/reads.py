@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, wait
+from contextlib import suppress
 from typing import Any
 
 import numpy as np
@@ -172,8 +173,9 @@ class Reads:
             self.h.recorder.add(slot.tier.name, read_seconds=time.perf_counter() - started)
         else:
             spans.append((started, time.perf_counter()))
-        for _, (read_view,) in items:
-            read_view.release()  # a stored form is cut to its size where it lies (_stored)
+        for _, (read_view,) in items:  # a stored form is cut to its size where it lies
+            with suppress(BufferError):  # held by a tier still: _cut copies instead
+                read_view.release()
         out: list[tuple[KVChunk, Blob] | None] = []
         for i, buf, size in zip(idx, bufs, sizes, strict=True):
             if size is None:

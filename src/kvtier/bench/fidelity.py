@@ -197,7 +197,7 @@ class Model:
 def measure(
     model: Model,
     codecs: list[str],
-    contexts: int = 2,
+    contexts: int = 6,
     tokens: int = 3000,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
