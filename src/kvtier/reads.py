@@ -118,8 +118,11 @@ class Reads:
                     hand_on(i, found[0])
                 return found
 
-            reads = [on_read.pool.submit(one, i) for i in idx]
-            wait(reads)
+            reads: list[Future[tuple[KVChunk, Blob] | None]] = []
+            try:
+                reads += (on_read.pool.submit(one, i) for i in idx)
+            finally:  # a pool refusing a task: those running end before the get does
+                wait(reads)
             self.h.recorder.add(slot.tier.name, read_seconds=_covered(spans))
             return [r.result() for r in reads]
 

@@ -55,3 +55,45 @@ def test_each_chunk_is_handed_on_once_from_the_pool_before_the_get_returns(
         assert all(v == j for j, v in handed.items())  # each chunk's own KV
         assert threads and all(t.startswith("handing") for t in threads)
         assert s.stats().tiers["disk"].read_seconds > 0
+
+
+def test_a_stored_form_is_cut_to_its_size_where_it_lies_or_copied_while_viewed() -> None:
+    from kvtier import codec
+    from kvtier.reads import _cut
+
+    buf = codec.SealedChunk(1 << 20)
+    buf[:5] = b"chunk"
+    assert _cut(buf, 5) is buf and bytes(buf) == b"chunk"  # in place: no copy, no new memory
+    held = codec.SealedChunk(1 << 20)
+    held[:5] = b"chunk"
+    view = memoryview(held)  # something still reads it: a copy, the buffer left whole
+    copied = _cut(held, 5)
+    assert copied is not held and bytes(copied) == b"chunk" and len(held) == 1 << 20
+    view.release()
+
+
+def test_a_call_that_raises_fails_the_get_after_every_other_call_has_ended(
+    tmp_path: Path,
+) -> None:
+    tokens = list(range(4 * CHUNK))
+    kv = [np.full((2, 2, CHUNK, 2, 8), c, dtype=np.float32) for c in range(4)]
+    with TieredStore([MemoryTier(1 << 26), DiskTier(tmp_path, 1 << 30)], CHUNK) as s:
+        s.put(tokens, NS, [KVChunk.from_array(a) for a in kv])
+        s.flush()
+        for key in s.keys(tokens, NS):
+            s.tiers[0].delete(key)
+        ended: list[int] = []
+
+        def call(j: int, chunk: KVChunk, check: object) -> None:
+            if j == 0:
+                raise RuntimeError("placing chunk 0 failed")
+            threading.Event().wait(0.05)
+            ended.append(j)
+
+        with ThreadPoolExecutor(2) as pool:
+            try:
+                s.get(tokens, NS, payload_bytes=[kv[0].nbytes] * 4, on_read=OnRead(call, pool))
+            except RuntimeError:
+                assert sorted(ended) == [1, 2, 3]  # none still running, so none writes later
+            else:
+                raise AssertionError("the call's error did not reach the caller")

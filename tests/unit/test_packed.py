@@ -11,7 +11,12 @@ from kvtier import codec, deferred, native, quant4
 from kvtier.chunk import KVChunk
 from kvtier.codec import Compression
 from kvtier.integrations.vllm import packed
-from kvtier.integrations.vllm.paged import PagedLayer, block_view, blocks_to_chunks
+from kvtier.integrations.vllm.paged import (
+    PagedLayer,
+    block_view,
+    blocks_to_chunks,
+    chunks_to_blocks,
+)
 from kvtier.keys import ChunkKey
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="kvtier's C kernels not built")
@@ -91,3 +96,20 @@ def test_an_int4r_form_is_decoded_straight_into_its_blocks(ids: list[int]) -> No
     assert all(t[ids].any() and not t[[0, 9]].any() for t in direct)
     other = torch.empty(LAYERS, 2, 2 * BLOCK, 1, DIM, dtype=torch.bfloat16)  # another shape
     assert packed.place([other], layers_of(cache()), [6, 3], 0, [form]) == 0
+
+
+def test_chunks_the_tables_cannot_move_as_bytes_go_to_torchs_copies() -> None:
+    """Another dtype (converted), a strided view: placed as torch places them, never past the
+    cache (found in review: an fp32 chunk was moved as bytes into the blocks after the cache's)."""
+    kv = chunks(1)
+    layers = layers_of(cache())
+    assert packed.fits([kv[0]], layers)
+    wide = kv[0].float()
+    strided = torch.cat([kv[0], kv[0]], dim=3)[:, :, :, ::2]  # heads 0 and 0 again, strided
+    assert not packed.fits([wide], layers) and not packed.fits([strided], layers)
+    for chunk in (wide, strided):
+        target = torch.zeros(2 * BLOCKS, HEADS, BLOCK, 2 * DIM, dtype=torch.bfloat16)
+        inside = [target[:BLOCKS] for _ in range(LAYERS)]
+        chunks_to_blocks([chunk], layers_of(inside), [8, 9])
+        assert not target[BLOCKS:].any()  # nothing past the cache
+        assert target[8:10].any()

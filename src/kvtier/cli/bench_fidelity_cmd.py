@@ -44,7 +44,7 @@ def register(bsub: Any) -> None:
         type=int,
         default=CONTEXTS,
         help=f"contexts, 8 questions each ({CONTEXTS}: ~1,430 positions, enough for a one-point"
-        " line; ~3 minutes each for every codec on a 2-core host)",
+        " line; every codec takes ~3 minutes a context on a 2-core host)",
     )
     p.add_argument("--tokens", type=int, default=3000, help="tokens per context (~3000)")
     p.add_argument(

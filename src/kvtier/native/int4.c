@@ -374,7 +374,7 @@ INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *s
         if (k.update)
             k.update(k.state, done, layer);
         c += whole;
-        for (; k.scratch && !whole && c < k.n && k.src[c] < (int64_t)((size_t)(l + 1) * layer); c++)
+        for (; k.scratch && c < k.n && k.src[c] < (int64_t)((size_t)(l + 1) * layer); c++)
             memcpy(k.dst[c], done + (k.src[c] - (int64_t)((size_t)l * layer)), (size_t)k.nbytes[c]);
     }
 #if defined(__x86_64__)

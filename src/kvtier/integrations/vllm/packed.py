@@ -28,6 +28,23 @@ def takes(layers: Sequence[Any]) -> bool:
     return bool(layers) and layers[0].blocks is not None and native.library() is not None
 
 
+def fits(chunks: Sequence[torch.Tensor], layers: Sequence[Any]) -> bool:
+    """Whether each chunk is what :func:`place` can move as bytes: contiguous, on the host, of
+    the cache's dtype, and holding whole blocks of every layer (else the caller's torch copies
+    convert or refuse it)."""
+    block, row = layers[0].block_size, layers[0].blocks.shape[1]
+    return all(
+        c.device.type == "cpu"
+        and c.dtype == layers[0].dtype
+        and c.is_contiguous()
+        and c.dim() == 5
+        and c.shape[0] == len(layers)
+        and c.shape[2] % block == 0
+        and c.numel() // len(layers) == c.shape[2] // block * row
+        for c in chunks
+    )
+
+
 def table(chunk: torch.Tensor, layers: Sequence[Any], block_ids: Sequence[int], at: int) -> Table:
     """The copies between ``chunk`` (its blocks from position ``at`` within it) and the packed
     cache's blocks ``block_ids``: one per layer and run of consecutive block ids, in the
@@ -58,8 +75,8 @@ def place(
     checks: Sequence[PayloadCheck | StoredForm | None],
 ) -> int:
     """:func:`kvtier.integrations.vllm.paged.chunks_to_blocks` into a packed cache on the
-    host (:func:`takes`): each chunk copied, hashed as it is copied or decoded into its
-    blocks, as that function says."""
+    host (:func:`takes`), of chunks that :func:`fits`: each chunk copied, hashed as it is
+    copied or decoded into its blocks, as that function says."""
     block = layers[0].block_size
     for c, chunk in enumerate(chunks):
         own = chunk.shape[2] // block

@@ -224,7 +224,7 @@ def chunks_to_blocks(
     """
     if len(chunks) == 0:
         return 0
-    if layers[0].device.type == "cpu" and packed.takes(layers):
+    if layers[0].device.type == "cpu" and packed.takes(layers) and packed.fits(chunks, layers):
         return packed.place(chunks, layers, block_ids, skip_blocks, checks)
     block_size = layers[0].block_size
     per_chunk = -(-chunks[0].shape[2] // block_size)
