@@ -115,51 +115,32 @@ INLINE void load_row(const void *x, int bf16, int64_t at, int64_t nv, vf *row) {
     }
 }
 
-INLINE void store_row(void *out, int bf16, int64_t at, int64_t nv, const vf *row) {
+/* One vector to p (aligned to its size) past the cache: no read of each line of memory the
+ * caller reads no more (an engine's blocks) before it is written over. */
+INLINE void stream(vh h, void *p) {
+#if defined(__x86_64__) && LANES == 16
+    _mm256_stream_si256((__m256i *)p, (__m256i)h);
+#elif defined(__x86_64__)
+    _mm_stream_si128((__m128i *)p, (__m128i)h);
+#else
+    memcpy(p, &h, sizeof h);
+#endif
+}
+
+/* A row at `at`; bf16 rows streamed past the cache with `nt` (`out` aligned for it). */
+INLINE void store_row(void *out, int bf16, int64_t at, int64_t nv, const vf *row, int nt) {
     for (int64_t k = 0; k < nv; k++) {
         if (bf16) { /* nearest even, as to_bf16 */
             vu u = (vu)row[k];
             u += 0x7FFFu + ((u >> 16) & 1u);
             vh h = __builtin_convertvector(u >> 16, vh);
-            memcpy((uint16_t *)out + at + LANES * k, &h, sizeof h);
+            if (nt)
+                stream(h, (uint16_t *)out + at + LANES * k);
+            else
+                memcpy((uint16_t *)out + at + LANES * k, &h, sizeof h);
         } else {
             memcpy((float *)out + at + LANES * k, &row[k], sizeof row[k]);
         }
-    }
-}
-
-/* One vector to p (aligned to its size), past the cache where the CPU can. */
-INLINE void stream(vh h, void *p) {
-#if defined(__x86_64__) && defined(__AVX__)
-    if (sizeof h == 32) {
-        __m256i v;
-        memcpy(&v, &h, sizeof v);
-        _mm256_stream_si256((__m256i *)p, v);
-        return;
-    }
-#endif
-#if defined(__x86_64__)
-    if (sizeof h == 16) {
-        __m128i v;
-        memcpy(&v, &h, sizeof v);
-        _mm_stream_si128((__m128i *)p, v);
-        return;
-    }
-#endif
-    memcpy(p, &h, sizeof h);
-}
-
-/* store_row into memory the caller reads no more (an engine's blocks): bf16 rows bypass the
- * cache (no read of each line before it is written over) where `out` is aligned for it. */
-INLINE void store_row_to(void *out, int bf16, int64_t at, int64_t nv, const vf *row, int nt) {
-    if (!(nt && bf16)) {
-        store_row(out, bf16, at, nv, row);
-        return;
-    }
-    for (int64_t k = 0; k < nv; k++) {
-        vu u = (vu)row[k];
-        u += 0x7FFFu + ((u >> 16) & 1u);
-        stream(__builtin_convertvector(u >> 16, vh), (uint16_t *)out + at + LANES * k);
     }
 }
 
@@ -230,8 +211,8 @@ INLINE void encode_k_group(const void *x, int bf16, shape4 s, int64_t nv, int64_
             hi[k] = pick(rows[j][k] > hi[k], rows[j][k], hi[k]);
         }
         params4(&lo[k], hi[k], &step[k]);
-        store_row(p, 1, at * 2 * s.dim + LANES * k, 1, &lo[k]);
-        store_row(p, 1, (at * 2 + 1) * s.dim + LANES * k, 1, &step[k]);
+        store_row(p, 1, at * 2 * s.dim + LANES * k, 1, &lo[k], 0);
+        store_row(p, 1, (at * 2 + 1) * s.dim + LANES * k, 1, &step[k], 0);
         for (int64_t b = 0; b < half; b++) {
             vb c = levels4(rows[b][k], lo[k], step[k]) |
                      levels4(rows[b + half][k], lo[k], step[k]) << 4;
@@ -256,7 +237,7 @@ INLINE void decode_k_group(const uint8_t *q, const uint16_t *p, shape4 s, int64_
             row[k] = values4((c >> shift) & 15, lo[k], step[k]);
         }
         rotate(row, nv, s.r);
-        store_row_to(out, bf16, ((out_l * 2 * s.tokens + t0 + j) * s.heads + h) * s.dim, nv, row,
+        store_row(out, bf16, ((out_l * 2 * s.tokens + t0 + j) * s.heads + h) * s.dim, nv, row,
                      nt);
     }
 }
@@ -304,7 +285,7 @@ INLINE void decode_v_row(const uint8_t *q, const uint16_t *p, shape4 s, int64_t 
         }
     }
     rotate(row, nv, s.r);
-    store_row_to(out, bf16, at, nv, row, nt);
+    store_row(out, bf16, at, nv, row, nt);
 }
 
 /* The stored form's four parts: K levels, K [min, step]s, V levels, V [min, step]s. */
