@@ -17,9 +17,11 @@ a chunk that does not is removed as corrupt and recomputed (:meth:`TieredStore.c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from kvtier import codec, quant4
+from kvtier import codec, quant, quant4
 from kvtier.codec import Compression, KVChunk
 from kvtier.errors import CorruptChunk
 from kvtier.native import xxh3
@@ -75,6 +77,33 @@ class StoredForm:
     @property
     def raw_bytes(self) -> int:
         return codec.payload_bytes(self.dtype, self.shape)
+
+    def fits(self, chunk: Any) -> bool:
+        """Whether ``chunk`` (the tensor a load places it from) is of this form's shape and
+        dtype: else it is another model's, or corrupt."""
+        return self.shape == tuple(chunk.shape) and self.dtype == str(chunk.dtype).removeprefix(
+            "torch."
+        )
+
+    def place(self, chunk: Any, table: Any, copy: Callable[[], object]) -> bool:
+        """Decode into the blocks: straight through ``table`` (destination addresses, payload
+        byte offsets, sizes: each layer decoded into a scratch and copied out while in cache)
+        where given and the kernel takes it, else into ``chunk`` (its own raw-sized host
+        buffer) and then ``copy()``. False where the payload does not decode (corrupt) or
+        ``copy`` returns False."""
+        import torch
+
+        try:
+            stored = torch.frombuffer(self.payload, dtype=torch.uint8)
+            if table is not None and quant4.decode_scattered(
+                stored, self.shape, chunk.dtype, table
+            ):
+                return True
+            dest = memoryview(chunk.view(-1).view(torch.uint8).numpy())
+            quant.decode_bytes_into(self.name, self.dtype, self.shape, self.payload, dest)
+        except ValueError:  # a payload of the wrong size: what the codec refuses is corrupt
+            return False
+        return copy() is not False
 
 
 def open_stored(blob: object, expected_key: bytes) -> StoredForm | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
 from contextlib import suppress
 
 _BACKGROUND_NICE = 10
@@ -58,3 +60,17 @@ def _nice(value: int) -> None:
     if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
         with suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
+
+
+def on_each(pool: Executor, threads: int, run: Callable[[], object]) -> None:
+    """``run()`` once on each of ``pool``'s ``threads`` threads (starting them): each task
+    waits for the others before it ends, so no thread takes two. Sets up per-thread state
+    (a read buffer) as a server starts rather than in its first request."""
+    together = threading.Barrier(threads, timeout=5)
+
+    def one(_: int) -> None:
+        run()
+        with suppress(threading.BrokenBarrierError):
+            together.wait()
+
+    list(pool.map(one, range(threads)))

@@ -21,17 +21,25 @@ NS = Namespace("m", kv_dtype="float32")
 CHUNK = 16
 
 
+def stored(tmp_path: Path, chunks: int, in_dram: int) -> tuple[TieredStore, list[int], int]:
+    """A store whose chunk c holds the value c, the first ``in_dram`` of them also in DRAM, the
+    rest on disk only: (store, tokens, a chunk's KV bytes)."""
+    tokens = list(range(chunks * CHUNK))
+    kv = [np.full((2, 2, CHUNK, 2, 8), c, dtype=np.float32) for c in range(chunks)]
+    s = TieredStore([MemoryTier(1 << 26), DiskTier(tmp_path, 1 << 30)], CHUNK)
+    s.put(tokens, NS, [KVChunk.from_array(a) for a in kv])
+    s.flush()
+    for key in s.keys(tokens, NS)[in_dram:]:
+        s.tiers[0].delete(key)
+    return s, tokens, kv[0].nbytes
+
+
 def test_each_chunk_is_handed_on_once_from_the_pool_before_the_get_returns(
     tmp_path: Path,
 ) -> None:
-    tokens = list(range(6 * CHUNK))
-    kv = [np.full((2, 2, CHUNK, 2, 8), c, dtype=np.float32) for c in range(6)]
-    with TieredStore([MemoryTier(1 << 26), DiskTier(tmp_path, 1 << 30)], CHUNK) as s:
-        s.put(tokens, NS, [KVChunk.from_array(a) for a in kv])
-        s.flush()
+    s, tokens, nbytes = stored(tmp_path, 6, in_dram=2)  # chunks 2-5 on disk only
+    with s:
         keys = s.keys(tokens, NS)
-        for key in keys[2:]:  # chunks 0-1 in DRAM, 2-5 on disk only
-            s.tiers[0].delete(key)
         disk = s.tiers[1]
         path = disk.path_of(keys[3])  # type: ignore[attr-defined]
         data = bytearray(path.read_bytes())
@@ -49,7 +57,7 @@ def test_each_chunk_is_handed_on_once_from_the_pool_before_the_get_returns(
                 threads.add(threading.current_thread().name)
 
         with ThreadPoolExecutor(3, "handing") as pool:
-            got = s.get(tokens, NS, payload_bytes=[kv[0].nbytes] * 6, on_read=OnRead(call, pool))
+            got = s.get(tokens, NS, payload_bytes=[nbytes] * 6, on_read=OnRead(call, pool))
         assert got.tiers == ["memory", "memory", "disk"]
         assert set(handed) == {0, 1, 2, 4, 5}  # the corrupt chunk is not; those after it are
         assert all(v == j for j, v in handed.items())  # each chunk's own KV
@@ -75,13 +83,8 @@ def test_a_stored_form_is_cut_to_its_size_where_it_lies_or_copied_while_viewed()
 def test_a_call_that_raises_fails_the_get_after_every_other_call_has_ended(
     tmp_path: Path,
 ) -> None:
-    tokens = list(range(4 * CHUNK))
-    kv = [np.full((2, 2, CHUNK, 2, 8), c, dtype=np.float32) for c in range(4)]
-    with TieredStore([MemoryTier(1 << 26), DiskTier(tmp_path, 1 << 30)], CHUNK) as s:
-        s.put(tokens, NS, [KVChunk.from_array(a) for a in kv])
-        s.flush()
-        for key in s.keys(tokens, NS):
-            s.tiers[0].delete(key)
+    s, tokens, nbytes = stored(tmp_path, 4, in_dram=0)
+    with s:
         ended: list[int] = []
 
         def call(j: int, chunk: KVChunk, check: object) -> None:
@@ -92,7 +95,7 @@ def test_a_call_that_raises_fails_the_get_after_every_other_call_has_ended(
 
         with ThreadPoolExecutor(2) as pool:
             try:
-                s.get(tokens, NS, payload_bytes=[kv[0].nbytes] * 4, on_read=OnRead(call, pool))
+                s.get(tokens, NS, payload_bytes=[nbytes] * 4, on_read=OnRead(call, pool))
             except RuntimeError:
                 assert sorted(ended) == [1, 2, 3]  # none still running, so none writes later
             else:

@@ -19,7 +19,6 @@ import os
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,7 +26,7 @@ from kvtier.codec import SealedChunk
 from kvtier.keys import ChunkKey
 from kvtier.policy.eviction import EvictionPolicy, LRUPolicy
 from kvtier.policy.quota import OwnerUsage, QuotaPolicy, owner_usage
-from kvtier.threads import any_core, load_priority
+from kvtier.threads import any_core, load_priority, on_each
 from kvtier.tiers.base import Blob, PutResult, TierUsage, record_name
 from kvtier.tiers.chunk_files import ChunkFiles
 
@@ -164,14 +163,7 @@ class DiskTier:
         """Start the reader threads and touch each one's O_DIRECT buffer now, as a server
         starts: else the first hit after a start pays for both (four threads faulting in
         8 MB each, ~20 ms of CPU on a 2-core Xeon) before it reads a byte."""
-        together = threading.Barrier(READERS, timeout=5)  # one task on each thread
-
-        def touch(_: int) -> None:
-            self.warm_thread()
-            with suppress(threading.BrokenBarrierError):
-                together.wait()
-
-        list(self._pool().map(touch, range(READERS)))
+        on_each(self._pool(), READERS, self.warm_thread)
 
     def warm_thread(self) -> None:
         """Touch the calling thread's O_DIRECT buffer now (a thread of a caller's that reads

@@ -36,7 +36,7 @@ from kvtier.keys import ChunkKey, Namespace
 from kvtier.native import xxh3
 from kvtier.results import OnRead
 from kvtier.store import TieredStore
-from kvtier.threads import any_core, load_priority
+from kvtier.threads import any_core, load_priority, on_each
 
 log = logging.getLogger("kvtier")
 
@@ -92,15 +92,8 @@ class Loader:
         quant.native_int8()
         quant4.native_int4r()
         xxh3.available()
-        for readers in (self._now, self._later):  # start them, each with its read buffers
-            together = threading.Barrier(READS, timeout=5)
-
-            def ready(_: int, together: threading.Barrier = together) -> None:
-                self._store.warm_thread()
-                with suppress(threading.BrokenBarrierError):
-                    together.wait()  # one task on each thread
-
-            list(readers.map(ready, range(READS)))
+        for readers in (self._now, self._later):  # started, each with its read buffers
+            on_each(readers, READS, self._store.warm_thread)
 
     def chunk_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
         """Shape of a chunk (or a tail of ``tokens`` tokens) of this cache. A packed cache's

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvtier import native, quant, quant4
+from kvtier import native
 from kvtier.deferred import PayloadCheck, StoredForm
 
 Table = tuple[Any, Any, Any]  # int64 arrays: destination addresses, source addresses, sizes
@@ -93,7 +93,13 @@ def _place_one(
 ) -> bool:
     """Copy (or decode) one chunk; False where its check fails or its form does not fit."""
     if isinstance(check, StoredForm):
-        return _decode(check, chunk, copies)
+        if not check.fits(chunk):
+            return False
+        if copies is None:  # none of its blocks wanted
+            return True
+        dst, src, sizes = copies
+        table = (dst, src - chunk.data_ptr(), sizes)  # the kernel takes payload offsets
+        return check.place(chunk, table, lambda: native.copy_table(copies))
     if copies is None:  # none of its blocks wanted: only its check
         return check is None or check.holds()
     if check is None:
@@ -102,27 +108,6 @@ def _place_one(
     if digest is None:  # copies that do not cover the payload in order: hash, then copy
         return check.holds() and native.copy_table(copies)
     return check.holds(digest)
-
-
-def _decode(form: StoredForm, chunk: torch.Tensor, copies: Table | None) -> bool:
-    """A stored form decoded straight into its blocks (each layer into a scratch, copied out
-    while in cache), else into the chunk's own buffer and copied. False where it does not
-    decode or is not of the chunk's shape and dtype."""
-    if form.shape != tuple(chunk.shape) or form.dtype != str(chunk.dtype).removeprefix("torch."):
-        return False
-    if copies is None:
-        return True
-    dst, src, sizes = copies
-    try:
-        stored = torch.frombuffer(form.payload, dtype=torch.uint8)
-        offsets = src - chunk.data_ptr()
-        if quant4.decode_scattered(stored, form.shape, chunk.dtype, (dst, offsets, sizes)):
-            return True
-        dest = memoryview(chunk.view(-1).view(torch.uint8).numpy())
-        quant.decode_bytes_into(form.name, form.dtype, form.shape, form.payload, dest)
-    except ValueError:  # a payload of the wrong size: what the codec refuses is corrupt
-        return False
-    return native.copy_table(copies)
 
 
 def runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:

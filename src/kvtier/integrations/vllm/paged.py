@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kvtier import native, quant, quant4
+from kvtier import native
 from kvtier.deferred import PayloadCheck, StoredForm
 from kvtier.errors import ConfigError
 from kvtier.integrations.vllm import packed
@@ -280,20 +280,12 @@ def _decode_to(
     views, each within one layer; else decoded into ``chunk`` (its own raw-sized buffer,
     on the host) and copied (``here``: decoded there only). False where it does not decode
     or is not of ``chunk``'s shape and dtype (a corrupt chunk, or another model's)."""
-    if form.shape != tuple(chunk.shape) or form.dtype != TORCH_DTYPES.get(chunk.dtype):
+    if not form.fits(chunk):
         return False
     if not pairs and not here:
         return True
-    try:
-        stored = torch.frombuffer(form.payload, dtype=torch.uint8)
-        table = _scatter_table(chunk, pairs) if device.type == "cpu" and not here else None
-        if table is None or not quant4.decode_scattered(stored, form.shape, chunk.dtype, table):
-            dest = memoryview(chunk.view(-1).view(torch.uint8).numpy())
-            quant.decode_bytes_into(form.name, form.dtype, form.shape, form.payload, dest)
-            _copy(pairs, device)
-    except ValueError:  # a payload of the wrong size: what the codec refuses is corrupt
-        return False
-    return True
+    table = _scatter_table(chunk, pairs) if device.type == "cpu" and not here else None
+    return form.place(chunk, table, lambda: _copy(pairs, device))
 
 
 def _scatter_table(
