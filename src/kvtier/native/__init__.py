@@ -86,7 +86,7 @@ def library() -> ctypes.CDLL | None:
             *[ctypes.c_void_p] * 3,
         ]
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
-        log.info("kvtier: native kernels unavailable (%s); torch does their work", e)
+        log.warning("kvtier: native kernels unavailable (%s); torch does their work, slower", e)
         return None
     return lib
 

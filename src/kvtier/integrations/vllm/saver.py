@@ -139,6 +139,11 @@ class Saver:
             took, self._took = self._took, []
         return took
 
+    def saving(self) -> bool:
+        """Whether chunks are gathered and not yet stored (a save is under way)."""
+        with self._lock:
+            return bool(self._saving)
+
     def wait(self, keys: Sequence[ChunkKey] | None = None) -> None:
         """Wait for pending saves: all of them, or only if one holds any of ``keys``."""
         if keys is not None:
