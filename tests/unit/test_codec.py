@@ -157,6 +157,22 @@ def test_pool_chunks_match_blank_and_the_pool_falls_back_when_dry() -> None:
         codec.stamp(codec.SealedChunk(10), key, "float16", shape)
 
 
+def test_spare_buffers_serve_whole_chunks_and_tails_and_never_larger() -> None:
+    from kvtier.integrations.vllm.chunk_pool import ChunkPool
+
+    shape = (2, 2, 4, 1, 8)
+    size = codec.HEADER_BYTES + codec.payload_bytes("float16", shape)
+    pool = ChunkPool()
+    pool.reserve("float16", shape, 3 * size)
+    assert pool.spare(size + 1) is None and len(pool) == 3  # larger: not from the pool
+    whole = pool.spare(size)
+    assert whole is not None and len(whole) == size
+    tail = pool.spare(size // 3)  # a tail's: a pool chunk cut to size
+    assert tail is not None and len(tail) == size // 3 and len(pool) == 1
+    tail[:] = bytes(range(size // 3))  # a buffer the reader writes whole
+    assert pool.spare(size) is not None and pool.spare(size) is None  # dry
+
+
 def got_created(blob: bytes | bytearray) -> float:
     created: float = codec.read_header(blob).created_at
     return created
