@@ -3,10 +3,11 @@
 - raw chunks opened with their payload's checksum left to the caller, which hashes the
   payload as it copies it (:func:`kvtier.native.copy_hash`) and compares before the KV is used
   (:func:`open_raw`);
-- int4r chunks opened verified but not decoded (:func:`open_stored`): the caller decodes
-  them straight into the engine's blocks, layer by layer through a scratch that stays in
-  cache, instead of decoding 5.9 MB into a raw chunk and copying that into the blocks (a
-  disk hit of 19 such chunks on a 2-core Xeon: 42 against 80 ms, the memory written once).
+- int4r and int8 chunks opened verified but not decoded (:func:`open_stored`): the caller
+  decodes them straight into the engine's blocks (int4r layer by layer through a scratch that
+  stays in cache, int8 row by row), instead of decoding 5.9 MB into a raw chunk and copying
+  that into the blocks (a disk hit of 19 int4r chunks on a 2-core Xeon: 42 against 80 ms,
+  the memory written once).
 
 Why: a DRAM hit read each chunk twice at the memory's speed, once to verify it and once to
 copy it into the engine's blocks (on a 2-core Xeon, 20 chunks of 5.9 MB: 17 ms of hashing
@@ -95,9 +96,8 @@ class StoredForm:
 
         try:
             stored = torch.frombuffer(self.payload, dtype=torch.uint8)
-            if table is not None and quant4.decode_scattered(
-                stored, self.shape, chunk.dtype, table
-            ):
+            scattered = quant4.decode_scattered if self.name == "int4r" else quant.decode_scattered
+            if table is not None and scattered(stored, self.shape, chunk.dtype, table):
                 return True
             dest = memoryview(chunk.view(-1).view(torch.uint8).numpy())
             quant.decode_bytes_into(self.name, self.dtype, self.shape, self.payload, dest)
@@ -108,13 +108,14 @@ class StoredForm:
 
 def open_stored(blob: object, expected_key: bytes) -> StoredForm | None:
     """A chunk's stored form, verified (checksum, size, key), for a codec whose decoder writes
-    straight into an engine's blocks (int4r, where its kernel runs and takes the chunk's shape
-    and dtype); None for other chunks. Raises CorruptChunk like :func:`kvtier.codec.decode`."""
+    straight into an engine's blocks (int4r and int8, where their kernels run and take the
+    chunk's shape and dtype); None for other chunks. Raises CorruptChunk like
+    :func:`kvtier.codec.decode`."""
     view = memoryview(blob).cast("B")  # type: ignore[arg-type]
     header = codec.read_header(view)
-    if header.compression != Compression.INT4R:
+    if header.compression not in IN_PLACE:
         return None
-    if not quant4.decodes_in_place(header.shape, header.dtype):
+    if not IN_PLACE[header.compression](header.shape, header.dtype):
         return None  # decoded here, held raw in DRAM
     if view.nbytes != codec.HEADER_BYTES + header.stored_bytes:
         raise CorruptChunk(
@@ -125,4 +126,21 @@ def open_stored(blob: object, expected_key: bytes) -> StoredForm | None:
         codec.payload_bytes(header.dtype, header.shape)
     except ValueError as exc:
         raise CorruptChunk(f"chunk {header.key.hex()}: {exc}") from exc
-    return StoredForm("int4r", header.dtype, header.shape, view[codec.HEADER_BYTES :])
+    name = header.compression.name.lower()
+    return StoredForm(name, header.dtype, header.shape, view[codec.HEADER_BYTES :])
+
+
+def _int8_in_place(shape: tuple[int, ...], dtype: str) -> bool:
+    return (
+        dtype in ("bfloat16", "float32")
+        and len(shape) == 5
+        and 0 < shape[-1] <= 256
+        and quant.native_int8()
+    )
+
+
+# Codecs whose chunks a load decodes into place: whether it does for a shape and dtype.
+IN_PLACE: dict[Compression, Callable[[tuple[int, ...], str], bool]] = {
+    Compression.INT4R: quant4.decodes_in_place,
+    Compression.INT8: _int8_in_place,
+}

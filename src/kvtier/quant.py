@@ -31,7 +31,7 @@ import functools
 import logging
 import math
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvtier import native as native_kernels
 from kvtier import quant4
@@ -238,10 +238,40 @@ def native_int8() -> bool:
             out = out.view(dtype)
             wrote = native_kernels.int8_decode(stored, shape[-1], out)
             same = same and wrote and torch.equal(out.view(shape), back)
+        same = same and _decodes_scattered(want, shape, back)
         if not same:
             log.warning("kvtier: the native int8 kernels disagree with torch; torch runs int8")
             return False
     return True
+
+
+def decode_scattered(
+    stored: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, table: tuple[Any, Any, Any]
+) -> bool:
+    """int8's :func:`decode` of a payload of ``shape`` straight into its destinations
+    (``table``: destination addresses, raw payload byte offsets and sizes, each whole rows of
+    a head): False, nothing written, where the kernel is not used (the caller decodes into a
+    raw buffer, then copies)."""
+    if stored.numel() != (want := stored_bytes("int8", shape)):
+        raise ValueError(f"an int8 payload of shape {shape} is {want} bytes, got {stored.numel()}")
+    rows = math.prod(shape[:-1])
+    return native_int8() and native_kernels.int8_decode_table(stored, shape[-1], dtype, rows, table)
+
+
+def _decodes_scattered(stored: torch.Tensor, shape: tuple[int, ...], want: torch.Tensor) -> bool:
+    """Whether the table decoder writes ``want`` (the torch decode of ``stored``) through
+    copies of one row, of many, and out of order."""
+    import numpy as np
+    import torch
+
+    out = torch.zeros_like(want).view(-1)
+    row = shape[-1] * want.element_size()
+    rows = out.numel() * want.element_size() // row
+    starts = np.array([rows - 1, 0, 1, rows // 2], dtype=np.int64)
+    counts = np.array([1, 1, rows // 2 - 1, rows - 1 - rows // 2], dtype=np.int64)
+    table = (out.data_ptr() + starts * row, starts * row, counts * row)
+    wrote = native_kernels.int8_decode_table(stored, shape[-1], want.dtype, rows, table)
+    return wrote and torch.equal(out.view(shape), want)
 
 
 def _decode_8(

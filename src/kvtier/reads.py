@@ -53,9 +53,9 @@ class Reads:
         (with ``tail``, the trailing partial chunk of ``tokens`` last). ``check_payload=False``:
         raw DRAM chunks come with the check their payload must pass (``GetResult.checks``,
         :mod:`kvtier.deferred`), which the caller compares as it copies them, before using
-        their KV. ``stored_forms``: int4r chunks come verified but not decoded (their check a
-        ``StoredForm`` the caller decodes into place; the chunk's raw-sized buffer holds no
-        KV), and are promoted as they are stored.
+        their KV. ``stored_forms``: int4r and int8 chunks come verified but not decoded (their
+        check a ``StoredForm`` the caller decodes into place; the chunk's raw-sized buffer
+        holds no KV), and are promoted as they are stored.
 
         Chunks in DRAM are returned as views of the tier's memory, without a copy. Chunks
         found below the top tier are promoted to the tiers above. With ``payload_bytes`` (the
@@ -166,7 +166,7 @@ class Reads:
     ) -> list[tuple[KVChunk, Blob] | None]:
         """Read chunks ``idx`` of a lower tier, each straight into a buffer of its expected
         size, and verify them: (chunk viewing the buffer, what to promote) or None. With
-        ``forms``, an int4r chunk stays in its stored form (:meth:`get`). The read's time is
+        ``forms``, an int4r or int8 chunk stays in its stored form (:meth:`get`). The read's time is
         counted, or added to ``spans`` for the caller to count once (reads that overlap)."""
         bufs = [self._blank(codec.HEADER_BYTES + payload_bytes[i]) for i in idx]
         items = [(keys[i], [memoryview(b)]) for i, b in zip(idx, bufs, strict=True)]
@@ -212,7 +212,7 @@ class Reads:
     def _stored(
         self, slot: Slot, key: ChunkKey, buf: codec.SealedChunk, size: int, forms: Deferred | None
     ) -> tuple[KVChunk, Blob] | tuple[()] | None:
-        """An int4r chunk read into the front of ``buf`` (a raw-sized buffer), verified and
+        """An int4r or int8 chunk read into the front of ``buf`` (a raw-sized buffer), verified and
         left in its stored form (``forms``): (a chunk of the raw shape, whose buffer holds no
         KV, the stored form to promote); ``()`` where it is not one (the caller decodes), None
         where it is corrupt or of another size. ``buf`` is cut to the stored form where it
@@ -278,9 +278,9 @@ class Reads:
     ) -> KVChunk | None:
         """The verified chunk of ``blob``, or None (a miss; a corrupt chunk is removed). With
         ``payload_bytes``, a chunk of another size is a miss too. Into ``checks``
-        (:mod:`kvtier.deferred`), for a chunk returned only: with ``stored``, an int4r chunk's
-        stored form, not decoded (its chunk's buffer holds no KV); with ``defer_hash``, a raw
-        chunk's check, not hashed here."""
+        (:mod:`kvtier.deferred`), for a chunk returned only: with ``stored``, an int4r or int8
+        chunk's stored form, not decoded (its chunk's buffer holds no KV); with
+        ``defer_hash``, a raw chunk's check, not hashed here."""
         if blob is None:
             self.h.recorder.add(slot.tier.name, misses=1)
             return None

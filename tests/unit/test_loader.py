@@ -113,11 +113,13 @@ def test_saves_are_off_only_where_no_tier_can_hold_a_chunk(tmp_path: Path) -> No
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dim", [64, 8])  # 8: a head the int4r kernel does not take
 @pytest.mark.parametrize("damaged", [None, 1])
-def test_int4r_chunks_are_decoded_into_the_blocks_and_kept_in_dram_as_stored(
-    tmp_path: Path, packed: bool, dim: int, damaged: int | None
+@pytest.mark.parametrize("name", ["int4r", "int8"])
+def test_quantized_chunks_are_decoded_into_the_blocks_and_kept_in_dram_as_stored(
+    tmp_path: Path, packed: bool, dim: int, damaged: int | None, name: str
 ) -> None:
-    """A disk tier storing int4r: a load decodes each chunk straight into vLLM's blocks (heads
-    of 64: layer by layer through a scratch; others: into the chunk's buffer, then copied),
+    """A disk tier storing int4r or int8: a load decodes each chunk straight into vLLM's
+    blocks (int4r heads of 64: layer by layer through a scratch; int8: row by row; other
+    int4r heads: into the chunk's buffer, then copied),
     the KV placed is what decoding the chunk gives, and DRAM then holds the chunks in their
     stored form (raw where the kernel does not take the head), from which a second load
     places the same. A chunk damaged on disk ends the
@@ -127,7 +129,8 @@ def test_int4r_chunks_are_decoded_into_the_blocks_and_kept_in_dram_as_stored(
     torch.manual_seed(3)
     source = [torch.randn(64, HEADS, BLOCK, 2 * dim) for _ in range(LAYERS)]
     src_blocks = list(range(1, 2 * chunks + 1))
-    comps = [Compression.NONE, Compression.INT4R]
+    comps = [Compression.NONE, Compression.named(name)]
+    in_place = name == "int8" or dim == 64
 
     def store() -> TieredStore:
         disk = DiskTier(tmp_path / "d", 1 << 30, fsync=False)
@@ -151,7 +154,7 @@ def test_int4r_chunks_are_decoded_into_the_blocks_and_kept_in_dram_as_stored(
         path.write_bytes(bytes(data))
     # what each chunk decodes to, placed by the plain copy
     expected = [torch.zeros_like(t) for t in source]
-    decoded = [quant.decode("int4r", quant.encode("int4r", c), shape, c.dtype) for c in kv]
+    decoded = [quant.decode(name, quant.encode(name, c), shape, c.dtype) for c in kv]
     ref_layers = [block_view(t, HEADS, dim, packed) for t in expected]
     blocks = list(range(40, 40 + 2 * chunks))
     chunks_to_blocks(decoded, ref_layers, blocks)
@@ -168,12 +171,13 @@ def test_int4r_chunks_are_decoded_into_the_blocks_and_kept_in_dram_as_stored(
             loader.close()
             held = s.tiers[0].get_many(s.keys(tokens, NS)[:run])
             forms = {codec.read_header(b).compression for b in held}  # type: ignore[arg-type]
-            # heads of 64: kept as stored; a head the kernel does not take: decoded, held raw
-            assert forms == {Compression.INT4R if dim == 64 else Compression.NONE}
-            if dim == 64:  # held at the stored size: the read's raw-sized buffer cut to it
+            # kept as stored; an int4r head the kernel does not take: decoded, held raw
+            assert forms == {comps[1] if in_place else Compression.NONE}
+            if in_place:  # held at the stored size: the read's raw-sized buffer cut to it
                 sizes = {len(b) for b in held}  # type: ignore[arg-type]
                 disk_sizes = {len(b) for b in s.tiers[1].get_many(s.keys(tokens, NS)[:run])}  # type: ignore[arg-type]
-                assert sizes == disk_sizes and max(sizes) < 0.4 * loader.chunk_bytes()
+                small = 0.4 if name == "int4r" else 0.6
+                assert sizes == disk_sizes and max(sizes) < small * loader.chunk_bytes()
         assert s.stats().tiers["disk"].corruptions == (damaged is not None)
 
 

@@ -75,6 +75,39 @@ def test_a_kernel_that_disagrees_with_torch_is_never_used(
     assert torch.equal(quant.encode("int8", kv), quant.encode("int8", kv, native=False))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_int8_table_decoder_writes_torchs_rows_and_refuses_parts_of_rows(
+    dtype: torch.dtype,
+) -> None:
+    import numpy as np
+
+    assert quant.native_int8()
+    shape = (2, 2, 8, 3, 64)
+    kv = sample_kv(shape, dtype, seed=4)
+    stored = quant.encode("int8", kv)
+    want = quant.decode("int8", stored, shape, dtype, native=False)
+    out = torch.zeros_like(want)
+    row, rows = 64 * want.element_size(), want.numel() // 64
+    base = out.data_ptr()
+    table = [[base + 5 * row, base], [5 * row, 0], [(rows - 5) * row, 5 * row]]  # out of order
+    assert native.int8_decode_table(stored, 64, dtype, rows, tuple(np.array(t) for t in table))
+    assert torch.equal(out, want)
+    for part in ([base], [0], [row // 2]), ([base], [row], [rows * row]):  # half a row; past
+        assert not native.int8_decode_table(stored, 64, dtype, rows, tuple(map(np.array, part)))
+
+
+def test_a_table_decoder_that_disagrees_with_torch_is_never_used(
+    fresh: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = native.int8_decode_table
+
+    def shifted(stored: torch.Tensor, *args: Any) -> bool:
+        return built(torch.roll(stored, 1), *args)
+
+    monkeypatch.setattr(native, "int8_decode_table", shifted)
+    assert not quant.native_int8()
+
+
 def test_an_int8_disk_hit_decodes_in_the_buffer_it_was_read_into(tmp_path: Path) -> None:
     """A bf16 chunk stored int8 on disk is read into the front of its raw-sized buffer,
     verified and decoded there: what comes back is exactly torch's decode of the stored bytes,

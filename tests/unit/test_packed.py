@@ -1,13 +1,13 @@
 """Chunks placed in an AMX-packed CPU cache through address tables (kvtier.integrations.vllm
 .packed): the same blocks as torch's per-view copies, checked as they are copied, int4r
-decoded straight into them."""
+and int8 decoded straight into them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvtier import codec, deferred, native, quant4
+from kvtier import codec, deferred, native, quant, quant4
 from kvtier.chunk import KVChunk
 from kvtier.codec import Compression
 from kvtier.integrations.vllm import packed
@@ -80,13 +80,20 @@ def test_a_payload_is_hashed_as_it_is_copied_and_a_corrupt_one_stops_there() -> 
     assert all(t[3].any() for t in target)
 
 
-@pytest.mark.skipif(not quant4.native_int4r(), reason="the int4r kernel does not run here")
+KERNELS = {Compression.INT4R: quant4.native_int4r(), Compression.INT8: quant.native_int8()}
+
+
+@pytest.mark.parametrize("compression", [Compression.INT4R, Compression.INT8])
 @pytest.mark.parametrize("ids", [[6, 3], [4, 5]])  # [4, 5]: a layer's one copy, no scratch
-def test_an_int4r_form_is_decoded_straight_into_its_blocks(ids: list[int]) -> None:
+def test_a_stored_form_is_decoded_straight_into_its_blocks(
+    compression: Compression, ids: list[int]
+) -> None:
+    if not KERNELS[compression]:
+        pytest.skip(f"the {compression.name.lower()} kernel does not run here")
     kv = chunks(1)
-    stored = blob(kv[0], Compression.INT4R)
+    stored = blob(kv[0], compression)
     form = deferred.open_stored(stored, KEY)
-    assert form is not None
+    assert form is not None and form.name == compression.name.lower()
     decoded = torch.frombuffer(bytearray(codec.decode(stored).chunk.data), dtype=torch.bfloat16)
     direct, copied = cache(), cache()
     placeholder = torch.empty_like(kv[0])  # the raw-sized buffer a load holds, no KV in it

@@ -70,6 +70,11 @@ def library() -> ctypes.CDLL | None:
             fn = getattr(lib, name)
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5
+        lib.kvtier_int8_decode_table.restype = None
+        rows_dim: list[Any] = [ctypes.c_int64] * 2
+        lib.kvtier_int8_decode_table.argtypes = [
+            ctypes.c_void_p, *rows_dim, ctypes.c_int, ctypes.c_int64, *[ctypes.c_void_p] * 3
+        ]  # fmt: skip
         lib.kvtier_copy_hash.restype = None
         lib.kvtier_copy_hash.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
         i64 = [ctypes.c_int64] * 7
@@ -127,6 +132,38 @@ def int8_decode(stored: torch.Tensor, dim: int, out: torch.Tensor) -> bool:
         raise ValueError("a stored int8 payload is contiguous uint8")
     aside = torch.empty(rows, dtype=torch.int16)  # the scales, before the output covers them
     kernel(stored.data_ptr(), rows, dim, out.data_ptr(), aside.data_ptr())
+    return True
+
+
+def int8_decode_table(
+    stored: torch.Tensor, dim: int, dtype: torch.dtype, rows: int, table: tuple[Any, Any, Any]
+) -> bool:
+    """int8's decode of ``stored`` (levels then bf16 scales of ``rows`` rows of ``dim``
+    values) straight into its destinations: ``table``, int64 arrays of destination addresses,
+    raw payload byte offsets and sizes, each a run of whole rows of ``dtype`` (bf16 or fp32)
+    values. False, nothing written, where the kernel is not available or the copies are not
+    whole rows."""
+    import numpy as np
+    import torch
+
+    lib = library()
+    bf16 = {torch.bfloat16: 1, torch.float32: 0}.get(dtype)
+    if lib is None or bf16 is None or not 0 < dim <= 256:
+        return False
+    if stored.numel() != rows * (dim + 2) or not stored.is_contiguous():
+        raise ValueError(f"{stored.numel()} stored bytes do not hold int8 of {rows} rows")
+    dst, src, sizes = table
+    row = dim * (2 if bf16 else 4)
+    if (
+        np.any(src % row)
+        or np.any(sizes % row)
+        or np.any(src < 0)
+        or np.any(src + sizes > rows * row)
+    ):
+        return False
+    lib.kvtier_int8_decode_table(
+        stored.data_ptr(), rows, dim, bf16, len(dst), *(a.ctypes.data for a in table)
+    )
     return True
 
 
