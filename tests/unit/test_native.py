@@ -89,11 +89,15 @@ def test_the_int8_table_decoder_writes_torchs_rows_and_refuses_parts_of_rows(
     out = torch.zeros_like(want)
     row, rows = 64 * want.element_size(), want.numel() // 64
     base = out.data_ptr()
-    table = [[base + 5 * row, base], [5 * row, 0], [(rows - 5) * row, 5 * row]]  # out of order
-    assert native.int8_decode_table(stored, 64, dtype, rows, tuple(np.array(t) for t in table))
+
+    def table(dst: list[int], src: list[int], sizes: list[int]) -> tuple[Any, Any, Any]:
+        return np.array(dst), np.array(src), np.array(sizes)
+
+    out_of_order = table([base + 5 * row, base], [5 * row, 0], [(rows - 5) * row, 5 * row])
+    assert native.int8_decode_table(stored, 64, dtype, rows, out_of_order)
     assert torch.equal(out, want)
-    for part in ([base], [0], [row // 2]), ([base], [row], [rows * row]):  # half a row; past
-        assert not native.int8_decode_table(stored, 64, dtype, rows, tuple(map(np.array, part)))
+    for part in table([base], [0], [row // 2]), table([base], [row], [rows * row]):
+        assert not native.int8_decode_table(stored, 64, dtype, rows, part)  # half a row; past
 
 
 def test_a_table_decoder_that_disagrees_with_torch_is_never_used(
