@@ -96,7 +96,7 @@ class StoredForm:
 
         try:
             stored = torch.frombuffer(self.payload, dtype=torch.uint8)
-            scattered = quant4.decode_scattered if self.name == "int4r" else quant.decode_scattered
+            scattered = IN_PLACE[Compression.named(self.name)][1]
             if table is not None and scattered(stored, self.shape, chunk.dtype, table):
                 return True
             dest = memoryview(chunk.view(-1).view(torch.uint8).numpy())
@@ -115,7 +115,7 @@ def open_stored(blob: object, expected_key: bytes) -> StoredForm | None:
     header = codec.read_header(view)
     if header.compression not in IN_PLACE:
         return None
-    if not IN_PLACE[header.compression](header.shape, header.dtype):
+    if not IN_PLACE[header.compression][0](header.shape, header.dtype):
         return None  # decoded here, held raw in DRAM
     if view.nbytes != codec.HEADER_BYTES + header.stored_bytes:
         raise CorruptChunk(
@@ -130,17 +130,9 @@ def open_stored(blob: object, expected_key: bytes) -> StoredForm | None:
     return StoredForm(name, header.dtype, header.shape, view[codec.HEADER_BYTES :])
 
 
-def _int8_in_place(shape: tuple[int, ...], dtype: str) -> bool:
-    return (
-        dtype in ("bfloat16", "float32")
-        and len(shape) == 5
-        and 0 < shape[-1] <= 256
-        and quant.native_int8()
-    )
-
-
-# Codecs whose chunks a load decodes into place: whether it does for a shape and dtype.
-IN_PLACE: dict[Compression, Callable[[tuple[int, ...], str], bool]] = {
-    Compression.INT4R: quant4.decodes_in_place,
-    Compression.INT8: _int8_in_place,
+# The codecs a load decodes into place: whether it does for a shape and dtype, and the
+# decoder through a table of copies (False: the caller decodes into the chunk, then copies).
+IN_PLACE: dict[Compression, tuple[Callable[[tuple[int, ...], str], bool], Callable[..., bool]]] = {
+    Compression.INT4R: (quant4.decodes_in_place, quant4.decode_scattered),
+    Compression.INT8: (quant.int8_decodes_in_place, quant.int8_decode_scattered),
 }

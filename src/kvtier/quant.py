@@ -245,7 +245,14 @@ def native_int8() -> bool:
     return True
 
 
-def decode_scattered(
+def int8_decodes_in_place(shape: tuple[int, ...], dtype: str) -> bool:
+    """Whether an int8 chunk of ``shape`` and ``dtype`` decodes straight into an engine's
+    blocks here (:func:`int8_decode_scattered`): the kernels run and write that dtype."""
+    fits = dtype in ("bfloat16", "float32") and len(shape) == 5 and 0 < shape[-1] <= 256
+    return fits and native_int8()
+
+
+def int8_decode_scattered(
     stored: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, table: tuple[Any, Any, Any]
 ) -> bool:
     """int8's :func:`decode` of a payload of ``shape`` straight into its destinations
