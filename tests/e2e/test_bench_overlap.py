@@ -40,7 +40,7 @@ def test_bench_overlap_loads_from_disk_in_the_background_while_a_stream_decodes(
         text=True,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _why(proc.stderr)
     result = json.loads(proc.stdout)
     (row,) = result["rows"]
     assert (row["tier"], row["mode"]) == ("disk", "auto")
@@ -49,3 +49,11 @@ def test_bench_overlap_loads_from_disk_in_the_background_while_a_stream_decodes(
     assert row["load_ms"] > 0 and row["ttft_s"] > 0
     assert row["itl_before_p50_ms"] > 0 and row["gaps_during"] >= 1
     assert result["layers"] == 30  # SmolLM2-135M
+
+
+def _why(stderr: str) -> str:
+    """A failed run's cause: the engine's first traceback (a dead engine's stderr ends with
+    its shutdown, thousands of characters after it), then the end."""
+    at = stderr.find("Traceback")
+    head = stderr[at : at + 4000] if at >= 0 else ""
+    return f"{head}\n...\n{stderr[-2000:]}"
