@@ -52,8 +52,10 @@ def test_bench_overlap_loads_from_disk_in_the_background_while_a_stream_decodes(
 
 
 def _why(stderr: str) -> str:
-    """A failed run's cause: the engine's first traceback (a dead engine's stderr ends with
-    its shutdown, thousands of characters after it), then the end."""
-    at = stderr.find("Traceback")
+    """A failed run's cause: where the engine reported its fatal error, else the first
+    traceback (a dead engine's stderr ends with its shutdown, thousands of characters after
+    it), then the end."""
+    at = stderr.find("fatal error")
+    at = at if at >= 0 else stderr.find("Traceback")
     head = stderr[at : at + 4000] if at >= 0 else ""
     return f"{head}\n...\n{stderr[-2000:]}"
