@@ -60,6 +60,7 @@ class Compression(IntEnum):
     INT4 = 6
     INT8C = 7
     INT4R = 8
+    K8V4 = 9
 
     @property
     def lossy(self) -> bool:

@@ -35,7 +35,7 @@ KL_MEAN_MAX = 0.01
 ACCURACY_DROP_MAX = 0.01
 # Smallest stored form first: what --codec auto picks among those that passed (among forms
 # of one size, the one whose mean KL measured least).
-BY_SIZE = ("int4", "int4r", "int8", "int8c", "fp8", "bf16")
+BY_SIZE = ("int4", "int4r", "k8v4", "int8", "int8c", "fp8", "bf16")
 assert set(BY_SIZE) == set(quant.LOSSY)
 
 

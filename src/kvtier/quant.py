@@ -13,7 +13,8 @@ A payload is ``(layers, 2, tokens, kv_heads, head_dim)``, K before V (:mod:`kvti
 - ``fp8``: e4m3 with one bf16 scale per token and head (max |x| / 448): the same bytes as
   int8, more precision near zero, less at the top of the range.
 - ``int4``: asymmetric 4-bit as KIVI groups it, 0.28x of bf16; ``int4r``: the same after a
-  Hadamard rotation of each head, 0.30x (:mod:`kvtier.quant4`).
+  Hadamard rotation of each head, 0.30x; ``k8v4``: K as ``int8``, V as ``int4r``, 0.40x
+  (:mod:`kvtier.quant4`).
 
 Why these (docs/quantization.md says more): KIVI's per-channel K / per-token V grouping is the
 simplest scheme that holds 4 bits without calibration; KVQuant's non-uniform levels and
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvtier")
 
-LOSSY = ("bf16", "int8", "int8c", "fp8", "int4", "int4r")
+LOSSY = ("bf16", "int8", "int8c", "fp8", "int4", "int4r", "k8v4")
 FLOAT_KV = ("float32", "float16", "bfloat16")  # the KV dtypes a lossy codec takes
 _SCALE_BYTES = 2  # bf16
 
@@ -58,7 +59,7 @@ def stored_bytes(name: str, shape: tuple[int, ...]) -> int:
     if name == "int8c":  # K: a scale per channel and group of tokens; V: per token and head
         k_scales = layers * heads * dim * quant4.groups_of(tokens)[1]
         return values + _SCALE_BYTES * (k_scales + layers * tokens * heads)
-    if name in ("int4", "int4r"):
+    if name in ("int4", *quant4.ROTATED):
         return quant4.stored_bytes(name, shape)
     raise ValueError(f"unknown codec {name!r}; lossy codecs: {', '.join(LOSSY)}")
 
@@ -77,7 +78,7 @@ def encode(name: str, kv: torch.Tensor, native: bool = True) -> torch.Tensor:
         x = kv.float()
         k = _encode_8("int8", x[:, 1])  # V per token and head, as int8
         out = torch.cat([_encode_8c(x[:, 0].permute(0, 2, 3, 1)), k])
-    elif name in ("int4", "int4r"):
+    elif name in ("int4", *quant4.ROTATED):
         out = quant4.encode(name, kv, native)
     else:
         raise ValueError(f"unknown codec {name!r}; lossy codecs: {', '.join(LOSSY)}")
@@ -158,7 +159,7 @@ def decode_bytes_into(
     ``stored`` may be the front of ``dest`` itself (a chunk read into the buffer it is decoded
     into): int8 decodes there in place (:mod:`kvtier.native`), other codecs from a copy.
     With ``hash_prefix``: the xxh3-64 of it then ``dest``'s decoded bytes where the codec
-    computes it as it writes them (int4r's kernel), else None (the caller hashes)."""
+    computes it as it writes them (int4r's and k8v4's kernel), else None (the caller hashes)."""
     import torch
 
     out = torch.frombuffer(dest, dtype=getattr(torch, dtype)).view(shape)
@@ -168,8 +169,8 @@ def decode_bytes_into(
     in_place = name == "int8" and dtype in ("bfloat16", "float32") and native_int8()
     if overlaps and not in_place:
         src = src.clone()
-    if hash_prefix is not None and name == "int4r":  # noqa: SIM102
-        if (digest := quant4.decode_hashed(src, shape, out, hash_prefix)) is not None:
+    if hash_prefix is not None and name in quant4.ROTATED:  # noqa: SIM102
+        if (digest := quant4.decode_hashed(name, src, shape, out, hash_prefix)) is not None:
             return digest
     decode(name, src, shape, out.dtype, out)
     return None

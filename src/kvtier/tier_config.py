@@ -10,7 +10,7 @@ from typing import Any
 from kvtier.errors import ConfigError
 from kvtier.policy.eviction import POLICY_NAMES
 
-COMPRESSIONS = ("none", "zstd", "lz4", "bf16", "int8", "int8c", "fp8", "int4", "int4r")
+COMPRESSIONS = ("none", "zstd", "lz4", "bf16", "int8", "int8c", "fp8", "int4", "int4r", "k8v4")
 EVICTIONS = POLICY_NAMES
 _SIZE_UNITS = {"": 1, "b": 1}
 _SIZE_UNITS |= {f"{p}b": 1000**i for i, p in enumerate("kmgt", 1)}  # kb ... tb

@@ -289,14 +289,15 @@ def test_pod_commands_refuse_bad_combinations_before_starting_anything(
 def test_codecs_measured_planned_and_gated_from_the_command_line(tmp_path: Path) -> None:
     table = json.loads(kvtier("bench", "store", "--codec", "all", "--json").stdout)
     rows = {r["codec"]: r for r in table["codecs"]}
-    assert set(rows) == {"bf16", "int8", "int8c", "fp8", "int4", "int4r"}
+    assert set(rows) == {"bf16", "int8", "int8c", "fp8", "int4", "int4r", "k8v4"}
     assert rows["int8"]["vs_bf16"] <= 0.53 and rows["int4"]["vs_bf16"] <= 0.30
-    assert rows["int4r"]["vs_bf16"] <= 0.30
+    assert rows["int4r"]["vs_bf16"] <= 0.30 and rows["k8v4"]["vs_bf16"] <= 0.40
     assert all(r["encode_gb_s"] > 0 and r["decode_gb_s"] > 0 for r in rows.values())
     assert table["memcpy_gb_s"] > 0
     # make test installs a C compiler: int8 encodes in kvtier's kernel, torch's figure beside it
     assert table["int8_native"] and rows["int8"]["encode_torch_gb_s"] > 0
     assert table["int4r_native"] and rows["int4r"]["encode_torch_gb_s"] > 0
+    assert table["k8v4_native"] and rows["k8v4"]["encode_torch_gb_s"] > 0
     printed = kvtier("bench", "store", "--codec", "all").stdout  # the README's line
     assert "decode GB/s" in printed and "memcpy" in printed and "int4" in printed
     assert "int8 encodes in kvtier's C kernel" in printed

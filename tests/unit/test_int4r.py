@@ -1,10 +1,12 @@
-"""int4r: KV rotated by a normalized Walsh-Hadamard transform before KIVI's 4-bit grouping.
-The rotation is orthonormal and its own inverse; the C kernel writes torch's bytes (and is
-refused where it does not); an outlier channel costs the other channels less than in int4."""
+"""int4r: KV rotated by a normalized Walsh-Hadamard transform before KIVI's 4-bit grouping;
+k8v4: K as int8 stores it, V as int4r does. The rotation is orthonormal and its own inverse;
+the C kernel writes torch's bytes for both (and is refused where it does not); an outlier
+channel costs the other channels less than in int4."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -39,18 +41,39 @@ def test_the_rotation_is_the_normalized_hadamard_matrix_and_its_own_inverse() ->
     "shape", [(30, 2, 256, 3, 64), (2, 2, 17, 4, 128), (1, 2, 5, 2, 64), (2, 2, 250, 1, 256)]
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", quant4.ROTATED)
 def test_the_kernel_writes_torchs_bytes_and_decodes_to_its_values(
-    fresh: None, shape: tuple[int, ...], dtype: torch.dtype
+    fresh: None, shape: tuple[int, ...], dtype: torch.dtype, name: str
 ) -> None:
     assert quant4.native_int4r()  # make test installs a C compiler
     kv = sample_kv(shape, dtype, seed=shape[2])
-    fast = quant.encode("int4r", kv)
-    assert torch.equal(fast, quant.encode("int4r", kv, native=False))
-    assert fast.numel() == quant.stored_bytes("int4r", shape)
-    back = quant.decode("int4r", fast, shape, dtype)
-    assert torch.equal(back, quant.decode("int4r", fast, shape, dtype, native=False))
-    rel = (back.float() - kv.float()).norm() / kv.float().norm()
-    assert rel < 0.1, rel
+    fast = quant.encode(name, kv)
+    assert torch.equal(fast, quant.encode(name, kv, native=False))
+    assert fast.numel() == quant.stored_bytes(name, shape)
+    back = quant.decode(name, fast, shape, dtype)
+    assert torch.equal(back, quant.decode(name, fast, shape, dtype, native=False))
+    rel = _norms(back - kv) / _norms(kv)  # K's and V's
+    assert (rel < 0.1).all(), rel
+    if name == "k8v4":  # K as int8 stores it: 8 bits, its error a fraction of V's
+        k_shape = (shape[0], 1, *shape[2:])
+        k_int8 = quant.decode("int8", quant.encode("int8", kv[:, :1]), k_shape, dtype)
+        assert torch.equal(back[:, :1], k_int8)
+        assert rel[0] < rel[1] / 2, rel
+
+
+def _norms(kv: torch.Tensor) -> torch.Tensor:
+    """K's and V's norms."""
+    return kv.float().transpose(0, 1).reshape(2, -1).norm(dim=1)
+
+
+def test_k8v4_stores_k_at_eight_bits_and_v_at_four() -> None:
+    shape = (30, 2, 256, 3, 64)  # SmolLM2-135M's chunk
+    bf16 = 2 * 30 * 2 * 256 * 3 * 64
+    k = 1 + 2 / 64  # per value: an int8 level, a bf16 scale per head of 64
+    v = 0.5 + 4 / 64  # a 4-bit level, a bf16 minimum and step per group of 64
+    assert quant.stored_bytes("k8v4", shape) == bf16 / 2 * (k + v) / 2
+    assert quant.stored_bytes("int4r", shape) < quant.stored_bytes("k8v4", shape)
+    assert quant.stored_bytes("k8v4", shape) / bf16 == pytest.approx(0.3984, abs=1e-4)
 
 
 def test_heads_the_kernel_does_not_take_are_encoded_by_torch(fresh: None) -> None:
@@ -61,23 +84,26 @@ def test_heads_the_kernel_does_not_take_are_encoded_by_torch(fresh: None) -> Non
     assert (back - kv.float()).norm() / kv.float().norm() < 0.1
 
 
+@pytest.mark.parametrize("name", quant4.ROTATED)
 def test_a_kernel_that_disagrees_with_torch_is_never_used(
-    fresh: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    fresh: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, name: str
 ) -> None:
     built = native.int4r
 
-    def off_by_one(op: str, kv: torch.Tensor, stored: torch.Tensor, *rest: int) -> bool:
-        wrote = built(op, kv, stored, *rest)  # type: ignore[arg-type]
-        if op == "encode":
-            stored[7] ^= 1  # a miscompiled kernel, say
+    def off_by_one(op: str, kv: torch.Tensor, stored: torch.Tensor, *rest: Any) -> bool:
+        wrote = built(op, kv, stored, *rest)
+        if op == "encode" and (rest[0][0] == 0) == (name == "k8v4"):
+            stored[7] ^= 1  # a kernel miscompiled for one of the two codecs, say
         return wrote
 
     monkeypatch.setattr(native, "int4r", off_by_one)
     with caplog.at_level(logging.WARNING, "kvtier"):
         assert not quant4.native_int4r()
-    assert "disagrees with torch" in caplog.text
+    assert f"native {name} kernel disagrees with torch" in caplog.text
     kv = sample_kv((2, 2, 16, 3, 64), torch.bfloat16, seed=2)
-    assert torch.equal(quant.encode("int4r", kv), quant.encode("int4r", kv, native=False))
+    for codec_name in quant4.ROTATED:
+        want = quant.encode(codec_name, kv, native=False)
+        assert torch.equal(quant.encode(codec_name, kv), want)
 
 
 def test_an_outlier_channel_costs_the_others_less_than_in_int4() -> None:
@@ -95,7 +121,7 @@ def test_an_outlier_channel_costs_the_others_less_than_in_int4() -> None:
     assert errors["int4r"] < errors["int4"] / 2, errors
 
 
-@pytest.mark.parametrize("name", ["int4r", "int8", "zstd"])
+@pytest.mark.parametrize("name", ["int4r", "k8v4", "int8", "zstd"])
 @pytest.mark.parametrize("kernel", [True, False])
 def test_a_chunk_decoded_into_its_buffer_is_sealed_as_the_raw_chunk_it_holds(
     name: str, kernel: bool, monkeypatch: pytest.MonkeyPatch

@@ -80,10 +80,14 @@ def test_a_payload_is_hashed_as_it_is_copied_and_a_corrupt_one_stops_there() -> 
     assert all(t[3].any() for t in target)
 
 
-KERNELS = {Compression.INT4R: quant4.native_int4r(), Compression.INT8: quant.native_int8()}
+KERNELS = {
+    Compression.INT4R: quant4.native_int4r(),
+    Compression.K8V4: quant4.native_int4r(),
+    Compression.INT8: quant.native_int8(),
+}
 
 
-@pytest.mark.parametrize("compression", [Compression.INT4R, Compression.INT8])
+@pytest.mark.parametrize("compression", list(KERNELS))
 @pytest.mark.parametrize("ids", [[6, 3], [4, 5]])  # [4, 5]: a layer's one copy, no scratch
 def test_a_stored_form_is_decoded_straight_into_its_blocks(
     compression: Compression, ids: list[int]

@@ -29,6 +29,7 @@ def kv(shape: tuple[int, ...] = SHAPE, seed: int = 0) -> torch.Tensor:
         ("fp8", 0.516),
         ("int4", 0.282),
         ("int4r", 0.297),
+        ("k8v4", 0.398),
     ],
 )
 def test_stored_bytes_per_value_against_bf16(name: str, ratio: float) -> None:

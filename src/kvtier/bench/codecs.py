@@ -49,12 +49,13 @@ def measure(names: list[str], dtype: str, repeat: int = 5) -> dict[str, Any]:
         copy = torch.empty_like(kv)
         memcpy = raw / _best(lambda: copy.copy_(kv), repeat) / 1e9
         rows = []
-        native = {"int8": quant.native_int8(), "int4r": quant4.native_int4r()}
+        rotated = quant4.native_int4r()
+        native = {"int8": quant.native_int8(), "int4r": rotated, "k8v4": rotated}
         for name in names:
             stored = quant.encode(name, kv)
             encode_s = _best(partial(quant.encode, name, kv), repeat)
-            torch_gbs = None  # int8, int4r: torch's encode of the same bytes (no kernel)
-            if name in ("int8", "int4r"):
+            torch_gbs = None  # int8, int4r, k8v4: torch's encode of the same bytes (no kernel)
+            if name in native:
                 torch_s = _best(partial(quant.encode, name, kv, native=False), repeat)
                 torch_gbs = raw / torch_s / 1e9
             decode_s = _best(partial(quant.decode, name, stored, SHAPE, kv.dtype), repeat)
@@ -86,6 +87,7 @@ def measure(names: list[str], dtype: str, repeat: int = 5) -> dict[str, Any]:
         "memcpy_gb_s": memcpy,
         "int8_native": native["int8"],
         "int4r_native": native["int4r"],
+        "k8v4_native": native["k8v4"],
         "codecs": rows,
     }
 

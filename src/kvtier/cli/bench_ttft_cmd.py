@@ -48,9 +48,9 @@ def register_ttft(bsub: Any) -> None:
         "--codec",
         metavar="NAME",
         choices=(*quant.LOSSY, "zstd", "lz4"),
-        help="also the disk and Redis hits with chunks stored in this codec (int8, fp8, int4,"
-        " int4r, bf16, zstd, lz4; `kvtier serve --codec TIER=NAME`), the no-reuse overhead with the"
-        " disk tier in it, and its decode speed beside the tiers' raw read speed",
+        help="also the disk and Redis hits with chunks stored in this codec (int8, k8v4, fp8,"
+        " int4, int4r, bf16, zstd, lz4; `kvtier serve --codec TIER=NAME`), the no-reuse"
+        " overhead with the disk tier in it, and its decode speed beside the tiers' raw read speed",
     )
     p.add_argument("--batch", type=int, default=6, help="distinct prompts per overhead round")
     p.add_argument("--rounds", type=int, default=3, help="timed overhead rounds per engine")

@@ -36,8 +36,8 @@ def register(sub: Any) -> None:
     p.add_argument("--dtype", default="bf16", help="KV dtype: fp32, bf16, fp16, fp8, fp4")
     p.add_argument(
         "--codec",
-        help="store the tiers below HBM with a lossy codec (bf16, int8, fp8, int4, int4r): bytes"
-        " per token with scales, contexts each tier holds before and after, load times",
+        help="store the tiers below HBM with a lossy codec (bf16, int8, fp8, k8v4, int4, int4r):"
+        " bytes per token with scales, contexts each tier holds before and after, load times",
     )
     p.add_argument("--context", type=int, default=100_000, help="tokens per user's context")
     p.add_argument("--users", type=int, default=1, help="concurrent users")

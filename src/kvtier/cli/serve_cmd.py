@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
         action="append",
         metavar="TIER=CODEC",
         help="a tier's stored form (repeatable): none, zstd, lz4 or a lossy codec (bf16, int8,"
-        " int8c, fp8, int4, int4r; allowed once the model passed `kvtier bench fidelity"
+        " int8c, fp8, int4, int4r, k8v4; allowed once the model passed `kvtier bench fidelity"
         " --gate`); auto: the smallest that passed, on every tier below DRAM; none: every tier"
         " raw. Default: auto for the tiers the config leaves raw (raw until the model has passed"
         " the gate)",

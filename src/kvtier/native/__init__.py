@@ -176,11 +176,12 @@ def int4r(
     hasher: tuple[int, Any] | None = None,
     copies: tuple[Any, Any, Any] | None = None,
 ) -> bool:
-    """int4r's ``op`` ("encode": ``kv`` into ``stored``; "decode": ``stored`` into ``kv``)
-    where ``kv`` is a contiguous bf16 or fp32 payload ``(layers, 2, tokens, heads, dim)``,
-    ``stored`` its stored form (contiguous uint8, :mod:`kvtier.quant4`'s layout), with K
-    grouped over ``groups[0]`` tokens, V over ``groups[1]`` channels, each head rotated in
-    blocks of ``rotation`` channels. False, nothing written, where the kernel does not take
+    """The rotating kernel's ``op`` (int4r, k8v4; "encode": ``kv`` into ``stored``; "decode":
+    ``stored`` into ``kv``) where ``kv`` is a contiguous bf16 or fp32 payload ``(layers, 2,
+    tokens, heads, dim)``, ``stored`` its stored form (contiguous uint8,
+    :mod:`kvtier.quant4`'s layout), with K grouped over ``groups[0]`` tokens (0: in int8
+    rows), V over ``groups[1]`` channels, each head rotated in blocks of ``rotation``
+    channels. False, nothing written, where the kernel does not take
     that shape (the caller runs torch); the arithmetic is the torch path's. ``hasher``
     (decoding; :func:`kvtier.native.xxh3.updater`'s address and a started state): the
     output is hashed into the state as it is written. ``copies`` (decoding; int64 arrays of
@@ -225,11 +226,18 @@ def int4r(
 def int4r_fits(shape: tuple[int, ...], groups: tuple[int, int], rotation: int) -> bool:
     """Whether :func:`int4r`'s kernel takes a payload of ``shape`` grouped and rotated so:
     heads of a multiple of 32 channels up to 256, K groups of an even number of tokens up to
-    32, V groups of a multiple of 32 dividing the head, the rotation its power-of-two block."""
+    32 (0: K in int8 rows, the k8v4 codec), V groups of a multiple of 32 dividing the head, the
+    rotation its power-of-two block."""
     gk, gv = groups
     dim = shape[-1]
     fits = len(shape) == 5 and shape[1] == 2 and dim <= 256 and dim % 32 == 0
-    return fits and dim % gv == gv % 32 == 0 and gk <= 32 and gk % 2 == 0 and rotation == dim & -dim
+    return (
+        fits
+        and dim % gv == gv % 32 == 0
+        and 0 <= gk <= 32
+        and gk % 2 == 0
+        and rotation == dim & -dim
+    )
 
 
 def _kernel(op: str, values: torch.Tensor) -> Any:

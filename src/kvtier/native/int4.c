@@ -17,138 +17,16 @@
  * (a 5.9 MB bf16 chunk of SmolLM2-135M): encode 2.9 ms, decode 1.3 ms (4.5 GB/s out);
  * compiled for AVX2 on the same CPU, 5.3 and 2.5 ms; with 16-float vectors on AVX2, whose
  * shuffles then went through memory, 28 and 19 ms. Heads whose size is not a multiple of 32,
- * or above 256, are left to torch. */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-#include "bf16.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-#define DMAX 256
-/* Lanes of a vector: 16 floats where the host has AVX-512, 8 elsewhere (wider vectors than
- * the host's turn each shuffle into scalar moves: 13x slower on AVX2). */
-#ifdef __AVX512F__
-#define LANES 16
-#else
-#define LANES 8
-#endif
-#define VMAX (DMAX / 8)
-#define GKMAX 32
-
-typedef float vf __attribute__((vector_size(LANES * 4)));
-typedef int32_t vi __attribute__((vector_size(LANES * 4)));
-typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
-typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
-typedef uint8_t vb __attribute__((vector_size(LANES)));
-
-#if defined(__clang__) || __GNUC__ >= 12
-#define SWAP(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
-#else
-#define SWAP(v, ...) __builtin_shuffle(v, (vi){__VA_ARGS__})
-#endif
-#if LANES == 16
-#define SWAP1(v) SWAP(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
-#define SWAP2(v) SWAP(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)
-#define SWAP4(v) SWAP(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)
-#define SWAP8(v) SWAP(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
-#else
-#define SWAP1(v) SWAP(v, 1, 0, 3, 2, 5, 4, 7, 6)
-#define SWAP2(v) SWAP(v, 2, 3, 0, 1, 6, 7, 4, 5)
-#define SWAP4(v) SWAP(v, 4, 5, 6, 7, 0, 1, 2, 3)
-#endif
-
-/* Row functions inline into run() so that a head of 64 gets its loops unrolled. */
-#define INLINE static inline __attribute__((always_inline))
+ * or above 256, are left to torch.
+ *
+ * The same kernel runs k8v4 (gk 0): K stored as int8 rows, a bf16 scale per token and head
+ * (int8row.h, int8.c's arithmetic), V as int4r stores it. */
+#include "int8row.h"
+#include "vec.h"
 
 typedef struct {
     int64_t layers, tokens, heads, dim, gk, gv, r;
 } shape4;
-
-INLINE vf splat(float f) { return (vf){0} + f; }
-
-INLINE vf pick(vi mask, vf a, vf b) {
-    return (vf)(((vi)a & mask) | ((vi)b & ~mask));
-}
-
-/* One butterfly stage within a vector: lane i pairs with lane i ^ h; the lane whose bit h is
- * clear takes the sum, the other (partner - itself): the scalar a + b, a - b exactly. */
-INLINE vf stage(vf x, vf partner, vi high) { return pick(high, partner - x, x + partner); }
-
-INLINE void rotate(vf *x, int64_t nv, int64_t r) {
-    vi lane;
-    for (int i = 0; i < LANES; i++) lane[i] = i;
-    const vi h1 = -((lane >> 0) & 1), h2 = -((lane >> 1) & 1), h4 = -((lane >> 2) & 1);
-    for (int64_t k = 0; k < nv; k++) {
-        vf v = x[k];
-        v = stage(v, SWAP1(v), h1);
-        v = stage(v, SWAP2(v), h2);
-        v = stage(v, SWAP4(v), h4);
-#if LANES == 16
-        v = stage(v, SWAP8(v), -((lane >> 3) & 1));
-#endif
-        x[k] = v;
-    }
-    for (int64_t step = 1; step * LANES < r; step *= 2)
-        for (int64_t b = 0; b < nv; b += 2 * step)
-            for (int64_t i = b; i < b + step; i++) {
-                vf a = x[i], c = x[i + step];
-                x[i] = a + c;
-                x[i + step] = a - c;
-            }
-    const vf c = splat(1.0f / sqrtf((float)r));
-    for (int64_t k = 0; k < nv; k++) x[k] *= c;
-}
-
-INLINE void load_row(const void *x, int bf16, int64_t at, int64_t nv, vf *row) {
-    for (int64_t k = 0; k < nv; k++) {
-        if (bf16) {
-            vh h;
-            memcpy(&h, (const uint16_t *)x + at + LANES * k, sizeof h);
-            row[k] = (vf)(__builtin_convertvector(h, vu) << 16);
-        } else {
-            memcpy(&row[k], (const float *)x + at + LANES * k, sizeof row[k]);
-        }
-    }
-}
-
-/* One vector to p (aligned to its size) past the cache: no read of each line of memory the
- * caller reads no more (an engine's blocks) before it is written over. */
-INLINE void stream(vh h, void *p) {
-#if defined(__x86_64__) && LANES == 16
-    _mm256_stream_si256((__m256i *)p, (__m256i)h);
-#elif defined(__x86_64__)
-    _mm_stream_si128((__m128i *)p, (__m128i)h);
-#else
-    memcpy(p, &h, sizeof h);
-#endif
-}
-
-/* A row at `at`; bf16 rows streamed past the cache with `nt` (`out` aligned for it). */
-INLINE void store_row(void *out, int bf16, int64_t at, int64_t nv, const vf *row, int nt) {
-    for (int64_t k = 0; k < nv; k++) {
-        if (bf16) { /* nearest even, as to_bf16 */
-            vu u = (vu)row[k];
-            u += 0x7FFFu + ((u >> 16) & 1u);
-            vh h = __builtin_convertvector(u >> 16, vh);
-            if (nt)
-                stream(h, (uint16_t *)out + at + LANES * k);
-            else
-                memcpy((uint16_t *)out + at + LANES * k, &h, sizeof h);
-        } else {
-            memcpy((float *)out + at + LANES * k, &row[k], sizeof row[k]);
-        }
-    }
-}
-
-INLINE vf bf16_round(vf f) { /* f rounded to bf16, nearest even, back in fp32 */
-    vu u = (vu)f;
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (vf)(u & 0xFFFF0000u);
-}
 
 /* [min, step] of groups whose extremes are lo and hi: the minimum rounded to bf16, the step
  * (hi - that) / 15 rounded to bf16, or 1 where a group has no range. */
@@ -288,12 +166,20 @@ INLINE void decode_v_row(const uint8_t *q, const uint16_t *p, shape4 s, int64_t 
     store_row(out, bf16, at, nv, row, nt);
 }
 
-/* The stored form's four parts: K levels, K [min, step]s, V levels, V [min, step]s. */
+/* The stored form's four parts: K levels, K [min, step]s, V levels, V [min, step]s; where
+ * each after the first starts. With gk 0 (k8v4), K's parts are int8's: a level per value,
+ * then a bf16 scale per token and head. */
 static void parts(shape4 s, int64_t *kq, int64_t *kp, int64_t *vq) {
-    int64_t k_groups = s.layers * s.heads * s.dim * ((s.tokens + s.gk - 1) / s.gk);
-    int64_t v_groups = s.layers * s.tokens * s.heads * (s.dim / s.gv);
-    *kq = k_groups * s.gk / 2;
-    *kp = *kq + k_groups * 4;
+    int64_t rows = s.layers * s.tokens * s.heads;
+    int64_t v_groups = rows * (s.dim / s.gv);
+    if (s.gk) {
+        int64_t k_groups = s.layers * s.heads * s.dim * ((s.tokens + s.gk - 1) / s.gk);
+        *kq = k_groups * s.gk / 2;
+        *kp = *kq + k_groups * 4;
+    } else {
+        *kq = rows * s.dim;
+        *kp = *kq + rows * 2;
+    }
     *vq = *kp + v_groups * s.gv / 2;
 }
 
@@ -319,7 +205,8 @@ typedef struct {
  * layer's K and V right after writing them, while they are in cache: the decoded chunk's
  * checksum without another pass over it. */
 INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *st, sink4 k) {
-    int64_t kq, kp, vq, groups = (s.tokens + s.gk - 1) / s.gk, rows = s.tokens * s.heads;
+    int64_t kq, kp, vq, groups = s.gk ? (s.tokens + s.gk - 1) / s.gk : 0;
+    int64_t rows = s.tokens * s.heads;
     size_t layer = (size_t)(2 * rows * s.dim) * (bf16 ? 2 : 4);
     int64_t c = 0;
     parts(s, &kq, &kp, &vq);
@@ -333,7 +220,20 @@ INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *s
         if (whole)
             out = k.dst[c];
         int nt = whole && ((uintptr_t)out % sizeof(vh)) == 0;
-        for (int64_t h = 0; h < s.heads; h++)
+        for (int64_t i = 0; !s.gk && i < rows; i++) { /* k8v4: K as int8 rows */
+            int64_t row = l * rows + i;
+            uint16_t *scale = (uint16_t *)(st + kq) + row;
+            if (encode && bf16)
+                row_bf16((const uint16_t *)kv + (l * 2 * rows + i) * s.dim, s.dim,
+                         (int8_t *)st + row * s.dim, scale);
+            else if (encode)
+                row_f32((const uint32_t *)kv + (l * 2 * rows + i) * s.dim, s.dim,
+                        (int8_t *)st + row * s.dim, scale);
+            else
+                drow(st + row * s.dim, s.dim, from_bf16(*scale),
+                     (char *)out + (size_t)((out_l * 2 * rows + i) * s.dim) * (bf16 ? 2 : 4), bf16);
+        }
+        for (int64_t h = 0; s.gk && h < s.heads; h++)
             for (int64_t g = 0; g < groups; g++) {
                 if (encode)
                     encode_k_group(kv, bf16, s, nv, l, h, g, st, (uint16_t *)(st + kq));
@@ -374,8 +274,9 @@ static void dispatch(int encode, void *kv, int bf16, shape4 s, uint8_t *st, sink
 }
 
 /* kv: (layers, 2, tokens, heads, dim) of bf16 (bf16 != 0) or fp32; stored: its stored form.
- * The caller checks: dim a multiple of 32 up to 256, gk even up to 32, gv a multiple of 32
- * dividing dim, r a power of two of at least 16 dividing dim. */
+ * The caller checks: dim a multiple of 32 up to 256, gk even up to 32 (0: K stored as int8
+ * rows, the k8v4 codec), gv a multiple of 32 dividing dim, r a power of two of at least 16
+ * dividing dim. */
 void kvtier_int4r_encode(const void *x, int bf16, int64_t layers, int64_t tokens, int64_t heads,
                          int64_t dim, int64_t gk, int64_t gv, int64_t r, uint8_t *stored) {
     shape4 s = {layers, tokens, heads, dim, gk, gv, r};

@@ -1,9 +1,10 @@
 """``kvtier serve --codec``: each tier's stored form, with the quality gate for lossy codecs.
 
 ``--codec TIER=NAME`` (repeatable) sets a tier's codec (``none``, ``zstd``, ``lz4``, ``bf16``,
-``int8``, ``int8c``, ``fp8``, ``int4``, ``int4r``); ``--codec auto`` gives every tier below
-DRAM the smallest lossy codec the model passed (:mod:`kvtier.gate`), DRAM staying raw (its
-hits are copied straight from the tier's memory); ``--codec none`` keeps every tier raw.
+``int8``, ``int8c``, ``fp8``, ``int4``, ``int4r``, ``k8v4``); ``--codec auto`` gives every
+tier below DRAM the smallest lossy codec the model passed (:mod:`kvtier.gate`), DRAM staying
+raw (its hits are copied straight from the tier's memory); ``--codec none`` keeps every tier
+raw.
 Without ``--codec``, the tiers below DRAM that the configuration leaves raw get what ``auto``
 gives (raw until the model has passed the gate). A lossy codec the model has not passed is
 refused unless ``--force-codec``, which warns with what was measured.
