@@ -58,6 +58,11 @@ def test_bench_ttft_prints_its_rows_through_kvtier_serve() -> None:
     assert paths["cold"]["recomputed_tokens"] == 700
     assert paths["vllm_prefix"]["recomputed_tokens"] == 700 - 640
     assert paths["kvtier_disk"]["recomputed_tokens"] == 700 - 688
+    # Each kvtier server's first request of a length is sent, reported and not counted; the
+    # plain server's prefix hits follow its cold requests.
+    for path in ("cold", "kvtier_disk", "kvtier_disk_int8", "kvtier_s3"):
+        assert len(paths[path]["warm_up_s"]) == 1 and len(paths[path]["times_s"]) == 1, path
+    assert "warm_up_s" not in paths["vllm_prefix"] and "warm_up_s" not in paths["cold_vllm"]
     # --codec int8: the same chunks stored int8 (a fourth of fp32's bytes, half of bf16's),
     # read by a server started with --codec disk=int8: the same hit.
     assert paths["kvtier_disk_int8"]["recomputed_tokens"] == 700 - 688

@@ -44,7 +44,7 @@ def codec_paths(bench: _Run, tiers: list[str], redis_url: str | None, name: str)
         drop_page_cache()
         try:
             with bench.kvtier("--disk", str(coded_dir), "--codec", f"disk={name}", *coding) as s:
-                bench.measure(s, f"kvtier_disk_{name}", fill)
+                bench.measure(s, f"kvtier_disk_{name}", fill, warm=1)
         except (KvtierError, OSError) as exc:  # a server that does not start fails its row
             for n in fill:
                 bench.record(n, f"kvtier_disk_{name}", [], str(exc))
@@ -58,7 +58,7 @@ def codec_paths(bench: _Run, tiers: list[str], redis_url: str | None, name: str)
         options = ["--config", str(config), "--disk", "none", "--codec", f"redis={name}"]
         try:
             with bench.kvtier(*options, *coding) as s:
-                bench.measure(s, f"kvtier_redis_{name}", fill)
+                bench.measure(s, f"kvtier_redis_{name}", fill, warm=1)
         except (KvtierError, OSError) as exc:
             for n in fill:
                 bench.record(n, f"kvtier_redis_{name}", [], str(exc))

@@ -47,7 +47,7 @@ def sealed_paths(bench: _Run, tiers: list[str], redis_url: str | None) -> None:
         drop_page_cache()
         try:
             with bench.kvtier("--disk", str(sealed_dir), *sealing) as disk:
-                bench.measure(disk, "kvtier_disk_sealed", fill)
+                bench.measure(disk, "kvtier_disk_sealed", fill, warm=1)
         except (KvtierError, OSError) as exc:  # a server that does not start fails its row
             for n in fill:
                 bench.record(n, "kvtier_disk_sealed", [], str(exc))
@@ -67,7 +67,7 @@ def sealed_paths(bench: _Run, tiers: list[str], redis_url: str | None) -> None:
         )
         try:
             with bench.kvtier("--config", str(config), "--disk", "none", *sealing) as redis:
-                bench.measure(redis, "kvtier_redis_sealed", fill)
+                bench.measure(redis, "kvtier_redis_sealed", fill, warm=1)
         except (KvtierError, OSError) as exc:
             for n in fill:
                 bench.record(n, "kvtier_redis_sealed", [], str(exc))

@@ -31,10 +31,12 @@ side by side in one run:
                      (its failures are recorded for that length).
 
 ``recomputed_tokens`` is what the engine computed of the prompt (vLLM's usage report:
-prompt tokens minus cached tokens). Medians of ``--repeat`` requests. The no-reuse overhead
-(the cost of kvtier when nothing is ever reused) is measured as before, in one engine process:
-rounds of distinct prompts with the connector working and bypassed, paired and alternating,
-since identical engine processes differ by several percent here and rounds in one by about one.
+prompt tokens minus cached tokens). Medians of ``--repeat`` requests, after one request of each
+length per kvtier server not counted (``warm_up_s``), as vLLM's prefix hits follow its cold
+requests: a fresh server's first requests carry one-time costs (README, "Dense context"). The
+no-reuse overhead (kvtier's cost when nothing is reused) is measured in one engine process:
+rounds of distinct prompts with the connector working and bypassed, paired and alternating
+(identical engine processes differ by several percent here, rounds in one by about one).
 """
 
 from __future__ import annotations
@@ -54,13 +56,7 @@ from tqdm import tqdm
 
 from kvtier.bench import raw_io
 from kvtier.bench.codec_paths import codec_order, codec_paths, coded_store_spec, print_codec
-from kvtier.bench.common import (
-    NO_PREFIX_CACHE,
-    SERVE_OPTIONS,
-    drop_page_cache,
-    prompt,
-    same_bytes,
-)
+from kvtier.bench.common import NO_PREFIX_CACHE, SERVE_OPTIONS, drop_page_cache, prompt, same_bytes
 from kvtier.bench.example import example_paths
 from kvtier.bench.s3_paths import object_store, print_s3, s3_path
 from kvtier.bench.sealed import crypto_speed, print_sealed, sealed_paths, sealed_store_spec
@@ -125,8 +121,13 @@ class _Run:
         self.bar.update()
         return reply
 
-    def record(self, tokens: int, path: str, replies: list[Completion], error: str = "") -> None:
+    def record(
+        self, tokens: int, path: str, replies: list[Completion], error: str = "", warm: int = 0
+    ) -> None:
         row: dict[str, Any] = {"tokens": tokens, "path": path, "ttft_s": None}
+        if warm:  # the first requests, not counted
+            row["warm_up_s"] = [round(r.seconds, 4) for r in replies[:warm]]
+            replies = replies[warm:]
         if replies:
             recomputed = [r.recomputed_tokens for r in replies]
             known = [n for n in recomputed if n is not None]
@@ -146,13 +147,16 @@ class _Run:
                 return None if recomputed is None else tokens - recomputed
         return None
 
-    def measure(self, server: Server, path: str, requests: dict[int, list[list[int]]]) -> None:
-        """Send each length's prompts in order; a failure (a dead server) fails that length."""
+    def measure(
+        self, server: Server, path: str, requests: dict[int, list[list[int]]], warm: int = 0
+    ) -> None:
+        """Send each length's prompts in order, the first ``warm`` not counted; a failure (a
+        dead server) fails that length."""
         self.cores[path] = server.cores()
         self.model_in[path] = server.model_process()
         for n, prompts in requests.items():
             try:
-                self.record(n, path, [self.send(server, ids) for ids in prompts])
+                self.record(n, path, [self.send(server, ids) for ids in prompts], warm=warm)
             except (KvtierError, OSError) as exc:
                 self.record(n, path, [], f"{exc} | {server.tail(300)}")
 
@@ -171,9 +175,9 @@ def run(args: argparse.Namespace) -> int:
     args.engine_dtype = host_dtype(args.dtype, has_gpu())
     print(f"kvtier bench ttft: {args.engine_dtype.summary()}", file=sys.stderr)
     r = args.repeat
-    lower = r * (("disk" in tiers) + ("redis" in tiers))  # per copy of the disk and Redis hits
-    per_length = 3 * r + (r + 1) * ("memory" in tiers) + lower * (1 + bool(args.encrypt))
-    per_length += r * ("s3" in tiers)
+    lower = (r + 1) * (("disk" in tiers) + ("redis" in tiers))  # per copy of those hits
+    per_length = 3 * r + 1 + (r + 2) * ("memory" in tiers) + lower * (1 + bool(args.encrypt))
+    per_length += (r + 1) * ("s3" in tiers)
     per_length += (0 if args.no_example else 1 + r) + lower * bool(args.codec)
     total = len(lengths) * per_length + (0 if args.no_overhead else 2 * args.engines)
     bar = tqdm(total=total, desc="bench ttft", unit="step", file=sys.stderr, disable=None)
@@ -219,7 +223,8 @@ def _hit_paths(
 ) -> bool:
     """cold_vllm, cold, vllm_prefix and the kvtier tiers; whether the page cache was dropped."""
     r = bench.args.repeat
-    fill = bench.fill = {n: [prompt("shared", n, k) for k in range(r)] for n in lengths}
+    # the prompts the kvtier servers read back, the first of each length their warm-up
+    fill = bench.fill = {n: [prompt("shared", n, k) for k in range(r + 1)] for n in lengths}
     with bench.vllm() as plain:
         cold = {n: [prompt("plain", n, k) for k in range(r)] for n in lengths}
         bench.measure(plain, "cold_vllm", cold)
@@ -228,7 +233,7 @@ def _hit_paths(
     shared += ["--redis", redis_url] if "redis" in tiers and redis_url else []
     shared += ["--s3", s3_url] if s3_url else []
     with bench.kvtier(*shared) as first:  # fills disk and Redis with `fill`
-        bench.measure(first, "cold", fill)
+        bench.measure(first, "cold", fill, warm=1)
     if "memory" in tiers:
         with bench.kvtier("--disk", "none", *NO_PREFIX_CACHE) as memory:
             for n in lengths:
@@ -238,12 +243,12 @@ def _hit_paths(
                 except (KvtierError, OSError) as exc:
                     bench.record(n, "kvtier_memory", [], str(exc))
                     continue
-                bench.measure(memory, "kvtier_memory", {n: [again] * r})
+                bench.measure(memory, "kvtier_memory", {n: [again] * (r + 1)}, warm=1)
     dropped = False
     if "disk" in tiers:
         dropped = drop_page_cache()
         with bench.kvtier("--disk", str(bench.work / "disk"), *NO_PREFIX_CACHE) as disk:
-            bench.measure(disk, "kvtier_disk", fill)
+            bench.measure(disk, "kvtier_disk", fill, warm=1)
         files = [(p, p.stat().st_size) for p in (bench.work / "disk").rglob("*.kvc")]
         for n in lengths:
             picked = same_bytes(files, bench.loaded_tokens(n, "kvtier_disk"))
@@ -251,7 +256,7 @@ def _hit_paths(
             bench.raw[n]["disk_cold_read_bytes"] = sum(p.stat().st_size for p in picked)
     if "redis" in tiers and redis_url:
         with bench.kvtier("--disk", "none", "--redis", redis_url, *NO_PREFIX_CACHE) as redis:
-            bench.measure(redis, "kvtier_redis", fill)
+            bench.measure(redis, "kvtier_redis", fill, warm=1)
         values = raw_io.redis_values(redis_url, "kvtier")
         for n in lengths:
             keys = same_bytes(values, bench.loaded_tokens(n, "kvtier_redis"))
@@ -324,7 +329,8 @@ def _print(result: dict[str, Any], lengths: list[int]) -> None:
     print(
         "kvtier bench ttft: time to first token over HTTP, median of"
         f" {result['repeat']} requests, in seconds (x = speed-up over cold;"
-        " r = prompt tokens the engine recomputed)"
+        " r = prompt tokens the engine recomputed; each kvtier server's first request of each"
+        " length not counted)"
     )
     print(f"  measured on: {DtypeChoice.from_dict(result['engine_dtype']).summary()}")
     print(f"  {'path':<18}" + "".join(f"{n:>22}" for n in lengths))
@@ -347,12 +353,8 @@ def _print(result: dict[str, Any], lengths: list[int]) -> None:
     cores = {str(c) for c in result["cores"].values()}
     places = set(result["model_in"].values())
     place = f"the model in its {places.pop()}" if len(places) == 1 else str(result["model_in"])
-    if len(cores) == 1:
-        print(f"  every server's engine computed on cores {cores.pop()}, {place}")
-    else:
-        print(
-            f"  cores each server's engine computed on: {result['cores']} (NOT the same), {place}"
-        )
+    where = cores.pop() if len(cores) == 1 else f"{result['cores']} (NOT the same)"
+    print(f"  every server's engine computed on cores {where}, {place}")
     _print_targets(result, lengths)
     print_sealed(result, lengths)
     print_codec(result, lengths)
