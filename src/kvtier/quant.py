@@ -118,7 +118,7 @@ def decode(
     return quant4.decode(name, stored, shape, out, native)
 
 
-def _tensor(data: bytes | memoryview, dtype: str) -> torch.Tensor:
+def tensor_of(data: bytes | memoryview, dtype: str) -> torch.Tensor:
     """A flat tensor viewing ``data`` (read-only bytes included: only ever read)."""
     import torch
 
@@ -133,7 +133,7 @@ def encode_bytes(
     """:func:`encode` for a chunk's payload held as bytes of ``dtype`` (kvtier.codec's)."""
     if dtype not in FLOAT_KV:
         raise ValueError(f"the {name} codec takes float KV, not {dtype}")
-    return memoryview(encode(name, _tensor(data, dtype).view(shape)).numpy())
+    return memoryview(encode(name, tensor_of(data, dtype).view(shape)).numpy())
 
 
 def decode_bytes(
@@ -142,7 +142,7 @@ def decode_bytes(
     """:func:`decode` of a stored payload into new bytes of ``dtype`` (kvtier.codec's)."""
     import torch
 
-    kv = decode(name, _tensor(stored, "uint8"), shape, getattr(torch, dtype))
+    kv = decode(name, tensor_of(stored, "uint8"), shape, getattr(torch, dtype))
     return memoryview(kv.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -163,7 +163,7 @@ def decode_bytes_into(
     import torch
 
     out = torch.frombuffer(dest, dtype=getattr(torch, dtype)).view(shape)
-    src = _tensor(stored, "uint8")
+    src = tensor_of(stored, "uint8")
     start, end = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
     overlaps = start < src.data_ptr() + src.numel() and src.data_ptr() < end
     in_place = name == "int8" and dtype in ("bfloat16", "float32") and native_int8()

@@ -8,15 +8,11 @@
   outputs are unchanged, but a head's outlier channels spread their energy over all of them
   and a group's range shrinks to what its values need. Then KIVI's grouping, with K's groups
   of 32 tokens: 0.30x of bf16. Decoding applies the same transform (its own inverse) after
-  dequantizing. On SmolLM2-135M in bf16 (480 positions, two contexts of 2,700 tokens, this
-  rounding), mean KL against the bf16 KV: int4 0.0167, rotated with K groups of 64 tokens
-  0.0106, rotated with groups of 32 0.0073 (the form chosen); clipping each group's range to
-  its least squared error (tried at 0.8-1.0 of it) made KL worse, 0.0086-0.0141.
+  dequantizing.
 - ``k8v4``: K as ``int8`` stores it (one bf16 scale per token and head), V as ``int4r``
-  does (rotated, 4 bits over groups of 64 channels): 0.40x of bf16. Keys carry most of
-  int4r's loss: on SmolLM2-135M in bf16 (six contexts, 1,430 positions), int4r's K alone
-  (V raw) measured a mean KL of 0.0058 and 97.06% top-1, its V alone (K raw) 0.0031 and
-  98.11%, both 0.0081 and 96.92%; K at 8 bits and V at 4, 0.0031 and 97.69%.
+  does: 0.40x of bf16, since keys carry most of int4r's loss.
+
+Why these forms, and what each measured on SmolLM2-135M: docs/quantization.md.
 
 A head of ``dim`` channels rotates in blocks of the largest power of two dividing it (all of
 it for heads of 64 or 128). The transform runs as butterflies, ``log2(block)`` stages of sums
@@ -222,15 +218,23 @@ def decode_hashed(
     written: the xxh3-64 of ``prefix`` then the decoded payload (a raw chunk's checksum, with
     its header's ``prefix``). None, nothing written, where the kernel or xxh3's C functions
     do not run."""
+    _check_size(name, stored, shape)
+    return hashed(name, "decode", out, stored, prefix)
+
+
+def hashed(name: str, op: str, kv: torch.Tensor, stored: torch.Tensor, prefix: bytes) -> int | None:
+    """The kernel's ``op`` of codec ``name`` (int4r, k8v4; "encode": ``kv`` into ``stored``,
+    "decode": ``stored`` into ``kv``) hashing ``kv`` as it goes: the xxh3-64 of ``prefix``
+    then ``kv``'s bytes. None, nothing written, where the kernel or xxh3's C functions do not
+    run or do not take ``kv``."""
     from kvtier.native import xxh3
 
-    _check_size(name, stored, shape)
     hashers = xxh3.updater(1)
-    if hashers is None or not out.is_contiguous():
+    if hashers is None or not kv.is_contiguous():
         return None
     update, (state,) = hashers
     state.start(prefix)
-    return state.digest() if _kernel(name, "decode", out, stored, hasher=(update, state)) else None
+    return state.digest() if _kernel(name, op, kv, stored, hasher=(update, state)) else None
 
 
 def _check_size(name: str, stored: torch.Tensor, shape: tuple[int, ...]) -> None:

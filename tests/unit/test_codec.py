@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -253,3 +255,38 @@ def test_int8_recoding_in_one_pass_writes_the_bytes_of_verify_encode_and_hash(
         recode(bytes(damaged), Compression.INT8)
     monkeypatch.setattr(native, "int8_recode", lambda *args: None)  # no kernel: the same bytes
     assert bytes(recode(blob, Compression.INT8)) == bytes(general)
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+@pytest.mark.parametrize("name", ["int4r", "k8v4"])
+def test_rotated_recoding_in_one_pass_writes_the_bytes_of_verify_encode_and_hash(
+    dtype_name: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A raw chunk written to an int4r or k8v4 tier: the kernel hashes each raw layer as it
+    encodes it -- the same stored bytes as the general path; a raw chunk that does not verify
+    is never encoded under a new checksum."""
+    import torch
+
+    from kvtier import quant4
+
+    kv = (torch.randn(2, 2, 300, 3, 64) * 4).to(getattr(torch, dtype_name))
+    chunk = KVChunk(dtype_name, tuple(kv.shape), kv.contiguous().view(torch.uint8).numpy().data)
+    blob = codec.encode(KEY, chunk, "ab" * 8, Compression.NONE, created_at=5.0)
+    compression = Compression.named(name)
+    general = codec.encode(KEY, chunk, "ab" * 8, compression, created_at=5.0)
+    calls: list[object] = []
+    real = quant4.hashed
+
+    def counted(*args: Any) -> int | None:
+        calls.append(got := real(*args))
+        return got
+
+    monkeypatch.setattr(quant4, "hashed", counted)
+    assert bytes(recode(blob, compression)) == bytes(general)
+    assert quant4.native_int4r() and calls and calls[0] is not None  # the one-pass path ran
+    damaged = bytearray(blob)
+    damaged[-1] ^= 1
+    with pytest.raises(CorruptChunk, match="checksum"):
+        recode(bytes(damaged), compression)
+    monkeypatch.setattr(quant4, "hashed", lambda *args: None)  # no kernel: the same bytes
+    assert bytes(recode(blob, compression)) == bytes(general)

@@ -79,7 +79,9 @@ def library() -> ctypes.CDLL | None:
         lib.kvtier_copy_hash.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
         i64 = [ctypes.c_int64] * 7
         lib.kvtier_int4r_encode.restype = None
-        lib.kvtier_int4r_encode.argtypes = [ctypes.c_void_p, ctypes.c_int, *i64, ctypes.c_void_p]
+        lib.kvtier_int4r_encode.argtypes = [
+            ctypes.c_void_p, ctypes.c_int, *i64, *[ctypes.c_void_p] * 3
+        ]  # fmt: skip
         lib.kvtier_int4r_decode.restype = None
         lib.kvtier_int4r_decode.argtypes = [
             ctypes.c_void_p,
@@ -183,8 +185,9 @@ def int4r(
     rows), V over ``groups[1]`` channels, each head rotated in blocks of ``rotation``
     channels. False, nothing written, where the kernel does not take
     that shape (the caller runs torch); the arithmetic is the torch path's. ``hasher``
-    (decoding; :func:`kvtier.native.xxh3.updater`'s address and a started state): the
-    output is hashed into the state as it is written. ``copies`` (decoding; int64 arrays of
+    (:func:`kvtier.native.xxh3.updater`'s address and a started state): decoding, the output
+    is hashed into the state as it is written; encoding, the input, layer by layer, as it is
+    read. ``copies`` (decoding; int64 arrays of
     destination addresses, payload byte offsets and sizes, in payload order, each within one
     layer's K and V): the payload is not written to ``kv`` (only its shape and dtype count)
     but decoded layer by layer into a scratch and copied from there to those destinations."""
@@ -202,10 +205,12 @@ def int4r(
     if not stored.is_contiguous() or stored.dtype != torch.uint8:
         raise ValueError("a stored int4r payload is contiguous uint8")
     shape = (layers, tokens, heads, dim, gk, gv, rotation)
+    update, state = hasher if hasher is not None else (None, None)
     if op == "encode":
-        lib.kvtier_int4r_encode(kv.data_ptr(), bf16, *shape, stored.data_ptr())
+        lib.kvtier_int4r_encode(
+            kv.data_ptr(), bf16, *shape, stored.data_ptr(), update, state and state.ptr
+        )
     else:
-        update, state = hasher if hasher is not None else (None, None)
         scratch, table = None, (0, None, None, None)
         if copies is not None:
             scratch = torch.empty(2 * tokens * heads * dim, dtype=kv.dtype)

@@ -266,8 +266,11 @@ INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *s
                 decode_v_row(st + kp, (const uint16_t *)(st + vq), s, nv, l * rows + i, out, bf16,
                              ((out_l * 2 + 1) * rows + i) * s.dim, nt);
         }
-        if (encode)
+        if (encode) { /* the raw layer hashed while it is in cache (recoding: its checksum) */
+            if (k.update)
+                k.update(k.state, (const char *)kv + (size_t)l * layer, layer);
             continue;
+        }
         const char *done = (const char *)out + (size_t)out_l * layer;
         if (k.update)
             k.update(k.state, done, layer);
@@ -294,11 +297,15 @@ static void dispatch(int encode, void *kv, int bf16, shape4 s, uint8_t *st, sink
  * The caller checks: dim a multiple of 32 up to 256, gk even up to 32 (0: K stored as int8
  * rows, the k8v4 codec), gv a multiple of 32 dividing dim, r a power of two of at least 16
  * dividing dim. */
+/* update and state: NULL, or XXH3's streaming update and a state to hash the input into. */
 void kvtier_int4r_encode(const void *x, int bf16, int64_t layers, int64_t tokens, int64_t heads,
-                         int64_t dim, int64_t gk, int64_t gv, int64_t r, uint8_t *stored) {
+                         int64_t dim, int64_t gk, int64_t gv, int64_t r, uint8_t *stored,
+                         void *update, void *state) {
     shape4 s = {layers, tokens, heads, dim, gk, gv, r};
-    sink4 none = {0};
-    dispatch(1, (void *)x, bf16, s, stored, none);
+    sink4 k = {0};
+    k.update = (hash_update)update;
+    k.state = state;
+    dispatch(1, (void *)x, bf16, s, stored, k);
 }
 
 /* update and state: NULL, or XXH3's streaming update and a state to hash the output into.
