@@ -55,6 +55,24 @@ def test_the_gate_records_what_passed_and_auto_picks_the_smallest() -> None:
     assert gate.load("config-other") is None
 
 
+def test_auto_does_not_pick_a_codec_the_product_measured_worse_but_a_name_may() -> None:
+    """k8v4 passed the per-token gate and is smaller than int8; served, its hits changed far
+    more answers (gate.NOT_AUTO): auto keeps int8, and k8v4 stays allowed by name."""
+    k8v4 = row("k8v4", 0.993, 0.003, 0.75)
+    codecs = [*RESULT["codecs"], k8v4]  # type: ignore[misc]
+    gate.record("config-abc", "/models/m", "float32", {**RESULT, "codecs": codecs})
+    entry = gate.load("config-abc")
+    assert entry is not None and "k8v4" in entry["passed"]  # passed the gate ...
+    assert "k8v4" in gate.NOT_AUTO and gate.best_passed("config-abc") == "int8"  # ... not auto
+    got, notes = apply_codecs(config(), [], "config-abc", False)  # no --codec: auto, said
+    assert [t.compression for t in got.tiers] == ["none", "int8", "int8"]
+    assert any("k8v4 passed the gate too, but auto does not pick it" in n for n in notes)
+    got, notes = apply_codecs(config(), ["disk=k8v4"], "config-abc", False)  # by name: allowed
+    assert got.tiers[1].compression == "k8v4" and notes == []
+    gate.record("config-abc", "/models/m", "float32", {**RESULT, "codecs": [k8v4]})
+    assert gate.best_passed("config-abc") is None  # nothing else passed: raw, not k8v4
+
+
 def test_a_codec_may_lose_one_point_of_top1_beyond_the_engines_own_floor() -> None:
     """bf16 engines: the KV recomputed in pieces (the same KV) already flips near-tied top-1
     picks; the line is 99% less that floor, and stays 99% where the floor is 100%."""

@@ -43,7 +43,7 @@ def test_the_rotation_is_the_normalized_hadamard_matrix_and_its_own_inverse() ->
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", quant4.ROTATED)
 def test_the_kernel_writes_torchs_bytes_and_decodes_to_its_values(
-    fresh: None, shape: tuple[int, ...], dtype: torch.dtype, name: str
+    shape: tuple[int, ...], dtype: torch.dtype, name: str
 ) -> None:
     assert quant4.native_int4r()  # make test installs a C compiler
     kv = sample_kv(shape, dtype, seed=shape[2])
