@@ -41,9 +41,10 @@ assert set(BY_SIZE) == set(quant.LOSSY)
 # on a token's K and V (transformers), and where the product measured worse, the product wins.
 # A server still stores one of them when named (``--codec disk=k8v4``), once it has passed.
 NOT_AUTO = {
-    "k8v4": "through kvtier serve on a 2-core Xeon with AMX (vLLM's packed bf16 cache), k8v4"
-    " disk hits changed the greedy answers of 7 of 8 long prompts against a cold server's"
-    " (int8: 1 of 8, raw: 0 of 8), which the per-token gate does not see",
+    "k8v4": "where vLLM packs its CPU cache for AMX, a chunk holds whole 128-token blocks of K"
+    " and V together, so k8v4's 'K' half (int8) and 'V' half (4 bits) are two blocks of both:"
+    " through kvtier serve on a 2-core Xeon its disk hits changed the greedy answers of 7 of 8"
+    " long prompts (int8: 1 of 8, raw: 0 of 8), which the per-token gate does not see",
 }
 
 
