@@ -116,5 +116,23 @@ def best_passed(fingerprint: str) -> str | None:
         return None
     kl = {r["codec"]: r.get("kl_mean", float("inf")) for r in entry.get("codecs", [])}
     passed = [c for c in BY_SIZE if c in set(entry["passed"]) and c not in NOT_AUTO]
-    shape = (1, 2, 256, 1, 64)  # a chunk of one head: the forms' relative sizes
-    return min(passed, key=lambda c: (quant.stored_bytes(c, shape), kl.get(c, 0.0)), default=None)
+    return min(passed, key=lambda c: (_size(c), kl.get(c, 0.0)), default=None)
+
+
+def held_back(fingerprint: str) -> dict[str, str]:
+    """The codecs :data:`NOT_AUTO` keeps from auto that the model passed, smaller than what
+    auto picks (:func:`best_passed`), each with its reason."""
+    entry = load(fingerprint)
+    if not entry:
+        return {}
+    best = best_passed(fingerprint)
+    return {
+        c: why
+        for c, why in NOT_AUTO.items()
+        if c in entry["passed"] and (best is None or _size(c) < _size(best))
+    }
+
+
+def _size(codec: str) -> int:
+    """A chunk of one head stored with ``codec``: the forms' relative sizes."""
+    return quant.stored_bytes(codec, (1, 2, 256, 1, 64))

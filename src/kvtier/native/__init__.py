@@ -9,42 +9,25 @@ raw. The C loop reads the chunk once.
 
 Nothing here is required. Without a compiler, or where the build fails, kvtier uses torch
 and says so once in its log; :mod:`kvtier.quant` also checks once per process that the
-kernel writes what its torch path writes, and uses torch where it does not. The library is
-cached under ``$XDG_CACHE_HOME/kvtier/native`` (``~/.cache``), named by a digest of the
-source, the flags, the compiler and the CPU's flags: hosts sharing a home directory never
-load each other's.
+kernel writes what its torch path writes, and uses torch where it does not. How the library
+is built and cached: :mod:`kvtier.native.build`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from kvtier.native.build import build
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("kvtier")
-
-SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # int8.c, int4.c, copy.c: one library
-HEADERS = sorted(Path(__file__).parent.glob("*.h"))
-# No contraction of a multiply and an add into one FMA: the kernels round as torch does.
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
-if platform.machine() in ("x86_64", "AMD64"):
-    # gcc keeps to 256-bit vectors by default even with AVX-512; 512 ran this loop 1.7x faster
-    # on a 2-core Xeon (the clock does not drop for so short a burst).
-    FLAGS.append("-mprefer-vector-width=512")
-BUILD_TIMEOUT_S = 120
-
 
 _KERNELS = (
     "kvtier_int8_encode_bf16",
@@ -58,7 +41,7 @@ _KERNELS = (
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built or do not agree with torch."""
     try:
-        path = _build()
+        path = build()
         lib = ctypes.CDLL(str(path))
         for name in _KERNELS:
             fn = getattr(lib, name)
@@ -369,44 +352,3 @@ def _table(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         dtype=np.int64,
     )
     return tuple(np.ascontiguousarray(table[:, i]) for i in range(3))
-
-
-def _build() -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler (cc, gcc) on PATH")
-    source = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=30
-    ).stdout
-    digest = hashlib.sha256(
-        b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_flags()])
-    ).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvtier" / "native"
-    path = cache / f"int8-{digest}.so"
-    if path.exists():
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        built = Path(tmp) / path.name
-        done = subprocess.run(
-            [compiler, *FLAGS, "-o", str(built), *map(str, SOURCES)],
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT_S,
-        )
-        if done.returncode != 0:
-            raise OSError(f"{compiler} failed: {done.stderr.strip()[-300:]}")
-        os.replace(built, path)  # atomic: a process building beside this one loads either
-    return path
-
-
-def _cpu_flags() -> bytes:
-    """The CPU's feature flags (what -march=native compiles for)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_bytes().splitlines():
-            if line.startswith((b"flags", b"Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor().encode()

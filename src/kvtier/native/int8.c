@@ -1,5 +1,5 @@
 /* kvtier's int8 codec for one chunk: rows of a token's head as int8row.h encodes them, all
- * levels then all scales. Compiled on the host at first use (kvtier/native/__init__.py) with
+ * levels then all scales. Compiled on the host at first use (kvtier/native/build.py) with
  * its own vector instructions. */
 #include "int8row.h"
 

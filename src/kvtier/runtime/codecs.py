@@ -50,7 +50,11 @@ def apply_codecs(
                     f"{said}: {tier.name} stores {best}, the smallest codec that passed the"
                     " quality gate for this model (--codec none: raw)"
                 )
-            notes += _held_back(fingerprint, best, len(tiers) > 1)
+            held = gate.held_back(fingerprint) if fingerprint and len(tiers) > 1 else {}
+            notes += [
+                f"{c} passed the gate too, but auto does not pick it: {why}"
+                for c, why in held.items()
+            ]
             continue
         tier_name, sep, codec = spec.partition("=")
         if not sep or tier_name not in names:
@@ -65,23 +69,6 @@ def apply_codecs(
         i = names.index(tier_name)
         tiers[i] = dataclasses.replace(tiers[i], compression=codec)
     return dataclasses.replace(config, tiers=tuple(tiers)), notes
-
-
-def _held_back(fingerprint: str | None, best: str | None, lower: bool) -> list[str]:
-    """Why auto did not take a smaller codec that passed (:data:`kvtier.gate.NOT_AUTO`)."""
-    entry = gate.load(fingerprint) if fingerprint and lower else None
-    if not entry:
-        return []
-    size = (1, 2, 256, 1, 64)
-    smaller = [
-        c
-        for c in gate.NOT_AUTO
-        if c in entry["passed"]
-        and (best is None or quant.stored_bytes(c, size) < quant.stored_bytes(best, size))
-    ]
-    return [
-        f"{c} passed the gate too, but auto does not pick it: {gate.NOT_AUTO[c]}" for c in smaller
-    ]
 
 
 def _check_gate(spec: str, codec: str, fingerprint: str, force: bool) -> list[str]:
