@@ -32,6 +32,18 @@ class KVChunk:
     dtype: str
     shape: tuple[int, ...]
     data: bytes | memoryview
+    # Rows of head_dim values in which each layer's K and V alternate (0: the layout above,
+    # a layer's K then its V). vLLM's AMX-packed CPU cache is moved as opaque blocks, each
+    # head's K then its V: its chunks have runs of a block's tokens. k8v4 codes K as K by it.
+    runs: int = 0
+
+    @staticmethod
+    def check_runs(shape: tuple[int, ...], runs: int) -> None:
+        if runs < 0 or (runs and (shape[2] * shape[3]) % runs):
+            raise ValueError(
+                f"K and V in runs of {runs} rows: not a divisor of a layer's"
+                f" {shape[2] * shape[3]} K rows (shape {shape})"
+            )
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -41,6 +53,7 @@ class KVChunk:
                 f"KV chunk shape must be (layers, 2, tokens, kv_heads, head_dim) with positive"
                 f" sizes, got {self.shape}"
             )
+        self.check_runs(self.shape, self.runs)
         want = int(np.prod(self.shape)) * DTYPES[self.dtype][1]
         if memoryview(self.data).nbytes != want:
             raise ValueError(

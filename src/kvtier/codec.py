@@ -39,9 +39,10 @@ from kvtier.native import xxh3
 MAGIC = b"KVTC"
 SEALED_MAGIC = b"KVTE"  # kvtier.sealing's form, returned by a tier when it fails to open
 FORMAT_VERSION = 1
+RUNS_VERSION = 2  # a header whose chunk holds K and V in runs (older readers refuse it)
 HEADER_BYTES = 96
 MAX_NDIM = 6
-_PREFIX = struct.Struct("<4sHBB16s8sdIB3x6IQQ")  # everything the checksum covers
+_PREFIX = struct.Struct("<4sHBB16s8sdIBxH6IQQ")  # everything the checksum covers
 _CHECKSUM = struct.Struct("<Q")
 PREFIX_BYTES = _PREFIX.size  # the header's bytes hashed before the payload
 assert _PREFIX.size + _CHECKSUM.size == HEADER_BYTES
@@ -92,6 +93,7 @@ class ChunkHeader:
     stored_bytes: int
     raw_bytes: int
     checksum: int
+    kv_runs: int = 0  # K and V alternate in runs of so many rows (KVChunk.runs; 0: the layout)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ def prefix_of(header: ChunkHeader, compression: Compression, stored_bytes: int) 
             compression,
             header.created_at,
             stored_bytes,
+            header.kv_runs,
         )
     )
 
@@ -123,13 +126,14 @@ def _prefix_fields(
     compression: Compression,
     created_at: float | None,
     stored_bytes: int,
+    runs: int = 0,
 ) -> tuple[object, ...]:
     """The header fields the checksum covers, in ``_PREFIX`` order."""
     ns = bytes.fromhex(namespace_id) if namespace_id else b""
     raw_bytes = int(np.prod(shape)) * DTYPES[dtype][1]
     return (
         MAGIC,
-        FORMAT_VERSION,
+        RUNS_VERSION if runs else FORMAT_VERSION,
         int(compression),
         DTYPES[dtype][0],
         key,
@@ -137,6 +141,7 @@ def _prefix_fields(
         time.time() if created_at is None else created_at,
         shape[2],
         len(shape),
+        runs,
         *shape,
         *[0] * (MAX_NDIM - len(shape)),
         stored_bytes,
@@ -161,12 +166,20 @@ def encode(
     elif compression == Compression.LZ4:
         payload = lz4.frame.compress(raw)
     elif compression.lossy:
-        payload = quant.encode_bytes(compression.name.lower(), chunk.dtype, chunk.shape, raw)
+        name = compression.name.lower()
+        payload = quant.encode_bytes(name, chunk.dtype, chunk.shape, raw, chunk.runs)
     else:
         payload = raw
     prefix = _PREFIX.pack(
         *_prefix_fields(
-            key, chunk.dtype, chunk.shape, namespace_id, compression, created_at, len(payload)
+            key,
+            chunk.dtype,
+            chunk.shape,
+            namespace_id,
+            compression,
+            created_at,
+            len(payload),
+            chunk.runs,
         )
     )
     return b"".join((prefix, _CHECKSUM.pack(xxh3.checksum(prefix, payload)), payload))
@@ -188,11 +201,13 @@ def blank(
     shape: tuple[int, ...],
     namespace_id: str = "",
     created_at: float | None = None,
+    runs: int = 0,
 ) -> SealedChunk:
-    """An uncompressed chunk with its header written and its payload still to fill."""
+    """An uncompressed chunk with its header written and its payload still to fill
+    (``runs``: :attr:`kvtier.chunk.KVChunk.runs`)."""
     nbytes = payload_bytes(dtype, shape)
     blob = SealedChunk(HEADER_BYTES + nbytes)
-    return stamp(blob, key, dtype, shape, namespace_id, created_at)
+    return stamp(blob, key, dtype, shape, namespace_id, created_at, runs)
 
 
 def stamp(
@@ -202,6 +217,7 @@ def stamp(
     shape: tuple[int, ...],
     namespace_id: str = "",
     created_at: float | None = None,
+    runs: int = 0,
 ) -> SealedChunk:
     """Make a fresh (all-zero) buffer of the right size a :func:`blank` chunk; returns it.
 
@@ -215,7 +231,10 @@ def stamp(
             f"a {dtype} chunk of shape {shape} is {HEADER_BYTES + nbytes} bytes,"
             f" the buffer {len(blob)}"
         )
-    fields = _prefix_fields(key, dtype, shape, namespace_id, Compression.NONE, created_at, nbytes)
+    KVChunk.check_runs(shape, runs)
+    fields = _prefix_fields(
+        key, dtype, shape, namespace_id, Compression.NONE, created_at, nbytes, runs
+    )
     _PREFIX.pack_into(blob, 0, *fields)
     return blob
 
@@ -248,8 +267,8 @@ def read_header(blob: bytes | bytearray | memoryview) -> ChunkHeader:
     if view.nbytes < HEADER_BYTES:
         raise CorruptChunk(f"chunk is {view.nbytes} bytes, shorter than its header")
     fields = _PREFIX.unpack_from(view)
-    magic, version, comp, dcode, key, ns, created, tokens, ndim = fields[:9]
-    dims, stored, raw = fields[9:15], fields[15], fields[16]
+    magic, version, comp, dcode, key, ns, created, tokens, ndim, runs = fields[:10]
+    dims, stored, raw = fields[10:16], fields[16], fields[17]
     if magic == SEALED_MAGIC:
         raise CorruptChunk(
             "a sealed chunk that does not open: tampered with, moved to another key, or"
@@ -257,8 +276,11 @@ def read_header(blob: bytes | bytearray | memoryview) -> ChunkHeader:
         )
     if magic != MAGIC:
         raise CorruptChunk(f"bad magic {magic!r}")
-    if version != FORMAT_VERSION:
-        raise CorruptChunk(f"format version {version} (this kvtier reads {FORMAT_VERSION})")
+    if version != (RUNS_VERSION if runs else FORMAT_VERSION):
+        raise CorruptChunk(
+            f"format version {version} with K/V runs {runs} (this kvtier reads"
+            f" {FORMAT_VERSION}, and {RUNS_VERSION} with runs)"
+        )
     if dcode not in _DTYPE_BY_CODE or comp not in Compression._value2member_map_:
         raise CorruptChunk(f"unknown dtype code {dcode} or compression code {comp}")
     if not 1 <= ndim <= MAX_NDIM:
@@ -275,6 +297,7 @@ def read_header(blob: bytes | bytearray | memoryview) -> ChunkHeader:
         stored_bytes=stored,
         raw_bytes=raw,
         checksum=checksum,
+        kv_runs=runs,
     )
 
 
@@ -320,11 +343,11 @@ def decode(blob: bytes | bytearray | memoryview, expected_key: bytes | None = No
             data = lz4.frame.decompress(payload)
         elif header.compression.lossy:
             name = header.compression.name.lower()
-            data = quant.decode_bytes(name, header.dtype, header.shape, payload)
+            data = quant.decode_bytes(name, header.dtype, header.shape, payload, header.kv_runs)
     except Exception as exc:  # a verified payload that fails to inflate is still corrupt
         raise CorruptChunk(f"cannot decompress chunk {header.key.hex()}: {exc}") from exc
     try:
-        chunk = KVChunk(header.dtype, header.shape, data)
+        chunk = KVChunk(header.dtype, header.shape, data, header.kv_runs)
     except ValueError as exc:
         raise CorruptChunk(f"chunk {header.key.hex()}: {exc}") from exc
     return DecodedChunk(header, chunk)
@@ -344,6 +367,5 @@ def join(
             into[len(header) :] = payload
             return into
         return bytes(header) + bytes(payload)
-    return encode(
-        h.key, KVChunk(h.dtype, h.shape, payload), h.namespace_id, Compression.NONE, h.created_at
-    )
+    chunk = KVChunk(h.dtype, h.shape, payload, h.kv_runs)
+    return encode(h.key, chunk, h.namespace_id, Compression.NONE, h.created_at)

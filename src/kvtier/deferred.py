@@ -61,7 +61,7 @@ def open_raw(blob: object, expected_key: bytes) -> tuple[KVChunk, PayloadCheck] 
         raise CorruptChunk(f"chunk {header.key.hex()} stored under key {expected_key.hex()}")
     payload = view[codec.HEADER_BYTES :]
     try:
-        chunk = KVChunk(header.dtype, header.shape, payload)
+        chunk = KVChunk(header.dtype, header.shape, payload, header.kv_runs)
     except ValueError as exc:
         raise CorruptChunk(f"chunk {header.key.hex()}: {exc}") from exc
     return chunk, PayloadCheck(view[: codec.PREFIX_BYTES], header.checksum, payload)
@@ -75,6 +75,7 @@ class StoredForm:
     dtype: str  # the raw KV's
     shape: tuple[int, ...]
     payload: memoryview  # the stored payload, checksum verified
+    runs: int = 0  # K and V's runs in the raw payload (kvtier.chunk.KVChunk.runs)
 
     @property
     def raw_bytes(self) -> int:
@@ -98,10 +99,12 @@ class StoredForm:
         try:
             stored = torch.frombuffer(self.payload, dtype=torch.uint8)
             scattered = IN_PLACE[Compression.named(self.name)][1]
-            if table is not None and scattered(stored, self.shape, chunk.dtype, table):
+            if table is not None and scattered(stored, self.shape, chunk.dtype, table, self.runs):
                 return True
             dest = memoryview(chunk.view(-1).view(torch.uint8).numpy())
-            quant.decode_bytes_into(self.name, self.dtype, self.shape, self.payload, dest)
+            quant.decode_bytes_into(
+                self.name, self.dtype, self.shape, self.payload, dest, runs=self.runs
+            )
         except ValueError:  # a payload of the wrong size: what the codec refuses is corrupt
             return False
         return copy() is not False
@@ -116,7 +119,7 @@ def open_stored(blob: object, expected_key: bytes) -> StoredForm | None:
     header = codec.read_header(view)
     if header.compression not in IN_PLACE:
         return None
-    if not IN_PLACE[header.compression][0](header.shape, header.dtype):
+    if not IN_PLACE[header.compression][0](header.shape, header.dtype, header.kv_runs):
         return None  # decoded here, held raw in DRAM
     if view.nbytes != codec.HEADER_BYTES + header.stored_bytes:
         raise CorruptChunk(
@@ -128,12 +131,24 @@ def open_stored(blob: object, expected_key: bytes) -> StoredForm | None:
     except ValueError as exc:
         raise CorruptChunk(f"chunk {header.key.hex()}: {exc}") from exc
     name = header.compression.name.lower()
-    return StoredForm(name, header.dtype, header.shape, view[codec.HEADER_BYTES :])
+    payload = view[codec.HEADER_BYTES :]
+    return StoredForm(name, header.dtype, header.shape, payload, header.kv_runs)
 
 
-# The codecs a load decodes into place: whether it does for a shape and dtype, and the
-# decoder through a table of copies (False: the caller decodes into the chunk, then copies).
-IN_PLACE: dict[Compression, tuple[Callable[[tuple[int, ...], str], bool], Callable[..., bool]]] = {
+def _int8_fits(shape: tuple[int, ...], dtype: str, runs: int = 0) -> bool:
+    return quant.int8_decodes_in_place(shape, dtype)  # rows alike, wherever K and V lie
+
+
+def _int8_scattered(stored: Any, shape: tuple[int, ...], dtype: Any, table: Any, runs: int) -> bool:
+    return quant.int8_decode_scattered(stored, shape, dtype, table)
+
+
+# The codecs a load decodes into place: whether it does for a shape, dtype and K/V runs, and
+# the decoder through a table of copies (False: the caller decodes into the chunk, then
+# copies).
+IN_PLACE: dict[
+    Compression, tuple[Callable[[tuple[int, ...], str, int], bool], Callable[..., bool]]
+] = {
     Compression.INT4R: (
         partial(quant4.decodes_in_place, "int4r"),
         partial(quant4.decode_scattered, "int4r"),
@@ -142,5 +157,5 @@ IN_PLACE: dict[Compression, tuple[Callable[[tuple[int, ...], str], bool], Callab
         partial(quant4.decodes_in_place, "k8v4"),
         partial(quant4.decode_scattered, "k8v4"),
     ),
-    Compression.INT8: (quant.int8_decodes_in_place, quant.int8_decode_scattered),
+    Compression.INT8: (_int8_fits, _int8_scattered),
 }

@@ -39,7 +39,8 @@ BY_SIZE = ("int4", "int4r", "k8v4", "int8", "int8c", "fp8", "bf16")
 assert set(BY_SIZE) == set(quant.LOSSY)
 # Codecs that --codec auto does not pick even where they passed: the gate measures each codec
 # on a token's K and V (transformers), and where the product measured worse, the product wins.
-# A server still stores one of them when named (``--codec disk=k8v4``), once it has passed.
+# A server still stores one of them when named (``--codec disk=k8v4``), once it has passed;
+# a record whose served check (``--served``) the codec passed on this host lifts it.
 NOT_AUTO = {
     "k8v4": "where vLLM packs its CPU cache for AMX, a chunk holds whole 128-token blocks of K"
     " and V together, so k8v4's 'K' half (int8) and 'V' half (4 bits) are two blocks of both:"
@@ -71,8 +72,11 @@ def passes(
 def record(fingerprint: str, model: str, dtype: str, result: dict[str, Any]) -> Path:
     """Write the gate's record for ``fingerprint`` from a fidelity result; its path."""
     floor = result.get("floor")
+    failed_served = {r["codec"] for r in _served_rows(result) if r.get("passed") is False}
     passed = [
-        r["codec"] for r in result["codecs"] if passes(r, result["reference_accuracy"], floor)
+        r["codec"]
+        for r in result["codecs"]
+        if passes(r, result["reference_accuracy"], floor) and r["codec"] not in failed_served
     ]
     entry = {
         "fingerprint": fingerprint,
@@ -88,6 +92,7 @@ def record(fingerprint: str, model: str, dtype: str, result: dict[str, Any]) -> 
         "reference_accuracy": result["reference_accuracy"],
         "codecs": result["codecs"],
         "floor": floor,
+        "served": result.get("served"),  # through kvtier serve (--served), or None
         "passed": passed,
     }
     path = gate_dir() / f"{fingerprint}.json"
@@ -115,7 +120,8 @@ def best_passed(fingerprint: str) -> str | None:
     if not entry:
         return None
     kl = {r["codec"]: r.get("kl_mean", float("inf")) for r in entry.get("codecs", [])}
-    passed = [c for c in BY_SIZE if c in set(entry["passed"]) and c not in NOT_AUTO]
+    held = set(NOT_AUTO) - served_passed(entry)
+    passed = [c for c in BY_SIZE if c in set(entry["passed"]) and c not in held]
     return min(passed, key=lambda c: (_size(c), kl.get(c, 0.0)), default=None)
 
 
@@ -129,8 +135,22 @@ def held_back(fingerprint: str) -> dict[str, str]:
     return {
         c: why
         for c, why in NOT_AUTO.items()
-        if c in entry["passed"] and (best is None or _size(c) < _size(best))
+        if c in entry["passed"]
+        and c not in served_passed(entry)
+        and (best is None or _size(c) < _size(best))
     }
+
+
+def served_passed(entry: dict[str, Any]) -> set[str]:
+    """Codecs whose answers through ``kvtier serve`` held to the gate's measure in a record
+    (``kvtier bench fidelity --served``): :data:`NOT_AUTO` gives way to that measurement."""
+    return {r["codec"] for r in _served_rows(entry) if r.get("passed")}
+
+
+def _served_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    served = result.get("served") or {}
+    rows: list[dict[str, Any]] = served.get("rows", [])
+    return rows
 
 
 def _size(codec: str) -> int:

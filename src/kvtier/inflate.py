@@ -57,7 +57,13 @@ def decode_into(
         raw_prefix = None if seal_into is None else prefix_of(header, Compression.NONE, dest.nbytes)
         try:
             digest = quant.decode_bytes_into(
-                name, header.dtype, header.shape, view[HEADER_BYTES:], dest, raw_prefix
+                name,
+                header.dtype,
+                header.shape,
+                view[HEADER_BYTES:],
+                dest,
+                raw_prefix,
+                header.kv_runs,
             )
         except Exception as exc:  # a verified payload that fails to decode is still corrupt
             raise CorruptChunk(f"cannot decode chunk {header.key.hex()}: {exc}") from exc

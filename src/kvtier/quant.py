@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from kvtier import native as native_kernels
 from kvtier import quant4
-from kvtier.quant4 import bf16 as _bf16
+from kvtier.levels4 import bf16 as _bf16
+from kvtier.levels4 import groups_of
 
 if TYPE_CHECKING:
     import torch
@@ -57,17 +58,19 @@ def stored_bytes(name: str, shape: tuple[int, ...]) -> int:
     if name in ("int8", "fp8"):
         return values + _SCALE_BYTES * layers * two * tokens * heads
     if name == "int8c":  # K: a scale per channel and group of tokens; V: per token and head
-        k_scales = layers * heads * dim * quant4.groups_of(tokens)[1]
+        k_scales = layers * heads * dim * groups_of(tokens)[1]
         return values + _SCALE_BYTES * (k_scales + layers * tokens * heads)
     if name in ("int4", *quant4.ROTATED):
         return quant4.stored_bytes(name, shape)
     raise ValueError(f"unknown codec {name!r}; lossy codecs: {', '.join(LOSSY)}")
 
 
-def encode(name: str, kv: torch.Tensor, native: bool = True) -> torch.Tensor:
+def encode(name: str, kv: torch.Tensor, native: bool = True, runs: int = 0) -> torch.Tensor:
     """``kv`` ``(layers, 2, tokens, heads, dim)`` (fp32, fp16 or bf16) stored with codec
     ``name``: a flat uint8 tensor of :func:`stored_bytes` bytes. ``native=False``: in torch
-    even where :mod:`kvtier.native`'s kernel would encode (the same bytes, slower)."""
+    even where :mod:`kvtier.native`'s kernel would encode (the same bytes, slower). ``runs``:
+    each layer's K and V alternate in runs of so many rows (k8v4 codes them so; the other
+    codecs code the payload as it is; :func:`kvtier.quant4.encode`)."""
     import torch
 
     if name == "bf16":
@@ -79,7 +82,7 @@ def encode(name: str, kv: torch.Tensor, native: bool = True) -> torch.Tensor:
         k = _encode_8("int8", x[:, 1])  # V per token and head, as int8
         out = torch.cat([_encode_8c(x[:, 0].permute(0, 2, 3, 1)), k])
     elif name in ("int4", *quant4.ROTATED):
-        out = quant4.encode(name, kv, native)
+        out = quant4.encode(name, kv, native, runs)
     else:
         raise ValueError(f"unknown codec {name!r}; lossy codecs: {', '.join(LOSSY)}")
     assert out.numel() == stored_bytes(name, tuple(kv.shape)), (name, kv.shape)
@@ -93,11 +96,13 @@ def decode(
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
     native: bool = True,
+    runs: int = 0,
 ) -> torch.Tensor:
     """A payload of ``shape`` in ``dtype`` from its form ``stored`` (flat uint8) by codec
     ``name``, written into ``out`` when given (a tensor of that shape and dtype: the
     destination itself, no copy after). Raises ValueError when ``stored`` is not that codec's
-    size for ``shape``. ``native=False``: in torch even where :mod:`kvtier.native` would."""
+    size for ``shape``. ``native=False``: in torch even where :mod:`kvtier.native` would.
+    ``runs``: as :func:`encode` took it."""
     import torch
 
     want = stored_bytes(name, shape)
@@ -115,7 +120,7 @@ def decode(
         out[:, 0] = _decode_8c(stored[:split], (layers, heads, dim, tokens)).permute(0, 3, 1, 2)
         _decode_8("int8", stored[split:], (layers, tokens, heads, dim), out[:, 1])
         return out
-    return quant4.decode(name, stored, shape, out, native)
+    return quant4.decode(name, stored, shape, out, native, runs)
 
 
 def tensor_of(data: bytes | memoryview, dtype: str) -> torch.Tensor:
@@ -128,21 +133,21 @@ def tensor_of(data: bytes | memoryview, dtype: str) -> torch.Tensor:
 
 
 def encode_bytes(
-    name: str, dtype: str, shape: tuple[int, ...], data: bytes | memoryview
+    name: str, dtype: str, shape: tuple[int, ...], data: bytes | memoryview, runs: int = 0
 ) -> memoryview:
     """:func:`encode` for a chunk's payload held as bytes of ``dtype`` (kvtier.codec's)."""
     if dtype not in FLOAT_KV:
         raise ValueError(f"the {name} codec takes float KV, not {dtype}")
-    return memoryview(encode(name, tensor_of(data, dtype).view(shape)).numpy())
+    return memoryview(encode(name, tensor_of(data, dtype).view(shape), runs=runs).numpy())
 
 
 def decode_bytes(
-    name: str, dtype: str, shape: tuple[int, ...], stored: bytes | memoryview
+    name: str, dtype: str, shape: tuple[int, ...], stored: bytes | memoryview, runs: int = 0
 ) -> memoryview:
     """:func:`decode` of a stored payload into new bytes of ``dtype`` (kvtier.codec's)."""
     import torch
 
-    kv = decode(name, tensor_of(stored, "uint8"), shape, getattr(torch, dtype))
+    kv = decode(name, tensor_of(stored, "uint8"), shape, getattr(torch, dtype), runs=runs)
     return memoryview(kv.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -153,6 +158,7 @@ def decode_bytes_into(
     stored: bytes | memoryview,
     dest: memoryview,
     hash_prefix: bytes | None = None,
+    runs: int = 0,
 ) -> int | None:
     """:func:`decode_bytes` straight into ``dest`` (writable, the raw payload's size).
 
@@ -169,10 +175,11 @@ def decode_bytes_into(
     in_place = name == "int8" and dtype in ("bfloat16", "float32") and native_int8()
     if overlaps and not in_place:
         src = src.clone()
-    if hash_prefix is not None and name in quant4.ROTATED:  # noqa: SIM102
-        if (digest := quant4.decode_hashed(name, src, shape, out, hash_prefix)) is not None:
+    if hash_prefix is not None and name in quant4.ROTATED:
+        digest = quant4.decode_hashed(name, src, shape, out, hash_prefix, runs)
+        if digest is not None:
             return digest
-    decode(name, src, shape, out.dtype, out)
+    decode(name, src, shape, out.dtype, out, runs=runs)
     return None
 
 
@@ -315,7 +322,7 @@ def _encode_8c(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     size = x.shape[-1]
-    group, groups = quant4.groups_of(size)
+    group, groups = groups_of(size)
     pad = groups * group - size
     padded = torch.nn.functional.pad(x, (0, pad)) if pad else x
     amax = padded.reshape(*x.shape[:-1], groups, group).abs().amax(dim=-1)
@@ -330,7 +337,7 @@ def _decode_8c(stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     import torch
 
     values = math.prod(shape)
-    group, groups = quant4.groups_of(shape[-1])
+    group, groups = groups_of(shape[-1])
     scale = stored[values:].view(torch.bfloat16).view(*shape[:-1], groups).float()
     full = scale.repeat_interleave(group, dim=-1)[..., : shape[-1]]
     return stored[:values].view(torch.int8).view(shape).float().mul_(full)

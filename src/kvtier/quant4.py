@@ -10,7 +10,10 @@
   of 32 tokens: 0.30x of bf16. Decoding applies the same transform (its own inverse) after
   dequantizing.
 - ``k8v4``: K as ``int8`` stores it (one bf16 scale per token and head), V as ``int4r``
-  does: 0.40x of bf16, since keys carry most of int4r's loss.
+  does: 0.40x of bf16, since keys carry most of int4r's loss. A payload whose layers hold K
+  and V in alternate runs of rows (``runs``: vLLM's AMX-packed CPU cache, each block's heads K
+  then V, moved as opaque bytes) is coded as if those runs were gathered K first: its K rows
+  int8, its V rows int4r, with no copy (the chunk header says the runs, :mod:`kvtier.codec`).
 
 Why these forms, and what each measured on SmolLM2-135M: docs/quantization.md.
 
@@ -30,36 +33,30 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from kvtier import native as native_kernels
+from kvtier.levels4 import (
+    GROUP,
+    decode4,
+    encode4,
+    gathered,
+    grouped,
+    groups_of,
+    levels4,
+    pack_halves,
+    rotate,
+    rotation_of,
+    scattered,
+    unpack_halves,
+    values4,
+)
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("kvtier")
 
-GROUP = 64  # tokens per K group (int4), channels per V group (fewer when the axis is shorter)
 GROUP_K_ROTATED = 32  # int4r: tokens per K group
 ROTATED = ("int4r", "k8v4")  # the codecs of the rotating kernel (V rotated; int4r's K too)
 _SCALE_BYTES = 2  # bf16
-
-
-def groups_of(size: int, group: int = GROUP) -> tuple[int, int]:
-    """(group size, groups) along an axis of ``size``: groups of ``group`` (even: two levels to
-    a byte), the last padded."""
-    group = min(group, size + size % 2)
-    return group, -(-size // group)
-
-
-def rotation_of(dim: int) -> int:
-    """The block int4r rotates a head of ``dim`` channels in: the largest power of two
-    dividing ``dim``."""
-    return dim & -dim
-
-
-def bf16(x: torch.Tensor) -> torch.Tensor:
-    """``x`` rounded to bf16 and back to fp32: the scale a decoder will see."""
-    import torch
-
-    return x.to(torch.bfloat16).float()
 
 
 def stored_bytes(name: str, shape: tuple[int, ...]) -> int:
@@ -77,25 +74,28 @@ def _k8_bytes(shape: tuple[int, ...]) -> int:
 
 
 def _bytes4(shape: tuple[int, ...], group: int = GROUP) -> int:
-    """Bytes :func:`_encode4` stores for ``shape``, grouped along its last axis."""
+    """Bytes :func:`encode4` stores for ``shape``, grouped along its last axis."""
     size, groups = groups_of(shape[-1], group)
     rows = math.prod(shape[:-1]) * groups
     return rows * size // 2 + 2 * _SCALE_BYTES * rows
 
 
-def encode(name: str, kv: torch.Tensor, native: bool = True) -> torch.Tensor:
+def encode(name: str, kv: torch.Tensor, native: bool = True, runs: int = 0) -> torch.Tensor:
     """``kv`` ``(layers, 2, tokens, heads, dim)`` stored as ``int4``, ``int4r`` or ``k8v4``:
     K's groups (channels over tokens; k8v4: int8 rows) then V's (tokens over channels), each
-    levels then [min, step]s (k8v4's K: levels then scales)."""
+    levels then [min, step]s (k8v4's K: levels then scales). ``runs`` (k8v4; 0: the chunk
+    layout): each layer's rows of ``dim`` values alternate K and V in runs of so many."""
     import torch
 
+    runs = _runs(name, kv.shape, runs)
     if name in ROTATED and native:
         out = torch.empty(stored_bytes(name, tuple(kv.shape)), dtype=torch.uint8)
-        if _kernel(name, "encode", kv.contiguous(), out):
+        if _kernel(name, "encode", kv.contiguous(), out, runs=runs):
             return out
     if name == "k8v4":
         from kvtier import quant  # kvtier.quant imports this module
 
+        kv = gathered(kv, runs)
         k = quant.encode("int8", kv[:, :1], native=False)
         return torch.cat([k, _encode_v4r(rotate(kv[:, 1].float()))])
     x = kv.float()
@@ -103,15 +103,22 @@ def encode(name: str, kv: torch.Tensor, native: bool = True) -> torch.Tensor:
         return _encode4r(rotate(x))
     # K per channel over groups of tokens (its outliers sit in fixed channels), V per token
     # over groups of channels: each with its grouped axis last.
-    return torch.cat([_encode4(x[:, 0].permute(0, 2, 3, 1)), _encode4(x[:, 1])])
+    return torch.cat([encode4(x[:, 0].permute(0, 2, 3, 1)), encode4(x[:, 1])])
 
 
 def decode(
-    name: str, stored: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor, native: bool = True
+    name: str,
+    stored: torch.Tensor,
+    shape: tuple[int, ...],
+    out: torch.Tensor,
+    native: bool = True,
+    runs: int = 0,
 ) -> torch.Tensor:
     """The payload :func:`encode` stored, into ``out`` (of ``shape``)."""
     layers, _, tokens, heads, dim = shape
-    if name in ROTATED and native and out.is_contiguous() and _kernel(name, "decode", out, stored):
+    runs = _runs(name, shape, runs)
+    kernel = native and out.is_contiguous() and name in ROTATED
+    if kernel and _kernel(name, "decode", out, stored, runs=runs):
         return out
     if name == "int4r":
         return out.copy_(rotate(_decode4r(stored, shape)))
@@ -119,13 +126,14 @@ def decode(
         from kvtier import quant
 
         split = _k8_bytes(shape)
+        kv = out if not runs else out.new_empty(shape)
         quant.decode("int8", stored[:split], (layers, 1, tokens, heads, dim), out.dtype,
-                     out[:, :1], native=False)  # fmt: skip
-        out[:, 1] = rotate(_decode_v4r(stored[split:], shape))
-        return out
+                     kv[:, :1], native=False)  # fmt: skip
+        kv[:, 1] = rotate(_decode_v4r(stored[split:], shape))
+        return out if not runs else out.copy_(scattered(kv, runs))
     split = _bytes4((layers, heads, dim, tokens))
-    out[:, 0] = _decode4(stored[:split], (layers, heads, dim, tokens)).permute(0, 3, 1, 2)
-    out[:, 1] = _decode4(stored[split:], (layers, tokens, heads, dim))
+    out[:, 0] = decode4(stored[:split], (layers, heads, dim, tokens)).permute(0, 3, 1, 2)
+    out[:, 1] = decode4(stored[split:], (layers, tokens, heads, dim))
     return out
 
 
@@ -139,8 +147,8 @@ def _encode4r(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     # K grouped over tokens: (layers, heads, dim, groups, size), stored channels last
-    q, params = _quant4(_grouped(x[:, 0].permute(0, 2, 3, 1), GROUP_K_ROTATED))
-    k_levels = _pack_halves(q).permute(0, 1, 3, 4, 2)  # (layers, heads, groups, size / 2, dim)
+    q, params = levels4(grouped(x[:, 0].permute(0, 2, 3, 1), GROUP_K_ROTATED))
+    k_levels = pack_halves(q).permute(0, 1, 3, 4, 2)  # (layers, heads, groups, size / 2, dim)
     k_params = params.permute(0, 1, 3, 4, 2)  # (layers, heads, groups, 2, dim)
     k = torch.cat([k_levels.reshape(-1), k_params.contiguous().view(torch.uint8).reshape(-1)])
     return torch.cat([k, _encode_v4r(x[:, 1])])
@@ -151,9 +159,9 @@ def _encode_v4r(v: torch.Tensor) -> torch.Tensor:
     in groups of channels, levels (two to a byte, halves sharing) then [min, step]s."""
     import torch
 
-    levels, params = _quant4(_grouped(v, GROUP))
+    levels, params = levels4(grouped(v, GROUP))
     return torch.cat(
-        [_pack_halves(levels).reshape(-1), params.contiguous().view(torch.uint8).reshape(-1)]
+        [pack_halves(levels).reshape(-1), params.contiguous().view(torch.uint8).reshape(-1)]
     )
 
 
@@ -168,7 +176,7 @@ def _decode4r(stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     n_params = math.prod(lead) * 2 * dim * _SCALE_BYTES
     k_levels = stored[:n_levels].view(*lead, size // 2, dim).transpose(3, 4)
     k_params = stored[n_levels : n_levels + n_params].view(torch.bfloat16).view(*lead, 2, dim)
-    k = _dequant4(_unpack_halves(k_levels), k_params.transpose(3, 4))  # (.., dim, size)
+    k = values4(unpack_halves(k_levels), k_params.transpose(3, 4))  # (.., dim, size)
     k = k.permute(0, 2, 4, 1, 3).reshape(layers, groups * size, heads, dim)[:, :tokens]
     return torch.stack([k, _decode_v4r(stored[n_levels + n_params :], shape)], dim=1)
 
@@ -182,47 +190,40 @@ def _decode_v4r(stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     rows = (layers, tokens, heads, v_groups)
     v_levels = stored[: math.prod(rows) * v_size // 2].view(*rows, v_size // 2)
     v_params = stored[math.prod(rows) * v_size // 2 :].view(torch.bfloat16).view(*rows, 2)
-    v = _dequant4(_unpack_halves(v_levels), v_params).reshape(layers, tokens, heads, -1)
+    v = values4(unpack_halves(v_levels), v_params).reshape(layers, tokens, heads, -1)
     return v[..., :dim]
 
 
-def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``x`` with its last axis split in groups of ``group`` (:func:`groups_of`): the last
-    group padded with its last value, so that its range is its own."""
-    import torch
-
-    size, groups = groups_of(x.shape[-1], group)
-    pad = groups * size - x.shape[-1]
-    if pad:
-        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
-    return x.reshape(*x.shape[:-1], groups, size)
-
-
-def _pack_halves(q: torch.Tensor) -> torch.Tensor:
-    """Levels along the last axis (even length) two to a byte: the first half's in the low
-    nibbles, the second half's in the high."""
-    half = q.shape[-1] // 2
-    return q[..., :half] | (q[..., half:] << 4)
-
-
-def _unpack_halves(packed: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    return torch.cat([packed & 0x0F, packed >> 4], dim=-1)
+def _runs(name: str, shape: Any, runs: int) -> int:
+    """The runs codec ``name`` codes a payload of ``shape`` by: k8v4's, checked (0 for the
+    others: they code the chunk layout, whatever it holds)."""
+    if name != "k8v4" or not runs:
+        return 0
+    rows = int(shape[2]) * int(shape[3])
+    if runs < 0 or rows % runs:
+        raise ValueError(f"K and V in runs of {runs} rows: not a divisor of {rows} rows")
+    return 0 if runs == rows else runs
 
 
 def decode_hashed(
-    name: str, stored: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor, prefix: bytes
+    name: str,
+    stored: torch.Tensor,
+    shape: tuple[int, ...],
+    out: torch.Tensor,
+    prefix: bytes,
+    runs: int = 0,
 ) -> int | None:
     """:func:`decode` of ``name`` (int4r, k8v4) through the kernel, hashing ``out`` as it is
     written: the xxh3-64 of ``prefix`` then the decoded payload (a raw chunk's checksum, with
     its header's ``prefix``). None, nothing written, where the kernel or xxh3's C functions
     do not run."""
     _check_size(name, stored, shape)
-    return hashed(name, "decode", out, stored, prefix)
+    return hashed(name, "decode", out, stored, prefix, runs)
 
 
-def hashed(name: str, op: str, kv: torch.Tensor, stored: torch.Tensor, prefix: bytes) -> int | None:
+def hashed(
+    name: str, op: str, kv: torch.Tensor, stored: torch.Tensor, prefix: bytes, runs: int = 0
+) -> int | None:
     """The kernel's ``op`` of codec ``name`` (int4r, k8v4; "encode": ``kv`` into ``stored``,
     "decode": ``stored`` into ``kv``) hashing ``kv`` as it goes: the xxh3-64 of ``prefix``
     then ``kv``'s bytes. None, nothing written, where the kernel or xxh3's C functions do not
@@ -234,7 +235,9 @@ def hashed(name: str, op: str, kv: torch.Tensor, stored: torch.Tensor, prefix: b
         return None
     update, (state,) = hashers
     state.start(prefix)
-    return state.digest() if _kernel(name, op, kv, stored, hasher=(update, state)) else None
+    runs = _runs(name, kv.shape, runs)
+    done = _kernel(name, op, kv, stored, hasher=(update, state), runs=runs)
+    return state.digest() if done else None
 
 
 def _check_size(name: str, stored: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -242,13 +245,15 @@ def _check_size(name: str, stored: torch.Tensor, shape: tuple[int, ...]) -> None
         raise ValueError(f"a {name} payload of shape {shape} is {want} bytes, got {stored.numel()}")
 
 
-def decodes_in_place(name: str, shape: tuple[int, ...], dtype: str) -> bool:
+def decodes_in_place(name: str, shape: tuple[int, ...], dtype: str, runs: int = 0) -> bool:
     """Whether a chunk of codec ``name`` (int4r, k8v4), ``shape`` and ``dtype`` decodes
     straight into an engine's blocks here: the kernel runs, takes the shape, and writes that
     dtype."""
     if dtype not in ("bfloat16", "float32") or len(shape) != 5 or not native_int4r():
         return False
-    return native_kernels.int4r_fits(shape, _groups4r(name, shape), rotation_of(shape[-1]))
+    runs = _runs(name, shape, runs)
+    groups = _groups4r(name, shape)
+    return native_kernels.int4r_fits(shape, groups, rotation_of(shape[-1]), runs)
 
 
 def decode_scattered(
@@ -257,6 +262,7 @@ def decode_scattered(
     shape: tuple[int, ...],
     dtype: torch.dtype,
     copies: tuple[Any, Any, Any],
+    runs: int = 0,
 ) -> bool:
     """:func:`decode` of codec ``name`` (int4r, k8v4): a payload of ``shape`` and ``dtype``
     straight into its destinations: ``copies`` as :func:`kvtier.native.int4r` takes them
@@ -267,7 +273,7 @@ def decode_scattered(
 
     _check_size(name, stored, shape)
     meta = torch.empty(shape, dtype=dtype, device="meta")
-    return _kernel(name, "decode", meta, stored, copies=copies)
+    return _kernel(name, "decode", meta, stored, copies=copies, runs=_runs(name, shape, runs))
 
 
 def _kernel(
@@ -277,14 +283,15 @@ def _kernel(
     stored: torch.Tensor,
     hasher: tuple[int, Any] | None = None,
     copies: tuple[Any, Any, Any] | None = None,
+    runs: int = 0,
 ) -> bool:
     """:func:`kvtier.native.int4r` with codec ``name``'s groups and rotation for ``kv``'s
-    shape, where the kernel runs and writes this module's bytes; False where it does not (run
-    torch)."""
+    shape (and K's ``runs``, checked by :func:`_runs`), where the kernel runs and writes this
+    module's bytes; False where it does not (run torch)."""
     shape = tuple(kv.shape)
     groups, rotation = _groups4r(name, shape), rotation_of(shape[-1])
     return native_int4r() and native_kernels.int4r(
-        op, kv, stored.contiguous(), groups, rotation, hasher, copies
+        op, kv, stored.contiguous(), groups, rotation, hasher, copies, runs
     )
 
 
@@ -293,76 +300,6 @@ def _groups4r(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
     as the kernel takes them: int4r's K in groups of tokens, k8v4's (0) in int8 rows."""
     k_group = groups_of(shape[2], GROUP_K_ROTATED)[0] if name == "int4r" else 0
     return k_group, groups_of(shape[4])[0]
-
-
-def rotate(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (fp32) with each run of :func:`rotation_of` its last axis's size multiplied by the
-    normalized Walsh-Hadamard matrix: butterflies of sums and differences at strides 1, 2,
-    4, ..., then one multiply (the kernel's operations, in its order)."""
-    import numpy as np
-    import torch
-
-    dim = x.shape[-1]
-    block = rotation_of(dim)
-    y = x.reshape(-1, dim)
-    h = 1
-    while h < block:
-        pairs = y.view(y.shape[0], dim // (2 * h), 2, h)
-        a, b = pairs[:, :, 0], pairs[:, :, 1]
-        y = torch.stack([a + b, a - b], dim=2).view(-1, dim)
-        h *= 2
-    scale = np.float32(1.0) / np.sqrt(np.float32(block))
-    return y.mul(torch.tensor(scale, dtype=torch.float32)).view(x.shape)
-
-
-def _pack4(q: torch.Tensor) -> torch.Tensor:
-    """Values 0..15 along the last axis (even length) two to a byte, low nibble first."""
-    return (q[..., 0::2] | (q[..., 1::2] << 4)).reshape(-1)
-
-
-def _unpack4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    import torch
-
-    low, high = packed & 0x0F, packed >> 4
-    return torch.stack([low, high], dim=-1).view(shape)
-
-
-def _quant4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit over the last axis: (levels 0..15 as uint8, [min, step] in bf16)."""
-    import torch
-
-    lo = bf16(x.amin(dim=-1, keepdim=True))
-    hi = x.amax(dim=-1, keepdim=True)
-    step = bf16(torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)))
-    q = ((x - lo) / step).round_().clamp_(0, 15).to(torch.uint8)
-    params = torch.cat([lo, step], dim=-1).to(torch.bfloat16)
-    return q, params
-
-
-def _dequant4(q: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    p = params.float()
-    return q.float().mul_(p[..., 1:2]).add_(p[..., 0:1])
-
-
-def _encode4(x: torch.Tensor, group: int = GROUP) -> torch.Tensor:
-    """4-bit levels and [min, step] of ``x`` over groups of its last axis (the last group
-    padded with its last value, so that its range is its own)."""
-    import torch
-
-    q, params = _quant4(_grouped(x, group))
-    return torch.cat([_pack4(q), params.reshape(-1).view(torch.uint8)])
-
-
-def _decode4(stored: torch.Tensor, shape: tuple[int, ...], group: int = GROUP) -> torch.Tensor:
-    """The values of ``shape`` :func:`_encode4` stored, grouped along the last axis."""
-    import torch
-
-    size, groups = groups_of(shape[-1], group)
-    grouped = (*shape[:-1], groups, size)
-    half = math.prod(grouped) // 2
-    q = _unpack4(stored[:half], grouped)
-    params = stored[half:].view(torch.bfloat16).view(*grouped[:-1], 2)
-    return _dequant4(q, params).reshape(*shape[:-1], groups * size)[..., : shape[-1]]
 
 
 @functools.cache
@@ -382,15 +319,18 @@ def native_int4r() -> bool:
         x[:, 0, :, :, 3] *= 30
         x[0, 0, :, 1] = 0.0
         x[0, 1, :, 0] = 2.5
-        for dtype, name in itertools.product((torch.float32, torch.bfloat16), ROTATED):
+        cases = [(n, 0) for n in ROTATED] + [("k8v4", shape[2] * shape[3] // 5)]  # K/V runs
+        for dtype, (name, runs) in itertools.product((torch.float32, torch.bfloat16), cases):
             kv = x.to(dtype)
             groups, rotation = _groups4r(name, shape), rotation_of(shape[-1])
-            want = encode(name, kv, native=False)
+            want = encode(name, kv, native=False, runs=runs)
             got = torch.empty_like(want)
-            ok = native_kernels.int4r("encode", kv, got, groups, rotation)
-            back = decode(name, want, shape, torch.empty_like(kv), native=False)
+            ok = native_kernels.int4r("encode", kv, got, groups, rotation, None, None, runs)
+            back = decode(name, want, shape, torch.empty_like(kv), native=False, runs=runs)
             out = torch.empty_like(kv)
-            ok = ok and native_kernels.int4r("decode", out, want, groups, rotation)
+            ok = ok and native_kernels.int4r(
+                "decode", out, want, groups, rotation, None, None, runs
+            )
             if not (ok and torch.equal(got, want) and torch.equal(out, back)):
                 log.warning(
                     "kvtier: the native %s kernel disagrees with torch; torch runs it", name

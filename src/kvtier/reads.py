@@ -197,7 +197,7 @@ class Reads:
                 try:
                     payload = view[codec.HEADER_BYTES :]
                     header = codec.verify(view[: codec.HEADER_BYTES], payload, keys[i])
-                    chunk = KVChunk(header.dtype, header.shape, payload)
+                    chunk = KVChunk(header.dtype, header.shape, payload, header.kv_runs)
                 except (CorruptChunk, ValueError) as exc:  # ValueError: an impossible shape
                     self.h.corrupt(slot, keys[i], CorruptChunk(str(exc)))
                     out.append(None)
@@ -247,7 +247,7 @@ class Reads:
         if not copy_verified(self.h, slot, key, view[:size], header, payload, seal_into=buf):
             return None
         h = codec.read_header(header)
-        return KVChunk(h.dtype, h.shape, payload), buf
+        return KVChunk(h.dtype, h.shape, payload, h.kv_runs), buf
 
     def _read_whole(
         self, slot: Slot, key: ChunkKey, payload_bytes: int

@@ -48,7 +48,7 @@ def _fused(
         return None  # a size the header does not say: codec.decode reports it
     raw = view[codec.HEADER_BYTES :]
     try:
-        KVChunk(header.dtype, header.shape, raw)
+        KVChunk(header.dtype, header.shape, raw, header.kv_runs)
         stored = quant.stored_bytes(name, header.shape)
     except ValueError:
         return None  # a shape that does not fit: codec.decode reports it
@@ -87,5 +87,5 @@ def _rotated(
         return None
     kv = quant.tensor_of(raw, header.dtype).view(header.shape)
     out = torch.frombuffer(payload, dtype=torch.uint8)
-    digest = quant4.hashed(name, "encode", kv, out, bytes(raw_prefix))
+    digest = quant4.hashed(name, "encode", kv, out, bytes(raw_prefix), header.kv_runs)
     return None if digest is None else (digest, xxh3.checksum(prefix, payload))

@@ -258,9 +258,9 @@ def test_int8_recoding_in_one_pass_writes_the_bytes_of_verify_encode_and_hash(
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
-@pytest.mark.parametrize("name", ["int4r", "k8v4"])
+@pytest.mark.parametrize(("name", "runs"), [("int4r", 0), ("k8v4", 0), ("k8v4", 150)])
 def test_rotated_recoding_in_one_pass_writes_the_bytes_of_verify_encode_and_hash(
-    dtype_name: str, name: str, monkeypatch: pytest.MonkeyPatch
+    dtype_name: str, name: str, runs: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A raw chunk written to an int4r or k8v4 tier: the kernel hashes each raw layer as it
     encodes it -- the same stored bytes as the general path; a raw chunk that does not verify
@@ -270,10 +270,12 @@ def test_rotated_recoding_in_one_pass_writes_the_bytes_of_verify_encode_and_hash
     from kvtier import quant4
 
     kv = (torch.randn(2, 2, 300, 3, 64) * 4).to(getattr(torch, dtype_name))
-    chunk = KVChunk(dtype_name, tuple(kv.shape), kv.contiguous().view(torch.uint8).numpy().data)
+    raw = kv.contiguous().view(torch.uint8).numpy().data
+    chunk = KVChunk(dtype_name, tuple(kv.shape), raw, runs)
     blob = codec.encode(KEY, chunk, "ab" * 8, Compression.NONE, created_at=5.0)
     compression = Compression.named(name)
     general = codec.encode(KEY, chunk, "ab" * 8, compression, created_at=5.0)
+    assert codec.read_header(general).kv_runs == runs
     calls: list[object] = []
     real = quant4.hashed
 
@@ -290,3 +292,26 @@ def test_rotated_recoding_in_one_pass_writes_the_bytes_of_verify_encode_and_hash
         recode(bytes(damaged), compression)
     monkeypatch.setattr(quant4, "hashed", lambda *args: None)  # no kernel: the same bytes
     assert bytes(recode(blob, compression)) == bytes(general)
+
+
+def test_a_chunk_of_k_and_v_in_runs_says_so_under_its_checksum() -> None:
+    """An AMX-packed cache's chunk records its K/V runs (KVChunk.runs) in its header, under
+    the checksum and in a format version older readers refuse: a reader that could not
+    honour the runs would decode its k8v4 payload with K and V mixed up."""
+    kv = np.arange(2 * 2 * 256 * 3 * 64, dtype=np.float32).reshape(2, 2, 256, 3, 64)
+    chunk = KVChunk("float32", kv.shape, kv.tobytes(), runs=128)
+    blob = bytearray(codec.encode(KEY, chunk, "ab" * 8, Compression.K8V4))
+    decoded = codec.decode(bytes(blob), expected_key=KEY)
+    assert decoded.header.kv_runs == decoded.chunk.runs == 128
+    plain = codec.decode(codec.encode(KEY, KVChunk("float32", kv.shape, kv.tobytes())))
+    assert plain.header.kv_runs == 0  # the chunk layout: format version 1, as before
+    assert bytes(blob[4:6]) == (2).to_bytes(2, "little")
+    old = bytearray(blob)
+    old[4:6] = (1).to_bytes(2, "little")  # version 1 never has runs
+    with pytest.raises(CorruptChunk, match="format version 1 with K/V runs 128"):
+        codec.decode(bytes(old))
+    blob[46] ^= 1  # the runs' field (after magic, version, codes, key, namespace, time, tokens)
+    with pytest.raises(CorruptChunk):
+        codec.decode(bytes(blob))
+    with pytest.raises(ValueError, match="runs of 100 rows"):
+        KVChunk("float32", kv.shape, kv.tobytes(), runs=100)

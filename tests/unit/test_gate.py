@@ -73,6 +73,46 @@ def test_auto_does_not_pick_a_codec_the_product_measured_worse_but_a_name_may() 
     assert gate.best_passed("config-abc") is None  # nothing else passed: raw, not k8v4
 
 
+def served_row(codec: str, agreement: float, hit: int = 900) -> dict[str, object]:
+    return {"codec": codec, "identical": 7, "greedy_agreement": agreement, "accuracy": 0.75,
+            "hit_tokens": hit, "prompt_tokens": 1000}  # fmt: skip
+
+
+def test_the_served_check_decides_what_the_model_level_gate_cannot_see() -> None:
+    """`kvtier bench fidelity --served`: a codec whose answers through kvtier serve fall more
+    than MARGIN below its model-level greedy agreement does not pass; one that held lifts
+    NOT_AUTO (k8v4 coded by its K/V runs on a packed cache); a restart that did not load
+    measured nothing and fails; `none`, the raw chunks, is the product's own noise."""
+    from kvtier.bench import served
+
+    k8v4 = row("k8v4", 0.993, 0.003, 0.75)
+    codecs = [*RESULT["codecs"], k8v4]  # type: ignore[misc]
+    measured = {
+        "rows": [
+            served_row("none", 1.0),
+            served_row("int8", 0.99 - served.MARGIN - 0.01),  # below its 99.5%, less MARGIN
+            served_row("k8v4", 0.90),
+            served_row("bf16", 1.0, hit=100),  # the restart computed its prompts itself
+        ]
+    }
+    served.judge(measured, codecs)
+    verdicts = {r["codec"]: r["passed"] for r in measured["rows"]}
+    assert verdicts == {"none": None, "int8": False, "k8v4": True, "bf16": False}
+    assert measured["rows"][1]["model_greedy_agreement"] == 0.995
+    gate.record(
+        "config-abc", "/models/m", "float32", {**RESULT, "codecs": codecs, "served": measured}
+    )
+    entry = gate.load("config-abc")
+    assert entry is not None and entry["passed"] == ["k8v4"]  # int8 and bf16 failed served
+    assert gate.best_passed("config-abc") == "k8v4" and gate.held_back("config-abc") == {}
+    measured["rows"][2]["greedy_agreement"] = 0.5  # k8v4 changed answers through the product
+    served.judge(measured, codecs)
+    gate.record(
+        "config-abc", "/models/m", "float32", {**RESULT, "codecs": codecs, "served": measured}
+    )
+    assert gate.best_passed("config-abc") is None
+
+
 def test_a_codec_may_lose_one_point_of_top1_beyond_the_engines_own_floor() -> None:
     """bf16 engines: the KV recomputed in pieces (the same KV) already flips near-tied top-1
     picks; the line is 99% less that floor, and stays 99% where the floor is 100%."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels import sample_kv
-from kvtier import codec, inflate, native, quant, quant4
+from kvtier import codec, inflate, levels4, native, quant, quant4
 from kvtier.chunk import KVChunk
 from kvtier.codec import Compression
 from kvtier.errors import CorruptChunk
@@ -28,13 +28,13 @@ def _hadamard(n: int) -> torch.Tensor:
 
 def test_the_rotation_is_the_normalized_hadamard_matrix_and_its_own_inverse() -> None:
     x = torch.randn(5, 64, dtype=torch.float64).float()
-    assert torch.allclose(quant4.rotate(x), x @ _hadamard(64), atol=1e-5)
-    assert torch.allclose(quant4.rotate(quant4.rotate(x)), x, atol=1e-5)
+    assert torch.allclose(levels4.rotate(x), x @ _hadamard(64), atol=1e-5)
+    assert torch.allclose(levels4.rotate(levels4.rotate(x)), x, atol=1e-5)
     # A head of 96 rotates in blocks of 32, the largest power of two dividing it.
     y = torch.randn(3, 96)
     blocks = torch.cat([y[:, i : i + 32] @ _hadamard(32) for i in (0, 32, 64)], dim=1)
-    assert quant4.rotation_of(96) == 32 and quant4.rotation_of(128) == 128
-    assert torch.allclose(quant4.rotate(y), blocks, atol=1e-5)
+    assert levels4.rotation_of(96) == 32 and levels4.rotation_of(128) == 128
+    assert torch.allclose(levels4.rotate(y), blocks, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -74,6 +74,33 @@ def test_k8v4_stores_k_at_eight_bits_and_v_at_four() -> None:
     assert quant.stored_bytes("k8v4", shape) == bf16 / 2 * (k + v) / 2
     assert quant.stored_bytes("int4r", shape) < quant.stored_bytes("k8v4", shape)
     assert quant.stored_bytes("k8v4", shape) / bf16 == pytest.approx(0.3984, abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_k8v4_codes_k_as_k_where_a_cache_packs_k_and_v_in_runs(dtype: torch.dtype) -> None:
+    """vLLM's AMX-packed CPU cache holds, per block and head, the block's K then its V: a
+    chunk of it alternates K and V in runs of a block's tokens. With the runs, k8v4 stores
+    exactly what it stores of the same KV in the chunk layout (K at 8 bits); without, half of
+    each K would be coded at 4 bits."""
+    shape, runs = (2, 2, 256, 3, 64), 128  # two blocks of 128 tokens, three heads
+    kv = sample_kv(shape, dtype, seed=7)
+    packed = levels4.scattered(kv, runs)  # the cache's order of the same KV
+    assert torch.equal(levels4.gathered(packed, runs), kv) and not torch.equal(packed, kv)
+    stored = quant.encode("k8v4", packed, runs=runs)
+    assert torch.equal(stored, quant.encode("k8v4", kv))  # K coded as K
+    assert torch.equal(stored, quant.encode("k8v4", packed, native=False, runs=runs))
+    back = quant.decode("k8v4", stored, shape, dtype, runs=runs)
+    assert torch.equal(back, quant.decode("k8v4", stored, shape, dtype, native=False, runs=runs))
+    assert torch.equal(back, levels4.scattered(quant.decode("k8v4", stored, shape, dtype), runs))
+    k_rows = levels4.gathered(packed, runs)[:, 0].float()
+    blind = quant.decode("k8v4", quant.encode("k8v4", packed), shape, dtype)  # runs ignored
+    errors = [
+        (levels4.gathered(x, runs)[:, 0].float() - k_rows).norm() / k_rows.norm()
+        for x in (back, blind)
+    ]
+    assert errors[0] < errors[1] / 2, errors
+    with pytest.raises(ValueError, match="runs of 100 rows"):
+        quant.encode("k8v4", packed, runs=100)  # 768 K rows a layer: not a divisor
 
 
 def test_heads_the_kernel_does_not_take_are_encoded_by_torch(fresh: None) -> None:
@@ -121,10 +148,12 @@ def test_an_outlier_channel_costs_the_others_less_than_in_int4() -> None:
     assert errors["int4r"] < errors["int4"] / 2, errors
 
 
-@pytest.mark.parametrize("name", ["int4r", "k8v4", "int8", "zstd"])
+@pytest.mark.parametrize(
+    ("name", "runs"), [("int4r", 0), ("k8v4", 0), ("k8v4", 128), ("int8", 0), ("zstd", 0)]
+)
 @pytest.mark.parametrize("kernel", [True, False])
 def test_a_chunk_decoded_into_its_buffer_is_sealed_as_the_raw_chunk_it_holds(
-    name: str, kernel: bool, monkeypatch: pytest.MonkeyPatch
+    name: str, runs: int, kernel: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A disk or Redis hit lands in the front of a raw-sized buffer, is decoded there and
     becomes the raw chunk promoted to DRAM: int4r's kernel hashes what it writes for the
@@ -134,7 +163,8 @@ def test_a_chunk_decoded_into_its_buffer_is_sealed_as_the_raw_chunk_it_holds(
         monkeypatch.setattr(quant4, "native_int4r", lambda: False)
     key = ChunkKey(bytes(range(16)))
     kv = sample_kv((3, 2, 256, 3, 64), torch.bfloat16, seed=9)
-    chunk = KVChunk("bfloat16", tuple(kv.shape), kv.reshape(-1).view(torch.uint8).numpy())
+    raw = kv.reshape(-1).view(torch.uint8).numpy()
+    chunk = KVChunk("bfloat16", tuple(kv.shape), raw, runs)
     stored = codec.encode(key, chunk, "ab" * 8, Compression.named(name), created_at=5.0)
     buf = codec.SealedChunk(codec.HEADER_BYTES + chunk.nbytes)
     buf[: len(stored)] = stored
@@ -143,6 +173,7 @@ def test_a_chunk_decoded_into_its_buffer_is_sealed_as_the_raw_chunk_it_holds(
     assert header.compression == Compression.named(name)
     decoded = codec.decode(bytes(buf), expected_key=key)  # its checksum verifies
     assert decoded.header.compression == Compression.NONE
+    assert decoded.header.kv_runs == decoded.chunk.runs == runs  # kept for the next recode
     assert bytes(decoded.chunk.data) == bytes(codec.decode(stored).chunk.data)
     again = codec.encode(key, decoded.chunk, "ab" * 8, created_at=5.0)
     assert bytes(buf) == again

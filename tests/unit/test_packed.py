@@ -40,8 +40,9 @@ def chunks(n: int = 2) -> torch.Tensor:
     return blocks_to_chunks(layers_of(source), list(range(2 * n)), 2 * BLOCK)
 
 
-def blob(chunk: torch.Tensor, compression: Compression = Compression.NONE) -> bytes:
+def blob(chunk: torch.Tensor, compression: Compression = Compression.NONE, runs: int = 0) -> bytes:
     kv = KVChunk.from_array(chunk.view(torch.int16).numpy().view("uint16"), "bfloat16")
+    kv = KVChunk(kv.dtype, kv.shape, kv.data, runs)  # a packed chunk's K/V runs: a block's
     return bytes(codec.encode(KEY, kv, "ab" * 8, compression))
 
 
@@ -89,15 +90,16 @@ KERNELS = {
 
 @pytest.mark.parametrize("compression", list(KERNELS))
 @pytest.mark.parametrize("ids", [[6, 3], [4, 5]])  # [4, 5]: a layer's one copy, no scratch
+@pytest.mark.parametrize("runs", [0, BLOCK])
 def test_a_stored_form_is_decoded_straight_into_its_blocks(
-    compression: Compression, ids: list[int]
+    compression: Compression, ids: list[int], runs: int
 ) -> None:
     if not KERNELS[compression]:
         pytest.skip(f"the {compression.name.lower()} kernel does not run here")
     kv = chunks(1)
-    stored = blob(kv[0], compression)
+    stored = blob(kv[0], compression, runs)
     form = deferred.open_stored(stored, KEY)
-    assert form is not None and form.name == compression.name.lower()
+    assert form is not None and form.name == compression.name.lower() and form.runs == runs
     decoded = torch.frombuffer(bytearray(codec.decode(stored).chunk.data), dtype=torch.bfloat16)
     direct, copied = cache(), cache()
     placeholder = torch.empty_like(kv[0])  # the raw-sized buffer a load holds, no KV in it

@@ -54,6 +54,13 @@ def register(bsub: Any) -> None:
         " floor, mean KL <= 0.01 nats, accuracy within 1 point): kvtier serve then allows them"
         " and --codec auto picks one",
     )
+    p.add_argument(
+        "--served",
+        action="store_true",
+        help="also through kvtier serve: a cold server's greedy answers against a restarted"
+        " server's whose Redis tier holds each codec (a real redis-server; ~2 minutes a codec"
+        " for six contexts on a 2-core host); with --gate, a codec must pass both",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -72,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.contexts < 1 or args.tokens < 200:
         raise SystemExit("kvtier bench fidelity: --contexts >= 1 and --tokens >= 200")
-    dtype = args.dtype or host_dtype(None, has_gpu()).kv_dtype
+    if args.served and args.model:
+        raise SystemExit("kvtier bench fidelity: --served runs kvtier serve's embedded model only")
+    choice = host_dtype(args.dtype, has_gpu())
+    dtype = choice.kv_dtype
     path = args.model or str(prepare_default_model(dtype=dtype))
     print(f"kvtier bench fidelity: {path} in {dtype}", file=sys.stderr)
     model = fidelity.Model(path, dtype)
@@ -80,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         model, codecs, args.contexts, args.tokens, lambda s: print(f"  {s}", file=sys.stderr)
     )
     result |= {"model": path, "dtype": dtype}
+    if args.served:
+        result["served"] = _served(codecs, args, choice, result["codecs"])
     if args.gate:
         fingerprint = model_fingerprint(path)
         if not fingerprint:
@@ -116,6 +128,56 @@ def run(args: argparse.Namespace) -> int:
         f" within {gate.ACCURACY_DROP_MAX:.0%} of the reference; positions per codec:"
         f" {floor['positions']}"
     )
+    if args.served:
+        _print_served(result["served"])
     if args.gate:
         print(f"recorded: {result['gate_file']}")
     return 0
+
+
+def _served(
+    codecs: list[str], args: argparse.Namespace, choice: Any, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    from kvtier.bench import served
+
+    with tempfile.TemporaryDirectory(prefix="kvtier-served-") as work:
+        result = served.measure(
+            codecs,
+            args.contexts,
+            args.tokens,
+            choice,
+            Path(work),
+            lambda s: print(f"  served: {s}", file=sys.stderr),
+        )
+    served.judge(result, rows)
+    return result
+
+
+def _print_served(result: dict[str, Any]) -> None:
+    from kvtier.bench.served import MARGIN
+
+    print(
+        f"through kvtier serve: {result['questions']} questions, a cold server (accuracy"
+        f" {result['cold_accuracy']:.1%}) against a restarted one whose Redis tier holds the"
+        " codec (recoded from the cold server's raw chunks)"
+    )
+    print(
+        f"{'codec':<10} {'identical':>9} {'greedy 32':>10} {'model':>7} {'accuracy':>9}"
+        f" {'hit tokens':>11} {'served':>6}"
+    )
+    for r in result["rows"]:
+        model = r.get("model_greedy_agreement")
+        verdict = {True: "pass", False: "FAIL", None: "-"}[r.get("passed")]
+        print(
+            f"{r['codec']:<10} {r['identical']:>5}/{result['questions']:<3}"
+            f" {r['greedy_agreement']:>10.1%} {'' if model is None else f'{model:.1%}':>7}"
+            f" {r['accuracy']:>9.1%} {r['hit_tokens'] / max(r['prompt_tokens'], 1):>11.1%}"
+            f" {verdict:>6}"
+        )
+    print(
+        f"served: a codec passes when its greedy agreement through the product is at most"
+        f" {MARGIN:.0%} below the model-level measure's ('model'); 'none' is the raw chunks"
+    )

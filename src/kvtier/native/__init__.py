@@ -60,7 +60,7 @@ def library() -> ctypes.CDLL | None:
         ]  # fmt: skip
         lib.kvtier_copy_hash.restype = None
         lib.kvtier_copy_hash.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
-        i64 = [ctypes.c_int64] * 7
+        i64 = [ctypes.c_int64] * 8  # the shape, groups, rotation and K's runs
         lib.kvtier_int4r_encode.restype = None
         lib.kvtier_int4r_encode.argtypes = [
             ctypes.c_void_p, ctypes.c_int, *i64, *[ctypes.c_void_p] * 3
@@ -160,6 +160,7 @@ def int4r(
     rotation: int,
     hasher: tuple[int, Any] | None = None,
     copies: tuple[Any, Any, Any] | None = None,
+    runs: int = 0,
 ) -> bool:
     """The rotating kernel's ``op`` (int4r, k8v4; "encode": ``kv`` into ``stored``; "decode":
     ``stored`` into ``kv``) where ``kv`` is a contiguous bf16 or fp32 payload ``(layers, 2,
@@ -173,21 +174,24 @@ def int4r(
     read. ``copies`` (decoding; int64 arrays of
     destination addresses, payload byte offsets and sizes, in payload order, each within one
     layer's K and V): the payload is not written to ``kv`` (only its shape and dtype count)
-    but decoded layer by layer into a scratch and copied from there to those destinations."""
+    but decoded layer by layer into a scratch and copied from there to those destinations.
+    ``runs`` (k8v4): each layer's rows of ``dim`` values alternate K and V in runs of so many
+    (0: the layer's K, then its V; :func:`kvtier.quant4.encode`)."""
     import torch
 
     lib = library()
     gk, gv = groups
     layers, _, tokens, heads, dim = kv.shape
     bf16 = {torch.bfloat16: 1, torch.float32: 0}.get(kv.dtype)
-    fits = int4r_fits(tuple(kv.shape), groups, rotation) and kv.device.type in ("cpu", "meta")
+    fits = int4r_fits(tuple(kv.shape), groups, rotation, runs)
+    fits = fits and kv.device.type in ("cpu", "meta")
     if lib is None or bf16 is None or not fits or not kv.is_contiguous() or kv.numel() == 0:
         return False
     if stored.device.type != "cpu":
         raise ValueError("a stored int4r payload is on the host")
     if not stored.is_contiguous() or stored.dtype != torch.uint8:
         raise ValueError("a stored int4r payload is contiguous uint8")
-    shape = (layers, tokens, heads, dim, gk, gv, rotation)
+    shape = (layers, tokens, heads, dim, gk, gv, rotation, runs)
     update, state = hasher if hasher is not None else (None, None)
     if op == "encode":
         lib.kvtier_int4r_encode(
@@ -211,14 +215,18 @@ def int4r(
     return True
 
 
-def int4r_fits(shape: tuple[int, ...], groups: tuple[int, int], rotation: int) -> bool:
+def int4r_fits(
+    shape: tuple[int, ...], groups: tuple[int, int], rotation: int, runs: int = 0
+) -> bool:
     """Whether :func:`int4r`'s kernel takes a payload of ``shape`` grouped and rotated so:
     heads of a multiple of 32 channels up to 256, K groups of an even number of tokens up to
     32 (0: K in int8 rows, the k8v4 codec), V groups of a multiple of 32 dividing the head, the
-    rotation its power-of-two block."""
+    rotation its power-of-two block, K's ``runs`` (k8v4 only) dividing a layer's K rows."""
     gk, gv = groups
     dim = shape[-1]
     fits = len(shape) == 5 and shape[1] == 2 and dim <= 256 and dim % 32 == 0
+    if runs:
+        fits = fits and gk == 0 and runs > 0 and (shape[2] * shape[3]) % runs == 0
     return (
         fits
         and dim % gv == gv % 32 == 0

@@ -25,8 +25,17 @@
 #include "vec.h"
 
 typedef struct {
-    int64_t layers, tokens, heads, dim, gk, gv, r;
+    int64_t layers, tokens, heads, dim, gk, gv, r, kr;
 } shape4;
+
+/* Where row i of a layer's K (of tokens x heads rows of dim values) lies among the layer's
+ * 2 x tokens x heads rows: K and V alternate in runs of kr rows (its V row: kr further on).
+ * kr = tokens x heads is the chunk layout, all K then all V; an engine whose blocks hold each
+ * head's K then its V (vLLM's AMX-packed CPU cache, moved as opaque blocks) has kr = the
+ * block's tokens. */
+INLINE int64_t k_row(shape4 s, int64_t i) {
+    return i / s.kr * 2 * s.kr + i % s.kr;
+}
 
 /* [min, step] of groups whose extremes are lo and hi: the minimum rounded to bf16, the step
  * (hi - that) / 15 rounded to bf16, or 1 where a group has no range. */
@@ -241,14 +250,14 @@ INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *s
             int64_t row = l * rows + i;
             uint16_t *scale = (uint16_t *)(st + kq) + row;
             if (encode && bf16)
-                row_bf16((const uint16_t *)kv + (l * 2 * rows + i) * s.dim, s.dim,
+                row_bf16((const uint16_t *)kv + (l * 2 * rows + k_row(s, i)) * s.dim, s.dim,
                          (int8_t *)st + row * s.dim, scale);
             else if (encode)
-                row_f32((const uint32_t *)kv + (l * 2 * rows + i) * s.dim, s.dim,
+                row_f32((const uint32_t *)kv + (l * 2 * rows + k_row(s, i)) * s.dim, s.dim,
                         (int8_t *)st + row * s.dim, scale);
             else
                 decode_k8_row(st + row * s.dim, from_bf16(*scale), nv, out, bf16,
-                              (out_l * 2 * rows + i) * s.dim, nt);
+                              (out_l * 2 * rows + k_row(s, i)) * s.dim, nt);
         }
         for (int64_t h = 0; s.gk && h < s.heads; h++)
             for (int64_t g = 0; g < groups; g++) {
@@ -259,12 +268,13 @@ INLINE void run(int encode, void *kv, int bf16, shape4 s, int64_t nv, uint8_t *s
                                    out_l, nt);
             }
         for (int64_t i = 0; i < rows; i++) {
+            int64_t v = k_row(s, i) + s.kr; /* the layer's row holding V's row i */
             if (encode)
-                encode_v_row(kv, bf16, s, nv, ((l * 2 + 1) * rows + i) * s.dim, l * rows + i,
-                             st + kp, (uint16_t *)(st + vq));
+                encode_v_row(kv, bf16, s, nv, (l * 2 * rows + v) * s.dim, l * rows + i, st + kp,
+                             (uint16_t *)(st + vq));
             else
                 decode_v_row(st + kp, (const uint16_t *)(st + vq), s, nv, l * rows + i, out, bf16,
-                             ((out_l * 2 + 1) * rows + i) * s.dim, nt);
+                             (out_l * 2 * rows + v) * s.dim, nt);
         }
         if (encode) { /* the raw layer hashed while it is in cache (recoding: its checksum) */
             if (k.update)
@@ -296,12 +306,13 @@ static void dispatch(int encode, void *kv, int bf16, shape4 s, uint8_t *st, sink
 /* kv: (layers, 2, tokens, heads, dim) of bf16 (bf16 != 0) or fp32; stored: its stored form.
  * The caller checks: dim a multiple of 32 up to 256, gk even up to 32 (0: K stored as int8
  * rows, the k8v4 codec), gv a multiple of 32 dividing dim, r a power of two of at least 16
- * dividing dim. */
+ * dividing dim, kr (k_row's runs; 0: tokens x heads) dividing tokens x heads, and 0 where
+ * gk is not. */
 /* update and state: NULL, or XXH3's streaming update and a state to hash the input into. */
 void kvtier_int4r_encode(const void *x, int bf16, int64_t layers, int64_t tokens, int64_t heads,
-                         int64_t dim, int64_t gk, int64_t gv, int64_t r, uint8_t *stored,
-                         void *update, void *state) {
-    shape4 s = {layers, tokens, heads, dim, gk, gv, r};
+                         int64_t dim, int64_t gk, int64_t gv, int64_t r, int64_t kr,
+                         uint8_t *stored, void *update, void *state) {
+    shape4 s = {layers, tokens, heads, dim, gk, gv, r, kr ? kr : tokens * heads};
     sink4 k = {0};
     k.update = (hash_update)update;
     k.state = state;
@@ -311,10 +322,10 @@ void kvtier_int4r_encode(const void *x, int bf16, int64_t layers, int64_t tokens
 /* update and state: NULL, or XXH3's streaming update and a state to hash the output into.
  * scratch: NULL (decode into out), or one layer's room and the n copies of a sink4. */
 void kvtier_int4r_decode(const uint8_t *stored, int64_t layers, int64_t tokens, int64_t heads,
-                         int64_t dim, int64_t gk, int64_t gv, int64_t r, void *out, int bf16,
-                         void *update, void *state, void *scratch, int64_t n, void *const *dst,
-                         const int64_t *src, const int64_t *nbytes) {
-    shape4 s = {layers, tokens, heads, dim, gk, gv, r};
+                         int64_t dim, int64_t gk, int64_t gv, int64_t r, int64_t kr, void *out,
+                         int bf16, void *update, void *state, void *scratch, int64_t n,
+                         void *const *dst, const int64_t *src, const int64_t *nbytes) {
+    shape4 s = {layers, tokens, heads, dim, gk, gv, r, kr ? kr : tokens * heads};
     sink4 k = {out, scratch, n, dst, src, nbytes, (hash_update)update, state};
     dispatch(0, out, bf16, s, (uint8_t *)stored, k);
 }

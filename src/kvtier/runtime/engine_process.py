@@ -37,6 +37,7 @@ class Completion:
     seconds: float  # request sent -> whole response read (with max_tokens=1: the TTFT)
     prompt_tokens: int
     cached_tokens: int | None  # prompt tokens the engine did not compute (vLLM's or kvtier's)
+    tokens: tuple[str, ...] = ()  # the answer's tokens, where the request asked for logprobs
 
     @property
     def recomputed_tokens(self) -> int | None:
@@ -238,11 +239,13 @@ class Server:
         usage = reply.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
         cached = details.get("cached_tokens")
+        choice = reply["choices"][0]
         return Completion(
-            reply["choices"][0]["text"],
+            choice["text"],
             seconds,
             int(usage.get("prompt_tokens", 0)),
             None if cached is None else int(cached),
+            tuple((choice.get("logprobs") or {}).get("tokens") or ()),
         )
 
     def stream(

@@ -25,11 +25,13 @@ class ChunkPool:
     def __init__(self) -> None:
         self._dtype = ""
         self._shape: tuple[int, ...] = ()
+        self._runs = 0
         self._ready: list[codec.SealedChunk] = []
 
-    def reserve(self, dtype: str, shape: tuple[int, ...], nbytes: int) -> None:
-        """Hold ``nbytes`` worth of blank ``dtype`` chunks of ``shape``, touched now."""
-        self._dtype, self._shape = dtype, shape
+    def reserve(self, dtype: str, shape: tuple[int, ...], nbytes: int, runs: int = 0) -> None:
+        """Hold ``nbytes`` worth of blank ``dtype`` chunks of ``shape``, touched now; their
+        headers say K and V's ``runs`` (:attr:`kvtier.chunk.KVChunk.runs`)."""
+        self._dtype, self._shape, self._runs = dtype, shape, runs
         size = codec.HEADER_BYTES + codec.payload_bytes(dtype, shape)
         # bytearray(n) zero-fills: every page is touched here
         self._ready = [codec.SealedChunk(size) for _ in range(nbytes // size)]
@@ -41,8 +43,8 @@ class ChunkPool:
         try:
             ready = self._ready.pop()  # atomic: a background load may take one meanwhile
         except IndexError:
-            return codec.blank(key, self._dtype, self._shape, namespace_id)
-        return codec.stamp(ready, key, self._dtype, self._shape, namespace_id)
+            return codec.blank(key, self._dtype, self._shape, namespace_id, runs=self._runs)
+        return codec.stamp(ready, key, self._dtype, self._shape, namespace_id, runs=self._runs)
 
     def spare(self, nbytes: int) -> codec.SealedChunk | None:
         """A touched buffer of ``nbytes`` (to read a chunk into), or None: none left, or more

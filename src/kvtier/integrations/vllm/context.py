@@ -132,6 +132,12 @@ class ConnectorContext:
         tail is stored with its last block whole: see Loader.chunk_shape.)"""
         return tail_granule(self.block_size)
 
+    @property
+    def kv_runs(self) -> int:
+        """The runs of K and V rows in this cache's chunks (:attr:`kvtier.chunk.KVChunk.runs`):
+        a packed cache's blocks hold each head's K, then its V, a block's tokens each."""
+        return self.block_size if self.packed else 0
+
     def namespace(self, salt: str | None) -> Namespace:
         layout = PACKED_LAYOUT if self.packed else KV_LAYOUT
         return Namespace(self.model, self.revision, self.kv_dtype, layout, salt or None)

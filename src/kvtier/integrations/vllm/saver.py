@@ -48,6 +48,7 @@ class Saver:
         self._layers: Sequence[PagedLayer] = ()
         self._saves = True
         self._shape: Callable[[int], tuple[int, ...]] | None = None
+        self._runs = 0
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix="kvtier-save", initializer=background_priority
         )
@@ -61,10 +62,13 @@ class Saver:
         layers: Sequence[PagedLayer],
         shape: Callable[[int], tuple[int, ...]],
         saves: bool = True,
+        runs: int = 0,
     ) -> None:
         """The KV cache's layers (block views) and the shape of a tail of n tokens; with
-        ``saves`` False, :meth:`save` does nothing (no tier can hold a chunk)."""
+        ``saves`` False, :meth:`save` does nothing (no tier can hold a chunk). ``runs``: the
+        chunks' K and V runs (:attr:`kvtier.chunk.KVChunk.runs`), in a tail's header too."""
         self._layers, self._shape, self._saves = layers, shape, saves
+        self._runs = runs
 
     def save(self, specs: Sequence[SaveSpec]) -> None:
         if not self._saves:
@@ -82,7 +86,7 @@ class Saver:
                 if spec.tail:  # a tail is shorter than the pool's chunks
                     assert self._shape is not None, "bind() first"
                     shape = self._shape(len(spec.tokens) % self._chunk)
-                    blobs[-1] = codec.blank(keys[-1], self._kv_dtype, shape, ns_id)
+                    blobs[-1] = codec.blank(keys[-1], self._kv_dtype, shape, ns_id, runs=self._runs)
                 gather_chunks(self._layers, blocks, [self._payload(b) for b in blobs])
                 began = time.perf_counter()
             except Exception:  # a failed save is a future miss, never a failed request

@@ -169,11 +169,11 @@ class WorkerSide:
                 "kvtier: no tier can hold a chunk of this model (%.1f MB); nothing is saved",
                 need / 1e6,
             )
-        self.saver.bind(self._layers, self._loader.chunk_shape, saves)
+        self.saver.bind(self._layers, self._loader.chunk_shape, saves, ctx.kv_runs)
         shape = self._loader.chunk_shape()
         top = ctx.config.tiers[0] if ctx.config.tiers else None
         fill = top.capacity if isinstance(top, MemoryTierConfig) and top.prefault else 0
-        self._pool.reserve(ctx.kv_dtype, shape, fill)  # the DRAM tier's first fill
+        self._pool.reserve(ctx.kv_dtype, shape, fill, ctx.kv_runs)  # the DRAM tier's first fill
         ctx.store.use_blanks(self._pool.spare)  # promotions from disk/Redis too
         ctx.store.warm()  # reader threads and buffers, not in the first hit
         self._loader.warm()
