@@ -13,7 +13,12 @@ those that passed. A codec passes when, against the uncompressed KV of the same 
   point beyond that, not beyond a precision the engine does not have,
 - the mean KL divergence is at most 0.01 nats (about the gap between two runs of the same model
   in bf16 and fp32 on CPU, so smaller differences are noise),
-- answer accuracy on the facts is within 1 point of the reference's.
+- answer accuracy on the facts is within 1 point of the reference's,
+- and, where the record holds the served check (``--served``: the same questions answered
+  through ``kvtier serve``, a cold server against restarted ones whose Redis tier holds the
+  codec), its greedy agreement there at most :data:`kvtier.bench.served.MARGIN` below the
+  model-level one: the model runs in transformers, and an engine's cache may hold K and V in
+  another layout than the one the codec was measured on.
 
 ``kvtier serve`` refuses a lossy codec a model has not passed unless forced, and picks the
 smallest one that passed for ``--codec auto``.
@@ -37,16 +42,6 @@ ACCURACY_DROP_MAX = 0.01
 # of one size, the one whose mean KL measured least).
 BY_SIZE = ("int4", "int4r", "k8v4", "int8", "int8c", "fp8", "bf16")
 assert set(BY_SIZE) == set(quant.LOSSY)
-# Codecs that --codec auto does not pick even where they passed: the gate measures each codec
-# on a token's K and V (transformers), and where the product measured worse, the product wins.
-# A server still stores one of them when named (``--codec disk=k8v4``), once it has passed;
-# a record whose served check (``--served``) the codec passed on this host lifts it.
-NOT_AUTO = {
-    "k8v4": "where vLLM packs its CPU cache for AMX, a chunk holds whole 128-token blocks of K"
-    " and V together, so k8v4's 'K' half (int8) and 'V' half (4 bits) are two blocks of both:"
-    " through kvtier serve on a 2-core Xeon its disk hits changed the greedy answers of 7 of 8"
-    " long prompts (int8: 1 of 8, raw: 0 of 8), which the per-token gate does not see",
-}
 
 
 def gate_dir() -> Path:
@@ -113,38 +108,21 @@ def load(fingerprint: str) -> dict[str, Any] | None:
 
 
 def best_passed(fingerprint: str) -> str | None:
-    """The smallest lossy codec the model passed, of those :data:`NOT_AUTO` does not hold back;
-    of those the same size, the one whose mean KL measured least (None: none passed, or never
-    measured)."""
+    """The smallest lossy codec the model passed; of those the same size, the one whose mean
+    KL measured least (None: none passed, or never measured)."""
     entry = load(fingerprint)
     if not entry:
         return None
     kl = {r["codec"]: r.get("kl_mean", float("inf")) for r in entry.get("codecs", [])}
-    held = set(NOT_AUTO) - served_passed(entry)
-    passed = [c for c in BY_SIZE if c in set(entry["passed"]) and c not in held]
+    passed = [c for c in BY_SIZE if c in set(entry["passed"])]
     return min(passed, key=lambda c: (_size(c), kl.get(c, 0.0)), default=None)
 
 
-def held_back(fingerprint: str) -> dict[str, str]:
-    """The codecs :data:`NOT_AUTO` keeps from auto that the model passed, smaller than what
-    auto picks (:func:`best_passed`), each with its reason."""
-    entry = load(fingerprint)
-    if not entry:
-        return {}
-    best = best_passed(fingerprint)
-    return {
-        c: why
-        for c, why in NOT_AUTO.items()
-        if c in entry["passed"]
-        and c not in served_passed(entry)
-        and (best is None or _size(c) < _size(best))
-    }
-
-
-def served_passed(entry: dict[str, Any]) -> set[str]:
-    """Codecs whose answers through ``kvtier serve`` held to the gate's measure in a record
-    (``kvtier bench fidelity --served``): :data:`NOT_AUTO` gives way to that measurement."""
-    return {r["codec"] for r in _served_rows(entry) if r.get("passed")}
+def served(fingerprint: str, codec: str) -> dict[str, Any] | None:
+    """``codec``'s row of the served check in the model's record (``kvtier bench fidelity
+    --served``: its answers through ``kvtier serve``), or None where it was not run."""
+    entry = load(fingerprint) or {}
+    return next((r for r in _served_rows(entry) if r["codec"] == codec), None)
 
 
 def _served_rows(result: dict[str, Any]) -> list[dict[str, Any]]:

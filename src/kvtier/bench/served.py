@@ -12,13 +12,17 @@ questions go through ``kvtier serve`` too:
   stores that codec (``--codec redis=NAME``) answers the same questions: the context's KV comes
   from Redis (the first question of a context) or from the DRAM copy that load promoted, in
   the stored form either way, decoded into vLLM's blocks; vLLM's own prefix cache is off;
-- ``none`` is the same restart reading the raw chunks: the product's own noise.
+- ``none`` is the same restart reading the raw chunks.
 
-Per codec: answers identical to the cold server's, greedy agreement (position by position over
-32 tokens, as the model-level measure counts it), accuracy on the facts, and the prompt tokens
-the engine did not compute (the hit). A codec passes when its greedy agreement through the
-product is at most :data:`MARGIN` below the one the model-level measure found for it: the
-product does what the gate measured (a codec applied to the wrong bytes falls far below).
+Per codec, against the raw chunks' restart (the model-level measure's reference too: the
+continuation from the uncompressed KV, computed the same way) and against the cold server
+(which computed each context whole, with vLLM's prefix cache: another split into steps, whose
+bf16 rounding alone changes answers): answers identical, greedy agreement (position by position
+over 32 tokens, as the model-level measure counts it); accuracy on the facts, and the prompt
+tokens the engine did not compute (the hit). A codec passes when its greedy agreement with the
+raw chunks' answers is at most :data:`MARGIN` below the one the model-level measure found for
+it: the product does what the gate measured (a codec applied to the wrong bytes falls far
+below).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def measure(
         progress(f"cold server: {len(asked)} questions")
         with _server(work, "cold", [*options, "--redis", redis.url, "--codec", "none"]) as cold:
             reference = [_ask(cold, prompt) for prompt, _ in asked]
-        rows = []
+        rows, raw = [], reference
         for name in ["none", *codecs]:
             prefix = RAW_PREFIX if name == "none" else f"served_{name}"
             if name != "none":
@@ -86,7 +90,9 @@ def measure(
             progress(f"{name}: a restarted server, {len(asked)} questions")
             with _server(work, name, [*options, *coded]) as again:
                 answers = [_ask(again, prompt) for prompt, _ in asked]
-            rows.append(_row(name, reference, answers, [value for _, value in asked]))
+            if name == "none":
+                raw = answers
+            rows.append(_row(name, raw, reference, answers, [value for _, value in asked]))
     return {
         "questions": len(asked),
         "cold_accuracy": sum(v in r.text for r, (_, v) in zip(reference, asked, strict=True))
@@ -98,16 +104,19 @@ def measure(
 def judge(served: dict[str, Any], model_rows: list[dict[str, Any]]) -> None:
     """Mark each served row passed or not against the model-level row of its codec (rows
     without one, and ``none``, are not judged). A row whose restarted server computed more
-    than half of its prompts itself measured nothing, and fails."""
+    than half of its prompts itself measured nothing, and fails (``none``'s too: then
+    nothing was)."""
     model = {r["codec"]: r for r in model_rows}
+    raw = next(r for r in served["rows"] if r["codec"] == "none")
+    raw_loaded = raw["hit_tokens"] >= raw["prompt_tokens"] / 2
     for row in served["rows"]:
         measured = model.get(row["codec"])
         row["model_greedy_agreement"] = measured["greedy_agreement"] if measured else None
+        loaded = row["hit_tokens"] >= row["prompt_tokens"] / 2 and raw_loaded
         row["passed"] = (
             None
             if measured is None or row["codec"] == "none"
-            else row["hit_tokens"] >= row["prompt_tokens"] / 2
-            and row["greedy_agreement"] >= measured["greedy_agreement"] - MARGIN
+            else loaded and row["greedy_agreement"] >= measured["greedy_agreement"] - MARGIN
         )
 
 
@@ -129,17 +138,32 @@ def _ask(server: Server, prompt: str) -> Completion:
 
 
 def _row(
-    name: str, reference: list[Completion], answers: list[Completion], values: list[str]
+    name: str,
+    raw: list[Completion],
+    cold: list[Completion],
+    answers: list[Completion],
+    values: list[str],
 ) -> dict[str, Any]:
-    agree = []
-    for ref, got in zip(reference, answers, strict=True):
-        same = sum(a == b for a, b in zip(ref.tokens, got.tokens, strict=False))
-        agree.append(same / fidelity.GREEDY)
     return {
         "codec": name,
-        "identical": sum(r.text == a.text for r, a in zip(reference, answers, strict=True)),
-        "greedy_agreement": sum(agree) / len(agree),
+        "identical": _identical(raw, answers),
+        "greedy_agreement": _agreement(raw, answers),
+        "identical_cold": _identical(cold, answers),
+        "greedy_agreement_cold": _agreement(cold, answers),
         "accuracy": sum(v in a.text for v, a in zip(values, answers, strict=True)) / len(values),
         "hit_tokens": sum(a.cached_tokens or 0 for a in answers),
         "prompt_tokens": sum(a.prompt_tokens for a in answers),
     }
+
+
+def _identical(reference: list[Completion], answers: list[Completion]) -> int:
+    return sum(r.text == a.text for r, a in zip(reference, answers, strict=True))
+
+
+def _agreement(reference: list[Completion], answers: list[Completion]) -> float:
+    """Mean share of the GREEDY positions where the answers' tokens are the reference's."""
+    agree = [
+        sum(a == b for a, b in zip(ref.tokens, got.tokens, strict=False)) / fidelity.GREEDY
+        for ref, got in zip(reference, answers, strict=True)
+    ]
+    return sum(agree) / len(agree)

@@ -50,11 +50,11 @@ def apply_codecs(
                     f"{said}: {tier.name} stores {best}, the smallest codec that passed the"
                     " quality gate for this model (--codec none: raw)"
                 )
-            held = gate.held_back(fingerprint) if fingerprint and len(tiers) > 1 else {}
-            notes += [
-                f"{c} passed the gate too, but auto does not pick it: {why}"
-                for c, why in held.items()
-            ]
+            if fingerprint and best and len(tiers) > 1 and gate.served(fingerprint, best) is None:
+                notes.append(
+                    f"{said}: {best} was measured on the model, not yet through kvtier serve"
+                    " on this host (`kvtier bench fidelity --gate --served` checks both)"
+                )
             continue
         tier_name, sep, codec = spec.partition("=")
         if not sep or tier_name not in names:
