@@ -285,6 +285,12 @@ def read_header(blob: bytes | bytearray | memoryview) -> ChunkHeader:
         raise CorruptChunk(f"unknown dtype code {dcode} or compression code {comp}")
     if not 1 <= ndim <= MAX_NDIM:
         raise CorruptChunk(f"bad ndim {ndim}")
+    try:  # runs the chunk's shape cannot hold: no codec may be handed them
+        if runs and ndim != 5:
+            raise ValueError(f"K and V in runs of {runs} rows in a chunk of {ndim} dimensions")
+        KVChunk.check_runs(tuple(dims[:ndim]), runs)
+    except ValueError as exc:
+        raise CorruptChunk(f"chunk header: {exc}") from None
     (checksum,) = _CHECKSUM.unpack_from(view, _PREFIX.size)
     return ChunkHeader(
         key=ChunkKey(bytes(key)),

@@ -33,6 +33,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from kvtier import native as native_kernels
+from kvtier.chunk import KVChunk
 from kvtier.levels4 import (
     GROUP,
     decode4,
@@ -199,10 +200,8 @@ def _runs(name: str, shape: Any, runs: int) -> int:
     others: they code the chunk layout, whatever it holds)."""
     if name != "k8v4" or not runs:
         return 0
-    rows = int(shape[2]) * int(shape[3])
-    if runs < 0 or rows % runs:
-        raise ValueError(f"K and V in runs of {runs} rows: not a divisor of {rows} rows")
-    return 0 if runs == rows else runs
+    KVChunk.check_runs(tuple(shape), runs)
+    return 0 if runs == int(shape[2]) * int(shape[3]) else runs
 
 
 def decode_hashed(

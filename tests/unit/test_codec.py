@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvtier import codec, inflate
+from kvtier import codec, deferred, inflate
 from kvtier.codec import HEADER_BYTES, Compression, KVChunk
 from kvtier.errors import CorruptChunk
 from kvtier.keys import ChunkKey
@@ -313,5 +313,7 @@ def test_a_chunk_of_k_and_v_in_runs_says_so_under_its_checksum() -> None:
     blob[46] ^= 1  # the runs' field (after magic, version, codes, key, namespace, time, tokens)
     with pytest.raises(CorruptChunk):
         codec.decode(bytes(blob))
+    with pytest.raises(CorruptChunk, match="chunk header: K and V in runs of 129"):
+        deferred.open_stored(bytes(blob), KEY)  # refused as it is read, before any decoder
     with pytest.raises(ValueError, match="runs of 100 rows"):
         KVChunk("float32", kv.shape, kv.tobytes(), runs=100)
