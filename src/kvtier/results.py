@@ -18,11 +18,13 @@ class OnRead:
     (``j`` counts from the get's first chunk; ``check`` as in :attr:`GetResult.checks`). The
     calls may come out of order, and for chunks after one that failed (beyond the run the
     get returns); the get returns once every call has. A chunk read from a lower tier is read
-    on the pool's thread that then hands it on, so that a load decodes one chunk, still in
-    cache, while others are being read."""
+    on a thread of ``io`` and then verified and handed on on one of ``pool``, so that the
+    device reads on while a load decodes what was read (without ``io``: read on the thread of
+    ``pool`` that then hands it on)."""
 
     call: Callable[[int, KVChunk, PayloadCheck | StoredForm | None], object]
     pool: Executor
+    io: Executor | None = None  # threads that only read
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,18 @@ from kvtier.threads import any_core, load_priority, on_each
 
 log = logging.getLogger("kvtier")
 
-# Reader threads of a load: while two decode and copy (one per core), two more are reading.
-# With two, the device idled while both decoded: an int8 5,000-token disk hit through kvtier
-# serve took 0.212 s, 0.177 with four (bench ttft, 2-core Xeon); DRAM hits the same with either.
+# Threads of a load that verify, decode and copy what was read (a DRAM hit: copy). With two,
+# when each also read, the device idled while both decoded: an int8 5,000-token disk hit through
+# kvtier serve took 0.212 s, 0.177 with four (bench ttft, 2-core Xeon).
 READS = 4
+# Threads of a load that only read from the tiers below DRAM, handing each chunk to the threads
+# above: the device always has a read in flight. When four threads each read a chunk and then
+# decoded it, their reads went out together, ended together, and the device idled while all
+# four decoded: a k8v4 5,000-token disk hit through kvtier serve loaded in 54-61 ms, the
+# device busy for 35 of them; with two threads that only read, 48-54 ms (2-core Xeon). One
+# thread reads about as fast as four here; two keep one read in flight while the other's
+# thread finishes the last.
+READ_AHEAD = 2
 
 # Chunks are viewed as tensors where they are held, read-only memory included (a DRAM chunk is
 # immutable bytes): they are only ever copied from, which torch's warning is not about.
@@ -77,6 +85,12 @@ class Loader:
         self._dtype = layers[0].dtype
         self._now = ThreadPoolExecutor(READS, "kvtier-load", initializer=_load_thread)
         self._later = ThreadPoolExecutor(READS, "kvtier-async-read", initializer=_background_thread)
+        self._io = {
+            id(self._now): ThreadPoolExecutor(READ_AHEAD, "kvtier-io", initializer=_load_thread),
+            id(self._later): ThreadPoolExecutor(
+                READ_AHEAD, "kvtier-async-io", initializer=_background_thread
+            ),
+        }
         self._background = ThreadPoolExecutor(
             1, thread_name_prefix="kvtier-async-load", initializer=_background_thread
         )
@@ -92,8 +106,9 @@ class Loader:
         quant.native_int8()
         quant4.native_int4r()
         xxh3.available()
-        for readers in (self._now, self._later):  # started, each with its read buffers
-            on_each(readers, READS, self._store.warm_thread)
+        for readers in (self._now, self._later):
+            on_each(readers, READS, _started)
+            on_each(self._io[id(readers)], READ_AHEAD, self._store.warm_thread)  # read buffers
 
     def chunk_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
         """Shape of a chunk (or a tail of ``tokens`` tokens) of this cache. A packed cache's
@@ -196,7 +211,7 @@ class Loader:
                 payload_bytes=nbytes,
                 check_payload=False,  # DRAM chunks: hashed as they are copied
                 stored_forms=True,  # int4r chunks: decoded straight into their blocks
-                on_read=OnRead(place, reader),
+                on_read=OnRead(place, reader, self._io[id(reader)]),
             )
             while loaded < len(result.chunks) and placed.get(loaded):
                 loaded += 1
@@ -247,8 +262,12 @@ class Loader:
     def close(self) -> None:
         """Wait for background loads, then stop the threads."""
         self._background.shutdown(wait=True)
-        for reader in (self._now, self._later):
-            reader.shutdown(wait=True)
+        for pool in (self._now, self._later, *self._io.values()):
+            pool.shutdown(wait=True)
+
+
+def _started() -> None:
+    """Nothing: a task that starts a pool's thread."""
 
 
 def _load_thread() -> None:
