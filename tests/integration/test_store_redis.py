@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from kvtier import TieredStore, codec
@@ -86,3 +88,32 @@ def test_a_quantized_redis_tier_sends_each_chunk_once(
             held = store.tiers[0].get_many(store.keys(tokens, NS))
             assert all(codec.read_header(b).compression == Compression.NONE for b in held)  # type: ignore[arg-type]
             assert store.lookup(tokens, NS).tiers == ["memory"] * 3
+
+
+def test_threads_read_on_connections_of_their_own(redis_server: RedisServer, prefix: str) -> None:
+    """A reader busy on one thread does not hold up another's read: that one opens a second
+    connection; idle connections are reused, and closed with the tier."""
+    import redis
+
+    from kvtier.tiers.resp import BulkReader, BulkReaders
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.set(f"{prefix}:a", b"x" * 1000)
+
+    def getting() -> int:  # connections whose last command was a GET: the readers'
+        return sum(c["cmd"] == "get" for c in client.client_list())
+
+    readers = BulkReaders(lambda: BulkReader("127.0.0.1", redis_server.port))
+    buf = bytearray(1000)
+    for _ in range(3):
+        assert readers.get_into([f"{prefix}:a".encode()], [[memoryview(buf)]]) == [1000]
+    assert getting() == 1  # one thread, one connection, reused
+    with readers.connection() as busy:
+        assert readers.get_into([f"{prefix}:a".encode()], [[memoryview(buf)]]) == [1000]
+        assert busy.get_into([f"{prefix}:a".encode()], [[memoryview(buf)]]) == [1000]
+    assert getting() == 2 and bytes(buf) == b"x" * 1000
+    readers.close()
+    deadline = time.monotonic() + 5
+    while getting() and time.monotonic() < deadline:  # the server sees the closes soon after
+        time.sleep(0.01)
+    assert getting() == 0

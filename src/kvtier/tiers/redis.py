@@ -19,7 +19,7 @@ from kvtier.config import read_secret
 from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.policy.quota import OwnerUsage
 from kvtier.tiers.base import Blob, PutResult, TierUsage, record_name, scatter
-from kvtier.tiers.resp import BulkReader
+from kvtier.tiers.resp import BulkReader, BulkReaders
 
 _GET_BATCH = 16  # chunks per pipeline round trip on reads (bounds client memory per batch)
 _PUT_BATCH_BYTES = 64 << 20
@@ -77,14 +77,16 @@ class RedisTier:
         self._client: redis.Redis | redis.cluster.RedisCluster
         # Values are received straight into callers' buffers over a plain TCP connection;
         # Cluster, TLS and unix sockets use redis-py for that too (slower, same results).
-        self._reader: BulkReader | None = None
+        self._reader: BulkReaders | None = None
         if cluster:
             self._client = redis.cluster.RedisCluster.from_url(url, **options)
         else:
             self._client = redis.Redis.from_url(url, **options)
             kwargs = self._client.connection_pool.connection_kwargs
             if self._client.connection_pool.connection_class is redis.Connection:
-                self._reader = BulkReader.from_connection_kwargs(kwargs, timeout_s)
+                self._reader = BulkReaders(
+                    lambda: BulkReader.from_connection_kwargs(kwargs, timeout_s)
+                )
 
     def redis_key(self, key: ChunkKey) -> bytes:
         if len(key) != KEY_BYTES:
