@@ -46,11 +46,11 @@ log = logging.getLogger("kvtier")
 READS = 4
 # Threads of a load that only read from the tiers below DRAM, handing each chunk to the threads
 # above: the device always has a read in flight. When four threads each read a chunk and then
-# decoded it, their reads went out together, ended together, and the device idled while all
-# four decoded: a k8v4 5,000-token disk hit through kvtier serve loaded in 54-61 ms, the
-# device busy for 35 of them; with two threads that only read, 48-54 ms (2-core Xeon). One
-# thread reads about as fast as four here; two keep one read in flight while the other's
-# thread finishes the last.
+# decoded it, their reads went out in waves of four, ended together, and the device idled
+# while all four decoded. Served k8v4 5,000-token disk loads, the two run in turns: 59 and
+# 63 ms (medians of 8) that way, 53.5 and 50.5 with two threads that only read (2-core Xeon).
+# One thread reads about as fast as four here; two keep a read in flight while the other
+# finishes its last one.
 READ_AHEAD = 2
 
 # Chunks are viewed as tensors where they are held, read-only memory included (a DRAM chunk is
