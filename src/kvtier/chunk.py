@@ -39,6 +39,8 @@ class KVChunk:
 
     @staticmethod
     def check_runs(shape: tuple[int, ...], runs: int) -> None:
+        if runs and len(shape) != 5:
+            raise ValueError(f"K and V in runs of {runs} rows in a chunk of shape {shape}")
         if runs < 0 or (runs and (shape[2] * shape[3]) % runs):
             raise ValueError(
                 f"K and V in runs of {runs} rows: not a divisor of a layer's"

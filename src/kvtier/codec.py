@@ -286,8 +286,6 @@ def read_header(blob: bytes | bytearray | memoryview) -> ChunkHeader:
     if not 1 <= ndim <= MAX_NDIM:
         raise CorruptChunk(f"bad ndim {ndim}")
     try:  # runs the chunk's shape cannot hold: no codec may be handed them
-        if runs and ndim != 5:
-            raise ValueError(f"K and V in runs of {runs} rows in a chunk of {ndim} dimensions")
         KVChunk.check_runs(tuple(dims[:ndim]), runs)
     except ValueError as exc:
         raise CorruptChunk(f"chunk header: {exc}") from None

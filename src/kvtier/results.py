@@ -18,9 +18,8 @@ class OnRead:
     (``j`` counts from the get's first chunk; ``check`` as in :attr:`GetResult.checks`). The
     calls may come out of order, and for chunks after one that failed (beyond the run the
     get returns); the get returns once every call has. A chunk read from a lower tier is read
-    on a thread of ``io`` and then verified and handed on on one of ``pool``, so that the
-    device reads on while a load decodes what was read (without ``io``: read on the thread of
-    ``pool`` that then hands it on)."""
+    on a thread of ``io`` (without one: of ``pool``) and then verified and handed on on one of
+    ``pool``, so that the device reads on while a load decodes what was read."""
 
     call: Callable[[int, KVChunk, PayloadCheck | StoredForm | None], object]
     pool: Executor

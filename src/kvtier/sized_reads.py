@@ -48,8 +48,9 @@ class SizedReads:
         size, and verify them: (chunk viewing the buffer, what to promote) or None. With
         ``forms``, an int4r, k8v4 or int8 chunk stays in its stored form
         (:meth:`kvtier.reads.Reads.get`)."""
-        bufs, sizes = self._read_raw(slot, keys, idx, payload_bytes)
-        return self._checked(slot, keys, idx, payload_bytes, forms, bufs, sizes)
+        return self._checked(
+            slot, keys, idx, payload_bytes, forms, self._read_raw(slot, keys, idx, payload_bytes)
+        )
 
     def handing_on(
         self,
@@ -63,32 +64,30 @@ class SizedReads:
         hand_on: Callable[[int, KVChunk], None],
     ) -> list[Found]:
         """:meth:`read`, each chunk handed on as soon as it is verified: read on a thread
-        of ``io``, then verified and handed on on one of ``pool`` while ``io`` reads on (without
-        ``io``, the thread of ``pool`` that read it does both; see
-        :class:`kvtier.results.OnRead`). Reads that overlap are counted once."""
+        of ``io`` (else of ``pool``), then verified and handed on on one of ``pool`` while the
+        reads go on (see :class:`kvtier.results.OnRead`). Reads that overlap are counted
+        once."""
         spans: list[tuple[float, float]] = []
 
         def check(i: int, read: Read) -> Found:
-            found = self._checked(slot, keys, [i], payload_bytes, forms, *read)[0]
+            found = self._checked(slot, keys, [i], payload_bytes, forms, read)[0]
             if found is not None:
                 hand_on(i, found[0])
             return found
 
-        def read(i: int) -> Any:
-            done = self._read_raw(slot, keys, [i], payload_bytes, spans)
-            return check(i, done) if io is None else pool.submit(check, i, done)
+        def read(i: int) -> Future[Found]:
+            return pool.submit(check, i, self._read_raw(slot, keys, [i], payload_bytes, spans))
 
-        reads: list[Future[Any]] = []
-        checks: list[Future[Any]] = []
+        reads: list[Future[Future[Found]]] = []
+        checks: list[Future[Found]] = []
         try:
             reads += ((io or pool).submit(read, i) for i in idx)
         finally:  # a pool refusing a task: those running end before the get does
             wait(reads)
-            if io is not None:
-                checks += (r.result() for r in reads if r.exception() is None)
-                wait(checks)
+            checks += (r.result() for r in reads if r.exception() is None)
+            wait(checks)
         self.h.recorder.add(slot.tier.name, read_seconds=_covered(spans))
-        return [r.result() if io is None else r.result().result() for r in reads]
+        return [r.result().result() for r in reads]
 
     def _read_raw(
         self,
@@ -121,11 +120,11 @@ class SizedReads:
         idx: list[int],
         payload_bytes: Sequence[int],
         forms: Deferred | None,
-        bufs: list[codec.SealedChunk],
-        sizes: list[int | None],
+        read: Read,
     ) -> list[Found]:
-        """Verify chunks ``idx`` read into ``bufs`` (:meth:`_read_raw`), as
-        :meth:`read` returns them."""
+        """Verify chunks ``idx`` as :meth:`_read_raw` read them, as :meth:`read` returns
+        them."""
+        bufs, sizes = read
         out: list[Found] = []
         for i, buf, size in zip(idx, bufs, sizes, strict=True):
             if size is None:

@@ -317,3 +317,5 @@ def test_a_chunk_of_k_and_v_in_runs_says_so_under_its_checksum() -> None:
         deferred.open_stored(bytes(blob), KEY)  # refused as it is read, before any decoder
     with pytest.raises(ValueError, match="runs of 100 rows"):
         KVChunk("float32", kv.shape, kv.tobytes(), runs=100)
+    with pytest.raises(ValueError, match="runs of 8 rows in a chunk of shape"):
+        KVChunk.check_runs((4, 256), 8)  # runs only where a chunk has K/V rows (5 dims)
